@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+# Small CPU machines: keep thread oversubscription away from the timings of the suite.
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
