@@ -3,8 +3,12 @@
 Importing this package is light: no CUDA initialisation, no compilation, no device queries.
 """
 
-from . import models
+from . import models, nn, ops
 from ._version import __version__
+from .backends import available_backends, current_backend, set_backend, use_backend
+from .convert import convert, format_report, recognize, report, revert
 from .models import lesion, residual_blocks
 
-__all__ = ["__version__", "lesion", "models", "residual_blocks"]
+__all__ = ["__version__", "available_backends", "convert", "current_backend", "format_report",
+           "lesion", "models", "nn", "ops", "recognize", "report", "residual_blocks", "revert",
+           "set_backend", "use_backend"]

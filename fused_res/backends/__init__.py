@@ -1,0 +1,22 @@
+"""Backends that compute the conv-unit ops: reference (composite aten, everywhere), and the
+fast ones (triton, cuda, cudnn) as they land; 'auto' picks per call."""
+
+from .base import Backend, BackendStatus
+from .reference import ReferenceBackend
+from .registry import (
+    ENV_VAR,
+    NAMES,
+    available_backends,
+    current_backend,
+    get_backend_object,
+    register_backend,
+    resolve,
+    set_backend,
+    use_backend,
+)
+
+register_backend("reference", ReferenceBackend)
+
+__all__ = ["ENV_VAR", "NAMES", "Backend", "BackendStatus", "ReferenceBackend",
+           "available_backends", "current_backend", "get_backend_object", "register_backend",
+           "resolve", "set_backend", "use_backend"]

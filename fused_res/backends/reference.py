@@ -1,0 +1,282 @@
+"""The reference backend: the conv unit of DESIGN.md §2 in composite aten ops.
+
+It runs on every device and dtype torch supports (float64 included), forward and backward,
+and is the semantics every other backend must reproduce. Per-channel math (affines, sums)
+runs in float32 (float64 for float64 inputs); tensors flow in the input dtype, as eager
+BatchNorm does under autocast.
+
+Shapes: x (N, C_in, H, W); weight (C_out, C_in/groups, KH, KW); per-channel vectors (C,);
+residual like the output; branch_scale (N,). Acts are "none" or "relu".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .base import Backend
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-channel math runs in for tensors of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is laid out NHWC (and not also NCHW), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _ch(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _act(t: torch.Tensor, act: str) -> torch.Tensor:
+    return torch.relu(t) if act == "relu" else t
+
+
+def _act_grad(g: torch.Tensor, out: torch.Tensor | None, act: str) -> torch.Tensor:
+    """Gradient through `act` given its output (for relu, out > 0 iff in > 0)."""
+    return g * (out > 0) if act == "relu" else g
+
+
+def prologue(x, in_scale, in_shift, act_in):
+    """p = act_in(x * in_scale + in_shift), in x's dtype (identity when nothing is set)."""
+    if in_scale is None and in_shift is None:
+        return _act(x, act_in)
+    acc = acc_dtype(x.dtype)
+    q = x.to(acc)
+    if in_scale is not None:
+        q = q * _ch(in_scale.to(acc))
+    if in_shift is not None:
+        q = q + _ch(in_shift.to(acc))
+    return _act(q, act_in).to(x.dtype)
+
+
+def _prologue_backward(gp, x, in_scale, in_shift, act_in, needs_x, needs_scale, needs_shift):
+    """Gradients of prologue() w.r.t. x, in_scale, in_shift, given dL/dp."""
+    if in_scale is None and in_shift is None:
+        gx = _act_grad(gp, x, act_in) if needs_x else None
+        return gx, None, None
+    acc = acc_dtype(x.dtype)
+    xa = x.to(acc)
+    q = xa * _ch(in_scale.to(acc)) if in_scale is not None else xa
+    if in_shift is not None:
+        q = q + _ch(in_shift.to(acc))
+    gq = _act_grad(gp.to(acc), q, act_in)
+    gx = gscale = gshift = None
+    if needs_x:
+        gx = (gq * _ch(in_scale.to(acc)) if in_scale is not None else gq).to(x.dtype)
+    if needs_scale and in_scale is not None:
+        gscale = (gq * xa).sum((0, 2, 3)).to(in_scale.dtype)
+    if needs_shift and in_shift is not None:
+        gshift = gq.sum((0, 2, 3)).to(in_shift.dtype)
+    return gx, gscale, gshift
+
+
+def _tail(u, act_mid, residual, res_scale, branch_scale, act_out):
+    """y = act_out(branch_scale * act_mid(u) + res_scale * residual), u in the acc dtype."""
+    w = _act(u, act_mid)
+    if branch_scale is not None:
+        w = w * branch_scale.to(w.dtype).view(-1, 1, 1, 1)
+    if residual is not None:
+        r = residual.to(w.dtype)
+        w = w + (r if res_scale == 1.0 else res_scale * r)
+    return _act(w, act_out)
+
+
+def _tail_backward(gy, acc, u, y, act_mid, res_scale, branch_scale, act_out, residual_dtype,
+                   needs_residual):
+    """dL/du (in `acc`) and dL/dresidual (in residual_dtype) of _tail. u is only read for
+    act_mid == "relu", y only for act_out == "relu"."""
+    gw = _act_grad(gy.to(acc), y, act_out)
+    gr = None
+    if needs_residual:
+        gr = (gw if res_scale == 1.0 else gw * res_scale).to(residual_dtype)
+    gv = gw * branch_scale.to(gw.dtype).view(-1, 1, 1, 1) if branch_scale is not None else gw
+    if act_mid == "relu":
+        gv = gv * (u > 0)
+    return gv, gr
+
+
+def _conv(p, weight, bias, stride, padding, dilation, groups):
+    return F.conv2d(p, weight, bias, stride, padding, dilation, groups)
+
+
+def _conv_backward(gz, p, weight, has_bias, stride, padding, dilation, groups, needs_p,
+                   needs_w):
+    gp, gw, gb = torch.ops.aten.convolution_backward(
+        gz, p, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, [needs_p, needs_w, has_bias])
+    return gp, gw, gb
+
+
+def _fold(weight, bias, out_scale, out_shift):
+    """(W', b') with conv(p, W') + b' == (conv(p, W) + bias) * out_scale + out_shift."""
+    if out_scale is None:
+        if out_shift is None:
+            return weight, bias
+        shift = out_shift if bias is None else bias.to(out_shift.dtype) + out_shift
+        return weight, shift.to(weight.dtype)
+    acc = acc_dtype(weight.dtype)
+    a = out_scale.to(acc)
+    w = (weight.to(acc) * a.view(-1, 1, 1, 1)).to(weight.dtype)
+    b = None if bias is None else bias.to(acc) * a
+    if out_shift is not None:
+        b = out_shift.to(acc) if b is None else b + out_shift.to(acc)
+    return w, (None if b is None else b.to(weight.dtype))
+
+
+class ReferenceBackend(Backend):
+    """Composite aten implementation of every op; the oracle for the other backends."""
+
+    name = "reference"
+
+    # ---- conv_unit: y = tail(fold(conv(prologue(x)))) -------------------------------------
+    def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_scale,
+                          in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
+                          branch_scale, act_out):
+        """Returns (y, u): u is the pre-activation conv output (x.dtype), saved only when a
+        backward needs it."""
+        fmt = memory_format_of(x)
+        p = prologue(x, in_scale, in_shift, act_in)
+        w, b = _fold(weight, bias, out_scale, out_shift)
+        u = _conv(p, w, b, stride, padding, dilation, groups)
+        y = _tail(u.to(acc_dtype(x.dtype)), act_mid, residual, res_scale, branch_scale, act_out)
+        return y.to(x.dtype).contiguous(memory_format=fmt), u
+
+    def conv_unit_backward(self, gy, saved, needs):
+        """saved: dict of the forward's inputs plus u and y. needs: dict name -> bool.
+        Returns a dict of gradients (None where not needed)."""
+        s = saved
+        x, weight, bias = s["x"], s["weight"], s["bias"]
+        acc = acc_dtype(x.dtype)
+        gu, gr = _tail_backward(gy, acc, s["u"], s["y"],
+                                s["act_mid"], s["res_scale"], s["branch_scale"], s["act_out"],
+                                s["residual_dtype"], needs["residual"])
+        out_scale, out_shift = s["out_scale"], s["out_shift"]
+        w_eff, b_eff = _fold(weight, bias, out_scale, out_shift)
+        p = prologue(x, s["in_scale"], s["in_shift"], s["act_in"])
+        need_p = needs["x"] or needs["in_scale"] or needs["in_shift"]
+        need_w = needs["weight"] or needs["out_scale"]
+        gp, gw_eff, _ = _conv_backward(gu.to(x.dtype), p, w_eff, False, s["stride"],
+                                       s["padding"], s["dilation"], s["groups"], need_p, need_w)
+        gb_eff = gu.sum((0, 2, 3))  # dL/db' in acc
+        grads = dict.fromkeys(("x", "weight", "bias", "in_scale", "in_shift", "out_scale",
+                               "out_shift"))
+        grads["residual"] = gr
+        a = out_scale.to(acc) if out_scale is not None else None
+        if needs["weight"]:
+            gw = gw_eff.to(acc)
+            grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
+                weight.dtype)
+        if needs["out_scale"] and out_scale is not None:
+            ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
+            if bias is not None:
+                ga = ga + gb_eff * bias.to(acc)
+            grads["out_scale"] = ga.to(out_scale.dtype)
+        if needs["out_shift"] and out_shift is not None:
+            grads["out_shift"] = gb_eff.to(out_shift.dtype)
+        if needs["bias"] and bias is not None:
+            grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
+        if need_p:
+            grads["x"], grads["in_scale"], grads["in_shift"] = _prologue_backward(
+                gp, x, s["in_scale"], s["in_shift"], s["act_in"], needs["x"],
+                needs["in_scale"], needs["in_shift"])
+        return grads
+
+    # ---- conv_bn_stats: z = conv(prologue(x)), with the batch statistics of z -------------
+    def conv_bn_stats_forward(self, x, weight, bias, stride, padding, dilation, groups,
+                              in_scale, in_shift, act_in):
+        """Returns (z, mean, var): z in x.dtype and x's memory format; mean and biased var
+        per output channel in the acc dtype (zeros for an empty batch)."""
+        fmt = memory_format_of(x)
+        p = prologue(x, in_scale, in_shift, act_in)
+        z = _conv(p, weight, bias, stride, padding, dilation, groups).contiguous(
+            memory_format=fmt)
+        mean, var = self.channel_stats_forward(z)
+        return z, mean, var
+
+    def conv_bn_stats_backward(self, gz, gmean, gvar, saved, needs):
+        s = saved
+        x, weight, bias = s["x"], s["weight"], s["bias"]
+        gz_total = _stats_backward_into(gz, gmean, gvar, s["z"], s["mean"])
+        p = prologue(x, s["in_scale"], s["in_shift"], s["act_in"])
+        need_p = needs["x"] or needs["in_scale"] or needs["in_shift"]
+        gp, gw, gb = _conv_backward(gz_total.to(x.dtype), p, weight, bias is not None,
+                                    s["stride"], s["padding"], s["dilation"], s["groups"],
+                                    need_p, needs["weight"])
+        grads = {"weight": gw if needs["weight"] else None,
+                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None,
+                 "x": None, "in_scale": None, "in_shift": None}
+        if need_p:
+            grads["x"], grads["in_scale"], grads["in_shift"] = _prologue_backward(
+                gp, x, s["in_scale"], s["in_shift"], s["act_in"], needs["x"],
+                needs["in_scale"], needs["in_shift"])
+        return grads
+
+    # ---- channel_stats: per-channel mean and biased variance ------------------------------
+    def channel_stats_forward(self, x):
+        acc = acc_dtype(x.dtype)
+        c = x.shape[1]
+        if x.numel() == 0:
+            zeros = x.new_zeros(c, dtype=acc)
+            return zeros, zeros.clone()
+        xa = x.to(acc)
+        var, mean = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
+        return mean, var
+
+    def channel_stats_backward(self, gmean, gvar, x, mean):
+        return _stats_backward_into(None, gmean, gvar, x, mean).to(x.dtype)
+
+    # ---- epilogue: y = tail(z * scale + shift) -------------------------------------------
+    def epilogue_forward(self, z, scale, shift, act_mid, residual, res_scale, branch_scale,
+                         act_out):
+        fmt = memory_format_of(z)
+        u = _affine(z, scale, shift)
+        y = _tail(u, act_mid, residual, res_scale, branch_scale, act_out)
+        return y.to(z.dtype).contiguous(memory_format=fmt)
+
+    def epilogue_backward(self, gy, saved, needs):
+        s = saved
+        z, scale, shift = s["z"], s["scale"], s["shift"]
+        u = _affine(z, scale, shift) if s["act_mid"] == "relu" else None
+        acc = acc_dtype(z.dtype)
+        gu, gr = _tail_backward(gy, acc, u, s["y"], s["act_mid"],
+                                s["res_scale"], s["branch_scale"], s["act_out"],
+                                s["residual_dtype"], needs["residual"])
+        grads = {"residual": gr, "z": None, "scale": None, "shift": None}
+        if needs["z"]:
+            grads["z"] = (gu * _ch(scale.to(acc)) if scale is not None else gu).to(z.dtype)
+        if needs["scale"] and scale is not None:
+            grads["scale"] = (gu * z.to(acc)).sum((0, 2, 3)).to(scale.dtype)
+        if needs["shift"] and shift is not None:
+            grads["shift"] = gu.sum((0, 2, 3)).to(shift.dtype)
+        return grads
+
+
+def _affine(z, scale, shift):
+    acc = acc_dtype(z.dtype)
+    u = z.to(acc)
+    if scale is not None:
+        u = u * _ch(scale.to(acc))
+    if shift is not None:
+        u = u + _ch(shift.to(acc))
+    return u
+
+
+def _stats_backward_into(gz, gmean, gvar, z, mean):
+    """dL/dz given dL/dz (direct use), dL/dmean and dL/dvar (biased) over (N, H, W)."""
+    acc = acc_dtype(z.dtype)
+    m = z.numel() // max(z.shape[1], 1)
+    g = gz.to(acc) if gz is not None else torch.zeros_like(z, dtype=acc)
+    if m == 0:
+        return g
+    if gmean is not None:
+        g = g + _ch(gmean.to(acc)) / m
+    if gvar is not None:
+        g = g + _ch(gvar.to(acc)) * (2.0 / m) * (z.to(acc) - _ch(mean.to(acc)))
+    return g

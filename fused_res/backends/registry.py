@@ -1,0 +1,132 @@
+"""Backend selection: a process-wide default, a context manager, an environment variable,
+and per-call resolution with a reference fallback that warns once per reason."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+
+import torch
+
+from .base import Backend, BackendStatus
+
+ENV_VAR = "FUSED_RES_BACKEND"
+NAMES = ("reference", "triton", "cuda", "cudnn", "auto")
+
+_factories: dict[str, Callable[[], Backend]] = {}
+_instances: dict[str, Backend] = {}
+_state = threading.local()
+_default: list[str | None] = [None]
+_warned: set[str] = set()
+
+
+class _Unimplemented(Backend):
+    """Placeholder for a backend whose kernels are not part of this release yet."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name, self._reason = name, reason
+
+    def status(self) -> BackendStatus:
+        return BackendStatus(False, self._reason)
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+    """Register (or replace) the factory for backend `name`; it is called on first use."""
+    _factories[name] = factory
+    _instances.pop(name, None)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name not in NAMES:
+        raise ValueError(f"backend={name!r}; accepted: {', '.join(map(repr, NAMES))}")
+    return name
+
+
+def get_backend_object(name: str) -> Backend:
+    _check_name(name)
+    if name == "auto":
+        raise ValueError("backend='auto' has no object of its own; call resolve()")
+    if name not in _instances:
+        _instances[name] = _factories[name]()
+    return _instances[name]
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend name with whether it can run here and, if not, why."""
+    out = {n: get_backend_object(n).status() for n in NAMES if n != "auto"}
+    out["auto"] = BackendStatus(True, "picks the fastest available backend per shape")
+    return out
+
+
+def current_backend() -> str:
+    """The backend in force: use_backend() > set_backend() > $FUSED_RES_BACKEND > 'auto'."""
+    stack = getattr(_state, "stack", None)
+    if stack:
+        return stack[-1]
+    if _default[0] is not None:
+        return _default[0]
+    env = os.environ.get(ENV_VAR)
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError as e:
+            raise ValueError(f"${ENV_VAR}: {e}") from None
+    return "auto"
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (None: back to $FUSED_RES_BACKEND or 'auto')."""
+    _default[0] = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Run the enclosed code with backend `name` (thread-local, nests)."""
+    _check_name(name)
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    stack.append(name)
+    try:
+        yield name
+    finally:
+        stack.pop()
+
+
+def warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"fused_res: {reason}; using the reference backend", stacklevel=3)
+
+
+def resolve(name: str | None, x: torch.Tensor, weight: torch.Tensor | None = None,
+            groups: int = 1, dilation: tuple[int, ...] = (1, 1)) -> str:
+    """The concrete backend that runs this call. 'auto' picks the fastest available backend
+    that supports the call (today: reference); an explicit backend that cannot run it falls
+    back to 'reference' with one warning naming the reason."""
+    name = _check_name(name) if name is not None else current_backend()
+    if name == "auto":
+        # Measured per-shape choices arrive with the fast backends; until then the reference
+        # is the only backend that runs everywhere.
+        return "reference"
+    if name == "reference":
+        return name
+    backend = get_backend_object(name)
+    status = backend.status()
+    if not status.available:
+        warn_once(f"backend {name!r} is unavailable ({status.reason})")
+        return "reference"
+    reason = backend.unsupported_reason(x, weight, groups, dilation)
+    if reason is not None:
+        warn_once(f"backend {name!r} does not support {reason}")
+        return "reference"
+    return name
+
+
+for _name, _why in (("triton", "the Triton kernels are not part of this release yet"),
+                    ("cuda", "the C++/CUDA extension is not part of this release yet"),
+                    ("cudnn", "the cuDNN fused-op backend is not part of this release yet")):
+    register_backend(_name, (lambda n, w: lambda: _Unimplemented(n, w))(_name, _why))

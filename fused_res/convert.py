@@ -1,0 +1,286 @@
+"""Model surgery: recognise residual blocks, swap in fused ones, revert, report.
+
+Recognised: fused_res.models (ImageNet blocks and every CIFAR variant), torchvision's
+BasicBlock/Bottleneck, timm's resnet BasicBlock/Bottleneck (attention before the add,
+drop_path, pooled "d" shortcuts) and resnetv2 PreActBasic/PreActBottleneck/Bottleneck. The
+fused block shares the original's children, so parameters, buffers and state_dict keys are
+unchanged; anything not recognised, or recognised but not fusable, is left as it is and the
+report says why. Library classes are looked up in sys.modules, never imported here.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import models
+from .backends import NAMES as BACKEND_NAMES
+from .nn import blocks as fblocks
+from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
+
+Recognized = tuple[type, BlockPlan]
+
+
+def _first_reason(*reasons: str | None) -> str | None:
+    return next((r for r in reasons if r is not None), None)
+
+
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _fused_class(plan: BlockPlan) -> type:
+    n = len(plan.convs)
+    if plan.variant == "original":
+        return {2: fblocks.BasicBlock, 3: fblocks.Bottleneck}.get(n, fblocks.FusedResidualBlock)
+    if plan.variant == "full_preact":
+        return {2: fblocks.PreActBasicBlock, 3: fblocks.PreActBottleneck}.get(
+            n, fblocks.FusedResidualBlock)
+    return fblocks.FusedResidualBlock
+
+
+def _names(prefix: str, n: int) -> tuple[str, ...]:
+    return tuple(f"{prefix}{k}" for k in range(1, n + 1))
+
+
+def _check_convs_and_norms(block, convs, norms, norm_act: str = "none") -> str | None:
+    return _first_reason(*(conv_reason(getattr(block, c, None)) for c in convs),
+                         *(norm_reason(getattr(block, b, None), norm_act) for b in norms))
+
+
+def _shortcut_reason(sc: ShortcutPlan, block: nn.Module) -> str | None:
+    if sc.kind != "unit":
+        return None
+    return _first_reason(conv_reason(block.get_submodule(sc.conv)),
+                         None if sc.norm is None else
+                         norm_reason(block.get_submodule(sc.norm), "none"))
+
+
+def _torchvision_like(block: nn.Module) -> Recognized | str:
+    n = 3 if hasattr(block, "conv3") else 2
+    convs, norms = _names("conv", n), _names("bn", n)
+    reason = _first_reason(_check_convs_and_norms(block, convs, norms),
+                           relu_reason(getattr(block, "relu", None)))
+    if reason:
+        return reason
+    plan = BlockPlan("original", convs, norms[:-1], norms[-1], shortcut=shortcut_plan(block))
+    return _shortcut_reason(plan.shortcut, block) or (_fused_class(plan), plan)
+
+
+def _cifar(block: models.CifarBlock) -> Recognized | str:
+    n, v = block.num_convs, block.variant
+    convs, norms = _names("conv", n), _names("bn", n)
+    reason = _check_convs_and_norms(block, convs, norms)
+    if reason:
+        return reason
+    preact = v in ("relu_only_preact", "full_preact")
+    sc = shortcut_plan(block, reads_preact=preact and isinstance(block.downsample,
+                                                                    nn.Sequential))
+    common = {"shortcut": sc}
+    if v == "original":
+        plan = BlockPlan(v, convs, norms[:-1], norms[-1], **common)
+    elif v == "plain":
+        plan = BlockPlan(v, convs, norms[:-1], norms[-1], residual=False, **common)
+    elif v == "bn_after_add":
+        plan = BlockPlan(v, convs, norms[:-1], None, post_norm=norms[-1], **common)
+    elif v == "relu_before_add":
+        plan = BlockPlan(v, convs, norms[:-1], norms[-1], last_act=True, act_out=False,
+                         **common)
+    elif v == "relu_only_preact":
+        plan = BlockPlan(v, convs, norms[:-1], norms[-1], pre_act=True, act_out=False,
+                         **common)
+    else:
+        plan = BlockPlan(v, convs, norms[1:], None, pre_norm=norms[0], pre_act=True,
+                         act_out=False, **common)
+    return _shortcut_reason(sc, block) or (_fused_class(plan), plan)
+
+
+def _timm_resnet(block: nn.Module) -> Recognized | str:
+    n = 3 if hasattr(block, "conv3") else 2
+    convs, norms = _names("conv", n), _names("bn", n)
+    acts = _names("act", n)
+    reason = _first_reason(
+        _check_convs_and_norms(block, convs, norms),
+        *(relu_reason(getattr(block, a, None)) for a in acts),
+        None if _is_identity(getattr(block, "drop_block", None)) else
+        "DropBlock between conv and activation",
+        None if _is_identity(getattr(block, "aa", None)) else "anti-aliased downsampling")
+    if reason:
+        return reason
+    dp = getattr(block, "drop_path", None)
+    plan = BlockPlan("original", convs, norms[:-1], norms[-1],
+                     attention=None if block.se is None else "se",
+                     drop_path=None if _is_identity(dp) else "drop_path",
+                     shortcut=shortcut_plan(block))
+    return _shortcut_reason(plan.shortcut, block) or (_fused_class(plan), plan)
+
+
+def _timm_v2_preact(block: nn.Module) -> Recognized | str:
+    n = 3 if hasattr(block, "conv3") else 2
+    convs, norms = _names("conv", n), _names("norm", n)
+    reason = _check_convs_and_norms(block, convs, norms, norm_act="relu")
+    if reason:
+        return reason
+    dp = getattr(block, "drop_path", None)
+    plan = BlockPlan("full_preact", convs, norms[1:], None, pre_norm=norms[0], pre_act=True,
+                     drop_path=None if _is_identity(dp) else "drop_path",
+                     shortcut=shortcut_plan(block, reads_preact=True), act_out=False)
+    return _shortcut_reason(plan.shortcut, block) or (_fused_class(plan), plan)
+
+
+def _timm_v2_bottleneck(block: nn.Module) -> Recognized | str:
+    convs, norms = _names("conv", 3), _names("norm", 3)
+    reason = _first_reason(
+        _check_convs_and_norms(block, convs, norms[:-1], norm_act="relu"),
+        norm_reason(block.norm3, "none"), relu_reason(block.act3))
+    if reason:
+        return reason
+    dp = getattr(block, "drop_path", None)
+    plan = BlockPlan("original", convs, norms[:-1], norms[-1],
+                     drop_path=None if _is_identity(dp) else "drop_path",
+                     shortcut=shortcut_plan(block))
+    return _shortcut_reason(plan.shortcut, block) or (_fused_class(plan), plan)
+
+
+def _recognizers() -> dict[type, Callable[[nn.Module], Recognized | str]]:
+    table: dict[type, Callable] = {
+        models.BasicBlock: _torchvision_like,
+        models.Bottleneck: _torchvision_like,
+        models.CifarBlock: _cifar,
+    }
+    tv = sys.modules.get("torchvision.models.resnet")
+    if tv is not None:
+        table[tv.BasicBlock] = table[tv.Bottleneck] = _torchvision_like
+    timm_resnet = sys.modules.get("timm.models.resnet")
+    if timm_resnet is not None:
+        table[timm_resnet.BasicBlock] = table[timm_resnet.Bottleneck] = _timm_resnet
+    timm_v2 = sys.modules.get("timm.models.resnetv2")
+    if timm_v2 is not None:
+        table[timm_v2.PreActBasic] = table[timm_v2.PreActBottleneck] = _timm_v2_preact
+        table[timm_v2.Bottleneck] = _timm_v2_bottleneck
+    return table
+
+
+def recognize(module: nn.Module) -> Recognized | str | None:
+    """(fused class, plan) for a block we can fuse; a reason string for a residual block we
+    leave alone; None for a module that is not a residual block we know."""
+    fn = _recognizers().get(type(module))
+    return None if fn is None else fn(module)
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if not name:
+        return new
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[child] = new
+    return model
+
+
+def _check_backend(backend: str | None) -> None:
+    if backend is not None and backend not in BACKEND_NAMES:
+        raise ValueError(f"backend={backend!r}; accepted: None or one of "
+                         f"{', '.join(map(repr, BACKEND_NAMES))}")
+
+
+def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = False,
+            filter: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
+    """Swap every recognised residual block of `model` for a fused one.
+
+    backend: the backend the fused blocks use ('auto', 'reference', ...; None: follow
+    fused_res.set_backend at run time). inplace=False converts a deep copy. filter(name,
+    block) -> bool restricts which blocks are converted. Parameters, buffers, state_dict keys
+    and what the model computes are unchanged. Returns the converted model.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    _check_backend(backend)
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, fblocks.FusedResidualBlock):
+            continue
+        found = recognize(module)
+        if found is None or isinstance(found, str):
+            continue
+        if filter is not None and not filter(name, module):
+            continue
+        cls, plan = found
+        model = _replace(model, name, cls.from_block(module, plan, backend))
+    return model
+
+
+def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
+    """Put back the original block of every block that convert() fused. Blocks built directly
+    as fused_res.nn modules have no original and stay. Returns the model."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, fblocks.FusedResidualBlock):
+            original = module.original()
+            if original is not None:
+                model = _replace(model, name, original)
+    return model
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One residual block: where it is, what it is, and whether (and as what) it is fused."""
+
+    name: str
+    block_type: str
+    fused: bool
+    detail: str
+
+    def __str__(self) -> str:
+        status = "fused" if self.fused else "unfused"
+        return f"{self.name or '<root>'}: {self.block_type} -> {status}: {self.detail}"
+
+
+def _describe(module: fblocks.FusedResidualBlock) -> str:
+    plan = module.plan
+    parts = [f"{plan.variant} as {type(module).__name__}", f"backend={module.backend or 'default'}"]
+    sc = plan.shortcut
+    parts.append("shortcut=" + {"identity": "identity", "unit": "fused conv+bn" if sc.norm
+                                else "fused conv", "module": "module (unfused)"}[sc.kind])
+    if plan.attention:
+        parts.append(f"{plan.attention} unfused")
+    if plan.drop_path:
+        parts.append("drop_path")
+    if module.shortcut_scale != 1.0:
+        parts.append(f"shortcut_scale={module.shortcut_scale:g}")
+    return ", ".join(parts)
+
+
+def report(model: nn.Module) -> list[BlockReport]:
+    """Per residual block, in forward order: fused as which variant and backend, or left alone
+    and why. str() of each entry is one readable line; see also format_report()."""
+    entries = []
+    for name, module in model.named_modules():
+        if isinstance(module, fblocks.FusedResidualBlock):
+            orig = module.__dict__.get("_original")
+            kind = type(orig if orig is not None else module)
+            entries.append(BlockReport(name, f"{kind.__module__}.{kind.__qualname__}", True,
+                                       _describe(module)))
+            continue
+        found = recognize(module)
+        if found is None:
+            continue
+        kind = type(module)
+        detail = found if isinstance(found, str) else "recognised, not converted"
+        entries.append(BlockReport(name, f"{kind.__module__}.{kind.__qualname__}", False,
+                                   detail))
+    return entries
+
+
+def format_report(model: nn.Module) -> str:
+    """report(model) as text: one line per block and a summary line."""
+    entries = report(model)
+    fused = sum(e.fused for e in entries)
+    lines = [str(e) for e in entries]
+    lines.append(f"{fused}/{len(entries)} residual blocks fused")
+    return "\n".join(lines)

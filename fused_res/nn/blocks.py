@@ -1,0 +1,286 @@
+"""Drop-in fused residual blocks.
+
+Each block owns plain nn.Conv2d / nn.BatchNorm2d children under torchvision's names, so
+state_dicts, optimizers, hooks, DDP and checkpoints are those of the unfused block. Its forward
+runs the BlockPlan through the conv-unit ops:
+
+- eval (running statistics): one conv_unit per conv, BN folded, the residual add and final
+  ReLU in the last conv's epilogue;
+- train (batch statistics): conv_bn_stats per conv, each BN + ReLU applied in the next conv's
+  prologue, and one epilogue pass (BN, add, ReLU) at the block output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import ops
+from ..models import imagenet
+from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
+from .plan import BlockPlan, ShortcutPlan, shortcut_plan
+from .unit import Pending, materialize, run_unit
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): in training, each sample's residual branch is
+    kept with probability 1 - p and scaled by 1 / (1 - p). Same draw as timm's DropPath."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob={drop_prob!r}; accepted: 0 <= drop_prob < 1")
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
+    """The per-sample branch scale (N,) a drop-path module would apply now, or None."""
+    if module is None or isinstance(module, nn.Identity) or not module.training:
+        return None
+    if getattr(module, "drop_prob", 1.0) == 0.0:
+        return None
+    ones = torch.ones((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device)
+    return module(ones).reshape(x.shape[0])
+
+
+class FusedResidualBlock(nn.Module):
+    """A residual block executed through fused_res.ops according to `self.plan`.
+
+    Attributes: plan (BlockPlan), backend (None: the current default, see
+    fused_res.set_backend), shortcut_scale (λ). Input (N, C_in, H, W) -> (N, C_out, H', W').
+    """
+
+    plan: BlockPlan
+    backend: str | None = None
+    shortcut_scale: float = 1.0
+
+    # ---- construction from an existing block (fused_res.convert) --------------------------
+    @classmethod
+    def from_block(cls, block: nn.Module, plan: BlockPlan,
+                   backend: str | None = None) -> FusedResidualBlock:
+        """A fused block that shares `block`'s children (same parameters, same state_dict
+        keys in the same order) and keeps `block` itself, unregistered, for revert()."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key, value in block.__dict__.items():
+            if not key.startswith("_") and key != "training":
+                new.__dict__[key] = value
+        for name, child in block._modules.items():
+            new._modules[name] = child
+        new.training = block.training
+        new.plan = plan
+        new.backend = backend
+        new.shortcut_scale = float(getattr(block, "shortcut_scale", 1.0))
+        new.__dict__["_original"] = block
+        return new
+
+    def original(self) -> nn.Module | None:
+        """The unfused block this one was converted from (None if built directly), with its
+        children and training mode brought up to date."""
+        orig = self.__dict__.get("_original")
+        if orig is None:
+            return None
+        for name in list(orig._modules):
+            orig._modules[name] = self._modules.get(name)
+        orig.training = self.training
+        return orig
+
+    @property
+    def is_residual(self) -> bool:
+        return self.plan.residual
+
+    def _get(self, name: str | None) -> nn.Module | None:
+        return None if name is None else self.get_submodule(name)
+
+    # ---- forward --------------------------------------------------------------------------
+    def _shortcut(self, x: Tensor, preact: Tensor | None) -> Tensor:
+        sc: ShortcutPlan = self.plan.shortcut
+        src = preact if (sc.reads_preact and preact is not None) else x
+        if sc.kind == "identity":
+            return src
+        if sc.kind == "module":
+            return self._get(sc.module)(src)
+        if sc.pool is not None:
+            src = self._get(sc.pool)(src)
+        r, _ = run_unit(src, None, self._get(sc.conv), self._get(sc.norm), "none", self.backend)
+        return r
+
+    def forward(self, x: Tensor) -> Tensor:
+        plan, backend = self.plan, self.backend
+        pending: Pending | None = None
+        if plan.pre_norm is not None:
+            scale, shift = input_affine(self._get(plan.pre_norm), x, backend)
+            pending = Pending(scale, shift, "relu")
+        elif plan.pre_act:
+            pending = Pending(None, None, "relu")
+
+        h, r = x, None
+        if plan.residual:
+            sc = plan.shortcut
+            if sc.reads_preact and sc.kind != "identity" and pending is not None:
+                # Eager computes the pre-activation once for both paths; so do we.
+                h = materialize(x, pending, backend)
+                pending = None
+                r = self._shortcut(x, h)
+            else:
+                r = self._shortcut(x, None)
+
+        convs = [self._get(n) for n in plan.convs]
+        for conv, norm in zip(convs[:-1], plan.mid_norms, strict=True):
+            h, pending = run_unit(h, pending, conv, self._get(norm), "relu", backend,
+                                  defer=True)
+
+        tail = {}
+        if plan.residual:
+            tail = {"residual": r, "res_scale": float(self.shortcut_scale),
+                    "branch_scale": _drop_path_scale(self._get(plan.drop_path), x)}
+        act_mid = "relu" if plan.last_act else "none"
+        last_norm = self._get(plan.last_norm)
+        if plan.attention is None and plan.post_norm is None:
+            tail["act_out"] = "relu" if plan.act_out else "none"
+            y, _ = run_unit(h, pending, convs[-1], last_norm, act_mid, backend, tail=tail)
+            return y
+        u, _ = run_unit(h, pending, convs[-1], last_norm, act_mid, backend)
+        if plan.attention is not None:
+            u = self._get(plan.attention)(u)
+        if plan.post_norm is None:
+            return ops.epilogue(u, act_out="relu" if plan.act_out else "none", backend=backend,
+                                **tail)
+        w = ops.epilogue(u, backend=backend, **tail) if tail else u
+        pn = self._get(plan.post_norm)
+        if uses_batch_stats(pn):
+            mean, var = ops.channel_stats(w, backend=backend)
+            scale, shift = batch_affine(pn, mean, var, w.shape)
+        else:
+            scale, shift = running_affine(pn, w)
+        return ops.epilogue(w, scale, shift, act_mid="relu" if plan.act_out else "none",
+                            backend=backend)
+
+    def forward_shortcut_only(self, x: Tensor) -> Tensor:
+        """The block with its residual branch removed (Veit et al. 2016 lesion); eager ops."""
+        plan = self.plan
+        if not plan.residual:
+            raise ValueError("a plain block has no shortcut to fall back to")
+        preact = None
+        if plan.shortcut.reads_preact and plan.shortcut.kind != "identity":
+            preact = F.relu(self._get(plan.pre_norm)(x)) if plan.pre_norm else F.relu(x)
+        r = self._shortcut(x, preact) * float(self.shortcut_scale)
+        if plan.post_norm is not None:
+            r = self._get(plan.post_norm)(r)
+        return F.relu(r) if plan.act_out else r
+
+    def extra_repr(self) -> str:
+        return f"fused={self.plan.variant!r}, backend={self.backend!r}"
+
+
+def _post_act_plan(block: nn.Module, n_convs: int, variant: str = "original") -> BlockPlan:
+    convs = tuple(f"conv{k}" for k in range(1, n_convs + 1))
+    norms = tuple(f"bn{k}" for k in range(1, n_convs + 1))
+    return BlockPlan(variant, convs, norms[:-1], norms[-1],
+                     drop_path="drop_path" if hasattr(block, "drop_path") else None,
+                     shortcut=shortcut_plan(block))
+
+
+def _check_scale_and_drop(shortcut_scale: float, drop_path: float) -> None:
+    if isinstance(shortcut_scale, bool) or not isinstance(shortcut_scale, (int, float)):
+        raise TypeError(f"shortcut_scale={shortcut_scale!r}; accepted: a float (λ)")
+
+
+class BasicBlock(FusedResidualBlock, imagenet.BasicBlock):
+    """Fused torchvision BasicBlock: conv3x3-BN-ReLU, conv3x3-BN, + λ·shortcut, ReLU.
+    Same constructor and children as torchvision's; shortcut_scale (λ), drop_path (rate) and
+    backend are extra keyword arguments."""
+
+    def __init__(self, *args, shortcut_scale: float = 1.0, drop_path: float = 0.0,
+                 backend: str | None = None, **kwargs) -> None:
+        imagenet.BasicBlock.__init__(self, *args, **kwargs)
+        _check_scale_and_drop(shortcut_scale, drop_path)
+        if drop_path:
+            self.drop_path = DropPath(drop_path)
+        self.shortcut_scale, self.backend = float(shortcut_scale), backend
+        self.plan = _post_act_plan(self, 2)
+
+    forward = FusedResidualBlock.forward
+    forward_shortcut_only = FusedResidualBlock.forward_shortcut_only
+
+
+class Bottleneck(FusedResidualBlock, imagenet.Bottleneck):
+    """Fused torchvision Bottleneck (v1.5): 1x1-BN-ReLU, 3x3(stride)-BN-ReLU, 1x1-BN,
+    + λ·shortcut, ReLU. Constructor as torchvision's plus shortcut_scale, drop_path, backend."""
+
+    def __init__(self, *args, shortcut_scale: float = 1.0, drop_path: float = 0.0,
+                 backend: str | None = None, **kwargs) -> None:
+        imagenet.Bottleneck.__init__(self, *args, **kwargs)
+        _check_scale_and_drop(shortcut_scale, drop_path)
+        if drop_path:
+            self.drop_path = DropPath(drop_path)
+        self.shortcut_scale, self.backend = float(shortcut_scale), backend
+        self.plan = _post_act_plan(self, 3)
+
+    forward = FusedResidualBlock.forward
+    forward_shortcut_only = FusedResidualBlock.forward_shortcut_only
+
+
+def _preact_plan(block: nn.Module, n_convs: int) -> BlockPlan:
+    convs = tuple(f"conv{k}" for k in range(1, n_convs + 1))
+    norms = tuple(f"bn{k}" for k in range(1, n_convs + 1))
+    return BlockPlan("full_preact", convs, norms[1:], None, pre_norm=norms[0], pre_act=True,
+                     drop_path="drop_path" if hasattr(block, "drop_path") else None,
+                     shortcut=shortcut_plan(block, reads_preact=True), act_out=False)
+
+
+class _PreActBase(FusedResidualBlock):
+    n_convs = 2
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None, norm_layer=None, *,
+                 shortcut_scale: float = 1.0, drop_path: float = 0.0,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        _check_scale_and_drop(shortcut_scale, drop_path)
+        norm_layer = norm_layer or nn.BatchNorm2d
+        out = planes * self.expansion
+        if self.n_convs == 2:
+            chans, strides, kernels = [inplanes, planes, planes], [stride, 1], [3, 3]
+        else:
+            chans, strides, kernels = [inplanes, planes, planes, out], [1, stride, 1], [1, 3, 1]
+        layers = zip(chans[:-1], chans[1:], strides, kernels, strict=True)
+        for k, (cin, cout, s, ks) in enumerate(layers, 1):
+            self.add_module(f"bn{k}", norm_layer(cin))
+            self.add_module(f"conv{k}", nn.Conv2d(cin, cout, ks, s, ks // 2, bias=False))
+        if downsample is None and (stride != 1 or inplanes != out):
+            downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False))
+        self.downsample = downsample
+        if drop_path:
+            self.drop_path = DropPath(drop_path)
+        self.stride = stride
+        self.shortcut_scale, self.backend = float(shortcut_scale), backend
+        self.plan = _preact_plan(self, self.n_convs)
+
+
+class PreActBasicBlock(_PreActBase):
+    """Fused full pre-activation basic block (He et al. 2016 "e"): BN-ReLU-conv3x3, BN-ReLU-
+    conv3x3, + λ·shortcut; no activation after the add. A projection shortcut (1x1 conv,
+    `downsample.0`) reads the pre-activated input."""
+
+    expansion = 1
+    n_convs = 2
+
+
+class PreActBottleneck(_PreActBase):
+    """Fused full pre-activation bottleneck: BN-ReLU-1x1, BN-ReLU-3x3(stride), BN-ReLU-1x1
+    (4x channels), + λ·shortcut."""
+
+    expansion = 4
+    n_convs = 3

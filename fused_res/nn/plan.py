@@ -1,0 +1,136 @@
+"""What a fused block computes, as data: which children play which role in the conv unit.
+
+A BlockPlan names children (dotted paths relative to the block); the executor in blocks.py
+reads the modules at run time, so the plan holds no tensors and never goes stale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ShortcutPlan:
+    """How the shortcut r is computed.
+
+    kind: "identity" (r = input), "unit" (optional pool, then conv, then optional BN, run
+    through the ops) or "module" (call the module as it is, e.g. option A's PadShortcut).
+    reads_preact: the shortcut takes the pre-activated input (pre-activation blocks).
+    """
+
+    kind: str = "identity"
+    module: str | None = None
+    pool: str | None = None
+    conv: str | None = None
+    norm: str | None = None
+    reads_preact: bool = False
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The residual unit as a chain of convs with BN+ReLU between them:
+
+        h = pre_norm/pre_act(x)                       (pre-activation variants)
+        z_k = conv_k(h); h = relu(mid_norm_k(z_k))     for all but the last conv
+        u = last_norm(conv_last(h)); u = relu(u) if last_act
+        u = attention(u)                               (SE/ECA-style, unfused)
+        w = drop_path_mask * u + shortcut_scale * r    (when residual)
+        y = relu(post_norm(w)) / relu(w) / w           (post_norm: BN after addition)
+    """
+
+    variant: str
+    convs: tuple[str, ...]
+    mid_norms: tuple[str, ...]
+    last_norm: str | None
+    pre_norm: str | None = None
+    pre_act: bool = False
+    last_act: bool = False
+    attention: str | None = None
+    drop_path: str | None = None
+    shortcut: ShortcutPlan = ShortcutPlan()
+    residual: bool = True
+    post_norm: str | None = None
+    act_out: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.mid_norms) != len(self.convs) - 1:
+            raise ValueError(f"BlockPlan: {len(self.convs)} convs need {len(self.convs) - 1} "
+                             f"mid_norms; got {self.mid_norms}")
+
+
+_POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.Identity)
+
+
+def shortcut_plan(block: nn.Module, name: str = "downsample",
+                  reads_preact: bool = False) -> ShortcutPlan:
+    """Recognize block.<name>: None -> identity; Sequential([pool,] Conv2d[, BatchNorm2d]) or
+    timm's DownsampleConv/DownsampleAvg -> a fused unit; anything else is called as it is."""
+    module = getattr(block, name, None)
+    if module is None:
+        return ShortcutPlan("identity", reads_preact=reads_preact)
+    if isinstance(module, nn.Sequential):
+        children = list(module.named_children())
+        pool = None
+        if children and isinstance(children[0][1], _POOLS) and len(children) > 1:
+            pool = None if isinstance(children[0][1], nn.Identity) else f"{name}.{children[0][0]}"
+            children = children[1:]
+        if 1 <= len(children) <= 2 and type(children[0][1]) is nn.Conv2d and \
+                children[0][1].padding_mode == "zeros":
+            norm = None
+            if len(children) == 2:
+                if norm_reason(children[1][1], "none") is not None:
+                    return ShortcutPlan("module", module=name, reads_preact=reads_preact)
+                norm = f"{name}.{children[1][0]}"
+            return ShortcutPlan("unit", module=name, pool=pool, conv=f"{name}.{children[0][0]}",
+                                norm=norm, reads_preact=reads_preact)
+    if type(module).__name__ in ("DownsampleConv", "DownsampleAvg") and \
+            type(getattr(module, "conv", None)) is nn.Conv2d:
+        pool = getattr(module, "pool", None)
+        norm = getattr(module, "norm", None)
+        if norm is not None and not isinstance(norm, nn.Identity) and \
+                norm_reason(norm, "none") is not None:
+            return ShortcutPlan("module", module=name, reads_preact=reads_preact)
+        return ShortcutPlan(
+            "unit", module=name,
+            pool=None if pool is None or isinstance(pool, nn.Identity) else f"{name}.pool",
+            conv=f"{name}.conv",
+            norm=None if norm is None or isinstance(norm, nn.Identity) else f"{name}.norm",
+            reads_preact=reads_preact)
+    return ShortcutPlan("module", module=name, reads_preact=reads_preact)
+
+
+def norm_reason(m: nn.Module | None, act: str) -> str | None:
+    """None if `m` is a BatchNorm2d the ops can run (followed by `act`, when the norm layer
+    carries its own activation as timm's BatchNormAct2d does); else why not."""
+    if m is None:
+        return "missing norm layer"
+    if isinstance(m, nn.SyncBatchNorm):
+        return ("SyncBatchNorm is left unfused: its statistics are all-reduced across ranks, "
+                "which the fused ops do not do")
+    if type(m) is nn.BatchNorm2d:
+        return None if act == "none" else f"expected a BatchNorm with {act}, got a bare one"
+    if type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d):
+        drop = getattr(m, "drop", None)
+        if drop is not None and not isinstance(drop, nn.Identity):
+            return "BatchNormAct2d with dropout"
+        a = getattr(m, "act", None)
+        kind = "relu" if type(a) is nn.ReLU else "none" if (a is None or
+                                                               isinstance(a, nn.Identity)) \
+            else type(a).__name__
+        return None if kind == act else f"norm activation is {kind}, fused kernels do {act}"
+    return f"{type(m).__name__} is not a BatchNorm2d"
+
+
+def conv_reason(m: nn.Module | None) -> str | None:
+    """None if `m` is a plain zero-padded nn.Conv2d; else why not."""
+    if type(m) is not nn.Conv2d:
+        return f"{type(m).__name__} is not a plain nn.Conv2d"
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return f"conv padding {m.padding!r} / mode {m.padding_mode!r}"
+    return None
+
+
+def relu_reason(m: nn.Module | None) -> str | None:
+    return None if type(m) is nn.ReLU else f"activation {type(m).__name__} is not ReLU"

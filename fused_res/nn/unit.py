@@ -1,0 +1,66 @@
+"""One conv unit of a block, run through the ops: conv (with a pending BN+ReLU of its input as
+the prologue) -> BN -> act -> optional residual tail. Shared by ConvBNAct2d and the blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .. import ops
+from .batchnorm import batch_affine, running_affine, uses_batch_stats
+
+
+@dataclass
+class Pending:
+    """An affine + activation not yet applied to a tensor: value = act(t * scale + shift).
+    In training, a BN's batch statistics exist only after its conv has run, so the next conv
+    applies it in its prologue instead of a separate pass."""
+
+    scale: Tensor | None
+    shift: Tensor | None
+    act: str
+
+    def as_prologue(self) -> dict:
+        return {"in_scale": self.scale, "in_shift": self.shift, "act_in": self.act}
+
+
+def conv_kwargs(conv: nn.Conv2d) -> dict:
+    return {"stride": list(conv.stride), "padding": list(conv.padding),
+            "dilation": list(conv.dilation), "groups": conv.groups}
+
+
+def materialize(t: Tensor, pending: Pending | None, backend: str | None) -> Tensor:
+    """Apply a pending affine + act to t in one pass (identity when nothing is pending)."""
+    if pending is None:
+        return t
+    return ops.epilogue(t, pending.scale, pending.shift, act_mid=pending.act, backend=backend)
+
+
+def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
+             act_mid: str, backend: str | None, *, defer: bool = False,
+             tail: dict | None = None) -> tuple[Tensor, Pending | None]:
+    """conv(pending(h)) -> bn -> act_mid -> tail (residual add, act_out).
+
+    Returns (t, pending'): the unit's value is pending'(t). With defer=True and a BN that
+    normalizes with batch statistics, the BN + act are returned pending (for the next conv's
+    prologue); otherwise the value is materialized and pending' is None.
+    """
+    tail = tail or {}
+    prologue = pending.as_prologue() if pending is not None else {}
+    kw = conv_kwargs(conv)
+    if bn is None:
+        y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, act_mid=act_mid,
+                          backend=backend, **tail)
+        return y, None
+    if uses_batch_stats(bn):
+        z, mean, var = ops.conv_bn_stats(h, conv.weight, conv.bias, **kw, **prologue,
+                                         backend=backend)
+        scale, shift = batch_affine(bn, mean, var, z.shape)
+        if defer and not tail:
+            return z, Pending(scale, shift, act_mid)
+        return ops.epilogue(z, scale, shift, act_mid=act_mid, backend=backend, **tail), None
+    scale, shift = running_affine(bn, h)
+    y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, out_scale=scale,
+                      out_shift=shift, act_mid=act_mid, backend=backend, **tail)
+    return y, None

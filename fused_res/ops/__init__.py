@@ -1,0 +1,7 @@
+"""The conv-unit ops (DESIGN.md §2) as torch.library custom ops with fake and autograd
+registrations. Use the functions here; fused_res.ops.library holds the raw ops."""
+
+from . import library
+from .functional import ACTS, channel_stats, conv_bn_stats, conv_unit, epilogue
+
+__all__ = ["ACTS", "channel_stats", "conv_bn_stats", "conv_unit", "epilogue", "library"]

@@ -1,0 +1,217 @@
+"""The public functional API of the conv unit: argument checks, autocast, backend choice.
+
+Every function here validates its arguments (clear ValueError/TypeError naming the argument,
+its value and what is accepted), casts to the autocast dtype the way the unfused modules
+would, resolves the backend and calls the custom op in fused_res.ops.library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..backends import resolve
+from . import library
+
+ACTS = ("none", "relu")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _pair(name: str, value, minimum: int) -> list[int]:
+    vals = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
+    ok = (isinstance(vals, Sequence) and len(vals) == 2 and
+          all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals))
+    if not ok:
+        raise ValueError(f"{name}={value!r}; accepted: an int >= {minimum} or a pair of them")
+    return [int(v) for v in vals]
+
+
+def _check_act(name: str, act: str) -> str:
+    if act not in ACTS:
+        raise ValueError(f"{name}={act!r}; accepted: {', '.join(map(repr, ACTS))}")
+    return act
+
+
+def _check_feature_map(name: str, t, what: str = "(N, C, H, W)") -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: a 4-D tensor {what}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; accepted: float32, float16, bfloat16, "
+                        "float64")
+    return t
+
+
+def _check_same_device(x: Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; accepted: all "
+                             "tensors on one device")
+
+
+def _check_vector(name: str, v, length: int, what: str) -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None; got {type(v).__name__}")
+    if v.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {v.dtype}; accepted: a floating-point tensor")
+    if tuple(v.shape) != (length,):
+        raise ValueError(f"{name} has shape {tuple(v.shape)}; accepted: ({length},), one value "
+                         f"per {what}")
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    device_type = x.device.type
+    if device_type not in ("cpu", "cuda", "xpu") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
+    """Cast like autocast does: only float32 tensors (float64 stays as it is)."""
+    if t is None or dtype is None or t.dtype != torch.float32:
+        return t
+    return t.to(dtype)
+
+
+def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
+                  act_in):
+    _check_feature_map("x", x)
+    _check_feature_map("weight", weight, "(C_out, C_in / groups, KH, KW)")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"groups={groups!r}; accepted: a positive int")
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"x has {c_in} channels but weight has shape {tuple(weight.shape)} "
+                         f"with groups={groups}; accepted: weight.shape[1] * groups == "
+                         f"x.shape[1]")
+    if c_out % groups:
+        raise ValueError(f"weight has {c_out} output channels, not divisible by "
+                         f"groups={groups}")
+    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    dilation = _pair("dilation", dilation, 1)
+    _check_act("act_in", act_in)
+    _check_vector("bias", bias, c_out, "output channel")
+    _check_vector("in_scale", in_scale, c_in, "input channel")
+    _check_vector("in_shift", in_shift, c_in, "input channel")
+    _check_same_device(x, weight=weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
+    for i, k in enumerate(("H", "W")):
+        span = dilation[i] * (weight.shape[2 + i] - 1) + 1
+        if x.shape[2 + i] + 2 * padding[i] < span:
+            raise ValueError(f"x has {k}={x.shape[2 + i]}, smaller than the kernel span {span} "
+                             f"with padding={padding[i]}; accepted: {k} + 2*padding >= span")
+    dt = _autocast_dtype(x)
+    x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; accepted: the "
+                        "same dtype (or run under torch.autocast)")
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return x, weight, bias, stride, padding, dilation
+
+
+def _prepare_tail(out_shape, n, device, dtype, residual, res_scale, branch_scale, act_mid,
+                  act_out):
+    _check_act("act_mid", act_mid)
+    _check_act("act_out", act_out)
+    if isinstance(res_scale, bool) or not isinstance(res_scale, (int, float)):
+        raise TypeError(f"res_scale={res_scale!r}; accepted: a Python float (λ)")
+    if residual is not None:
+        _check_feature_map("residual", residual)
+        if tuple(residual.shape) != tuple(out_shape):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; accepted: the "
+                             f"output shape {tuple(out_shape)}")
+        if residual.device != device:
+            raise ValueError(f"residual is on {residual.device} but x is on {device}; "
+                             "accepted: all tensors on one device")
+        if residual.dtype != dtype:
+            residual = residual.to(dtype)
+    if branch_scale is not None:
+        _check_vector("branch_scale", branch_scale, n, "sample")
+        if branch_scale.device != device:
+            raise ValueError(f"branch_scale is on {branch_scale.device} but x is on {device}; "
+                             "accepted: all tensors on one device")
+    return residual, float(res_scale)
+
+
+def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0,
+              dilation=1, groups: int = 1, in_scale: Tensor | None = None,
+              in_shift: Tensor | None = None, act_in: str = "none",
+              out_scale: Tensor | None = None, out_shift: Tensor | None = None,
+              act_mid: str = "none", residual: Tensor | None = None, res_scale: float = 1.0,
+              branch_scale: Tensor | None = None, act_out: str = "none",
+              backend: str | None = None) -> Tensor:
+    """The whole conv unit in one op (DESIGN.md §2):
+
+        p = act_in(x * in_scale + in_shift)          per input channel (C_in,)
+        u = conv2d(p, weight, bias) * out_scale + out_shift   per output channel (C_out,)
+        y = act_out(branch_scale * act_mid(u) + res_scale * residual)
+
+    x (N, C_in, H, W) float32/float16/bfloat16/float64, NCHW or channels_last; weight
+    (C_out, C_in/groups, KH, KW) of x's dtype; residual (N, C_out, OH, OW); branch_scale (N,).
+    Returns y (N, C_out, OH, OW) in x's dtype and memory format. Differentiable in every
+    tensor argument but branch_scale.
+    """
+    x, weight, bias, stride, padding, dilation = _prepare_conv(
+        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in)
+    c_out = weight.shape[0]
+    _check_vector("out_scale", out_scale, c_out, "output channel")
+    _check_vector("out_shift", out_shift, c_out, "output channel")
+    _check_same_device(x, out_scale=out_scale, out_shift=out_shift)
+    oh, ow = library.conv_out_hw(x, weight, stride, padding, dilation)
+    residual, res_scale = _prepare_tail((x.shape[0], c_out, oh, ow), x.shape[0], x.device,
+                                        x.dtype, residual, res_scale, branch_scale, act_mid,
+                                        act_out)
+    name = resolve(backend, x, weight, groups, tuple(dilation))
+    y, _ = library.conv_unit(x, weight, bias, stride, padding, dilation, groups, in_scale,
+                             in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                             res_scale, branch_scale, act_out, name)
+    return y
+
+
+def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1,
+                  padding=0, dilation=1, groups: int = 1, in_scale: Tensor | None = None,
+                  in_shift: Tensor | None = None, act_in: str = "none",
+                  backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """z = conv2d(act_in(x * in_scale + in_shift), weight, bias) and the batch statistics of z:
+    returns (z, mean, var) with z (N, C_out, OH, OW) in x's dtype and memory format, mean and
+    biased var (C_out,) in float32 (float64 for float64 input; zeros for an empty batch).
+    Gradients flow through all three outputs, so BatchNorm's backward follows by autograd."""
+    x, weight, bias, stride, padding, dilation = _prepare_conv(
+        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in)
+    name = resolve(backend, x, weight, groups, tuple(dilation))
+    return library.conv_bn_stats(x, weight, bias, stride, padding, dilation, groups, in_scale,
+                                 in_shift, act_in, name)
+
+
+def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of x (N, C, H, W) over (N, H, W), float32
+    (float64 for float64 input); zeros for an empty batch. Differentiable."""
+    _check_feature_map("x", x)
+    dt = _autocast_dtype(x)
+    x = _cast(x, dt)
+    return library.channel_stats(x, resolve(backend, x))
+
+
+def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, *,
+             act_mid: str = "none", residual: Tensor | None = None, res_scale: float = 1.0,
+             branch_scale: Tensor | None = None, act_out: str = "none",
+             backend: str | None = None) -> Tensor:
+    """y = act_out(branch_scale * act_mid(z * scale + shift) + res_scale * residual): the
+    apply step of a unit (BatchNorm affine, activation, residual add, activation) in one pass.
+    z (N, C, H, W); scale, shift (C,); residual like z; branch_scale (N,). Returns y like z."""
+    _check_feature_map("z", z)
+    c = z.shape[1]
+    _check_vector("scale", scale, c, "channel")
+    _check_vector("shift", shift, c, "channel")
+    _check_same_device(z, scale=scale, shift=shift)
+    dt = _autocast_dtype(z)
+    z = _cast(z, dt)
+    residual, res_scale = _prepare_tail(z.shape, z.shape[0], z.device, z.dtype, residual,
+                                        res_scale, branch_scale, act_mid, act_out)
+    return library.epilogue(z, scale, shift, act_mid, residual, res_scale, branch_scale,
+                            act_out, resolve(backend, z))

@@ -1,0 +1,202 @@
+"""The conv-unit ops as torch.library custom ops: schema, fake (meta) and autograd, in one place.
+
+    fused_res::conv_unit      y = act_out(d * act_mid(conv(act_in(x*a_in+b_in)) * a_out + b_out)
+                                          + λ * r)          (eval: BN folded; one pass)
+    fused_res::conv_bn_stats  z = conv(act_in(x*a_in+b_in)), mean and biased var of z per channel
+    fused_res::channel_stats  mean and biased var of x per channel
+    fused_res::epilogue       y = act_out(d * act_mid(z*a+b) + λ * r)
+
+Each op takes the name of a concrete backend and runs that backend's implementation; the
+backward, written here once, calls the same backend's backward. Callers go through
+fused_res.ops.functional, which validates arguments and resolves the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import get_backend_object
+from ..backends.reference import acc_dtype, memory_format_of
+
+Vec = Tensor | None
+
+
+def conv_out_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
+    """Output (H, W) of a conv of x with weight."""
+    return tuple(
+        (x.shape[2 + i] + 2 * padding[i] - dilation[i] * (weight.shape[2 + i] - 1) - 1)
+        // stride[i] + 1 for i in range(2))
+
+
+def _conv_out_like(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    h, w = conv_out_hw(x, weight, stride, padding, dilation)
+    return torch.empty((x.shape[0], weight.shape[0], h, w), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format_of(x))
+
+
+def _vec(x: Tensor, c: int) -> Tensor:
+    return torch.empty((c,), dtype=acc_dtype(x.dtype), device=x.device)
+
+
+# ---- conv_unit --------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_res::conv_unit", mutates_args=())
+def conv_unit(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
+              dilation: list[int], groups: int, in_scale: Vec, in_shift: Vec, act_in: str,
+              out_scale: Vec, out_shift: Vec, act_mid: str, residual: Vec, res_scale: float,
+              branch_scale: Vec, act_out: str, backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (y, u); u (the conv output before act_mid) is empty unless act_mid == 'relu'."""
+    y, u = get_backend_object(backend).conv_unit_forward(
+        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in,
+        out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out)
+    if act_mid != "relu":
+        return y, x.new_empty((0,))
+    return y, u.contiguous(memory_format=memory_format_of(x))
+
+
+@conv_unit.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in,
+      out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out, backend):
+    y = _conv_out_like(x, weight, stride, padding, dilation)
+    u = torch.empty_like(y) if act_mid == "relu" else x.new_empty((0,))
+    return y, u
+
+
+_UNIT_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "in_scale",
+              "in_shift", "act_in", "out_scale", "out_shift", "act_mid", "residual",
+              "res_scale", "branch_scale", "act_out", "backend")
+_UNIT_TENSORS = ("x", "weight", "bias", "in_scale", "in_shift", "out_scale", "out_shift",
+                 "branch_scale")
+
+
+def _unit_setup(ctx, inputs, output):
+    args = dict(zip(_UNIT_ARGS, inputs, strict=True))
+    y, u = output
+    ctx.save_for_backward(*(args[k] for k in _UNIT_TENSORS),
+                          u if args["act_mid"] == "relu" else None,
+                          y if args["act_out"] == "relu" else None)
+    ctx.meta = {k: args[k] for k in ("stride", "padding", "dilation", "groups", "act_in",
+                                     "act_mid", "res_scale", "act_out", "backend")}
+    r = args["residual"]
+    ctx.meta["residual_dtype"] = r.dtype if r is not None else None
+
+
+def _unit_backward(ctx, gy, _gu):
+    saved = dict(zip(_UNIT_TENSORS + ("u", "y"), ctx.saved_tensors, strict=True))
+    saved.update(ctx.meta)
+    needs = dict(zip(_UNIT_ARGS, ctx.needs_input_grad, strict=True))
+    grads = get_backend_object(ctx.meta["backend"]).conv_unit_backward(gy, saved, needs)
+    return tuple(grads.get(k) if needs[k] else None for k in _UNIT_ARGS)
+
+
+conv_unit.register_autograd(_unit_backward, setup_context=_unit_setup)
+
+
+# ---- conv_bn_stats ----------------------------------------------------------------------
+
+@torch.library.custom_op("fused_res::conv_bn_stats", mutates_args=())
+def conv_bn_stats(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
+                  dilation: list[int], groups: int, in_scale: Vec, in_shift: Vec, act_in: str,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    z, mean, var = get_backend_object(backend).conv_bn_stats_forward(
+        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in)
+    return z, mean, var
+
+
+@conv_bn_stats.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in, backend):
+    z = _conv_out_like(x, weight, stride, padding, dilation)
+    return z, _vec(x, weight.shape[0]), _vec(x, weight.shape[0])
+
+
+_STATS_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "in_scale",
+               "in_shift", "act_in", "backend")
+_STATS_TENSORS = ("x", "weight", "bias", "in_scale", "in_shift")
+
+
+def _stats_setup(ctx, inputs, output):
+    args = dict(zip(_STATS_ARGS, inputs, strict=True))
+    z, mean, _ = output
+    ctx.save_for_backward(*(args[k] for k in _STATS_TENSORS), z, mean)
+    ctx.meta = {k: args[k] for k in ("stride", "padding", "dilation", "groups", "act_in",
+                                     "backend")}
+
+
+def _stats_backward(ctx, gz, gmean, gvar):
+    saved = dict(zip(_STATS_TENSORS + ("z", "mean"), ctx.saved_tensors, strict=True))
+    saved.update(ctx.meta)
+    needs = dict(zip(_STATS_ARGS, ctx.needs_input_grad, strict=True))
+    grads = get_backend_object(ctx.meta["backend"]).conv_bn_stats_backward(
+        gz, gmean, gvar, saved, needs)
+    return tuple(grads.get(k) if needs[k] else None for k in _STATS_ARGS)
+
+
+conv_bn_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
+
+
+# ---- channel_stats ----------------------------------------------------------------------
+
+@torch.library.custom_op("fused_res::channel_stats", mutates_args=())
+def channel_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    mean, var = get_backend_object(backend).channel_stats_forward(x)
+    return mean, var
+
+
+@channel_stats.register_fake
+def _(x, backend):
+    return _vec(x, x.shape[1]), _vec(x, x.shape[1])
+
+
+def _channel_stats_setup(ctx, inputs, output):
+    x, backend = inputs
+    ctx.save_for_backward(x, output[0])
+    ctx.backend = backend
+
+
+def _channel_stats_backward(ctx, gmean, gvar):
+    x, mean = ctx.saved_tensors
+    gx = get_backend_object(ctx.backend).channel_stats_backward(gmean, gvar, x, mean)
+    return gx, None
+
+
+channel_stats.register_autograd(_channel_stats_backward, setup_context=_channel_stats_setup)
+
+
+# ---- epilogue ---------------------------------------------------------------------------
+
+@torch.library.custom_op("fused_res::epilogue", mutates_args=())
+def epilogue(z: Tensor, scale: Vec, shift: Vec, act_mid: str, residual: Vec, res_scale: float,
+             branch_scale: Vec, act_out: str, backend: str) -> Tensor:
+    return get_backend_object(backend).epilogue_forward(
+        z, scale, shift, act_mid, residual, res_scale, branch_scale, act_out)
+
+
+@epilogue.register_fake
+def _(z, scale, shift, act_mid, residual, res_scale, branch_scale, act_out, backend):
+    return torch.empty_like(z, memory_format=memory_format_of(z))
+
+
+_EPI_ARGS = ("z", "scale", "shift", "act_mid", "residual", "res_scale", "branch_scale",
+             "act_out", "backend")
+
+
+def _epilogue_setup(ctx, inputs, output):
+    args = dict(zip(_EPI_ARGS, inputs, strict=True))
+    ctx.save_for_backward(args["z"], args["scale"], args["shift"], args["branch_scale"],
+                          output if args["act_out"] == "relu" else None)
+    r = args["residual"]
+    ctx.meta = {k: args[k] for k in ("act_mid", "res_scale", "act_out", "backend")}
+    ctx.meta["residual_dtype"] = r.dtype if r is not None else None
+
+
+def _epilogue_backward(ctx, gy):
+    saved = dict(zip(("z", "scale", "shift", "branch_scale", "y"), ctx.saved_tensors,
+                     strict=True))
+    saved.update(ctx.meta)
+    needs = dict(zip(_EPI_ARGS, ctx.needs_input_grad, strict=True))
+    grads = get_backend_object(ctx.meta["backend"]).epilogue_backward(gy, saved, needs)
+    return tuple(grads.get(k) if needs[k] else None for k in _EPI_ARGS)
+
+
+epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
