@@ -43,38 +43,53 @@ def _act_grad(g: torch.Tensor, out: torch.Tensor | None, act: str) -> torch.Tens
     return g * (out > 0) if act == "relu" else g
 
 
-def prologue(x, in_scale, in_shift, act_in):
-    """p = act_in(x * in_scale + in_shift), in x's dtype (identity when nothing is set)."""
-    if in_scale is None and in_shift is None:
+def _affine(t, center, scale, shift):
+    """(t - center) * scale + shift per channel, in the acc dtype. Centering first keeps the
+    gradient of scale, Σ g·(t - center), free of the cancellation Σ g·t - center·Σ g."""
+    acc = acc_dtype(t.dtype)
+    u = t.to(acc)
+    if center is not None:
+        u = u - _ch(center.to(acc))
+    if scale is not None:
+        u = u * _ch(scale.to(acc))
+    if shift is not None:
+        u = u + _ch(shift.to(acc))
+    return u
+
+
+def _affine_backward(gu, t, center, scale, shift, needs_t, needs_center, needs_scale,
+                     needs_shift):
+    """Gradients of _affine w.r.t. t, center, scale, shift given dL/du (in the acc dtype)."""
+    acc = gu.dtype
+    gt = gc = gs = gb = None
+    g_centered = gu * _ch(scale.to(acc)) if scale is not None else gu
+    if needs_t:
+        gt = g_centered.to(t.dtype)
+    if needs_center and center is not None:
+        gc = (-g_centered.sum((0, 2, 3))).to(center.dtype)
+    if needs_scale and scale is not None:
+        centered = t.to(acc) - _ch(center.to(acc)) if center is not None else t.to(acc)
+        gs = (gu * centered).sum((0, 2, 3)).to(scale.dtype)
+    if needs_shift and shift is not None:
+        gb = gu.sum((0, 2, 3)).to(shift.dtype)
+    return gt, gc, gs, gb
+
+
+def prologue(x, in_center, in_scale, in_shift, act_in):
+    """p = act_in((x - in_center) * in_scale + in_shift), in x's dtype."""
+    if in_center is None and in_scale is None and in_shift is None:
         return _act(x, act_in)
-    acc = acc_dtype(x.dtype)
-    q = x.to(acc)
-    if in_scale is not None:
-        q = q * _ch(in_scale.to(acc))
-    if in_shift is not None:
-        q = q + _ch(in_shift.to(acc))
-    return _act(q, act_in).to(x.dtype)
+    return _act(_affine(x, in_center, in_scale, in_shift), act_in).to(x.dtype)
 
 
-def _prologue_backward(gp, x, in_scale, in_shift, act_in, needs_x, needs_scale, needs_shift):
-    """Gradients of prologue() w.r.t. x, in_scale, in_shift, given dL/dp."""
-    if in_scale is None and in_shift is None:
-        gx = _act_grad(gp, x, act_in) if needs_x else None
-        return gx, None, None
-    acc = acc_dtype(x.dtype)
-    xa = x.to(acc)
-    q = xa * _ch(in_scale.to(acc)) if in_scale is not None else xa
-    if in_shift is not None:
-        q = q + _ch(in_shift.to(acc))
-    gq = _act_grad(gp.to(acc), q, act_in)
-    gx = gscale = gshift = None
-    if needs_x:
-        gx = (gq * _ch(in_scale.to(acc)) if in_scale is not None else gq).to(x.dtype)
-    if needs_scale and in_scale is not None:
-        gscale = (gq * xa).sum((0, 2, 3)).to(in_scale.dtype)
-    if needs_shift and in_shift is not None:
-        gshift = gq.sum((0, 2, 3)).to(in_shift.dtype)
-    return gx, gscale, gshift
+def _prologue_backward(gp, x, in_center, in_scale, in_shift, act_in, needs):
+    """Gradients of prologue() w.r.t. (x, in_center, in_scale, in_shift) given dL/dp."""
+    if in_center is None and in_scale is None and in_shift is None:
+        return (_act_grad(gp, x, act_in) if needs["x"] else None), None, None, None
+    q = _affine(x, in_center, in_scale, in_shift)
+    gq = _act_grad(gp.to(q.dtype), q, act_in)
+    return _affine_backward(gq, x, in_center, in_scale, in_shift, needs["x"],
+                            needs["in_center"], needs["in_scale"], needs["in_shift"])
 
 
 def _tail(u, act_mid, residual, res_scale, branch_scale, act_out):
@@ -131,49 +146,49 @@ def _fold(weight, bias, out_scale, out_shift):
 
 
 class ReferenceBackend(Backend):
-    """Composite aten implementation of every op; the oracle for the other backends."""
+    """Composite aten implementation of every op; the oracle for the other backends.
+
+    Backward methods take `saved` (the forward's tensors and settings by name) and `needs`
+    (argument name -> whether its gradient is wanted) and return gradients by name."""
 
     name = "reference"
 
     # ---- conv_unit: y = tail(fold(conv(prologue(x)))) -------------------------------------
-    def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_scale,
-                          in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
-                          branch_scale, act_out):
-        """Returns (y, u): u is the pre-activation conv output (x.dtype), saved only when a
-        backward needs it."""
+    def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
+                          in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                          res_scale, branch_scale, act_out):
+        """Returns (y, u): u is the conv output before act_mid (x.dtype), for the backward."""
         fmt = memory_format_of(x)
-        p = prologue(x, in_scale, in_shift, act_in)
+        p = prologue(x, in_center, in_scale, in_shift, act_in)
         w, b = _fold(weight, bias, out_scale, out_shift)
         u = _conv(p, w, b, stride, padding, dilation, groups)
         y = _tail(u.to(acc_dtype(x.dtype)), act_mid, residual, res_scale, branch_scale, act_out)
         return y.to(x.dtype).contiguous(memory_format=fmt), u
 
     def conv_unit_backward(self, gy, saved, needs):
-        """saved: dict of the forward's inputs plus u and y. needs: dict name -> bool.
-        Returns a dict of gradients (None where not needed)."""
         s = saved
         x, weight, bias = s["x"], s["weight"], s["bias"]
         acc = acc_dtype(x.dtype)
-        gu, gr = _tail_backward(gy, acc, s["u"], s["y"],
-                                s["act_mid"], s["res_scale"], s["branch_scale"], s["act_out"],
-                                s["residual_dtype"], needs["residual"])
+        gu, gr = _tail_backward(gy, acc, s["u"], s["y"], s["act_mid"], s["res_scale"],
+                                s["branch_scale"], s["act_out"], s["residual_dtype"],
+                                needs["residual"])
         out_scale, out_shift = s["out_scale"], s["out_shift"]
-        w_eff, b_eff = _fold(weight, bias, out_scale, out_shift)
-        p = prologue(x, s["in_scale"], s["in_shift"], s["act_in"])
-        need_p = needs["x"] or needs["in_scale"] or needs["in_shift"]
+        w_eff, _ = _fold(weight, bias, out_scale, out_shift)
+        p = prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
+        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
         need_w = needs["weight"] or needs["out_scale"]
         gp, gw_eff, _ = _conv_backward(gu.to(x.dtype), p, w_eff, False, s["stride"],
                                        s["padding"], s["dilation"], s["groups"], need_p, need_w)
         gb_eff = gu.sum((0, 2, 3))  # dL/db' in acc
-        grads = dict.fromkeys(("x", "weight", "bias", "in_scale", "in_shift", "out_scale",
-                               "out_shift"))
-        grads["residual"] = gr
+        grads = {"residual": gr}
         a = out_scale.to(acc) if out_scale is not None else None
         if needs["weight"]:
             gw = gw_eff.to(acc)
             grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
                 weight.dtype)
         if needs["out_scale"] and out_scale is not None:
+            # Σ_{c_in,k} dL/dW'·W = Σ dL/du·z: exact for the folded form (an eval-mode BN
+            # folds its running mean into out_shift, so z here is not centered).
             ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
             if bias is not None:
                 ga = ga + gb_eff * bias.to(acc)
@@ -183,18 +198,18 @@ class ReferenceBackend(Backend):
         if needs["bias"] and bias is not None:
             grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
         if need_p:
-            grads["x"], grads["in_scale"], grads["in_shift"] = _prologue_backward(
-                gp, x, s["in_scale"], s["in_shift"], s["act_in"], needs["x"],
-                needs["in_scale"], needs["in_shift"])
+            (grads["x"], grads["in_center"], grads["in_scale"],
+             grads["in_shift"]) = _prologue_backward(gp, x, s["in_center"], s["in_scale"],
+                                                     s["in_shift"], s["act_in"], needs)
         return grads
 
     # ---- conv_bn_stats: z = conv(prologue(x)), with the batch statistics of z -------------
     def conv_bn_stats_forward(self, x, weight, bias, stride, padding, dilation, groups,
-                              in_scale, in_shift, act_in):
+                              in_center, in_scale, in_shift, act_in):
         """Returns (z, mean, var): z in x.dtype and x's memory format; mean and biased var
         per output channel in the acc dtype (zeros for an empty batch)."""
         fmt = memory_format_of(x)
-        p = prologue(x, in_scale, in_shift, act_in)
+        p = prologue(x, in_center, in_scale, in_shift, act_in)
         z = _conv(p, weight, bias, stride, padding, dilation, groups).contiguous(
             memory_format=fmt)
         mean, var = self.channel_stats_forward(z)
@@ -204,18 +219,17 @@ class ReferenceBackend(Backend):
         s = saved
         x, weight, bias = s["x"], s["weight"], s["bias"]
         gz_total = _stats_backward_into(gz, gmean, gvar, s["z"], s["mean"])
-        p = prologue(x, s["in_scale"], s["in_shift"], s["act_in"])
-        need_p = needs["x"] or needs["in_scale"] or needs["in_shift"]
+        p = prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
+        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
         gp, gw, gb = _conv_backward(gz_total.to(x.dtype), p, weight, bias is not None,
                                     s["stride"], s["padding"], s["dilation"], s["groups"],
                                     need_p, needs["weight"])
         grads = {"weight": gw if needs["weight"] else None,
-                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None,
-                 "x": None, "in_scale": None, "in_shift": None}
+                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None}
         if need_p:
-            grads["x"], grads["in_scale"], grads["in_shift"] = _prologue_backward(
-                gp, x, s["in_scale"], s["in_shift"], s["act_in"], needs["x"],
-                needs["in_scale"], needs["in_shift"])
+            (grads["x"], grads["in_center"], grads["in_scale"],
+             grads["in_shift"]) = _prologue_backward(gp, x, s["in_center"], s["in_scale"],
+                                                     s["in_shift"], s["act_in"], needs)
         return grads
 
     # ---- channel_stats: per-channel mean and biased variance ------------------------------
@@ -225,47 +239,33 @@ class ReferenceBackend(Backend):
         if x.numel() == 0:
             zeros = x.new_zeros(c, dtype=acc)
             return zeros, zeros.clone()
-        xa = x.to(acc)
-        var, mean = torch.var_mean(xa, dim=(0, 2, 3), correction=0)
+        var, mean = torch.var_mean(x.to(acc), dim=(0, 2, 3), correction=0)
         return mean, var
 
     def channel_stats_backward(self, gmean, gvar, x, mean):
         return _stats_backward_into(None, gmean, gvar, x, mean).to(x.dtype)
 
-    # ---- epilogue: y = tail(z * scale + shift) -------------------------------------------
-    def epilogue_forward(self, z, scale, shift, act_mid, residual, res_scale, branch_scale,
-                         act_out):
+    # ---- epilogue: y = tail((z - center) * scale + shift) ---------------------------------
+    def epilogue_forward(self, z, center, scale, shift, act_mid, residual, res_scale,
+                         branch_scale, act_out):
         fmt = memory_format_of(z)
-        u = _affine(z, scale, shift)
+        u = _affine(z, center, scale, shift)
         y = _tail(u, act_mid, residual, res_scale, branch_scale, act_out)
         return y.to(z.dtype).contiguous(memory_format=fmt)
 
     def epilogue_backward(self, gy, saved, needs):
         s = saved
-        z, scale, shift = s["z"], s["scale"], s["shift"]
-        u = _affine(z, scale, shift) if s["act_mid"] == "relu" else None
+        z, center, scale, shift = s["z"], s["center"], s["scale"], s["shift"]
         acc = acc_dtype(z.dtype)
-        gu, gr = _tail_backward(gy, acc, u, s["y"], s["act_mid"],
-                                s["res_scale"], s["branch_scale"], s["act_out"],
-                                s["residual_dtype"], needs["residual"])
-        grads = {"residual": gr, "z": None, "scale": None, "shift": None}
-        if needs["z"]:
-            grads["z"] = (gu * _ch(scale.to(acc)) if scale is not None else gu).to(z.dtype)
-        if needs["scale"] and scale is not None:
-            grads["scale"] = (gu * z.to(acc)).sum((0, 2, 3)).to(scale.dtype)
-        if needs["shift"] and shift is not None:
-            grads["shift"] = gu.sum((0, 2, 3)).to(shift.dtype)
+        u = _affine(z, center, scale, shift) if s["act_mid"] == "relu" else None
+        gu, gr = _tail_backward(gy, acc, u, s["y"], s["act_mid"], s["res_scale"],
+                                s["branch_scale"], s["act_out"], s["residual_dtype"],
+                                needs["residual"])
+        grads = {"residual": gr}
+        grads["z"], grads["center"], grads["scale"], grads["shift"] = _affine_backward(
+            gu, z, center, scale, shift, needs["z"], needs["center"], needs["scale"],
+            needs["shift"])
         return grads
-
-
-def _affine(z, scale, shift):
-    acc = acc_dtype(z.dtype)
-    u = z.to(acc)
-    if scale is not None:
-        u = u * _ch(scale.to(acc))
-    if shift is not None:
-        u = u + _ch(shift.to(acc))
-    return u
 
 
 def _stats_backward_into(gz, gmean, gvar, z, mean):
@@ -275,8 +275,10 @@ def _stats_backward_into(gz, gmean, gvar, z, mean):
     g = gz.to(acc) if gz is not None else torch.zeros_like(z, dtype=acc)
     if m == 0:
         return g
+    # Divide tensors by the integer count: a Python float derived from a symbolic size trips
+    # torch.compile's scalar tensorification under dynamic shapes.
     if gmean is not None:
         g = g + _ch(gmean.to(acc)) / m
     if gvar is not None:
-        g = g + _ch(gvar.to(acc)) * (2.0 / m) * (z.to(acc) - _ch(mean.to(acc)))
+        g = g + (_ch(gvar.to(acc)) * 2) * (z.to(acc) - _ch(mean.to(acc))) / m
     return g

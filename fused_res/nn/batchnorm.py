@@ -3,6 +3,8 @@ statistics, and the running-statistics update, exactly as nn.BatchNorm2d does th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -19,22 +21,37 @@ def _acc(bn: nn.BatchNorm2d, like: Tensor) -> torch.dtype:
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
-def affine_from_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """(scale, shift) with bn(z) == z * scale + shift for per-channel mean and biased var.
+@dataclass
+class ChannelAffine:
+    """value = (t - center) * scale + shift per channel (float32, or float64 for float64)."""
+
+    center: Tensor | None
+    scale: Tensor | None
+    shift: Tensor | None
+
+    def folded(self) -> tuple[Tensor | None, Tensor | None]:
+        """(scale, shift') with t * scale + shift' == the same value (for folding into a conv).
+        """
+        if self.center is None:
+            return self.scale, self.shift
+        shift = -self.center * self.scale
+        return self.scale, shift if self.shift is None else shift + self.shift
+
+
+def affine_from_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> ChannelAffine:
+    """bn(z) as (z - mean) * scale + shift for per-channel mean and biased var.
     Differentiable in mean, var, weight and bias."""
     acc = _acc(bn, mean)
     scale = torch.rsqrt(var.to(acc) + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(acc)
-    shift = -mean.to(acc) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(acc)
-    return scale, shift
+    shift = bn.bias.to(acc) if bn.bias is not None else None
+    return ChannelAffine(mean.to(acc), scale, shift)
 
 
-def running_affine(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of bn in eval mode: its running statistics folded with its affine.
-    Recomputed from the live buffers and parameters each call, so never stale."""
+def running_affine(bn: nn.BatchNorm2d, like: Tensor) -> ChannelAffine:
+    """bn in eval mode: its running statistics with its affine. Recomputed from the live
+    buffers and parameters each call, so a fold into the conv is never stale."""
     acc = _acc(bn, like)
     return affine_from_stats(bn, bn.running_mean.to(acc), bn.running_var.to(acc))
 
@@ -65,17 +82,17 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
 
 
-def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape) -> tuple[Tensor, Tensor]:
-    """(scale, shift) from batch statistics of a tensor of `shape`, updating bn's running
-    statistics as nn.BatchNorm2d does."""
+def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape) -> ChannelAffine:
+    """bn with the batch statistics of a tensor of `shape`, updating bn's running statistics
+    as nn.BatchNorm2d does."""
     count = shape[0] * shape[2] * shape[3]
     check_batch_size(bn, count, shape)
     update_running_stats(bn, mean, var, count)
     return affine_from_stats(bn, mean, var)
 
 
-def input_affine(bn: nn.BatchNorm2d, x: Tensor, backend: str | None) -> tuple[Tensor, Tensor]:
-    """(scale, shift) of bn applied to x itself (a pre-activation BN of a block input)."""
+def input_affine(bn: nn.BatchNorm2d, x: Tensor, backend: str | None) -> ChannelAffine:
+    """bn applied to x itself (a pre-activation BN of a block input)."""
     if uses_batch_stats(bn):
         mean, var = ops.channel_stats(x, backend=backend)
         return batch_affine(bn, mean, var, x.shape)

@@ -20,7 +20,7 @@ from .. import ops
 from ..models import imagenet
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .plan import BlockPlan, ShortcutPlan, shortcut_plan
-from .unit import Pending, materialize, run_unit
+from .unit import RELU_ONLY, Pending, materialize, run_unit
 
 
 class DropPath(nn.Module):
@@ -120,10 +120,9 @@ class FusedResidualBlock(nn.Module):
         plan, backend = self.plan, self.backend
         pending: Pending | None = None
         if plan.pre_norm is not None:
-            scale, shift = input_affine(self._get(plan.pre_norm), x, backend)
-            pending = Pending(scale, shift, "relu")
+            pending = Pending(input_affine(self._get(plan.pre_norm), x, backend), "relu")
         elif plan.pre_act:
-            pending = Pending(None, None, "relu")
+            pending = Pending(RELU_ONLY, "relu")
 
         h, r = x, None
         if plan.residual:
@@ -161,11 +160,11 @@ class FusedResidualBlock(nn.Module):
         pn = self._get(plan.post_norm)
         if uses_batch_stats(pn):
             mean, var = ops.channel_stats(w, backend=backend)
-            scale, shift = batch_affine(pn, mean, var, w.shape)
+            aff = batch_affine(pn, mean, var, w.shape)
         else:
-            scale, shift = running_affine(pn, w)
-        return ops.epilogue(w, scale, shift, act_mid="relu" if plan.act_out else "none",
-                            backend=backend)
+            aff = running_affine(pn, w)
+        return ops.epilogue(w, aff.scale, aff.shift, center=aff.center,
+                            act_mid="relu" if plan.act_out else "none", backend=backend)
 
     def forward_shortcut_only(self, x: Tensor) -> Tensor:
         """The block with its residual branch removed (Veit et al. 2016 lesion); eager ops."""

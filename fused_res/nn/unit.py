@@ -8,21 +8,25 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .. import ops
-from .batchnorm import batch_affine, running_affine, uses_batch_stats
+from .batchnorm import ChannelAffine, batch_affine, running_affine, uses_batch_stats
 
 
 @dataclass
 class Pending:
-    """An affine + activation not yet applied to a tensor: value = act(t * scale + shift).
+    """An affine + activation not yet applied to a tensor: value = act(affine(t)).
     In training, a BN's batch statistics exist only after its conv has run, so the next conv
     applies it in its prologue instead of a separate pass."""
 
-    scale: Tensor | None
-    shift: Tensor | None
+    affine: ChannelAffine
     act: str
 
     def as_prologue(self) -> dict:
-        return {"in_scale": self.scale, "in_shift": self.shift, "act_in": self.act}
+        a = self.affine
+        return {"in_center": a.center, "in_scale": a.scale, "in_shift": a.shift,
+                "act_in": self.act}
+
+
+RELU_ONLY = ChannelAffine(None, None, None)
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:
@@ -34,7 +38,9 @@ def materialize(t: Tensor, pending: Pending | None, backend: str | None) -> Tens
     """Apply a pending affine + act to t in one pass (identity when nothing is pending)."""
     if pending is None:
         return t
-    return ops.epilogue(t, pending.scale, pending.shift, act_mid=pending.act, backend=backend)
+    a = pending.affine
+    return ops.epilogue(t, a.scale, a.shift, center=a.center, act_mid=pending.act,
+                        backend=backend)
 
 
 def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
@@ -56,11 +62,12 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
     if uses_batch_stats(bn):
         z, mean, var = ops.conv_bn_stats(h, conv.weight, conv.bias, **kw, **prologue,
                                          backend=backend)
-        scale, shift = batch_affine(bn, mean, var, z.shape)
+        aff = batch_affine(bn, mean, var, z.shape)
         if defer and not tail:
-            return z, Pending(scale, shift, act_mid)
-        return ops.epilogue(z, scale, shift, act_mid=act_mid, backend=backend, **tail), None
-    scale, shift = running_affine(bn, h)
+            return z, Pending(aff, act_mid)
+        return ops.epilogue(z, aff.scale, aff.shift, center=aff.center, act_mid=act_mid,
+                            backend=backend, **tail), None
+    scale, shift = running_affine(bn, h).folded()
     y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, out_scale=scale,
                       out_shift=shift, act_mid=act_mid, backend=backend, **tail)
     return y, None

@@ -78,8 +78,8 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t.to(dtype)
 
 
-def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift,
-                  act_in):
+def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                  in_shift, act_in):
     _check_feature_map("x", x)
     _check_feature_map("weight", weight, "(C_out, C_in / groups, KH, KW)")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
@@ -96,9 +96,11 @@ def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_scale, 
     dilation = _pair("dilation", dilation, 1)
     _check_act("act_in", act_in)
     _check_vector("bias", bias, c_out, "output channel")
+    _check_vector("in_center", in_center, c_in, "input channel")
     _check_vector("in_scale", in_scale, c_in, "input channel")
     _check_vector("in_shift", in_shift, c_in, "input channel")
-    _check_same_device(x, weight=weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
+    _check_same_device(x, weight=weight, bias=bias, in_center=in_center, in_scale=in_scale,
+                       in_shift=in_shift)
     for i, k in enumerate(("H", "W")):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < span:
@@ -139,15 +141,16 @@ def _prepare_tail(out_shape, n, device, dtype, residual, res_scale, branch_scale
 
 
 def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1, padding=0,
-              dilation=1, groups: int = 1, in_scale: Tensor | None = None,
-              in_shift: Tensor | None = None, act_in: str = "none",
-              out_scale: Tensor | None = None, out_shift: Tensor | None = None,
+              dilation=1, groups: int = 1, in_center: Tensor | None = None,
+              in_scale: Tensor | None = None, in_shift: Tensor | None = None,
+              act_in: str = "none", out_scale: Tensor | None = None,
+              out_shift: Tensor | None = None,
               act_mid: str = "none", residual: Tensor | None = None, res_scale: float = 1.0,
               branch_scale: Tensor | None = None, act_out: str = "none",
               backend: str | None = None) -> Tensor:
     """The whole conv unit in one op (DESIGN.md §2):
 
-        p = act_in(x * in_scale + in_shift)          per input channel (C_in,)
+        p = act_in((x - in_center) * in_scale + in_shift)     per input channel (C_in,)
         u = conv2d(p, weight, bias) * out_scale + out_shift   per output channel (C_out,)
         y = act_out(branch_scale * act_mid(u) + res_scale * residual)
 
@@ -157,7 +160,8 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1
     tensor argument but branch_scale.
     """
     x, weight, bias, stride, padding, dilation = _prepare_conv(
-        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in)
+        x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
+        act_in)
     c_out = weight.shape[0]
     _check_vector("out_scale", out_scale, c_out, "output channel")
     _check_vector("out_shift", out_shift, c_out, "output channel")
@@ -167,25 +171,28 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1
                                         x.dtype, residual, res_scale, branch_scale, act_mid,
                                         act_out)
     name = resolve(backend, x, weight, groups, tuple(dilation))
-    y, _ = library.conv_unit(x, weight, bias, stride, padding, dilation, groups, in_scale,
-                             in_shift, act_in, out_scale, out_shift, act_mid, residual,
+    y, _ = library.conv_unit(x, weight, bias, stride, padding, dilation, groups, in_center,
+                             in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
                              res_scale, branch_scale, act_out, name)
     return y
 
 
 def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1,
-                  padding=0, dilation=1, groups: int = 1, in_scale: Tensor | None = None,
-                  in_shift: Tensor | None = None, act_in: str = "none",
+                  padding=0, dilation=1, groups: int = 1, in_center: Tensor | None = None,
+                  in_scale: Tensor | None = None, in_shift: Tensor | None = None,
+                  act_in: str = "none",
                   backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """z = conv2d(act_in(x * in_scale + in_shift), weight, bias) and the batch statistics of z:
+    """z = conv2d(act_in((x - in_center) * in_scale + in_shift), weight, bias) and the batch
+    statistics of z:
     returns (z, mean, var) with z (N, C_out, OH, OW) in x's dtype and memory format, mean and
     biased var (C_out,) in float32 (float64 for float64 input; zeros for an empty batch).
     Gradients flow through all three outputs, so BatchNorm's backward follows by autograd."""
     x, weight, bias, stride, padding, dilation = _prepare_conv(
-        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in)
+        x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
+        act_in)
     name = resolve(backend, x, weight, groups, tuple(dilation))
-    return library.conv_bn_stats(x, weight, bias, stride, padding, dilation, groups, in_scale,
-                                 in_shift, act_in, name)
+    return library.conv_bn_stats(x, weight, bias, stride, padding, dilation, groups, in_center,
+                                 in_scale, in_shift, act_in, name)
 
 
 def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -198,20 +205,23 @@ def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Ten
 
 
 def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, *,
-             act_mid: str = "none", residual: Tensor | None = None, res_scale: float = 1.0,
+             center: Tensor | None = None, act_mid: str = "none",
+             residual: Tensor | None = None, res_scale: float = 1.0,
              branch_scale: Tensor | None = None, act_out: str = "none",
              backend: str | None = None) -> Tensor:
-    """y = act_out(branch_scale * act_mid(z * scale + shift) + res_scale * residual): the
+    """y = act_out(branch_scale * act_mid((z - center) * scale + shift) + res_scale * residual):
+    the
     apply step of a unit (BatchNorm affine, activation, residual add, activation) in one pass.
     z (N, C, H, W); scale, shift (C,); residual like z; branch_scale (N,). Returns y like z."""
     _check_feature_map("z", z)
     c = z.shape[1]
+    _check_vector("center", center, c, "channel")
     _check_vector("scale", scale, c, "channel")
     _check_vector("shift", shift, c, "channel")
-    _check_same_device(z, scale=scale, shift=shift)
+    _check_same_device(z, center=center, scale=scale, shift=shift)
     dt = _autocast_dtype(z)
     z = _cast(z, dt)
     residual, res_scale = _prepare_tail(z.shape, z.shape[0], z.device, z.dtype, residual,
                                         res_scale, branch_scale, act_mid, act_out)
-    return library.epilogue(z, scale, shift, act_mid, residual, res_scale, branch_scale,
-                            act_out, resolve(backend, z))
+    return library.epilogue(z, center, scale, shift, act_mid, residual, res_scale,
+                            branch_scale, act_out, resolve(backend, z))

@@ -1,10 +1,13 @@
 """The conv-unit ops as torch.library custom ops: schema, fake (meta) and autograd, in one place.
 
-    fused_res::conv_unit      y = act_out(d * act_mid(conv(act_in(x*a_in+b_in)) * a_out + b_out)
-                                          + λ * r)          (eval: BN folded; one pass)
-    fused_res::conv_bn_stats  z = conv(act_in(x*a_in+b_in)), mean and biased var of z per channel
+    fused_res::conv_unit      y = act_out(d * act_mid(conv(act_in((x-c_in)*a_in+b_in)) * a_out
+                                                  + b_out) + λ * r)   (eval: BN folded; one pass)
+    fused_res::conv_bn_stats  z = conv(act_in((x-c_in)*a_in+b_in)), mean and biased var of z
     fused_res::channel_stats  mean and biased var of x per channel
-    fused_res::epilogue       y = act_out(d * act_mid(z*a+b) + λ * r)
+    fused_res::epilogue       y = act_out(d * act_mid((z-c)*a+b) + λ * r)
+
+A BatchNorm in training passes its batch mean as the center c (rather than folding it into
+b): the gradient of a is then Σ g·(z - c), which does not cancel when |mean| >> std.
 
 Each op takes the name of a concrete backend and runs that backend's implementation; the
 backward, written here once, calls the same backend's backward. Callers go through
@@ -43,31 +46,32 @@ def _vec(x: Tensor, c: int) -> Tensor:
 
 @torch.library.custom_op("fused_res::conv_unit", mutates_args=())
 def conv_unit(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
-              dilation: list[int], groups: int, in_scale: Vec, in_shift: Vec, act_in: str,
-              out_scale: Vec, out_shift: Vec, act_mid: str, residual: Vec, res_scale: float,
-              branch_scale: Vec, act_out: str, backend: str) -> tuple[Tensor, Tensor]:
+              dilation: list[int], groups: int, in_center: Vec, in_scale: Vec, in_shift: Vec,
+              act_in: str, out_scale: Vec, out_shift: Vec, act_mid: str, residual: Vec,
+              res_scale: float, branch_scale: Vec, act_out: str,
+              backend: str) -> tuple[Tensor, Tensor]:
     """Returns (y, u); u (the conv output before act_mid) is empty unless act_mid == 'relu'."""
     y, u = get_backend_object(backend).conv_unit_forward(
-        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in,
-        out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out)
+        x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
+        act_in, out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out)
     if act_mid != "relu":
         return y, x.new_empty((0,))
     return y, u.contiguous(memory_format=memory_format_of(x))
 
 
 @conv_unit.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in,
+def _(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift, act_in,
       out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out, backend):
     y = _conv_out_like(x, weight, stride, padding, dilation)
     u = torch.empty_like(y) if act_mid == "relu" else x.new_empty((0,))
     return y, u
 
 
-_UNIT_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "in_scale",
-              "in_shift", "act_in", "out_scale", "out_shift", "act_mid", "residual",
+_UNIT_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "in_center",
+              "in_scale", "in_shift", "act_in", "out_scale", "out_shift", "act_mid", "residual",
               "res_scale", "branch_scale", "act_out", "backend")
-_UNIT_TENSORS = ("x", "weight", "bias", "in_scale", "in_shift", "out_scale", "out_shift",
-                 "branch_scale")
+_UNIT_TENSORS = ("x", "weight", "bias", "in_center", "in_scale", "in_shift", "out_scale",
+                 "out_shift", "branch_scale")
 
 
 def _unit_setup(ctx, inputs, output):
@@ -97,22 +101,24 @@ conv_unit.register_autograd(_unit_backward, setup_context=_unit_setup)
 
 @torch.library.custom_op("fused_res::conv_bn_stats", mutates_args=())
 def conv_bn_stats(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int, in_scale: Vec, in_shift: Vec, act_in: str,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                  dilation: list[int], groups: int, in_center: Vec, in_scale: Vec,
+                  in_shift: Vec, act_in: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     z, mean, var = get_backend_object(backend).conv_bn_stats_forward(
-        x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in)
+        x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
+        act_in)
     return z, mean, var
 
 
 @conv_bn_stats.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, in_scale, in_shift, act_in, backend):
+def _(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift, act_in,
+      backend):
     z = _conv_out_like(x, weight, stride, padding, dilation)
     return z, _vec(x, weight.shape[0]), _vec(x, weight.shape[0])
 
 
-_STATS_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "in_scale",
-               "in_shift", "act_in", "backend")
-_STATS_TENSORS = ("x", "weight", "bias", "in_scale", "in_shift")
+_STATS_ARGS = ("x", "weight", "bias", "stride", "padding", "dilation", "groups", "in_center",
+               "in_scale", "in_shift", "act_in", "backend")
+_STATS_TENSORS = ("x", "weight", "bias", "in_center", "in_scale", "in_shift")
 
 
 def _stats_setup(ctx, inputs, output):
@@ -166,24 +172,25 @@ channel_stats.register_autograd(_channel_stats_backward, setup_context=_channel_
 # ---- epilogue ---------------------------------------------------------------------------
 
 @torch.library.custom_op("fused_res::epilogue", mutates_args=())
-def epilogue(z: Tensor, scale: Vec, shift: Vec, act_mid: str, residual: Vec, res_scale: float,
-             branch_scale: Vec, act_out: str, backend: str) -> Tensor:
+def epilogue(z: Tensor, center: Vec, scale: Vec, shift: Vec, act_mid: str, residual: Vec,
+             res_scale: float, branch_scale: Vec, act_out: str, backend: str) -> Tensor:
     return get_backend_object(backend).epilogue_forward(
-        z, scale, shift, act_mid, residual, res_scale, branch_scale, act_out)
+        z, center, scale, shift, act_mid, residual, res_scale, branch_scale, act_out)
 
 
 @epilogue.register_fake
-def _(z, scale, shift, act_mid, residual, res_scale, branch_scale, act_out, backend):
+def _(z, center, scale, shift, act_mid, residual, res_scale, branch_scale, act_out, backend):
     return torch.empty_like(z, memory_format=memory_format_of(z))
 
 
-_EPI_ARGS = ("z", "scale", "shift", "act_mid", "residual", "res_scale", "branch_scale",
+_EPI_ARGS = ("z", "center", "scale", "shift", "act_mid", "residual", "res_scale", "branch_scale",
              "act_out", "backend")
 
 
 def _epilogue_setup(ctx, inputs, output):
     args = dict(zip(_EPI_ARGS, inputs, strict=True))
-    ctx.save_for_backward(args["z"], args["scale"], args["shift"], args["branch_scale"],
+    ctx.save_for_backward(args["z"], args["center"], args["scale"], args["shift"],
+                          args["branch_scale"],
                           output if args["act_out"] == "relu" else None)
     r = args["residual"]
     ctx.meta = {k: args[k] for k in ("act_mid", "res_scale", "act_out", "backend")}
@@ -191,7 +198,7 @@ def _epilogue_setup(ctx, inputs, output):
 
 
 def _epilogue_backward(ctx, gy):
-    saved = dict(zip(("z", "scale", "shift", "branch_scale", "y"), ctx.saved_tensors,
+    saved = dict(zip(("z", "center", "scale", "shift", "branch_scale", "y"), ctx.saved_tensors,
                      strict=True))
     saved.update(ctx.meta)
     needs = dict(zip(_EPI_ARGS, ctx.needs_input_grad, strict=True))

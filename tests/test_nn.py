@@ -1,0 +1,153 @@
+"""Fused modules against nn.Conv2d + nn.BatchNorm2d, with every BatchNorm option."""
+
+import copy
+
+import pytest
+import torch
+from helpers import randomize_bn
+from torch import nn
+
+import fused_res.nn as fnn
+from fused_res import models
+from fused_res.testing import rel_err
+
+D = torch.float64
+
+
+def _reference_unit(unit: fnn.ConvBNAct2d) -> nn.Module:
+    layers = [copy.deepcopy(unit.conv), copy.deepcopy(unit.bn)]
+    if unit.act == "relu":
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+BN_OPTIONS = [dict(), dict(momentum=None), dict(momentum=0.3), dict(affine=False),
+              dict(track_running_stats=False), dict(eps=1e-3)]
+
+
+@pytest.mark.parametrize("bn_kwargs", BN_OPTIONS)
+@pytest.mark.parametrize("act", ["relu", "none"])
+def test_conv_bn_act_matches_modules_over_several_steps(bn_kwargs, act):
+    torch.manual_seed(0)
+    unit = fnn.ConvBNAct2d(4, 6, 3, stride=2, act=act,
+                           norm_layer=lambda c: nn.BatchNorm2d(c, **bn_kwargs)).double()
+    randomize_bn(unit)
+    ref = _reference_unit(unit)
+    for step in range(3):
+        x = torch.randn(3, 4, 9, 9, dtype=D, requires_grad=True)
+        xr = x.detach().clone().requires_grad_()
+        for m in (unit, ref):
+            m.train(step < 2)
+        y, yr = unit(x), ref(xr)
+        assert rel_err(y, yr) < 1e-12, step
+        g = torch.randn_like(y)
+        y.backward(g)
+        yr.backward(g)
+        assert rel_err(x.grad, xr.grad) < 1e-10
+        for p, q in zip(unit.parameters(), ref.parameters(), strict=True):
+            assert rel_err(p.grad, q.grad) < 1e-10
+    for (k, a), (_, b) in zip(unit.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b) if a.dtype == torch.long else rel_err(a, b) < 1e-12, k
+
+
+def test_batch_of_one_value_per_channel_raises_like_batchnorm():
+    unit = fnn.ConvBNAct2d(3, 4, 1).train()
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        unit(torch.randn(1, 3, 1, 1))
+
+
+def test_empty_batch_counts_but_does_not_move_running_stats():
+    unit = fnn.ConvBNAct2d(3, 4, 3).train()
+    randomize_bn(unit)
+    before = copy.deepcopy(unit.bn.state_dict())
+    y = unit(torch.randn(0, 3, 5, 5))
+    assert y.shape == (0, 4, 5, 5)
+    assert torch.equal(unit.bn.running_mean, before["running_mean"])
+    assert unit.bn.num_batches_tracked.item() == before["num_batches_tracked"].item() + 1
+
+
+def test_eval_folding_is_never_stale():
+    """Eval output follows an optimizer step and load_state_dict immediately."""
+    torch.manual_seed(0)
+    block = fnn.BasicBlock(8, 8).double().eval()
+    randomize_bn(block)
+    ref = models.BasicBlock(8, 8).double().eval()
+    x = torch.randn(2, 8, 6, 6, dtype=D)
+    opt = torch.optim.SGD(block.parameters(), lr=0.5)
+    block(x).square().sum().backward()
+    opt.step()
+    ref.load_state_dict(block.state_dict())
+    assert rel_err(block(x), ref(x)) < 1e-12
+    state = {k: v + 0.1 if v.is_floating_point() else v for k, v in block.state_dict().items()}
+    block.load_state_dict(state)
+    ref.load_state_dict(state)
+    assert rel_err(block(x), ref(x)) < 1e-12
+
+
+@pytest.mark.parametrize("cls,ref_cls,planes", [(fnn.BasicBlock, models.BasicBlock, 16),
+                                                (fnn.Bottleneck, models.Bottleneck, 4)])
+def test_post_act_blocks_match_reference_blocks(cls, ref_cls, planes):
+    torch.manual_seed(0)
+    ds = nn.Sequential(nn.Conv2d(8, planes * cls.expansion, 1, 2, bias=False),
+                       nn.BatchNorm2d(planes * cls.expansion))
+    block = cls(8, planes, 2, ds).double()
+    randomize_bn(block)
+    ref = ref_cls(8, planes, 2, copy.deepcopy(ds)).double()
+    ref.load_state_dict(block.state_dict())
+    assert list(block.state_dict()) == list(ref.state_dict())
+    for train in (True, False):
+        block.train(train)
+        ref.train(train)
+        x = torch.randn(3, 8, 9, 9, dtype=D)
+        assert rel_err(block(x), ref(x)) < 1e-12
+
+
+def _preact_reference(block, x):
+    """He et al. 2016 (e), written out with the block's own modules."""
+    relu = torch.relu
+    p = relu(block.bn1(x))
+    r = block.downsample(p) if block.downsample is not None else x
+    h = block.conv1(p)
+    for k in range(2, block.n_convs + 1):
+        h = getattr(block, f"conv{k}")(relu(getattr(block, f"bn{k}")(h)))
+    return h + block.shortcut_scale * r
+
+
+@pytest.mark.parametrize("cls,planes", [(fnn.PreActBasicBlock, 8), (fnn.PreActBottleneck, 4)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_preact_blocks_match_written_out_unit(cls, planes, stride):
+    torch.manual_seed(0)
+    block = cls(8, planes, stride, shortcut_scale=0.5).double()
+    randomize_bn(block)
+    twin = copy.deepcopy(block)
+    for train in (True, False):
+        block.train(train)
+        twin.train(train)
+        x = torch.randn(3, 8, 9, 9, dtype=D)
+        assert rel_err(block(x), _preact_reference(twin, x)) < 1e-12
+    for a, b in zip(block.buffers(), twin.buffers(), strict=True):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_drop_path_scales_the_branch_per_sample():
+    torch.manual_seed(0)
+    block = fnn.BasicBlock(8, 8, drop_path=0.5).double().train()
+    twin = models.BasicBlock(8, 8).double().train()
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(16, 8, 5, 5, dtype=D)
+    torch.manual_seed(1)
+    y = block(x)
+    torch.manual_seed(1)
+    keep = torch.empty(16, 1, 1, 1, dtype=D).bernoulli_(0.5) / 0.5
+    branch = twin.bn2(twin.conv2(twin.relu(twin.bn1(twin.conv1(x)))))
+    assert rel_err(y, torch.relu(branch * keep + x)) < 1e-12
+    assert 0 < int((keep == 0).sum()) < 16
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="act"):
+        fnn.ConvBNAct2d(3, 4, act="gelu")
+    with pytest.raises(ValueError, match="drop_prob"):
+        fnn.BasicBlock(8, 8, drop_path=1.5)
+    with pytest.raises(TypeError, match="shortcut_scale"):
+        fnn.BasicBlock(8, 8, shortcut_scale="1")
