@@ -165,11 +165,26 @@ def _recognizers() -> dict[type, Callable[[nn.Module], Recognized | str]]:
     return table
 
 
+def _hooked_child(block: nn.Module) -> str | None:
+    """The first child module that carries hooks: inside a fused block its forward never runs,
+    so its hooks would silently not fire."""
+    for name, m in block.named_modules():
+        if name and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
+                     getattr(m, "_backward_pre_hooks", None)):
+            return name
+    return None
+
+
 def recognize(module: nn.Module) -> Recognized | str | None:
     """(fused class, plan) for a block we can fuse; a reason string for a residual block we
     leave alone; None for a module that is not a residual block we know."""
     fn = _recognizers().get(type(module))
-    return None if fn is None else fn(module)
+    if fn is None:
+        return None
+    hooked = _hooked_child(module)
+    if hooked is not None:
+        return f"hooks on {hooked} would not fire inside a fused block"
+    return fn(module)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

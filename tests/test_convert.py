@@ -202,6 +202,17 @@ def test_sync_batchnorm_is_left_unfused_with_a_reason():
     assert all("SyncBatchNorm" in e.detail for e in entries)
 
 
+def test_blocks_with_hooked_children_are_left_unfused():
+    model = torchvision.models.resnet18()
+    seen = []
+    model.layer2[1].bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    fused = fused_res.convert(model)
+    entry = {e.name: e for e in fused_res.report(fused)}["layer2.1"]
+    assert not entry.fused and "hooks on bn1" in entry.detail
+    fused.eval()(torch.randn(1, 3, 32, 32))
+    assert len(seen) == 1
+
+
 def test_unsupported_activation_is_left_unfused():
     model = timm.create_model("resnet18", act_layer=nn.SiLU)
     entries = fused_res.report(fused_res.convert(model))
