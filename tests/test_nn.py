@@ -151,3 +151,9 @@ def test_constructor_validation():
         fnn.BasicBlock(8, 8, drop_path=1.5)
     with pytest.raises(TypeError, match="shortcut_scale"):
         fnn.BasicBlock(8, 8, shortcut_scale="1")
+
+
+def test_sync_batchnorm_swapped_in_after_construction_is_refused():
+    block = nn.SyncBatchNorm.convert_sync_batchnorm(fnn.BasicBlock(8, 8)).eval()
+    with pytest.raises(TypeError, match="SyncBatchNorm"):
+        block(torch.randn(2, 8, 4, 4))

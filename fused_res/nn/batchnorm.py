@@ -38,9 +38,19 @@ class ChannelAffine:
         return self.scale, shift if self.shift is None else shift + self.shift
 
 
+def check_norm(bn: nn.Module) -> None:
+    """Fused blocks compute BatchNorm statistics locally; a SyncBatchNorm (or any other norm)
+    put into one after conversion would be silently wrong, so refuse it."""
+    if isinstance(bn, nn.SyncBatchNorm) or not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"a fused block holds {type(bn).__name__}; accepted: nn.BatchNorm2d "
+                        "(revert() the model and convert() it again: SyncBatchNorm blocks are "
+                        "left unfused)")
+
+
 def affine_from_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> ChannelAffine:
     """bn(z) as (z - mean) * scale + shift for per-channel mean and biased var.
     Differentiable in mean, var, weight and bias."""
+    check_norm(bn)
     acc = _acc(bn, mean)
     scale = torch.rsqrt(var.to(acc) + bn.eps)
     if bn.weight is not None:
