@@ -7,31 +7,7 @@ import time
 import torch
 
 from . import models
-
-
-def flops_per_image(model: torch.nn.Module, image_size: int) -> int:
-    """Forward FLOPs (2 per multiply-add) of every conv and linear layer, from a shape trace."""
-    total = 0
-
-    def conv_hook(m, inp, out):
-        nonlocal total
-        k = m.weight[0].numel()  # C_in/groups * KH * KW
-        total += 2 * out[0].numel() * k
-
-    def fc_hook(m, inp, out):
-        nonlocal total
-        total += 2 * m.in_features * m.out_features
-
-    hooks = [m.register_forward_hook(conv_hook if isinstance(m, torch.nn.Conv2d) else fc_hook)
-             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, image_size, image_size,
-                                     device=next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return total
+from .bench.roofline import flops_per_image
 
 
 def run_demo(model_name: str = "resnet50", batch: int | None = None, device: str | None = None,

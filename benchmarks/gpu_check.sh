@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command (DESIGN.md §5), for a GPU machine with no package
+# registry: environment report, offline build, `pytest -m gpu`, a short benchmark matrix.
+#
+#   bash benchmarks/gpu_check.sh OUTDIR            # on the GPU machine, from anywhere
+#   bash benchmarks/gpu_check.sh OUTDIR --dry-run  # CPU: every step, tiny sizes, no build
+#
+# Writes into OUTDIR (at most 8 files, so that a device sandbox returns them all):
+#   gpu_check.log   every step's command and output      env.txt      versions, nvidia-smi
+#   bench.json      all benchmark runs, merged           summary.md   summary + every table
+#   pytest_gpu.xml  JUnit report of `pytest -m gpu`      bench.png    chart (if matplotlib)
+#   steps.tar.gz    each step's own JSON and markdown
+# Every step is bounded by `timeout` and by the overall budget (FUSED_RES_GPU_CHECK_BUDGET_S,
+# default 450 s, so the whole check ends within 8 minutes); a failed or timed-out step is
+# recorded and the next one runs. Steps run in priority order. The summary table prints last.
+# Environment: PYTHON (default python), FUSED_RES_GPU_CHECK_DRY_RUN=1 (same as --dry-run),
+# FUSED_RES_GPU_CHECK_DRY_MODEL (the workload every dry-run bench step uses; default cifar-l1),
+# FUSED_RES_GPU_CHECK_ONLY=step,step (run only these steps, e.g. env,bench-rn50-eval-b64).
+set -uo pipefail
+
+usage() { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; }
+
+OUT=""
+DRY=${FUSED_RES_GPU_CHECK_DRY_RUN:-0}
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    -h|--help) usage; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $arg; accepted: --dry-run, --help" >&2; exit 2 ;;
+    *) if [ -n "$OUT" ]; then echo "gpu_check.sh: one OUTDIR only (got $OUT and $arg)" >&2
+         exit 2; fi
+       OUT=$arg ;;
+  esac
+done
+if [ -z "$OUT" ]; then usage >&2; exit 2; fi
+
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python}
+BUDGET=${FUSED_RES_GPU_CHECK_BUDGET_S:-450}
+DRY_MODEL=${FUSED_RES_GPU_CHECK_DRY_MODEL:-cifar-l1}
+LOG="$OUT/gpu_check.log"
+STEPS_DIR="$OUT/steps"
+rm -rf "$STEPS_DIR" && mkdir -p "$STEPS_DIR"
+STEPS="$STEPS_DIR/steps.tsv"
+: > "$LOG"
+printf 'step\tstatus\trc\tseconds\tlimit\tcommand\n' > "$STEPS"
+T0=$(date +%s)
+# Offline machine: pip must never wait on an index.
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+
+say() { echo "$*" | tee -a "$LOG"; }
+
+# run_step NAME LIMIT_S CMD...: run CMD under `timeout`, output to the log, record the result.
+run_step() {
+  local name=$1 limit=$2 left start rc status secs cmd
+  shift 2
+  cmd=$(printf '%s ' "$@" | tr '\n\t' '  ' | tr -s ' ' | cut -c1-400)
+  if [ -n "${FUSED_RES_GPU_CHECK_ONLY:-}" ] && [[ ",$FUSED_RES_GPU_CHECK_ONLY," != *",$name,"* ]]; then
+    say "=== $name: skipped (not in FUSED_RES_GPU_CHECK_ONLY)"
+    printf '%s\tskipped\t-\t0\t0\t%s\n' "$name" "$cmd" >> "$STEPS"
+    return 0
+  fi
+  left=$((BUDGET - ($(date +%s) - T0) - 20))  # 20 s kept for the summary
+  if [ "$left" -lt 10 ]; then
+    say "=== $name: out of time (the ${BUDGET}s budget is spent)"
+    printf '%s\tout-of-time\t-\t0\t0\t%s\n' "$name" "$cmd" >> "$STEPS"
+    return 0
+  fi
+  if [ "$limit" -gt "$left" ]; then limit=$left; fi
+  say "=== $name (limit ${limit}s): $cmd"
+  start=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  rc=$?
+  secs=$(($(date +%s) - start))
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status=failed ;;
+  esac
+  say "    -> $status (rc $rc, ${secs}s)"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$secs" "$limit" "$cmd" >> "$STEPS"
+  return 0
+}
+
+# bench NAME LIMIT_S ARGS...: one `python -m fused_res bench` into steps/NAME.{json,md}.
+# A dry run keeps the arguments and appends CPU-sized overrides (argparse: the last wins).
+bench() {
+  local name=$1 limit=$2
+  shift 2
+  local extra=()
+  if [ "$DRY" = 1 ]; then
+    extra=(--device cpu --model "$DRY_MODEL" --batch 1 --dtype fp32 --warmup 1 --repeats 2
+           --rotate 2 --quick --contenders eager,cudnn,fused)
+    local a filtered=()
+    for a in "$@"; do [ "$a" = --cuda-graphs ] || filtered+=("$a"); done
+    set -- "${filtered[@]}"
+  fi
+  run_step "bench-$name" "$limit" "$PY" -m fused_res bench --no-progress "$@" "${extra[@]}" \
+    --json "$STEPS_DIR/$name.json" --markdown "$STEPS_DIR/$name.md"
+}
+
+say "fused_res gpu_check: $(date -u +%FT%TZ), repo $(pwd), out $OUT, dry run: $DRY, budget ${BUDGET}s"
+
+# 1. Environment report.
+run_step env 60 bash -c '{
+  echo "date: $(date -u +%FT%TZ)"; echo "host: $(uname -a)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null), $(git status --porcelain 2>/dev/null | wc -l) changed files"
+  if command -v nvidia-smi >/dev/null; then nvidia-smi
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv
+  else echo "nvidia-smi: not found"; fi
+  if command -v nvcc >/dev/null; then nvcc --version; else echo "nvcc: not found"; fi
+  "$0" -c "import sys, torch; print(\"python\", sys.version.split()[0]); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"cudnn\", torch.backends.cudnn.version(), \"cuda available\", torch.cuda.is_available()); print(\"device\", torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"cpu\")"
+  "$0" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|rich|matplotlib|pytest|fused)" || true
+} > "$1/env.txt" 2>&1; cat "$1/env.txt"' "$PY" "$OUT"
+
+# 2. Offline build against the torch found here.
+if [ "$DRY" = 1 ]; then
+  say "=== build: dry run, not run: $PY -m pip install --no-build-isolation --no-deps -e ."
+  printf 'build\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+else
+  run_step build 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+run_step import 60 "$PY" -c "import fused_res; print(fused_res.__version__); [print(f'{k}: {v}') for k, v in fused_res.available_backends().items()]"
+
+# 3. The GPU tests (bf16 included).
+PYTEST_ARGS=(-m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml")
+if [ "$DRY" = 1 ]; then PYTEST_ARGS+=(tests/test_gpu_smoke.py); fi
+run_step pytest-gpu 150 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+
+# 4. The benchmark matrix, most important first (bf16, channels_last).
+bench rn50-eval-b256 110 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
+  --contenders eager-nchw,eager-cl,compile,cudnn-fused,fused --cuda-graphs
+bench rn50-train-b256 130 --model resnet50 --mode train --dtype bf16 --batch 256 --repeats 20 \
+  --contenders eager-nchw,eager-cl,compile,fused
+bench rn50-eval-b64 45 --model resnet50 --mode eval --dtype bf16 --batch 64 --repeats 30 \
+  --contenders eager,cudnn,fused --cuda-graphs
+bench rn50-train-b64 45 --model resnet50 --mode train --dtype bf16 --batch 64 --repeats 20 \
+  --contenders eager,fused
+bench rn18-eval-b256 60 --model resnet18 --mode eval --dtype bf16 --batch 256 --repeats 30 \
+  --contenders eager,compile,cudnn,fused
+bench blocks-eval 60 --model rn50-blocks,rn18-blocks,cifar-blocks --mode eval --dtype bf16 \
+  --batch 64 --repeats 30 --contenders eager,cudnn,fused --cuda-graphs
+bench blocks-train 60 --model rn50-blocks,rn18-blocks,cifar-blocks --mode train --dtype bf16 \
+  --batch 64 --repeats 20 --contenders eager,fused
+bench units-eval 40 --model rn50-units --mode eval --dtype bf16 --batch 64 --repeats 30 \
+  --contenders eager,cudnn,fused
+bench blocks-compile 90 --model rn50-l1,rn50-l3 --mode eval --dtype bf16 --batch 64 \
+  --repeats 30 --contenders eager-cl,compile,compile-max-autotune,compile-freeze
+
+# 5. Merge, pack, summarize (the summary table is the last thing printed).
+tar -czf "$OUT/steps.tar.gz" -C "$OUT" steps 2>>"$LOG"
+timeout 60 "$PY" benchmarks/summarize.py "$OUT" --steps-dir "$STEPS_DIR" 2>>"$LOG" \
+  | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+rm -rf "$STEPS_DIR"
+exit "$rc"

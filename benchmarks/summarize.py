@@ -1,0 +1,147 @@
+"""Merge a gpu_check.sh run: steps/*.json -> OUTDIR/bench.json, OUTDIR/summary.md (and
+OUTDIR/bench.png where matplotlib is present), and print the short summary table.
+
+Standard library only (the plot excepted), so the summary prints even when the package or
+torch is broken on the machine. Exit status: 0 when every step passed (or was skipped on
+purpose), 1 otherwise.
+
+    python benchmarks/summarize.py OUTDIR [--steps-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import sys
+
+SCHEMA = "fused_res.gpu_check/1"
+
+
+def read_steps(steps_dir: pathlib.Path) -> list[dict]:
+    """steps.tsv (written by gpu_check.sh) as dicts."""
+    path = steps_dir / "steps.tsv"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    keys = lines[0].split("\t")
+    steps = []
+    for line in lines[1:]:
+        vals = line.split("\t", len(keys) - 1)
+        steps.append(dict(zip(keys, vals + [""] * (len(keys) - len(vals)), strict=True)))
+    return steps
+
+
+def read_runs(steps_dir: pathlib.Path) -> dict[str, dict]:
+    runs = {}
+    for path in sorted(steps_dir.glob("*.json")):
+        try:
+            runs[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            runs[path.stem] = {"error": f"unreadable: {e}"}
+    return runs
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_rows(runs: dict[str, dict]) -> list[list[str]]:
+    """One row per (step, workload, batch): eager-cl, best compile, cuDNN and fused-auto."""
+    rows = []
+    for step, run in runs.items():
+        results = run.get("results", [])
+        groups: dict[tuple, list[dict]] = {}
+        for r in results:
+            groups.setdefault((r["workload"], r["batch"]), []).append(r)
+        for (workload, batch), rs in groups.items():
+            ok = {r["contender"]: r for r in rs if r["status"] == "ok"}
+
+            def ips(name, ok=ok):
+                return ok[name]["images_per_s"] if name in ok else None
+            comp = max((r["images_per_s"] for n, r in ok.items() if n.startswith("compile")),
+                       default=None)
+            auto = ok.get("fused-auto")
+            wrong = sum(r["status"] == "wrong" for r in rs)
+            failed = sum(r["status"] == "skipped" and (r["reason"] or "").startswith("failed")
+                         for r in rs)
+            cfg = run.get("config", {})
+            rows.append([step, workload, cfg.get("mode", "?"), cfg.get("dtype", "?"), str(batch),
+                         _fmt(ips("eager-cl"), ",.0f"), _fmt(comp, ",.0f"),
+                         _fmt(ips("cudnn-fused"), ",.0f"), _fmt(ips("fused-auto"), ",.0f"),
+                         _fmt(auto and auto["speedup"], ".2f"),
+                         _fmt(auto and auto["roofline_pct"], ".1f"), str(wrong), str(failed)])
+    return rows
+
+
+HEADER = ["step", "workload", "mode", "dtype", "batch", "eager-cl img/s", "best compile",
+          "cudnn-fused", "fused-auto", "auto speedup", "auto % floor", "wrong", "failed"]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True))
+                     for r in [header, *rows])
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("outdir", type=pathlib.Path)
+    ap.add_argument("--steps-dir", type=pathlib.Path, default=None)
+    args = ap.parse_args(argv)
+    steps_dir = args.steps_dir or args.outdir / "steps"
+    steps, runs = read_steps(steps_dir), read_runs(steps_dir)
+    merged = {"schema": SCHEMA,
+              "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds"),
+              "steps": steps, "runs": runs}
+    (args.outdir / "bench.json").write_text(json.dumps(merged, indent=1) + "\n")
+
+    step_rows = [[s["step"], s["status"], s["rc"], s["seconds"]] for s in steps]
+    rows = summary_rows(runs)
+    env = next((r.get("environment") for r in runs.values() if r.get("environment")), {})
+    device = env.get("device_label", "unknown device")
+    md = [f"# fused_res gpu_check: {device}", "",
+          f"torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+          f"driver {env.get('driver')}, commit {env.get('git_commit')}"
+          f"{' (dirty)' if env.get('git_dirty') else ''}", "", "## Steps", "",
+          md_table(["step", "status", "rc", "seconds"], step_rows), "", "## Summary", "",
+          md_table(HEADER, rows), ""]
+    for step in runs:
+        md_path = steps_dir / f"{step}.md"
+        if md_path.exists():
+            md += [f"## {step}", "", md_path.read_text().replace("\n# ", "\n### ", 1)
+                   .removeprefix("# ").strip(), ""]
+    (args.outdir / "summary.md").write_text("\n".join(md) + "\n")
+
+    try:  # the chart is a bonus: no matplotlib or no package, no chart
+        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+        from fused_res.bench.output import write_plot
+        allres = [r for run in runs.values() for r in run.get("results", [])]
+        first = next((r for r in runs.values() if "config" in r), None)
+        if first is not None:
+            note = write_plot({**first, "results": allres}, args.outdir / "bench.png")
+            if note:
+                print(f"chart: {note}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001
+        print(f"chart: not drawn ({type(e).__name__}: {e})", file=sys.stderr)
+
+    print()
+    print(f"fused_res gpu_check summary ({device}; img/s, bf16 unless the dtype says otherwise)")
+    print(text_table(["step", "status", "rc", "seconds"], step_rows))
+    print()
+    print(text_table(HEADER, rows) if rows else "no benchmark results")
+    bad = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]
+    bad += [f"{r[0]}:{r[1]} wrong={r[11]}" for r in rows if r[11] != "0"]
+    print(f"\nfiles: {args.outdir}; problems: {', '.join(bad) if bad else 'none'}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

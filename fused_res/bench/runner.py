@@ -1,0 +1,293 @@
+"""One benchmark run: for every workload and batch, the reference output first, then every
+contender: build, correctness gate, timing, peak memory, roofline. Returns the JSON-ready
+result (fused_res.bench.schema documents it)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..testing import TOLERANCES, rel_err
+from . import contenders as C
+from .config import TORCH_DTYPE, BenchConfig
+from .env import environment
+from .roofline import Peaks, measure_peaks, trace_costs, work
+from .schema import SCHEMA
+from .timing import (
+    L2Flush,
+    autocast_for,
+    capture_graph,
+    math_mode,
+    rotation_count,
+    summarize,
+    time_loop,
+)
+from .workloads import Workload, calibrate_bn, expand, get_workload
+
+# A contender passes the gate when its error against the reference is within the dtype's
+# DESIGN.md §4 tolerance or within twice the error of eager channels_last at the same
+# precision, whichever is looser: a whole network in bf16 legitimately drifts further from
+# float64 than one op, and eager autocast defines what users accept. The baseline itself only
+# has to be finite and within SANITY.
+SANITY = 0.1
+# The float64 reference costs this many FLOPs at most (else fp32 with TF32 off).
+FP64_BUDGET = {"cpu": 2e11, "cuda": 2e12}
+
+
+class Progress:
+    """What the runner reports while it works (the CLI shows a bar or log lines)."""
+
+    def begin(self, total: int) -> None: ...
+    def step(self, label: str) -> None: ...
+    def done(self, row: dict) -> None: ...
+    def end(self) -> None: ...
+
+
+def loss_of(out: torch.Tensor) -> torch.Tensor:
+    """The training loss: mean square of the output, in fp32 (fp64 for the reference)."""
+    return (out if out.dtype == torch.float64 else out.float()).square().mean()
+
+
+def _grads(module: nn.Module) -> torch.Tensor:
+    """All parameter gradients, by parameter name (names survive conversion), flattened."""
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().flatten()
+             for _, p in sorted(module.named_parameters(), key=lambda kv: kv[0])]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _gate_outputs(forward: Callable, module: nn.Module, x: torch.Tensor, mode: str,
+                  dtype: str, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if mode == "eval":
+        with torch.no_grad(), autocast_for(dtype, device):
+            return forward(x).detach(), None
+    module.zero_grad(set_to_none=True)
+    with autocast_for(dtype, device):
+        out = forward(x)
+    loss_of(out).backward()
+    grads = _grads(module).cpu()
+    module.zero_grad(set_to_none=True)
+    return out.detach(), grads
+
+
+def make_step(forward: Callable, module: nn.Module, mode: str, dtype: str,
+              device: str) -> Callable[[torch.Tensor], object]:
+    """The timed step: eval = forward under no_grad; train = zero_grad, forward, mean-square
+    loss, backward, SGD-momentum step."""
+    if mode == "eval":
+        def step(x):
+            with torch.no_grad(), autocast_for(dtype, device):
+                return forward(x)
+        return step
+    opt = torch.optim.SGD(module.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_step(x):
+        opt.zero_grad(set_to_none=True)
+        with autocast_for(dtype, device):
+            out = forward(x)
+        loss = loss_of(out)
+        loss.backward()
+        opt.step()
+        return loss
+    return train_step
+
+
+def _reason(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return f"failed: {type(e).__name__}: {msg[:300]}"
+
+
+def _free(device: str) -> None:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+class _Case:
+    """One workload at one batch: shared model, inputs, reference and roofline numbers."""
+
+    def __init__(self, workload: Workload, batch: int, config: BenchConfig, peaks) -> None:
+        dev = config.device
+        self.workload, self.batch, self.config = workload, batch, config
+        torch.manual_seed(config.seed)
+        self.model = workload.build().to(dev)
+        shape = workload.input_shape(batch)
+        calib = torch.randn(min(batch, 8) if batch > 1 else 2, *shape[1:], device=dev)
+        calibrate_bn(self.model, calib)
+        self.model.train(config.mode == "train")
+        costs = trace_costs(self.model, workload.sample_shape)
+        self.flops, self.bytes_min = work(costs, batch, config.mode, config.element_bytes)
+        self.floor_s = peaks.floor_s(self.flops, self.bytes_min)
+        n = rotation_count(4 * int(torch.Size(shape).numel()), dev, config.rotate)
+        self.inputs = {torch.contiguous_format: [torch.randn(shape, device=dev)
+                                                 for _ in range(n)]}
+        self.inputs[torch.channels_last] = [x.contiguous(memory_format=torch.channels_last)
+                                            for x in self.inputs[torch.contiguous_format]]
+        # Reference: float64 where affordable, else fp32 with TF32 off (math_mode("fp32")).
+        self.reference = "float64" if self.flops <= FP64_BUDGET[dev] else "float32"
+        ref_model = copy.deepcopy(self.model).to(TORCH_DTYPE["fp32"] if self.reference ==
+                                                 "float32" else torch.float64)
+        x0 = self.inputs[torch.contiguous_format][0]
+        with math_mode("fp32"):
+            self.ref_out, self.ref_grads = _gate_outputs(
+                ref_model, ref_model, x0.to(next(ref_model.parameters()).dtype), config.mode,
+                "fp32", dev)
+        del ref_model
+        self.baseline_err: float | None = None
+
+    def common(self) -> dict:
+        w, c = self.workload, self.config
+        return {"workload": w.name, "kind": w.kind, "spec": w.spec,
+                "input_shape": list(w.input_shape(self.batch)), "batch": self.batch,
+                "mode": c.mode, "dtype": c.dtype, "device": c.device,
+                "flops": self.flops, "bytes_min": self.bytes_min, "floor_s": self.floor_s,
+                "reference": self.reference}
+
+    def check(self, name: str, out: torch.Tensor, grads: torch.Tensor | None) -> dict:
+        err_out = rel_err(out, self.ref_out)
+        err_grad = None if grads is None else rel_err(grads, self.ref_grads)
+        err = max(err_out, err_grad if err_grad is not None else 0.0)
+        if name == C.BASELINE:
+            tol = SANITY
+            self.baseline_err = err
+        else:
+            dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
+                                   else TORCH_DTYPE[self.config.dtype]]
+            tol = max(dtype_tol, 2 * (self.baseline_err or 0.0))
+        ok = err <= tol  # NaN and inf never pass
+        return {"rel_err": err, "rel_err_output": err_out, "rel_err_grad": err_grad,
+                "tolerance": tol, "status": "ok" if ok else "wrong",
+                "reason": None if ok else f"relative error {err:.3e} > tolerance {tol:.1e}"}
+
+
+def _row(case: _Case, name: str, graph: bool, **kw) -> dict:
+    row = {**case.common(), "contender": name + ("+graph" if graph else ""), "cuda_graph": graph,
+           "memory_format": None, "status": "skipped", "reason": None, "note": "",
+           "rel_err": None, "rel_err_output": None, "rel_err_grad": None, "tolerance": None,
+           "time_s": None, "images_per_s": None, "speedup": None, "peak_memory_bytes": None,
+           "roofline_pct": None, "build_s": None}
+    row.update(kw)
+    return row
+
+
+def _time(case: _Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict, int | None]:
+    """Timing stats of `step` (captured first when `graph`) and the peak bytes allocated."""
+    cfg, dev = case.config, case.config.device
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = flush
+    if graph:
+        put, step = capture_graph(step, inputs[0])
+
+        def before(x):
+            flush(x)
+            put(x)
+    samples = time_loop(step, inputs, device=dev, warmup=cfg.warmup, repeats=cfg.repeats,
+                        before=before)
+    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+    return summarize(samples), peak
+
+
+def _measure(case: _Case, name: str, flush: L2Flush) -> list[dict]:
+    """Rows for contender `name` (and its +graph twin): build, gate, time."""
+    cfg, dev = case.config, case.config.device
+    rows: list[dict] = []
+    built = None
+    _free(dev)
+    mem0 = torch.cuda.memory_allocated() if dev == "cuda" else 0
+    try:
+        with math_mode(cfg.dtype):
+            t0 = time.perf_counter()
+            built = C.build(name, copy.deepcopy(case.model), case.workload, cfg)
+            fwd = C.call_with(built)
+            inputs = case.inputs[built.memory_format]
+            out, grads = _gate_outputs(fwd, built.module, inputs[0], cfg.mode, cfg.dtype, dev)
+            build_s = time.perf_counter() - t0  # includes compilation (first call)
+            gate = case.check(name, out, grads)
+            del out, grads
+            mf = ("channels_last" if built.memory_format == torch.channels_last
+                  else "contiguous")
+            variants = [False] + ([True] if cfg.cuda_graphs else [])
+            if gate["status"] != "ok":
+                return [_row(case, name, g, memory_format=mf, note=built.note, build_s=build_s,
+                             **gate) for g in variants]
+            step = make_step(fwd, built.module, cfg.mode, cfg.dtype, dev)
+            for graph in variants:
+                try:
+                    stats, peak = _time(case, step, inputs, flush, graph)
+                    if peak is not None:  # beyond what was allocated before it was built
+                        peak -= mem0
+                    rows.append(_row(case, name, graph, memory_format=mf, note=built.note,
+                                     build_s=build_s, time_s=stats,
+                                     images_per_s=case.batch / stats["median"],
+                                     peak_memory_bytes=peak,
+                                     roofline_pct=100 * case.floor_s / stats["median"], **gate))
+                except Exception as e:  # noqa: BLE001 - a failed contender must not end the run
+                    rows.append(_row(case, name, graph, memory_format=mf, note=built.note,
+                                     reason=_reason(e)))
+    except Exception as e:  # noqa: BLE001
+        rows = [_row(case, name, False, reason=_reason(e))]
+    finally:
+        del built
+        if name in C.COMPILE:
+            torch._dynamo.reset()
+        _free(dev)
+    return rows
+
+
+def validate(config: BenchConfig) -> list[Workload]:
+    """Resolve workloads and contenders before anything runs (ConfigError on bad input)."""
+    if config.cuda_graphs and config.device != "cuda":
+        from .config import bad
+        raise bad("--cuda-graphs", True, "only with --device cuda")
+    C.select(config)
+    return [get_workload(n) for n in expand(config.models)]
+
+
+def run_bench(config: BenchConfig, progress: Progress | None = None,
+              on_row: Callable[[dict], None] | None = None) -> dict:
+    """Run `config`; returns {"schema", "environment", "config", "peaks", "results"}.
+    on_row(result) is called after every row (partial results survive a killed run)."""
+    progress = progress or Progress()
+    workloads = validate(config)
+    selection = C.select(config)
+    result = {"schema": SCHEMA, "complete": False, "environment": environment(config.device),
+              "config": config.to_dict(), "peaks": None, "results": []}
+    total = len(workloads) * len(config.batches) * len(selection)
+    progress.begin(total + 1)
+    progress.step("measuring matmul rate and copy bandwidth")
+    result["peaks"] = measure_peaks(config.device, config.dtype, quick=config.quick).to_dict()
+    peaks = Peaks(**result["peaks"])
+    flush = L2Flush(config.device, config.flush_l2)
+    for workload in workloads:
+        for batch in config.batches:
+            case = _Case(workload, batch, config, peaks)
+            rows: list[dict] = []
+            for name, left_out in selection:
+                progress.step(f"{workload.name} b{batch} {name}")
+                if left_out is None:
+                    left_out = C.unavailable(name, workload, config)
+                new = ([_row(case, name, False, reason=left_out)] if left_out
+                       else _measure(case, name, flush))
+                rows += new
+                result["results"] += new
+                for r in new:
+                    progress.done(r)
+                if on_row is not None:
+                    on_row(result)
+            base = next((r for r in rows if r["contender"] == C.BASELINE
+                         and r["status"] == "ok"), None)
+            for r in rows:
+                if base is not None and r["time_s"] is not None:
+                    r["speedup"] = base["time_s"]["median"] / r["time_s"]["median"]
+            del case
+            _free(config.device)
+    result["complete"] = True
+    progress.end()
+    return result

@@ -1,0 +1,202 @@
+"""`python -m fused_res bench` on the CPU: the CLI, the JSON schema, the correctness gate,
+the counting, the cuDNN folding (emulated), and the fallbacks without rich/matplotlib."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fused_res import models
+from fused_res.__main__ import main
+from fused_res.bench import BenchConfig, run_bench, validate
+from fused_res.bench import contenders as C
+from fused_res.bench.cudnn_fused import cudnn_fuse, emulated_ops
+from fused_res.bench.roofline import flops_per_image, trace_costs, work
+from fused_res.bench.timing import summarize, time_loop
+from fused_res.bench.workloads import calibrate_bn, get_workload
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """The issue's command (plus markdown and chart, few repeats), run once."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "fused_res", "bench", "--model", "resnet18", "--batch", "2",
+           "--device", "cpu", "--json", str(out / "out.json"), "--markdown", str(out / "out.md"),
+           "--plot", str(out / "out.png"), "--warmup", "1", "--repeats", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return proc, out
+
+
+def test_cli_cpu_run_prints_table_and_valid_json(cli_run):
+    proc, out = cli_run
+    assert proc.returncode == 0, proc.stderr
+    assert "CPU numbers" in proc.stdout and "eager-cl" in proc.stdout
+    doc = json.loads((out / "out.json").read_text())
+    assert validate(doc) == []
+    assert doc["complete"] and doc["config"]["models"] == ["resnet18"]
+    assert doc["environment"]["device"] == "cpu" and doc["environment"]["torch"]
+    rows = {r["contender"]: r for r in doc["results"]}
+    for name in ("eager-nchw", "eager-cl", "fused-reference", "fused-auto"):
+        r = rows[name]
+        assert r["status"] == "ok", r["reason"]
+        assert len(r["time_s"]["samples"]) == 2 and r["images_per_s"] > 0
+        assert r["roofline_pct"] > 0 and r["rel_err"] <= 1e-5
+        assert r["reference"] == "float64"
+    assert rows["eager-cl"]["speedup"] == 1.0
+    assert rows["fused-auto"]["note"] == "8/8 blocks fused"
+    assert "CUDA" in rows["cudnn-fused"]["reason"] and rows["cudnn-fused"]["status"] == "skipped"
+    assert "--contenders" in rows["compile"]["reason"]
+    assert rows["fused-triton"]["reason"].startswith("backend unavailable")
+    assert rows["eager-cl"]["flops"] == 2 * flops_per_image(models.resnet18(), 224)
+
+
+def test_cli_writes_markdown_and_chart(cli_run):
+    proc, out = cli_run
+    md = (out / "out.md").read_text()
+    assert md.startswith("# fused_res bench") and "| resnet18 | 2 | fused-auto | ok |" in md
+    assert (out / "out.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,arg", [
+    (["--dtype", "fp8"], "--dtype 'fp8'"),
+    (["--model", "resnet19"], "--model 'resnet19'"),
+    (["--model", "block:basic:cin=64:hw=56"], "missing planes"),
+    (["--batch", "0"], "--batch '0'"),
+    (["--mode", "infer"], "--mode 'infer'"),
+    (["--memory-format", "nhwc"], "--memory-format 'nhwc'"),
+    (["--contenders", "eager,tensorrt"], "--contenders 'tensorrt'"),
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
+     "--device"),
+    (["--device", "cpu", "--dtype", "tf32"], "--dtype 'tf32'"),
+    (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs"),
+    (["--repeats", "0"], "--repeats 0"),
+])
+def test_bad_input_names_argument_value_and_accepted(capsys, args, arg):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", *args])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and arg in err and "accepted" in err
+
+
+def test_no_subcommand_is_quick_bench_of_default_model(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("fused_res.bench.cli.run", lambda args, parser: seen.update(
+        vars(args)) or 0)
+    assert main([]) == 0
+    assert seen["command"] == "bench" and seen["quick"] and seen["model"] == "resnet50"
+    assert main(["--device", "cpu"]) == 0 and seen["device"] == "cpu"
+
+
+def test_counting_from_shapes():
+    costs = trace_costs(get_workload("rn50-l1").build(), (256, 56, 56))
+    assert costs.flops == 2 * 56 * 56 * (256 * 64 + 64 * 64 * 9 + 64 * 256)
+    # x, three conv outputs (each written then read), y, the shortcut read; weights once
+    hw = 56 * 56
+    assert costs.activation_elems == hw * (256 + 64 + 64 + 64 + 64 + 256 + 256)
+    assert costs.weight_elems == 256 * 64 + 64 * 64 * 9 + 64 * 256
+    flops, nbytes = work(costs, 4, "train", 2)
+    assert flops == 3 * 4 * costs.flops
+    assert nbytes == 3 * 2 * (4 * costs.activation_elems + costs.weight_elems) + 20 * (
+        costs.param_count)
+    assert flops_per_image(models.resnet50(), 224) == pytest.approx(8.18e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet20", "rn50-l2d", "rn50-l3-3x3",
+                                  "cifar-l2"])
+def test_cudnn_folding_matches_eager(name):
+    torch.manual_seed(0)
+    wl = get_workload(name)
+    model = wl.build().double()
+    size = (3, 64, 64) if name == "resnet18" else wl.sample_shape
+    calibrate_bn(model, torch.randn(4, *size, dtype=torch.float64))
+    model.eval()
+    fused, n, total = cudnn_fuse(model, emulated_ops(), torch.float64, torch.channels_last)
+    assert n == total
+    x = torch.randn(2, *size, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_gate_reports_wrong_and_failed_contenders_without_timing(monkeypatch):
+    real = C.build
+
+    def sabotaged(name, module, workload, config):
+        if name == "fused-auto":
+            raise RuntimeError("kernel exploded")
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            fwd = built.forward
+            built.forward = lambda x: fwd(x) * 1.01
+        return built
+
+    monkeypatch.setattr(C, "build", sabotaged)
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1, repeats=2,
+                      contenders=("eager", "fused"), quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert rows["eager-cl"]["status"] == "ok"
+    wrong = rows["fused-reference"]
+    assert wrong["status"] == "wrong" and wrong["time_s"] is None
+    assert "tolerance" in wrong["reason"] and wrong["rel_err"] > 1e-3
+    failed = rows["fused-auto"]
+    assert failed["status"] == "skipped" and "RuntimeError: kernel exploded" in failed["reason"]
+
+
+def test_train_mode_gates_gradients_and_counts_three_passes():
+    cfg = BenchConfig(models=("unit:cin=8:cout=16:hw=8",), batches=(3,), device="cpu",
+                      mode="train", warmup=1, repeats=2, contenders=("eager", "fused"),
+                      quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    assert {r["contender"] for r in ok} >= {"eager-cl", "eager-nchw", "fused-auto"}
+    for r in ok:
+        assert r["rel_err_grad"] is not None and r["rel_err"] <= 1e-5
+        assert r["flops"] == 3 * 3 * 2 * 8 * 8 * 16 * 8 * 9
+
+
+def test_timing_rotates_inputs_and_summarizes():
+    seen = []
+    xs = [torch.zeros(1) + i for i in range(3)]
+    samples = time_loop(lambda x: seen.append(int(x)), xs, device="cpu", warmup=2, repeats=5)
+    assert len(samples) == 5 and seen == [0, 1, 2, 0, 1, 2, 0]
+    s = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (3.0, 1.0, 5.0, 5)
+    assert s["p10"] == pytest.approx(1.4) and s["iqr"] == pytest.approx(2.0)
+
+
+def test_runs_without_rich_and_matplotlib(tmp_path):
+    code = ("import sys; sys.modules['rich'] = None; sys.modules['matplotlib'] = None; "
+            "from fused_res.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "bench", "--model", "cifar-l1",
+                           "--batch", "1", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                           "--contenders", "eager", "--plot", str(tmp_path / "p.png")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "eager-cl" in proc.stdout and "CPU numbers" in proc.stdout
+    assert "matplotlib is not installed" in proc.stderr and not (tmp_path / "p.png").exists()
+
+
+def test_import_stays_light():
+    code = ("import sys, fused_res; bad = [m for m in ('fused_res.bench', 'rich', 'matplotlib') "
+            "if m in sys.modules]; assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_benchmark_suites_are_not_collected_by_default_and_run_when_asked():
+    assert 'testpaths = ["tests"]' in (ROOT / "pyproject.toml").read_text()
+    base = [sys.executable, "-m", "pytest", "benchmarks/", "-q", "-p", "no:cacheprovider",
+            "-k", "cifar-l1 and eval"]
+    skipped = subprocess.run(base, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert skipped.returncode == 0 and "skipped" in skipped.stdout, skipped.stdout
+    ran = subprocess.run([*base, "--benchmark-disable"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert ran.returncode == 0 and " passed" in ran.stdout, ran.stdout

@@ -1,0 +1,76 @@
+"""benchmarks/gpu_check.sh on the CPU: argument handling, the time budget, and a dry run of
+its steps end to end (no build, the GPU tests skipped, tiny CPU benchmarks, the summary)."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from fused_res.bench import validate
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+STEPS = ["env", "build", "import", "pytest-gpu", "bench-rn50-eval-b256", "bench-rn50-train-b256",
+         "bench-rn50-eval-b64", "bench-rn50-train-b64", "bench-rn18-eval-b256",
+         "bench-blocks-eval", "bench-blocks-train", "bench-units-eval", "bench-blocks-compile"]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and coreutils timeout")
+
+
+def _run(args, timeout=120, **env):
+    full = {**os.environ, "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout, env=full)
+
+
+def test_syntax_and_usage(tmp_path):
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    none = _run([])
+    assert none.returncode == 2 and "OUTDIR" in none.stderr
+    bad = _run([str(tmp_path), "--fast"])
+    assert bad.returncode == 2 and "--fast" in bad.stderr and "accepted" in bad.stderr
+
+
+def test_dry_run_end_to_end(tmp_path):
+    # Every kind of step once (environment, skipped build, import, pytest -m gpu, an eval
+    # bench step with --cuda-graphs filtered out, a train bench step); the rest are
+    # deselected, which the summary records.
+    only = "env,build,import,pytest-gpu,bench-rn50-eval-b64,bench-blocks-train"
+    proc = _run([str(tmp_path), "--dry-run"], timeout=150, FUSED_RES_GPU_CHECK_ONLY=only)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = {p.name for p in tmp_path.iterdir()}
+    assert files - {"bench.png"} == {"bench.json", "env.txt", "gpu_check.log", "pytest_gpu.xml",
+                                     "steps.tar.gz", "summary.md"}  # the chart needs matplotlib
+    tail = proc.stdout.strip().splitlines()
+    assert tail[-1].startswith("files: ") and "problems: none" in tail[-1]
+    assert any("eager-cl img/s" in line for line in tail[-8:])  # the summary table prints last
+    merged = json.loads((tmp_path / "bench.json").read_text())
+    assert merged["schema"] == "fused_res.gpu_check/1"
+    status = {s["step"]: s["status"] for s in merged["steps"]}
+    assert list(status) == STEPS
+    assert status["build"] == "skipped" and status["pytest-gpu"] == "ok"
+    assert status["bench-rn50-eval-b64"] == "ok" and status["bench-rn50-eval-b256"] == "skipped"
+    assert set(merged["runs"]) == {"rn50-eval-b64", "blocks-train"}
+    for run in merged["runs"].values():
+        assert validate(run) == [] and run["config"]["device"] == "cpu"
+        assert not run["config"]["cuda_graphs"]
+    assert merged["runs"]["blocks-train"]["config"]["mode"] == "train"
+    log = (tmp_path / "gpu_check.log").read_text()
+    assert "pip install --no-build-isolation --no-deps -e ." in log
+    assert "python" in (tmp_path / "env.txt").read_text()
+    assert "## Summary" in (tmp_path / "summary.md").read_text()
+
+
+def test_budget_bounds_every_step(tmp_path):
+    proc = _run([str(tmp_path), "--dry-run"], FUSED_RES_GPU_CHECK_BUDGET_S="0")
+    assert proc.returncode == 1
+    merged = json.loads((tmp_path / "bench.json").read_text())
+    states = {s["step"]: s["status"] for s in merged["steps"]}
+    assert states.pop("build") == "skipped"
+    assert set(states.values()) == {"out-of-time"}
+    assert "problems: env" in proc.stdout
