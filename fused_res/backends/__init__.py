@@ -14,9 +14,11 @@ from .registry import (
     set_backend,
     use_backend,
 )
+from .triton_backend import TritonBackend  # imports no triton until a kernel runs
 
 register_backend("reference", ReferenceBackend)
+register_backend("triton", TritonBackend)
 
-__all__ = ["ENV_VAR", "NAMES", "Backend", "BackendStatus", "ReferenceBackend",
+__all__ = ["ENV_VAR", "NAMES", "Backend", "BackendStatus", "ReferenceBackend", "TritonBackend",
            "available_backends", "current_backend", "get_backend_object", "register_backend",
            "resolve", "set_backend", "use_backend"]

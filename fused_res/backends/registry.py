@@ -34,9 +34,11 @@ class _Unimplemented(Backend):
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
-    """Register (or replace) the factory for backend `name`; it is called on first use."""
+    """Register (or replace) backend `name`. The object is made now, not on first use: a first
+    use inside a torch.compile frame would mutate state that dynamo is guarding. Factories
+    must therefore be cheap and import nothing heavy (triton, the extension) themselves."""
     _factories[name] = factory
-    _instances.pop(name, None)
+    _instances[name] = factory()
 
 
 def _check_name(name: str) -> str:
@@ -126,7 +128,6 @@ def resolve(name: str | None, x: torch.Tensor, weight: torch.Tensor | None = Non
     return name
 
 
-for _name, _why in (("triton", "the Triton kernels are not part of this release yet"),
-                    ("cuda", "the C++/CUDA extension is not part of this release yet"),
+for _name, _why in (("cuda", "the C++/CUDA extension is not part of this release yet"),
                     ("cudnn", "the cuDNN fused-op backend is not part of this release yet")):
     register_backend(_name, (lambda n, w: lambda: _Unimplemented(n, w))(_name, _why))

@@ -1,0 +1,262 @@
+"""The `triton` backend: the conv-unit ops on Triton kernels (fused_res/triton/).
+
+In Triton:
+- conv_unit forward: one implicit-GEMM kernel per unit (prologue affine + ReLU with zero
+  padding after it; epilogue folded affine, act_mid, branch scale, λ residual, act_out);
+- conv_bn_stats forward: the same kernel with a statistics epilogue (per-tile mean / M2 of z)
+  and a finalize kernel (Chan's combine) for the mean and biased variance;
+- channel_stats forward, epilogue forward: fused elementwise / reduction kernels;
+- the backward's act / add / affine gradients (dL/du, dL/dresidual, Σ dL/du and
+  Σ dL/du·(t - center) per channel), the statistics backward and the prologue recompute.
+The conv's data and weight gradients stay with aten's convolution_backward (cuDNN on a GPU).
+
+Triton runs CUDA tensors, and CPU tensors when TRITON_INTERPRET=1 was set before triton was
+imported (the interpreter, DESIGN.md §5 rung 2). triton is imported on first use, never by
+`import fused_res`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from .base import BackendStatus
+from .reference import (
+    ReferenceBackend,
+    _conv_backward,
+    _fold,
+    acc_dtype,
+    memory_format_of,
+)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    """(conv, elementwise) kernel modules, imported on first use."""
+    from ..triton import conv, elementwise
+    return conv, elementwise
+
+
+class TritonBackend(ReferenceBackend):
+    """Triton kernels for the conv unit; what is not overridden here is the reference."""
+
+    name = "triton"
+
+    def status(self) -> BackendStatus:
+        if importlib.util.find_spec("triton") is None:
+            return BackendStatus(False, "triton is not installed")
+        if torch.cuda.is_available() or _interpret_requested():
+            return BackendStatus(True, "")
+        return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to run the "
+                                    "kernels in Triton's CPU interpreter)")
+
+    def unsupported_reason(self, x, weight, groups, dilation) -> str | None:
+        if x.dtype not in DTYPES:
+            return f"dtype {x.dtype} (accepted: float32, float16, bfloat16)"
+        if x.device.type == "cpu":
+            if not _interpret_requested():
+                return "CPU tensors without TRITON_INTERPRET=1"
+        elif x.device.type != "cuda":
+            return f"device {x.device.type!r} (accepted: cuda, or cpu under TRITON_INTERPRET=1)"
+        if groups != 1:
+            return f"groups={groups} (accepted: 1)"
+        if any(d != 1 for d in dilation):
+            return f"dilation={tuple(dilation)} (accepted: 1)"
+        if weight is not None and weight.dtype != x.dtype:
+            return f"weight dtype {weight.dtype} != input dtype {x.dtype}"
+        return None
+
+    def _runs(self, x, weight=None, groups=1, dilation=(1, 1)) -> bool:
+        """Whether the kernels take this call; a backward of a call the registry routed here
+        always qualifies, this guards direct calls to the backend object."""
+        return self.status().available and self.unsupported_reason(
+            x, weight, groups, dilation) is None
+
+    # ---- conv_unit ------------------------------------------------------------------------
+    def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
+                          in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                          res_scale, branch_scale, act_out):
+        if not self._runs(x, weight, groups, dilation):
+            return super().conv_unit_forward(
+                x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
+                branch_scale, act_out)
+        conv, _ = _kernels()
+        fmt = memory_format_of(x)
+        y, u = conv.conv_launch(
+            x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
+            out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
+            res_scale=res_scale, branch_scale=branch_scale, act_out=act_out,
+            store_u=act_mid == "relu", memory_format=fmt)
+        # u is only read by the backward of act_mid == "relu"; otherwise an empty stand-in.
+        return y, (u if u is not None else x.new_empty((0,)))
+
+    def conv_unit_backward(self, gy, saved, needs):
+        s = saved
+        x, weight, bias = s["x"], s["weight"], s["bias"]
+        if not self._runs(x, weight, s["groups"], s["dilation"]):
+            return super().conv_unit_backward(gy, saved, needs)
+        _, ew = _kernels()
+        acc = acc_dtype(x.dtype)
+        fmt = memory_format_of(x)
+        out_scale, out_shift = s["out_scale"], s["out_shift"]
+        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
+        need_w = needs["weight"] or needs["out_scale"]
+        need_gb = ((needs["out_shift"] and out_shift is not None)
+                   or (needs["bias"] and bias is not None)
+                   or (needs["out_scale"] and out_scale is not None and bias is not None))
+        # One pass over gy: dL/du in x's dtype (what the conv backward consumes), dL/dr and
+        # Σ dL/du per channel (the folded bias gradient).
+        gu, gr, gb_eff, _ = ew.epilogue_backward(
+            gy, s["u"], s["y"], None, None, None, s["branch_scale"], s["act_mid"],
+            s["act_out"], s["res_scale"], s["residual_dtype"], need_gt=need_p or need_w,
+            need_gr=needs["residual"], need_sum=need_gb, need_sum_t=False, fmt=fmt,
+            gt_dtype=x.dtype)
+        grads = {"residual": gr}
+        gp = gw_eff = None
+        if need_p or need_w:
+            w_eff, _ = _fold(weight, bias, out_scale, out_shift)
+            p = self._prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"],
+                                fmt)
+            gp, gw_eff, _ = _conv_backward(gu, p, w_eff, False, s["stride"], s["padding"],
+                                           s["dilation"], s["groups"], need_p, need_w)
+        a = out_scale.to(acc) if out_scale is not None else None
+        if needs["weight"]:
+            gw = gw_eff.to(acc)
+            grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
+                weight.dtype)
+        if needs["out_scale"] and out_scale is not None:
+            # Σ dL/dW'·W = Σ dL/du·z for the folded form (see the reference backend).
+            ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
+            if bias is not None:
+                ga = ga + gb_eff * bias.to(acc)
+            grads["out_scale"] = ga.to(out_scale.dtype)
+        if needs["out_shift"] and out_shift is not None:
+            grads["out_shift"] = gb_eff.to(out_shift.dtype)
+        if needs["bias"] and bias is not None:
+            grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
+        if need_p:
+            (grads["x"], grads["in_center"], grads["in_scale"],
+             grads["in_shift"]) = self._prologue_backward(gp, x, s["in_center"], s["in_scale"],
+                                                          s["in_shift"], s["act_in"], needs,
+                                                          fmt)
+        return grads
+
+    # ---- conv_bn_stats --------------------------------------------------------------------
+    def conv_bn_stats_forward(self, x, weight, bias, stride, padding, dilation, groups,
+                              in_center, in_scale, in_shift, act_in):
+        if not self._runs(x, weight, groups, dilation):
+            return super().conv_bn_stats_forward(x, weight, bias, stride, padding, dilation,
+                                                 groups, in_center, in_scale, in_shift, act_in)
+        conv, ew = _kernels()
+        z, (st_mean, st_m2, st_cnt) = conv.conv_launch(
+            x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
+            stats=True, memory_format=memory_format_of(x))
+        mean, var = ew.stats_finalize(st_mean, st_m2, st_cnt, weight.shape[0])
+        return z, mean, var
+
+    def conv_bn_stats_backward(self, gz, gmean, gvar, saved, needs):
+        s = saved
+        x, weight, bias = s["x"], s["weight"], s["bias"]
+        if not self._runs(x, weight, s["groups"], s["dilation"]):
+            return super().conv_bn_stats_backward(gz, gmean, gvar, saved, needs)
+        _, ew = _kernels()
+        fmt = memory_format_of(x)
+        gz_total = ew.stats_backward(gz, gmean, gvar, s["z"], s["mean"], x.dtype, fmt)
+        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
+        p = self._prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"], fmt)
+        gp, gw, gb = _conv_backward(gz_total, p, weight, bias is not None, s["stride"],
+                                    s["padding"], s["dilation"], s["groups"], need_p,
+                                    needs["weight"])
+        grads = {"weight": gw if needs["weight"] else None,
+                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None}
+        if need_p:
+            (grads["x"], grads["in_center"], grads["in_scale"],
+             grads["in_shift"]) = self._prologue_backward(gp, x, s["in_center"], s["in_scale"],
+                                                          s["in_shift"], s["act_in"], needs,
+                                                          fmt)
+        return grads
+
+    # ---- channel_stats --------------------------------------------------------------------
+    def channel_stats_forward(self, x):
+        if not self._runs(x):
+            return super().channel_stats_forward(x)
+        _, ew = _kernels()
+        return ew.channel_stats(x)
+
+    def channel_stats_backward(self, gmean, gvar, x, mean):
+        if not self._runs(x):
+            return super().channel_stats_backward(gmean, gvar, x, mean)
+        _, ew = _kernels()
+        return ew.stats_backward(None, gmean, gvar, x, mean, x.dtype, memory_format_of(x))
+
+    # ---- epilogue -------------------------------------------------------------------------
+    def epilogue_forward(self, z, center, scale, shift, act_mid, residual, res_scale,
+                         branch_scale, act_out):
+        if not self._runs(z):
+            return super().epilogue_forward(z, center, scale, shift, act_mid, residual,
+                                            res_scale, branch_scale, act_out)
+        _, ew = _kernels()
+        return ew.epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale,
+                                   branch_scale, act_out, memory_format_of(z))
+
+    def epilogue_backward(self, gy, saved, needs):
+        s = saved
+        z, center, scale, shift = s["z"], s["center"], s["scale"], s["shift"]
+        if not self._runs(z):
+            return super().epilogue_backward(gy, saved, needs)
+        _, ew = _kernels()
+        gz, gr, sum_g, sum_gt = ew.epilogue_backward(
+            gy, z, s["y"], center, scale, shift, s["branch_scale"], s["act_mid"], s["act_out"],
+            s["res_scale"], s["residual_dtype"], need_gt=needs["z"],
+            need_gr=needs["residual"],
+            need_sum=(needs["shift"] and shift is not None)
+            or (needs["center"] and center is not None),
+            need_sum_t=needs["scale"] and scale is not None, fmt=memory_format_of(z))
+        return {"residual": gr, "z": gz, **_affine_grads(sum_g, sum_gt, center, scale, shift,
+                                                         needs, ("center", "scale", "shift"))}
+
+    # ---- prologue helpers (the backward recomputes p rather than saving it) ---------------
+    def _prologue(self, x, center, scale, shift, act, fmt):
+        """p = act((x - center) * scale + shift) in x's dtype, one elementwise pass."""
+        if center is None and scale is None and shift is None and act != "relu":
+            return x
+        _, ew = _kernels()
+        return ew.epilogue_forward(x, center, scale, shift, act, None, 1.0, None, "none", fmt)
+
+    def _prologue_backward(self, gp, x, center, scale, shift, act, needs, fmt):
+        """Gradients of _prologue w.r.t. (x, center, scale, shift) given dL/dp."""
+        has_affine = center is not None or scale is not None or shift is not None
+        if not has_affine and act != "relu":
+            return (gp if needs["x"] else None), None, None, None
+        _, ew = _kernels()
+        gx, _, sum_g, sum_gt = ew.epilogue_backward(
+            gp, x, None, center, scale, shift, None, act, "none", 1.0, None,
+            need_gt=needs["x"], need_gr=False,
+            need_sum=(needs["in_shift"] and shift is not None)
+            or (needs["in_center"] and center is not None),
+            need_sum_t=needs["in_scale"] and scale is not None, fmt=fmt)
+        g = _affine_grads(sum_g, sum_gt, center, scale, shift, needs,
+                          ("in_center", "in_scale", "in_shift"))
+        return gx, g["center"], g["scale"], g["shift"]
+
+
+def _affine_grads(sum_g, sum_gt, center, scale, shift, needs, names):
+    """dL/dcenter = -scale Σ gu, dL/dscale = Σ gu (t - center), dL/dshift = Σ gu."""
+    nc, ns, nb = names
+    out = {"center": None, "scale": None, "shift": None}
+    if needs[nc] and center is not None:
+        g = -sum_g * scale.to(sum_g.dtype) if scale is not None else -sum_g
+        out["center"] = g.to(center.dtype)
+    if needs[ns] and scale is not None:
+        out["scale"] = sum_gt.to(scale.dtype)
+    if needs[nb] and shift is not None:
+        out["shift"] = sum_g.to(shift.dtype)
+    return out

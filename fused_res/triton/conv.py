@@ -1,0 +1,297 @@
+"""Implicit-GEMM conv2d on any-strided (NHWC fastest) tensors with the conv unit fused around it.
+
+GEMM view: M = N·OH·OW output pixels, N = C_out, K = KH·KW·C_in. Each program computes a
+BLOCK_M x BLOCK_N tile of the output, loading its A operand straight from the input feature map
+(no im2col buffer) and the B operand from the weight laid out as (KH, KW, C_in, C_out).
+
+- prologue: the loaded input goes through (x - c) * a + b and ReLU, and positions outside the
+  image (zero padding) are zeroed AFTER that, so padding holds zeros of the activated tensor;
+- epilogue (unit): + bias, folded affine, act_mid, x branch_scale[n], + λ·residual, act_out,
+  cast, store (and store u = the pre-act_mid value when the backward needs it);
+- epilogue (stats): + bias, store z, and per-tile channel mean and M2 (sum of squared
+  deviations from the tile mean) of the stored z. Tile statistics are combined with Chan's
+  parallel formula by a finalize kernel: no second pass over z and no Σz² − (Σz)²/n
+  cancellation in float32.
+
+Two K orders: per tap (kh, kw) then C_in in BLOCK_K chunks (contiguous NHWC loads), or, for
+few input channels (the 3-channel stem), one flattened K = (kh, kw, c) gathered BLOCK_K at a
+time so a 7x7x3 stem does not pad every tap to 16 channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import channel_affine, relu, unit_tail
+
+_TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@triton.jit
+def _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, ci, dh, dw, ih0, iw0, H, W, sxc, sxh, sxw,
+            ic_ptr, ia_ptr, ib_ptr, HAS_IC: tl.constexpr, HAS_IA: tl.constexpr,
+            HAS_IB: tl.constexpr, ACT_IN: tl.constexpr, PROLOGUE: tl.constexpr,
+            FLAT_K: tl.constexpr):
+    """The [BM, BK] A tile: input values after the prologue, zero outside the image."""
+    if FLAT_K:
+        ih = ih0[:, None] + dh[None, :]
+        iw = iw0[:, None] + dw[None, :]
+        valid = (row_ok[:, None] & mask_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
+                 & (iw < W))
+        ptrs = x_ptr + (row_off[:, None] + ci.to(row_off.dtype)[None, :] * sxc + ih * sxh
+                        + iw * sxw)
+    else:
+        valid = row_ok[:, None] & mask_k[None, :]
+        ptrs = x_ptr + (row_off[:, None] + ci.to(row_off.dtype)[None, :] * sxc)
+    a = tl.load(ptrs, mask=valid, other=0.0)
+    if PROLOGUE:
+        q = channel_affine(a.to(tl.float32), ci, mask_k, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA,
+                           HAS_IB)
+        if ACT_IN:
+            q = relu(q)
+        # Padding is applied to the activated tensor: zero wherever the load was masked.
+        a = tl.where(valid, q, 0.0).to(x_ptr.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def conv_unit_kernel(
+        x_ptr, w_ptr, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
+        y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
+        M, C_in, H, W, C_out, OH, OW,
+        sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
+        stride_h, stride_w, pad_h, pad_w, res_scale,
+        KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
+        ACT_IN: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
+        ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
+        HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        INDEX_64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """y = tail(conv(prologue(x)) + bias) (STATS=False) or z = conv(prologue(x)) + bias with
+    per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
+    contiguous; y, u (N, C_out, OH, OW) with strides sy*; residual with strides sr*;
+    st_mean/st_m2 (tiles_m, C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    # Grouped order: GROUP_M row tiles share their input rows in L2 across channel tiles.
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    # 64-bit index math when a tensor spans 2^31 elements (big batches of big images); int32
+    # otherwise, because [BLOCK_M, BLOCK_N] int64 offsets double the epilogue's registers.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n_ix = offs_n.to(offs_m.dtype)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_out
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n_idx = t // OH
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        K_TOTAL = KH * KW * C_in
+        row_off = n_idx * sxn
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_TOTAL
+            ci = offs_k % C_in
+            tap = offs_k // C_in
+            a = _load_a(x_ptr, row_off, mask_m, offs_k, mask_k, ci, tap // KW, tap % KW, ih0,
+                        iw0, H, W, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA,
+                        HAS_IB, ACT_IN, PROLOGUE, True)
+            b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        for tap in range(0, KH * KW):
+            ih = ih0 + tap // KW
+            iw = iw0 + tap % KW
+            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row_off = n_idx * sxn + ih * sxh + iw * sxw
+            for c0 in range(0, C_in, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < C_in
+                a = _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, offs_k, 0, 0, ih0, iw0, H,
+                            W, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA, HAS_IB,
+                            ACT_IN, PROLOGUE, False)
+                b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask2 = mask_m[:, None] & mask_n[None, :]
+    out_off = (n_idx[:, None] * syn + oh[:, None] * syh + ow[:, None] * syw
+               + offs_n_ix[None, :] * syc)
+    out_ty = y_ptr.dtype.element_ty
+    if STATS:
+        z = acc.to(out_ty)
+        tl.store(y_ptr + out_off, z, mask=mask2)
+        # Statistics of the stored z (as BatchNorm sees it), about the tile's own mean.
+        zf = tl.where(mask2, z.to(tl.float32), 0.0)
+        cnt = tl.sum(mask_m.to(tl.float32), axis=0)
+        t_mean = tl.sum(zf, axis=0) / tl.maximum(cnt, 1.0)
+        dev = tl.where(mask2, zf - t_mean[None, :], 0.0)
+        t_m2 = tl.sum(dev * dev, axis=0)
+        st_off = pid_m.to(tl.int64) * C_out + offs_n
+        tl.store(st_mean_ptr + st_off, t_mean, mask=mask_n)
+        tl.store(st_m2_ptr + st_off, t_m2, mask=mask_n)
+        tl.store(st_cnt_ptr + pid_m, cnt)
+    else:
+        u = channel_affine(acc, offs_n, mask_n, oa_ptr, oa_ptr, ob_ptr, False, HAS_OA, HAS_OB)
+        if STORE_U:
+            tl.store(u_ptr + out_off, u.to(out_ty), mask=mask2)
+        r_off = (n_idx[:, None] * srn + oh[:, None] * srh + ow[:, None] * srw
+                 + offs_n_ix[None, :] * src)
+        y = unit_tail(u, n_idx, mask_m, res_ptr + r_off, mask2, bs_ptr, res_scale, ACT_MID,
+                      HAS_BRANCH, HAS_RES, RES_SCALED, ACT_OUT)
+        tl.store(y_ptr + out_off, y.to(out_ty), mask=mask2)
+
+
+# triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1).
+_INTERPRET = not isinstance(conv_unit_kernel, triton.runtime.jit.JITFunction)
+
+
+# ---- launchers ----------------------------------------------------------------------------
+
+def _flat_k(c_in: int, taps: int) -> bool:
+    """Flattened (kh, kw, c) K for narrow inputs: per-tap chunks would be mostly padding."""
+    return taps > 1 and c_in < configs.DOT_MIN
+
+
+_AUTOTUNED: dict = {}
+
+
+def _prune(cfgs, nargs, **kwargs):
+    x = nargs["x_ptr"]
+    taps = kwargs.get("KH", 1) * kwargs.get("KW", 1)
+    keep = {str(c) for c in configs.conv_configs_for(x.element_size(), taps, nargs["C_in"],
+                                                     nargs["C_out"], kwargs.get("FLAT_K"))}
+    return [c for c in cfgs if _config_name(c) in keep]
+
+
+def _config_name(c) -> str:
+    kw = c.kwargs
+    return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}_w{c.num_warps}"
+            f"_s{c.num_stages}")
+
+
+def _autotuned_kernel():
+    """conv_unit_kernel autotuned over CONV_CONFIGS, keyed by the problem's shape. The tile
+    count arrays are zeroed before every timed run so a config's leftovers never reach the
+    finalize."""
+    if "conv" not in _AUTOTUNED:
+        cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
+                              num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
+        _AUTOTUNED["conv"] = triton.autotune(
+            cfgs, key=["M", "C_in", "H", "W", "C_out", "OH", "OW", "stride_h", "stride_w"],
+            prune_configs_by={"early_config_prune": _prune},
+            reset_to_zero=["st_cnt_ptr"])(conv_unit_kernel)
+    return _AUTOTUNED["conv"]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tf32 for float32 only where torch's own conv setting allows it (cudnn.allow_tf32)."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET:
+        return "tf32"
+    return "ieee"
+
+
+def span(t: torch.Tensor) -> int:
+    """1 + the largest element offset t addresses (its extent in its storage)."""
+    return 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True)
+                   if n > 0)
+
+
+def needs_int64(*tensors) -> bool:
+    """Whether element offsets into any of the tensors can reach 2^31."""
+    return any(t is not None and span(t) >= 2 ** 31 for t in tensors)
+
+
+def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """(C_out, C_in, KH, KW) -> (KH*KW*C_in, C_out) contiguous, the GEMM's B operand."""
+    return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
+
+
+def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
+                out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
+                branch_scale=None, act_out="none", store_u=False, stats=False,
+                memory_format=torch.contiguous_format):
+    """Run the fused conv. x (N, C_in, H, W) float32/float16/bfloat16, weight (C_out, C_in,
+    KH, KW) same dtype; vectors (C,) any float dtype; residual (N, C_out, OH, OW).
+
+    stats=False: returns (y, u) (u None unless store_u). stats=True: returns (z, partials)
+    with partials = (tile_mean (T, C_out), tile_m2 (T, C_out), tile_count (T,)) float32."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
+    ow = (w + 2 * padding[1] - kw) // stride[1] + 1
+    y = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device,
+                    memory_format=memory_format)
+    u = torch.empty_like(y) if store_u else None
+    m = n * oh * ow
+    flat = _flat_k(c_in, kh * kw)
+    if stats:
+        min_bm = min(c.block_m for c in configs.CONV_CONFIGS + (configs.INTERPRETER_CONV_CONFIG,))
+        tiles = triton.cdiv(max(m, 1), min_bm)
+        st_mean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
+        st_m2 = torch.empty_like(st_mean)
+        st_cnt = torch.zeros((tiles,), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return (y, (st_mean[:0], st_m2[:0], st_cnt[:0])) if stats else (y, u)
+    if weight.numel() >= 2 ** 31:
+        raise ValueError(f"weight has {weight.numel()} elements; accepted: < 2**31")
+    w_mat = weight_matrix(weight)
+    dummy = y
+    r = residual if residual is not None else y
+    args = (x, w_mat, bias if bias is not None else dummy,
+            in_center if in_center is not None else dummy,
+            in_scale if in_scale is not None else dummy,
+            in_shift if in_shift is not None else dummy,
+            out_scale if out_scale is not None else dummy,
+            out_shift if out_shift is not None else dummy,
+            r, branch_scale if branch_scale is not None else dummy,
+            y, u if u is not None else dummy,
+            st_mean if stats else dummy, st_m2 if stats else dummy,
+            st_cnt if stats else dummy,
+            m, c_in, h, w, c_out, oh, ow, *x.stride(), *y.stride(), *r.stride(),
+            stride[0], stride[1], padding[0], padding[1], float(res_scale))
+    flags = dict(KH=kh, KW=kw, FLAT_K=flat, HAS_BIAS=bias is not None,
+                 HAS_IC=in_center is not None, HAS_IA=in_scale is not None,
+                 HAS_IB=in_shift is not None, ACT_IN=act_in == "relu",
+                 HAS_OA=out_scale is not None, HAS_OB=out_shift is not None,
+                 ACT_MID=act_mid == "relu", HAS_RES=residual is not None,
+                 RES_SCALED=float(res_scale) != 1.0, HAS_BRANCH=branch_scale is not None,
+                 ACT_OUT=act_out == "relu", STORE_U=store_u, STATS=stats,
+                 PROLOGUE=(in_center is not None or in_scale is not None
+                           or in_shift is not None or act_in == "relu"),
+                 DOT_PRECISION=dot_precision(x.dtype),
+                 INDEX_64=needs_int64(x, y, r))
+    if _INTERPRET:
+        cfg = configs.INTERPRETER_CONV_CONFIG
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out, cfg.block_n),)
+        conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
+                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
+                             triton.cdiv(c_out, meta["BLOCK_N"]),)
+        _autotuned_kernel()[grid](*args, **flags)
+    if stats:
+        return y, (st_mean, st_m2, st_cnt)
+    return y, u

@@ -1,0 +1,417 @@
+"""Fused elementwise and per-channel reduction kernels over (N, C, H, W) tensors.
+
+Every kernel walks [BLOCK_M pixels x BLOCK_C channels] tiles of tensors that share one layout
+(NCHW or NHWC; the launchers make them agree), so one set of strides addresses all of them.
+
+    epilogue_fwd_kernel   y = tail((z - c) * s + b)                    (the apply pass)
+    epilogue_bwd_kernel   dL/dt = dL/du · s, dL/dresidual, and per-tile Σ dL/du and
+                          Σ dL/du · (t - c) per channel                  (affine / act / add)
+    stats_partial_kernel  per-tile channel mean and M2 (Welford-style partials)
+    stats_finalize_kernel Chan's combine of the partials -> mean, biased var
+    stats_bwd_kernel      dL/dz + dL/dmean / m + 2 dL/dvar (z - mean) / m
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import channel_affine, unit_tail
+from .conv import needs_int64
+
+
+@triton.jit
+def _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+          INDEX_64: tl.constexpr):
+    """Row/column indices, masks and element offsets (int64 when a tensor spans 2^31
+    elements, else int32 to save registers) of this program's tile."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    n_idx = offs_m // HW
+    hw = offs_m % HW
+    off = ((n_idx * sn + (hw // W) * sh + (hw % W) * sw)[:, None]
+           + offs_c.to(offs_m.dtype)[None, :] * sc)
+    return offs_m, offs_c, mask_m, mask_c, n_idx, off
+
+
+@triton.jit
+def epilogue_fwd_kernel(z_ptr, c_ptr, s_ptr, b_ptr, res_ptr, bs_ptr, y_ptr,
+                        M, C, HW, W, sn, sc, sh, sw, res_scale,
+                        HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
+                        ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
+                        HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        INDEX_64: tl.constexpr):
+    """y = act_out(bs[n] * act_mid((z - c) * s + b) + λ r); z, r, y share strides."""
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
+                                                       BLOCK_C, INDEX_64)
+    mask2 = mask_m[:, None] & mask_c[None, :]
+    z = tl.load(z_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+    u = channel_affine(z, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C, HAS_S, HAS_B)
+    y = unit_tail(u, n_idx, mask_m, res_ptr + off, mask2, bs_ptr, res_scale, ACT_MID,
+                  HAS_BRANCH, HAS_RES, RES_SCALED, ACT_OUT)
+    tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask2)
+
+
+@triton.jit
+def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_ptr, gr_ptr,
+                        psum_ptr, psum_t_ptr, M, C, HW, W, sn, sc, sh, sw, res_scale,
+                        HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
+                        ACT_MID: tl.constexpr, ACT_OUT: tl.constexpr,
+                        HAS_BRANCH: tl.constexpr, RES_SCALED: tl.constexpr,
+                        NEED_GT: tl.constexpr, NEED_GR: tl.constexpr, NEED_SUM: tl.constexpr,
+                        NEED_SUM_T: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        INDEX_64: tl.constexpr):
+    """Backward of y = act_out(bs[n] * act_mid((t - c) * s + b) + λ r) given gy:
+    gt = gu * s (t's dtype), gr = λ gw (r's dtype), and per tile (pid_m, channel) the partial
+    sums Σ gu and Σ gu (t - c) into psum / psum_t (tiles_m, C) float32."""
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
+                                                       BLOCK_C, INDEX_64)
+    mask2 = mask_m[:, None] & mask_c[None, :]
+    g = tl.load(gy_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+    if ACT_OUT:
+        # Multiply (not where) so a NaN gradient stays NaN, as in the reference.
+        g = g * (tl.load(y_ptr + off, mask=mask2, other=0.0) > 0).to(tl.float32)
+    if NEED_GR:
+        gr = g * res_scale if RES_SCALED else g
+        tl.store(gr_ptr + off, gr.to(gr_ptr.dtype.element_ty), mask=mask2)
+    if HAS_BRANCH:
+        g = g * tl.load(bs_ptr + n_idx, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    if ACT_MID or NEED_SUM_T:
+        t = tl.load(t_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+        if ACT_MID:
+            u = channel_affine(t, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C, HAS_S, HAS_B)
+            g = g * (u > 0).to(tl.float32)
+    if NEED_GT:
+        gt = g
+        if HAS_S:
+            gt = gt * tl.load(s_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        tl.store(gt_ptr + off, gt.to(gt_ptr.dtype.element_ty), mask=mask2)
+    p_off = tl.program_id(0).to(tl.int64) * C + offs_c
+    if NEED_SUM:
+        tl.store(psum_ptr + p_off, tl.sum(tl.where(mask2, g, 0.0), axis=0), mask=mask_c)
+    if NEED_SUM_T:
+        centered = channel_affine(t, offs_c, mask_c, c_ptr, c_ptr, c_ptr, HAS_C, False, False)
+        tl.store(psum_t_ptr + p_off, tl.sum(tl.where(mask2, g * centered, 0.0), axis=0),
+                 mask=mask_c)
+
+
+@triton.jit
+def stats_partial_kernel(x_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
+                         sn, sc, sh, sw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         INDEX_64: tl.constexpr):
+    """Per tile: count of rows, channel mean and M2 about that mean (float32)."""
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
+                                                       BLOCK_C, INDEX_64)
+    mask2 = mask_m[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+    cnt = tl.sum(mask_m.to(tl.float32), axis=0)
+    mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
+    dev = tl.where(mask2, x - mean[None, :], 0.0)
+    p_off = tl.program_id(0).to(tl.int64) * C + offs_c
+    tl.store(st_mean_ptr + p_off, mean, mask=mask_c)
+    tl.store(st_m2_ptr + p_off, tl.sum(dev * dev, axis=0), mask=mask_c)
+    tl.store(st_cnt_ptr + tl.program_id(0), cnt)
+
+
+@triton.jit
+def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, mean_ptr, var_ptr, T, C,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Combine T tiles of (count, mean, M2) into the mean and biased variance per channel.
+    A block of tiles is merged exactly (M2 = Σ M2_i + Σ n_i (mean_i - mean)^2), blocks by
+    Chan's pairwise update: no catastrophic cancellation when |mean| >> std."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < T
+        mask2 = mask_t[:, None] & mask_c[None, :]
+        off = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
+        cnt = tl.load(st_cnt_ptr + offs_t, mask=mask_t, other=0.0)
+        mean = tl.load(st_mean_ptr + off, mask=mask2, other=0.0)
+        m2 = tl.load(st_m2_ptr + off, mask=mask2, other=0.0)
+        n_b = tl.sum(cnt, axis=0)
+        mean_b = tl.sum(cnt[:, None] * mean, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(mask2, mean - mean_b[None, :], 0.0)
+        m2_b = tl.sum(m2 + cnt[:, None] * d * d, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        frac = n_b / tl.maximum(n, 1.0)
+        mean_a = mean_a + delta * frac
+        m2_a = m2_a + m2_b + delta * delta * n_a * frac
+        n_a = n
+    tl.store(mean_ptr + offs_c, mean_a, mask=mask_c)
+    tl.store(var_ptr + offs_c, m2_a / tl.maximum(n_a, 1.0), mask=mask_c)
+
+
+@triton.jit
+def stats_bwd_kernel(gz_ptr, z_ptr, mean_ptr, gmean_ptr, gvar_ptr, out_ptr, M, C, HW, W,
+                     sn, sc, sh, sw, HAS_GZ: tl.constexpr, HAS_GMEAN: tl.constexpr,
+                     HAS_GVAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                     INDEX_64: tl.constexpr):
+    """out = gz + gmean / M + 2 gvar (z - mean) / M, computed in float32."""
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
+                                                       BLOCK_C, INDEX_64)
+    mask2 = mask_m[:, None] & mask_c[None, :]
+    g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    if HAS_GZ:
+        g = tl.load(gz_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+    inv_m = 1.0 / M
+    if HAS_GMEAN:
+        gm = tl.load(gmean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        g = g + gm[None, :] * inv_m
+    if HAS_GVAR:
+        gv = tl.load(gvar_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        mu = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+        g = g + (2.0 * gv[None, :]) * (z - mu[None, :]) * inv_m
+    tl.store(out_ptr + off, g.to(out_ptr.dtype.element_ty), mask=mask2)
+
+
+# triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1).
+_INTERPRET = not isinstance(epilogue_fwd_kernel, triton.runtime.jit.JITFunction)
+
+
+# ---- launchers ----------------------------------------------------------------------------
+
+def _cfg() -> configs.TileConfig:
+    return (configs.INTERPRETER_ELEMENTWISE_CONFIG if _INTERPRET
+            else configs.ELEMENTWISE_CONFIG)
+
+
+def _geometry(t: torch.Tensor):
+    n, c, h, w = t.shape
+    return n * h * w, c, h * w, w
+
+
+def _grid(m: int, c: int, cfg: configs.TileConfig):
+    return (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_c))
+
+
+def like(t: torch.Tensor | None, fmt: torch.memory_format) -> torch.Tensor | None:
+    """t in memory format fmt (a copy only when its strides differ)."""
+    return None if t is None else t.contiguous(memory_format=fmt)
+
+
+def _epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, branch_scale,
+                      act_out, fmt):
+    """y (z's shape and dtype, memory format fmt) = tail((z - center) * scale + shift)."""
+    z = like(z, fmt)
+    y = torch.empty_like(z, memory_format=fmt)
+    m, c, hw, w = _geometry(z)
+    if m == 0 or c == 0:
+        return y
+    r = like(residual, fmt)
+    cfg, d = _cfg(), y
+    epilogue_fwd_kernel[_grid(m, c, cfg)](
+        z, center if center is not None else d, scale if scale is not None else d,
+        shift if shift is not None else d, r if r is not None else d,
+        branch_scale if branch_scale is not None else d, y, m, c, hw, w, *y.stride(),
+        float(res_scale), HAS_C=center is not None, HAS_S=scale is not None,
+        HAS_B=shift is not None, ACT_MID=act_mid == "relu", HAS_RES=r is not None,
+        RES_SCALED=float(res_scale) != 1.0, HAS_BRANCH=branch_scale is not None,
+        ACT_OUT=act_out == "relu", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+        INDEX_64=needs_int64(z, r, y), num_warps=cfg.num_warps)
+    return y
+
+
+def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
+                       res_scale, residual_dtype, need_gt, need_gr, need_sum, need_sum_t, fmt,
+                       gt_dtype=None):
+    """Gradients of y = tail((t - center) * scale + shift) given gy (all (N, C, H, W)):
+    returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or None,
+    Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
+    gy = like(gy, fmt)
+    m, c, hw, w = _geometry(gy)
+    gt = torch.empty(gy.shape, dtype=gt_dtype or t.dtype, device=gy.device,
+                     memory_format=fmt) if need_gt else None
+    gr = torch.empty(gy.shape, dtype=residual_dtype, device=gy.device,
+                     memory_format=fmt) if need_gr else None
+    cfg = _cfg()
+    tiles = triton.cdiv(m, cfg.block_m)
+    psum = torch.empty((tiles, c), dtype=torch.float32, device=gy.device) if need_sum else None
+    psum_t = torch.empty((tiles, c), dtype=torch.float32,
+                         device=gy.device) if need_sum_t else None
+    if m > 0 and c > 0:
+        need_t = act_mid == "relu" or need_sum_t
+        t_in = like(t, fmt) if need_t else gy
+        y_in = like(y, fmt) if act_out == "relu" else gy
+        d = gy
+        epilogue_bwd_kernel[_grid(m, c, cfg)](
+            gy, t_in, y_in, center if center is not None else d,
+            scale if scale is not None else d, shift if shift is not None else d,
+            branch_scale if branch_scale is not None else d,
+            gt if gt is not None else d, gr if gr is not None else d,
+            psum if psum is not None else d, psum_t if psum_t is not None else d,
+            m, c, hw, w, *gy.stride(), float(res_scale),
+            HAS_C=center is not None, HAS_S=scale is not None, HAS_B=shift is not None,
+            ACT_MID=act_mid == "relu", ACT_OUT=act_out == "relu",
+            HAS_BRANCH=branch_scale is not None, RES_SCALED=float(res_scale) != 1.0,
+            NEED_GT=need_gt, NEED_GR=need_gr, NEED_SUM=need_sum, NEED_SUM_T=need_sum_t,
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+            INDEX_64=needs_int64(gy, t_in, y_in, gt, gr), num_warps=cfg.num_warps)
+    elif need_gt or need_gr:
+        for out in (gt, gr):
+            if out is not None:
+                out.zero_()
+    s = psum.sum(0) if psum is not None else None
+    s_t = psum_t.sum(0) if psum_t is not None else None
+    return gt, gr, s, s_t
+
+
+def stats_finalize(st_mean, st_m2, st_cnt, c):
+    """(mean, biased var) (C,) float32 from per-tile partials; zeros when there are none."""
+    mean = torch.zeros((c,), dtype=torch.float32, device=st_cnt.device)
+    var = torch.zeros_like(mean)
+    t = st_cnt.shape[0]
+    if t == 0 or c == 0:
+        return mean, var
+    cfg = configs.FINALIZE_CONFIG
+    stats_finalize_kernel[(triton.cdiv(c, cfg.block_c),)](
+        st_mean, st_m2, st_cnt, mean, var, t, c, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps)
+    return mean, var
+
+
+def channel_stats(x):
+    """Per-channel mean and biased variance (C,) float32 of x (N, C, H, W) over (N, H, W)."""
+    m, c, hw, w = _geometry(x)
+    if m == 0 or c == 0:
+        zeros = torch.zeros((c,), dtype=torch.float32, device=x.device)
+        return zeros, zeros.clone()
+    cfg = _cfg()
+    tiles = triton.cdiv(m, cfg.block_m)
+    st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
+    st_m2 = torch.empty_like(st_mean)
+    st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
+    stats_partial_kernel[_grid(m, c, cfg)](
+        x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_c, INDEX_64=needs_int64(x), num_warps=cfg.num_warps)
+    return stats_finalize(st_mean, st_m2, st_cnt, c)
+
+
+def _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
+    """dL/dz (z's shape, out_dtype, memory format fmt) of (mean, biased var) over (N, H, W)
+    plus the direct gradient gz (any of gz, gmean, gvar may be None)."""
+    z = like(z, fmt)
+    out = torch.empty(z.shape, dtype=out_dtype, device=z.device, memory_format=fmt)
+    m, c, hw, w = _geometry(z)
+    if m == 0 or c == 0:
+        if gz is not None:
+            out.copy_(gz)
+        else:
+            out.zero_()
+        return out
+    gz = like(gz, fmt)
+    cfg, d = _cfg(), z
+    stats_bwd_kernel[_grid(m, c, cfg)](
+        gz if gz is not None else d, z, mean, gmean if gmean is not None else mean,
+        gvar if gvar is not None else mean, out, m, c, hw, w, *out.stride(),
+        HAS_GZ=gz is not None, HAS_GMEAN=gmean is not None, HAS_GVAR=gvar is not None,
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, INDEX_64=needs_int64(gz, z, out),
+        num_warps=cfg.num_warps)
+    return out
+
+
+# ---- torch.library ops ----------------------------------------------------------------------
+# The backward of fused_res's ops calls these launchers. Under torch.compile, AOT autograd
+# traces that backward with fake tensors, so each launcher is a custom op with a fake
+# implementation: the compiled graph holds one node per kernel instead of failing (or breaking
+# the graph) on a data pointer.
+
+_NS = "fused_res_triton"
+_FMT = {False: torch.contiguous_format, True: torch.channels_last}
+
+
+def _new(shape, dtype, device, fmt):
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=fmt)
+
+
+@torch.library.custom_op(f"{_NS}::epilogue_fwd", mutates_args=())
+def _epilogue_fwd_op(z: torch.Tensor, center: torch.Tensor | None, scale: torch.Tensor | None,
+                     shift: torch.Tensor | None, act_mid: str, residual: torch.Tensor | None,
+                     res_scale: float, branch_scale: torch.Tensor | None, act_out: str,
+                     channels_last: bool) -> torch.Tensor:
+    return _epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale,
+                             branch_scale, act_out, _FMT[channels_last])
+
+
+@_epilogue_fwd_op.register_fake
+def _(z, center, scale, shift, act_mid, residual, res_scale, branch_scale, act_out,
+      channels_last):
+    return _new(z.shape, z.dtype, z.device, _FMT[channels_last])
+
+
+@torch.library.custom_op(f"{_NS}::epilogue_bwd", mutates_args=())
+def _epilogue_bwd_op(gy: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor | None,
+                     center: torch.Tensor | None, scale: torch.Tensor | None,
+                     shift: torch.Tensor | None, branch_scale: torch.Tensor | None,
+                     act_mid: str, act_out: str, res_scale: float, gt_dtype: torch.dtype,
+                     gr_dtype: torch.dtype, need_gt: bool, need_gr: bool, need_sum: bool,
+                     need_sum_t: bool, channels_last: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    outs = _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
+                              res_scale, gr_dtype, need_gt, need_gr, need_sum, need_sum_t,
+                              _FMT[channels_last], gt_dtype)
+    # Custom ops return tensors only: an output that was not asked for is empty.
+    return tuple(o if o is not None else gy.new_empty((0,)) for o in outs)
+
+
+@_epilogue_bwd_op.register_fake
+def _(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out, res_scale, gt_dtype,
+      gr_dtype, need_gt, need_gr, need_sum, need_sum_t, channels_last):
+    fmt, c = _FMT[channels_last], gy.shape[1]
+    gt = _new(gy.shape, gt_dtype, gy.device, fmt) if need_gt else gy.new_empty((0,))
+    gr = _new(gy.shape, gr_dtype, gy.device, fmt) if need_gr else gy.new_empty((0,))
+    vec = lambda need: gy.new_empty((c,) if need else (0,), dtype=torch.float32)
+    return gt, gr, vec(need_sum), vec(need_sum_t)
+
+
+@torch.library.custom_op(f"{_NS}::stats_bwd", mutates_args=())
+def _stats_bwd_op(gz: torch.Tensor | None, gmean: torch.Tensor | None,
+                  gvar: torch.Tensor | None, z: torch.Tensor, mean: torch.Tensor,
+                  out_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    return _stats_backward(gz, gmean, gvar, z, mean, out_dtype, _FMT[channels_last])
+
+
+@_stats_bwd_op.register_fake
+def _(gz, gmean, gvar, z, mean, out_dtype, channels_last):
+    return _new(z.shape, out_dtype, z.device, _FMT[channels_last])
+
+
+def epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, branch_scale,
+                     act_out, fmt):
+    """y (z's shape and dtype, memory format fmt) = tail((z - center) * scale + shift)."""
+    return _epilogue_fwd_op(z, center, scale, shift, act_mid, residual, float(res_scale),
+                            branch_scale, act_out, fmt == torch.channels_last)
+
+
+def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
+                      res_scale, residual_dtype, need_gt, need_gr, need_sum, need_sum_t, fmt,
+                      gt_dtype=None):
+    """Gradients of y = tail((t - center) * scale + shift) given gy (all (N, C, H, W)):
+    returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
+    None, Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
+    gt_dtype = gt_dtype or (t.dtype if t is not None else gy.dtype)
+    outs = _epilogue_bwd_op(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
+                            float(res_scale), gt_dtype, residual_dtype or gy.dtype,
+                            bool(need_gt), bool(need_gr), bool(need_sum), bool(need_sum_t),
+                            fmt == torch.channels_last)
+    return tuple(o if need else None for o, need in
+                 zip(outs, (need_gt, need_gr, need_sum, need_sum_t), strict=True))
+
+
+def stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
+    """dL/dz (z's shape, out_dtype, memory format fmt) of (mean, biased var) over (N, H, W)
+    plus the direct gradient gz (any of gz, gmean, gvar may be None)."""
+    return _stats_bwd_op(gz, gmean, gvar, z, mean, out_dtype, fmt == torch.channels_last)

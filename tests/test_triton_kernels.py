@@ -1,0 +1,347 @@
+"""The triton backend's kernels under Triton's CPU interpreter (DESIGN.md §5 rung 2), against the
+float64 reference backend: every conv-unit configuration of DESIGN.md §2, forward and backward,
+fp32 and fp16 (bf16 is wrong in the interpreter; it is tested under -m gpu), NCHW and
+channels_last, and whole blocks in train and eval with their running statistics.
+
+triton decides when a kernel is decorated whether it is interpreted, so this module runs its
+cases in a child pytest with TRITON_INTERPRET=1 (nothing leaks into other test files, and
+the AOT test sees real JIT kernels). Run the cases directly with
+    TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_kernels.py
+"""
+
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from fused_res import ops
+from fused_res.backends import registry
+from fused_res.testing import TOLERANCES, rel_err
+
+CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+if not CHILD:
+    @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+    def test_interpreter_cases_in_a_child_process():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
+        assert " passed" in proc.stdout, tail
+
+    def test_status_without_interpreter_or_gpu():
+        from fused_res.backends.triton_backend import TritonBackend
+        b = TritonBackend()
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device makes the backend available")
+        assert not b.status().available
+        assert "TRITON_INTERPRET" in b.status().reason
+        x = torch.randn(1, 2, 3, 3)
+        assert "TRITON_INTERPRET" in b.unsupported_reason(x, None, 1, (1, 1))
+
+    def test_importing_the_package_does_not_import_triton():
+        code = ("import sys, fused_res, fused_res.backends.triton_backend, fused_res.triton,"
+                " fused_res.triton.configs; assert 'triton' not in sys.modules, 'imported'")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+
+else:
+    from fused_res.backends.triton_backend import TritonBackend
+
+    D = torch.float64
+    LOW = (torch.float32, torch.float16)
+
+    @pytest.fixture(autouse=True)
+    def triton_backend():
+        old = registry._factories["triton"]
+        registry.register_backend("triton", TritonBackend)
+        yield
+        registry.register_backend("triton", old)
+
+    # (kernel, stride, padding, act_in, affine_in, affine_out, act_mid, residual, branch,
+    #  act_out, c_in): every switch of the unit, kernels 1/3/7, stride 1/2, the 3-channel stem.
+    CONFIGS = [
+        (3, 1, 1, "none", False, True, "relu", False, False, "none", 5),    # conv-BN-ReLU
+        (3, 2, 1, "relu", True, True, "none", True, False, "relu", 20),     # BN-ReLU prologue
+        (1, 1, 0, "none", False, True, "none", True, True, "relu", 5),      # 1x1, drop-path
+        (1, 2, 0, "relu", False, False, "none", False, False, "none", 5),   # ReLU-only preact
+        (7, 2, 3, "none", False, True, "relu", False, False, "none", 3),    # stem (flat K)
+        (3, 1, 1, "relu", True, False, "relu", True, True, "none", 18),     # preact + add
+        (3, 1, 0, "none", True, True, "relu", True, False, "relu", 4),      # no padding
+    ]
+    IDS = ["conv_bn_relu", "preact_s2_res", "1x1_drop", "relu_only_s2", "stem7x7",
+           "preact_add", "pad0"]
+
+    def _make(cfg, n=2, cout=6, h=9, w=7, seed=0):
+        k, s, pad, act_in, aff_in, aff_out, act_mid, res, branch, act_out, cin = cfg
+        g = torch.Generator().manual_seed(seed)
+        t = lambda *shape: torch.randn(*shape, dtype=D, generator=g)
+        oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+        return dict(
+            x=t(n, cin, h, w), w=t(cout, cin, k, k) / (cin * k * k) ** 0.5, bias=t(cout),
+            c_in=t(cin) if aff_in else None,
+            a_in=torch.rand(cin, dtype=D, generator=g) + 0.5 if aff_in else None,
+            b_in=t(cin) if aff_in else None,
+            a_out=torch.rand(cout, dtype=D, generator=g) + 0.5 if aff_out else None,
+            b_out=t(cout) if aff_out else None,
+            r=t(n, cout, oh, ow) if res else None,
+            d=torch.rand(n, dtype=D, generator=g) * 2 if branch else None,
+            stride=s, padding=pad, act_in=act_in, act_mid=act_mid, act_out=act_out, lam=0.7)
+
+    MAPS = ("x", "w", "bias", "r")  # tensors in the compute dtype; vectors stay float32
+
+    def _cast(a, dtype, fmt=torch.contiguous_format):
+        out = {}
+        for k, v in a.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(dtype if (k in MAPS or dtype == D) else torch.float32)
+                if v.dim() == 4:
+                    v = v.contiguous(memory_format=fmt)
+                v = v.requires_grad_(k != "d")
+            out[k] = v
+        return out
+
+    def _as_ref(a):
+        """The float64 oracle's inputs: exactly the values the low-precision run received (so
+        input rounding, e.g. a ReLU mask flipped by rounding z + r, is not charged to the
+        kernel)."""
+        return {k: (v.detach().double().requires_grad_(v.requires_grad)
+                    if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+
+    def _unit(a, backend):
+        return ops.conv_unit(a["x"], a["w"], a["bias"], stride=a["stride"],
+                             padding=a["padding"], in_center=a["c_in"], in_scale=a["a_in"],
+                             in_shift=a["b_in"], act_in=a["act_in"], out_scale=a["a_out"],
+                             out_shift=a["b_out"], act_mid=a["act_mid"], residual=a["r"],
+                             res_scale=a["lam"], branch_scale=a["d"], act_out=a["act_out"],
+                             backend=backend)
+
+    def _grads(y, a, gy):
+        names = [k for k, v in a.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+        return names, torch.autograd.grad(y, [a[k] for k in names], gy.to(y.dtype))
+
+    def _check(out, ref, dtype, what):
+        err = rel_err(out, ref)
+        assert err <= TOLERANCES[dtype], f"{what}: {err:.3e} > {TOLERANCES[dtype]:.0e}"
+
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+    def test_conv_unit_forward_backward(cfg, dtype):
+        base = _make(cfg)
+        fmt = torch.channels_last if cfg[0] == 3 else torch.contiguous_format
+        ours = _cast(base, dtype, fmt)
+        ref = _as_ref(ours)
+        y, y_ref = _unit(ours, "triton"), _unit(ref, "reference")
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+        _check(y, y_ref, dtype, "y")
+        gy = torch.randn(y_ref.shape, dtype=D, generator=torch.Generator().manual_seed(1))
+        names, got = _grads(y, ours, gy)
+        _, want = _grads(y_ref, ref, gy)
+        for name, g, w in zip(names, got, want, strict=True):
+            assert g.dtype == ours[name].dtype, name
+            _check(g, w, dtype, f"d{name}")
+
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[4], CONFIGS[2]],
+                             ids=["3x3s2_prologue", "stem7x7", "1x1"])
+    def test_conv_bn_stats_forward_backward(cfg, dtype):
+        base = _make(cfg, n=3, h=8, w=9, seed=2)
+        ours = _cast(base, dtype, torch.channels_last)
+        ref = _as_ref(ours)
+
+        def run(a, backend):
+            return ops.conv_bn_stats(a["x"], a["w"], a["bias"], stride=a["stride"],
+                                     padding=a["padding"], in_center=a["c_in"],
+                                     in_scale=a["a_in"], in_shift=a["b_in"],
+                                     act_in=a["act_in"], backend=backend)
+
+        out, out_ref = run(ours, "triton"), run(ref, "reference")
+        assert out[0].is_contiguous(memory_format=torch.channels_last)
+        assert out[1].dtype == out[2].dtype == torch.float32
+        for o, r, what in zip(out, out_ref, ("z", "mean", "var"), strict=True):
+            _check(o, r, dtype, what)
+        g = torch.Generator().manual_seed(5)
+        gs = [torch.randn(r.shape, dtype=D, generator=g) for r in out_ref]
+        loss = sum((o.double() * gg).sum() for o, gg in zip(out, gs, strict=True))
+        loss_ref = sum((o * gg).sum() for o, gg in zip(out_ref, gs, strict=True))
+        names = [k for k, v in ours.items() if isinstance(v, torch.Tensor) and v.requires_grad
+                 and k not in ("r", "a_out", "b_out")]
+        got = torch.autograd.grad(loss, [ours[k] for k in names])
+        want = torch.autograd.grad(loss_ref, [ref[k] for k in names])
+        for name, a, b in zip(names, got, want, strict=True):
+            _check(a, b, dtype, f"d{name}")
+
+    EPI = [  # (center, scale, shift, act_mid, residual, lam, branch, act_out)
+        (True, True, True, "relu", True, 1.0, False, "relu"),
+        (False, True, True, "none", True, 0.5, True, "relu"),
+        (True, True, False, "relu", False, 1.0, True, "none"),
+        (False, False, False, "none", True, 1.0, False, "relu"),
+    ]
+
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("cfg", EPI, ids=["bn_relu_add_relu", "lam_branch", "preact",
+                                              "add_relu"])
+    @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                             ids=["nchw", "nhwc"])
+    def test_epilogue_forward_backward(cfg, dtype, fmt):
+        has_c, has_s, has_b, act_mid, has_r, lam, has_d, act_out = cfg
+        g = torch.Generator().manual_seed(3)
+        n, c, h, w = 3, 70, 5, 3  # C > one 64-channel tile, rows > one 64-row tile
+        base = dict(z=torch.randn(n, c, h, w, dtype=D, generator=g) * 2 + 1,
+                    c=torch.randn(c, dtype=D, generator=g) if has_c else None,
+                    s=torch.rand(c, dtype=D, generator=g) + 0.5 if has_s else None,
+                    b=torch.randn(c, dtype=D, generator=g) if has_b else None,
+                    r=torch.randn(n, c, h, w, dtype=D, generator=g) if has_r else None,
+                    d=torch.rand(n, dtype=D, generator=g) if has_d else None)
+
+        def cast(dt):
+            out = {}
+            for k, v in base.items():
+                if v is not None:
+                    v = v.to(dt if (k in ("z", "r") or dt == D) else torch.float32)
+                    v = v.contiguous(memory_format=fmt) if v.dim() == 4 else v
+                    v = v.requires_grad_(k != "d")
+                out[k] = v
+            return out
+
+        def run(a, backend):
+            return ops.epilogue(a["z"], a["s"], a["b"], center=a["c"], act_mid=act_mid,
+                                residual=a["r"], res_scale=lam, branch_scale=a["d"],
+                                act_out=act_out, backend=backend)
+
+        ours = cast(dtype)
+        ref = _as_ref(ours)
+        y, y_ref = run(ours, "triton"), run(ref, "reference")
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+        _check(y, y_ref, dtype, "y")
+        gy = torch.randn(y_ref.shape, dtype=D, generator=g)
+        names, got = _grads(y, ours, gy)
+        _, want = _grads(y_ref, ref, gy)
+        for name, a, b in zip(names, got, want, strict=True):
+            _check(a, b, dtype, f"d{name}")
+
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    def test_channel_stats_forward_backward(dtype):
+        g = torch.Generator().manual_seed(4)
+        x64 = torch.randn(5, 7, 9, 11, dtype=D, generator=g) * 3 + 2
+        x = x64.to(dtype).requires_grad_()
+        xr = x.detach().double().requires_grad_()
+        (m, v), (mr, vr) = (ops.channel_stats(x, backend="triton"),
+                            ops.channel_stats(xr, backend="reference"))
+        _check(m, mr, dtype, "mean")
+        _check(v, vr, dtype, "var")
+        gm, gv = torch.randn(7, dtype=D, generator=g), torch.randn(7, dtype=D, generator=g)
+        (gx,) = torch.autograd.grad((m.double() * gm).sum() + (v.double() * gv).sum(), x)
+        (gxr,) = torch.autograd.grad((mr * gm).sum() + (vr * gv).sum(), xr)
+        _check(gx, gxr, dtype, "dx")
+
+    def test_variance_does_not_cancel_when_the_mean_dwarfs_the_spread():
+        """Σz² − (Σz)²/n in float32 loses every digit here; the tile/Chan combine does not."""
+        g = torch.Generator().manual_seed(6)
+        x = (torch.randn(8, 3, 16, 16, dtype=D, generator=g) + 3000.0).float()
+        mean, var = ops.channel_stats(x, backend="triton")
+        xd = x.double()
+        _check(var, xd.var((0, 2, 3), unbiased=False), torch.float32, "var")
+        _check(mean, xd.mean((0, 2, 3)), torch.float32, "mean")
+        naive = ((x * x).sum((0, 2, 3)) / x[:, 0].numel() - x.mean((0, 2, 3)) ** 2)
+        assert rel_err(naive, xd.var((0, 2, 3), unbiased=False)) > TOLERANCES[torch.float32]
+
+    def test_empty_batch_and_single_sample():
+        a = _cast(_make(CONFIGS[1]), torch.float32)
+        empty = {**a, "x": a["x"][:0].detach().requires_grad_(),
+                 "r": a["r"][:0].detach().requires_grad_(), "d": None}
+        y = _unit(empty, "triton")
+        assert y.shape == (0, 6, 5, 4)
+        y.sum().backward()
+        z, mean, var = ops.conv_bn_stats(a["x"][:0].detach(), a["w"].detach(), padding=1,
+                                         backend="triton")
+        assert z.shape[0] == 0 and torch.equal(mean, torch.zeros(6)) and torch.equal(
+            var, torch.zeros(6))
+        one = _cast(_make(CONFIGS[1], n=1), torch.float32)
+        ref = _as_ref(one)
+        _check(_unit(one, "triton"), _unit(ref, "reference"), torch.float32, "N=1")
+
+    def test_nan_propagates_like_the_reference():
+        a = _cast(_make(CONFIGS[0]), torch.float32)
+        x = a["x"].detach().clone()
+        x[0, 0, 2, 2] = float("nan")
+        b = {**a, "x": x}
+        y, ref = _unit(b, "triton"), _unit(b, "reference")
+        assert torch.isnan(y).any()
+        assert torch.equal(torch.isnan(y), torch.isnan(ref))
+
+    def test_groups_and_float64_fall_back_with_one_warning():
+        registry._warned.clear()
+        x = torch.randn(2, 4, 6, 6)
+        w = torch.randn(4, 2, 3, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                y = ops.conv_unit(x, w, padding=1, groups=2, backend="triton")
+        msgs = [str(m.message) for m in caught if "fused_res" in str(m.message)]
+        assert len(msgs) == 1 and "groups=2" in msgs[0]
+        assert rel_err(y, torch.nn.functional.conv2d(x, w, None, 1, 1, 1, 2)) < 1e-6
+        reason = TritonBackend().unsupported_reason(x.double(), None, 1, (1, 1))
+        assert reason is not None and "float64" in reason
+
+    def _block_pair(kind, stride):
+        from helpers import randomize_bn
+
+        from fused_res import nn as fnn
+        from fused_res.models.imagenet import conv1x1
+        torch.manual_seed(0)
+        cin, planes = (8, 4) if kind == "bottleneck" else (6, 6)
+        cls = fnn.Bottleneck if kind == "bottleneck" else fnn.BasicBlock
+        exp = 4 if kind == "bottleneck" else 1
+        down = None
+        if stride != 1 or cin != planes * exp:
+            down = torch.nn.Sequential(conv1x1(cin, planes * exp, stride),
+                                       torch.nn.BatchNorm2d(planes * exp))
+        block = randomize_bn(cls(cin, planes, stride, down, backend="triton", drop_path=0.0,
+                                 shortcut_scale=0.5))
+        ref = copy.deepcopy(block).double()
+        ref.backend = "reference"
+        return block, ref, cin
+
+    @pytest.mark.parametrize("kind,stride", [("basic", 1), ("bottleneck", 2)])
+    def test_block_train_step_and_running_stats(kind, stride):
+        block, ref, cin = _block_pair(kind, stride)
+        x = torch.randn(3, cin, 7, 7).to(memory_format=torch.channels_last)
+        for mode in ("train", "eval"):
+            block.train(mode == "train")
+            ref.train(mode == "train")
+            xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+            y, yr = block(xa), ref(xr)
+            _check(y, yr, torch.float32, f"{mode} y")
+            gy = torch.randn(yr.shape, dtype=D)
+            (y.double() * gy).sum().backward()
+            (yr * gy).sum().backward()
+            _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
+            for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
+                                          strict=True):
+                _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
+                p.grad = pr.grad = None
+        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
+            if b.is_floating_point():
+                _check(b, br, torch.float32, name)
+            else:
+                assert torch.equal(b, br), name
+
+    def test_compile_fullgraph_sees_one_op():
+        a = _cast(_make(CONFIGS[1]), torch.float32)
+        # The registry creates a backend object on first use; a first use inside the traced
+        # frame mutates a dict dynamo guards on (registry issue, reported): create it first.
+        registry.get_backend_object("triton")
+        f = torch.compile(lambda a: _unit(a, "triton"), fullgraph=True, backend="aot_eager")
+        y = f(a)
+        _check(y, _unit(_as_ref(a), "reference"), torch.float32, "y")
+        y.sum().backward()
+        assert a["x"].grad is not None
