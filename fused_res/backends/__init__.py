@@ -2,6 +2,8 @@
 fast ones (triton, cuda, cudnn) as they land; 'auto' picks per call."""
 
 from .base import Backend, BackendStatus
+from .cuda_backend import CudaBackend  # loads the extension only when first used
+from .cudnn_backend import CudnnBackend
 from .reference import ReferenceBackend
 from .registry import (
     ENV_VAR,
@@ -18,7 +20,9 @@ from .triton_backend import TritonBackend  # imports no triton until a kernel ru
 
 register_backend("reference", ReferenceBackend)
 register_backend("triton", TritonBackend)
+register_backend("cuda", CudaBackend)
+register_backend("cudnn", CudnnBackend)
 
-__all__ = ["ENV_VAR", "NAMES", "Backend", "BackendStatus", "ReferenceBackend", "TritonBackend",
-           "available_backends", "current_backend", "get_backend_object", "register_backend",
-           "resolve", "set_backend", "use_backend"]
+__all__ = ["ENV_VAR", "NAMES", "Backend", "BackendStatus", "CudaBackend", "CudnnBackend",
+           "ReferenceBackend", "TritonBackend", "available_backends", "current_backend",
+           "get_backend_object", "register_backend", "resolve", "set_backend", "use_backend"]

@@ -1,0 +1,474 @@
+// CPU implementations of the fused_res_C ops.
+//
+// Every op walks "rows": an (n, c) plane of HW elements (NCHW) or a pixel of C channels
+// (NHWC). Rows are split across threads with at::parallel_for; inside a row the work runs
+// on fp32 chunks of kChunk elements in plain loops that the compiler vectorizes (the fp16 /
+// bf16 conversions are done chunk-wise on the way in and out). Reductions are two-level:
+// per-row (NCHW) or per-block-of-rows (NHWC) partials in double, combined in a fixed order,
+// so results do not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../ops.h"
+
+namespace fused_res {
+namespace {
+
+constexpr int64_t kChunk = 512;
+
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t len) {
+  for (int64_t j = 0; j < len; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+inline float relu(float v) { return v < 0.f ? 0.f : v; }  // keeps NaN, like torch.relu
+inline float relu_mask(float out) { return out > 0.f ? 1.f : 0.f; }
+
+// Per-channel constants expanded to full length (defaults 0 / 1 / 0), so the inner loops
+// have no per-element branches on whether a vector was given.
+struct ChannelConsts {
+  std::vector<float> center, scale, shift;
+  ChannelConsts(int64_t c, const float* ce, const float* sc, const float* sh)
+      : center(c, 0.f), scale(c, 1.f), shift(c, 0.f) {
+    if (ce) std::copy(ce, ce + c, center.begin());
+    if (sc) std::copy(sc, sc + c, scale.begin());
+    if (sh) std::copy(sh, sh + c, shift.begin());
+  }
+};
+
+// Rows per NHWC reduction block: a function of the shape only (determinism).
+inline int64_t nhwc_block_rows(int64_t c) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(c, 1)); }
+
+// ---- channel_stats ------------------------------------------------------------------------
+
+template <typename T>
+void channel_stats_kernel(const T* x, const Layout& L, float* mean, float* var) {
+  const int64_t C = L.c, HW = L.hw, m = L.n * L.hw;
+  // Shift K_c = the channel's first element (see kernels/bn_stats.cuh).
+  std::vector<float> K(C);
+  for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(x[L.nhwc ? c : c * HW]);
+  std::vector<double> S, SS;
+  if (!L.nhwc) {
+    const int64_t rows = L.n * C;
+    S.assign(rows, 0.0);
+    SS.assign(rows, 0.0);
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      float buf[kChunk];
+      for (int64_t r = r0; r < r1; ++r) {
+        const float k = K[r % C];
+        const T* row = x + r * HW;
+        double s = 0.0, ss = 0.0;
+        for (int64_t j0 = 0; j0 < HW; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, HW - j0);
+          to_float(row + j0, buf, len);
+          float cs = 0.f, css = 0.f;
+          for (int64_t j = 0; j < len; ++j) {
+            const float d = buf[j] - k;
+            cs += d;
+            css += d * d;
+          }
+          s += cs;
+          ss += css;
+        }
+        S[r] = s;
+        SS[r] = ss;
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0, ss = 0.0;
+      for (int64_t n = 0; n < L.n; ++n) {
+        s += S[n * C + c];
+        ss += SS[n * C + c];
+      }
+      const double d = s / m;
+      mean[c] = static_cast<float>(K[c] + d);
+      var[c] = static_cast<float>(std::max(ss / m - d * d, 0.0));
+    }
+    return;
+  }
+  const int64_t rows = L.n * HW, br = nhwc_block_rows(C);
+  const int64_t blocks = (rows + br - 1) / br;
+  S.assign(blocks * C, 0.0);
+  SS.assign(blocks * C, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> buf(C), cs(C), css(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(cs.begin(), cs.end(), 0.f);
+      std::fill(css.begin(), css.end(), 0.f);
+      for (int64_t r = b * br; r < std::min(rows, (b + 1) * br); ++r) {
+        to_float(x + r * C, buf.data(), C);
+        for (int64_t c = 0; c < C; ++c) {
+          const float d = buf[c] - K[c];
+          cs[c] += d;
+          css[c] += d * d;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        S[b * C + c] = cs[c];
+        SS[b * C + c] = css[c];
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0.0, ss = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      s += S[b * C + c];
+      ss += SS[b * C + c];
+    }
+    const double d = s / m;
+    mean[c] = static_cast<float>(K[c] + d);
+    var[c] = static_cast<float>(std::max(ss / m - d * d, 0.0));
+  }
+}
+
+// ---- stats_backward -----------------------------------------------------------------------
+
+template <typename T>
+void stats_backward_kernel(const T* gz, const T* z, const float* gmean, const float* gvar,
+                           const float* mean, T* out, const Layout& L) {
+  const int64_t C = L.c, HW = L.hw;
+  const float inv = 1.f / static_cast<float>(L.n * HW);
+  const int64_t rows = L.nhwc ? L.n * HW : L.n * C, cols = L.nhwc ? C : HW;
+  // Per channel: g = gz + a + b * (z - mean), with a = gmean / m, b = 2 * gvar / m.
+  std::vector<float> A(C, 0.f), B(C, 0.f), M(C, 0.f);
+  for (int64_t c = 0; c < C; ++c) {
+    if (gmean) A[c] = gmean[c] * inv;
+    if (gvar) {
+      B[c] = gvar[c] * 2.f;
+      M[c] = mean[c];
+    }
+  }
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    float g[kChunk], zz[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+        const int64_t len = std::min(kChunk, cols - j0), off = r * cols + j0;
+        if (gz) to_float(gz + off, g, len); else std::fill(g, g + len, 0.f);
+        if (gvar) to_float(z + off, zz, len); else std::fill(zz, zz + len, 0.f);
+        if (L.nhwc) {
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t c = j0 + j;
+            g[j] = (g[j] + A[c]) + B[c] * (zz[j] - M[c]) * inv;
+          }
+        } else {
+          const int64_t c = r % C;
+          const float a = A[c], b = B[c], mu = M[c];
+          for (int64_t j = 0; j < len; ++j) g[j] = (g[j] + a) + b * (zz[j] - mu) * inv;
+        }
+        from_float(g, out + off, len);
+      }
+    }
+  });
+}
+
+// ---- epilogue forward ---------------------------------------------------------------------
+
+struct Tail {
+  const float* branch_scale;
+  float res_scale;
+  bool relu_mid, relu_out;
+};
+
+// One chunk of one row: v holds z on entry and y on exit; per-element channel constants
+// (NHWC) or one constant per chunk (NCHW, stride 0 into the constant arrays).
+inline void apply_chunk(float* v, const float* r, int64_t len, const float* ce, const float* sc,
+                        const float* sh, int64_t cstride, float d, const Tail& t) {
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t k = j * cstride;
+    float u = (v[j] - ce[k]) * sc[k] + sh[k];
+    if (t.relu_mid) u = relu(u);
+    if (t.branch_scale) u = u * d;
+    if (r) u = u + (t.res_scale == 1.f ? r[j] : t.res_scale * r[j]);
+    v[j] = t.relu_out ? relu(u) : u;
+  }
+}
+
+template <typename T>
+void epilogue_kernel(const T* z, const T* res, T* y, const ChannelConsts& k, const Tail& t,
+                     const Layout& L) {
+  const int64_t C = L.c, HW = L.hw;
+  const int64_t rows = L.nhwc ? L.n * HW : L.n * C, cols = L.nhwc ? C : HW;
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)),
+                   [&](int64_t r0, int64_t r1) {
+    float v[kChunk], rr[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = L.nhwc ? r / HW : r / C;
+      const float d = t.branch_scale ? t.branch_scale[n] : 1.f;
+      for (int64_t j0 = 0; j0 < cols; j0 += kChunk) {
+        const int64_t len = std::min(kChunk, cols - j0), off = r * cols + j0;
+        to_float(z + off, v, len);
+        if (res) to_float(res + off, rr, len);
+        const int64_t c = L.nhwc ? j0 : r % C;
+        apply_chunk(v, res ? rr : nullptr, len, &k.center[c], &k.scale[c], &k.shift[c],
+                    L.nhwc ? 1 : 0, d, t);
+        from_float(v, y + off, len);
+      }
+    }
+  });
+}
+
+// ---- epilogue backward --------------------------------------------------------------------
+
+// One chunk: g holds gy on entry. Writes dL/dr into gr_out (if given), dL/dz into g, and adds
+// Σ gu, Σ gu·(z - center) per element into sa, sb (per-element slots; stride 0 for NCHW).
+inline void backward_chunk(float* g, const float* zz, const float* yy, float* gr_out,
+                           int64_t len, const float* ce, const float* sc, const float* sh,
+                           int64_t cstride, float d, const Tail& t, bool has_z, float* sa,
+                           float* sb) {
+  for (int64_t j = 0; j < len; ++j) {
+    const int64_t k = j * cstride;
+    float gw = g[j];
+    if (t.relu_out) gw = gw * relu_mask(yy[j]);
+    if (gr_out) gr_out[j] = t.res_scale == 1.f ? gw : gw * t.res_scale;
+    const float zc = has_z ? zz[j] - ce[k] : 0.f;
+    float gu = t.branch_scale ? gw * d : gw;
+    if (t.relu_mid) gu = gu * relu_mask(zc * sc[k] + sh[k]);
+    sa[k] += gu;
+    sb[k] += gu * zc;
+    g[j] = gu * sc[k];
+  }
+}
+
+template <typename T>
+void epilogue_backward_kernel(const T* gy, const T* z, const T* y, T* gz, T* gr,
+                              const ChannelConsts& k, const Tail& t, const Layout& L,
+                              float* sum_gu, float* sum_guc) {
+  const int64_t C = L.c, HW = L.hw;
+  const bool has_z = z != nullptr;
+  if (!L.nhwc) {
+    const int64_t rows = L.n * C;
+    std::vector<double> S(rows), SS(rows);
+    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+      float g[kChunk], zz[kChunk], yy[kChunk], gro[kChunk];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t c = r % C;
+        const float d = t.branch_scale ? t.branch_scale[r / C] : 1.f;
+        double s = 0.0, ss = 0.0;
+        for (int64_t j0 = 0; j0 < HW; j0 += kChunk) {
+          const int64_t len = std::min(kChunk, HW - j0), off = r * HW + j0;
+          to_float(gy + off, g, len);
+          if (has_z) to_float(z + off, zz, len);
+          if (t.relu_out) to_float(y + off, yy, len);
+          float sa = 0.f, sb = 0.f;
+          backward_chunk(g, zz, yy, gr ? gro : nullptr, len, &k.center[c], &k.scale[c],
+                         &k.shift[c], 0, d, t, has_z, &sa, &sb);
+          s += sa;
+          ss += sb;
+          if (gr) from_float(gro, gr + off, len);
+          if (gz) from_float(g, gz + off, len);
+        }
+        S[r] = s;
+        SS[r] = ss;
+      }
+    });
+    if (sum_gu) {
+      for (int64_t c = 0; c < C; ++c) {
+        double s = 0.0, ss = 0.0;
+        for (int64_t n = 0; n < L.n; ++n) {
+          s += S[n * C + c];
+          ss += SS[n * C + c];
+        }
+        sum_gu[c] = static_cast<float>(s);
+        if (sum_guc) sum_guc[c] = static_cast<float>(ss);
+      }
+    }
+    return;
+  }
+  const int64_t rows = L.n * HW, br = nhwc_block_rows(C);
+  const int64_t blocks = (rows + br - 1) / br;
+  std::vector<double> S(blocks * C), SS(blocks * C);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> g(C), zz(C), yy(C), gro(C), sa(C), sb(C);
+    for (int64_t b = b0; b < b1; ++b) {
+      std::fill(sa.begin(), sa.end(), 0.f);
+      std::fill(sb.begin(), sb.end(), 0.f);
+      for (int64_t r = b * br; r < std::min(rows, (b + 1) * br); ++r) {
+        const float d = t.branch_scale ? t.branch_scale[r / HW] : 1.f;
+        const int64_t off = r * C;
+        to_float(gy + off, g.data(), C);
+        if (has_z) to_float(z + off, zz.data(), C);
+        if (t.relu_out) to_float(y + off, yy.data(), C);
+        backward_chunk(g.data(), zz.data(), yy.data(), gr ? gro.data() : nullptr, C,
+                       k.center.data(), k.scale.data(), k.shift.data(), 1, d, t, has_z,
+                       sa.data(), sb.data());
+        if (gr) from_float(gro.data(), gr + off, C);
+        if (gz) from_float(g.data(), gz + off, C);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        S[b * C + c] = sa[c];
+        SS[b * C + c] = sb[c];
+      }
+    }
+  });
+  if (sum_gu) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0, ss = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) {
+        s += S[b * C + c];
+        ss += SS[b * C + c];
+      }
+      sum_gu[c] = static_cast<float>(s);
+      if (sum_guc) sum_guc[c] = static_cast<float>(ss);
+    }
+  }
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "fused_res_C: ", name, " is on ", t.device(),
+              "; the CPU implementation was called");
+}
+
+}  // namespace
+
+// ---- op entry points ----------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_cpu(const at::Tensor& x_in) {
+  check_feature_map(x_in, "x");
+  check_cpu(x_in, "x");
+  Layout L;
+  const at::Tensor x = canonical(x_in, &L);
+  at::Tensor mean = at::zeros({L.c}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::zeros({L.c}, x.options().dtype(at::kFloat));
+  if (L.numel() == 0) return {mean, var};
+  FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats",
+                                  [&] {
+    channel_stats_kernel<scalar_t>(x.data_ptr<scalar_t>(), L, mean.data_ptr<float>(),
+                                   var.data_ptr<float>());
+  });
+  return {mean, var};
+}
+
+at::Tensor stats_backward_cpu(const OptTensor& gz, const OptTensor& gmean, const OptTensor& gvar,
+                              const at::Tensor& z_in, const at::Tensor& mean_in) {
+  check_feature_map(z_in, "z");
+  check_cpu(z_in, "z");
+  Layout L;
+  const at::Tensor z = canonical(z_in, &L);
+  OptTensor g = gz.has_value() ? OptTensor(like_primary(*gz, z_in, L, "gz")) : std::nullopt;
+  const OptTensor gm = vec_f32(gmean, L.c, z_in, "gmean", "channel");
+  const OptTensor gv = vec_f32(gvar, L.c, z_in, "gvar", "channel");
+  const OptTensor mean = vec_f32(mean_in, L.c, z_in, "mean", "channel");
+  at::Tensor out = at::empty_like(z, z.options(), L.format());
+  if (L.numel() == 0) return out;
+  FUSED_RES_DISPATCH(z.scalar_type(), "stats_backward",
+                                  [&] {
+    stats_backward_kernel<scalar_t>(g ? g->data_ptr<scalar_t>() : nullptr,
+                                    z.data_ptr<scalar_t>(), fptr(gm), fptr(gv), fptr(mean),
+                                    out.data_ptr<scalar_t>(), L);
+  });
+  return out;
+}
+
+at::Tensor epilogue_cpu(const at::Tensor& z_in, const OptTensor& center, const OptTensor& scale,
+                        const OptTensor& shift, bool relu_mid, const OptTensor& residual,
+                        double res_scale, const OptTensor& branch_scale, bool relu_out) {
+  check_cpu(z_in, "z");
+  const EpilogueInputs in = prepare_epilogue(z_in, center, scale, shift, residual,
+                                             branch_scale);
+  at::Tensor y = at::empty_like(in.z, in.z.options(), in.layout.format());
+  if (in.layout.numel() == 0) return y;
+  const ChannelConsts k(in.layout.c, fptr(in.center), fptr(in.scale), fptr(in.shift));
+  const Tail t{fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid, relu_out};
+  FUSED_RES_DISPATCH(in.z.scalar_type(), "epilogue",
+                                  [&] {
+    epilogue_kernel<scalar_t>(in.z.data_ptr<scalar_t>(),
+                              in.residual ? in.residual->data_ptr<scalar_t>() : nullptr,
+                              y.data_ptr<scalar_t>(), k, t, in.layout);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu(
+    const at::Tensor& gy_in, const OptTensor& z, const OptTensor& y, const OptTensor& center,
+    const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,
+    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums) {
+  check_cpu(gy_in, "gy");
+  const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
+                                                      relu_mid, branch_scale, relu_out);
+  const Layout& L = in.layout;
+  const auto fmt = L.format();
+  at::Tensor gz = need_gz ? at::empty_like(in.gy, in.gy.options(), fmt)
+                          : at::empty({0}, in.gy.options());
+  at::Tensor gr = need_gr ? at::empty_like(in.gy, in.gy.options(), fmt)
+                          : at::empty({0}, in.gy.options());
+  at::Tensor s1 = need_sums ? at::zeros({L.c}, in.gy.options().dtype(at::kFloat))
+                            : empty_vec(in.gy);
+  at::Tensor s2 = (need_sums && in.z) ? at::zeros({L.c}, in.gy.options().dtype(at::kFloat))
+                                      : empty_vec(in.gy);
+  if (L.numel() == 0) return {gz, gr, s1, s2};
+  const ChannelConsts k(L.c, fptr(in.center), fptr(in.scale), fptr(in.shift));
+  const Tail t{fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid, relu_out};
+  FUSED_RES_DISPATCH(in.gy.scalar_type(),
+                                  "epilogue_backward", [&] {
+    epilogue_backward_kernel<scalar_t>(
+        in.gy.data_ptr<scalar_t>(), in.z ? in.z->data_ptr<scalar_t>() : nullptr,
+        in.y ? in.y->data_ptr<scalar_t>() : nullptr,
+        need_gz ? gz.data_ptr<scalar_t>() : nullptr,
+        need_gr ? gr.data_ptr<scalar_t>() : nullptr, k, t, L,
+        need_sums ? s1.data_ptr<float>() : nullptr,
+        (need_sums && in.z) ? s2.data_ptr<float>() : nullptr);
+  });
+  return {gz, gr, s1, s2};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(
+    const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
+    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps,
+    int64_t count) {
+  check_cpu(mean, "mean");
+  const FinalizeInputs in = prepare_finalize(mean, var, weight, bias, running_mean, running_var,
+                                             num_batches_tracked, momentum, count);
+  const int64_t C = in.mean.size(0);
+  at::Tensor scale = at::empty({C}, in.mean.options());
+  at::Tensor shift = at::empty({C}, in.mean.options());
+  const bool track = running_mean.has_value();
+  if (track && num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+  float f = 0.f;
+  if (in.update) {
+    // Eager: factor = 1 / num_batches_tracked.to(float32) when momentum is None.
+    f = momentum.has_value()
+            ? static_cast<float>(*momentum)
+            : 1.f / static_cast<float>(num_batches_tracked->item<int64_t>());
+  }
+  const float* m = in.mean.data_ptr<float>();
+  const float* v = in.var.data_ptr<float>();
+  const float* w = fptr(in.weight);
+  const float* b = fptr(in.bias);
+  float* sc = scale.data_ptr<float>();
+  float* sh = shift.data_ptr<float>();
+  float* rm = in.update ? running_mean->data_ptr<float>() : nullptr;
+  float* rv = in.update ? running_var->data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps), keep = 1.f - f;
+  for (int64_t c = 0; c < C; ++c) {
+    float s = 1.f / std::sqrt(v[c] + e);
+    if (w) s = s * w[c];
+    sc[c] = s;
+    sh[c] = (b ? b[c] : 0.f) - m[c] * s;
+    if (rm) {
+      rm[c] = rm[c] * keep + m[c] * f;
+      rv[c] = rv[c] * keep + (v[c] * in.unbias) * f;
+    }
+  }
+  return {scale, shift};
+}
+
+TORCH_LIBRARY_IMPL(fused_res_C, CPU, m) {
+  m.impl("channel_stats", &channel_stats_cpu);
+  m.impl("stats_backward", &stats_backward_cpu);
+  m.impl("epilogue", &epilogue_cpu);
+  m.impl("epilogue_backward", &epilogue_backward_cpu);
+  m.impl("bn_finalize", &bn_finalize_cpu);
+}
+
+}  // namespace fused_res

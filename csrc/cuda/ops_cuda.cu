@@ -1,0 +1,213 @@
+// CUDA implementations of the fused_res_C ops: argument handling with ATen, the kernels
+// themselves in kernels/ (torch-free). Workspaces come from the caching allocator and every
+// launch goes to the current stream, so the ops are safe under CUDA graphs.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "bn_apply.cuh"
+#include "bn_stats.cuh"
+
+namespace fused_res {
+namespace {
+
+template <typename T>
+struct DeviceType;
+template <>
+struct DeviceType<float> { using type = float; };
+template <>
+struct DeviceType<at::Half> { using type = __half; };
+template <>
+struct DeviceType<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename scalar_t>
+using dev_t = typename DeviceType<scalar_t>::type;
+
+template <typename scalar_t>
+dev_t<scalar_t>* dptr(const at::Tensor& t) {
+  return reinterpret_cast<dev_t<scalar_t>*>(t.data_ptr<scalar_t>());
+}
+
+template <typename scalar_t>
+dev_t<scalar_t>* dptr(const OptTensor& t) {
+  return t.has_value() ? dptr<scalar_t>(*t) : nullptr;
+}
+
+frk::LaunchConfig launch_config() {
+  return frk::LaunchConfig{at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                           at::cuda::getCurrentCUDAStream().stream()};
+}
+
+frk::Shape shape_of(const Layout& L) { return frk::Shape{L.n, L.c, L.hw, L.nhwc}; }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "fused_res_C: ", what, " launch failed: ",
+              cudaGetErrorString(err));
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "fused_res_C: ", name, " is on ", t.device(),
+              "; the CUDA implementation was called");
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_in) {
+  check_feature_map(x_in, "x");
+  check_cuda(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  Layout L;
+  const at::Tensor x = canonical(x_in, &L);
+  at::Tensor mean = at::zeros({L.c}, x.options().dtype(at::kFloat));
+  at::Tensor var = at::zeros({L.c}, x.options().dtype(at::kFloat));
+  if (L.numel() == 0) return {mean, var};
+  const auto cfg = launch_config();
+  const auto s = shape_of(L);
+  FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats", [&] {
+    using T = dev_t<scalar_t>;
+    const frk::ChannelStatsArgs<T> args{dptr<scalar_t>(x), mean.data_ptr<float>(),
+                                        var.data_ptr<float>()};
+    const auto plan = frk::plan_channel_stats(args, s, cfg.num_sms);
+    at::Tensor ws = at::empty({2 * plan.splits * L.c}, mean.options());
+    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<float>(), cfg),
+                 "channel_stats");
+  });
+  return {mean, var};
+}
+
+at::Tensor stats_backward_cuda(const OptTensor& gz, const OptTensor& gmean,
+                               const OptTensor& gvar, const at::Tensor& z_in,
+                               const at::Tensor& mean_in) {
+  check_feature_map(z_in, "z");
+  check_cuda(z_in, "z");
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  Layout L;
+  const at::Tensor z = canonical(z_in, &L);
+  const OptTensor g = gz.has_value() ? OptTensor(like_primary(*gz, z_in, L, "gz"))
+                                     : std::nullopt;
+  const OptTensor gm = vec_f32(gmean, L.c, z_in, "gmean", "channel");
+  const OptTensor gv = vec_f32(gvar, L.c, z_in, "gvar", "channel");
+  const OptTensor mean = vec_f32(mean_in, L.c, z_in, "mean", "channel");
+  at::Tensor out = at::empty_like(z, z.options(), L.format());
+  if (L.numel() == 0) return out;
+  const auto cfg = launch_config();
+  FUSED_RES_DISPATCH(z.scalar_type(), "stats_backward", [&] {
+    using T = dev_t<scalar_t>;
+    const frk::StatsBackwardOp<T> op{dptr<scalar_t>(g), dptr<scalar_t>(z), fptr(gm),
+                                     fptr(gv), fptr(mean), dptr<scalar_t>(out),
+                                     1.f / static_cast<float>(L.n * L.hw)};
+    check_launch(frk::launch_stats_backward(op, shape_of(L), cfg), "stats_backward");
+  });
+  return out;
+}
+
+at::Tensor epilogue_cuda(const at::Tensor& z_in, const OptTensor& center,
+                         const OptTensor& scale, const OptTensor& shift, bool relu_mid,
+                         const OptTensor& residual, double res_scale,
+                         const OptTensor& branch_scale, bool relu_out) {
+  check_cuda(z_in, "z");
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const EpilogueInputs in = prepare_epilogue(z_in, center, scale, shift, residual,
+                                             branch_scale);
+  at::Tensor y = at::empty_like(in.z, in.z.options(), in.layout.format());
+  if (in.layout.numel() == 0) return y;
+  const frk::TailParams p{fptr(in.center), fptr(in.scale), fptr(in.shift),
+                          fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid,
+                          relu_out};
+  const auto cfg = launch_config();
+  FUSED_RES_DISPATCH(in.z.scalar_type(), "epilogue", [&] {
+    using T = dev_t<scalar_t>;
+    const frk::EpilogueForwardOp<T> op{dptr<scalar_t>(in.z), dptr<scalar_t>(in.residual),
+                                       dptr<scalar_t>(y), p};
+    check_launch(frk::launch_epilogue_forward(op, shape_of(in.layout), cfg), "epilogue");
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cuda(
+    const at::Tensor& gy_in, const OptTensor& z, const OptTensor& y, const OptTensor& center,
+    const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,
+    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums) {
+  check_cuda(gy_in, "gy");
+  const c10::cuda::CUDAGuard guard(gy_in.device());
+  const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
+                                                      relu_mid, branch_scale, relu_out);
+  const Layout& L = in.layout;
+  const auto fmt = L.format();
+  const auto fopt = in.gy.options().dtype(at::kFloat);
+  at::Tensor gz = need_gz ? at::empty_like(in.gy, in.gy.options(), fmt)
+                          : at::empty({0}, in.gy.options());
+  at::Tensor gr = need_gr ? at::empty_like(in.gy, in.gy.options(), fmt)
+                          : at::empty({0}, in.gy.options());
+  // The kernel always reduces both sums; they are returned only when asked for.
+  at::Tensor s1 = at::zeros({L.c}, fopt);
+  at::Tensor s2 = at::zeros({L.c}, fopt);
+  if (L.numel() > 0) {
+    const frk::TailParams p{fptr(in.center), fptr(in.scale), fptr(in.shift),
+                            fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid,
+                            relu_out};
+    const auto cfg = launch_config();
+    const auto s = shape_of(L);
+    FUSED_RES_DISPATCH(in.gy.scalar_type(), "epilogue_backward", [&] {
+      using T = dev_t<scalar_t>;
+      const frk::EpilogueBackwardOp<T> op{
+          dptr<scalar_t>(in.gy), dptr<scalar_t>(in.z), dptr<scalar_t>(in.y),
+          need_gz ? dptr<scalar_t>(gz) : nullptr, need_gr ? dptr<scalar_t>(gr) : nullptr,
+          p};
+      const frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>()};
+      const auto plan = frk::plan_epilogue_backward(op, s, cfg.num_sms);
+      at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt);
+      check_launch(frk::launch_epilogue_backward(op, fin, s, plan, ws.data_ptr<float>(), cfg),
+                   "epilogue_backward");
+    });
+  }
+  if (!need_sums) s1 = at::empty({0}, fopt);
+  if (!need_sums || !in.z) s2 = at::empty({0}, fopt);
+  return {gz, gr, s1, s2};
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(
+    const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,
+    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps,
+    int64_t count) {
+  check_cuda(mean, "mean");
+  const c10::cuda::CUDAGuard guard(mean.device());
+  const FinalizeInputs in = prepare_finalize(mean, var, weight, bias, running_mean, running_var,
+                                             num_batches_tracked, momentum, count);
+  const int64_t C = in.mean.size(0);
+  at::Tensor scale = at::empty({C}, in.mean.options());
+  at::Tensor shift = at::empty({C}, in.mean.options());
+  // Same stream as the kernel below, which reads the incremented count (momentum=None).
+  if (running_mean.has_value() && num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+  frk::FinalizeArgs a{};
+  a.mean = in.mean.data_ptr<float>();
+  a.var = in.var.data_ptr<float>();
+  a.weight = fptr(in.weight);
+  a.bias = fptr(in.bias);
+  a.running_mean = in.update ? running_mean->data_ptr<float>() : nullptr;
+  a.running_var = in.update ? running_var->data_ptr<float>() : nullptr;
+  a.num_batches_tracked =
+      num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  a.scale = scale.data_ptr<float>();
+  a.shift = shift.data_ptr<float>();
+  a.c = C;
+  a.momentum = static_cast<float>(momentum.value_or(0.0));
+  a.momentum_none = !momentum.has_value();
+  a.eps = static_cast<float>(eps);
+  a.unbias = in.unbias;
+  a.update = in.update;
+  check_launch(frk::launch_bn_finalize(a, launch_config()), "bn_finalize");
+  return {scale, shift};
+}
+
+TORCH_LIBRARY_IMPL(fused_res_C, CUDA, m) {
+  m.impl("channel_stats", &channel_stats_cuda);
+  m.impl("stats_backward", &stats_backward_cuda);
+  m.impl("epilogue", &epilogue_cuda);
+  m.impl("epilogue_backward", &epilogue_backward_cuda);
+  m.impl("bn_finalize", &bn_finalize_cuda);
+}
+
+}  // namespace fused_res

@@ -1,0 +1,295 @@
+"""The compiled extension `fused_res._C` (ops `torch.ops.fused_res_C.*`), loaded lazily.
+
+`load()` returns the op namespace or None. It tries, in order: a prebuilt `fused_res._C`
+(built by setup.py), then a JIT build of csrc/ (+ kernels/) with ninja into a cache
+($FUSED_RES_CACHE, default ~/.cache/fused_res). CUDA sources are compiled when torch has CUDA
+and a CUDA toolkit (nvcc) is found -- whether a GPU is present does not matter. On any
+failure it warns once, remembers why (`reason()`), and the package runs on its other
+backends. FUSED_RES_NO_EXT=1 skips the extension entirely.
+
+Importing fused_res does not import this module's heavy parts: nothing here runs before the
+first use of the `cuda` backend. Top-level imports are stdlib only, so setup.py can reuse
+`find_cuda_home()` and `pip_cuda_include_dirs()` without importing the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+NO_EXT_ENV = "FUSED_RES_NO_EXT"
+CACHE_ENV = "FUSED_RES_CACHE"
+JIT_CUDA_ENV = "FUSED_RES_JIT_CUDA"  # "0": JIT-build the CPU kernels only
+DEFAULT_ARCH_LIST = "8.0;9.0"
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+KERNELS = ROOT / "kernels"
+
+_lock = threading.Lock()
+_state: dict = {"done": False, "ops": None, "reason": "not loaded yet", "source": None}
+
+
+# ---- toolkit discovery (stdlib only; shared with setup.py) --------------------------------
+
+def _is_toolkit(home: Path) -> bool:
+    return (home / "bin" / "nvcc").is_file() and (home / "include" / "cuda_runtime.h").is_file()
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit folder: $CUDA_HOME / $CUDA_PATH when valid; else the toolkit behind
+    the nvcc on PATH, following symlinks and wrapper scripts (`exec /usr/local/cuda-X/bin/nvcc
+    "$@"`: torch would guess the wrapper's grandparent, which has no headers); else the
+    newest /usr/local/cuda*. None when no toolkit is found."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and _is_toolkit(Path(os.environ[var])):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(os.path.realpath(nvcc))
+        if _is_toolkit(real.parent.parent):
+            return str(real.parent.parent)
+        try:
+            head = real.read_bytes()[:4096]
+        except OSError:
+            head = b""
+        if head.startswith(b"#!"):
+            for m in re.finditer(rb"(/[^\s'\"]+)/bin/nvcc\b", head):
+                home = Path(os.path.realpath(m.group(1).decode(errors="replace")))
+                if _is_toolkit(home):
+                    return str(home)
+    cands = [Path("/usr/local/cuda")] + sorted(
+        Path("/usr/local").glob("cuda-*"),
+        key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)], reverse=True)
+    for home in cands:
+        if _is_toolkit(home):
+            return str(home.resolve())
+    return None
+
+
+def pip_cuda_include_dirs(cuda_home: str | None) -> list[str]:
+    """Header folders of the pip CUDA wheels (nvidia/cu13/include, or the per-library cu12
+    ones), needed when the toolkit lacks headers that ATen/cuda/CUDAContext.h includes
+    (cusparse.h, cublas_v2.h, cusolverDn.h)."""
+    if cuda_home and all((Path(cuda_home) / "include" / h).is_file()
+                         for h in ("cusparse.h", "cublas_v2.h", "cusolverDn.h")):
+        return []
+    out = []
+    for entry in sys.path:
+        base = Path(entry or ".") / "nvidia"
+        if not base.is_dir():
+            continue
+        for sub in ("cu13", "cu12", "cusparse", "cublas", "cusolver", "curand", "cufft"):
+            inc = base / sub / "include"
+            if inc.is_dir() and str(inc) not in out:
+                out.append(str(inc))
+    return out
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def reason() -> str:
+    """Why the extension is not loaded ('' when it is)."""
+    return _state["reason"]
+
+
+def source() -> str | None:
+    """'prebuilt' or 'jit' once loaded."""
+    return _state["source"]
+
+
+def load():
+    """torch.ops.fused_res_C when the extension is (or can be made) available, else None."""
+    if _state["done"]:
+        return _state["ops"]
+    with _lock:
+        if not _state["done"]:
+            _state["ops"], _state["reason"], _state["source"] = _load()
+            _state["done"] = True
+            if _state["ops"] is None and _state["reason"] and not os.environ.get(NO_EXT_ENV):
+                warnings.warn(f"fused_res: the C++/CUDA extension is unavailable "
+                              f"({_state['reason']}); the 'cuda' backend falls back to "
+                              "'reference'", stacklevel=2)
+    return _state["ops"]
+
+
+def _reset_for_tests() -> None:
+    _state.update(done=False, ops=None, reason="not loaded yet", source=None)
+
+
+def _load():
+    if os.environ.get(NO_EXT_ENV, "") not in ("", "0"):
+        return None, f"${NO_EXT_ENV} is set", None
+    import torch
+
+    if _has_ops(torch):
+        _register_fakes()
+        return torch.ops.fused_res_C, "", "prebuilt"
+    prebuilt_error = None
+    try:
+        import fused_res._C  # noqa: F401  (registers the ops)
+
+        _register_fakes()
+        return torch.ops.fused_res_C, "", "prebuilt"
+    except ImportError as e:
+        prebuilt_error = str(e)
+    try:
+        _jit_build()
+    except Exception as e:  # compiler missing, compile error, ...: say why, keep working
+        why = _first_error(e)
+        extra = f"; prebuilt: {prebuilt_error}" if prebuilt_error and "No module" not in \
+            prebuilt_error else ""
+        return None, f"JIT build failed: {type(e).__name__}: {why[:300]}{extra}", None
+    if not _has_ops(torch):
+        return None, "the JIT-built library registered no fused_res_C ops", None
+    _register_fakes()
+    return torch.ops.fused_res_C, "", "jit"
+
+
+def _first_error(e: BaseException) -> str:
+    """The first compiler 'error' line of a failed build, else the exception's last line."""
+    cause = e.__cause__
+    out = getattr(cause, "output", None) or getattr(cause, "stderr", None) or b""
+    text = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+    for line in text.splitlines():
+        if "error" in line.lower():
+            return line.strip() + " (VERBOSE=1 shows the build log)"
+    lines = str(e).strip().splitlines()
+    return lines[-1] if lines else type(e).__name__
+
+
+def _has_ops(torch) -> bool:
+    try:
+        torch.ops.fused_res_C.epilogue  # noqa: B018
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def jit_with_cuda() -> tuple[bool, str | None]:
+    """(compile CUDA sources?, toolkit folder): torch built with CUDA and a toolkit found."""
+    import torch
+
+    if os.environ.get(JIT_CUDA_ENV) == "0" or not torch.version.cuda:
+        return False, None
+    home = find_cuda_home()
+    return home is not None, home
+
+
+def _sources(cuda: bool) -> list[str]:
+    srcs = [CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp"]
+    if cuda:
+        srcs.append(CSRC / "cuda" / "ops_cuda.cu")
+    missing = [str(s) for s in srcs if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"extension sources not found: {', '.join(missing)} (an "
+                                "installed copy without csrc/; build with setup.py instead)")
+    return [str(s) for s in srcs]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fused_res")
+    return Path(base)
+
+
+def _jit_build() -> None:
+    import torch
+
+    cuda, home = jit_with_cuda()
+    srcs = _sources(cuda)
+    h = hashlib.sha256()
+    for s in srcs + sorted(str(p) for p in KERNELS.glob("*.cuh")):
+        h.update(Path(s).read_bytes())
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_ARCH_LIST
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{cuda}|{arch}".encode())
+    build_dir = cache_dir() / f"ext-{h.hexdigest()[:16]}"
+    if not (build_dir / "fused_res_C.so").is_file():  # else ninja finds it up to date
+        if shutil.which("ninja") is None:
+            try:
+                import ninja  # noqa: F401
+            except ImportError:
+                raise RuntimeError("ninja is not installed (pip install ninja)") from None
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None:
+            raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
+    build_dir.mkdir(parents=True, exist_ok=True)
+
+    from torch.utils import cpp_extension
+
+    env_saved = {k: os.environ.get(k) for k in ("CUDA_HOME", "TORCH_CUDA_ARCH_LIST")}
+    saved_home = getattr(cpp_extension, "CUDA_HOME", None)
+    include = [str(KERNELS)]
+    cflags = ["-O3"]
+    cuda_flags = []
+    try:
+        if cuda:
+            os.environ["CUDA_HOME"] = home
+            # torch computed its CUDA_HOME at import time, possibly from a wrapper script.
+            cpp_extension.CUDA_HOME = home
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+            include += pip_cuda_include_dirs(home)
+            cuda_flags = ["-O3"]
+        cpp_extension.load(
+            name="fused_res_C", sources=srcs, extra_include_paths=include,
+            extra_cflags=cflags, extra_cuda_cflags=cuda_flags, build_directory=str(build_dir),
+            with_cuda=cuda, is_python_module=False, verbose=bool(os.environ.get("VERBOSE")))
+    finally:
+        for k, v in env_saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cpp_extension.CUDA_HOME = saved_home
+
+
+# ---- fake (meta) kernels: shapes, dtypes, strides of every op -----------------------------
+
+_fakes_registered = [False]
+
+
+def _register_fakes() -> None:
+    if _fakes_registered[0]:
+        return
+    _fakes_registered[0] = True
+    import torch
+
+    from .backends.reference import memory_format_of
+
+    def like(t):
+        return torch.empty_like(t, memory_format=memory_format_of(t))
+
+    def vec(t, n):
+        return t.new_empty((n,), dtype=torch.float32)
+
+    @torch.library.register_fake("fused_res_C::channel_stats")
+    def _(x):
+        return vec(x, x.shape[1]), vec(x, x.shape[1])
+
+    @torch.library.register_fake("fused_res_C::stats_backward")
+    def _(gz, gmean, gvar, z, mean):
+        return like(z)
+
+    @torch.library.register_fake("fused_res_C::epilogue")
+    def _(z, center, scale, shift, relu_mid, residual, res_scale, branch_scale, relu_out):
+        return like(z)
+
+    @torch.library.register_fake("fused_res_C::epilogue_backward")
+    def _(gy, z, y, center, scale, shift, relu_mid, res_scale, branch_scale, relu_out,
+          need_gz, need_gr, need_sums):
+        c = gy.shape[1]
+        return (like(gy) if need_gz else gy.new_empty((0,)),
+                like(gy) if need_gr else gy.new_empty((0,)),
+                vec(gy, c) if need_sums else vec(gy, 0),
+                vec(gy, c) if (need_sums and z is not None) else vec(gy, 0))
+
+    @torch.library.register_fake("fused_res_C::bn_finalize")
+    def _(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
+          eps, count):
+        return torch.empty_like(mean), torch.empty_like(mean)

@@ -1,0 +1,243 @@
+"""The `cuda` backend: aten convolutions (cuDNN on the GPU) with the fused BatchNorm / ReLU /
+add kernels of the C++ extension (`fused_res._C`, ops `torch.ops.fused_res_C.*`).
+
+- channel_stats: one two-level reduction pass (shifted sums in fp32).
+- epilogue: one pass for affine, act_mid, residual add (λ or per-sample scale), act_out; its
+  backward one pass that writes dL/dz, dL/dr and reduces Σ dL/du and Σ dL/du·(z - center).
+- conv_unit (eval): BatchNorm folded into the conv weight and bias, aten conv, then the whole
+  tail in one fused pass (no pass at all when there is no tail). On CUDA, the units that
+  cuDNN fuses itself (conv + bias [+ λ·residual] + ReLU, see cudnn_backend.py) go to
+  aten's cudnn_convolution_[add_]relu instead; FUSED_RES_CUDA_CUDNN_FUSED=0 turns that off.
+- conv_bn_stats (train): aten conv, then the statistics pass; backward: the statistics
+  gradient pass, aten's convolution_backward.
+- Prologues (a pending BN + ReLU of the conv input) run through the same apply kernel.
+
+The extension has CPU kernels too, so this backend runs (and is tested) on CPU tensors; it
+declines float64 (the kernels are fp32/fp16/bf16) and unknown devices. Conv data and weight
+gradients stay with aten (cuDNN) until a faster kernel is proven (DESIGN.md §2).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.nn import functional as F
+
+from .. import _ext
+from .base import BackendStatus
+from .cudnn_backend import CudnnBackend
+from .reference import (
+    ReferenceBackend,
+    _conv_backward,
+    _fold,
+    acc_dtype,
+    memory_format_of,
+)
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _ops():
+    ops = _ext.load()
+    if ops is None:  # status() said available, so this is a bug, not a user error
+        raise RuntimeError(f"fused_res: the extension is not loaded ({_ext.reason()})")
+    return ops
+
+
+_CUDNN = CudnnBackend()
+_cudnn_ok: list[bool] = []
+
+
+def _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, branch_scale,
+                 act_out) -> bool:
+    """Whether this eval unit goes to cuDNN's own fused conv + bias (+ add) + ReLU."""
+    if not x.is_cuda or os.environ.get("FUSED_RES_CUDA_CUDNN_FUSED", "1") == "0":
+        return False
+    if not _cudnn_ok:
+        _cudnn_ok.append(_CUDNN.status().available)
+    return _cudnn_ok[0] and _CUDNN.fast_path_applies(x, in_center, in_scale, in_shift, act_in,
+                                                     act_mid, branch_scale, act_out)
+
+
+def _has_cuda_kernels() -> bool:
+    return _ext.load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fused_res_C::epilogue", "CUDA")
+
+
+def _relu(act: str) -> bool:
+    return act == "relu"
+
+
+class CudaBackend(ReferenceBackend):
+    """aten conv + the fused_res_C apply / statistics kernels (CPU and CUDA)."""
+
+    name = "cuda"
+
+    def status(self) -> BackendStatus:
+        if _ext.load() is None:
+            return BackendStatus(False, f"the C++/CUDA extension is not loaded: {_ext.reason()}")
+        return BackendStatus(True, "")
+
+    def unsupported_reason(self, x, weight, groups, dilation):
+        if x.dtype not in _DTYPES:
+            return f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
+        if x.device.type not in ("cpu", "cuda"):
+            return f"device {x.device.type!r} (the extension has CPU and CUDA kernels)"
+        if x.device.type == "cuda" and not _has_cuda_kernels():
+            return "CUDA tensors (the extension was built without its CUDA kernels)"
+        return None
+
+    # ---- the prologue p = act_in((x - c) * a + b) and its backward ---------------------------
+    def _prologue(self, x, in_center, in_scale, in_shift, act_in):
+        if in_center is None and in_scale is None and in_shift is None:
+            return torch.relu(x) if _relu(act_in) else x
+        return _ops().epilogue(x, in_center, in_scale, in_shift, _relu(act_in), None, 1.0, None,
+                               False)
+
+    def _prologue_backward(self, gp, x, in_center, in_scale, in_shift, act_in, needs, grads):
+        affine = not (in_center is None and in_scale is None and in_shift is None)
+        if not affine and not _relu(act_in):
+            if needs["x"]:
+                grads["x"] = gp
+            return
+        n_center = needs["in_center"] and in_center is not None
+        n_scale = needs["in_scale"] and in_scale is not None
+        n_shift = needs["in_shift"] and in_shift is not None
+        sums = n_center or n_scale or n_shift
+        gx, _, s1, s2 = _ops().epilogue_backward(
+            gp, x, None, in_center, in_scale, in_shift, _relu(act_in), 1.0, None, False,
+            needs["x"], False, sums)
+        if needs["x"]:
+            grads["x"] = gx
+        _affine_grads(grads, ("in_center", "in_scale", "in_shift"), in_center, in_scale,
+                      in_shift, n_center, n_scale, n_shift, s1, s2)
+
+    # ---- conv_unit ----------------------------------------------------------------------------
+    def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
+                          in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                          res_scale, branch_scale, act_out):
+        if _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, branch_scale,
+                        act_out):
+            return _CUDNN.conv_unit_forward(x, weight, bias, stride, padding, dilation, groups,
+                                            in_center, in_scale, in_shift, act_in, out_scale,
+                                            out_shift, act_mid, residual, res_scale,
+                                            branch_scale, act_out)
+        fmt = memory_format_of(x)
+        p = self._prologue(x, in_center, in_scale, in_shift, act_in)
+        w, b = _fold(weight, bias, out_scale, out_shift)
+        u = F.conv2d(p, w, b, stride, padding, dilation, groups)
+        if not (_relu(act_mid) or residual is not None or branch_scale is not None
+                or _relu(act_out)):
+            return u.contiguous(memory_format=fmt), u
+        y = _ops().epilogue(u, None, None, None, _relu(act_mid), residual, float(res_scale),
+                            branch_scale, _relu(act_out))
+        return y.contiguous(memory_format=fmt), u
+
+    def conv_unit_backward(self, gy, saved, needs):
+        s = saved
+        x, weight, bias = s["x"], s["weight"], s["bias"]
+        acc = acc_dtype(x.dtype)
+        relu_mid, relu_out = _relu(s["act_mid"]), _relu(s["act_out"])
+        gu, gr, gb_eff, _ = _ops().epilogue_backward(
+            gy.to(x.dtype), s["u"] if relu_mid else None, s["y"] if relu_out else None, None,
+            None, None, relu_mid, float(s["res_scale"]), s["branch_scale"], relu_out, True,
+            bool(needs["residual"]), True)
+        out_scale, out_shift = s["out_scale"], s["out_shift"]
+        w_eff, _ = _fold(weight, bias, out_scale, out_shift)
+        p = self._prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
+        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
+        need_w = needs["weight"] or needs["out_scale"]
+        gp, gw_eff, _ = _conv_backward(gu, p, w_eff, False, s["stride"], s["padding"],
+                                       s["dilation"], s["groups"], need_p, need_w)
+        grads = {"residual": gr.to(s["residual_dtype"]) if needs["residual"] else None}
+        a = out_scale.to(acc) if out_scale is not None else None
+        if needs["weight"]:
+            gw = gw_eff.to(acc)
+            grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
+                weight.dtype)
+        if needs["out_scale"] and out_scale is not None:
+            # Σ dL/dW'·W = Σ dL/du·z (see the reference backend).
+            ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
+            if bias is not None:
+                ga = ga + gb_eff * bias.to(acc)
+            grads["out_scale"] = ga.to(out_scale.dtype)
+        if needs["out_shift"] and out_shift is not None:
+            grads["out_shift"] = gb_eff.to(out_shift.dtype)
+        if needs["bias"] and bias is not None:
+            grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
+        if need_p:
+            self._prologue_backward(gp, x, s["in_center"], s["in_scale"], s["in_shift"],
+                                    s["act_in"], needs, grads)
+        return grads
+
+    # ---- conv_bn_stats ------------------------------------------------------------------------
+    def conv_bn_stats_forward(self, x, weight, bias, stride, padding, dilation, groups,
+                              in_center, in_scale, in_shift, act_in):
+        fmt = memory_format_of(x)
+        p = self._prologue(x, in_center, in_scale, in_shift, act_in)
+        z = F.conv2d(p, weight, bias, stride, padding, dilation, groups).contiguous(
+            memory_format=fmt)
+        mean, var = _ops().channel_stats(z)
+        return z, mean, var
+
+    def conv_bn_stats_backward(self, gz, gmean, gvar, saved, needs):
+        s = saved
+        x, weight, bias = s["x"], s["weight"], s["bias"]
+        gz_total = _ops().stats_backward(gz, gmean, gvar, s["z"], s["mean"])
+        p = self._prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
+        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
+        gp, gw, gb = _conv_backward(gz_total, p, weight, bias is not None, s["stride"],
+                                    s["padding"], s["dilation"], s["groups"], need_p,
+                                    needs["weight"])
+        grads = {"weight": gw if needs["weight"] else None,
+                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None}
+        if need_p:
+            self._prologue_backward(gp, x, s["in_center"], s["in_scale"], s["in_shift"],
+                                    s["act_in"], needs, grads)
+        return grads
+
+    # ---- channel_stats ------------------------------------------------------------------------
+    def channel_stats_forward(self, x):
+        mean, var = _ops().channel_stats(x)
+        return mean, var
+
+    def channel_stats_backward(self, gmean, gvar, x, mean):
+        return _ops().stats_backward(None, gmean, gvar, x, mean)
+
+    # ---- epilogue -----------------------------------------------------------------------------
+    def epilogue_forward(self, z, center, scale, shift, act_mid, residual, res_scale,
+                         branch_scale, act_out):
+        return _ops().epilogue(z, center, scale, shift, _relu(act_mid), residual,
+                               float(res_scale), branch_scale, _relu(act_out))
+
+    def epilogue_backward(self, gy, saved, needs):
+        s = saved
+        z, center, scale, shift = s["z"], s["center"], s["scale"], s["shift"]
+        relu_mid, relu_out = _relu(s["act_mid"]), _relu(s["act_out"])
+        n_center = needs["center"] and center is not None
+        n_scale = needs["scale"] and scale is not None
+        n_shift = needs["shift"] and shift is not None
+        sums = n_center or n_scale or n_shift
+        gz, gr, s1, s2 = _ops().epilogue_backward(
+            gy.to(z.dtype), z if (relu_mid or n_scale) else None, s["y"] if relu_out else None,
+            center, scale, shift, relu_mid, float(s["res_scale"]), s["branch_scale"], relu_out,
+            bool(needs["z"]), bool(needs["residual"]), sums)
+        grads = {"residual": gr.to(s["residual_dtype"]) if needs["residual"] else None,
+                 "z": gz if needs["z"] else None}
+        _affine_grads(grads, ("center", "scale", "shift"), center, scale, shift, n_center,
+                      n_scale, n_shift, s1, s2)
+        return grads
+
+
+def _affine_grads(grads, names, center, scale, shift, n_center, n_scale, n_shift, sum_gu,
+                  sum_gu_centered):
+    """Gradients of (t - center) * scale + shift from Σ dL/du and Σ dL/du·(t - center)."""
+    k_center, k_scale, k_shift = names
+    if n_center:
+        g = sum_gu * scale.to(sum_gu.dtype) if scale is not None else sum_gu
+        grads[k_center] = (-g).to(center.dtype)
+    if n_scale:
+        grads[k_scale] = sum_gu_centered.to(scale.dtype)
+    if n_shift:
+        grads[k_shift] = sum_gu.to(shift.dtype)

@@ -1,0 +1,147 @@
+// The fused apply pass of a conv unit and its backward (DESIGN.md §2):
+//
+//   u = (z - center) * scale + shift      per channel (each optional)
+//   y = act_out(d[n] * act_mid(u) + res_scale * r)
+//
+// Forward: one read of z (and r), one write of y. Backward: one read of gy, z, y; writes
+// dL/dz and dL/dr, and reduces Σ dL/du and Σ dL/du·(z - center) per channel (the β and γ
+// gradients) through the two-level channel reduction; no atomics.
+#pragma once
+
+#include "channel_reduce.cuh"
+
+namespace frk {
+
+struct TailParams {
+  const float* center;        // (C,) or null
+  const float* scale;         // (C,) or null
+  const float* shift;         // (C,) or null
+  const float* branch_scale;  // (N,) or null
+  float res_scale;
+  bool relu_mid;
+  bool relu_out;
+};
+
+template <typename T>
+struct EpilogueForwardOp {
+  const T* __restrict__ z;
+  const T* __restrict__ residual;  // may be null
+  T* __restrict__ y;
+  TailParams p;
+
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, index_t c0, bool lanes_are_channels,
+                                        index_t n) const {
+    float v[VEC], r[VEC];
+    load_vec<VEC>(z + i, v);
+    if (residual) load_vec<VEC>(residual + i, r);
+    const float d = p.branch_scale ? p.branch_scale[n] : 1.f;
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) {
+      const index_t c = lanes_are_channels ? c0 + l : c0;
+      float u = v[l];
+      if (p.center) u = u - p.center[c];
+      if (p.scale) u = u * p.scale[c];
+      if (p.shift) u = u + p.shift[c];
+      if (p.relu_mid) u = relu(u);
+      if (p.branch_scale) u = u * d;
+      if (residual) u = u + (p.res_scale == 1.f ? r[l] : p.res_scale * r[l]);
+      v[l] = p.relu_out ? relu(u) : u;
+    }
+    store_vec<VEC>(y + i, v);
+  }
+  bool aligned() const { return aligned16(z) && aligned16(residual) && aligned16(y); }
+};
+
+template <typename T>
+cudaError_t launch_epilogue_forward(const EpilogueForwardOp<T>& op, const Shape& s,
+                                    const LaunchConfig& cfg) {
+  return launch_elementwise<EpilogueForwardOp<T>, vec_width<T>()>(op, s, cfg);
+}
+
+// Backward. With gw = relu_out ? gy * (y > 0) : gy:
+//   dL/dr = res_scale * gw;   gu = d[n] * gw, masked by (u > 0) when relu_mid;
+//   dL/dz = gu * scale;  sums: Σ gu (-> shift; center gets -scale Σ gu), Σ gu·(z - center).
+template <typename T>
+struct EpilogueBackwardOp {
+  static constexpr int kConsts = 3;  // center, scale, shift
+  const T* __restrict__ gy;
+  const T* __restrict__ z;  // needed for relu_mid or the centered sum, else may be null
+  const T* __restrict__ y;  // needed for relu_out
+  T* __restrict__ gz;       // null when not wanted
+  T* __restrict__ gr;       // null when not wanted
+  TailParams p;
+
+  __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
+    k[0] = p.center ? p.center[c] : 0.f;
+    k[1] = p.scale ? p.scale[c] : 1.f;
+    k[2] = p.shift ? p.shift[c] : 0.f;
+  }
+  template <int VEC, int KL, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, index_t n, const float (&k)[kConsts][KL],
+                                        float (&ra)[VEC], float (&rb)[VEC]) const {
+    float g[VEC], zc[VEC];
+    load_vec<VEC>(gy + i, g);
+    if (p.relu_out) {
+      float yv[VEC];
+      load_vec<VEC>(y + i, yv);
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) g[l] = relu_grad(g[l], yv[l]);
+    }
+    if (gr) {
+      float o[VEC];
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) o[l] = p.res_scale == 1.f ? g[l] : g[l] * p.res_scale;
+      store_vec<VEC>(gr + i, o);
+    }
+    if (z) {
+      load_vec<VEC>(z + i, zc);
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) zc[l] = zc[l] - k[0][KL == 1 ? 0 : l];
+    } else {
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) zc[l] = 0.f;
+    }
+    const float d = p.branch_scale ? p.branch_scale[n] : 1.f;
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) {
+      const int kl = KL == 1 ? 0 : l;
+      float gu = p.branch_scale ? g[l] * d : g[l];
+      if (p.relu_mid) gu = relu_grad(gu, zc[l] * k[1][kl] + k[2][kl]);
+      ra[l] = gu;
+      rb[l] = gu * zc[l];
+      g[l] = gu * k[1][kl];
+    }
+    if (gz) store_vec<VEC>(gz + i, g);
+  }
+  bool aligned() const {
+    return aligned16(gy) && aligned16(z) && aligned16(y) && aligned16(gz) && aligned16(gr);
+  }
+};
+
+struct SumsFinalize {
+  float* __restrict__ sum_gu;           // (C,)
+  float* __restrict__ sum_gu_centered;  // (C,)
+  __device__ __forceinline__ void operator()(int64_t c, float a, float b) const {
+    sum_gu[c] = a;
+    sum_gu_centered[c] = b;
+  }
+};
+
+template <typename T>
+inline ReducePlan plan_epilogue_backward(const EpilogueBackwardOp<T>& op, const Shape& s,
+                                         int num_sms) {
+  constexpr int V = vec_width<T>();
+  return plan_reduce(s, (s.row() % V == 0 && op.aligned()) ? V : 1, num_sms);
+}
+
+// s.numel() > 0; workspace: 2 * plan.splits * C floats.
+template <typename T>
+cudaError_t launch_epilogue_backward(const EpilogueBackwardOp<T>& op, const SumsFinalize& fin,
+                                     const Shape& s, const ReducePlan& p, float* workspace,
+                                     const LaunchConfig& cfg) {
+  return launch_channel_reduce<EpilogueBackwardOp<T>, SumsFinalize, vec_width<T>()>(
+      op, fin, s, p, workspace, cfg);
+}
+
+}  // namespace frk

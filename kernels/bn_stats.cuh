@@ -1,0 +1,171 @@
+// Batch statistics of BatchNorm: per-channel mean and biased variance (forward), their
+// gradient (backward), and the finalize step (coefficients + running statistics).
+//
+// Statistics are shifted sums: every element of channel c is taken relative to K_c, the
+// channel's first element, and the two-level reduction adds Σ(x-K) and Σ(x-K)². With the
+// shift, Σ(x-K)²/m - (Σ(x-K)/m)² does not cancel catastrophically when |mean| >> std (the
+// failure of plain Σx, Σx²), and unlike per-element Welford it costs no division.
+#pragma once
+
+#include "channel_reduce.cuh"
+
+namespace frk {
+
+template <typename T>
+struct StatsOp {
+  static constexpr int kConsts = 1;
+  const T* __restrict__ x;
+  int64_t first_stride;  // channel c's first element is x[c * first_stride]
+
+  __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
+    k[0] = to_f(x[c * first_stride]);
+  }
+  template <int VEC, int KL, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, index_t, const float (&k)[kConsts][KL],
+                                        float (&ra)[VEC], float (&rb)[VEC]) const {
+    float v[VEC];
+    load_vec<VEC>(x + i, v);
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) {
+      const float d = v[l] - k[0][KL == 1 ? 0 : l];
+      ra[l] = d;
+      rb[l] = d * d;
+    }
+  }
+  bool aligned() const { return aligned16(x); }
+};
+
+template <typename T>
+struct StatsFinalize {
+  const T* __restrict__ x;
+  int64_t first_stride;
+  float inv_count;
+  float* __restrict__ mean;
+  float* __restrict__ var;
+  __device__ __forceinline__ void operator()(int64_t c, float sum, float sumsq) const {
+    const float d = sum * inv_count;
+    mean[c] = to_f(x[c * first_stride]) + d;
+    const float v = sumsq * inv_count - d * d;
+    var[c] = v > 0.f ? v : 0.f;
+  }
+};
+
+template <typename T>
+struct ChannelStatsArgs {
+  const T* x;
+  float* mean;  // (C,)
+  float* var;   // (C,) biased
+};
+
+template <typename T>
+inline ReducePlan plan_channel_stats(const ChannelStatsArgs<T>& a, const Shape& s,
+                                     int num_sms) {
+  constexpr int V = vec_width<T>();
+  const int vec = (s.row() % V == 0 && aligned16(a.x)) ? V : 1;
+  return plan_reduce(s, vec, num_sms);
+}
+
+// s.numel() > 0; workspace: 2 * plan.splits * C floats.
+template <typename T>
+cudaError_t launch_channel_stats(const ChannelStatsArgs<T>& a, const Shape& s,
+                                 const ReducePlan& p, float* workspace,
+                                 const LaunchConfig& cfg) {
+  const int64_t first_stride = s.nhwc ? 1 : s.hw;
+  StatsOp<T> op{a.x, first_stride};
+  StatsFinalize<T> fin{a.x, first_stride, 1.f / static_cast<float>(s.n * s.hw), a.mean,
+                       a.var};
+  return launch_channel_reduce<StatsOp<T>, StatsFinalize<T>, vec_width<T>()>(op, fin, s, p,
+                                                                            workspace, cfg);
+}
+
+// dL/dz = gz + gmean/m + 2*gvar*(z - mean)/m, m = N*H*W (gz, gmean, gvar each optional).
+template <typename T>
+struct StatsBackwardOp {
+  const T* __restrict__ gz;      // may be null
+  const T* __restrict__ z;       // needed when gvar is given
+  const float* __restrict__ gmean;
+  const float* __restrict__ gvar;
+  const float* __restrict__ mean;
+  T* __restrict__ out;
+  float inv_count;  // 1 / (N*H*W): a multiply, since fp32 division is a called slow path
+
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void apply(index_t i, index_t c0, bool lanes_are_channels,
+                                        index_t) const {
+    float g[VEC], zv[VEC];
+    if (gz) {
+      load_vec<VEC>(gz + i, g);
+    } else {
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) g[l] = 0.f;
+    }
+    if (gvar) load_vec<VEC>(z + i, zv);
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) {
+      const index_t c = lanes_are_channels ? c0 + l : c0;
+      if (gmean) g[l] += gmean[c] * inv_count;
+      if (gvar) g[l] += (gvar[c] * 2.f) * (zv[l] - mean[c]) * inv_count;
+    }
+    store_vec<VEC>(out + i, g);
+  }
+  bool aligned() const { return aligned16(gz) && aligned16(z) && aligned16(out); }
+};
+
+template <typename T>
+cudaError_t launch_stats_backward(const StatsBackwardOp<T>& op, const Shape& s,
+                                  const LaunchConfig& cfg) {
+  return launch_elementwise<StatsBackwardOp<T>, vec_width<T>()>(op, s, cfg);
+}
+
+// BatchNorm finalize, one thread per channel, exactly nn.BatchNorm2d's training update:
+//   scale = weight * rsqrt(var + eps), shift = bias - mean * scale
+//   f = momentum, or 1 / num_batches_tracked when momentum is None (the caller has already
+//   incremented num_batches_tracked on the same stream)
+//   running_mean = running_mean * (1 - f) + mean * f
+//   running_var  = running_var * (1 - f) + (var * count / (count - 1)) * f
+// Explicit _rn intrinsics keep nvcc from contracting into FMAs, so the update rounds like
+// the eager one.
+struct FinalizeArgs {
+  const float* mean;
+  const float* var;
+  const float* weight;  // may be null (affine=False)
+  const float* bias;    // may be null
+  float* running_mean;  // may be null (track_running_stats=False)
+  float* running_var;
+  const int64_t* num_batches_tracked;  // read only when momentum_none
+  float* scale;
+  float* shift;
+  int64_t c;
+  float momentum;
+  bool momentum_none;
+  float eps;
+  float unbias;  // count / (count - 1), rounded to fp32 as eager does
+  bool update;   // running statistics present and count > 0
+};
+
+__global__ void __launch_bounds__(kThreads) bn_finalize_kernel(FinalizeArgs a) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.c) return;
+  const float m = a.mean[c], v = a.var[c];
+  float sc = rsqrtf(__fadd_rn(v, a.eps));
+  if (a.weight) sc = __fmul_rn(sc, a.weight[c]);
+  a.scale[c] = sc;
+  a.shift[c] = __fsub_rn(a.bias ? a.bias[c] : 0.f, __fmul_rn(m, sc));
+  if (!a.update) return;
+  const float f = a.momentum_none
+                      ? __fdiv_rn(1.f, static_cast<float>(*a.num_batches_tracked))
+                      : a.momentum;
+  const float keep = __fsub_rn(1.f, f);
+  a.running_mean[c] = __fadd_rn(__fmul_rn(a.running_mean[c], keep), __fmul_rn(m, f));
+  a.running_var[c] =
+      __fadd_rn(__fmul_rn(a.running_var[c], keep), __fmul_rn(__fmul_rn(v, a.unbias), f));
+}
+
+inline cudaError_t launch_bn_finalize(const FinalizeArgs& a, const LaunchConfig& cfg) {
+  if (a.c == 0) return cudaSuccess;
+  const int64_t blocks = (a.c + kThreads - 1) / kThreads;
+  bn_finalize_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, cfg.stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace frk

@@ -1,0 +1,502 @@
+"""The C++ extension's CPU kernels and the `cuda` backend on CPU tensors, against the float64
+reference: every layout and dtype, odd sizes, N = 0; opcheck; the no-extension fallback.
+
+The extension is built once (prebuilt by setup.py, or JIT into the cache) for the module."""
+
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import fused_res
+from fused_res import _ext, models, ops
+from fused_res.backends import register_backend
+from fused_res.backends.cuda_backend import CudaBackend
+from fused_res.backends.cudnn_backend import CudnnBackend
+from fused_res.backends.reference import ReferenceBackend
+from fused_res.testing import TOLERANCES, rel_err
+
+ROOT = Path(__file__).resolve().parents[1]
+D = torch.float64
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+SHAPES = [(3, 5, 7, 9), (2, 16, 4, 4), (1, 3, 1, 1), (4, 8, 3, 5)]
+REF = ReferenceBackend()
+
+
+@pytest.fixture(scope="module")
+def C():
+    lib = _ext.load()
+    if lib is None:
+        have_tools = shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja")
+        if have_tools and not os.environ.get(_ext.NO_EXT_ENV):
+            pytest.fail(f"a compiler and ninja are present but the extension did not load: "
+                        f"{_ext.reason()}")
+        pytest.skip(f"extension unavailable: {_ext.reason()}")
+    register_backend("cuda", CudaBackend)
+    register_backend("cudnn", CudnnBackend)
+    return lib
+
+
+def _t(shape, dtype, fmt, g, scale=1.0, offset=0.0):
+    x = torch.randn(*shape, dtype=D, generator=g) * scale + offset
+    return x.to(dtype).contiguous(memory_format=FORMATS[fmt])
+
+
+def _vec(c, g, positive=False):
+    v = torch.rand(c, dtype=D, generator=g) + 0.5 if positive else torch.randn(
+        c, dtype=D, generator=g)
+    return v.float()
+
+
+def _check(out, ref, tol, what):
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+# ---- channel statistics -------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_stats_matches_reference(C, shape, dtype, fmt):
+    g = torch.Generator().manual_seed(1)
+    x = _t(shape, dtype, fmt, g, 2.0, 3.0)
+    mean, var = C.channel_stats(x)
+    ref_mean, ref_var = REF.channel_stats_forward(x.double())
+    assert mean.dtype == var.dtype == torch.float32
+    # Same (rounded) inputs, fp32 accumulation: fp32-level error whatever the I/O dtype.
+    _check(mean, ref_mean, 1e-6, "mean")
+    _check(var, ref_var, 1e-5, "var")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_stats_survive_a_large_mean(C, fmt):
+    """|mean| / std = 1e4: plain Σx, Σx² in fp32 would lose the variance entirely."""
+    g = torch.Generator().manual_seed(2)
+    x = _t((8, 4, 16, 16), torch.float32, fmt, g, 0.01, 100.0)
+    mean, var = C.channel_stats(x)
+    ref_mean, ref_var = REF.channel_stats_forward(x.double())
+    _check(mean, ref_mean, 1e-7, "mean")
+    _check(var, ref_var, 1e-4, "var")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_batch(C, fmt):
+    x = torch.empty(0, 6, 5, 3).contiguous(memory_format=FORMATS[fmt])
+    mean, var = C.channel_stats(x)
+    assert mean.shape == (6,) and not mean.any() and not var.any()
+    y = C.epilogue(x, torch.zeros(6), torch.ones(6), None, True, torch.empty_like(x), 0.5,
+                   torch.empty(0), True)
+    assert y.shape == x.shape
+    gz, gr, s1, s2 = C.epilogue_backward(x, x, x, None, torch.ones(6), None, True, 1.0, None,
+                                         True, True, True, True)
+    assert gz.shape == gr.shape == x.shape and s1.shape == s2.shape == (6,)
+    assert not s1.any() and not s2.any()
+    assert C.stats_backward(None, torch.ones(6), torch.ones(6), x, mean).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stats_backward_formula(C, dtype, fmt):
+    g = torch.Generator().manual_seed(3)
+    z = _t((3, 8, 5, 7), dtype, fmt, g)
+    gz = _t((3, 8, 5, 7), dtype, fmt, g)
+    gmean, gvar = _vec(8, g), _vec(8, g)
+    mean, _ = C.channel_stats(z)
+    out = C.stats_backward(gz, gmean, gvar, z, mean)
+    m = 3 * 5 * 7
+    ref = (gz.double() + gmean.double().view(1, -1, 1, 1) / m
+           + 2 * gvar.double().view(1, -1, 1, 1) * (z.double() - mean.double().view(1, -1, 1, 1))
+           / m)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=FORMATS[fmt])
+    _check(out, ref, TOLERANCES[dtype], "stats_backward")
+
+
+# ---- the apply pass (epilogue) ------------------------------------------------------------
+
+# (center, scale, shift, relu_mid, residual, res_scale, branch_scale, relu_out)
+EPILOGUES = [
+    (True, True, True, True, False, 1.0, False, False),     # BN + ReLU
+    (True, True, True, False, True, 1.0, False, True),      # BN, + shortcut, ReLU
+    (False, True, True, True, True, 0.5, True, True),       # folded BN, drop-path, λ
+    (False, False, False, False, True, 2.0, True, False),   # add only
+    (True, False, True, True, False, 1.0, True, True),      # odd mix
+]
+
+
+def _epilogue_args(shape, dtype, fmt, cfg, g):
+    ce, sc, sh, rm, res, lam, br, ro = cfg
+    c, n = shape[1], shape[0]
+    z = _t(shape, dtype, fmt, g)
+    return dict(z=z, center=_vec(c, g) if ce else None, scale=_vec(c, g, True) if sc else None,
+                shift=_vec(c, g) if sh else None, act_mid="relu" if rm else "none",
+                residual=_t(shape, dtype, fmt, g) if res else None, res_scale=lam,
+                branch_scale=torch.rand(n, generator=g, dtype=D).float() if br else None,
+                act_out="relu" if ro else "none")
+
+
+def _up(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().double().requires_grad_(v.requires_grad)
+    return v
+
+
+@pytest.mark.parametrize("cfg", EPILOGUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epilogue_forward_matches_reference(C, cfg, dtype, fmt):
+    g = torch.Generator().manual_seed(4)
+    a = _epilogue_args((3, 8, 5, 7), dtype, fmt, cfg, g)
+    y = C.epilogue(a["z"], a["center"], a["scale"], a["shift"], a["act_mid"] == "relu",
+                   a["residual"], a["res_scale"], a["branch_scale"], a["act_out"] == "relu")
+    ref = REF.epilogue_forward(*(_up(a[k]) for k in (
+        "z", "center", "scale", "shift", "act_mid", "residual", "res_scale", "branch_scale",
+        "act_out")))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=FORMATS[fmt])
+    _check(y, ref, TOLERANCES[dtype], "y")
+
+
+@pytest.mark.parametrize("cfg", EPILOGUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epilogue_backward_through_ops(C, cfg, dtype, fmt):
+    """fused_res.ops.epilogue on backend 'cuda' (the CPU kernels), forward and every gradient,
+    against the float64 reference backend on the same inputs."""
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 8, 5, 7) if fmt == "nchw" else (2, 16, 3, 5)
+    a = _epilogue_args(shape, dtype, fmt, cfg, g)
+    for k in ("z", "center", "scale", "shift", "residual"):
+        if a[k] is not None:
+            a[k].requires_grad_()
+    b = {k: _up(v) for k, v in a.items()}
+
+    def run(args, backend):
+        return ops.epilogue(args["z"], args["scale"], args["shift"], center=args["center"],
+                            act_mid=args["act_mid"], residual=args["residual"],
+                            res_scale=args["res_scale"], branch_scale=args["branch_scale"],
+                            act_out=args["act_out"], backend=backend)
+
+    y, ref = run(a, "cuda"), run(b, "reference")
+    tol = TOLERANCES[dtype]
+    _check(y, ref, tol, "y")
+    gy = torch.randn(shape, dtype=D, generator=g)
+    names = [k for k in ("z", "center", "scale", "shift", "residual") if a[k] is not None]
+    got = torch.autograd.grad(y, [a[k] for k in names], gy.to(dtype))
+    want = torch.autograd.grad(ref, [b[k] for k in names], gy.to(dtype).double())
+    for k, gg, ww in zip(names, got, want, strict=True):
+        assert gg.dtype == a[k].dtype
+        # Per-channel sums of fp16/bf16 gradients: their error grows with the reduction.
+        _check(gg, ww, tol * (4 if k in ("center", "scale", "shift") else 1), f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_stats_gradient_through_ops(C, dtype, fmt):
+    g = torch.Generator().manual_seed(6)
+    x = _t((3, 8, 5, 7), dtype, fmt, g).requires_grad_()
+    xd = _up(x)
+    wm, wv = torch.randn(8, dtype=D, generator=g), torch.randn(8, dtype=D, generator=g)
+    m, v = ops.channel_stats(x, backend="cuda")
+    mr, vr = ops.channel_stats(xd, backend="reference")
+    (gx,) = torch.autograd.grad((m.double() * wm).sum() + (v.double() * wv).sum(), x)
+    (gr,) = torch.autograd.grad((mr * wm).sum() + (vr * wv).sum(), xd)
+    _check(gx, gr, TOLERANCES[dtype], "dx")
+
+
+# ---- BatchNorm finalize -------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_finalize_matches_batchnorm2d(C, momentum, affine):
+    g = torch.Generator().manual_seed(7)
+    bn = nn.BatchNorm2d(6, momentum=momentum, affine=affine).train()
+    if affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(6, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(6, generator=g))
+    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    nbt = bn.num_batches_tracked.clone()
+    for _ in range(3):
+        x = torch.randn(4, 6, 5, 3, generator=g) * 2 + 1
+        y = bn(x)
+        mean, var = C.channel_stats(x)
+        scale, shift = C.bn_finalize(mean, var, bn.weight, bn.bias, rm, rv, nbt, momentum,
+                                     bn.eps, 4 * 5 * 3)
+        _check(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), y, 1e-5, "bn(x)")
+        _check(rm, bn.running_mean, 1e-6, "running_mean")
+        _check(rv, bn.running_var, 1e-6, "running_var")
+        assert nbt.item() == bn.num_batches_tracked.item()
+
+
+def test_bn_finalize_empty_batch_only_counts_and_rejects_one_value(C):
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(5)
+    C.bn_finalize(torch.zeros(3), torch.zeros(3), None, None, rm, rv, nbt, 0.1, 1e-5, 0)
+    assert nbt.item() == 6 and not rm.any() and (rv == 1).all()
+    with pytest.raises(RuntimeError, match="more than one value"):
+        C.bn_finalize(torch.zeros(3), torch.zeros(3), None, None, rm, rv, nbt, 0.1, 1e-5, 1)
+
+
+# ---- argument checks ----------------------------------------------------------------------
+
+def test_bad_arguments_name_the_argument_and_what_is_accepted(C):
+    z = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="z has shape .*accepted: a 4-D"):
+        C.epilogue(z[0], None, None, None, False, None, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="z has dtype Double.*accepted: float32"):
+        C.epilogue(z.double(), None, None, None, False, None, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="scale has shape .*accepted: \\(4,\\)"):
+        C.epilogue(z, None, torch.ones(3), None, False, None, 1.0, None, False)
+    with pytest.raises(RuntimeError, match="residual has shape"):
+        C.epilogue(z, None, None, None, False, torch.randn(2, 4, 3, 2), 1.0, None, False)
+    with pytest.raises(RuntimeError, match="relu_mid=True needs z"):
+        C.epilogue_backward(z, None, None, None, None, None, True, 1.0, None, False, True,
+                            False, False)
+
+
+# ---- opcheck and compile ------------------------------------------------------------------
+
+def _opcheck_samples():
+    g = torch.Generator().manual_seed(8)
+    out = []
+    for fmt in FORMATS:
+        z = _t((2, 8, 3, 5), torch.float32, fmt, g)
+        r = _t((2, 8, 3, 5), torch.float32, fmt, g)
+        c, s, b = _vec(8, g), _vec(8, g, True), _vec(8, g)
+        d = torch.rand(2, generator=g)
+        mean, _ = REF.channel_stats_forward(z)
+        out += [
+            ("channel_stats", (z,)),
+            ("channel_stats", (z.half(),)),
+            ("stats_backward", (r, _vec(8, g), _vec(8, g), z, mean)),
+            ("stats_backward", (None, _vec(8, g), None, z, mean)),
+            ("epilogue", (z, c, s, b, True, r, 0.5, d, True)),
+            ("epilogue", (z.bfloat16(), None, s, None, False, None, 1.0, None, True)),
+            ("epilogue_backward", (r, z, z.relu(), c, s, b, True, 0.5, d, True, True, True,
+                                   True)),
+            ("epilogue_backward", (r, None, None, None, None, None, False, 1.0, None, False,
+                                   False, True, True)),
+        ]
+    out.append(("bn_finalize", (_vec(8, g), _vec(8, g, True), _vec(8, g), None, torch.zeros(8),
+                                torch.ones(8), torch.tensor(0), None, 1e-5, 30)))
+    return out
+
+
+@pytest.mark.parametrize("name,args", _opcheck_samples(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_opcheck(C, name, args):
+    torch.library.opcheck(getattr(C, name).default, args)
+
+
+def test_compiles_fullgraph(C):
+    def f(z, s, b, r):
+        y = torch.ops.fused_res_C.epilogue(z, None, s, b, True, r, 1.0, None, True)
+        m, v = torch.ops.fused_res_C.channel_stats(y)
+        return y * 2, m + v
+
+    g = torch.Generator().manual_seed(9)
+    z, r = torch.randn(2, 4, 5, 5, generator=g), torch.randn(2, 4, 5, 5, generator=g)
+    s, b = torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    got = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)(z, s, b, r)
+    for x, y in zip(got, f(z, s, b, r), strict=True):
+        torch.testing.assert_close(x, y)
+
+
+# ---- the cuda backend through fused_res.ops -----------------------------------------------
+
+UNITS = [
+    # (kernel, stride, padding, act_in, affine_in, affine_out, act_mid, residual, branch, act_out)
+    (3, 1, 1, "none", False, True, "relu", False, False, "none"),
+    (3, 2, 1, "relu", True, True, "none", True, False, "relu"),
+    (1, 1, 0, "none", False, True, "none", True, True, "relu"),
+    (1, 2, 0, "relu", False, False, "none", False, False, "none"),
+    (3, 1, 1, "relu", True, False, "relu", True, True, "none"),
+]
+
+
+def _unit(cfg, dtype, fmt, g, n=2, cin=6, cout=8, h=7, w=9):
+    k, s, pad, act_in, aff_in, aff_out, act_mid, res, branch, act_out = cfg
+    t = lambda *shape: torch.randn(*shape, dtype=D, generator=g)
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    fm = FORMATS[fmt]
+    a = dict(x=t(n, cin, h, w).to(dtype).contiguous(memory_format=fm),
+             weight=(t(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype), bias=t(cout).to(dtype),
+             in_center=t(cin).float() if aff_in else None,
+             in_scale=(torch.rand(cin, generator=g) + 0.5) if aff_in else None,
+             in_shift=t(cin).float() if aff_in else None,
+             out_scale=(torch.rand(cout, generator=g) + 0.5) if aff_out else None,
+             out_shift=t(cout).float() if aff_out else None,
+             residual=t(n, cout, oh, ow).to(dtype).contiguous(memory_format=fm) if res else None,
+             branch_scale=torch.rand(n, generator=g) if branch else None)
+    kw = dict(stride=s, padding=pad, act_in=act_in, act_mid=act_mid, res_scale=0.7,
+              act_out=act_out)
+    return a, kw
+
+
+@pytest.mark.parametrize("cfg", UNITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conv_unit_cuda_backend_matches_reference(C, cfg, dtype, fmt):
+    g = torch.Generator().manual_seed(10)
+    a, kw = _unit(cfg, dtype, fmt, g)
+    grad_names = [k for k, v in a.items() if v is not None and k != "branch_scale"]
+    for k in grad_names:
+        a[k].requires_grad_()
+    b = {k: _up(v) for k, v in a.items()}
+    y = ops.conv_unit(**a, **kw, backend="cuda")
+    ref = ops.conv_unit(**b, **kw, backend="reference")
+    assert y.is_contiguous(memory_format=FORMATS[fmt])
+    tol = TOLERANCES[dtype]
+    _check(y, ref, tol, "y")
+    gy = torch.randn(ref.shape, dtype=D, generator=g)
+    got = torch.autograd.grad(y, [a[k] for k in grad_names], gy.to(dtype))
+    want = torch.autograd.grad(ref, [b[k] for k in grad_names], gy.to(dtype).double())
+    for k, gg, ww in zip(grad_names, got, want, strict=True):
+        _check(gg, ww, tol * 4, f"d{k}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conv_bn_stats_cuda_backend_matches_reference(C, fmt):
+    g = torch.Generator().manual_seed(11)
+    a, _ = _unit(UNITS[1], torch.float32, fmt, g)
+    args = {k: a[k] for k in ("x", "weight", "bias", "in_center", "in_scale", "in_shift")}
+    for v in args.values():
+        v.requires_grad_()
+    b = {k: _up(v) for k, v in args.items()}
+    outs = ops.conv_bn_stats(**args, stride=2, padding=1, act_in="relu", backend="cuda")
+    refs = ops.conv_bn_stats(**b, stride=2, padding=1, act_in="relu", backend="reference")
+    for o, r, what in zip(outs, refs, ("z", "mean", "var"), strict=True):
+        _check(o, r, 1e-5, what)
+    ws = [torch.randn(r.shape, dtype=D, generator=g) for r in refs]
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, ws, strict=True))
+    loss_ref = sum((r * w).sum() for r, w in zip(refs, ws, strict=True))
+    got = torch.autograd.grad(loss, list(args.values()))
+    want = torch.autograd.grad(loss_ref, list(b.values()))
+    for k, gg, ww in zip(args, got, want, strict=True):
+        _check(gg, ww, 1e-4, f"d{k}")
+
+
+def test_cuda_backend_declines_float64_with_a_warning(C):
+    x = torch.randn(1, 2, 3, 3, dtype=D)
+    with pytest.warns(UserWarning, match="float64"):
+        y = ops.epilogue(x, torch.ones(2, dtype=D), None, act_mid="relu", backend="cuda")
+    torch.testing.assert_close(y, x.relu())
+
+
+def test_converted_model_train_step_on_cuda_backend(C):
+    """A CIFAR ResNet converted on backend 'cuda' (CPU kernels) trains like the reference:
+    outputs, every gradient and the running statistics after one step, in fp32."""
+    torch.manual_seed(12)
+    base = models.cifar_resnet(8, variant="original", shortcut="B", shortcut_scale=0.8)
+    base_pre = models.cifar_resnet(8, variant="full_preact", shortcut="A")
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    for model in (base, base_pre):
+        ours = fused_res.convert(model, backend="cuda").train()
+        ref = fused_res.convert(model, backend="reference").train()
+        y, yr = ours(x), ref(x)
+        _check(y, yr, 1e-5, "logits")
+        y.square().sum().backward()
+        yr.square().sum().backward()
+        for (n, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+            _check(p.grad, q.grad, 1e-4, f"grad {n}")
+        for (n, bb), (_, rb) in zip(ours.named_buffers(), ref.named_buffers(), strict=True):
+            _check(bb.float(), rb.float(), 1e-5, f"buffer {n}")
+        ours.eval()
+        ref.eval()
+        with torch.no_grad():
+            _check(ours(x), ref(x), 1e-5, "eval logits")
+
+
+def test_cudnn_backend_reports_why_it_cannot_run_here(C):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    status = CudnnBackend().status()
+    assert not status.available and "CUDA" in status.reason
+
+
+# ---- loading: light import, no-extension and no-compiler fallbacks ------------------------
+
+def _run(code, **env):
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, env=e, timeout=300)
+
+
+def test_import_does_not_load_the_extension():
+    out = _run("import sys, fused_res, torch; from fused_res import _ext; "
+               "assert 'fused_res._C' not in sys.modules; assert not _ext._state['done']; "
+               "print('ok')")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+_FALLBACK = """
+import sys, warnings, torch
+sys.modules['fused_res._C'] = None      # no prebuilt extension
+import fused_res
+from fused_res import _ext, ops
+from fused_res.backends import register_backend
+from fused_res.backends.cuda_backend import CudaBackend
+register_backend('cuda', CudaBackend)
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    st = fused_res.available_backends()['cuda']
+    x = torch.randn(2, 3, 4, 4)
+    y = ops.epilogue(x, torch.ones(3), None, act_mid='relu', backend='cuda')
+    y = ops.epilogue(x, torch.ones(3), None, act_mid='relu', backend='cuda')
+assert torch.equal(y, x.relu())
+print('STATUS', st)
+for m in w:
+    print('WARN', m.message)
+"""
+
+
+def test_no_compiler_falls_back_with_one_clear_warning(tmp_path):
+    out = _run(_FALLBACK, CXX=str(tmp_path / "no-such-c++"), FUSED_RES_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    status = [ln for ln in lines if ln.startswith("STATUS")]
+    assert status and "unavailable" in status[0] and "no C++ compiler" in status[0], lines
+    ext_warnings = [ln for ln in lines if "extension is unavailable" in ln]
+    assert len(ext_warnings) == 1, lines
+    fallback = [ln for ln in lines if "using the reference backend" in ln]
+    assert len(fallback) == 1, lines
+
+
+def test_no_ext_environment_variable_skips_the_extension(tmp_path):
+    out = _run(_FALLBACK, FUSED_RES_NO_EXT="1", FUSED_RES_CACHE=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "FUSED_RES_NO_EXT" in out.stdout
+    assert not any(p.name.startswith("ext-") for p in tmp_path.iterdir())
+
+
+def test_find_cuda_home_reads_wrapper_scripts(tmp_path, monkeypatch):
+    home = tmp_path / "cuda-13.9"
+    (home / "bin").mkdir(parents=True)
+    (home / "include").mkdir()
+    (home / "bin" / "nvcc").write_text("#!/bin/sh\n")
+    (home / "include" / "cuda_runtime.h").write_text("")
+    wrapper = tmp_path / "wrapbin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper.parent))
+    assert _ext.find_cuda_home() == str(home)
+    monkeypatch.setenv("CUDA_HOME", str(home))
+    assert _ext.find_cuda_home() == str(home)
+
+
+def test_warnings_are_not_errors_in_the_kernels_module():
+    # The extension's CPU path must not emit warnings of its own on a plain call.
+    if _ext.load() is None:
+        pytest.skip(_ext.reason())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.ops.fused_res_C.channel_stats(torch.randn(2, 3, 4, 4))

@@ -1,0 +1,279 @@
+"""The CUDA kernels of the extension and the `cuda` / `cudnn` backends on a GPU (`-m gpu`):
+against the float64 reference and the CPU kernels, in every layout and dtype, on the vector
+(16-byte) and scalar paths, with large reductions, N = 0, opcheck and CUDA graphs."""
+
+import pytest
+import torch
+
+import fused_res
+from fused_res import _ext, ops
+from fused_res.backends import register_backend
+from fused_res.backends.cuda_backend import CudaBackend
+from fused_res.backends.cudnn_backend import CudnnBackend
+from fused_res.backends.reference import ReferenceBackend
+from fused_res.testing import TOLERANCES, rel_err
+
+pytestmark = pytest.mark.gpu
+
+D = torch.float64
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FORMATS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+REF = ReferenceBackend()
+# (N, C, H, W): odd, vector-friendly in both layouts, tiny, many channels, a big reduction.
+SHAPES = [(3, 5, 7, 9), (4, 64, 8, 8), (1, 3, 1, 1), (2, 264, 7, 7), (32, 64, 28, 28)]
+
+
+@pytest.fixture(scope="module")
+def C():
+    lib = _ext.load()
+    assert lib is not None, _ext.reason()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fused_res_C::epilogue", "CUDA"), \
+        "the extension was built without its CUDA kernels"
+    register_backend("cuda", CudaBackend)
+    register_backend("cudnn", CudnnBackend)
+    return lib
+
+
+def _make(shape, dtype, fmt, g, scale=1.0, offset=0.0, misalign=False):
+    """A CUDA tensor; misalign=True puts its data 1 element past a 16-byte boundary, which
+    forces the scalar (non-vector) kernel path."""
+    x = (torch.randn(*shape, dtype=D, generator=g) * scale + offset).to(dtype)
+    if not misalign:
+        return x.cuda().contiguous(memory_format=FORMATS[fmt])
+    n, c, h, w = shape
+    buf = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    if fmt == "nhwc":
+        out = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2)
+    else:
+        out = buf[1:].view(n, c, h, w)
+    out.copy_(x)
+    return out
+
+
+def _check(out, ref, tol, what):
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("misalign", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_stats(C, shape, dtype, fmt, misalign):
+    g = torch.Generator().manual_seed(1)
+    x = _make(shape, dtype, fmt, g, 2.0, 3.0, misalign)
+    mean, var = C.channel_stats(x)
+    rm, rv = REF.channel_stats_forward(x.double().cpu())
+    _check(mean, rm, 1e-6, "mean")
+    _check(var, rv, 1e-5, "var")
+    cm, cv = C.channel_stats(x.cpu())
+    _check(mean, cm, 1e-6, "mean vs CPU kernel")
+    _check(var, cv, 1e-5, "var vs CPU kernel")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_stats_large_mean(C, fmt):
+    g = torch.Generator().manual_seed(2)
+    x = _make((16, 32, 32, 32), torch.float32, fmt, g, 0.01, 100.0)
+    mean, var = C.channel_stats(x)
+    rm, rv = REF.channel_stats_forward(x.double().cpu())
+    _check(mean, rm, 1e-7, "mean")
+    _check(var, rv, 1e-4, "var")
+
+
+EPILOGUES = [
+    (True, True, True, True, False, 1.0, False, False),
+    (True, True, True, False, True, 1.0, False, True),
+    (False, True, True, True, True, 0.5, True, True),
+    (False, False, False, False, True, 2.0, True, False),
+]
+
+
+@pytest.mark.parametrize("misalign", [False, True])
+@pytest.mark.parametrize("cfg", EPILOGUES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epilogue_forward_and_backward(C, cfg, dtype, fmt, misalign):
+    ce, sc, sh, rm, res, lam, br, ro = cfg
+    g = torch.Generator().manual_seed(3)
+    shape = (4, 64, 6, 8)
+    n, c = shape[:2]
+    vec = lambda positive=False: ((torch.rand(c, generator=g) + 0.5) if positive
+                                  else torch.randn(c, generator=g)).cuda()
+    a = dict(z=_make(shape, dtype, fmt, g, misalign=misalign),
+             center=vec() if ce else None, scale=vec(True) if sc else None,
+             shift=vec() if sh else None,
+             residual=_make(shape, dtype, fmt, g, misalign=misalign) if res else None)
+    for v in a.values():
+        if v is not None:
+            v.requires_grad_()
+    b = {k: (v.detach().double().requires_grad_() if v is not None else None)
+         for k, v in a.items()}
+    d = torch.rand(n, generator=g).cuda() if br else None
+    kw = dict(act_mid="relu" if rm else "none", res_scale=lam, act_out="relu" if ro else "none")
+    y = ops.epilogue(a["z"], a["scale"], a["shift"], center=a["center"], residual=a["residual"],
+                     branch_scale=d, backend="cuda", **kw)
+    ref = ops.epilogue(b["z"], b["scale"], b["shift"], center=b["center"],
+                       residual=b["residual"], branch_scale=None if d is None else d.double(),
+                       backend="reference", **kw)
+    tol = TOLERANCES[dtype]
+    _check(y, ref, tol, "y")
+    names = [k for k, v in a.items() if v is not None]
+    gy = torch.randn(shape, dtype=D, generator=g).cuda()
+    got = torch.autograd.grad(y, [a[k] for k in names], gy.to(dtype))
+    want = torch.autograd.grad(ref, [b[k] for k in names], gy.to(dtype).double())
+    for k, gg, ww in zip(names, got, want, strict=True):
+        _check(gg, ww, tol * (4 if k in ("center", "scale", "shift") else 1), f"d{k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_stats_backward(C, dtype, fmt):
+    g = torch.Generator().manual_seed(4)
+    x = _make((8, 64, 14, 14), dtype, fmt, g).requires_grad_()
+    xd = x.detach().double().requires_grad_()
+    wm, wv = torch.randn(64, dtype=D, generator=g).cuda(), torch.randn(64, dtype=D,
+                                                                      generator=g).cuda()
+    m, v = ops.channel_stats(x, backend="cuda")
+    mr, vr = ops.channel_stats(xd, backend="reference")
+    (gx,) = torch.autograd.grad((m.double() * wm).sum() + (v.double() * wv).sum(), x)
+    (gr,) = torch.autograd.grad((mr * wm).sum() + (vr * wv).sum(), xd)
+    _check(gx, gr, TOLERANCES[dtype], "dx")
+
+
+def test_empty_batch(C):
+    for fmt in FORMATS.values():
+        x = torch.empty(0, 8, 4, 4, device="cuda").contiguous(memory_format=fmt)
+        mean, var = C.channel_stats(x)
+        assert not mean.any() and not var.any()
+        assert C.epilogue(x, None, torch.ones(8, device="cuda"), None, True, None, 1.0, None,
+                          True).shape == x.shape
+        _, _, s1, _ = C.epilogue_backward(x, x, None, None, None, None, True, 1.0, None, False,
+                                          True, False, True)
+        assert s1.shape == (8,) and not s1.any()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_finalize(C, momentum):
+    bn = torch.nn.BatchNorm2d(32, momentum=momentum).cuda().train()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    rm, rv, nbt = bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()
+    for _ in range(3):
+        x = torch.randn(8, 32, 7, 7, device="cuda") * 2 + 1
+        y = bn(x)
+        mean, var = C.channel_stats(x)
+        scale, shift = C.bn_finalize(mean, var, bn.weight, bn.bias, rm, rv, nbt, momentum,
+                                     bn.eps, 8 * 49)
+        _check(x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), y, 1e-5, "bn(x)")
+        _check(rm, bn.running_mean, 1e-6, "running_mean")
+        _check(rv, bn.running_var, 1e-6, "running_var")
+        assert nbt.item() == bn.num_batches_tracked.item()
+
+
+def test_opcheck_cuda(C):
+    g = torch.Generator().manual_seed(5)
+    for fmt in FORMATS:
+        z = _make((2, 16, 3, 5), torch.float16, fmt, g)
+        r = _make((2, 16, 3, 5), torch.float16, fmt, g)
+        s = (torch.rand(16, generator=g) + 0.5).cuda()
+        mean, _ = C.channel_stats(z)
+        torch.library.opcheck(C.channel_stats.default, (z,))
+        torch.library.opcheck(C.stats_backward.default, (r, s, s, z, mean))
+        torch.library.opcheck(C.epilogue.default, (z, mean, s, None, True, r, 0.5, None, True))
+        torch.library.opcheck(C.epilogue_backward.default,
+                              (r, z, z.relu(), mean, s, s, True, 1.0, None, True, True, True,
+                               True))
+
+
+def test_epilogue_under_cuda_graph(C):
+    z = torch.randn(4, 64, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    r = torch.randn_like(z)
+    s, b = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
+    for _ in range(2):  # warm up outside the graph (allocator, lazy init)
+        ops.epilogue(z, s, b, act_mid="relu", residual=r, act_out="relu", backend="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = ops.epilogue(z, s, b, act_mid="relu", residual=r, act_out="relu", backend="cuda")
+    z.normal_()
+    graph.replay()
+    ref = ops.epilogue(z, s, b, act_mid="relu", residual=r, act_out="relu",
+                       backend="reference")
+    _check(y, ref, 1e-6, "graph replay")
+
+
+UNITS = [
+    (3, 1, 1, "none", False, True, "relu", False, False, "none"),
+    (3, 2, 1, "relu", True, True, "none", True, False, "relu"),
+    (1, 1, 0, "none", False, True, "none", True, True, "relu"),
+    (3, 1, 1, "none", False, True, "none", True, False, "relu"),
+    (3, 1, 1, "none", False, True, "none", False, False, "relu"),
+]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "cuda-epilogue", "cudnn"])
+@pytest.mark.parametrize("cfg", UNITS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_conv_unit_backends(C, backend, cfg, dtype, fmt, monkeypatch):
+    if backend == "cuda-epilogue":  # the cuda backend without cuDNN's own fused ops
+        monkeypatch.setenv("FUSED_RES_CUDA_CUDNN_FUSED", "0")
+        backend = "cuda"
+    k, s, pad, act_in, aff_in, aff_out, act_mid, res, branch, act_out = cfg
+    g = torch.Generator().manual_seed(6)
+    n, cin, cout, h, w = 4, 32, 64, 14, 14
+    oh, ow = (h + 2 * pad - k) // s + 1, (w + 2 * pad - k) // s + 1
+    t = lambda *shape: torch.randn(*shape, dtype=D, generator=g)
+    fm = FORMATS[fmt]
+    a = dict(x=t(n, cin, h, w), weight=t(cout, cin, k, k) / (cin * k * k) ** 0.5,
+             bias=t(cout), in_center=t(cin) if aff_in else None,
+             in_scale=torch.rand(cin, dtype=D, generator=g) + 0.5 if aff_in else None,
+             in_shift=t(cin) if aff_in else None,
+             out_scale=torch.rand(cout, dtype=D, generator=g) + 0.5 if aff_out else None,
+             out_shift=t(cout) if aff_out else None,
+             residual=t(n, cout, oh, ow) if res else None,
+             branch_scale=torch.rand(n, dtype=D, generator=g) if branch else None)
+    kw = dict(stride=s, padding=pad, act_in=act_in, act_mid=act_mid, res_scale=0.7,
+              act_out=act_out)
+
+    def on(dev, dt):
+        out = {}
+        for key, v in a.items():
+            if v is None:
+                out[key] = None
+            elif key in ("x", "residual"):
+                out[key] = v.to(dev, dt).contiguous(memory_format=fm)
+            elif key in ("weight", "bias"):
+                out[key] = v.to(dev, dt)
+            else:
+                out[key] = v.to(dev, torch.float32 if dt != D else D)
+        return out
+
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 tolerance 1e-5 is for true fp32 math
+    try:
+        y = ops.conv_unit(**on("cuda", dtype), **kw, backend=backend)
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev
+    ref = ops.conv_unit(**on("cpu", D), **kw, backend="reference")
+    assert y.is_contiguous(memory_format=fm) and y.dtype == dtype
+    _check(y, ref, TOLERANCES[dtype] * (5 if dtype == torch.float32 else 1), "y")
+
+
+def test_fused_model_train_step_on_gpu(C):
+    from fused_res import models
+
+    torch.manual_seed(7)
+    model = models.resnet18(num_classes=10).cuda()
+    x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
+    ours = fused_res.convert(model, backend="cuda").train()
+    ref = fused_res.convert(model, backend="reference").train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, yr = ours(x), ref(x)
+    _check(y.float(), yr.float(), 3e-2, "logits (bf16 autocast)")
+    y.float().square().mean().backward()
+    yr.float().square().mean().backward()
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
+        assert torch.isfinite(p.grad).all(), name
+        _check(p.grad, q.grad, 0.1, f"grad {name} (bf16 autocast)")
