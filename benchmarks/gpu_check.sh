@@ -124,10 +124,17 @@ else
 fi
 run_step import 60 "$PY" -c "import fused_res; print(fused_res.__version__); [print(f'{k}: {v}') for k, v in fused_res.available_backends().items()]"
 
-# 3. The GPU tests (bf16 included).
+# 3. The GPU tests (bf16 included): everything but Triton first (quick), then the Triton
+# kernels with autotuning off (one config per shape: correctness, not speed; tuning every
+# config for every test shape would spend the budget on compiling).
 PYTEST_ARGS=(-m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml")
-if [ "$DRY" = 1 ]; then PYTEST_ARGS+=(tests/test_gpu_smoke.py); fi
-run_step pytest-gpu 150 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+if [ "$DRY" = 1 ]; then PYTEST_ARGS+=(tests/test_gpu_smoke.py)
+else PYTEST_ARGS+=(--ignore=tests/test_triton_gpu.py); fi
+run_step pytest-gpu 120 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+if [ "$DRY" != 1 ]; then
+  run_step pytest-gpu-triton 120 env FUSED_RES_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu -q \
+    -p no:cacheprovider --junitxml "$STEPS_DIR/pytest_gpu_triton.xml" tests/test_triton_gpu.py
+fi
 
 # 4. The benchmark matrix, most important first (bf16, channels_last).
 bench rn50-eval-b256 110 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \

@@ -20,6 +20,8 @@ time so a 7x7x3 stem does not pad every tap to 16 channels.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -206,6 +208,12 @@ def _autotuned_kernel():
     return _AUTOTUNED["conv"]
 
 
+def autotune_enabled() -> bool:
+    """FUSED_RES_TRITON_AUTOTUNE=0 runs the first config of CONV_CONFIGS without tuning:
+    correctness checks then skip compiling every config for every shape."""
+    return os.environ.get("FUSED_RES_TRITON_AUTOTUNE", "1") != "0"
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tf32 for float32 only where torch's own conv setting allows it (cudnn.allow_tf32)."""
     if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _INTERPRET:
@@ -283,8 +291,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                            or in_shift is not None or act_in == "relu"),
                  DOT_PRECISION=dot_precision(x.dtype),
                  INDEX_64=needs_int64(x, y, r))
-    if _INTERPRET:
-        cfg = configs.INTERPRETER_CONV_CONFIG
+    if _INTERPRET or not autotune_enabled():
+        cfg = configs.INTERPRETER_CONV_CONFIG if _INTERPRET else configs.CONV_CONFIGS[0]
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out, cfg.block_n),)
         conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
