@@ -31,7 +31,7 @@ from .reference import (
     ReferenceBackend,
     _conv_backward,
     _fold,
-    acc_dtype,
+    fold_backward,
     memory_format_of,
 )
 
@@ -137,7 +137,6 @@ class CudaBackend(ReferenceBackend):
     def conv_unit_backward(self, gy, saved, needs):
         s = saved
         x, weight, bias = s["x"], s["weight"], s["bias"]
-        acc = acc_dtype(x.dtype)
         relu_mid, relu_out = _relu(s["act_mid"]), _relu(s["act_out"])
         gu, gr, gb_eff, _ = _ops().epilogue_backward(
             gy.to(x.dtype), s["u"] if relu_mid else None, s["y"] if relu_out else None, None,
@@ -151,21 +150,7 @@ class CudaBackend(ReferenceBackend):
         gp, gw_eff, _ = _conv_backward(gu, p, w_eff, False, s["stride"], s["padding"],
                                        s["dilation"], s["groups"], need_p, need_w)
         grads = {"residual": gr.to(s["residual_dtype"]) if needs["residual"] else None}
-        a = out_scale.to(acc) if out_scale is not None else None
-        if needs["weight"]:
-            gw = gw_eff.to(acc)
-            grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
-                weight.dtype)
-        if needs["out_scale"] and out_scale is not None:
-            # Σ dL/dW'·W = Σ dL/du·z (see the reference backend).
-            ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
-            if bias is not None:
-                ga = ga + gb_eff * bias.to(acc)
-            grads["out_scale"] = ga.to(out_scale.dtype)
-        if needs["out_shift"] and out_shift is not None:
-            grads["out_shift"] = gb_eff.to(out_shift.dtype)
-        if needs["bias"] and bias is not None:
-            grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
+        grads.update(fold_backward(gw_eff, gb_eff, weight, bias, out_scale, out_shift, needs))
         if need_p:
             self._prologue_backward(gp, x, s["in_center"], s["in_scale"], s["in_shift"],
                                     s["act_in"], needs, grads)

@@ -129,6 +129,30 @@ def _conv_backward(gz, p, weight, has_bias, stride, padding, dilation, groups, n
     return gp, gw, gb
 
 
+def fold_backward(gw_eff, gb_eff, weight, bias, out_scale, out_shift, needs) -> dict:
+    """Gradients of weight, bias, out_scale, out_shift from those of the folded conv
+    (W' = W * out_scale, b' = bias * out_scale + out_shift): dL/dW' and dL/db' (C_out,)."""
+    grads = {}
+    acc = acc_dtype(weight.dtype)
+    a = out_scale.to(acc) if out_scale is not None else None
+    if needs["weight"]:
+        gw = gw_eff.to(acc)
+        grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(weight.dtype)
+    if needs["out_scale"] and out_scale is not None:
+        # Σ_{c_in,k} dL/dW'·W = Σ dL/du·z: exact for the folded form (an eval-mode BN folds
+        # its running mean into out_shift, so z here is not centered).
+        ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
+        if bias is not None:
+            ga = ga + gb_eff.to(acc) * bias.to(acc)
+        grads["out_scale"] = ga.to(out_scale.dtype)
+    if needs["out_shift"] and out_shift is not None:
+        grads["out_shift"] = gb_eff.to(out_shift.dtype)
+    if needs["bias"] and bias is not None:
+        gb = gb_eff.to(acc)
+        grads["bias"] = (gb * a if a is not None else gb).to(bias.dtype)
+    return grads
+
+
 def _fold(weight, bias, out_scale, out_shift):
     """(W', b') with conv(p, W') + b' == (conv(p, W) + bias) * out_scale + out_shift."""
     if out_scale is None:
@@ -180,23 +204,8 @@ class ReferenceBackend(Backend):
         gp, gw_eff, _ = _conv_backward(gu.to(x.dtype), p, w_eff, False, s["stride"],
                                        s["padding"], s["dilation"], s["groups"], need_p, need_w)
         gb_eff = gu.sum((0, 2, 3))  # dL/db' in acc
-        grads = {"residual": gr}
-        a = out_scale.to(acc) if out_scale is not None else None
-        if needs["weight"]:
-            gw = gw_eff.to(acc)
-            grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
-                weight.dtype)
-        if needs["out_scale"] and out_scale is not None:
-            # Σ_{c_in,k} dL/dW'·W = Σ dL/du·z: exact for the folded form (an eval-mode BN
-            # folds its running mean into out_shift, so z here is not centered).
-            ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
-            if bias is not None:
-                ga = ga + gb_eff * bias.to(acc)
-            grads["out_scale"] = ga.to(out_scale.dtype)
-        if needs["out_shift"] and out_shift is not None:
-            grads["out_shift"] = gb_eff.to(out_shift.dtype)
-        if needs["bias"] and bias is not None:
-            grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
+        grads = {"residual": gr, **fold_backward(gw_eff, gb_eff, weight, bias, out_scale,
+                                                 out_shift, needs)}
         if need_p:
             (grads["x"], grads["in_center"], grads["in_scale"],
              grads["in_shift"]) = _prologue_backward(gp, x, s["in_center"], s["in_scale"],

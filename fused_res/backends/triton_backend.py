@@ -27,7 +27,7 @@ from .reference import (
     ReferenceBackend,
     _conv_backward,
     _fold,
-    acc_dtype,
+    fold_backward,
     memory_format_of,
 )
 
@@ -104,7 +104,6 @@ class TritonBackend(ReferenceBackend):
         if not self._runs(x, weight, s["groups"], s["dilation"]):
             return super().conv_unit_backward(gy, saved, needs)
         _, ew = _kernels()
-        acc = acc_dtype(x.dtype)
         fmt = memory_format_of(x)
         out_scale, out_shift = s["out_scale"], s["out_shift"]
         need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
@@ -127,21 +126,7 @@ class TritonBackend(ReferenceBackend):
                                 fmt)
             gp, gw_eff, _ = _conv_backward(gu, p, w_eff, False, s["stride"], s["padding"],
                                            s["dilation"], s["groups"], need_p, need_w)
-        a = out_scale.to(acc) if out_scale is not None else None
-        if needs["weight"]:
-            gw = gw_eff.to(acc)
-            grads["weight"] = (gw * a.view(-1, 1, 1, 1) if a is not None else gw).to(
-                weight.dtype)
-        if needs["out_scale"] and out_scale is not None:
-            # Σ dL/dW'·W = Σ dL/du·z for the folded form (see the reference backend).
-            ga = (gw_eff.to(acc) * weight.to(acc)).sum((1, 2, 3))
-            if bias is not None:
-                ga = ga + gb_eff * bias.to(acc)
-            grads["out_scale"] = ga.to(out_scale.dtype)
-        if needs["out_shift"] and out_shift is not None:
-            grads["out_shift"] = gb_eff.to(out_shift.dtype)
-        if needs["bias"] and bias is not None:
-            grads["bias"] = (gb_eff * a if a is not None else gb_eff).to(bias.dtype)
+        grads.update(fold_backward(gw_eff, gb_eff, weight, bias, out_scale, out_shift, needs))
         if need_p:
             (grads["x"], grads["in_center"], grads["in_scale"],
              grads["in_shift"]) = self._prologue_backward(gp, x, s["in_center"], s["in_scale"],
