@@ -49,6 +49,8 @@ printf 'step\tstatus\trc\tseconds\tlimit\tcommand\n' > "$STEPS"
 T0=$(date +%s)
 # Offline machine: pip must never wait on an index.
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# What 'auto' measured and chose per op signature on this GPU travels back in steps.tar.gz.
+export FUSED_RES_AUTO_CACHE="$STEPS_DIR/auto/auto.json"
 
 say() { echo "$*" | tee -a "$LOG"; }
 

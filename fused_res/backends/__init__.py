@@ -1,6 +1,7 @@
 """Backends that compute the conv-unit ops: reference (composite aten, everywhere), and the
 fast ones (triton, cuda, cudnn) as they land; 'auto' picks per call."""
 
+from . import auto
 from .base import Backend, BackendStatus
 from .cuda_backend import CudaBackend  # loads the extension only when first used
 from .cudnn_backend import CudnnBackend
@@ -23,6 +24,6 @@ register_backend("triton", TritonBackend)
 register_backend("cuda", CudaBackend)
 register_backend("cudnn", CudnnBackend)
 
-__all__ = ["ENV_VAR", "NAMES", "Backend", "BackendStatus", "CudaBackend", "CudnnBackend",
+__all__ = ["ENV_VAR", "NAMES", "Backend", "auto", "BackendStatus", "CudaBackend", "CudnnBackend",
            "ReferenceBackend", "TritonBackend", "available_backends", "current_backend",
            "get_backend_object", "register_backend", "resolve", "set_backend", "use_backend"]

@@ -4,6 +4,7 @@ result (fused_res.bench.schema documents it)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import time
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..backends.auto import autotune
 from ..testing import TOLERANCES, rel_err
 from . import contenders as C
 from .config import TORCH_DTYPE, BenchConfig
@@ -94,6 +96,14 @@ def make_step(forward: Callable, module: nn.Module, mode: str, dtype: str,
         opt.step()
         return loss
     return train_step
+
+
+def _auto_summary(choices: dict) -> str:
+    """'reference x3, cuda x12': how many op signatures each backend won."""
+    won: dict[str, int] = {}
+    for entry in choices.values():
+        won[entry["backend"]] = won.get(entry["backend"], 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(won.items())) or "no signatures"
 
 
 def _reason(e: BaseException) -> str:
@@ -207,8 +217,15 @@ def _measure(case: _Case, name: str, flush: L2Flush) -> list[dict]:
             built = C.build(name, copy.deepcopy(case.model), case.workload, cfg)
             fwd = C.call_with(built)
             inputs = case.inputs[built.memory_format]
-            out, grads = _gate_outputs(fwd, built.module, inputs[0], cfg.mode, cfg.dtype, dev)
+            # 'auto' picks per op among backends it has measured and verified: the gate's run
+            # (outside the timed loop) is that measurement.
+            tuning = autotune() if name == "fused-auto" else contextlib.nullcontext()
+            with tuning as choices:
+                out, grads = _gate_outputs(fwd, built.module, inputs[0], cfg.mode, cfg.dtype,
+                                           dev)
             build_s = time.perf_counter() - t0  # includes compilation (first call)
+            if choices is not None:
+                built.note += "; auto: " + _auto_summary(choices)
             gate = case.check(name, out, grads)
             del out, grads
             mf = ("channels_last" if built.memory_format == torch.channels_last

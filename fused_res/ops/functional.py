@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..backends import resolve
+from ..backends import auto, current_backend, resolve
 from . import library
 
 ACTS = ("none", "relu")
@@ -76,6 +76,21 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     if t is None or dtype is None or t.dtype != torch.float32:
         return t
     return t.to(dtype)
+
+
+def _choose(op: str, backend: str | None, x: Tensor, weight: Tensor | None, groups: int,
+            dilation, tensors: dict, settings: tuple, run) -> str:
+    """The concrete backend for this call. 'auto' uses the winner recorded for this call's
+    signature by fused_res.autotune() (measuring it now when tuning), else the reference."""
+    name = backend if backend is not None else current_backend()
+    if name != "auto":
+        return resolve(name, x, weight, groups, tuple(dilation))
+    key = auto.signature(op, tensors, settings)
+    if auto.tuning() and key not in auto.cached():
+        candidates = auto.candidates_for(x, weight, groups, tuple(dilation))
+        if candidates != ["reference"]:
+            return auto.tune_call(key, x, candidates, run)
+    return resolve(auto.lookup(key), x, weight, groups, tuple(dilation))
 
 
 def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
@@ -170,11 +185,17 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1
     residual, res_scale = _prepare_tail((x.shape[0], c_out, oh, ow), x.shape[0], x.device,
                                         x.dtype, residual, res_scale, branch_scale, act_mid,
                                         act_out)
-    name = resolve(backend, x, weight, groups, tuple(dilation))
-    y, _ = library.conv_unit(x, weight, bias, stride, padding, dilation, groups, in_center,
-                             in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
-                             res_scale, branch_scale, act_out, name)
-    return y
+    def run(name):
+        return library.conv_unit(x, weight, bias, stride, padding, dilation, groups, in_center,
+                                 in_scale, in_shift, act_in, out_scale, out_shift, act_mid,
+                                 residual, res_scale, branch_scale, act_out, name)
+
+    tensors = {"x": x, "weight": weight, "bias": bias, "in_center": in_center,
+               "in_scale": in_scale, "in_shift": in_shift, "out_scale": out_scale,
+               "out_shift": out_shift, "residual": residual, "branch_scale": branch_scale}
+    settings = (stride, padding, dilation, groups, act_in, act_mid, res_scale, act_out)
+    name = _choose("conv_unit", backend, x, weight, groups, dilation, tensors, settings, run)
+    return run(name)[0]
 
 
 def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1,
@@ -190,9 +211,15 @@ def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stri
     x, weight, bias, stride, padding, dilation = _prepare_conv(
         x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
         act_in)
-    name = resolve(backend, x, weight, groups, tuple(dilation))
-    return library.conv_bn_stats(x, weight, bias, stride, padding, dilation, groups, in_center,
-                                 in_scale, in_shift, act_in, name)
+    def run(name):
+        return library.conv_bn_stats(x, weight, bias, stride, padding, dilation, groups,
+                                     in_center, in_scale, in_shift, act_in, name)
+
+    tensors = {"x": x, "weight": weight, "bias": bias, "in_center": in_center,
+               "in_scale": in_scale, "in_shift": in_shift}
+    settings = (stride, padding, dilation, groups, act_in)
+    return run(_choose("conv_bn_stats", backend, x, weight, groups, dilation, tensors,
+                       settings, run))
 
 
 def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
@@ -201,7 +228,10 @@ def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Ten
     _check_feature_map("x", x)
     dt = _autocast_dtype(x)
     x = _cast(x, dt)
-    return library.channel_stats(x, resolve(backend, x))
+    def run(name):
+        return library.channel_stats(x, name)
+
+    return run(_choose("channel_stats", backend, x, None, 1, (1, 1), {"x": x}, (), run))
 
 
 def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None, *,
@@ -223,5 +253,11 @@ def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None
     z = _cast(z, dt)
     residual, res_scale = _prepare_tail(z.shape, z.shape[0], z.device, z.dtype, residual,
                                         res_scale, branch_scale, act_mid, act_out)
-    return library.epilogue(z, center, scale, shift, act_mid, residual, res_scale,
-                            branch_scale, act_out, resolve(backend, z))
+    def run(name):
+        return library.epilogue(z, center, scale, shift, act_mid, residual, res_scale,
+                                branch_scale, act_out, name)
+
+    tensors = {"z": z, "center": center, "scale": scale, "shift": shift, "residual": residual,
+               "branch_scale": branch_scale}
+    settings = (act_mid, res_scale, act_out)
+    return run(_choose("epilogue", backend, z, None, 1, (1, 1), tensors, settings, run))

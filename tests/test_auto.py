@@ -1,0 +1,115 @@
+"""'auto' chooses per call signature among backends it measured and verified; never an
+unmeasured or wrong one."""
+
+import json
+import time
+
+import pytest
+import torch
+
+import fused_res
+from fused_res import models
+from fused_res.backends import CudnnBackend, ReferenceBackend, auto, register_backend
+from fused_res.testing import rel_err
+
+
+class _WrongBackend(ReferenceBackend):
+    """Runs everywhere and is off by 1% in the apply pass."""
+
+    name = "cudnn"
+
+    def status(self):
+        return fused_res.backends.BackendStatus(True, "")
+
+    def unsupported_reason(self, x, weight, groups, dilation):
+        return None
+
+    def epilogue_forward(self, *args):
+        return super().epilogue_forward(*args) * 1.01
+
+
+class _SameAsReference(_WrongBackend):
+    def epilogue_forward(self, *args):
+        return ReferenceBackend.epilogue_forward(self, *args)
+
+
+class _SlowReference(ReferenceBackend):
+    def epilogue_forward(self, *args):
+        time.sleep(0.004)
+        return super().epilogue_forward(*args)
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSED_RES_AUTO_CACHE", str(tmp_path / "auto.json"))
+    auto.reset()
+    yield tmp_path / "auto.json"
+    auto.reset()
+    register_backend("reference", ReferenceBackend)
+    register_backend("cudnn", CudnnBackend)
+
+
+def _model():
+    torch.manual_seed(0)
+    return models.cifar_resnet(8, shortcut="B")
+
+
+def _epilogue_entries(cache):
+    return [v for k, v in cache.items() if "|epilogue|" in k]
+
+
+def test_unmeasured_signatures_use_the_reference(fresh_cache):
+    x = torch.randn(2, 4, 5, 5)
+    assert auto.lookup(auto.signature("epilogue", {"z": x}, ())) == "reference"
+
+
+def test_tuning_records_every_signature_and_persists(fresh_cache):
+    model, x = _model(), torch.randn(4, 3, 16, 16)
+    fused = fused_res.convert(model, backend="auto")
+    for train in (False, True):
+        model.train(train)
+        fused.train(train)
+        with fused_res.autotune() as cache:
+            y = fused(x)
+        assert rel_err(y, model(x)) <= 1e-5
+    on_disk = json.loads(fresh_cache.read_text())
+    assert on_disk and set(on_disk) == set(cache)
+    assert {"conv_unit", "conv_bn_stats", "epilogue"} <= {k.split("|")[1] for k in on_disk}
+    for entry in on_disk.values():
+        assert entry["backend"] in entry["seconds"]
+        assert "reference" in entry["seconds"]
+    auto.reset()
+    key = next(iter(on_disk))
+    assert auto.lookup(key) == on_disk[key]["backend"]
+
+
+def test_a_wrong_backend_is_never_chosen(fresh_cache):
+    register_backend("cudnn", _WrongBackend)
+    model, x = _model().train(), torch.randn(4, 3, 16, 16)
+    fused = fused_res.convert(model, backend="auto")
+    with fused_res.autotune() as cache:
+        y = fused(x)
+    entries = _epilogue_entries(cache)
+    assert entries and all(e["backend"] != "cudnn" for e in entries)
+    assert all("relative error" in e["failed"]["cudnn"] for e in entries)
+    assert rel_err(y, model(x)) <= 1e-5
+
+
+def test_the_fastest_verified_backend_wins_and_is_used_afterwards(fresh_cache):
+    register_backend("reference", _SlowReference)
+    register_backend("cudnn", _SameAsReference)
+    model, x = _model().train(), torch.randn(4, 3, 16, 16)
+    fused = fused_res.convert(model, backend="auto")
+    with fused_res.autotune() as cache:
+        fused(x)
+    entries = _epilogue_entries(cache)
+    assert entries
+    for e in entries:
+        assert e["backend"] == min(e["seconds"], key=e["seconds"].get) != "reference"
+    key = next(k for k in cache if "|epilogue|" in k)
+    assert auto.lookup(key) == cache[key]["backend"]
+    # A recorded winner that cannot run here any more is not used.
+    cache[key]["backend"] = "cudnn"
+    register_backend("cudnn", CudnnBackend)  # the real one: unavailable without CUDA
+    if not torch.cuda.is_available():
+        assert auto.lookup(key) == "reference"
