@@ -51,6 +51,10 @@ T0=$(date +%s)
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 # What 'auto' measured and chose per op signature on this GPU travels back in steps.tar.gz.
 export FUSED_RES_AUTO_CACHE="$STEPS_DIR/auto/auto.json"
+# Triton's autotuner compiles every config for every new shape; in a fresh process that is
+# minutes for a ResNet-50. The matrix runs one tile config; bench-blocks-eval-tuned (last)
+# measures what tuning adds.
+export FUSED_RES_TRITON_AUTOTUNE=0
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -157,6 +161,8 @@ bench units-eval 40 --model rn50-units --mode eval --dtype bf16 --batch 64 --rep
   --contenders eager,cudnn,fused
 bench blocks-compile 90 --model rn50-l1,rn50-l3 --mode eval --dtype bf16 --batch 64 \
   --repeats 30 --contenders eager-cl,compile,compile-max-autotune,compile-freeze
+FUSED_RES_TRITON_AUTOTUNE=1 bench blocks-eval-tuned 90 --model rn50-blocks --mode eval \
+  --dtype bf16 --batch 64 --repeats 30 --contenders eager-cl,fused-triton
 
 # 5. Merge, pack, summarize (the summary table is the last thing printed).
 tar -czf "$OUT/steps.tar.gz" -C "$OUT" steps 2>>"$LOG"

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "bench-rn50-eval-b256", "bench-rn50-train-b256",
          "bench-rn50-eval-b64", "bench-rn50-train-b64", "bench-rn18-eval-b256",
-         "bench-blocks-eval", "bench-blocks-train", "bench-units-eval", "bench-blocks-compile"]
+         "bench-blocks-eval", "bench-blocks-train", "bench-units-eval", "bench-blocks-compile",
+         "bench-blocks-eval-tuned"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
