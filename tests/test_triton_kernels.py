@@ -179,6 +179,34 @@ else:
         for name, a, b in zip(names, got, want, strict=True):
             _check(a, b, dtype, f"d{name}")
 
+    @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+    def test_unfused_mode_computes_the_same_unit(cfg):
+        """bench's fused-triton-unfused: the same kernels one job at a time, same results."""
+        ours = _cast(_make(cfg), torch.float32, torch.channels_last)
+        backend = registry.get_backend_object("triton")
+        fused_y = _unit(ours, "triton")
+        with backend.unfused():
+            assert backend._unfused
+            y = _unit(ours, "triton")
+            z, mean, var = ops.conv_bn_stats(ours["x"], ours["w"], ours["bias"],
+                                             stride=ours["stride"], padding=ours["padding"],
+                                             in_center=ours["c_in"], in_scale=ours["a_in"],
+                                             in_shift=ours["b_in"], act_in=ours["act_in"],
+                                             backend="triton")
+        assert not backend._unfused
+        _check(y, fused_y, torch.float32, "unfused y")
+        gy = torch.randn(y.shape, dtype=D, generator=torch.Generator().manual_seed(1))
+        names, got = _grads(y, ours, gy)
+        _, want = _grads(fused_y, ours, gy)
+        for name, g, w in zip(names, got, want, strict=True):
+            _check(g, w, torch.float32, f"unfused d{name}")
+        ref_z, ref_mean, ref_var = ops.conv_bn_stats(
+            ours["x"], ours["w"], ours["bias"], stride=ours["stride"], padding=ours["padding"],
+            in_center=ours["c_in"], in_scale=ours["a_in"], in_shift=ours["b_in"],
+            act_in=ours["act_in"], backend="triton")
+        for a, b, what in ((z, ref_z, "z"), (mean, ref_mean, "mean"), (var, ref_var, "var")):
+            _check(a, b, torch.float32, f"unfused {what}")
+
     EPI = [  # (center, scale, shift, act_mid, residual, lam, branch, act_out)
         (True, True, True, "relu", True, 1.0, False, "relu"),
         (False, True, True, "none", True, 0.5, True, "relu"),

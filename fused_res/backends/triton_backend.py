@@ -17,8 +17,10 @@ imported (the interpreter, DESIGN.md §5 rung 2). triton is imported on first us
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -73,6 +75,19 @@ class TritonBackend(ReferenceBackend):
             return f"weight dtype {weight.dtype} != input dtype {x.dtype}"
         return None
 
+    _unfused = False
+
+    @contextlib.contextmanager
+    def unfused(self) -> Iterator[None]:
+        """Within the context, the forward runs the same kernels one job at a time (prologue
+        pass, plain conv, affine pass, tail pass; statistics as their own pass): what fusion
+        alone buys is the difference (bench's fused-triton-unfused)."""
+        previous, self._unfused = self._unfused, True
+        try:
+            yield
+        finally:
+            self._unfused = previous
+
     def _runs(self, x, weight=None, groups=1, dilation=(1, 1)) -> bool:
         """Whether the kernels take this call; a backward of a call the registry routed here
         always qualifies, this guards direct calls to the backend object."""
@@ -88,8 +103,18 @@ class TritonBackend(ReferenceBackend):
                 x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
                 in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
                 branch_scale, act_out)
-        conv, _ = _kernels()
+        conv, ew = _kernels()
         fmt = memory_format_of(x)
+        if self._unfused:
+            # Same kernels, one job each: prologue pass, plain conv, affine pass, tail pass.
+            p = self._prologue(x, in_center, in_scale, in_shift, act_in, fmt)
+            z, _ = conv.conv_launch(p, weight, bias, stride, padding, None, None, None, "none",
+                                    memory_format=fmt)
+            u = z if out_scale is None and out_shift is None else ew.epilogue_forward(
+                z, None, out_scale, out_shift, "none", None, 1.0, None, "none", fmt)
+            y = ew.epilogue_forward(u, None, None, None, act_mid, residual, res_scale,
+                                    branch_scale, act_out, fmt)
+            return y, (u if act_mid == "relu" else x.new_empty((0,)))
         y, u = conv.conv_launch(
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
             out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
@@ -141,6 +166,13 @@ class TritonBackend(ReferenceBackend):
             return super().conv_bn_stats_forward(x, weight, bias, stride, padding, dilation,
                                                  groups, in_center, in_scale, in_shift, act_in)
         conv, ew = _kernels()
+        if self._unfused:
+            fmt = memory_format_of(x)
+            p = self._prologue(x, in_center, in_scale, in_shift, act_in, fmt)
+            z, _ = conv.conv_launch(p, weight, bias, stride, padding, None, None, None, "none",
+                                    memory_format=fmt)
+            mean, var = ew.channel_stats(z)
+            return z, mean, var
         z, (st_mean, st_m2, st_cnt) = conv.conv_launch(
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
             stats=True, memory_format=memory_format_of(x))
