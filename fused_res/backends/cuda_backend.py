@@ -113,6 +113,18 @@ class CudaBackend(ReferenceBackend):
         _affine_grads(grads, ("in_center", "in_scale", "in_shift"), in_center, in_scale,
                       in_shift, n_center, n_scale, n_shift, s1, s2)
 
+    # ---- the reference's primitives on the extension (conv_bn_stats_backward is inherited) --
+    def _prologue_apply(self, x, center, scale, shift, act):
+        return self._prologue(x, center, scale, shift, act)
+
+    def _prologue_grads(self, gp, x, center, scale, shift, act, needs):
+        grads: dict = {}
+        self._prologue_backward(gp, x, center, scale, shift, act, needs, grads)
+        return tuple(grads.get(k) for k in ("x", "in_center", "in_scale", "in_shift"))
+
+    def _stats_grad(self, gz, gmean, gvar, z, mean):
+        return _ops().stats_backward(gz, gmean, gvar, z, mean)
+
     # ---- conv_unit ----------------------------------------------------------------------------
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
@@ -165,22 +177,6 @@ class CudaBackend(ReferenceBackend):
             memory_format=fmt)
         mean, var = _ops().channel_stats(z)
         return z, mean, var
-
-    def conv_bn_stats_backward(self, gz, gmean, gvar, saved, needs):
-        s = saved
-        x, weight, bias = s["x"], s["weight"], s["bias"]
-        gz_total = _ops().stats_backward(gz, gmean, gvar, s["z"], s["mean"])
-        p = self._prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
-        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
-        gp, gw, gb = _conv_backward(gz_total, p, weight, bias is not None, s["stride"],
-                                    s["padding"], s["dilation"], s["groups"], need_p,
-                                    needs["weight"])
-        grads = {"weight": gw if needs["weight"] else None,
-                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None}
-        if need_p:
-            self._prologue_backward(gp, x, s["in_center"], s["in_scale"], s["in_shift"],
-                                    s["act_in"], needs, grads)
-        return grads
 
     # ---- channel_stats ------------------------------------------------------------------------
     def channel_stats_forward(self, x):

@@ -177,6 +177,20 @@ class ReferenceBackend(Backend):
 
     name = "reference"
 
+    # ---- primitives the composite methods below are built from; a faster backend overrides
+    # these and inherits the composition (conv gradients stay with aten) ---------------------
+    def _prologue_apply(self, x, center, scale, shift, act):
+        """p = act((x - center) * scale + shift) in x's dtype and memory format."""
+        return prologue(x, center, scale, shift, act)
+
+    def _prologue_grads(self, gp, x, center, scale, shift, act, needs):
+        """(dx, dcenter, dscale, dshift) of _prologue_apply given dL/dp; needs by in_* names."""
+        return _prologue_backward(gp, x, center, scale, shift, act, needs)
+
+    def _stats_grad(self, gz, gmean, gvar, z, mean):
+        """dL/dz (z's dtype) given dL/dz direct, dL/dmean and dL/dvar (biased) per channel."""
+        return _stats_backward_into(gz, gmean, gvar, z, mean).to(z.dtype)
+
     # ---- conv_unit: y = tail(fold(conv(prologue(x)))) -------------------------------------
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
@@ -198,7 +212,7 @@ class ReferenceBackend(Backend):
                                 needs["residual"])
         out_scale, out_shift = s["out_scale"], s["out_shift"]
         w_eff, _ = _fold(weight, bias, out_scale, out_shift)
-        p = prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
+        p = self._prologue_apply(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
         need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
         need_w = needs["weight"] or needs["out_scale"]
         gp, gw_eff, _ = _conv_backward(gu.to(x.dtype), p, w_eff, False, s["stride"],
@@ -208,8 +222,8 @@ class ReferenceBackend(Backend):
                                                  out_shift, needs)}
         if need_p:
             (grads["x"], grads["in_center"], grads["in_scale"],
-             grads["in_shift"]) = _prologue_backward(gp, x, s["in_center"], s["in_scale"],
-                                                     s["in_shift"], s["act_in"], needs)
+             grads["in_shift"]) = self._prologue_grads(gp, x, s["in_center"], s["in_scale"],
+                                                       s["in_shift"], s["act_in"], needs)
         return grads
 
     # ---- conv_bn_stats: z = conv(prologue(x)), with the batch statistics of z -------------
@@ -227,18 +241,18 @@ class ReferenceBackend(Backend):
     def conv_bn_stats_backward(self, gz, gmean, gvar, saved, needs):
         s = saved
         x, weight, bias = s["x"], s["weight"], s["bias"]
-        gz_total = _stats_backward_into(gz, gmean, gvar, s["z"], s["mean"])
-        p = prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
+        gz_total = self._stats_grad(gz, gmean, gvar, s["z"], s["mean"])
+        p = self._prologue_apply(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"])
         need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
-        gp, gw, gb = _conv_backward(gz_total.to(x.dtype), p, weight, bias is not None,
+        gp, gw, gb = _conv_backward(gz_total, p, weight, bias is not None,
                                     s["stride"], s["padding"], s["dilation"], s["groups"],
                                     need_p, needs["weight"])
         grads = {"weight": gw if needs["weight"] else None,
                  "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None}
         if need_p:
             (grads["x"], grads["in_center"], grads["in_scale"],
-             grads["in_shift"]) = _prologue_backward(gp, x, s["in_center"], s["in_scale"],
-                                                     s["in_shift"], s["act_in"], needs)
+             grads["in_shift"]) = self._prologue_grads(gp, x, s["in_center"], s["in_scale"],
+                                                       s["in_shift"], s["act_in"], needs)
         return grads
 
     # ---- channel_stats: per-channel mean and biased variance ------------------------------

@@ -179,28 +179,6 @@ class TritonBackend(ReferenceBackend):
         mean, var = ew.stats_finalize(st_mean, st_m2, st_cnt, weight.shape[0])
         return z, mean, var
 
-    def conv_bn_stats_backward(self, gz, gmean, gvar, saved, needs):
-        s = saved
-        x, weight, bias = s["x"], s["weight"], s["bias"]
-        if not self._runs(x, weight, s["groups"], s["dilation"]):
-            return super().conv_bn_stats_backward(gz, gmean, gvar, saved, needs)
-        _, ew = _kernels()
-        fmt = memory_format_of(x)
-        gz_total = ew.stats_backward(gz, gmean, gvar, s["z"], s["mean"], x.dtype, fmt)
-        need_p = any(needs[k] for k in ("x", "in_center", "in_scale", "in_shift"))
-        p = self._prologue(x, s["in_center"], s["in_scale"], s["in_shift"], s["act_in"], fmt)
-        gp, gw, gb = _conv_backward(gz_total, p, weight, bias is not None, s["stride"],
-                                    s["padding"], s["dilation"], s["groups"], need_p,
-                                    needs["weight"])
-        grads = {"weight": gw if needs["weight"] else None,
-                 "bias": gb.to(bias.dtype) if (needs["bias"] and bias is not None) else None}
-        if need_p:
-            (grads["x"], grads["in_center"], grads["in_scale"],
-             grads["in_shift"]) = self._prologue_backward(gp, x, s["in_center"], s["in_scale"],
-                                                          s["in_shift"], s["act_in"], needs,
-                                                          fmt)
-        return grads
-
     # ---- channel_stats --------------------------------------------------------------------
     def channel_stats_forward(self, x):
         if not self._runs(x):
@@ -239,6 +217,24 @@ class TritonBackend(ReferenceBackend):
             need_sum_t=needs["scale"] and scale is not None, fmt=memory_format_of(z))
         return {"residual": gr, "z": gz, **_affine_grads(sum_g, sum_gt, center, scale, shift,
                                                          needs, ("center", "scale", "shift"))}
+
+    # ---- the reference's primitives, in Triton (conv_bn_stats_backward is inherited) -------
+    def _prologue_apply(self, x, center, scale, shift, act):
+        if not self._runs(x):
+            return super()._prologue_apply(x, center, scale, shift, act)
+        return self._prologue(x, center, scale, shift, act, memory_format_of(x))
+
+    def _prologue_grads(self, gp, x, center, scale, shift, act, needs):
+        if not self._runs(x):
+            return super()._prologue_grads(gp, x, center, scale, shift, act, needs)
+        return self._prologue_backward(gp, x, center, scale, shift, act, needs,
+                                       memory_format_of(x))
+
+    def _stats_grad(self, gz, gmean, gvar, z, mean):
+        if not self._runs(z):
+            return super()._stats_grad(gz, gmean, gvar, z, mean)
+        _, ew = _kernels()
+        return ew.stats_backward(gz, gmean, gvar, z, mean, z.dtype, memory_format_of(z))
 
     # ---- prologue helpers (the backward recomputes p rather than saving it) ---------------
     def _prologue(self, x, center, scale, shift, act, fmt):
