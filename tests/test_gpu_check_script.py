@@ -14,10 +14,10 @@ from fused_res.bench import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "build", "import", "pytest-gpu", "bench-rn50-eval-b256", "bench-rn50-train-b256",
-         "bench-rn50-eval-b64", "bench-rn50-train-b64", "bench-rn18-eval-b256",
-         "bench-blocks-eval", "bench-blocks-train", "bench-units-eval", "bench-blocks-compile",
-         "bench-blocks-eval-tuned"]
+STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
+         "bench-rn50-train-b128", "bench-blocks-eval-b64", "bench-blocks-eval-b256",
+         "bench-blocks-train-b64", "bench-units-eval", "bench-blocks-compile",
+         "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -41,7 +41,7 @@ def test_dry_run_end_to_end(tmp_path):
     # Every kind of step once (environment, skipped build, import, pytest -m gpu, an eval
     # bench step with --cuda-graphs filtered out, a train bench step); the rest are
     # deselected, which the summary records.
-    only = "env,build,import,pytest-gpu,bench-rn50-eval-b64,bench-blocks-train"
+    only = "env,build,import,pytest-gpu,bench-rn50-eval-b64,bench-blocks-train-b64"
     proc = _run([str(tmp_path), "--dry-run"], timeout=150, FUSED_RES_GPU_CHECK_ONLY=only)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
@@ -56,11 +56,11 @@ def test_dry_run_end_to_end(tmp_path):
     assert list(status) == STEPS
     assert status["build"] == "skipped" and status["pytest-gpu"] == "ok"
     assert status["bench-rn50-eval-b64"] == "ok" and status["bench-rn50-eval-b256"] == "skipped"
-    assert set(merged["runs"]) == {"rn50-eval-b64", "blocks-train"}
+    assert set(merged["runs"]) == {"rn50-eval-b64", "blocks-train-b64"}
     for run in merged["runs"].values():
         assert validate(run) == [] and run["config"]["device"] == "cpu"
         assert not run["config"]["cuda_graphs"]
-    assert merged["runs"]["blocks-train"]["config"]["mode"] == "train"
+    assert merged["runs"]["blocks-train-b64"]["config"]["mode"] == "train"
     log = (tmp_path / "gpu_check.log").read_text()
     assert "pip install --no-build-isolation --no-deps -e ." in log
     assert "python" in (tmp_path / "env.txt").read_text()
@@ -72,6 +72,6 @@ def test_budget_bounds_every_step(tmp_path):
     assert proc.returncode == 1
     merged = json.loads((tmp_path / "bench.json").read_text())
     states = {s["step"]: s["status"] for s in merged["steps"]}
-    assert states.pop("build") == "skipped"
+    assert states.pop("build") == "skipped" and states.pop("ops-bandwidth") == "skipped"
     assert set(states.values()) == {"out-of-time"}
     assert "problems: env" in proc.stdout

@@ -1,0 +1,253 @@
+"""Memory-bound ops and the conv alone, per backend, against what the device can do.
+
+    python benchmarks/ops_bandwidth.py [--batch 64] [--dtype bf16] [--json F] [--markdown F]
+
+Part 1, the passes issue 6 sets bandwidth targets for, at ResNet-50's activation shapes
+(channels_last): the fused apply forward (BN affine, ReLU, residual add, ReLU: reads z and r,
+writes y), the BN + ReLU apply alone, the apply backward (reads dy, z, y; writes dz, dr; the
+per-channel Σ dy and Σ dy·(z - c) reduced in the same pass) and the batch statistics (reads x).
+Each is reported as achieved bytes/s over the copy bandwidth measured in the same run: the
+fewest bytes each must move, over its median time.
+
+Part 2, issue 5's "conv alone within 15% of cuDNN": the Triton implicit-GEMM conv with no
+prologue or epilogue against F.conv2d (cuDNN) at every ResNet-50 conv shape, as time ratios.
+
+Input sets rotate so that the working set exceeds the L2 cache; times are CUDA-event medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+from torch.nn import functional as F
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# ResNet-50's activation shapes (C, H=W) inside and at the output of each stage.
+ACTIVATIONS = [(64, 112), (256, 56), (64, 56), (512, 28), (128, 28), (1024, 14), (256, 14),
+               (2048, 7), (512, 7)]
+# ResNet-50's distinct convs: (C_in, C_out, H=W of the input, k, stride).
+CONVS = [(64, 64, 56, 1, 1), (64, 64, 56, 3, 1), (64, 256, 56, 1, 1), (256, 64, 56, 1, 1),
+         (256, 128, 56, 1, 1), (128, 128, 56, 3, 2), (128, 512, 28, 1, 1), (512, 128, 28, 1, 1),
+         (128, 128, 28, 3, 1), (512, 256, 28, 1, 1), (256, 256, 28, 3, 2), (256, 1024, 14, 1, 1),
+         (1024, 256, 14, 1, 1), (256, 256, 14, 3, 1), (1024, 512, 14, 1, 1),
+         (512, 512, 14, 3, 2), (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (512, 512, 7, 3, 1)]
+L2_BYTES = 256 * 2 ** 20  # rotate over at least this much, well past any current L2
+
+
+def time_ms(fn, sets, warmup=3, repeats=20) -> float:
+    """Median CUDA-event time of fn(*s) cycling through the input sets `sets`."""
+    for i in range(warmup):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    times = []
+    for i in range(repeats):
+        s = sets[i % len(sets)]
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(*s)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes/s of a 1 GiB device copy, counting the read and the write."""
+    src = torch.randn(2 ** 28, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), [()], warmup=3, repeats=10)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def n_sets(bytes_per_set: int) -> int:
+    return max(1, min(8, math.ceil(L2_BYTES / max(bytes_per_set, 1))))
+
+
+def _activation(n, c, hw, dtype, device):
+    return torch.randn(n, c, hw, hw, device=device, dtype=dtype).to(
+        memory_format=torch.channels_last)
+
+
+def _vec(c, device):
+    return torch.randn(c, device=device) * 0.1 + 1.0
+
+
+def apply_cases(backend, n, c, hw, dtype, device):
+    """(name, fn, sets, bytes) for the memory-bound passes of `backend` at one shape."""
+    elem = torch.tensor([], dtype=dtype).element_size()
+    numel = n * c * hw * hw
+    center, scale, shift = _vec(c, device) - 1.0, _vec(c, device), _vec(c, device) - 1.0
+
+    def fwd(z, r):
+        return backend.epilogue_forward(z, center, scale, shift, "relu", r, 1.0, None, "relu")
+
+    def fwd_bn_relu(z, r):
+        return backend.epilogue_forward(z, center, scale, shift, "relu", None, 1.0, None, "none")
+
+    needs = {"z": True, "center": True, "scale": True, "shift": True, "act_mid": False,
+             "residual": True, "res_scale": False, "branch_scale": False, "act_out": False,
+             "backend": False}
+
+    def bwd(gy, z, y):
+        saved = {"z": z, "center": center, "scale": scale, "shift": shift,
+                 "branch_scale": None, "y": y, "act_mid": "relu", "res_scale": 1.0,
+                 "act_out": "relu", "backend": backend.name, "residual_dtype": dtype}
+        return backend.epilogue_backward(gy, saved, needs)
+
+    def stats(x):
+        return backend.channel_stats_forward(x)
+
+    k3 = n_sets(3 * numel * elem)
+    k5 = n_sets(5 * numel * elem)
+    pairs = [(_activation(n, c, hw, dtype, device), _activation(n, c, hw, dtype, device))
+             for _ in range(k3)]
+    triples = []
+    for _ in range(k5):
+        z = _activation(n, c, hw, dtype, device)
+        triples.append((_activation(n, c, hw, dtype, device), z, fwd(z, z)))
+    singles = [(_activation(n, c, hw, dtype, device),) for _ in range(n_sets(numel * elem))]
+    return [("apply_fwd", fwd, pairs, 3 * numel * elem),
+            ("apply_bn_relu", fwd_bn_relu, pairs, 2 * numel * elem),
+            ("apply_bwd", bwd, triples, 5 * numel * elem),
+            ("stats", stats, singles, numel * elem)]
+
+
+def conv_cases(n, cin, cout, hw, k, stride, dtype, device):
+    from fused_res.triton.conv import conv_launch
+
+    pad = k // 2
+    x_sets = []
+    elem = torch.tensor([], dtype=dtype).element_size()
+    for _ in range(n_sets(n * cin * hw * hw * elem)):
+        x_sets.append((_activation(n, cin, hw, dtype, device),))
+    w = (torch.randn(cout, cin, k, k, device=device) / math.sqrt(cin * k * k)).to(dtype).to(
+        memory_format=torch.channels_last)
+
+    def cudnn(x):
+        return F.conv2d(x, w, None, stride, pad)
+
+    def triton_conv(x):
+        return conv_launch(x, w, None, (stride, stride), (pad, pad), None, None, None, "none",
+                           memory_format=torch.channels_last)[0]
+
+    oh = (hw + 2 * pad - k) // stride + 1
+    flops = 2 * n * oh * oh * cout * cin * k * k
+    return cudnn, triton_conv, x_sets, flops
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--backends", default="reference,cuda,triton",
+                   help="comma-separated; the reference is aten's eager composition")
+    p.add_argument("--no-conv", action="store_true", help="skip part 2")
+    p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--markdown", help="write the tables here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("ops_bandwidth: needs a CUDA device; none found", file=sys.stderr)
+        return 2
+    from fused_res.backends import available_backends, get_backend_object
+
+    device = torch.device("cuda")
+    dtype = DTYPES[a.dtype]
+    torch.manual_seed(0)
+    bw = copy_bandwidth(device)
+    print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s "
+          f"(read + write), batch {a.batch}, {a.dtype}, channels_last", flush=True)
+    avail = available_backends()
+    rows, lines = [], []
+    lines.append(f"copy bandwidth {bw / 1e9:.0f} GB/s; fraction = fewest bytes / time / copy "
+                 "bandwidth\n")
+    lines.append("| backend | pass | shape (N,C,H,W) | ms | GB/s | fraction of copy |")
+    lines.append("|---|---|---|---|---|---|")
+    for name in a.backends.split(","):
+        if name not in avail or not avail[name].available:
+            print(f"backend {name}: not available ({avail.get(name)})", flush=True)
+            continue
+        be = get_backend_object(name)
+        for c, hw in ACTIVATIONS:
+            try:
+                cases = apply_cases(be, a.batch, c, hw, dtype, device)
+            except Exception as e:  # record and go on: one failure must not end the run
+                print(f"{name} {c}x{hw}: FAILED to set up: {e!r}", flush=True)
+                continue
+            for op, fn, sets, nbytes in cases:
+                try:
+                    ms = time_ms(fn, sets)
+                except Exception as e:
+                    print(f"{name} {op} {c}x{hw}: FAILED: {e!r}", flush=True)
+                    rows.append({"backend": name, "op": op, "shape": [a.batch, c, hw, hw],
+                                 "error": repr(e)})
+                    continue
+                frac = nbytes / (ms / 1e3) / bw
+                shape = [a.batch, c, hw, hw]
+                rows.append({"backend": name, "op": op, "shape": shape, "ms": ms,
+                             "bytes": nbytes, "fraction_of_copy": frac})
+                lines.append(f"| {name} | {op} | {tuple(shape)} | {ms:.4f} | "
+                             f"{nbytes / (ms / 1e3) / 1e9:.0f} | {frac:.2f} |")
+            del cases
+            torch.cuda.empty_cache()
+    summary = ["", "| backend | pass | geomean fraction of copy | min | max |",
+               "|---|---|---|---|---|"]
+    for name in a.backends.split(","):
+        for op in ("apply_fwd", "apply_bn_relu", "apply_bwd", "stats"):
+            fr = [r["fraction_of_copy"] for r in rows
+                  if r["backend"] == name and r["op"] == op and "ms" in r]
+            if fr:
+                g = math.exp(sum(math.log(f) for f in fr) / len(fr))
+                summary.append(f"| {name} | {op} | {g:.2f} | {min(fr):.2f} | {max(fr):.2f} |")
+    lines += summary
+    conv_rows = []
+    if not a.no_conv and "triton" in avail and avail["triton"].available:
+        lines += ["", "conv alone, Triton vs cuDNN (F.conv2d); ratio = Triton time / cuDNN time; "
+                  f"FUSED_RES_TRITON_AUTOTUNE={os.environ.get('FUSED_RES_TRITON_AUTOTUNE', '1')}",
+                  "", "| conv (cin,cout,hw,k,s) | cuDNN ms | Triton ms | ratio | cuDNN TFLOP/s "
+                  "| rel err |", "|---|---|---|---|---|---|"]
+        for cin, cout, hw, k, s in CONVS:
+            try:
+                cudnn, tri, sets, flops = conv_cases(a.batch, cin, cout, hw, k, s, dtype, device)
+                err = rel_err(tri(*sets[0]), cudnn(*sets[0]))
+                t_c = time_ms(cudnn, sets)
+                t_t = time_ms(tri, sets)
+            except Exception as e:
+                print(f"conv {(cin, cout, hw, k, s)}: FAILED: {e!r}", flush=True)
+                conv_rows.append({"conv": [cin, cout, hw, k, s], "error": repr(e)})
+                continue
+            conv_rows.append({"conv": [cin, cout, hw, k, s], "cudnn_ms": t_c, "triton_ms": t_t,
+                              "ratio": t_t / t_c, "flops": flops, "rel_err": err})
+            lines.append(f"| {(cin, cout, hw, k, s)} | {t_c:.4f} | {t_t:.4f} | {t_t / t_c:.2f} "
+                         f"| {flops / (t_c / 1e3) / 1e12:.0f} | {err:.1e} |")
+        ok = [r["ratio"] for r in conv_rows if "ratio" in r]
+        if ok:
+            g = math.exp(sum(math.log(x) for x in ok) / len(ok))
+            lines.append(f"\nTriton/cuDNN time, geomean over {len(ok)} convs: {g:.2f} "
+                         f"(target ≤ 1.15); worst {max(ok):.2f}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(text + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"schema": "fused_res.ops_bandwidth/1",
+                       "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "dtype": a.dtype, "batch": a.batch,
+                       "copy_bytes_per_s": bw, "apply": rows, "conv": conv_rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
