@@ -282,6 +282,26 @@ else:
         naive = ((x * x).sum((0, 2, 3)) / x[:, 0].numel() - x.mean((0, 2, 3)) ** 2)
         assert rel_err(naive, xd.var((0, 2, 3), unbiased=False)) > TOLERANCES[torch.float32]
 
+    def test_finalize_never_reads_tiles_nobody_wrote():
+        """The conv's stats buffers are sized for the smallest BLOCK_M; a larger tile leaves
+        rows with count 0 and uninitialised values (NaN on a GPU, seen on an H100). They
+        must not reach the mean or variance: 0 * NaN is NaN."""
+        from fused_res.triton.elementwise import stats_finalize
+        g = torch.Generator().manual_seed(8)
+        c, used = 5, 3
+        st_mean = torch.full((7, c), float("nan"))
+        st_m2 = torch.full((7, c), float("inf"))
+        st_cnt = torch.zeros(7)
+        x = torch.randn(used * 4, c, dtype=D, generator=g)
+        for t in range(used):
+            rows = x[t * 4:(t + 1) * 4]
+            st_mean[t] = rows.mean(0).float()
+            st_m2[t] = ((rows - rows.mean(0)) ** 2).sum(0).float()
+            st_cnt[t] = 4
+        mean, var = stats_finalize(st_mean, st_m2, st_cnt, c)
+        _check(mean, x.mean(0), torch.float32, "mean")
+        _check(var, x.var(0, unbiased=False), torch.float32, "var")
+
     def test_empty_batch_and_single_sample():
         a = _cast(_make(CONFIGS[1]), torch.float32)
         empty = {**a, "x": a["x"][:0].detach().requires_grad_(),

@@ -135,9 +135,11 @@ def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, mean_ptr, var_ptr,
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < T
-        mask2 = mask_t[:, None] & mask_c[None, :]
-        off = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
         cnt = tl.load(st_cnt_ptr + offs_t, mask=mask_t, other=0.0)
+        # Tiles no program wrote (count 0: a larger BLOCK_M than the buffer was sized for)
+        # hold uninitialised memory; 0 * NaN would poison the sums, so they are never read.
+        mask2 = (mask_t & (cnt > 0.0))[:, None] & mask_c[None, :]
+        off = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
         mean = tl.load(st_mean_ptr + off, mask=mask2, other=0.0)
         m2 = tl.load(st_m2_ptr + off, mask=mask2, other=0.0)
         n_b = tl.sum(cnt, axis=0)
