@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from .. import ops
+from . import eval_fold
 from .batchnorm import ChannelAffine, batch_affine, running_affine, uses_batch_stats
 
 
@@ -67,6 +68,13 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
             return z, Pending(aff, act_mid)
         return ops.epilogue(z, aff.scale, aff.shift, center=aff.center, act_mid=act_mid,
                             backend=backend, **tail), None
+    if eval_fold.applies(h):
+        # Inference: BN folded into the weight once (eval_fold.py); the shift stays a float32
+        # per-channel vector so that backends applying it in their epilogue keep its precision.
+        w, shift = eval_fold.folded_conv(conv, bn, h)
+        y = ops.conv_unit(h, w, None, **kw, **prologue, out_shift=shift, act_mid=act_mid,
+                          backend=backend, **tail)
+        return y, None
     scale, shift = running_affine(bn, h).folded()
     y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, out_scale=scale,
                       out_shift=shift, act_mid=act_mid, backend=backend, **tail)

@@ -25,6 +25,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import configs
 from .common import channel_affine, relu, unit_tail
@@ -237,6 +238,24 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
+_W_MATS = WeakIdKeyDictionary()
+
+
+def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
+    """weight_matrix(weight), reused while weight is unchanged. Only for weights that need no
+    gradient (inference, where the module folds BN into a weight it keeps): a parameter in
+    training changes every step, and the copy would be one more pass over W per call."""
+    if weight.requires_grad:
+        return weight_matrix(weight)
+    state = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+    hit = _W_MATS.get(weight)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    w_mat = weight_matrix(weight)
+    _W_MATS[weight] = (state, w_mat)
+    return w_mat
+
+
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
@@ -265,7 +284,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         return (y, (st_mean[:0], st_m2[:0], st_cnt[:0])) if stats else (y, u)
     if weight.numel() >= 2 ** 31:
         raise ValueError(f"weight has {weight.numel()} elements; accepted: < 2**31")
-    w_mat = weight_matrix(weight)
+    w_mat = weight_matrix_cached(weight)
     dummy = y
     r = residual if residual is not None else y
     args = (x, w_mat, bias if bias is not None else dummy,

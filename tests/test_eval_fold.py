@@ -1,0 +1,89 @@
+"""Inference folds each BN into its conv once (fused_res/nn/eval_fold.py): the cached fold must
+equal the per-call one, follow every change of the parameters and running statistics, and
+never be used where a gradient could flow."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_res
+from fused_res.models import resnet18
+from fused_res.nn import eval_fold
+from fused_res.testing import rel_err
+
+
+def _pair(backend="reference"):
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # non-trivial running statistics and affine
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    fused = fused_res.convert(copy.deepcopy(model), backend=backend).eval()
+    return model, fused
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_cached_fold_matches_eager_and_is_reused(backend):
+    if backend not in fused_res.available_backends() or \
+            not fused_res.available_backends()[backend].available:
+        pytest.skip(f"{backend} is not available here")
+    model, fused = _pair(backend)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        got = fused(x)
+        assert rel_err(got, want) <= 1e-5
+        conv, bn = fused.conv1, fused.bn1
+        w1, _ = eval_fold.folded_conv(conv, bn, x)
+        w2, _ = eval_fold.folded_conv(conv, bn, x)
+    assert w1 is w2  # the second call is a cache hit
+    assert w1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fold_follows_in_place_changes_and_state_dict_loads():
+    model, fused = _pair()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fused(x)  # fill the cache
+        for m in (model, fused):
+            m.layer1[0].bn1.running_var.mul_(3.0)
+            m.layer2[0].conv1.weight.add_(0.1)
+        assert rel_err(fused(x), model(x)) <= 1e-5
+        other = resnet18(num_classes=10).eval()
+        model.load_state_dict(other.state_dict())
+        fused.load_state_dict(other.state_dict())
+        assert rel_err(fused(x), model(x)) <= 1e-5
+        fused.layer3[1].bn2.eps = 0.5  # a plain attribute, not a tensor: part of the key too
+        model.layer3[1].bn2.eps = 0.5
+        assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+def test_no_cache_where_gradients_flow():
+    model, fused = _pair()
+    x = torch.randn(2, 3, 32, 32)
+    assert not eval_fold.applies(x)  # grad mode on
+    with torch.no_grad():
+        assert eval_fold.applies(x)
+        assert not eval_fold.applies(x.double())
+    fused(x).sum().backward()
+    model(x).sum().backward()
+    g, g_ref = fused.conv1.weight.grad, model.conv1.weight.grad
+    assert g is not None and rel_err(g, g_ref) <= 1e-4
+
+
+def test_autocast_dtype_and_layout_are_part_of_the_key():
+    _, fused = _pair()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        w32, _ = eval_fold.folded_conv(fused.conv1, fused.bn1, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            wbf, _ = eval_fold.folded_conv(fused.conv1, fused.bn1, x)
+        wcl, _ = eval_fold.folded_conv(fused.conv1, fused.bn1,
+                                       x.contiguous(memory_format=torch.channels_last))
+    assert w32.dtype == torch.float32 and wbf.dtype == torch.bfloat16
+    assert wcl.is_contiguous(memory_format=torch.channels_last) and w32.is_contiguous()
