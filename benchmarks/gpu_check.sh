@@ -160,14 +160,18 @@ fi
 FUSED="fused-triton,fused-triton-unfused,fused-cuda,fused-cudnn"
 bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
   --contenders eager-cl,compile,cudnn-fused,$FUSED --cuda-graphs
+# Train with CUDA graphs too: the graph rows show the kernels' time without the host's launch
+# cost, which the first H100 run suggested dominates the fused train step. (torch.compile's
+# train step costs ~40 s of compiling here; run it alone with FUSED_RES_GPU_CHECK_ONLY.)
 bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128 --repeats 20 \
-  --contenders eager-cl,compile,fused-triton,fused-cuda
+  --contenders eager-cl,fused-triton,fused-cuda --cuda-graphs
 bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
   --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
   --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 bench blocks-train-b64 60 --model rn50-blocks,rn18-blocks,cifar-blocks --mode train \
-  --dtype bf16 --batch 64 --repeats 20 --contenders eager-cl,fused-triton,fused-cuda
+  --dtype bf16 --batch 64 --repeats 20 --contenders eager-cl,fused-triton,fused-cuda \
+  --cuda-graphs
 bench units-eval 40 --model rn50-units --mode eval --dtype bf16 --batch 64 --repeats 30 \
   --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda
 bench blocks-compile 90 --model rn50-l1,rn50-l3 --mode eval --dtype bf16 --batch 64 \

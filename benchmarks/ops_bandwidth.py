@@ -12,7 +12,9 @@ fewest bytes each must move, over its median time.
 Part 2, issue 5's "conv alone within 15% of cuDNN": the Triton implicit-GEMM conv with no
 prologue or epilogue against F.conv2d (cuDNN) at every ResNet-50 conv shape, as time ratios.
 
-Input sets rotate so that the working set exceeds the L2 cache; times are CUDA-event medians.
+Input sets rotate so that the working set exceeds the L2 cache; times are CUDA-event medians,
+eager (what a Python caller pays, launch cost included) and of CUDA-graph replays (the kernels
+alone); fractions and ratios use the graph times.
 """
 
 from __future__ import annotations
@@ -55,6 +57,25 @@ def time_ms(fn, sets, warmup=3, repeats=20) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b))
     return statistics.median(times)
+
+
+def graph_ms(fn, sets, repeats=20) -> float:
+    """Median time of a CUDA-graph replay of fn(*s), one graph per input set: the kernels'
+    own time, without the host-side launch cost that eager timing includes."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for s in sets:
+            fn(*s)
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for s in sets:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(*s)
+        graphs.append(g)
+    return time_ms(lambda g: g.replay(), [(g,) for g in graphs], warmup=len(graphs),
+                   repeats=repeats)
 
 
 def copy_bandwidth(device) -> float:
@@ -171,8 +192,9 @@ def main(argv=None) -> int:
     rows, lines = [], []
     lines.append(f"copy bandwidth {bw / 1e9:.0f} GB/s; fraction = fewest bytes / time / copy "
                  "bandwidth\n")
-    lines.append("| backend | pass | shape (N,C,H,W) | ms | GB/s | fraction of copy |")
-    lines.append("|---|---|---|---|---|---|")
+    lines.append("| backend | pass | shape (N,C,H,W) | eager ms | graph ms | GB/s | "
+                 "fraction of copy |")
+    lines.append("|---|---|---|---|---|---|---|")
     for name in a.backends.split(","):
         if name not in avail or not avail[name].available:
             print(f"backend {name}: not available ({avail.get(name)})", flush=True)
@@ -186,7 +208,8 @@ def main(argv=None) -> int:
                 continue
             for op, fn, sets, nbytes in cases:
                 try:
-                    ms = time_ms(fn, sets)
+                    eager = time_ms(fn, sets)
+                    ms = graph_ms(fn, sets)
                 except Exception as e:
                     print(f"{name} {op} {c}x{hw}: FAILED: {e!r}", flush=True)
                     rows.append({"backend": name, "op": op, "shape": [a.batch, c, hw, hw],
@@ -195,8 +218,8 @@ def main(argv=None) -> int:
                 frac = nbytes / (ms / 1e3) / bw
                 shape = [a.batch, c, hw, hw]
                 rows.append({"backend": name, "op": op, "shape": shape, "ms": ms,
-                             "bytes": nbytes, "fraction_of_copy": frac})
-                lines.append(f"| {name} | {op} | {tuple(shape)} | {ms:.4f} | "
+                             "eager_ms": eager, "bytes": nbytes, "fraction_of_copy": frac})
+                lines.append(f"| {name} | {op} | {tuple(shape)} | {eager:.4f} | {ms:.4f} | "
                              f"{nbytes / (ms / 1e3) / 1e9:.0f} | {frac:.2f} |")
             del cases
             torch.cuda.empty_cache()
@@ -214,21 +237,24 @@ def main(argv=None) -> int:
     if not a.no_conv and "triton" in avail and avail["triton"].available:
         lines += ["", "conv alone, Triton vs cuDNN (F.conv2d); ratio = Triton time / cuDNN time; "
                   f"FUSED_RES_TRITON_AUTOTUNE={os.environ.get('FUSED_RES_TRITON_AUTOTUNE', '1')}",
-                  "", "| conv (cin,cout,hw,k,s) | cuDNN ms | Triton ms | ratio | cuDNN TFLOP/s "
-                  "| rel err |", "|---|---|---|---|---|---|"]
+                  "", "| conv (cin,cout,hw,k,s) | cuDNN ms | Triton ms | Triton eager ms | "
+                  "ratio | cuDNN TFLOP/s | rel err |", "|---|---|---|---|---|---|---|"]
         for cin, cout, hw, k, s in CONVS:
             try:
                 cudnn, tri, sets, flops = conv_cases(a.batch, cin, cout, hw, k, s, dtype, device)
                 err = rel_err(tri(*sets[0]), cudnn(*sets[0]))
-                t_c = time_ms(cudnn, sets)
-                t_t = time_ms(tri, sets)
+                t_c = graph_ms(cudnn, sets)
+                t_t = graph_ms(tri, sets)
+                t_e = time_ms(tri, sets)
             except Exception as e:
                 print(f"conv {(cin, cout, hw, k, s)}: FAILED: {e!r}", flush=True)
                 conv_rows.append({"conv": [cin, cout, hw, k, s], "error": repr(e)})
                 continue
             conv_rows.append({"conv": [cin, cout, hw, k, s], "cudnn_ms": t_c, "triton_ms": t_t,
-                              "ratio": t_t / t_c, "flops": flops, "rel_err": err})
-            lines.append(f"| {(cin, cout, hw, k, s)} | {t_c:.4f} | {t_t:.4f} | {t_t / t_c:.2f} "
+                              "triton_eager_ms": t_e, "ratio": t_t / t_c, "flops": flops,
+                              "rel_err": err})
+            lines.append(f"| {(cin, cout, hw, k, s)} | {t_c:.4f} | {t_t:.4f} | {t_e:.4f} | "
+                         f"{t_t / t_c:.2f} "
                          f"| {flops / (t_c / 1e3) / 1e12:.0f} | {err:.1e} |")
         ok = [r["ratio"] for r in conv_rows if "ratio" in r]
         if ok:
