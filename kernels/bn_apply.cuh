@@ -24,25 +24,43 @@ struct TailParams {
 
 template <typename T>
 struct EpilogueForwardOp {
+  static constexpr int kConsts = 3;  // center, scale, shift
+  static constexpr int kUnroll = 4;     // 4 x 32 bytes (z, residual) in flight per thread
+  static constexpr int kMinBlocks = 2;  // <= 128 registers: 512 threads, 64 KiB loads per SM
   const T* __restrict__ z;
   const T* __restrict__ residual;  // may be null
   T* __restrict__ y;
   TailParams p;
 
+  template <int VEC>
+  struct Frag {
+    Pack<T, VEC> z, r;
+  };
+
+  __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
+    k[0] = p.center ? p.center[c] : 0.f;
+    k[1] = p.scale ? p.scale[c] : 1.f;
+    k[2] = p.shift ? p.shift[c] : 0.f;
+  }
   template <int VEC, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, index_t c0, bool lanes_are_channels,
-                                        index_t n) const {
+  __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
+    f.z = load_pack<VEC>(z + i);
+    if (residual) f.r = load_pack<VEC>(residual + i);
+  }
+  template <int VEC, int KL, typename index_t>
+  __device__ __forceinline__ void finish(index_t i, index_t n, const Frag<VEC>& f,
+                                         const float (&k)[kConsts][KL]) const {
     float v[VEC], r[VEC];
-    load_vec<VEC>(z + i, v);
-    if (residual) load_vec<VEC>(residual + i, r);
+    unpack<VEC>(f.z, v);
+    if (residual) unpack<VEC>(f.r, r);
     const float d = p.branch_scale ? p.branch_scale[n] : 1.f;
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
-      const index_t c = lanes_are_channels ? c0 + l : c0;
+      const int kl = KL == 1 ? 0 : l;
       float u = v[l];
-      if (p.center) u = u - p.center[c];
-      if (p.scale) u = u * p.scale[c];
-      if (p.shift) u = u + p.shift[c];
+      if (p.center) u = u - k[0][kl];
+      if (p.scale) u = u * k[1][kl];
+      if (p.shift) u = u + k[2][kl];
       if (p.relu_mid) u = relu(u);
       if (p.branch_scale) u = u * d;
       if (residual) u = u + (p.res_scale == 1.f ? r[l] : p.res_scale * r[l]);
@@ -65,6 +83,8 @@ cudaError_t launch_epilogue_forward(const EpilogueForwardOp<T>& op, const Shape&
 template <typename T>
 struct EpilogueBackwardOp {
   static constexpr int kConsts = 3;  // center, scale, shift
+  static constexpr int kUnroll = 3;     // 3 x 48 bytes in flight per thread
+  static constexpr int kMinBlocks = 2;  // <= 128 registers: 512 threads, 72 KiB loads per SM
   const T* __restrict__ gy;
   const T* __restrict__ z;  // needed for relu_mid or the centered sum, else may be null
   const T* __restrict__ y;  // needed for relu_out
@@ -72,19 +92,31 @@ struct EpilogueBackwardOp {
   T* __restrict__ gr;       // null when not wanted
   TailParams p;
 
+  template <int VEC>
+  struct Frag {
+    Pack<T, VEC> gy, y, z;
+  };
+
   __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
     k[0] = p.center ? p.center[c] : 0.f;
     k[1] = p.scale ? p.scale[c] : 1.f;
     k[2] = p.shift ? p.shift[c] : 0.f;
   }
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
+    f.gy = load_pack<VEC>(gy + i);
+    if (p.relu_out) f.y = load_pack<VEC>(y + i);
+    if (z) f.z = load_pack<VEC>(z + i);
+  }
   template <int VEC, int KL, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, index_t n, const float (&k)[kConsts][KL],
-                                        float (&ra)[VEC], float (&rb)[VEC]) const {
+  __device__ __forceinline__ void finish(index_t i, index_t n, const Frag<VEC>& f,
+                                         const float (&k)[kConsts][KL], float (&ra)[VEC],
+                                         float (&rb)[VEC]) const {
     float g[VEC], zc[VEC];
-    load_vec<VEC>(gy + i, g);
+    unpack<VEC>(f.gy, g);
     if (p.relu_out) {
       float yv[VEC];
-      load_vec<VEC>(y + i, yv);
+      unpack<VEC>(f.y, yv);
 #pragma unroll
       for (int l = 0; l < VEC; ++l) g[l] = relu_grad(g[l], yv[l]);
     }
@@ -95,7 +127,7 @@ struct EpilogueBackwardOp {
       store_vec<VEC>(gr + i, o);
     }
     if (z) {
-      load_vec<VEC>(z + i, zc);
+      unpack<VEC>(f.z, zc);
 #pragma unroll
       for (int l = 0; l < VEC; ++l) zc[l] = zc[l] - k[0][KL == 1 ? 0 : l];
     } else {
@@ -132,7 +164,8 @@ template <typename T>
 inline ReducePlan plan_epilogue_backward(const EpilogueBackwardOp<T>& op, const Shape& s,
                                          int num_sms) {
   constexpr int V = vec_width<T>();
-  return plan_reduce(s, (s.row() % V == 0 && op.aligned()) ? V : 1, num_sms);
+  return plan_reduce(s, (s.row() % V == 0 && op.aligned()) ? V : 1, num_sms,
+                     EpilogueBackwardOp<T>::kMinBlocks, EpilogueBackwardOp<T>::kUnroll);
 }
 
 // s.numel() > 0; workspace: 2 * plan.splits * C floats.

@@ -14,17 +14,29 @@ namespace frk {
 template <typename T>
 struct StatsOp {
   static constexpr int kConsts = 1;
+  static constexpr int kUnroll = 4;     // 4 x 16 bytes in flight per thread
+  static constexpr int kMinBlocks = 4;  // <= 64 registers: 1024 threads, 64 KiB loads per SM
   const T* __restrict__ x;
   int64_t first_stride;  // channel c's first element is x[c * first_stride]
+
+  template <int VEC>
+  struct Frag {
+    Pack<T, VEC> x;
+  };
 
   __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
     k[0] = to_f(x[c * first_stride]);
   }
+  template <int VEC, typename index_t>
+  __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
+    f.x = load_pack<VEC>(x + i);
+  }
   template <int VEC, int KL, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, index_t, const float (&k)[kConsts][KL],
-                                        float (&ra)[VEC], float (&rb)[VEC]) const {
+  __device__ __forceinline__ void finish(index_t, index_t, const Frag<VEC>& f,
+                                         const float (&k)[kConsts][KL], float (&ra)[VEC],
+                                         float (&rb)[VEC]) const {
     float v[VEC];
-    load_vec<VEC>(x + i, v);
+    unpack<VEC>(f.x, v);
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
       const float d = v[l] - k[0][KL == 1 ? 0 : l];
@@ -62,7 +74,7 @@ inline ReducePlan plan_channel_stats(const ChannelStatsArgs<T>& a, const Shape& 
                                      int num_sms) {
   constexpr int V = vec_width<T>();
   const int vec = (s.row() % V == 0 && aligned16(a.x)) ? V : 1;
-  return plan_reduce(s, vec, num_sms);
+  return plan_reduce(s, vec, num_sms, StatsOp<T>::kMinBlocks, StatsOp<T>::kUnroll);
 }
 
 // s.numel() > 0; workspace: 2 * plan.splits * C floats.
@@ -81,6 +93,9 @@ cudaError_t launch_channel_stats(const ChannelStatsArgs<T>& a, const Shape& s,
 // dL/dz = gz + gmean/m + 2*gvar*(z - mean)/m, m = N*H*W (gz, gmean, gvar each optional).
 template <typename T>
 struct StatsBackwardOp {
+  static constexpr int kConsts = 3;  // gmean, gvar, mean
+  static constexpr int kUnroll = 2;     // 2 x 32 bytes (gz, z) in flight per thread
+  static constexpr int kMinBlocks = 3;  // <= 80 registers: 768 threads, 48 KiB loads per SM
   const T* __restrict__ gz;      // may be null
   const T* __restrict__ z;       // needed when gvar is given
   const float* __restrict__ gmean;
@@ -89,22 +104,37 @@ struct StatsBackwardOp {
   T* __restrict__ out;
   float inv_count;  // 1 / (N*H*W): a multiply, since fp32 division is a called slow path
 
+  template <int VEC>
+  struct Frag {
+    Pack<T, VEC> g, z;
+  };
+
+  __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
+    k[0] = gmean ? gmean[c] : 0.f;
+    k[1] = gvar ? gvar[c] : 0.f;
+    k[2] = gvar ? mean[c] : 0.f;
+  }
   template <int VEC, typename index_t>
-  __device__ __forceinline__ void apply(index_t i, index_t c0, bool lanes_are_channels,
-                                        index_t) const {
+  __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
+    if (gz) f.g = load_pack<VEC>(gz + i);
+    if (gvar) f.z = load_pack<VEC>(z + i);
+  }
+  template <int VEC, int KL, typename index_t>
+  __device__ __forceinline__ void finish(index_t i, index_t, const Frag<VEC>& f,
+                                         const float (&k)[kConsts][KL]) const {
     float g[VEC], zv[VEC];
     if (gz) {
-      load_vec<VEC>(gz + i, g);
+      unpack<VEC>(f.g, g);
     } else {
 #pragma unroll
       for (int l = 0; l < VEC; ++l) g[l] = 0.f;
     }
-    if (gvar) load_vec<VEC>(z + i, zv);
+    if (gvar) unpack<VEC>(f.z, zv);
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
-      const index_t c = lanes_are_channels ? c0 + l : c0;
-      if (gmean) g[l] += gmean[c] * inv_count;
-      if (gvar) g[l] += (gvar[c] * 2.f) * (zv[l] - mean[c]) * inv_count;
+      const int kl = KL == 1 ? 0 : l;
+      if (gmean) g[l] += k[0][kl] * inv_count;
+      if (gvar) g[l] += (k[1][kl] * 2.f) * (zv[l] - k[2][kl]) * inv_count;
     }
     store_vec<VEC>(out + i, g);
   }

@@ -6,16 +6,31 @@
 // fixed order. No atomics: the result is deterministic and there is no hot spot when C is
 // small (C = 64 with N*H*W = 800k is the common ResNet case).
 //
-// An Op supplies the per-element work:
-//   static constexpr int kConsts;                         per-channel constants it needs
+// An Op supplies the per-element work, split into a load phase and a compute phase so that
+// the kernels issue kUnroll independent 16-byte loads per thread before using any of them,
+// whatever the compiler can prove about the outputs aliasing the inputs (one load in flight
+// per thread is far too little to cover HBM latency):
+//   static constexpr int kConsts;     per-channel constants it needs (>= 1)
+//   static constexpr int kUnroll;     vectors per thread loaded back to back
+//   static constexpr int kMinBlocks;  resident 256-thread blocks per SM (__launch_bounds__);
+//                                     the grids are sized to one wave of this many per SM
+//   template <int VEC> struct Frag;   the raw loaded data of one vector
 //   void lane_consts(int64_t c, float* k) const;          fill k[0..kConsts) for channel c
+//   template <int VEC, typename index_t>
+//   void load(index_t i, Frag<VEC>& f) const;             the loads of VEC elements from i
 //   template <int VEC, int KL, typename index_t>
-//   void apply(index_t i, index_t n, const float (&k)[kConsts][KL],
-//              float (&ra)[VEC], float (&rb)[VEC]) const;
+//   void finish(index_t i, index_t n, const Frag<VEC>& f, const float (&k)[kConsts][KL],
+//               float (&ra)[VEC], float (&rb)[VEC]) const;       (reductions)
+//   void finish(index_t i, index_t n, const Frag<VEC>& f,
+//               const float (&k)[kConsts][KL]) const;            (elementwise passes)
 //       VEC elements from flat index i (sample n): do the elementwise stores, return the two
 //       contributions per element. KL == VEC when the lanes are channels (NHWC), 1 when all
 //       lanes share one channel (NCHW).
 //   bool aligned() const;                                 every pointer 16-byte aligned
+//
+// NHWC kernels are 2-D: a thread owns a fixed vector of VEC channels (its constants stay in
+// registers, no per-element channel index) and walks rows (pixels); NCHW kernels walk the
+// vectors of whole (n, c) planes, where all lanes of a vector share one channel.
 #pragma once
 
 #include "common.cuh"
@@ -24,6 +39,19 @@ namespace frk {
 
 template <typename index_t>
 __device__ __forceinline__ index_t min_idx(index_t a, index_t b) { return a < b ? a : b; }
+
+// The constants of the KL channels c0, c0 + 1, ... (KL == 1: channel c0 alone).
+template <typename Op, int KL>
+__device__ __forceinline__ void load_consts(const Op& op, int64_t c0,
+                                            float (&k)[Op::kConsts][KL]) {
+#pragma unroll
+  for (int l = 0; l < KL; ++l) {
+    float kk[Op::kConsts];
+    op.lane_consts(c0 + l, kk);
+#pragma unroll
+    for (int q = 0; q < Op::kConsts; ++q) k[q][l] = kk[q];
+  }
+}
 
 // Sum a and b over the block (blockDim.x * blockDim.y == kThreads); thread 0 gets the totals.
 __device__ __forceinline__ void block_sum2(float& a, float& b) {
@@ -51,30 +79,52 @@ __device__ __forceinline__ void block_sum2(float& a, float& b) {
 }
 
 // NCHW: grid (C, splits). Block (c, s) walks vectors [s*chunk, (s+1)*chunk) of the N*HW/VEC
-// vectors of channel c; every vector lies inside one (n, c) plane.
+// vectors of channel c; every vector lies inside one (n, c) plane. Each thread loads U vectors
+// (kThreads apart) before reducing them.
 template <typename Op, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
     reduce_nchw_kernel(Op op, index_t c_total, index_t hw, Divider<index_t> hwv,
                        index_t total, index_t chunk, float* __restrict__ part_a,
                        float* __restrict__ part_b) {
+  constexpr int U = Op::kUnroll;
+  using Frag = typename Op::template Frag<VEC>;
   const index_t c = blockIdx.x;
   const index_t split = blockIdx.y;
   const index_t begin = split * chunk;
   const index_t end = min_idx(total, begin + chunk);
   float k[Op::kConsts][1];
-  {
-    float kk[Op::kConsts];
-    op.lane_consts(static_cast<int64_t>(c), kk);
-#pragma unroll
-    for (int q = 0; q < Op::kConsts; ++q) k[q][0] = kk[q];
-  }
+  load_consts<Op, 1>(op, static_cast<int64_t>(c), k);
   float acc_a = 0.f, acc_b = 0.f;
-  for (index_t idx = begin + threadIdx.x; idx < end; idx += kThreads) {
+  index_t idx = begin + threadIdx.x;
+  // idx < end < 2^30 on the 32-bit path, so idx + U * kThreads cannot wrap.
+  for (; idx + (U - 1) * kThreads < end; idx += U * kThreads) {
+    Frag f[U];
+    index_t ii[U], ss[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const index_t v = idx + u * kThreads;
+      ss[u] = hwv.div(v);
+      ii[u] = (ss[u] * c_total + c) * hw + (v - ss[u] * hwv.d) * VEC;
+      op.template load<VEC>(ii[u], f[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float ra[VEC], rb[VEC];
+      op.template finish<VEC, 1>(ii[u], ss[u], f[u], k, ra, rb);
+#pragma unroll
+      for (int l = 0; l < VEC; ++l) {
+        acc_a += ra[l];
+        acc_b += rb[l];
+      }
+    }
+  }
+  for (; idx < end; idx += kThreads) {
     const index_t s = hwv.div(idx);
-    const index_t j = idx - s * hwv.d;
-    const index_t i = (s * c_total + c) * hw + j * VEC;
+    const index_t i = (s * c_total + c) * hw + (idx - s * hwv.d) * VEC;
+    Frag f;
+    op.template load<VEC>(i, f);
     float ra[VEC], rb[VEC];
-    op.template apply<VEC, 1>(i, s, k, ra, rb);
+    op.template finish<VEC, 1>(i, s, f, k, ra, rb);
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
       acc_a += ra[l];
@@ -89,35 +139,52 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // NHWC: block (TX, TY), grid (ceil(C / (TX*VEC)), splits). Thread (tx, ty) owns the VEC
-// channels starting at (blockIdx.x*TX + tx)*VEC and walks rows (pixels) begin+ty, +TY, ...;
-// the TY partial sums per channel are then added through shared memory.
+// channels starting at (blockIdx.x*TX + tx)*VEC and walks rows (pixels) begin+ty, +TY, ...,
+// U rows at a time; the TY partial sums per channel are then added through shared memory.
 template <typename Op, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
     reduce_nhwc_kernel(Op op, index_t c_total, Divider<index_t> hw, index_t rows, index_t chunk,
                        float* __restrict__ part_a, float* __restrict__ part_b) {
+  constexpr int U = Op::kUnroll;
+  using Frag = typename Op::template Frag<VEC>;
   __shared__ float sh_a[kThreads * VEC];
   __shared__ float sh_b[kThreads * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tdx = blockDim.x, tdy = blockDim.y;
   const index_t c0 = (static_cast<index_t>(blockIdx.x) * tdx + tx) * VEC;
   const bool active = c0 < c_total;
+  // Inactive threads read channel 0's constants (C >= VEC on the vector path) and skip the loop.
   float k[Op::kConsts][VEC];
-#pragma unroll
-  for (int l = 0; l < VEC; ++l) {
-    float kk[Op::kConsts];
-    op.lane_consts(active ? static_cast<int64_t>(c0) + l : 0, kk);
-#pragma unroll
-    for (int q = 0; q < Op::kConsts; ++q) k[q][l] = kk[q];
-  }
+  load_consts<Op, VEC>(op, active ? static_cast<int64_t>(c0) : 0, k);
   float acc_a[VEC], acc_b[VEC];
 #pragma unroll
   for (int l = 0; l < VEC; ++l) acc_a[l] = acc_b[l] = 0.f;
   const index_t begin = static_cast<index_t>(blockIdx.y) * chunk;
   const index_t end = min_idx(rows, begin + chunk);
   if (active) {
-    for (index_t m = begin + ty; m < end; m += tdy) {
+    index_t m = begin + ty;
+    // m < end + tdy and rows < 2^30 on the 32-bit path: m + U * tdy cannot wrap.
+    for (; m + (U - 1) * tdy < end; m += U * tdy) {
+      Frag f[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) op.template load<VEC>((m + u * tdy) * c_total + c0, f[u]);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const index_t r = m + u * tdy;
+        float ra[VEC], rb[VEC];
+        op.template finish<VEC, VEC>(r * c_total + c0, hw.div(r), f[u], k, ra, rb);
+#pragma unroll
+        for (int l = 0; l < VEC; ++l) {
+          acc_a[l] += ra[l];
+          acc_b[l] += rb[l];
+        }
+      }
+    }
+    for (; m < end; m += tdy) {
+      Frag f;
+      op.template load<VEC>(m * c_total + c0, f);
       float ra[VEC], rb[VEC];
-      op.template apply<VEC, VEC>(m * c_total + c0, hw.div(m), k, ra, rb);
+      op.template finish<VEC, VEC>(m * c_total + c0, hw.div(m), f, k, ra, rb);
 #pragma unroll
       for (int l = 0; l < VEC; ++l) {
         acc_a[l] += ra[l];
@@ -146,17 +213,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Level 2: channel ch gets the sums of its `splits` partials, in split order.
+// Level 2: channel ch gets the sums of its `splits` partials. Block (32, 32), grid
+// ceil(C / 32): lane (tx, ty) adds splits ty, ty + 32, ... of channel blockIdx.x*32 + tx in
+// order, then row ty == 0 adds the 32 lane sums in order: a fixed tree, so deterministic,
+// and 32 times shorter than one thread walking all splits (C = 64 has ~500 of them).
+constexpr int kFinX = 32;
+constexpr int kFinY = 32;
+
 template <typename Fin>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kFinX * kFinY)
     finalize_kernel(Fin fin, int64_t c_total, int splits, const float* __restrict__ part_a,
                     const float* __restrict__ part_b) {
-  for (int64_t ch = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; ch < c_total;
-       ch += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float a = 0.f, b = 0.f;
-    for (int s = 0; s < splits; ++s) {
-      a += part_a[s * c_total + ch];
-      b += part_b[s * c_total + ch];
+  __shared__ float sh_a[kFinY][kFinX + 1];
+  __shared__ float sh_b[kFinY][kFinX + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t ch = static_cast<int64_t>(blockIdx.x) * kFinX + tx;
+  float a = 0.f, b = 0.f;
+  if (ch < c_total) {
+#pragma unroll 4
+    for (int s = ty; s < splits; s += kFinY) {
+      a += part_a[static_cast<int64_t>(s) * c_total + ch];
+      b += part_b[static_cast<int64_t>(s) * c_total + ch];
+    }
+  }
+  sh_a[ty][tx] = a;
+  sh_b[ty][tx] = b;
+  __syncthreads();
+  if (ty == 0 && ch < c_total) {
+    a = sh_a[0][tx];
+    b = sh_b[0][tx];
+    for (int r = 1; r < kFinY; ++r) {
+      a += sh_a[r][tx];
+      b += sh_b[r][tx];
     }
     fin(ch, a, b);
   }
@@ -171,17 +259,26 @@ struct ReducePlan {
   int64_t chunk;  // NCHW: vectors per split; NHWC: rows per split
 };
 
-inline ReducePlan plan_reduce(const Shape& s, int vec, int num_sms) {
+// NHWC block shape: tx threads across the C / vec channel vectors (a power of two up to a
+// warp), the rest of the 256 across rows.
+inline void nhwc_tile(int64_t c, int vec, int* tx, int* ty, int64_t* channel_tiles) {
+  const int64_t cv = (c + vec - 1) / vec;
+  int x = 1;
+  while (x < 32 && x < cv) x *= 2;
+  *tx = x;
+  *ty = kThreads / x;
+  *channel_tiles = (cv + x - 1) / x;
+}
+
+// blocks_per_sm: the Op's kMinBlocks (resident blocks its __launch_bounds__ guarantees);
+// unroll: its kUnroll.
+inline ReducePlan plan_reduce(const Shape& s, int vec, int num_sms, int blocks_per_sm,
+                              int unroll) {
   ReducePlan p{};
   p.vec = vec;
   int64_t per_tile;  // work items along the reduced extent
   if (s.nhwc) {
-    const int64_t cv = (s.c + vec - 1) / vec;
-    int tx = 1;
-    while (tx < 32 && tx < cv) tx *= 2;
-    p.tx = tx;
-    p.ty = kThreads / tx;
-    p.channel_tiles = (cv + tx - 1) / tx;
+    nhwc_tile(s.c, vec, &p.tx, &p.ty, &p.channel_tiles);
     per_tile = s.n * s.hw;  // rows
   } else {
     p.tx = kThreads;
@@ -189,18 +286,21 @@ inline ReducePlan plan_reduce(const Shape& s, int vec, int num_sms) {
     p.channel_tiles = s.c;
     per_tile = s.n * (s.hw / vec);  // vectors
   }
-  // ~4 resident blocks per SM in total; but each block should get at least a few loop trips
-  // per thread, else the partials and the block reduction dominate.
-  const int64_t target = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * 4;
-  int64_t splits = (target + p.channel_tiles - 1) / p.channel_tiles;
-  const int64_t min_items = s.nhwc ? static_cast<int64_t>(p.ty) * 4 : int64_t{kThreads} * 4;
+  // Exactly one wave of resident blocks (rounded down, so no partial second wave), but each
+  // thread should get at least two unrolled batches, else the partials and the block
+  // reduction dominate.
+  const int64_t target = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * blocks_per_sm;
+  int64_t splits = target / p.channel_tiles;
+  const int64_t min_items = (s.nhwc ? int64_t{p.ty} : int64_t{kThreads}) * unroll * 2;
   const int64_t by_work = per_tile / min_items;
   if (splits > by_work) splits = by_work;
   if (splits > 1024) splits = 1024;
   if (splits < 1) splits = 1;
-  p.splits = static_cast<int>(splits);
   p.chunk = (per_tile + splits - 1) / splits;
   if (p.chunk < 1) p.chunk = 1;
+  // No empty trailing splits.
+  splits = (per_tile + p.chunk - 1) / p.chunk;
+  p.splits = static_cast<int>(splits < 1 ? 1 : splits);
   return p;
 }
 
@@ -237,32 +337,106 @@ inline cudaError_t launch_channel_reduce(const Op& op, const Fin& fin, const Sha
     if (small) launch_reduce_typed<Op, 1, uint32_t>(op, s, p, part_a, part_b, cfg.stream);
     else launch_reduce_typed<Op, 1, int64_t>(op, s, p, part_a, part_b, cfg.stream);
   }
-  const int64_t blocks = (s.c + kThreads - 1) / kThreads;
-  finalize_kernel<Fin><<<static_cast<unsigned>(blocks < 65535 ? blocks : 65535), kThreads, 0,
-                         cfg.stream>>>(fin, s.c, p.splits, part_a, part_b);
+  const int64_t blocks = (s.c + kFinX - 1) / kFinX;
+  finalize_kernel<Fin><<<static_cast<unsigned>(blocks), dim3(kFinX, kFinY), 0, cfg.stream>>>(
+      fin, s.c, p.splits, part_a, part_b);
   return cudaGetLastError();
 }
 
-// Elementwise pass: op.apply<VEC>(i, c0, lanes_are_channels, n) for each vector.
+// Elementwise pass, NCHW: a grid-stride loop over the vectors of the flat tensor, U vectors
+// (one grid stride apart) loaded per thread before any is used; all lanes of a vector share
+// one channel (the row HW is a multiple of VEC).
 template <typename Op, int VEC, typename index_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
     elementwise_kernel(Op op, Geometry<index_t> g, index_t nvec) {
+  constexpr int U = Op::kUnroll;
+  using Frag = typename Op::template Frag<VEC>;
   const index_t stride = static_cast<index_t>(gridDim.x) * kThreads;
-  for (index_t v = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x; v < nvec;
-       v += stride) {
+  index_t v = static_cast<index_t>(blockIdx.x) * kThreads + threadIdx.x;
+  // nvec < 2^30 and stride <= 2^24 on the 32-bit path: v + U * stride cannot wrap.
+  for (; v + (U - 1) * stride < nvec; v += U * stride) {
+    Frag f[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) op.template load<VEC>((v + u * stride) * VEC, f[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const index_t i = (v + u * stride) * VEC;
+      float k[Op::kConsts][1];
+      load_consts<Op, 1>(op, static_cast<int64_t>(g.channel(i)), k);
+      op.template finish<VEC, 1>(i, g.sample(i), f[u], k);
+    }
+  }
+  for (; v < nvec; v += stride) {
     const index_t i = v * VEC;
-    op.template apply<VEC>(i, g.channel(i), g.nhwc, g.sample(i));
+    Frag f;
+    op.template load<VEC>(i, f);
+    float k[Op::kConsts][1];
+    load_consts<Op, 1>(op, static_cast<int64_t>(g.channel(i)), k);
+    op.template finish<VEC, 1>(i, g.sample(i), f, k);
+  }
+}
+
+// Elementwise pass, NHWC: block (TX, TY), grid (channel tiles, row blocks). Thread (tx, ty)
+// owns the VEC channels from (blockIdx.x*TX + tx)*VEC, keeps their constants in registers and
+// walks rows blockIdx.y*TY + ty, + gridDim.y*TY, ..., U rows at a time.
+template <typename Op, int VEC, typename index_t>
+__global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
+    elementwise_nhwc_kernel(Op op, index_t c_total, Divider<index_t> hw, index_t rows) {
+  constexpr int U = Op::kUnroll;
+  using Frag = typename Op::template Frag<VEC>;
+  const index_t c0 = (static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= c_total) return;  // no barrier below
+  float k[Op::kConsts][VEC];
+  load_consts<Op, VEC>(op, static_cast<int64_t>(c0), k);
+  const index_t stride = static_cast<index_t>(gridDim.y) * blockDim.y;
+  index_t m = static_cast<index_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  // rows < 2^30 and stride <= 2^24 on the 32-bit path: m + U * stride cannot wrap.
+  for (; m + (U - 1) * stride < rows; m += U * stride) {
+    Frag f[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) op.template load<VEC>((m + u * stride) * c_total + c0, f[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const index_t r = m + u * stride;
+      op.template finish<VEC, VEC>(r * c_total + c0, hw.div(r), f[u], k);
+    }
+  }
+  for (; m < rows; m += stride) {
+    Frag f;
+    op.template load<VEC>(m * c_total + c0, f);
+    op.template finish<VEC, VEC>(m * c_total + c0, hw.div(m), f, k);
   }
 }
 
 template <typename Op, int VEC, typename index_t>
-inline void launch_elementwise_typed(const Op& op, const Shape& s, int64_t nvec, int grid,
-                                     cudaStream_t stream) {
-  Geometry<index_t> g{Divider<index_t>(static_cast<index_t>(s.hw)),
-                      Divider<index_t>(static_cast<index_t>(s.c)),
-                      Divider<index_t>(static_cast<index_t>(s.c * s.hw)), s.nhwc};
-  elementwise_kernel<Op, VEC, index_t><<<grid, kThreads, 0, stream>>>(
-      op, g, static_cast<index_t>(nvec));
+inline void launch_elementwise_typed(const Op& op, const Shape& s, const LaunchConfig& cfg) {
+  const int blocks_per_sm = Op::kMinBlocks;
+  if (s.nhwc) {
+    int tx, ty;
+    int64_t tiles;
+    nhwc_tile(s.c, VEC, &tx, &ty, &tiles);
+    const int64_t rows = s.n * s.hw;
+    const int64_t target = static_cast<int64_t>(cfg.num_sms > 0 ? cfg.num_sms : 1) *
+                           blocks_per_sm;
+    int64_t gy = target / tiles;
+    const int64_t by_rows = (rows + ty - 1) / ty;
+    if (gy > by_rows) gy = by_rows;
+    if (gy > 65535) gy = 65535;
+    if (gy < 1) gy = 1;
+    dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(gy));
+    dim3 block(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+    elementwise_nhwc_kernel<Op, VEC, index_t><<<grid, block, 0, cfg.stream>>>(
+        op, static_cast<index_t>(s.c), Divider<index_t>(static_cast<index_t>(s.hw)),
+        static_cast<index_t>(rows));
+  } else {
+    const int64_t nvec = s.numel() / VEC;
+    const int grid = grid_for(nvec, cfg.num_sms, blocks_per_sm);
+    Geometry<index_t> g{Divider<index_t>(static_cast<index_t>(s.hw)),
+                        Divider<index_t>(static_cast<index_t>(s.c)),
+                        Divider<index_t>(static_cast<index_t>(s.c * s.hw)), s.nhwc};
+    elementwise_kernel<Op, VEC, index_t><<<grid, kThreads, 0, cfg.stream>>>(
+        op, g, static_cast<index_t>(nvec));
+  }
 }
 
 template <typename Op, int VEC_MAX>
@@ -270,15 +444,13 @@ inline cudaError_t launch_elementwise(const Op& op, const Shape& s, const Launch
   const int64_t numel = s.numel();
   if (numel == 0) return cudaSuccess;
   const int vec = (VEC_MAX > 1 && s.row() % VEC_MAX == 0 && op.aligned()) ? VEC_MAX : 1;
-  const int64_t nvec = numel / vec;
-  const int grid = grid_for(nvec, cfg.num_sms);
   const bool small = fits_int32(numel);
   if (vec == VEC_MAX && VEC_MAX > 1) {
-    if (small) launch_elementwise_typed<Op, VEC_MAX, uint32_t>(op, s, nvec, grid, cfg.stream);
-    else launch_elementwise_typed<Op, VEC_MAX, int64_t>(op, s, nvec, grid, cfg.stream);
+    if (small) launch_elementwise_typed<Op, VEC_MAX, uint32_t>(op, s, cfg);
+    else launch_elementwise_typed<Op, VEC_MAX, int64_t>(op, s, cfg);
   } else {
-    if (small) launch_elementwise_typed<Op, 1, uint32_t>(op, s, nvec, grid, cfg.stream);
-    else launch_elementwise_typed<Op, 1, int64_t>(op, s, nvec, grid, cfg.stream);
+    if (small) launch_elementwise_typed<Op, 1, uint32_t>(op, s, cfg);
+    else launch_elementwise_typed<Op, 1, int64_t>(op, s, cfg);
   }
   return cudaGetLastError();
 }

@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace frk {
 
@@ -48,17 +49,58 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 template <int VEC, typename T>
-__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
-  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* __restrict__ p) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(p);
+}
+
+// bf16 -> fp32 is exact: the 16 bits become the high half of the float (NaN payloads too).
+// Pairs are converted from the 32-bit words directly, which keeps the packed registers alive
+// instead of materialising one 16-bit temporary per element.
+template <int VEC, typename T>
+__device__ __forceinline__ void unpack(const Pack<T, VEC>& pk, float (&out)[VEC]) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && VEC % 2 == 0) {
+    const uint32_t* w = reinterpret_cast<const uint32_t*>(pk.v);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) out[j] = to_f(pk.v[j]);
+    for (int j = 0; j < VEC / 2; ++j) {
+      out[2 * j] = __uint_as_float(w[j] << 16);
+      out[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+  } else if constexpr (std::is_same<T, __half>::value && VEC % 2 == 0) {
+    const __half2* h = reinterpret_cast<const __half2*>(pk.v);
+#pragma unroll
+    for (int j = 0; j < VEC / 2; ++j) {
+      const float2 f = __half22float2(h[j]);
+      out[2 * j] = f.x;
+      out[2 * j + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) out[j] = to_f(pk.v[j]);
+  }
 }
 
 template <int VEC, typename T>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, float (&out)[VEC]) {
+  unpack<VEC>(load_pack<VEC>(p), out);
+}
+
+// Pairs round with one packed conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32): the same
+// round-to-nearest-even per element as from_f.
+template <int VEC, typename T>
 __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[VEC]) {
   Pack<T, VEC> pk;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value && VEC % 2 == 0) {
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(pk.v);
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) pk.v[j] = from_f<T>(in[j]);
+    for (int j = 0; j < VEC / 2; ++j) h[j] = __floats2bfloat162_rn(in[2 * j], in[2 * j + 1]);
+  } else if constexpr (std::is_same<T, __half>::value && VEC % 2 == 0) {
+    __half2* h = reinterpret_cast<__half2*>(pk.v);
+#pragma unroll
+    for (int j = 0; j < VEC / 2; ++j) h[j] = __floats2half2_rn(in[2 * j], in[2 * j + 1]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pk.v[j] = from_f<T>(in[j]);
+  }
   *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
 }
 
@@ -157,11 +199,12 @@ constexpr int vec_width() {
 // and 32-bit division is several times cheaper than 64-bit.
 inline bool fits_int32(int64_t numel) { return numel < (int64_t{1} << 30); }
 
-inline int grid_for(int64_t work_items, int num_sms) {
+inline int grid_for(int64_t work_items, int num_sms, int blocks_per_sm) {
   int64_t blocks = (work_items + kThreads - 1) / kThreads;
-  // Enough resident blocks to fill every SM (2048 threads / SM on sm_80 and sm_90); the
-  // grid-stride loop covers the rest, so the per-block setup is amortised.
-  const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * 8;
+  // One wave: as many blocks as can be resident at once (blocks_per_sm is what the kernel's
+  // __launch_bounds__ guarantees); the grid-stride loop covers the rest, so the per-block
+  // setup is amortised and no partial second wave idles most SMs.
+  const int64_t cap = static_cast<int64_t>(num_sms > 0 ? num_sms : 1) * blocks_per_sm;
   if (blocks > cap) blocks = cap;
   return static_cast<int>(blocks < 1 ? 1 : blocks);
 }

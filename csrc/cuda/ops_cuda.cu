@@ -59,9 +59,11 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   Layout L;
   const at::Tensor x = canonical(x_in, &L);
-  at::Tensor mean = at::zeros({L.c}, x.options().dtype(at::kFloat));
-  at::Tensor var = at::zeros({L.c}, x.options().dtype(at::kFloat));
-  if (L.numel() == 0) return {mean, var};
+  // The finalize kernel writes every channel: zero-filling first would cost two launches.
+  const auto fopt = x.options().dtype(at::kFloat);
+  if (L.numel() == 0) return {at::zeros({L.c}, fopt), at::zeros({L.c}, fopt)};
+  at::Tensor mean = at::empty({L.c}, fopt);
+  at::Tensor var = at::empty({L.c}, fopt);
   const auto cfg = launch_config();
   const auto s = shape_of(L);
   FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats", [&] {
@@ -140,9 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cud
                           : at::empty({0}, in.gy.options());
   at::Tensor gr = need_gr ? at::empty_like(in.gy, in.gy.options(), fmt)
                           : at::empty({0}, in.gy.options());
-  // The kernel always reduces both sums; they are returned only when asked for.
-  at::Tensor s1 = at::zeros({L.c}, fopt);
-  at::Tensor s2 = at::zeros({L.c}, fopt);
+  // The kernel always reduces both sums (its finalize writes every channel, so no zero fill
+  // unless there is nothing to reduce); they are returned only when asked for.
+  at::Tensor s1 = L.numel() > 0 ? at::empty({L.c}, fopt) : at::zeros({L.c}, fopt);
+  at::Tensor s2 = L.numel() > 0 ? at::empty({L.c}, fopt) : at::zeros({L.c}, fopt);
   if (L.numel() > 0) {
     const frk::TailParams p{fptr(in.center), fptr(in.scale), fptr(in.shift),
                             fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid,
