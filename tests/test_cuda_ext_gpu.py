@@ -2,6 +2,8 @@
 against the float64 reference and the CPU kernels, in every layout and dtype, on the vector
 (16-byte) and scalar paths, with large reductions, N = 0, opcheck and CUDA graphs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -261,19 +263,40 @@ def test_conv_unit_backends(C, backend, cfg, dtype, fmt, monkeypatch):
     _check(y, ref, TOLERANCES[dtype] * (5 if dtype == torch.float32 else 1), "y")
 
 
+def _train_step(model, x, autocast: bool):
+    """(logits, {name: grad}) of one forward + backward of mean(logits^2)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        y = model(x)
+    (y if y.dtype == D else y.float()).square().mean().backward()
+    return y, {name: p.grad for name, p in model.named_parameters()}
+
+
 def test_fused_model_train_step_on_gpu(C):
     from fused_res import models
 
     torch.manual_seed(7)
-    model = models.resnet18(num_classes=10).cuda()
+    base = models.resnet18(num_classes=10).cuda().train()
     x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
-    ours = fused_res.convert(model, backend="cuda").train()
-    ref = fused_res.convert(model, backend="reference").train()
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        y, yr = ours(x), ref(x)
-    _check(y.float(), yr.float(), 3e-2, "logits (bf16 autocast)")
-    y.float().square().mean().backward()
-    yr.float().square().mean().backward()
-    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters(), strict=True):
-        assert torch.isfinite(p.grad).all(), name
-        _check(p.grad, q.grad, 0.1, f"grad {name} (bf16 autocast)")
+    # Three independent models (convert converts a deep copy; the explicit copies say so):
+    # ours on the cuda backend and eager (the reference backend's aten ops) both under bf16
+    # autocast, and a float64 reference without autocast.
+    ours = fused_res.convert(copy.deepcopy(base), backend="cuda").train()
+    eager = fused_res.convert(copy.deepcopy(base), backend="reference").train()
+    ref64 = fused_res.convert(copy.deepcopy(base).double(), backend="reference").train()
+    y, grads = _train_step(ours, x, True)
+    y_eager, grads_eager = _train_step(eager, x, True)
+    y_ref, grads_ref = _train_step(ref64, x.double(), False)
+    # Gradients at the stem pass through the backward of 8 train-mode BatchNorms, which
+    # amplifies bf16 rounding: ours must be as close to float64 as eager bf16 is (within 2x),
+    # or within the bf16 tolerance, whichever is looser.
+    failed = []
+    checks = [("logits", y, y_eager, y_ref)] + [
+        (f"grad {name}", grads[name], grads_eager[name], grads_ref[name]) for name in grads_ref]
+    for what, a, e, r in checks:
+        assert torch.isfinite(a).all(), what
+        err, eager_err = rel_err(a, r), rel_err(e, r)
+        budget = max(TOLERANCES[torch.bfloat16], 2 * eager_err)
+        if not err <= budget:
+            failed.append(f"{what} (bf16 autocast): relative error {err:.3e} > budget "
+                          f"{budget:.3e} (eager bf16: {eager_err:.3e})")
+    assert not failed, "; ".join(failed)

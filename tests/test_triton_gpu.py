@@ -3,8 +3,6 @@ tf32) against the float64 reference, forward and backward, and a convergence che
 ResNet trained a few hundred steps on synthetic data with and without fusion, same seed, loss
 curves agreeing within bf16 noise."""
 
-import copy
-
 import pytest
 import torch
 
@@ -56,6 +54,37 @@ SHAPES = [(3, 1, 1, 64, 64), (3, 2, 1, 32, 64), (1, 1, 0, 64, 256), (7, 2, 3, 3,
           (1, 2, 0, 48, 96)]
 
 
+# How much worse than eager's own error (against float64) ours may be. Rounding flips ReLU
+# masks (act_in, act_mid) between low precision and float64, and the per-channel gradients
+# (da_out, da_in, dc_in, ...) sum over those rare, discrete flips: two computations of equal
+# quality then differ in error by a few times. On an H100 (torch 2.11, triton 3.6; gy not yet
+# masked as below) ours came to 2.2-2.9x eager's in 3 of 100 tensors (da_out fp16/tf32
+# k1s1p0, da_in tf32 k3s2p1); a real bug is off by far more (see the perturbed results the
+# test checks as well).
+EAGER_FACTOR = 4
+
+
+def _within(ours, ref64, eager, tol) -> tuple[bool, str]:
+    """Whether `ours` is within max(TOLERANCES[tol], EAGER_FACTOR * eager's own error) of the
+    float64 `ref64`, and a message with both errors. `eager` is the reference backend (plain
+    aten ops) run on the same low-precision inputs, with the same tf32 setting: what eager
+    PyTorch itself achieves can exceed the per-dtype budget, and the fused kernels must be
+    about as good as eager, not better than it."""
+    err, eager_err = rel_err(ours, ref64), rel_err(eager, ref64)
+    budget = max(TOLERANCES[tol], EAGER_FACTOR * eager_err)
+    return err <= budget, (f"error {err:.3e} vs budget {budget:.3e} = max(tolerance "
+                           f"{TOLERANCES[tol]:.0e}, {EAGER_FACTOR} * eager's {eager_err:.3e})")
+
+
+def _largest_channel_negated(t):
+    """t with its largest-norm channel (dim 1) negated, a sign bug: wrong by at least
+    2/sqrt(C) of its norm. For checking that the check can fail."""
+    out = t.detach().clone()
+    c = out.double().square().sum((0, 2, 3)).argmax()
+    out[:, c] = -out[:, c]
+    return out
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, torch.bfloat16),
                                        (torch.float16, torch.float16),
                                        (torch.float32, torch.float32),
@@ -64,19 +93,38 @@ SHAPES = [(3, 1, 1, 64, 64), (3, 2, 1, 32, 64), (1, 1, 0, 64, 256), (7, 2, 3, 3,
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "k{}s{}p{}_{}x{}".format(*s))
 def test_conv_unit_forward_backward_on_gpu(shape, dtype, tol):
     old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = tol == "tf32"
+    torch.backends.cudnn.allow_tf32 = tol == "tf32"  # eager's convs follow the same setting
     try:
         ours, ref, geo = _case(*shape, dtype=dtype)
-        y = _unit(ours, geo, "triton")
-        y_ref = _unit(ref, geo, "reference")
-        assert rel_err(y, y_ref) <= TOLERANCES[tol]
-        gy = torch.randn(y_ref.shape, dtype=D, device="cuda")
         names = [k for k, v in ours.items() if v.requires_grad]
-        got = torch.autograd.grad(y, [ours[k] for k in names], gy.to(dtype))
-        want = torch.autograd.grad(y_ref, [ref[k] for k in names], gy)
-        for name, a, b in zip(names, got, want, strict=True):
-            err = rel_err(a, b)
-            assert err <= TOLERANCES[tol], f"d{name}: {err:.3e}"
+        # Ours, eager (the reference backend's aten ops on the same low-precision inputs, so
+        # the same dtype and tf32 setting) and the float64 reference.
+        runs = {"ours": (ours, "triton"), "eager": (ours, "reference"), "ref": (ref, "reference")}
+        ys = {run: _unit(inputs, geo, backend) for run, (inputs, backend) in runs.items()}
+        y_ref = ys["ref"].detach()
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        # gy vanishes where the float64 y is below 5% of its rms (inactive, or close enough to
+        # act_out's kink for rounding to flip the mask), so a flipped act_out mask changes no
+        # gradient. One flip moves dr by ~1/sqrt(numel) (5e-3 at 64x14x13, as large as the
+        # tf32 budget), and cuDNN may run eager's convs without tf32 and flip none.
+        active = y_ref > 0.05 * y_ref.square().mean().sqrt()
+        gy = (torch.randn(y_ref.shape, dtype=D, device="cuda", generator=gen) * active)
+        gy = gy.to(dtype)  # all three get the same gy: only the computation's error counts
+        out = {}
+        for run, (inputs, _) in runs.items():
+            grads = torch.autograd.grad(ys[run], [inputs[k] for k in names],
+                                        gy.to(ys[run].dtype))
+            out[run] = {"y": ys[run], **{f"d{k}": g for k, g in zip(names, grads, strict=True)}}
+        got, eager, want = out["ours"], out["eager"], out["ref"]
+        failed = []
+        for what in got:
+            ok, msg = _within(got[what], want[what], eager[what], tol)
+            if not ok:
+                failed.append(f"{what}: {msg}")
+        assert not failed, "; ".join(failed)
+        # The check can fail: y 5% off, or dx with one channel's sign flipped, is out of budget.
+        assert not _within(got["y"] * 1.05, want["y"], eager["y"], tol)[0]
+        assert not _within(_largest_channel_negated(got["dx"]), want["dx"], eager["dx"], tol)[0]
     finally:
         torch.backends.cudnn.allow_tf32 = old
 
@@ -90,9 +138,19 @@ def test_conv_bn_stats_and_channel_stats_on_gpu(dtype):
         run = lambda a, b: ops.conv_bn_stats(a["x"], a["w"], a["bias"], **geo,
                                              in_center=a["c_in"], in_scale=a["a_in"],
                                              in_shift=a["b_in"], act_in="relu", backend=b)
-        out, out_ref = run(ours, "triton"), run(ref, "reference")
-        for o, r in zip(out, out_ref, strict=True):
-            assert rel_err(o, r) <= TOLERANCES[dtype]
+        (z, mean, var), out_ref = run(ours, "triton"), run(ref, "reference")
+        for what, o, r in zip(("z", "mean", "var"), (z, mean, var), out_ref, strict=True):
+            err = rel_err(o, r)
+            assert err <= TOLERANCES[dtype], f"{what}: {err:.3e} > {TOLERANCES[dtype]:.0e}"
+        # mean and var must be the statistics of the z returned (what BatchNorm normalises),
+        # accumulated in float32 whatever z's dtype: a statistics bug hides under the bf16
+        # tolerance above. (The first H100 run's finalize added the M2 of tiles no program
+        # wrote, var 3e-4 off in fp32; the fixed kernels give ~1e-7 in fp32 and bf16.)
+        zd = z.detach().double()
+        for what, o, r in (("mean", mean, zd.mean((0, 2, 3))),
+                           ("var", var, zd.var((0, 2, 3), unbiased=False))):
+            err = rel_err(o, r)
+            assert err <= TOLERANCES[torch.float32], f"{what} vs z's own: {err:.3e}"
         x = (torch.randn(16, 64, 28, 28, device="cuda") + 500).to(dtype)
         m, v = ops.channel_stats(x, backend="triton")
         xd = x.double()
@@ -102,18 +160,31 @@ def test_conv_bn_stats_and_channel_stats_on_gpu(dtype):
         torch.backends.cudnn.allow_tf32 = old
 
 
-def _train(model, steps, seed):
+def _batches(steps, batch, seed, noise, device):
+    """A synthetic task a CIFAR ResNet-20 learns within a few hundred steps, and the same data
+    for every call with the same arguments (drawn on the CPU, so on any device): 10 class
+    templates fixed by the seed, x = template[y] + noise * N(0, 1), y uniform. The noise sets
+    the pace: at 4 the loss falls gradually over 200 steps rather than collapsing to ~0 in a
+    few dozen, so the two curves are compared on the way down as well."""
+    gen = torch.Generator().manual_seed(seed)
+    templates = torch.randn(10, 3, 32, 32, generator=gen)
+    for _ in range(steps):
+        y = torch.randint(0, 10, (batch,), generator=gen)
+        x = templates[y] + noise * torch.randn(batch, 3, 32, 32, generator=gen)
+        yield x.to(device).contiguous(memory_format=torch.channels_last), y.to(device)
+
+
+CIFAR_NOISE = 4.0
+
+
+def _train(model, steps, seed, noise=CIFAR_NOISE, device="cuda", autocast=True):
+    """Per-step training losses of SGD(lr 0.05, momentum 0.9) at batch 64 under bf16
+    autocast."""
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    # Synthetic but learnable: labels are a fixed random linear function of the input.
-    proj = torch.randn(3 * 32 * 32, 10, device="cuda", generator=gen) / 55.0
     losses = []
-    for _ in range(steps):
-        x = torch.randn(64, 3, 32, 32, device="cuda", generator=gen)
-        y = (x.flatten(1) @ proj).argmax(1)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for x, y in _batches(steps, 64, seed, noise, device):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,19 +193,29 @@ def _train(model, steps, seed):
     return torch.tensor(losses)
 
 
+def _smooth(v):
+    """Means over windows of 20 steps, every 10 steps."""
+    return v.unfold(0, 20, 10).mean(1)
+
+
 def test_cifar_resnet_converges_like_unfused_in_bf16():
     import fused_res
     from fused_res.models.cifar import cifar_resnet
     torch.manual_seed(0)
     base = cifar_resnet(20).cuda().to(memory_format=torch.channels_last)
-    fused = fused_res.convert(copy.deepcopy(base), backend="triton")
+    fused = fused_res.convert(base, backend="triton")  # converts a deep copy of base
     steps = 200
     l_ref = _train(base, steps, seed=1)
     l_fused = _train(fused, steps, seed=1)
     assert torch.isfinite(l_fused).all()
-    # It learns: the last 20 steps are well below the first 20.
-    assert l_fused[-20:].mean() < 0.8 * l_fused[:20].mean()
-    # Same trajectory within bf16 noise: smoothed curves within 5% of each other.
-    smooth = lambda v: v.unfold(0, 20, 10).mean(1)
-    diff = (smooth(l_fused) - smooth(l_ref)).abs() / smooth(l_ref)
-    assert diff.max() < 0.05, f"loss curves diverge: max smoothed rel diff {diff.max():.3f}"
+    # It learns: the last 20 steps average well under half of the first 20.
+    first, last = l_fused[:20].mean().item(), l_fused[-20:].mean().item()
+    assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f} in {steps} steps"
+    # Same trajectory within bf16 noise: the smoothed curves within 15% of each other, plus
+    # 0.05 nats where the loss is small and a relative difference says little. (Eager is
+    # bitwise repeatable here; on an H100 fused vs eager used up to half of this allowance.)
+    s_fused, s_ref = _smooth(l_fused), _smooth(l_ref)
+    excess = (s_fused - s_ref).abs() - (0.15 * s_ref + 0.05)
+    worst = int(excess.argmax())
+    assert excess[worst] <= 0, (f"loss curves diverge at window {worst}: fused "
+                                f"{s_fused[worst]:.3f} vs unfused {s_ref[worst]:.3f}")
