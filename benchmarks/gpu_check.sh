@@ -172,6 +172,13 @@ bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 2
 bench blocks-train-b64 60 --model rn50-blocks,rn18-blocks,cifar-blocks --mode train \
   --dtype bf16 --batch 64 --repeats 20 --contenders eager-cl,fused-triton,fused-cuda \
   --cuda-graphs
+if [ "$DRY" = 1 ]; then
+  say "=== conv-configs: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
+  printf 'conv-configs\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+else
+  run_step conv-configs 75 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+    --json "$STEPS_DIR/conv-configs.json"
+fi
 bench units-eval 40 --model rn50-units --mode eval --dtype bf16 --batch 64 --repeats 30 \
   --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda
 bench blocks-compile 90 --model rn50-l1,rn50-l3 --mode eval --dtype bf16 --batch 64 \

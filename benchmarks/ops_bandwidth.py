@@ -159,7 +159,7 @@ def conv_cases(n, cin, cout, hw, k, stride, dtype, device):
 
     oh = (hw + 2 * pad - k) // stride + 1
     flops = 2 * n * oh * oh * cout * cin * k * k
-    return cudnn, triton_conv, x_sets, flops
+    return cudnn, triton_conv, x_sets, flops, w
 
 
 def rel_err(a, b) -> float:
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
                   "ratio | cuDNN TFLOP/s | rel err |", "|---|---|---|---|---|---|---|"]
         for cin, cout, hw, k, s in CONVS:
             try:
-                cudnn, tri, sets, flops = conv_cases(a.batch, cin, cout, hw, k, s, dtype, device)
+                cudnn, tri, sets, flops, _ = conv_cases(a.batch, cin, cout, hw, k, s, dtype, device)
                 err = rel_err(tri(*sets[0]), cudnn(*sets[0]))
                 t_c = graph_ms(cudnn, sets)
                 t_t = graph_ms(tri, sets)

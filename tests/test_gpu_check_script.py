@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
          "bench-rn50-train-b128", "bench-blocks-eval-b64", "bench-blocks-eval-b256",
-         "bench-blocks-train-b64", "bench-units-eval", "bench-blocks-compile",
+         "bench-blocks-train-b64", "conv-configs", "bench-units-eval", "bench-blocks-compile",
          "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
@@ -73,5 +73,6 @@ def test_budget_bounds_every_step(tmp_path):
     merged = json.loads((tmp_path / "bench.json").read_text())
     states = {s["step"]: s["status"] for s in merged["steps"]}
     assert states.pop("build") == "skipped" and states.pop("ops-bandwidth") == "skipped"
+    assert states.pop("conv-configs") == "skipped"
     assert set(states.values()) == {"out-of-time"}
     assert "problems: env" in proc.stdout

@@ -45,6 +45,19 @@ CONV_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(128, 64, 32, 4, 4),
 )
 
+# Larger tiles that only a GPU can judge (benchmarks/conv_configs.py times them against
+# CONV_CONFIGS and cuDNN at ResNet-50's shapes). On the first H100 run the 64x64x32 default
+# took 3-4.8x cuDNN's time for the plain conv (graph-free timing); Hopper's tensor cores want
+# 128-wide tiles with BLOCK_K 64. Not autotuned until a GPU run shows which of them win.
+SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
+    ConvConfig(128, 128, 32, 4, 4),
+    ConvConfig(128, 128, 64, 8, 3),
+    ConvConfig(128, 64, 64, 4, 3),
+    ConvConfig(64, 128, 64, 4, 3),
+    ConvConfig(128, 256, 64, 8, 2),
+    ConvConfig(256, 128, 64, 8, 2),
+)
+
 # The interpreter runs one program at a time in numpy: larger tiles mean fewer programs.
 # It does not enforce tl.dot's minimum of 16, but we keep it so the same path runs on a GPU.
 INTERPRETER_CONV_CONFIG = ConvConfig(32, 32, 16, 4, 1)

@@ -259,12 +259,13 @@ def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
-                memory_format=torch.contiguous_format):
+                memory_format=torch.contiguous_format, config=None):
     """Run the fused conv. x (N, C_in, H, W) float32/float16/bfloat16, weight (C_out, C_in,
     KH, KW) same dtype; vectors (C,) any float dtype; residual (N, C_out, OH, OW).
 
     stats=False: returns (y, u) (u None unless store_u). stats=True: returns (z, partials)
-    with partials = (tile_mean (T, C_out), tile_m2 (T, C_out), tile_count (T,)) float32."""
+    with partials = (tile_mean (T, C_out), tile_m2 (T, C_out), tile_count (T,)) float32.
+    config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     oh = (h + 2 * padding[0] - kh) // stride[0] + 1
@@ -275,7 +276,9 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     m = n * oh * ow
     flat = _flat_k(c_in, kh * kw)
     if stats:
-        min_bm = min(c.block_m for c in configs.CONV_CONFIGS + (configs.INTERPRETER_CONV_CONFIG,))
+        extra = (config,) if config is not None else ()
+        min_bm = min(c.block_m for c in configs.CONV_CONFIGS + extra
+                     + (configs.INTERPRETER_CONV_CONFIG,))
         tiles = triton.cdiv(max(m, 1), min_bm)
         st_mean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
         st_m2 = torch.empty_like(st_mean)
@@ -310,8 +313,9 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                            or in_shift is not None or act_in == "relu"),
                  DOT_PRECISION=dot_precision(x.dtype),
                  INDEX_64=needs_int64(x, y, r))
-    if _INTERPRET or not autotune_enabled():
-        cfg = configs.INTERPRETER_CONV_CONFIG if _INTERPRET else configs.CONV_CONFIGS[0]
+    if config is not None or _INTERPRET or not autotune_enabled():
+        cfg = config or (configs.INTERPRETER_CONV_CONFIG if _INTERPRET
+                         else configs.CONV_CONFIGS[0])
         grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out, cfg.block_n),)
         conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)

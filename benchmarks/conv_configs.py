@@ -1,0 +1,95 @@
+"""Which Triton tile config is fastest for the plain conv at ResNet-50's shapes, against cuDNN.
+
+    python benchmarks/conv_configs.py [--batch 64] [--dtype bf16] [--shapes all|few] [--json F]
+
+Times every configs.CONV_CONFIGS and configs.SWEEP_CONFIGS entry (minus the ones
+conv_config_excluded rules out) as CUDA-graph replays beside F.conv2d (cuDNN), checks each
+result against cuDNN's, and prints per shape the best config and its time over cuDNN's. The
+answer decides which configs the autotuner keeps and which one runs untuned; it is a question
+only a GPU answers (DESIGN.md §5), so it is a script, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import sys
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from ops_bandwidth import CONVS, DTYPES, conv_cases, graph_ms, rel_err  # noqa: E402
+
+FEW = [(256, 64, 56, 1, 1), (64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (1024, 256, 14, 1, 1),
+       (256, 256, 14, 3, 1), (512, 2048, 7, 1, 1)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--shapes", choices=("all", "few"), default="few")
+    p.add_argument("--json", help="write every measurement here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("conv_configs: needs a CUDA device; none found", file=sys.stderr)
+        return 2
+    from fused_res.triton import configs
+    from fused_res.triton.conv import conv_launch
+
+    dtype = DTYPES[a.dtype]
+    elt = torch.tensor([], dtype=dtype).element_size()
+    shapes = CONVS if a.shapes == "all" else FEW
+    rows, best = [], []
+    print(f"{torch.cuda.get_device_name()}, batch {a.batch}, {a.dtype}, channels_last; "
+          "ratio = Triton graph time / cuDNN graph time", flush=True)
+    for cin, cout, hw, k, s in shapes:
+        cudnn, _, sets, flops, weight = conv_cases(a.batch, cin, cout, hw, k, s, dtype,
+                                                   torch.device("cuda"))
+        t_c = graph_ms(cudnn, sets)
+        want = cudnn(*sets[0])
+        per = []
+        for cfg in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS:
+            why = configs.conv_config_excluded(cfg, elt, k * k)
+            if why is not None:
+                continue
+
+            def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2)):
+                return conv_launch(x, weight, None, st, pad, None, None, None, "none",
+                                   memory_format=torch.channels_last, config=cfg)[0]
+            try:
+                err = rel_err(tri(*sets[0]), want)
+                t = graph_ms(tri, sets)
+            except Exception as e:  # a config that fails to compile or launch is data too
+                rows.append({"conv": [cin, cout, hw, k, s], "config": str(cfg),
+                             "error": repr(e)[:300]})
+                print(f"  {(cin, cout, hw, k, s)} {cfg}: FAILED {e!r}"[:300], flush=True)
+                continue
+            rows.append({"conv": [cin, cout, hw, k, s], "config": str(cfg), "ms": t,
+                         "cudnn_ms": t_c, "ratio": t / t_c, "rel_err": err,
+                         "tflops": flops / (t / 1e3) / 1e12})
+            per.append((t, cfg, err))
+            print(f"  {(cin, cout, hw, k, s)} {cfg}: {t:.4f} ms, {t / t_c:.2f}x cuDNN, "
+                  f"err {err:.1e}", flush=True)
+        if per:
+            t, cfg, err = min(per, key=lambda r: r[0])
+            best.append(((cin, cout, hw, k, s), t_c, t, cfg))
+    print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config |")
+    print("|---|---|---|---|---|")
+    for shape, t_c, t, cfg in best:
+        print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} |")
+    if best:
+        g = math.exp(sum(math.log(t / t_c) for _, t_c, t, _ in best) / len(best))
+        print(f"\ngeomean best/cuDNN over {len(best)} shapes: {g:.2f} (issue 5 target <= 1.15)")
+    if a.json:
+        pathlib.Path(a.json).write_text(json.dumps(
+            {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),
+             "torch": torch.__version__, "dtype": a.dtype, "batch": a.batch, "rows": rows},
+            indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
