@@ -222,3 +222,20 @@ def test_gate_baseline_is_judged_only_for_finiteness_and_calibrates_the_rest():
     case.check("eager-cl", torch.ones(4), None)
     assert case.gate_note() == ""
     assert case.check("fused-x", torch.full((4,), 1.05), None)["status"] == "wrong"
+
+
+def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
+    from fused_res.bench.runner import set_speedups
+
+    def row(name, ms, status="ok"):
+        return {"contender": name, "cuda_graph": name.endswith("+graph"), "status": status,
+                "time_s": {"median": ms / 1e3} if status == "ok" else None, "speedup": None}
+    rows = [row("eager-cl", 10.0), row("eager-cl+graph", 8.0), row("fused-x", 5.0),
+            row("fused-x+graph", 4.0), row("fused-y", 0.0, "wrong")]
+    set_speedups(rows)
+    got = {r["contender"]: r["speedup"] for r in rows}
+    assert got == {"eager-cl": 1.0, "eager-cl+graph": 1.0, "fused-x": 2.0,
+                   "fused-x+graph": 2.0, "fused-y": None}
+    lone = [row("eager-cl", 10.0), row("fused-x+graph", 4.0)]
+    set_speedups(lone)
+    assert lone[1]["speedup"] is None  # no eager-cl+graph row: no graph speedup to claim

@@ -49,7 +49,8 @@ def footer(result: dict) -> str:
                      "% floor = max(FLOPs/rate, bytes/bandwidth) / median time")
     lines.append(f"torch {e['torch']}, CUDA {e['cuda']}, triton {e['triton']}, fused_res "
                  f"{e['fused_res']} @ {(e['git_commit'] or 'unknown')[:10]}"
-                 f"{' (dirty)' if e['git_dirty'] else ''}; speedup is over eager-cl")
+                 f"{' (dirty)' if e['git_dirty'] else ''}; speedup is over eager-cl "
+                 "(a +graph row's over eager-cl+graph)")
     return "\n".join(lines)
 
 
