@@ -47,6 +47,21 @@ if not CHILD:
         x = torch.randn(1, 2, 3, 3)
         assert "TRITON_INTERPRET" in b.unsupported_reason(x, None, 1, (1, 1))
 
+    @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+    def test_int64_indexing_is_chosen_by_the_span_a_launch_can_address():
+        # Meta tensors have storages of any size without memory behind them.
+        from fused_res.triton.conv import needs_int64
+        small = torch.empty(4, 8, 16, 16)
+        big = torch.empty(2 ** 31, dtype=torch.uint8, device="meta")
+        assert not needs_int64(small, None)
+        assert needs_int64(small, big)
+        # A big storage, but the view addresses only its first elements: int32 suffices.
+        assert not needs_int64(big[:1000])
+        # A strided view reaching past 2^31 elements of its storage needs int64.
+        assert needs_int64(big.as_strided((2, 4), (2 ** 31 - 1, 1)))
+        wide = torch.empty(2 ** 30, dtype=torch.float16, device="meta")
+        assert not needs_int64(wide) and needs_int64(torch.empty(2 ** 31 + 1, device="meta"))
+
     def test_importing_the_package_does_not_import_triton():
         code = ("import sys, fused_res, fused_res.backends.triton_backend, fused_res.triton,"
                 " fused_res.triton.configs; assert 'triton' not in sys.modules, 'imported'")

@@ -52,9 +52,19 @@ class TritonBackend(ReferenceBackend):
     name = "triton"
 
     def status(self) -> BackendStatus:
+        # Asked on every call (twice per unit); the answer changes only with the interpreter
+        # switch, so it is kept per value of that switch.
+        key = _interpret_requested()
+        cached = self.__dict__.setdefault("_status", {})
+        if key not in cached:
+            cached[key] = self._probe(key)
+        return cached[key]
+
+    @staticmethod
+    def _probe(interpret: bool) -> BackendStatus:
         if importlib.util.find_spec("triton") is None:
             return BackendStatus(False, "triton is not installed")
-        if torch.cuda.is_available() or _interpret_requested():
+        if torch.cuda.is_available() or interpret:
             return BackendStatus(True, "")
         return BackendStatus(False, "no CUDA device (set TRITON_INTERPRET=1 to run the "
                                     "kernels in Triton's CPU interpreter)")

@@ -229,8 +229,20 @@ def span(t: torch.Tensor) -> int:
 
 
 def needs_int64(*tensors) -> bool:
-    """Whether element offsets into any of the tensors can reach 2^31."""
-    return any(t is not None and span(t) >= 2 ** 31 for t in tensors)
+    """Whether element offsets into any of the tensors can reach 2^31. A storage of fewer
+    than 2^31 elements bounds every offset into it, which settles nearly every call without
+    walking shapes and strides (this runs on the host for every launch)."""
+    for t in tensors:
+        if t is None or t.untyped_storage().nbytes() < 2 ** 31 * t.element_size():
+            continue
+        if span(t) >= 2 ** 31:
+            return True
+    return False
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints, on the host (triton.cdiv goes through its JIT call machinery)."""
+    return -(-a // b)
 
 
 def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -279,7 +291,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         extra = (config,) if config is not None else ()
         min_bm = min(c.block_m for c in configs.CONV_CONFIGS + extra
                      + (configs.INTERPRETER_CONV_CONFIG,))
-        tiles = triton.cdiv(max(m, 1), min_bm)
+        tiles = cdiv(max(m, 1), min_bm)
         st_mean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
         st_m2 = torch.empty_like(st_mean)
         st_cnt = torch.zeros((tiles,), dtype=torch.float32, device=x.device)
@@ -316,12 +328,12 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     if config is not None or _INTERPRET or not autotune_enabled():
         cfg = config or (configs.INTERPRETER_CONV_CONFIG if _INTERPRET
                          else configs.CONV_CONFIGS[0])
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(c_out, cfg.block_n),)
+        grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
         conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) *
-                             triton.cdiv(c_out, meta["BLOCK_N"]),)
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
+                             cdiv(c_out, meta["BLOCK_N"]),)
         _autotuned_kernel()[grid](*args, **flags)
     if stats:
         return y, (st_mean, st_m2, st_cnt)

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import configs
 from .common import channel_affine, unit_tail
-from .conv import needs_int64
+from .conv import cdiv, needs_int64
 
 
 @triton.jit
@@ -197,7 +197,7 @@ def _geometry(t: torch.Tensor):
 
 
 def _grid(m: int, c: int, cfg: configs.TileConfig):
-    return (triton.cdiv(m, cfg.block_m), triton.cdiv(c, cfg.block_c))
+    return (cdiv(m, cfg.block_m), cdiv(c, cfg.block_c))
 
 
 def like(t: torch.Tensor | None, fmt: torch.memory_format) -> torch.Tensor | None:
@@ -240,7 +240,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     gr = torch.empty(gy.shape, dtype=residual_dtype, device=gy.device,
                      memory_format=fmt) if need_gr else None
     cfg = _cfg()
-    tiles = triton.cdiv(m, cfg.block_m)
+    tiles = cdiv(m, cfg.block_m)
     psum = torch.empty((tiles, c), dtype=torch.float32, device=gy.device) if need_sum else None
     psum_t = torch.empty((tiles, c), dtype=torch.float32,
                          device=gy.device) if need_sum_t else None
@@ -279,7 +279,7 @@ def stats_finalize(st_mean, st_m2, st_cnt, c):
     if t == 0 or c == 0:
         return mean, var
     cfg = configs.FINALIZE_CONFIG
-    stats_finalize_kernel[(triton.cdiv(c, cfg.block_c),)](
+    stats_finalize_kernel[(cdiv(c, cfg.block_c),)](
         st_mean, st_m2, st_cnt, mean, var, t, c, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps)
     return mean, var
@@ -292,7 +292,7 @@ def channel_stats(x):
         zeros = torch.zeros((c,), dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
     cfg = _cfg()
-    tiles = triton.cdiv(m, cfg.block_m)
+    tiles = cdiv(m, cfg.block_m)
     st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
     st_m2 = torch.empty_like(st_mean)
     st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
