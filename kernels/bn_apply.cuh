@@ -20,6 +20,14 @@ struct TailParams {
   float res_scale;
   bool relu_mid;
   bool relu_out;
+
+  // Channel c's (center, scale, shift), identity where a vector is absent: the constants the
+  // forward and the backward ops keep per lane.
+  __device__ __forceinline__ void channel_consts(int64_t c, float* k) const {
+    k[0] = center ? center[c] : 0.f;
+    k[1] = scale ? scale[c] : 1.f;
+    k[2] = shift ? shift[c] : 0.f;
+  }
 };
 
 template <typename T>
@@ -38,9 +46,7 @@ struct EpilogueForwardOp {
   };
 
   __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
-    k[0] = p.center ? p.center[c] : 0.f;
-    k[1] = p.scale ? p.scale[c] : 1.f;
-    k[2] = p.shift ? p.shift[c] : 0.f;
+    p.channel_consts(c, k);
   }
   template <int VEC, typename index_t>
   __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
@@ -98,9 +104,7 @@ struct EpilogueBackwardOp {
   };
 
   __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
-    k[0] = p.center ? p.center[c] : 0.f;
-    k[1] = p.scale ? p.scale[c] : 1.f;
-    k[2] = p.shift ? p.shift[c] : 0.f;
+    p.channel_consts(c, k);
   }
   template <int VEC, typename index_t>
   __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {

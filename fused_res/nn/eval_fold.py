@@ -18,6 +18,8 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..backends.reference import memory_format_of
+from ..ops import functional
 from .batchnorm import running_affine
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -30,10 +32,9 @@ def applies(h: Tensor) -> bool:
 
 
 def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
-    dev = h.device.type
-    if torch.is_autocast_enabled(dev) and weight.dtype == torch.float32:
-        return torch.get_autocast_dtype(dev)
-    return weight.dtype
+    """The dtype ops.conv_unit will run the weight in (autocast casts float32 only)."""
+    dt = functional._autocast_dtype(h)
+    return dt if dt is not None and weight.dtype == torch.float32 else weight.dtype
 
 
 def _state(t: Tensor | None) -> tuple:
@@ -45,8 +46,7 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor,
     KW) in the dtype the conv computes in (the autocast dtype under autocast), in h's memory
     format; b' (C_out,) float32."""
     dtype = _compute_dtype(h, conv.weight)
-    fmt = (torch.channels_last if h.dim() == 4 and h.is_contiguous(
-        memory_format=torch.channels_last) and not h.is_contiguous() else torch.contiguous_format)
+    fmt = memory_format_of(h)
     key = (dtype, h.device, fmt, bn.eps, *_state(conv.weight), *_state(conv.bias),
            *_state(bn.weight), *_state(bn.bias), *_state(bn.running_mean),
            *_state(bn.running_var))
