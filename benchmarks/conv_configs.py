@@ -4,7 +4,8 @@
 
 Times every configs.CONV_CONFIGS and configs.SWEEP_CONFIGS entry (minus the ones
 conv_config_excluded rules out) as CUDA-graph replays beside F.conv2d (cuDNN), checks each
-result against cuDNN's, and prints per shape the best config and its time over cuDNN's. The
+result against cuDNN's, and prints per shape the best config and its time over cuDNN's, beside
+the config that runs untuned (configs.default_conv_config) and its time. The
 answer decides which configs the autotuner keeps and which one runs untuned; it is a question
 only a GPU answers (DESIGN.md §5), so it is a script, not a test.
 """
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         print("conv_configs: needs a CUDA device; none found", file=sys.stderr)
         return 2
     from fused_res.triton import configs
-    from fused_res.triton.conv import conv_launch
+    from fused_res.triton.conv import conv_launch, sm_count
 
     dtype = DTYPES[a.dtype]
     elt = torch.tensor([], dtype=dtype).element_size()
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
         t_c = graph_ms(cudnn, sets)
         want = cudnn(*sets[0])
         per = []
+        m = a.batch * ((hw + 2 * (k // 2) - k) // s + 1) ** 2
+        untuned = configs.default_conv_config(m, cin, cout, elt, k * k, cin < configs.DOT_MIN,
+                                              sm_count(torch.device("cuda")))
         for cfg in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS:
             why = configs.conv_config_excluded(cfg, elt, k * k)
             if why is not None:
@@ -75,13 +79,17 @@ def main(argv=None) -> int:
                   f"err {err:.1e}", flush=True)
         if per:
             t, cfg, err = min(per, key=lambda r: r[0])
-            best.append(((cin, cout, hw, k, s), t_c, t, cfg))
-    print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config |")
-    print("|---|---|---|---|---|")
-    for shape, t_c, t, cfg in best:
-        print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} |")
+            u_ms = next((t_u for t_u, c, _ in per if c == untuned), None)
+            best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms))
+    print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
+          "untuned config | its ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, t_c, t, cfg, untuned, u_ms in best:
+        u_ratio = "-" if u_ms is None else f"{u_ms / t_c:.2f}"
+        print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} | {untuned} | "
+              f"{u_ratio} |")
     if best:
-        g = math.exp(sum(math.log(t / t_c) for _, t_c, t, _ in best) / len(best))
+        g = math.exp(sum(math.log(r[2] / r[1]) for r in best) / len(best))
         print(f"\ngeomean best/cuDNN over {len(best)} shapes: {g:.2f} (issue 5 target <= 1.15)")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(

@@ -37,10 +37,11 @@ def test_aot_subset_compiles_for_sm80_and_sm90(tmp_path):
 def test_aot_reports_a_compile_error_as_a_failure():
     """The check must be able to fail: a tl.dot below the GPU minimum block size."""
     code = ("from fused_res.triton import aot, configs\n"
-            "j = [x for x in aot.jobs(subset=True) if x[1] == 'conv_unit_kernel'][0]\n"
-            "cx = dict(j[5], BLOCK_M=8, BLOCK_N=8, BLOCK_K=8)\n"
-            "r = aot.compile_one((j[0], j[1], j[2], 'bad', j[4], cx, j[6], j[7], None), 90,"
-            " None)\n"
+            "import dataclasses\n"
+            "j = [x for x in aot.jobs(subset=True) if x.kernel == 'conv_unit_kernel'][0]\n"
+            "cx = dict(j.constexprs, BLOCK_M=8, BLOCK_N=8, BLOCK_K=8)\n"
+            "bad = dataclasses.replace(j, config='bad', constexprs=cx)\n"
+            "r = aot.compile_one(bad, 90, None)\n"
             "assert not r.ok and r.error, r\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -62,3 +63,35 @@ def test_config_exclusion_rule():
                 picked = configs.conv_configs_for(elt, taps, c_in, c_out, c_in < 16)
                 assert picked and all(
                     configs.conv_config_excluded(c, elt, taps) is None for c in picked)
+
+
+def test_untuned_config_is_an_autotune_candidate_that_fits_the_problem():
+    sms = 132
+    for elt in (2, 4):
+        for m, c_in, c_out, taps in ((64 * 56 * 56, 64, 64, 9), (64 * 28 * 28, 128, 128, 9),
+                                     (64 * 7 * 7, 512, 512, 9), (256 * 7 * 7, 512, 2048, 1),
+                                     (64 * 112 * 112, 3, 64, 49), (2 * 8 * 8, 16, 16, 9)):
+            cfg = configs.default_conv_config(m, c_in, c_out, elt, taps, c_in < 16, sms)
+            assert cfg in configs.CONV_CONFIGS, cfg
+            assert configs.conv_config_excluded(cfg, elt, taps) is None, cfg
+    # Big problems get the Hopper-sized tile in 16-bit; 64 channels never a 128-wide N tile;
+    # a small batch gets tiles small enough to give every SM two of them.
+    big = configs.default_conv_config(256 * 7 * 7, 512, 2048, 2, 1, False, sms)
+    assert (big.block_m, big.block_n) == (128, 128)
+    assert configs.default_conv_config(64 * 56 * 56, 64, 64, 2, 9, False, sms).block_n == 64
+    small = configs.default_conv_config(64 * 7 * 7, 512, 512, 2, 9, False, sms)
+    assert -(-64 * 7 * 7 // small.block_m) * -(-512 // small.block_n) >= 2 * sms
+    # float32 tiles twice the bytes: the 128x128x64 tile's pipeline does not fit sm_80.
+    assert configs.default_conv_config(256 * 7 * 7, 512, 2048, 4, 1, False, sms) != big
+    assert set(configs.DEFAULT_LADDER) <= set(configs.CONV_CONFIGS)
+
+
+def test_aot_specialises_int_arguments_as_the_jit_does():
+    """The AOT check must see the kernel the GPU runs: NHWC strides that are multiples of 16
+    marked divisible (so loads vectorise and pipeline), ones as constants."""
+    from fused_res.triton import aot
+    assert aot.jit_int_specialization(1) == ("constexpr", 1)
+    assert aot.jit_int_specialization(64) == ("i32", "D")
+    assert aot.jit_int_specialization(3) == ("i32", "")
+    ints = aot.conv_int_args(aot.CONV_PROBLEMS["eval_3x3_tail"])
+    assert ints["sxc"] == 1 and ints["sxw"] == 64 and ints["M"] == 64 * 56 * 56

@@ -194,6 +194,42 @@ else:
         for name, a, b in zip(names, got, want, strict=True):
             _check(a, b, dtype, f"d{name}")
 
+    def _every_gpu_config():
+        from fused_res.triton import configs
+        seen = []
+        for c in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS + configs.DEFAULT_LADDER:
+            if c not in seen:
+                seen.append(c)
+        return seen
+
+    @pytest.mark.parametrize("tile", _every_gpu_config(), ids=str)
+    def test_every_gpu_tile_computes_the_same_conv(tile):
+        """Each tile the GPU may run (autotuned, untuned ladder, benchmark sweep), through the
+        interpreter: tile edges in M, N and K (C_in = 70: two or three BLOCK_K chunks per 3x3 tap,
+        the last one partial), the prologue, the tail, and the statistics partials sized for
+        the smallest tile."""
+        from fused_res.triton.conv import conv_launch
+        from fused_res.triton.elementwise import stats_finalize
+        a = _cast(_make(CONFIGS[1][:-1] + (70,), n=2, cout=70, h=11, w=13, seed=3), torch.float32,
+                  torch.channels_last)
+        ref = _as_ref(a)
+        with torch.no_grad():
+            y_ref = _unit(ref, "reference")
+            y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
+                               a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
+                               residual=a["r"], res_scale=a["lam"], act_out="relu",
+                               memory_format=torch.channels_last, config=tile)
+            _check(y, y_ref, torch.float32, f"{tile} y")
+            z_ref, mean_ref, var_ref = ops.conv_bn_stats(
+                ref["x"], ref["w"], ref["bias"], stride=2, padding=1, in_center=ref["c_in"],
+                in_scale=ref["a_in"], in_shift=ref["b_in"], act_in="relu", backend="reference")
+            z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
+                                   a["a_in"], a["b_in"], "relu", stats=True,
+                                   memory_format=torch.channels_last, config=tile)
+            mean, var = stats_finalize(*parts, z.shape[1])
+        for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
+            _check(o, r, torch.float32, f"{tile} {what}")
+
     @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
     def test_unfused_mode_computes_the_same_unit(cfg):
         """bench's fused-triton-unfused: the same kernels one job at a time, same results."""
@@ -237,7 +273,9 @@ else:
     def test_epilogue_forward_backward(cfg, dtype, fmt):
         has_c, has_s, has_b, act_mid, has_r, lam, has_d, act_out = cfg
         g = torch.Generator().manual_seed(3)
-        n, c, h, w = 3, 70, 5, 3  # C > one 64-channel tile, rows > one 64-row tile
+        # C > one 64-channel tile; rows (585) > the rows one reduction program folds
+        # (STATS_SUB_TILES x 64 in the interpreter), the last program partial.
+        n, c, h, w = 3, 70, 15, 13
         base = dict(z=torch.randn(n, c, h, w, dtype=D, generator=g) * 2 + 1,
                     c=torch.randn(c, dtype=D, generator=g) if has_c else None,
                     s=torch.rand(c, dtype=D, generator=g) + 0.5 if has_s else None,
@@ -316,6 +354,26 @@ else:
         mean, var = stats_finalize(st_mean, st_m2, st_cnt, c)
         _check(mean, x.mean(0), torch.float32, "mean")
         _check(var, x.var(0, unbiased=False), torch.float32, "var")
+
+    def test_finalize_merges_many_tiles_in_parallel_groups():
+        """More partials than one finalize program merges (FINALIZE_GROUP): two levels of
+        parallel groups, then the final combine, with unwritten (NaN, count 0) rows among
+        them and a mean that dwarfs the spread."""
+        from fused_res.triton import configs
+        from fused_res.triton.elementwise import stats_finalize
+        g = torch.Generator().manual_seed(9)
+        c, rows = 3, 3
+        t = configs.FINALIZE_GROUP ** 2 + 37
+        x = torch.randn(t, rows, c, dtype=D, generator=g) * 2 + 500.0
+        written = torch.rand(t, generator=g) > 0.1
+        st_mean = x.mean(1).float()
+        st_m2 = ((x - x.mean(1, keepdim=True)) ** 2).sum(1).float()
+        st_cnt = torch.full((t,), float(rows))
+        st_mean[~written], st_m2[~written], st_cnt[~written] = float("nan"), float("inf"), 0.0
+        mean, var = stats_finalize(st_mean, st_m2, st_cnt, c)
+        kept = x[written].reshape(-1, c)
+        _check(mean, kept.mean(0), torch.float32, "mean")
+        _check(var, kept.var(0, unbiased=False), torch.float32, "var")
 
     def test_empty_batch_and_single_sample():
         a = _cast(_make(CONFIGS[1]), torch.float32)

@@ -55,9 +55,12 @@ _CONV_PTRS = ("x_ptr", "w_ptr", "bias_ptr", "ic_ptr", "ia_ptr", "ib_ptr", "oa_pt
               "res_ptr", "bs_ptr", "y_ptr", "u_ptr", "st_mean_ptr", "st_m2_ptr", "st_cnt_ptr")
 _F32_PTRS = {"ic_ptr", "ia_ptr", "ib_ptr", "oa_ptr", "ob_ptr", "bs_ptr", "st_mean_ptr",
              "st_m2_ptr", "st_cnt_ptr"}
-# NHWC: the channel strides are 1 and the JIT would specialize them to constants.
-_NHWC_UNIT_STRIDES = ("sxc", "syc", "src", "sc")
-
+# Each variant compiles for one representative ResNet-50 problem (N, C_in, H, W, C_out, k,
+# stride, pad), channels_last, so that its integer arguments specialise exactly as the JIT
+# specialises them at that shape: == 1 becomes a constant, a multiple of 16 is marked
+# divisible. Without that, the NHWC rows look unaligned, no load can be vectorised or made
+# asynchronous, nothing is pipelined, and the register report describes a kernel the GPU never
+# runs (the first version of this tool reported spills in 128x128 tiles for that reason).
 _CONV_FLAGS = dict(HAS_BIAS=False, HAS_IC=False, HAS_IA=False, HAS_IB=False, ACT_IN=False,
                    HAS_OA=False, HAS_OB=False, ACT_MID=False, HAS_RES=False, RES_SCALED=False,
                    HAS_BRANCH=False, ACT_OUT=False, STORE_U=False, PROLOGUE=False, STATS=False,
@@ -73,45 +76,121 @@ CONV_VARIANTS = {
                                      ACT_IN=True, PROLOGUE=True, STATS=True),
     "stem_7x7_flat_k": dict(KH=7, KW=7, FLAT_K=True, HAS_OA=True, HAS_OB=True, ACT_MID=True),
     "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
+    "eval_1x1_s2_tail": dict(KH=1, KW=1, HAS_BIAS=True, HAS_OB=True, ACT_MID=True),
     "eval_3x3_tail_int64": dict(KH=3, KW=3, HAS_BIAS=True, HAS_OA=True, HAS_OB=True,
                                 ACT_MID=True, HAS_RES=True, ACT_OUT=True, INDEX_64=True),
 }
-
-_EW_FLAGS = {
-    "epilogue_fwd_kernel": dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True,
-                                HAS_RES=True, RES_SCALED=True, HAS_BRANCH=True, ACT_OUT=True),
-    "epilogue_bwd_kernel": dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True, ACT_OUT=True,
-                                HAS_BRANCH=True, RES_SCALED=True, NEED_GT=True, NEED_GR=True,
-                                NEED_SUM=True, NEED_SUM_T=True),
-    "stats_partial_kernel": {},
-    "stats_finalize_kernel": {},
-    "stats_bwd_kernel": dict(HAS_GZ=True, HAS_GMEAN=True, HAS_GVAR=True),
+CONV_PROBLEMS = {  # (N, C_in, H, W, C_out, k, stride, pad)
+    "eval_3x3_tail": (64, 64, 56, 56, 64, 3, 1, 1),
+    "train_3x3_prologue_stats": (64, 128, 56, 56, 128, 3, 2, 1),
+    "stem_7x7_flat_k": (64, 3, 224, 224, 64, 7, 2, 3),
+    "train_1x1_stats": (64, 256, 56, 56, 64, 1, 1, 0),
+    "eval_1x1_s2_tail": (64, 512, 28, 28, 1024, 1, 2, 0),
+    "eval_3x3_tail_int64": (512, 64, 256, 256, 64, 3, 1, 1),
 }
+
+
+def conv_int_args(problem) -> dict:
+    """The conv kernel's integer arguments for a channels_last problem, as conv_launch
+    passes them."""
+    n, c_in, h, w, c_out, k, stride, pad = problem
+    oh = (h + 2 * pad - k) // stride + 1
+    ow = (w + 2 * pad - k) // stride + 1
+    x_strides = (h * w * c_in, 1, w * c_in, c_in)
+    y_strides = (oh * ow * c_out, 1, ow * c_out, c_out)
+    return dict(M=n * oh * ow, C_in=c_in, H=h, W=w, C_out=c_out, OH=oh, OW=ow,
+                **dict(zip(("sxn", "sxc", "sxh", "sxw"), x_strides, strict=True)),
+                **dict(zip(("syn", "syc", "syh", "syw"), y_strides, strict=True)),
+                **dict(zip(("srn", "src", "srh", "srw"), y_strides, strict=True)),
+                stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad)
+
+
+# The elementwise kernels at ResNet-50's (64, 256, 56, 56) activation, channels_last.
+EW_INT_ARGS = dict(M=64 * 56 * 56, C=256, HW=56 * 56, W=56, sn=56 * 56 * 256, sc=1,
+                   sh=56 * 256, sw=256, T=64 * 56 * 56 // configs.ELEMENTWISE_CONFIG.block_m,
+                   GROUP=configs.FINALIZE_GROUP)
+
+
+def jit_int_specialization(value: int) -> tuple[str, object]:
+    """How Triton's JIT specialises an int argument: ("constexpr", 1) for 1, ("i32", "D")
+    for a multiple of 16 (divisibility 16), ("i32", "") otherwise. Asks Triton itself where
+    its native specializer is importable."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        return tuple(native_specialize_impl(BaseBackend, value, False, True, True))
+    except (ImportError, AttributeError, TypeError):
+        if value == 1:
+            return ("constexpr", 1)
+        return ("i32", "D" if value % 16 == 0 else "")
+
+
+_EW_VARIANTS = (  # (kernel, variant, flags)
+    ("epilogue_fwd_kernel", "all_flags",
+     dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True, HAS_RES=True, RES_SCALED=True,
+          HAS_BRANCH=True, ACT_OUT=True)),
+    ("epilogue_bwd_kernel", "all_flags",
+     dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True, ACT_OUT=True, HAS_BRANCH=True,
+          RES_SCALED=True, NEED_GT=True, NEED_GR=True, NEED_SUM=True, NEED_SUM_T=True,
+          SUB=configs.STATS_SUB_TILES)),
+    ("stats_partial_kernel", "all_flags", dict(SUB=configs.STATS_SUB_TILES)),
+    ("stats_finalize_kernel", "group", dict(FINAL=False)),
+    ("stats_finalize_kernel", "final", dict(FINAL=True)),
+    ("stats_bwd_kernel", "all_flags", dict(HAS_GZ=True, HAS_GMEAN=True, HAS_GVAR=True)),
+)
 # Pointers holding the (N, C, H, W) tensors of each elementwise kernel (the rest are float32).
 _EW_MAPS = {"z_ptr", "res_ptr", "y_ptr", "gy_ptr", "t_ptr", "gt_ptr", "gr_ptr", "x_ptr",
             "gz_ptr", "out_ptr"}
 _FLOAT_SCALARS = {"res_scale"}
 
 
-def _signature(fn, dtype: str, maps: set, constexprs: dict):
-    """(signature, attrs) for ASTSource: pointer dtypes, i32 ints, 16-divisible pointers."""
-    sig, attrs = {}, {}
+def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
+    """(signature, attrs, constexprs) for ASTSource: pointer dtypes (16-byte aligned, as
+    torch's allocations are), int arguments specialised as the JIT would for the values in
+    `ints` (plain i32 where absent)."""
+    sig, attrs, cx = {}, {}, dict(constexprs)
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
+        if name in cx:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = f"*{dtype}" if name in maps else "*fp32"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
+        elif name in ints:
+            kind, key = jit_int_specialization(ints[name])
+            if kind == "constexpr":
+                sig[name] = "constexpr"
+                cx[name] = key
+            else:
+                sig[name] = kind
+                if key == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             sig[name] = "i32"
-    return sig, attrs
+    return sig, attrs, cx
 
 
-def jobs(subset: bool = False, dtypes=DTYPES):
-    """(kernel_fn, kernel name, variant, config name, dtype, constexprs, maps, options, or an
-    exclusion reason) for everything the backend can launch on a GPU."""
+@dataclass
+class Job:
+    """One compile: a kernel, its constexprs for one variant and config, one dtype."""
+
+    fn: object
+    kernel: str
+    variant: str
+    config: str
+    dtype: str
+    constexprs: dict
+    maps: set  # pointers to the (N, C, H, W) tensors (the compute dtype; the rest float32)
+    ints: dict  # representative integer arguments, specialised as the JIT would
+    options: dict
+    excluded: str | None = None
+
+
+def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
+    """Everything the backend can launch on a GPU, each with the reason it is excluded (if
+    it is)."""
     from . import conv, elementwise
 
     out = []
@@ -124,16 +203,14 @@ def jobs(subset: bool = False, dtypes=DTYPES):
             if subset:
                 cfgs = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
             for cfg in cfgs:
-                reason = configs.conv_config_excluded(cfg, elt, taps)
                 cx = {**_CONV_FLAGS, **flags, **cfg.meta, "GROUP_M": 8,
                       "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
-                cx.update({s: 1 for s in _NHWC_UNIT_STRIDES
-                           if s in conv.conv_unit_kernel.arg_names})
-                maps = set(_CONV_PTRS) - _F32_PTRS
-                out.append((conv.conv_unit_kernel, "conv_unit_kernel", variant, str(cfg), dtype,
-                            cx, maps, {"num_warps": cfg.num_warps,
-                                       "num_stages": cfg.num_stages}, reason))
-        for name, flags in _EW_FLAGS.items():
+                out.append(Job(conv.conv_unit_kernel, "conv_unit_kernel", variant, str(cfg),
+                               dtype, cx, set(_CONV_PTRS) - _F32_PTRS,
+                               conv_int_args(CONV_PROBLEMS[variant]),
+                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                               configs.conv_config_excluded(cfg, elt, taps)))
+        for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
             cfg = (configs.FINALIZE_CONFIG if name == "stats_finalize_kernel"
                    else configs.ELEMENTWISE_CONFIG)
@@ -143,11 +220,10 @@ def jobs(subset: bool = False, dtypes=DTYPES):
             cx = {**flags, **blocks}
             if name != "stats_finalize_kernel":
                 cx["INDEX_64"] = False
-            cx.update({s: 1 for s in _NHWC_UNIT_STRIDES if s in fn.arg_names})
             if name == "stats_finalize_kernel" and dtype != dtypes[0]:
                 continue  # float32 partials whatever the tensors' dtype: compile it once
-            out.append((fn, name, "all_flags", str(cfg), dtype, cx, _EW_MAPS,
-                        {"num_warps": cfg.num_warps, "num_stages": 1}, None))
+            out.append(Job(fn, name, variant, str(cfg), dtype, cx, _EW_MAPS, EW_INT_ARGS,
+                           {"num_warps": cfg.num_warps, "num_stages": 1}))
     return out
 
 
@@ -183,21 +259,20 @@ def _res_usage(cubin: bytes, tool: str | None) -> dict:
     return out
 
 
-def compile_one(job, sm: int, tool: str | None) -> Result:
+def compile_one(job: Job, sm: int, tool: str | None) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, name, variant, cfg_name, dtype, cx, maps, options, reason = job
-    res = Result(name, variant, cfg_name, dtype, sm, ok=True)
-    if reason is not None:
-        res.error = f"excluded: {reason}"
+    res = Result(job.kernel, job.variant, job.config, job.dtype, sm, ok=True)
+    if job.excluded is not None:
+        res.error = f"excluded: {job.excluded}"
         return res
-    sig, attrs = _signature(fn, dtype, maps, cx)
+    sig, attrs, cx = _signature(job.fn, job.dtype, job.maps, job.constexprs, job.ints)
     t0 = time.perf_counter()
     try:
-        src = ASTSource(fn, sig, constexprs=cx, attrs=attrs)
-        k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options)
+        src = ASTSource(job.fn, sig, constexprs=cx, attrs=attrs)
+        k = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=job.options)
         res.shared = int(k.metadata.shared)
         usage = _res_usage(k.asm["cubin"], tool)
         res.regs, res.stack, res.local = usage.get("REG"), usage.get("STACK"), usage.get("LOCAL")

@@ -31,31 +31,46 @@ class ConvConfig:
                 f"_w{self.num_warps}_s{self.num_stages}")
 
 
-# Kept small on purpose. Autotuning compiles every config for every new shape key, and a
-# ResNet-50 has ~20 conv shapes per mode, so 12 configs cost minutes of compiling on the first
-# batch. The AOT sweep (python -m fused_res.triton.aot) showed the 128x128 and 256-wide tiles
-# spilling registers in the fused 3x3 kernels (stack frames of 1.7-4.3 KB), while these tiles
-# compiled without spills on sm_80 and sm_90; 128x64 stays as the one large candidate for
-# the GPU run to judge.
+# The autotuner's candidates. Kept to seven on purpose: autotuning compiles every config for
+# every new shape key, and a ResNet-50 has ~20 conv shapes per mode. Every one compiles for
+# sm_80 and sm_90 without a register spill in every variant of the AOT check (python -m
+# fused_res.triton.aot), now that the check specialises the integer arguments as the JIT does
+# (an earlier version did not, and its report of spills in 128x128 tiles was an artifact).
+# 128x128x64 on 8 warps is the Hopper-sized tile (two warpgroups of wgmma); the 64-wide ones
+# serve 64-channel convs and batches too small to fill the GPU with large tiles.
 CONV_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(64, 64, 32, 4, 4),
+    ConvConfig(128, 128, 64, 8, 3),
+    ConvConfig(64, 128, 64, 4, 3),
+    ConvConfig(128, 64, 32, 4, 4),
     ConvConfig(64, 64, 64, 4, 3),
     ConvConfig(64, 32, 32, 4, 4),
     ConvConfig(32, 64, 32, 4, 4),
-    ConvConfig(128, 64, 32, 4, 4),
 )
 
-# Larger tiles that only a GPU can judge (benchmarks/conv_configs.py times them against
-# CONV_CONFIGS and cuDNN at ResNet-50's shapes). On the first H100 run the 64x64x32 default
-# took 3-4.8x cuDNN's time for the plain conv (graph-free timing); Hopper's tensor cores want
-# 128-wide tiles with BLOCK_K 64. Not autotuned until a GPU run shows which of them win.
-SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
-    ConvConfig(128, 128, 32, 4, 4),
+# What runs untuned (FUSED_RES_TRITON_AUTOTUNE=0): the first of these, largest tile first,
+# that the problem's channels fill and that still gives every SM two tiles. In the first H100
+# run every conv ran 64x64x32, and the fused blocks took 1.3-2.5x the time of cuDNN's fused
+# blocks (benchmarks/results/2026-11-26-h100-run1, blocks-eval-b64, graph rows).
+DEFAULT_LADDER: tuple[ConvConfig, ...] = (
     ConvConfig(128, 128, 64, 8, 3),
-    ConvConfig(128, 64, 64, 4, 3),
+    ConvConfig(128, 64, 32, 4, 4),
     ConvConfig(64, 128, 64, 4, 3),
-    ConvConfig(128, 256, 64, 8, 2),
-    ConvConfig(256, 128, 64, 8, 2),
+    ConvConfig(64, 64, 64, 4, 3),
+    ConvConfig(64, 64, 32, 4, 4),
+    ConvConfig(64, 32, 32, 4, 4),
+    ConvConfig(32, 64, 32, 4, 4),
+)
+
+# Tiles only a GPU can judge (benchmarks/conv_configs.py times them beside CONV_CONFIGS and
+# cuDNN at ResNet-50's shapes); not autotuned. The AOT check shows small spills for some of
+# them in the fused 3x3 and int64 variants (128x64x64: 8 bytes on sm_80 with int64 indices;
+# 128x256 and 256x128: 8-500 bytes).
+SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
+    ConvConfig(128, 64, 64, 4, 3),
+    ConvConfig(64, 64, 64, 4, 4),
+    ConvConfig(128, 256, 64, 8, 3),
+    ConvConfig(256, 128, 64, 8, 3),
 )
 
 # The interpreter runs one program at a time in numpy: larger tiles mean fewer programs.
@@ -117,6 +132,30 @@ def conv_configs_for(elt_bytes: int, taps: int, c_in: int, c_out: int,
     return out
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int,
+                        flat_k: bool, sm_count: int) -> ConvConfig:
+    """The untuned config for a problem of M output pixels: the first of DEFAULT_LADDER that
+    is allowed (conv_config_excluded), no wider than the channels (BLOCK_N <= C_out, BLOCK_K
+    <= C_in, each rounded up to a power of two and at least 16), and that makes at least
+    2 * sm_count tiles; else the allowed config that makes the most tiles."""
+    n_cap = max(DOT_MIN, _pow2_at_least(c_out))
+    k_cap = max(DOT_MIN, _pow2_at_least(c_in))
+    fits = [c for c in DEFAULT_LADDER
+            if conv_config_excluded(c, elt_bytes, taps) is None and c.block_n <= n_cap
+            and (flat_k or c.block_k <= k_cap)]
+    if not fits:
+        fits = [c for c in DEFAULT_LADDER if conv_config_excluded(c, elt_bytes, taps) is None]
+    tiles = lambda c: -(-m // c.block_m) * -(-c_out // c.block_n)
+    for cfg in fits:
+        if tiles(cfg) >= 2 * sm_count:
+            return cfg
+    return max(fits, key=tiles)
+
+
 @dataclass(frozen=True)
 class TileConfig:
     """Elementwise / reduction tile: BLOCK_M rows (pixels) x BLOCK_C channels."""
@@ -134,3 +173,9 @@ class TileConfig:
 ELEMENTWISE_CONFIG = TileConfig(32, 64, 4)
 INTERPRETER_ELEMENTWISE_CONFIG = TileConfig(64, 64, 4)
 FINALIZE_CONFIG = TileConfig(32, 64, 4)  # block_m here is tiles combined per step
+# Partials one finalize program merges; more than this many are merged in parallel groups
+# first (a ResNet-50 layer-1 activation at batch 128 makes ~12,500 conv tiles of 32 rows).
+FINALIZE_GROUP = 128
+# Row tiles a reduction program (block-input statistics, the apply backward's channel
+# sums) folds into one partial: 1/8 of the partial bytes and of the finalize's work.
+STATS_SUB_TILES = 8

@@ -13,9 +13,9 @@ BLOCK_M x BLOCK_N tile of the output, loading its A operand straight from the in
   parallel formula by a finalize kernel: no second pass over z and no Σz² − (Σz)²/n
   cancellation in float32.
 
-Two K orders: per tap (kh, kw) then C_in in BLOCK_K chunks (contiguous NHWC loads), or, for
-few input channels (the 3-channel stem), one flattened K = (kh, kw, c) gathered BLOCK_K at a
-time so a 7x7x3 stem does not pad every tap to 16 channels.
+Two K orders: (kh, kw, C_in chunk) in one loop, BLOCK_K channels at a time (contiguous NHWC
+loads), or, for few input channels (the 3-channel stem), one flattened K = (kh, kw, c)
+gathered BLOCK_K at a time so a 7x7x3 stem does not pad every tap to 16 channels.
 """
 
 from __future__ import annotations
@@ -122,20 +122,25 @@ def conv_unit_kernel(
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     else:
-        for tap in range(0, KH * KW):
+        # One loop over (tap, channel chunk) rather than a loop per tap: Triton software-
+        # pipelines the innermost loop only, and a per-tap loop of C_in / BLOCK_K iterations
+        # (1 or 2 for 64-channel 3x3 convs) would drain the pipeline at every tap.
+        k_chunks = tl.cdiv(C_in, BLOCK_K)
+        for kk in range(0, KH * KW * k_chunks):
+            tap = kk // k_chunks
+            c0 = (kk - tap * k_chunks) * BLOCK_K
             ih = ih0 + tap // KW
             iw = iw0 + tap % KW
             row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row_off = n_idx * sxn + ih * sxh + iw * sxw
-            for c0 in range(0, C_in, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < C_in
-                a = _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, offs_k, 0, 0, ih0, iw0, H,
-                            W, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA, HAS_IB,
-                            ACT_IN, PROLOGUE, False)
-                b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
-                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            offs_k = c0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < C_in
+            a = _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, offs_k, 0, 0, ih0, iw0, H, W,
+                        sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA, HAS_IB, ACT_IN,
+                        PROLOGUE, False)
+            b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -210,9 +215,20 @@ def _autotuned_kernel():
 
 
 def autotune_enabled() -> bool:
-    """FUSED_RES_TRITON_AUTOTUNE=0 runs the first config of CONV_CONFIGS without tuning:
+    """FUSED_RES_TRITON_AUTOTUNE=0 runs configs.default_conv_config's choice without tuning:
     correctness checks then skip compiling every config for every shape."""
     return os.environ.get("FUSED_RES_TRITON_AUTOTUNE", "1") != "0"
+
+
+_SM_COUNTS: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the query costs microseconds)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNTS:
+        _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNTS[idx]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -287,14 +303,24 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     u = torch.empty_like(y) if store_u else None
     m = n * oh * ow
     flat = _flat_k(c_in, kh * kw)
+    cfg = None  # None: the autotuner picks the tile
+    if config is not None:
+        cfg = config
+    elif _INTERPRET:
+        cfg = configs.INTERPRETER_CONV_CONFIG
+    elif not autotune_enabled() and m > 0:
+        cfg = configs.default_conv_config(m, c_in, c_out, x.element_size(), kh * kw, flat,
+                                          sm_count(x.device))
     if stats:
-        extra = (config,) if config is not None else ()
-        min_bm = min(c.block_m for c in configs.CONV_CONFIGS + extra
-                     + (configs.INTERPRETER_CONV_CONFIG,))
-        tiles = cdiv(max(m, 1), min_bm)
+        # One partial per M tile. When the autotuner decides, the buffers are sized for its
+        # smallest tile and the counts zeroed, so that rows a larger tile leaves unwritten
+        # have count 0 and the finalize skips them; a known tile writes every row.
+        bm = cfg.block_m if cfg is not None else min(c.block_m for c in configs.CONV_CONFIGS)
+        tiles = cdiv(max(m, 1), bm)
         st_mean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
         st_m2 = torch.empty_like(st_mean)
-        st_cnt = torch.zeros((tiles,), dtype=torch.float32, device=x.device)
+        st_cnt = (torch.zeros if cfg is None else torch.empty)((tiles,), dtype=torch.float32,
+                                                               device=x.device)
     if m == 0:
         return (y, (st_mean[:0], st_m2[:0], st_cnt[:0])) if stats else (y, u)
     if weight.numel() >= 2 ** 31:
@@ -325,9 +351,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                            or in_shift is not None or act_in == "relu"),
                  DOT_PRECISION=dot_precision(x.dtype),
                  INDEX_64=needs_int64(x, y, r))
-    if config is not None or _INTERPRET or not autotune_enabled():
-        cfg = config or (configs.INTERPRETER_CONV_CONFIG if _INTERPRET
-                         else configs.CONV_CONFIGS[0])
+    if cfg is not None:
         grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
         conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
                                num_warps=cfg.num_warps, num_stages=cfg.num_stages)

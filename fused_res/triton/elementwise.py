@@ -6,8 +6,8 @@ Every kernel walks [BLOCK_M pixels x BLOCK_C channels] tiles of tensors that sha
     epilogue_fwd_kernel   y = tail((z - c) * s + b)                    (the apply pass)
     epilogue_bwd_kernel   dL/dt = dL/du · s, dL/dresidual, and per-tile Σ dL/du and
                           Σ dL/du · (t - c) per channel                  (affine / act / add)
-    stats_partial_kernel  per-tile channel mean and M2 (Welford-style partials)
-    stats_finalize_kernel Chan's combine of the partials -> mean, biased var
+    stats_partial_kernel  channel mean and M2 of SUB tiles per program (Chan-merged partials)
+    stats_finalize_kernel Chan's combine of the partials, in parallel groups -> mean, var
     stats_bwd_kernel      dL/dz + dL/dmean / m + 2 dL/dvar (z - mean) / m
 """
 
@@ -23,13 +23,14 @@ from .conv import cdiv, needs_int64
 
 
 @triton.jit
-def _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+def _tile(tile_m, M, C, HW, W, sn, sc, sh, sw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
           INDEX_64: tl.constexpr):
     """Row/column indices, masks and element offsets (int64 when a tensor spans 2^31
-    elements, else int32 to save registers) of this program's tile."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    elements, else int32 to save registers) of row tile `tile_m` in this program's channel
+    block."""
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if INDEX_64:
-        offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
@@ -49,8 +50,8 @@ def epilogue_fwd_kernel(z_ptr, c_ptr, s_ptr, b_ptr, res_ptr, bs_ptr, y_ptr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                         INDEX_64: tl.constexpr):
     """y = act_out(bs[n] * act_mid((z - c) * s + b) + λ r); z, r, y share strides."""
-    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
-                                                       BLOCK_C, INDEX_64)
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(tl.program_id(0), M, C, HW, W, sn, sc,
+                                                       sh, sw, BLOCK_M, BLOCK_C, INDEX_64)
     mask2 = mask_m[:, None] & mask_c[None, :]
     z = tl.load(z_ptr + off, mask=mask2, other=0.0).to(tl.float32)
     u = channel_affine(z, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C, HAS_S, HAS_B)
@@ -67,74 +68,111 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
                         HAS_BRANCH: tl.constexpr, RES_SCALED: tl.constexpr,
                         NEED_GT: tl.constexpr, NEED_GR: tl.constexpr, NEED_SUM: tl.constexpr,
                         NEED_SUM_T: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, SUB: tl.constexpr,
                         INDEX_64: tl.constexpr):
     """Backward of y = act_out(bs[n] * act_mid((t - c) * s + b) + λ r) given gy:
-    gt = gu * s (t's dtype), gr = λ gw (r's dtype), and per tile (pid_m, channel) the partial
-    sums Σ gu and Σ gu (t - c) into psum / psum_t (tiles_m, C) float32."""
-    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
-                                                       BLOCK_C, INDEX_64)
-    mask2 = mask_m[:, None] & mask_c[None, :]
-    g = tl.load(gy_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-    if ACT_OUT:
-        # Multiply (not where) so a NaN gradient stays NaN, as in the reference.
-        g = g * (tl.load(y_ptr + off, mask=mask2, other=0.0) > 0).to(tl.float32)
-    if NEED_GR:
-        gr = g * res_scale if RES_SCALED else g
-        tl.store(gr_ptr + off, gr.to(gr_ptr.dtype.element_ty), mask=mask2)
-    if HAS_BRANCH:
-        g = g * tl.load(bs_ptr + n_idx, mask=mask_m, other=0.0).to(tl.float32)[:, None]
-    if ACT_MID or NEED_SUM_T:
-        t = tl.load(t_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-        if ACT_MID:
-            u = channel_affine(t, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C, HAS_S, HAS_B)
-            g = g * (u > 0).to(tl.float32)
-    if NEED_GT:
-        gt = g
-        if HAS_S:
-            gt = gt * tl.load(s_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        tl.store(gt_ptr + off, gt.to(gt_ptr.dtype.element_ty), mask=mask2)
+    gt = gu * s (t's dtype), gr = λ gw (r's dtype), and per program (SUB row tiles, channel)
+    the partial sums Σ gu and Σ gu (t - c) into psum / psum_t (programs_m, C) float32."""
+    sum_g = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sum_gt = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(0, SUB):
+        offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(
+            tl.program_id(0) * SUB + i, M, C, HW, W, sn, sc, sh, sw, BLOCK_M, BLOCK_C,
+            INDEX_64)
+        mask2 = mask_m[:, None] & mask_c[None, :]
+        g = tl.load(gy_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+        if ACT_OUT:
+            # Multiply (not where) so a NaN gradient stays NaN, as in the reference.
+            g = g * (tl.load(y_ptr + off, mask=mask2, other=0.0) > 0).to(tl.float32)
+        if NEED_GR:
+            gr = g * res_scale if RES_SCALED else g
+            tl.store(gr_ptr + off, gr.to(gr_ptr.dtype.element_ty), mask=mask2)
+        if HAS_BRANCH:
+            g = g * tl.load(bs_ptr + n_idx, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+        if ACT_MID or NEED_SUM_T:
+            t = tl.load(t_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+            if ACT_MID:
+                u = channel_affine(t, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C, HAS_S, HAS_B)
+                g = g * (u > 0).to(tl.float32)
+        if NEED_GT:
+            gt = g
+            if HAS_S:
+                gt = gt * tl.load(s_ptr + offs_c, mask=mask_c,
+                                  other=0.0).to(tl.float32)[None, :]
+            tl.store(gt_ptr + off, gt.to(gt_ptr.dtype.element_ty), mask=mask2)
+        if NEED_SUM:
+            sum_g += tl.sum(tl.where(mask2, g, 0.0), axis=0)
+        if NEED_SUM_T:
+            centered = channel_affine(t, offs_c, mask_c, c_ptr, c_ptr, c_ptr, HAS_C, False,
+                                      False)
+            sum_gt += tl.sum(tl.where(mask2, g * centered, 0.0), axis=0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p_off = tl.program_id(0).to(tl.int64) * C + offs_c
     if NEED_SUM:
-        tl.store(psum_ptr + p_off, tl.sum(tl.where(mask2, g, 0.0), axis=0), mask=mask_c)
+        tl.store(psum_ptr + p_off, sum_g, mask=offs_c < C)
     if NEED_SUM_T:
-        centered = channel_affine(t, offs_c, mask_c, c_ptr, c_ptr, c_ptr, HAS_C, False, False)
-        tl.store(psum_t_ptr + p_off, tl.sum(tl.where(mask2, g * centered, 0.0), axis=0),
-                 mask=mask_c)
+        tl.store(psum_t_ptr + p_off, sum_gt, mask=offs_c < C)
+
+
+@triton.jit
+def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Chan's pairwise combine of two (count, mean, M2) summaries per channel."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    frac = n_b / tl.maximum(n, 1.0)
+    return n, mean_a + delta * frac, m2_a + m2_b + delta * delta * n_a * frac
 
 
 @triton.jit
 def stats_partial_kernel(x_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
                          sn, sc, sh, sw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         INDEX_64: tl.constexpr):
-    """Per tile: count of rows, channel mean and M2 about that mean (float32)."""
-    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
-                                                       BLOCK_C, INDEX_64)
-    mask2 = mask_m[:, None] & mask_c[None, :]
-    x = tl.load(x_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-    cnt = tl.sum(mask_m.to(tl.float32), axis=0)
-    mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
-    dev = tl.where(mask2, x - mean[None, :], 0.0)
-    p_off = tl.program_id(0).to(tl.int64) * C + offs_c
-    tl.store(st_mean_ptr + p_off, mean, mask=mask_c)
-    tl.store(st_m2_ptr + p_off, tl.sum(dev * dev, axis=0), mask=mask_c)
-    tl.store(st_cnt_ptr + tl.program_id(0), cnt)
-
-
-@triton.jit
-def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, mean_ptr, var_ptr, T, C,
-                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Combine T tiles of (count, mean, M2) into the mean and biased variance per channel.
-    A block of tiles is merged exactly (M2 = Σ M2_i + Σ n_i (mean_i - mean)^2), blocks by
-    Chan's pairwise update: no catastrophic cancellation when |mean| >> std."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+                         SUB: tl.constexpr, INDEX_64: tl.constexpr):
+    """Per program (SUB consecutive [BLOCK_M, BLOCK_C] tiles, merged by Chan's formula): the
+    count of rows, channel mean and M2 about that mean (float32). SUB tiles per program keep
+    the partials (and the finalize's work) 1/SUB of one per tile."""
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for i in range(0, SUB):
+        offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(
+            tl.program_id(0) * SUB + i, M, C, HW, W, sn, sc, sh, sw, BLOCK_M, BLOCK_C,
+            INDEX_64)
+        mask2 = mask_m[:, None] & mask_c[None, :]
+        x = tl.load(x_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+        n_b = tl.sum(mask_m.to(tl.float32), axis=0)
+        mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
+        dev = tl.where(mask2, x - mean_b[None, :], 0.0)
+        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b,
+                                        tl.sum(dev * dev, axis=0))
+    p_off = tl.program_id(0).to(tl.int64) * C + offs_c
+    tl.store(st_mean_ptr + p_off, mean_a, mask=mask_c)
+    tl.store(st_m2_ptr + p_off, m2_a, mask=mask_c)
+    tl.store(st_cnt_ptr + tl.program_id(0), tl.max(n_a, axis=0))
+
+
+@triton.jit
+def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, out_mean_ptr, out_m2_ptr,
+                          out_cnt_ptr, T, C, GROUP,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr):
+    """Combine tiles [g * GROUP, (g + 1) * GROUP) of T (count, mean, M2) partials, g the
+    program's first grid index: into one partial per group (FINAL=False: out_* are (groups, C)
+    and (groups,)), or, with one group, into the mean and biased variance (FINAL=True: out_mean
+    and out_m2 (C,) receive mean and var). A block of tiles is merged exactly (M2 = Σ M2_i +
+    Σ n_i (mean_i - mean)^2), blocks by Chan's pairwise update: no catastrophic cancellation
+    when |mean| >> std."""
+    g = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = g * GROUP
+    end = tl.minimum(start + GROUP, T)
+    for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_t < T
+        mask_t = offs_t < end
         cnt = tl.load(st_cnt_ptr + offs_t, mask=mask_t, other=0.0)
         # Tiles no program wrote (count 0: a larger BLOCK_M than the buffer was sized for)
         # hold uninitialised memory; 0 * NaN would poison the sums, so they are never read.
@@ -146,14 +184,16 @@ def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, mean_ptr, var_ptr,
         mean_b = tl.sum(cnt[:, None] * mean, axis=0) / tl.maximum(n_b, 1.0)
         d = tl.where(mask2, mean - mean_b[None, :], 0.0)
         m2_b = tl.sum(m2 + cnt[:, None] * d * d, axis=0)
-        n = n_a + n_b
-        delta = mean_b - mean_a
-        frac = n_b / tl.maximum(n, 1.0)
-        mean_a = mean_a + delta * frac
-        m2_a = m2_a + m2_b + delta * delta * n_a * frac
-        n_a = n
-    tl.store(mean_ptr + offs_c, mean_a, mask=mask_c)
-    tl.store(var_ptr + offs_c, m2_a / tl.maximum(n_a, 1.0), mask=mask_c)
+        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+    if FINAL:
+        tl.store(out_mean_ptr + offs_c, mean_a, mask=mask_c)
+        tl.store(out_m2_ptr + offs_c, m2_a / tl.maximum(n_a, 1.0), mask=mask_c)
+    else:
+        out_off = g.to(tl.int64) * C + offs_c
+        tl.store(out_mean_ptr + out_off, mean_a, mask=mask_c)
+        tl.store(out_m2_ptr + out_off, m2_a, mask=mask_c)
+        # Every channel block of a group computes the same count; one of them stores it.
+        tl.store(out_cnt_ptr + g, tl.max(n_a, axis=0), mask=tl.program_id(1) == 0)
 
 
 @triton.jit
@@ -162,8 +202,8 @@ def stats_bwd_kernel(gz_ptr, z_ptr, mean_ptr, gmean_ptr, gvar_ptr, out_ptr, M, C
                      HAS_GVAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                      INDEX_64: tl.constexpr):
     """out = gz + gmean / M + 2 gvar (z - mean) / M, computed in float32."""
-    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(M, C, HW, W, sn, sc, sh, sw, BLOCK_M,
-                                                       BLOCK_C, INDEX_64)
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(tl.program_id(0), M, C, HW, W, sn, sc,
+                                                       sh, sw, BLOCK_M, BLOCK_C, INDEX_64)
     mask2 = mask_m[:, None] & mask_c[None, :]
     g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     if HAS_GZ:
@@ -240,7 +280,8 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     gr = torch.empty(gy.shape, dtype=residual_dtype, device=gy.device,
                      memory_format=fmt) if need_gr else None
     cfg = _cfg()
-    tiles = cdiv(m, cfg.block_m)
+    sub = configs.STATS_SUB_TILES
+    tiles = cdiv(m, cfg.block_m * sub)
     psum = torch.empty((tiles, c), dtype=torch.float32, device=gy.device) if need_sum else None
     psum_t = torch.empty((tiles, c), dtype=torch.float32,
                          device=gy.device) if need_sum_t else None
@@ -249,7 +290,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
         t_in = like(t, fmt) if need_t else gy
         y_in = like(y, fmt) if act_out == "relu" else gy
         d = gy
-        epilogue_bwd_kernel[_grid(m, c, cfg)](
+        epilogue_bwd_kernel[(tiles, cdiv(c, cfg.block_c))](
             gy, t_in, y_in, center if center is not None else d,
             scale if scale is not None else d, shift if shift is not None else d,
             branch_scale if branch_scale is not None else d,
@@ -260,7 +301,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             ACT_MID=act_mid == "relu", ACT_OUT=act_out == "relu",
             HAS_BRANCH=branch_scale is not None, RES_SCALED=float(res_scale) != 1.0,
             NEED_GT=need_gt, NEED_GR=need_gr, NEED_SUM=need_sum, NEED_SUM_T=need_sum_t,
-            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+            BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, SUB=sub,
             INDEX_64=needs_int64(gy, t_in, y_in, gt, gr), num_warps=cfg.num_warps)
     elif need_gt or need_gr:
         for out in (gt, gr):
@@ -272,16 +313,30 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
 
 
 def stats_finalize(st_mean, st_m2, st_cnt, c):
-    """(mean, biased var) (C,) float32 from per-tile partials; zeros when there are none."""
+    """(mean, biased var) (C,) float32 from per-tile partials; zeros when there are none.
+    More than FINALIZE_GROUP tiles are first merged in parallel, FINALIZE_GROUP at a time,
+    until one group is left: a single program walking every tile of a large activation (one
+    per 32 rows) took ~1 ms on an H100 (benchmarks/results/2026-11-26-h100-run1, stats)."""
     mean = torch.zeros((c,), dtype=torch.float32, device=st_cnt.device)
     var = torch.zeros_like(mean)
     t = st_cnt.shape[0]
     if t == 0 or c == 0:
         return mean, var
     cfg = configs.FINALIZE_CONFIG
-    stats_finalize_kernel[(cdiv(c, cfg.block_c),)](
-        st_mean, st_m2, st_cnt, mean, var, t, c, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps)
+    group = configs.FINALIZE_GROUP
+    c_blocks = cdiv(c, cfg.block_c)
+    while t > group:
+        groups = cdiv(t, group)
+        nxt = (torch.empty((groups, c), dtype=torch.float32, device=st_cnt.device),
+               torch.empty((groups, c), dtype=torch.float32, device=st_cnt.device),
+               torch.empty((groups,), dtype=torch.float32, device=st_cnt.device))
+        stats_finalize_kernel[(groups, c_blocks)](
+            st_mean, st_m2, st_cnt, *nxt, t, c, group, BLOCK_T=cfg.block_m,
+            BLOCK_C=cfg.block_c, FINAL=False, num_warps=cfg.num_warps)
+        (st_mean, st_m2, st_cnt), t = nxt, groups
+    stats_finalize_kernel[(1, c_blocks)](
+        st_mean, st_m2, st_cnt, mean, var, st_cnt, t, c, t, BLOCK_T=cfg.block_m,
+        BLOCK_C=cfg.block_c, FINAL=True, num_warps=cfg.num_warps)
     return mean, var
 
 
@@ -292,13 +347,14 @@ def channel_stats(x):
         zeros = torch.zeros((c,), dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
     cfg = _cfg()
-    tiles = cdiv(m, cfg.block_m)
+    sub = configs.STATS_SUB_TILES
+    tiles = cdiv(m, cfg.block_m * sub)
     st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
     st_m2 = torch.empty_like(st_mean)
     st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
-    stats_partial_kernel[_grid(m, c, cfg)](
+    stats_partial_kernel[(tiles, cdiv(c, cfg.block_c))](
         x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c, INDEX_64=needs_int64(x), num_warps=cfg.num_warps)
+        BLOCK_C=cfg.block_c, SUB=sub, INDEX_64=needs_int64(x), num_warps=cfg.num_warps)
     return stats_finalize(st_mean, st_m2, st_cnt, c)
 
 
