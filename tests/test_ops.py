@@ -275,3 +275,25 @@ def test_groups_and_dilation_on_the_reference(groups, dilation):
     y = ops.conv_unit(x, w, padding=dilation, dilation=dilation, groups=groups, act_out="relu")
     ref = torch.relu(F.conv2d(x, w, None, 1, dilation, dilation, groups))
     assert rel_err(y, ref) < 1e-12
+
+
+def test_pre_activation_is_kept_only_where_the_output_cannot_stand_in_for_it():
+    """conv-BN-ReLU: y = relu(u), so the backward reads y's sign and u is never returned (an
+    inference pass writes y only); with a residual after the ReLU, u is needed and kept.
+    Gradients agree with autograd through the plain formula either way."""
+    from fused_res.ops import library
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    r = torch.randn(2, 5, 6, 6, dtype=torch.float64, generator=g)
+    for residual, keeps_u in ((None, False), (r, True)):
+        y, u = library.conv_unit(x, w, None, [1, 1], [1, 1], [1, 1], 1, None, None, None,
+                                 "none", None, None, "relu", residual, 1.0, None, "none",
+                                 "reference")
+        assert (u.numel() > 0) == keeps_u
+        want = F.relu(F.conv2d(x, w, padding=1)) + (0 if residual is None else residual)
+        gy = torch.randn(want.shape, dtype=torch.float64, generator=g)
+        got = torch.autograd.grad(y, (x, w), gy)
+        ref = torch.autograd.grad(want, (x, w), gy)
+        for a, b in zip(got, ref, strict=True):
+            assert rel_err(a, b) < 1e-12

@@ -103,10 +103,19 @@ def _tail(u, act_mid, residual, res_scale, branch_scale, act_out):
     return _act(w, act_out)
 
 
+def needs_pre_act(act_mid: str, residual, branch_scale, act_out: str) -> bool:
+    """Whether a conv unit's backward needs u, the value before act_mid, saved. When y is
+    act_mid(u) alone (conv-BN-ReLU: no residual, branch scale or act_out), y > 0 exactly where
+    u > 0, so y stands in for u and u is never written (inference writes y only)."""
+    return act_mid == "relu" and (residual is not None or branch_scale is not None
+                                  or act_out == "relu")
+
+
 def _tail_backward(gy, acc, u, y, act_mid, res_scale, branch_scale, act_out, residual_dtype,
                    needs_residual):
     """dL/du (in `acc`) and dL/dresidual (in residual_dtype) of _tail. u is only read for
-    act_mid == "relu", y only for act_out == "relu"."""
+    act_mid == "relu" (only its sign: y where needs_pre_act is False), y only for
+    act_out == "relu"."""
     gw = _act_grad(gy.to(acc), y, act_out)
     gr = None
     if needs_residual:

@@ -31,6 +31,7 @@ from .reference import (
     _fold,
     fold_backward,
     memory_format_of,
+    needs_pre_act,
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -129,8 +130,9 @@ class TritonBackend(ReferenceBackend):
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
             out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
             res_scale=res_scale, branch_scale=branch_scale, act_out=act_out,
-            store_u=act_mid == "relu", memory_format=fmt)
-        # u is only read by the backward of act_mid == "relu"; otherwise an empty stand-in.
+            store_u=needs_pre_act(act_mid, residual, branch_scale, act_out),
+            memory_format=fmt)
+        # u is only read by a backward that needs_pre_act; otherwise an empty stand-in.
         return y, (u if u is not None else x.new_empty((0,)))
 
     def conv_unit_backward(self, gy, saved, needs):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend_object
-from ..backends.reference import acc_dtype, memory_format_of
+from ..backends.reference import acc_dtype, memory_format_of, needs_pre_act
 
 Vec = Tensor | None
 
@@ -50,11 +50,12 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: 
               act_in: str, out_scale: Vec, out_shift: Vec, act_mid: str, residual: Vec,
               res_scale: float, branch_scale: Vec, act_out: str,
               backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (y, u); u (the conv output before act_mid) is empty unless act_mid == 'relu'."""
+    """Returns (y, u); u (the conv output before act_mid) is empty unless the backward needs it
+    (needs_pre_act)."""
     y, u = get_backend_object(backend).conv_unit_forward(
         x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
         act_in, out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out)
-    if act_mid != "relu":
+    if not needs_pre_act(act_mid, residual, branch_scale, act_out):
         return y, x.new_empty((0,))
     return y, u.contiguous(memory_format=memory_format_of(x))
 
@@ -63,7 +64,8 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: 
 def _(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift, act_in,
       out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out, backend):
     y = _conv_out_like(x, weight, stride, padding, dilation)
-    u = torch.empty_like(y) if act_mid == "relu" else x.new_empty((0,))
+    u = (torch.empty_like(y) if needs_pre_act(act_mid, residual, branch_scale, act_out)
+         else x.new_empty((0,)))
     return y, u
 
 
@@ -77,8 +79,11 @@ _UNIT_TENSORS = ("x", "weight", "bias", "in_center", "in_scale", "in_shift", "ou
 def _unit_setup(ctx, inputs, output):
     args = dict(zip(_UNIT_ARGS, inputs, strict=True))
     y, u = output
-    ctx.save_for_backward(*(args[k] for k in _UNIT_TENSORS),
-                          u if args["act_mid"] == "relu" else None,
+    relu_mid = args["act_mid"] == "relu"
+    if relu_mid and not needs_pre_act(args["act_mid"], args["residual"], args["branch_scale"],
+                                      args["act_out"]):
+        u = y  # y = relu(u): the backward reads only the sign of u
+    ctx.save_for_backward(*(args[k] for k in _UNIT_TENSORS), u if relu_mid else None,
                           y if args["act_out"] == "relu" else None)
     ctx.meta = {k: args[k] for k in ("stride", "padding", "dilation", "groups", "act_in",
                                      "act_mid", "res_scale", "act_out", "backend")}
