@@ -33,14 +33,20 @@ def read_steps(steps_dir: pathlib.Path) -> list[dict]:
     return steps
 
 
-def read_runs(steps_dir: pathlib.Path) -> dict[str, dict]:
-    runs = {}
+def read_runs(steps_dir: pathlib.Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(bench runs, other documents) of the steps' JSON files, by step name: a bench run is a
+    fused_res.bench document (or an unreadable file, reported as one); the scripts' own
+    documents (ops_bandwidth, conv_configs, profile_step) are kept apart, unvalidated."""
+    runs, extras = {}, {}
     for path in sorted(steps_dir.glob("*.json")):
         try:
-            runs[path.stem] = json.loads(path.read_text())
+            doc = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             runs[path.stem] = {"error": f"unreadable: {e}"}
-    return runs
+            continue
+        is_bench = str(doc.get("schema", "")).startswith("fused_res.bench/")
+        (runs if is_bench else extras)[path.stem] = doc
+    return runs, extras
 
 
 def _fmt(v, spec: str) -> str:
@@ -101,11 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-dir", type=pathlib.Path, default=None)
     args = ap.parse_args(argv)
     steps_dir = args.steps_dir or args.outdir / "steps"
-    steps, runs = read_steps(steps_dir), read_runs(steps_dir)
+    steps, (runs, extras) = read_steps(steps_dir), read_runs(steps_dir)
     merged = {"schema": SCHEMA,
               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(
                   timespec="seconds"),
-              "steps": steps, "runs": runs}
+              "steps": steps, "runs": runs, "extras": extras}
     (args.outdir / "bench.json").write_text(json.dumps(merged, indent=1) + "\n")
 
     step_rows = [[s["step"], s["status"], s["rc"], s["seconds"]] for s in steps]
@@ -118,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{' (dirty)' if env.get('git_dirty') else ''}", "", "## Steps", "",
           md_table(["step", "status", "rc", "seconds"], step_rows), "", "## Summary", "",
           md_table(HEADER, rows), ""]
-    for step in runs:
+    for step in [*runs, *extras]:
         md_path = steps_dir / f"{step}.md"
         if md_path.exists():
             md += [f"## {step}", "", md_path.read_text().replace("\n# ", "\n### ", 1)

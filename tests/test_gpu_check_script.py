@@ -14,10 +14,11 @@ from fused_res.bench import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
-         "bench-rn50-train-b128", "bench-blocks-eval-b64", "bench-blocks-eval-b256",
-         "bench-blocks-train-b64", "conv-configs", "bench-units-eval", "bench-blocks-compile",
-         "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
+STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "conv-configs",
+         "bench-rn50-eval-b256", "bench-rn50-train-b128", "profile-train-b128",
+         "bench-blocks-eval-b64", "bench-blocks-eval-b256", "bench-blocks-train-b64",
+         "bench-units-eval", "bench-blocks-compile", "bench-rn50-eval-b64",
+         "bench-blocks-eval-tuned"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -41,7 +42,8 @@ def test_dry_run_end_to_end(tmp_path):
     # Every kind of step once (environment, skipped build, import, pytest -m gpu, an eval
     # bench step with --cuda-graphs filtered out, a train bench step); the rest are
     # deselected, which the summary records.
-    only = "env,build,import,pytest-gpu,bench-rn50-eval-b64,bench-blocks-train-b64"
+    only = ("env,build,import,pytest-gpu,bench-rn50-eval-b64,bench-blocks-train-b64,"
+            "profile-train-b128")
     proc = _run([str(tmp_path), "--dry-run"], timeout=150, FUSED_RES_GPU_CHECK_ONLY=only)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
@@ -56,11 +58,16 @@ def test_dry_run_end_to_end(tmp_path):
     assert list(status) == STEPS
     assert status["build"] == "skipped" and status["pytest-gpu"] == "ok"
     assert status["bench-rn50-eval-b64"] == "ok" and status["bench-rn50-eval-b256"] == "skipped"
+    assert status["profile-train-b128"] == "ok"
     assert set(merged["runs"]) == {"rn50-eval-b64", "blocks-train-b64"}
     for run in merged["runs"].values():
         assert validate(run) == [] and run["config"]["device"] == "cpu"
         assert not run["config"]["cuda_graphs"]
     assert merged["runs"]["blocks-train-b64"]["config"]["mode"] == "train"
+    profile = merged["extras"]["profile-train-b128"]
+    assert profile["schema"] == "fused_res.profile_step/1"
+    assert [r["contender"] for r in profile["rows"]] == ["eager-cl", "fused-triton",
+                                                         "fused-cuda"]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "pip install --no-build-isolation --no-deps -e ." in log
     assert "python" in (tmp_path / "env.txt").read_text()
@@ -76,3 +83,28 @@ def test_budget_bounds_every_step(tmp_path):
     assert states.pop("conv-configs") == "skipped"
     assert set(states.values()) == {"out-of-time"}
     assert "problems: env" in proc.stdout
+
+
+def test_profile_step_sorts_kernel_names_into_families():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import profile_step
+    finally:
+        sys.path.pop(0)
+    cases = {
+        "conv_unit_kernel": "triton conv",
+        "epilogue_bwd_kernel": "triton elementwise",
+        "stats_finalize_kernel": "triton elementwise",
+        "void frk::reduce_nhwc_kernel<__nv_bfloat16, 8>(frk::ReduceArgs)": "fused_res cuda",
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64":
+            "cudnn/cutlass conv",
+        "void cudnn::engines_precompiled::nhwcToNchwKernel<float>(...)": "cudnn/cutlass conv",
+        "void at::native::batch_norm_collect_statistics_channels_last_kernel<...>":
+            "aten batchnorm",
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<...>": "optimizer",
+        "void at::native::vectorized_elementwise_kernel<4, ...>": "aten elementwise/reduce",
+        "Memset (Device)": "copy/fill",
+        "some_new_kernel": "other",
+    }
+    for name, fam in cases.items():
+        assert profile_step.family(name) == fam, name
