@@ -317,11 +317,13 @@ def stats_finalize(st_mean, st_m2, st_cnt, c):
     More than FINALIZE_GROUP tiles are first merged in parallel, FINALIZE_GROUP at a time,
     until one group is left: a single program walking every tile of a large activation (one
     per 32 rows) took ~1 ms on an H100 (benchmarks/results/2026-11-26-h100-run1, stats)."""
-    mean = torch.zeros((c,), dtype=torch.float32, device=st_cnt.device)
-    var = torch.zeros_like(mean)
     t = st_cnt.shape[0]
     if t == 0 or c == 0:
-        return mean, var
+        zeros = torch.zeros((c,), dtype=torch.float32, device=st_cnt.device)
+        return zeros, zeros.clone()
+    # The final combine writes every channel: no fill launches.
+    mean = torch.empty((c,), dtype=torch.float32, device=st_cnt.device)
+    var = torch.empty_like(mean)
     cfg = configs.FINALIZE_CONFIG
     group = configs.FINALIZE_GROUP
     c_blocks = cdiv(c, cfg.block_c)
