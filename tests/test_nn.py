@@ -157,3 +157,42 @@ def test_sync_batchnorm_swapped_in_after_construction_is_refused():
     block = nn.SyncBatchNorm.convert_sync_batchnorm(fnn.BasicBlock(8, 8)).eval()
     with pytest.raises(TypeError, match="SyncBatchNorm"):
         block(torch.randn(2, 8, 4, 4))
+
+
+def _saved_bytes(fn, x) -> int:
+    """Bytes of the distinct storages autograd saves for backward during fn(x)."""
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: models.imagenet.Bottleneck(64, 16, 1, nn.Sequential(
+        nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64))), (4, 64, 14, 14)),
+    (lambda: models.imagenet.BasicBlock(32, 32), (4, 32, 14, 14)),
+    (lambda: models.cifar.CifarBlock(16, 32, 2, "full_preact", "B"), (4, 16, 16, 16)),
+    (lambda: models.cifar.CifarBlock(16, 16, 1, "bn_after_add"), (4, 16, 16, 16)),
+    (lambda: models.cifar.CifarBlock(16, 64, 1, "original", "B", "bottleneck"),
+     (4, 16, 16, 16)),
+    (lambda: models.cifar.CifarBlock(16, 32, 2, "relu_only_preact", "B"), (4, 16, 16, 16)),
+    (lambda: models.cifar.CifarBlock(16, 32, 2, "relu_before_add", "B"), (4, 16, 16, 16)),
+], ids=["bottleneck", "basic", "cifar_preact", "cifar_bn_after_add", "cifar_bottleneck",
+        "cifar_relu_only_preact", "cifar_relu_before_add"])
+def test_saved_for_backward_is_no_larger_than_eager(make, shape):
+    """Issue 5: a fused block in training keeps no more for its backward than the eager
+    block it replaces (distinct storages; parameters count on both sides)."""
+    import fused_res
+    torch.manual_seed(0)
+    block = make().train()
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    eager = _saved_bytes(block, x)
+    fused = fused_res.convert(copy.deepcopy(block), backend="reference")
+    assert isinstance(fused, fused_res.nn.FusedResidualBlock)
+    ours = _saved_bytes(fused, x)
+    assert ours <= eager, f"fused saves {ours} bytes, eager {eager}"

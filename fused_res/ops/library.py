@@ -194,7 +194,14 @@ _EPI_ARGS = ("z", "center", "scale", "shift", "act_mid", "residual", "res_scale"
 
 def _epilogue_setup(ctx, inputs, output):
     args = dict(zip(_EPI_ARGS, inputs, strict=True))
-    ctx.save_for_backward(args["z"], args["center"], args["scale"], args["shift"],
+    z = args["z"]
+    if (args["act_mid"] == "relu" and all(args[k] is None for k in ("center", "scale", "shift"))
+            and not needs_pre_act(args["act_mid"], args["residual"], args["branch_scale"],
+                                  args["act_out"])):
+        # y = relu(z) alone: the backward reads only z's sign, which y has (as torch.relu's
+        # backward does); z itself may then be freed (a ReLU-only pre-activation's input).
+        z = output
+    ctx.save_for_backward(z, args["center"], args["scale"], args["shift"],
                           args["branch_scale"],
                           output if args["act_out"] == "relu" else None)
     r = args["residual"]
