@@ -1,12 +1,15 @@
-"""The host-side cost of the fused Triton path, on any machine: a fused ResNet forward with the
-conv kernel's launch replaced by a no-op, so what is timed is our Python, the custom-op
-dispatch and the argument preparation, not the kernel or Triton's launcher.
+"""The host-side cost of the fused Triton path, on any machine: a fused ResNet eval forward or
+train step with every Triton kernel launch (and, in train, aten's conv backward) replaced by a
+no-op, so what is timed is our Python, the custom-op and autograd dispatch and the argument
+preparation, not the kernels or Triton's launcher.
 
-    python benchmarks/host_overhead.py [--model resnet50] [--repeats 20] [--profile]
+    python benchmarks/host_overhead.py [--model resnet50] [--mode eval|train] [--repeats 20]
+                                       [--profile [--sort cumtime]]
 
 Without CUDA graphs this cost is paid per conv unit on every call; on the first H100 run the
 fused-triton blocks took 1.1-1.7 ms per call against 0.2-0.6 ms as graph replays. Not a speed
-claim about the GPU: a way to see the host path shrink or grow between commits.
+claim about the GPU: a way to see the host path shrink or grow between commits. (Stubbed
+kernels leave outputs uninitialised; nothing here looks at the values.)
 """
 
 from __future__ import annotations
@@ -21,50 +24,91 @@ import sys
 import time
 
 
+class _NoLaunch:
+    """Stands in for a Triton kernel: kernel[grid](...) does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _stub_kernels() -> None:
+    import torch
+
+    import fused_res.backends.reference as ref
+    import fused_res.backends.triton_backend as tb
+    import fused_res.triton.conv as tconv
+    import fused_res.triton.elementwise as tew
+
+    tconv.conv_unit_kernel = _NoLaunch()
+    for name in ("epilogue_fwd_kernel", "epilogue_bwd_kernel", "stats_partial_kernel",
+                 "stats_finalize_kernel", "stats_bwd_kernel"):
+        setattr(tew, name, _NoLaunch())
+
+    def conv_backward(gz, p, weight, has_bias, stride, padding, dilation, groups, needs_p,
+                      needs_w):
+        return (torch.empty_like(p) if needs_p else None,
+                torch.empty_like(weight) if needs_w else None,
+                gz.new_empty((weight.shape[0],)) if has_bias else None)
+    ref._conv_backward = conv_backward
+    tb._conv_backward = conv_backward
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50")
+    p.add_argument("--mode", choices=("eval", "train"), default="eval")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--profile", action="store_true", help="also print the top functions")
+    p.add_argument("--sort", choices=("tottime", "cumtime"), default="tottime",
+                   help="order of the --profile listing")
     a = p.parse_args(argv)
-    # The interpreter flag makes the backend run on CPU tensors; the stub below means no
-    # kernel is ever interpreted.
+    # The interpreter flag makes the backend run on CPU tensors; the stubs mean no kernel is
+    # ever interpreted.
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ["FUSED_RES_TRITON_AUTOTUNE"] = "0"
     import torch
 
     import fused_res
-    import fused_res.triton.conv as tconv
     from fused_res import models
 
-    class _NoLaunch:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: None
-
-    tconv.conv_unit_kernel = _NoLaunch()
+    _stub_kernels()
     torch.set_num_threads(1)
-    model = getattr(models, a.model)().eval().to(memory_format=torch.channels_last)
-    fused = fused_res.convert(copy.deepcopy(model), backend="triton").eval()
+    model = getattr(models, a.model)().to(memory_format=torch.channels_last)
+    fused = fused_res.convert(copy.deepcopy(model), backend="triton")
+    fused.train(a.mode == "train")
     units = sum(1 for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
-    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for _ in range(3):
-            fused(x)
-        t0 = time.perf_counter()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(fused.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        if a.mode == "eval":
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                return fused(x)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = fused(x)
+        out.float().square().mean().backward()
+        opt.step()
+        return out
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(a.repeats):
+        step()
+    ms = (time.perf_counter() - t0) / a.repeats * 1e3
+    what = "eval forward" if a.mode == "eval" else "train step (forward, backward, SGD)"
+    print(f"{a.model}: {ms:.2f} ms of host work per {what}, {units} convs, "
+          f"{1e3 * ms / units:.0f} us per conv unit (kernels stubbed out)")
+    if a.profile:
+        prof = cProfile.Profile()
+        prof.enable()
         for _ in range(a.repeats):
-            fused(x)
-        ms = (time.perf_counter() - t0) / a.repeats * 1e3
-        print(f"{a.model}: {ms:.2f} ms of host work per eval forward, {units} convs, "
-              f"{1e3 * ms / units:.0f} us per conv unit (conv launch stubbed out)")
-        if a.profile:
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(a.repeats):
-                fused(x)
-            prof.disable()
-            out = io.StringIO()
-            pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(30)
-            print(out.getvalue())
+            step()
+        prof.disable()
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(a.sort).print_stats(30)
+        print(out.getvalue())
     return 0
 
 

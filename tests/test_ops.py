@@ -297,3 +297,50 @@ def test_pre_activation_is_kept_only_where_the_output_cannot_stand_in_for_it():
         ref = torch.autograd.grad(want, (x, w), gy)
         for a, b in zip(got, ref, strict=True):
             assert rel_err(a, b) < 1e-12
+
+
+def test_eager_twins_match_the_custom_ops_and_yield_to_the_dispatcher(monkeypatch):
+    """In plain eager mode the ops run as their eager twins (same impl and autograd, no
+    dispatcher); values and gradients are identical to the custom ops', and anything that
+    needs the dispatcher (meta tensors, dispatch modes) still gets the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fused_res.ops import library
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    s = torch.rand(3, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def run():
+        z, mean, var = ops.conv_bn_stats(x, w, padding=1, in_scale=s, act_in="relu",
+                                         backend="reference")
+        y = ops.epilogue(z, torch.rsqrt(var + 1e-5), center=mean, act_mid="relu",
+                         backend="reference")
+        out = ops.conv_unit(y, w.transpose(0, 1).flip(2, 3).contiguous()[:, :4], padding=1,
+                            act_mid="relu", backend="reference")
+        m, v = ops.channel_stats(out, backend="reference")
+        loss = (out * out).sum() + m.sum() + v.sum()
+        return out, torch.autograd.grad(loss, (x, w, s)), z.grad_fn
+
+    monkeypatch.setattr(library, "_EAGER_TWINS", True)
+    out_t, grads_t, fn_t = run()
+    monkeypatch.setattr(library, "_EAGER_TWINS", False)
+    out_o, grads_o, fn_o = run()
+    assert type(fn_t).__name__.startswith("Eager_")
+    assert not type(fn_o).__name__.startswith("Eager_")
+    assert torch.equal(out_t, out_o)
+    for a, b in zip(grads_t, grads_o, strict=True):
+        assert torch.equal(a, b)
+
+    monkeypatch.setattr(library, "_EAGER_TWINS", True)
+    meta = ops.conv_unit(x.to("meta"), w.to("meta"), padding=1, backend="reference")
+    assert meta.device.type == "meta" and meta.shape == (2, 4, 6, 6)
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+    with Record():
+        ops.conv_unit(x.detach(), w.detach(), padding=1, backend="reference")
+    assert any("fused_res.conv_unit" in f for f in seen), seen[:5]

@@ -2,7 +2,8 @@
 
 Every function here validates its arguments (clear ValueError/TypeError naming the argument,
 its value and what is accepted), casts to the autocast dtype the way the unfused modules
-would, resolves the backend and calls the custom op in fused_res.ops.library.
+would, resolves the backend and calls the op in fused_res.ops.library (its custom op, or in plain
+eager mode the op's eager twin: same implementation and autograd, without the dispatcher).
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1
                                         x.dtype, residual, res_scale, branch_scale, act_mid,
                                         act_out)
     def run(name):
-        return library.conv_unit(x, weight, bias, stride, padding, dilation, groups, in_center,
-                                 in_scale, in_shift, act_in, out_scale, out_shift, act_mid,
-                                 residual, res_scale, branch_scale, act_out, name)
+        return library.call("conv_unit", x, weight, bias, stride, padding, dilation, groups,
+                            in_center, in_scale, in_shift, act_in, out_scale, out_shift,
+                            act_mid, residual, res_scale, branch_scale, act_out, name)
 
     tensors = {"x": x, "weight": weight, "bias": bias, "in_center": in_center,
                "in_scale": in_scale, "in_shift": in_shift, "out_scale": out_scale,
@@ -212,8 +213,8 @@ def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stri
         x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
         act_in)
     def run(name):
-        return library.conv_bn_stats(x, weight, bias, stride, padding, dilation, groups,
-                                     in_center, in_scale, in_shift, act_in, name)
+        return library.call("conv_bn_stats", x, weight, bias, stride, padding, dilation,
+                            groups, in_center, in_scale, in_shift, act_in, name)
 
     tensors = {"x": x, "weight": weight, "bias": bias, "in_center": in_center,
                "in_scale": in_scale, "in_shift": in_shift}
@@ -229,7 +230,7 @@ def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Ten
     dt = _autocast_dtype(x)
     x = _cast(x, dt)
     def run(name):
-        return library.channel_stats(x, name)
+        return library.call("channel_stats", x, name)
 
     return run(_choose("channel_stats", backend, x, None, 1, (1, 1), {"x": x}, (), run))
 
@@ -254,8 +255,8 @@ def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None
     residual, res_scale = _prepare_tail(z.shape, z.shape[0], z.device, z.dtype, residual,
                                         res_scale, branch_scale, act_mid, act_out)
     def run(name):
-        return library.epilogue(z, center, scale, shift, act_mid, residual, res_scale,
-                                branch_scale, act_out, name)
+        return library.call("epilogue", z, center, scale, shift, act_mid, residual,
+                            res_scale, branch_scale, act_out, name)
 
     tensors = {"z": z, "center": center, "scale": scale, "shift": shift, "residual": residual,
                "branch_scale": branch_scale}

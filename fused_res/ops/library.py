@@ -16,6 +16,8 @@ fused_res.ops.functional, which validates arguments and resolves the backend.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -44,12 +46,11 @@ def _vec(x: Tensor, c: int) -> Tensor:
 
 # ---- conv_unit --------------------------------------------------------------------------
 
-@torch.library.custom_op("fused_res::conv_unit", mutates_args=())
-def conv_unit(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
-              dilation: list[int], groups: int, in_center: Vec, in_scale: Vec, in_shift: Vec,
-              act_in: str, out_scale: Vec, out_shift: Vec, act_mid: str, residual: Vec,
-              res_scale: float, branch_scale: Vec, act_out: str,
-              backend: str) -> tuple[Tensor, Tensor]:
+def _conv_unit_impl(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
+                    dilation: list[int], groups: int, in_center: Vec, in_scale: Vec, in_shift: Vec,
+                    act_in: str, out_scale: Vec, out_shift: Vec, act_mid: str, residual: Vec,
+                    res_scale: float, branch_scale: Vec, act_out: str,
+                    backend: str) -> tuple[Tensor, Tensor]:
     """Returns (y, u); u (the conv output before act_mid) is empty unless the backward needs it
     (needs_pre_act)."""
     y, u = get_backend_object(backend).conv_unit_forward(
@@ -58,6 +59,9 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: 
     if not needs_pre_act(act_mid, residual, branch_scale, act_out):
         return y, x.new_empty((0,))
     return y, u.contiguous(memory_format=memory_format_of(x))
+
+
+conv_unit = torch.library.custom_op("fused_res::conv_unit", _conv_unit_impl, mutates_args=())
 
 
 @conv_unit.register_fake
@@ -104,14 +108,17 @@ conv_unit.register_autograd(_unit_backward, setup_context=_unit_setup)
 
 # ---- conv_bn_stats ----------------------------------------------------------------------
 
-@torch.library.custom_op("fused_res::conv_bn_stats", mutates_args=())
-def conv_bn_stats(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
-                  dilation: list[int], groups: int, in_center: Vec, in_scale: Vec,
-                  in_shift: Vec, act_in: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _conv_bn_stats_impl(x: Tensor, weight: Tensor, bias: Vec, stride: list[int], padding: list[int],
+                        dilation: list[int], groups: int, in_center: Vec, in_scale: Vec,
+                        in_shift: Vec, act_in: str, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     z, mean, var = get_backend_object(backend).conv_bn_stats_forward(
         x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
         act_in)
     return z, mean, var
+
+
+conv_bn_stats = torch.library.custom_op("fused_res::conv_bn_stats", _conv_bn_stats_impl,
+                                        mutates_args=())
 
 
 @conv_bn_stats.register_fake
@@ -148,10 +155,13 @@ conv_bn_stats.register_autograd(_stats_backward, setup_context=_stats_setup)
 
 # ---- channel_stats ----------------------------------------------------------------------
 
-@torch.library.custom_op("fused_res::channel_stats", mutates_args=())
-def channel_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _channel_stats_impl(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     mean, var = get_backend_object(backend).channel_stats_forward(x)
     return mean, var
+
+
+channel_stats = torch.library.custom_op("fused_res::channel_stats", _channel_stats_impl,
+                                        mutates_args=())
 
 
 @channel_stats.register_fake
@@ -176,11 +186,13 @@ channel_stats.register_autograd(_channel_stats_backward, setup_context=_channel_
 
 # ---- epilogue ---------------------------------------------------------------------------
 
-@torch.library.custom_op("fused_res::epilogue", mutates_args=())
-def epilogue(z: Tensor, center: Vec, scale: Vec, shift: Vec, act_mid: str, residual: Vec,
-             res_scale: float, branch_scale: Vec, act_out: str, backend: str) -> Tensor:
+def _epilogue_impl(z: Tensor, center: Vec, scale: Vec, shift: Vec, act_mid: str, residual: Vec,
+                   res_scale: float, branch_scale: Vec, act_out: str, backend: str) -> Tensor:
     return get_backend_object(backend).epilogue_forward(
         z, center, scale, shift, act_mid, residual, res_scale, branch_scale, act_out)
+
+
+epilogue = torch.library.custom_op("fused_res::epilogue", _epilogue_impl, mutates_args=())
 
 
 @epilogue.register_fake
@@ -219,3 +231,74 @@ def _epilogue_backward(ctx, gy):
 
 
 epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
+
+
+# ---- eager twins ------------------------------------------------------------------------
+# In plain eager mode the custom ops' dispatch and generated autograd wrapper cost tens of
+# microseconds per call (schema handling, default filling, redispatch), paid for every conv
+# unit twice per training step. The twins are the same impl, setup_context and backward in a
+# plain autograd.Function, what torch.library generates minus the dispatcher. Anything that
+# needs the dispatcher (torch.compile, tracing, fake or meta tensors, tensor subclasses,
+# dispatch or function modes, functorch transforms) gets the custom op.
+
+def _eager_twin(name: str, impl, setup, backward) -> type[torch.autograd.Function]:
+    def forward(ctx, *inputs):
+        out = impl(*inputs)
+        setup(ctx, inputs, out)
+        return out
+    return type(f"Eager_{name}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_OPS = {
+    "conv_unit": (conv_unit, _eager_twin("conv_unit", _conv_unit_impl, _unit_setup,
+                                         _unit_backward)),
+    "conv_bn_stats": (conv_bn_stats, _eager_twin("conv_bn_stats", _conv_bn_stats_impl,
+                                                 _stats_setup, _stats_backward)),
+    "channel_stats": (channel_stats, _eager_twin("channel_stats", _channel_stats_impl,
+                                                 _channel_stats_setup,
+                                                 _channel_stats_backward)),
+    "epilogue": (epilogue, _eager_twin("epilogue", _epilogue_impl, _epilogue_setup,
+                                       _epilogue_backward)),
+}
+_PLAIN = (Tensor, torch.nn.Parameter)
+_EAGER_DEVICES = ("cpu", "cuda")
+
+
+def eager_twin_enabled() -> bool:
+    """FUSED_RES_EAGER_TWINS=0 (read at import) sends every call through the custom ops."""
+    return os.environ.get("FUSED_RES_EAGER_TWINS", "1") != "0"
+
+
+def _plain_eager(args) -> bool:
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return False
+    first = True
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN or _is_wrapped(a):
+                return False
+            if first:
+                if a.device.type not in _EAGER_DEVICES:
+                    return False
+                first = False
+    return True
+
+
+def _is_wrapped(t: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
+def call(name: str, *args):
+    """Run op `name` (conv_unit, conv_bn_stats, channel_stats, epilogue) on positional args in
+    its schema's order: through its eager twin where nothing needs the dispatcher, else the
+    custom op. Same values and gradients either way."""
+    op, twin = _OPS[name]
+    if _EAGER_TWINS and _plain_eager(args):
+        return twin.apply(*args)
+    return op(*args)
+
+
+_EAGER_TWINS = eager_twin_enabled()
