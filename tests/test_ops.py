@@ -305,7 +305,7 @@ def test_eager_twins_match_the_custom_ops_and_yield_to_the_dispatcher(monkeypatc
     needs the dispatcher (meta tensors, dispatch modes) still gets the custom op."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fused_res.ops import library
+    from fused_res import _eager
     g = torch.Generator().manual_seed(12)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -322,9 +322,9 @@ def test_eager_twins_match_the_custom_ops_and_yield_to_the_dispatcher(monkeypatc
         loss = (out * out).sum() + m.sum() + v.sum()
         return out, torch.autograd.grad(loss, (x, w, s)), z.grad_fn
 
-    monkeypatch.setattr(library, "_EAGER_TWINS", True)
+    monkeypatch.setattr(_eager, "ENABLED", True)
     out_t, grads_t, fn_t = run()
-    monkeypatch.setattr(library, "_EAGER_TWINS", False)
+    monkeypatch.setattr(_eager, "ENABLED", False)
     out_o, grads_o, fn_o = run()
     assert type(fn_t).__name__.startswith("Eager_")
     assert not type(fn_o).__name__.startswith("Eager_")
@@ -332,7 +332,7 @@ def test_eager_twins_match_the_custom_ops_and_yield_to_the_dispatcher(monkeypatc
     for a, b in zip(grads_t, grads_o, strict=True):
         assert torch.equal(a, b)
 
-    monkeypatch.setattr(library, "_EAGER_TWINS", True)
+    monkeypatch.setattr(_eager, "ENABLED", True)
     meta = ops.conv_unit(x.to("meta"), w.to("meta"), padding=1, backend="reference")
     assert meta.device.type == "meta" and meta.shape == (2, 4, 6, 6)
     seen = []

@@ -88,8 +88,16 @@ def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: i
     else:
         factor = bn.momentum
     unbiased = var.detach() * (count / (count - 1))
-    bn.running_mean.mul_(1 - factor).add_(mean.detach().to(bn.running_mean.dtype) * factor)
-    bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype) * factor)
+    running = [bn.running_mean, bn.running_var]
+    batch = [mean.detach().to(bn.running_mean.dtype), unbiased.to(bn.running_var.dtype)]
+    # Two multi-tensor launches for both buffers rather than six elementwise ones: a training
+    # step runs this for every BatchNorm.
+    if isinstance(factor, Tensor):
+        torch._foreach_mul_(running, 1 - factor)
+        torch._foreach_add_(running, torch._foreach_mul(batch, factor))
+    else:
+        torch._foreach_mul_(running, 1 - factor)
+        torch._foreach_add_(running, batch, alpha=factor)
 
 
 def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape) -> ChannelAffine:

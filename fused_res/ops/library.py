@@ -16,11 +16,10 @@ fused_res.ops.functional, which validates arguments and resolves the backend.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
+from .._eager import plain_eager
 from ..backends import get_backend_object
 from ..backends.reference import acc_dtype, memory_format_of, needs_pre_act
 
@@ -237,9 +236,8 @@ epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
 # In plain eager mode the custom ops' dispatch and generated autograd wrapper cost tens of
 # microseconds per call (schema handling, default filling, redispatch), paid for every conv
 # unit twice per training step. The twins are the same impl, setup_context and backward in a
-# plain autograd.Function, what torch.library generates minus the dispatcher. Anything that
-# needs the dispatcher (torch.compile, tracing, fake or meta tensors, tensor subclasses,
-# dispatch or function modes, functorch transforms) gets the custom op.
+# plain autograd.Function, what torch.library generates minus the dispatcher; _eager.py says
+# when a call may use them.
 
 def _eager_twin(name: str, impl, setup, backward) -> type[torch.autograd.Function]:
     def forward(ctx, *inputs):
@@ -261,44 +259,11 @@ _OPS = {
     "epilogue": (epilogue, _eager_twin("epilogue", _epilogue_impl, _epilogue_setup,
                                        _epilogue_backward)),
 }
-_PLAIN = (Tensor, torch.nn.Parameter)
-_EAGER_DEVICES = ("cpu", "cuda")
-
-
-def eager_twin_enabled() -> bool:
-    """FUSED_RES_EAGER_TWINS=0 (read at import) sends every call through the custom ops."""
-    return os.environ.get("FUSED_RES_EAGER_TWINS", "1") != "0"
-
-
-def _plain_eager(args) -> bool:
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() > 0):
-        return False
-    first = True
-    for a in args:
-        if isinstance(a, Tensor):
-            if type(a) not in _PLAIN or _is_wrapped(a):
-                return False
-            if first:
-                if a.device.type not in _EAGER_DEVICES:
-                    return False
-                first = False
-    return True
-
-
-def _is_wrapped(t: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
-
-
 def call(name: str, *args):
     """Run op `name` (conv_unit, conv_bn_stats, channel_stats, epilogue) on positional args in
     its schema's order: through its eager twin where nothing needs the dispatcher, else the
     custom op. Same values and gradients either way."""
     op, twin = _OPS[name]
-    if _EAGER_TWINS and _plain_eager(args):
+    if plain_eager(args):
         return twin.apply(*args)
     return op(*args)
-
-
-_EAGER_TWINS = eager_twin_enabled()

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._eager import plain_eager
 from . import configs
 from .common import channel_affine, unit_tail
 from .conv import cdiv, needs_int64
@@ -452,6 +453,9 @@ def _(gz, gmean, gvar, z, mean, out_dtype, channels_last):
 def epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, branch_scale,
                      act_out, fmt):
     """y (z's shape and dtype, memory format fmt) = tail((z - center) * scale + shift)."""
+    if plain_eager((z, residual)):
+        return _epilogue_forward(z, center, scale, shift, act_mid, residual, float(res_scale),
+                                 branch_scale, act_out, fmt)
     return _epilogue_fwd_op(z, center, scale, shift, act_mid, residual, float(res_scale),
                             branch_scale, act_out, fmt == torch.channels_last)
 
@@ -463,6 +467,11 @@ def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act
     returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
     None, Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
     gt_dtype = gt_dtype or (t.dtype if t is not None else gy.dtype)
+    if plain_eager((gy, t, y)):
+        return _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid,
+                                  act_out, float(res_scale), residual_dtype or gy.dtype,
+                                  bool(need_gt), bool(need_gr), bool(need_sum),
+                                  bool(need_sum_t), fmt, gt_dtype)
     outs = _epilogue_bwd_op(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
                             float(res_scale), gt_dtype, residual_dtype or gy.dtype,
                             bool(need_gt), bool(need_gr), bool(need_sum), bool(need_sum_t),
@@ -474,4 +483,6 @@ def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act
 def stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
     """dL/dz (z's shape, out_dtype, memory format fmt) of (mean, biased var) over (N, H, W)
     plus the direct gradient gz (any of gz, gmean, gvar may be None)."""
+    if plain_eager((z, gz)):
+        return _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt)
     return _stats_bwd_op(gz, gmean, gvar, z, mean, out_dtype, fmt == torch.channels_last)

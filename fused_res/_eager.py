@@ -1,0 +1,39 @@
+"""When a call may skip the dispatcher: plain eager mode on plain CPU/CUDA tensors.
+
+The custom ops exist for torch.compile, tracing, fake and meta tensors, subclasses, dispatch
+and function modes, functorch transforms; in plain eager mode their dispatch costs tens of
+microseconds a call and changes nothing, so the ops (fused_res.ops.library) and the Triton
+backend's inner ops call their implementations directly when `plain_eager` says so.
+FUSED_RES_EAGER_TWINS=0 (read at import) turns that off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+ENABLED = os.environ.get("FUSED_RES_EAGER_TWINS", "1") != "0"
+_PLAIN = (Tensor, torch.nn.Parameter)
+_DEVICES = ("cpu", "cuda")
+
+
+def plain_eager(args) -> bool:
+    """Whether nothing about this call needs the dispatcher: not compiling or tracing, no
+    torch-function or dispatch mode, every tensor in `args` a plain Tensor or Parameter (not a
+    fake, subclass or functorch-wrapped tensor), the first one on the CPU or a CUDA device."""
+    if (not ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return False
+    first = True
+    for a in args:
+        if isinstance(a, Tensor):
+            if type(a) not in _PLAIN or torch._C._functorch.is_functorch_wrapped_tensor(a):
+                return False
+            if first:
+                if a.device.type not in _DEVICES:
+                    return False
+                first = False
+    return True
