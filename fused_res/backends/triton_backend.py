@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +39,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _interpret_requested() -> bool:
+    """Whether the kernels run in Triton's interpreter. Once they are imported that is fixed
+    (triton decides it when a kernel is decorated), and asking the imported module spares an
+    environment lookup on every call; before, the environment says what they will do."""
+    conv = sys.modules.get("fused_res.triton.conv")
+    if conv is not None:
+        return conv._INTERPRET
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
