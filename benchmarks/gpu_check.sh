@@ -157,13 +157,6 @@ else
   run_step ops-bandwidth 90 "$PY" benchmarks/ops_bandwidth.py --batch 64 --dtype bf16 \
     --json "$STEPS_DIR/ops-bandwidth.json" --markdown "$STEPS_DIR/ops-bandwidth.md"
 fi
-if [ "$DRY" = 1 ]; then
-  say "=== conv-configs: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
-  printf 'conv-configs\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
-else
-  run_step conv-configs 90 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
-    --json "$STEPS_DIR/conv-configs.json"
-fi
 FUSED="fused-triton,fused-triton-unfused,fused-cuda,fused-cudnn"
 bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
   --contenders eager-cl,compile,cudnn-fused,$FUSED --cuda-graphs
@@ -172,6 +165,8 @@ bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 -
 # train step costs ~40 s of compiling here; run it alone with FUSED_RES_GPU_CHECK_ONLY.)
 bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128 --repeats 20 \
   --contenders eager-cl,fused-triton,fused-cuda --cuda-graphs
+bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
+  --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 # Where the train step's time goes: device time per kernel family and the share of the step
 # the GPU is busy (host-bound when well under 1), per contender.
 PROFILE_ARGS=(--model resnet50 --mode train --batch 128 --dtype bf16)
@@ -179,8 +174,13 @@ if [ "$DRY" = 1 ]; then PROFILE_ARGS=(--model "$DRY_MODEL" --device cpu --steps 
 run_step profile-train-b128 60 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[@]}" \
   --contenders eager-cl,fused-triton,fused-cuda --json "$STEPS_DIR/profile-train-b128.json" \
   --markdown "$STEPS_DIR/profile-train-b128.md"
-bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
-  --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
+if [ "$DRY" = 1 ]; then
+  say "=== conv-configs: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
+  printf 'conv-configs\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+else
+  run_step conv-configs 90 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+    --json "$STEPS_DIR/conv-configs.json"
+fi
 bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
   --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 bench blocks-train-b64 60 --model rn50-blocks,rn18-blocks,cifar-blocks --mode train \

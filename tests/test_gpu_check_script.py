@@ -14,9 +14,9 @@ from fused_res.bench import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "conv-configs",
-         "bench-rn50-eval-b256", "bench-rn50-train-b128", "profile-train-b128",
-         "bench-blocks-eval-b64", "bench-blocks-eval-b256", "bench-blocks-train-b64",
+STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
+         "bench-rn50-train-b128", "bench-blocks-eval-b64", "profile-train-b128",
+         "conv-configs", "bench-blocks-eval-b256", "bench-blocks-train-b64",
          "bench-units-eval", "bench-blocks-compile", "bench-rn50-eval-b64",
          "bench-blocks-eval-tuned"]
 
