@@ -160,6 +160,40 @@ def test_conv_bn_stats_and_channel_stats_on_gpu(dtype):
         torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.mark.parametrize("tile", ["128x128x64_w8_s3", "128x64x32_w4_s4", "64x128x64_w4_s3"])
+def test_large_tiles_on_gpu(tile):
+    """The tiles the untuned path picks for big problems (configs.default_conv_config), at a
+    ResNet-50 layer-2 shape where they are chosen, with the prologue and statistics epilogue
+    and with the full tail: against the float64 reference, bf16. The interpreter runs them on
+    the CPU (test_triton_kernels.py); this is the compiled code on the GPU."""
+    from fused_res.triton import configs
+    from fused_res.triton.conv import conv_launch
+    from fused_res.triton.elementwise import stats_finalize
+    cfg = next(c for c in configs.CONV_CONFIGS if str(c) == tile)
+    ours, ref, _ = _case(3, 1, 1, 128, 128, n=16, h=28, w=28)
+    a = {k: v.detach() for k, v in ours.items()}
+    r = {k: v.detach() for k, v in ref.items()}
+    with torch.no_grad():
+        z, parts = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (1, 1), a["c_in"], a["a_in"],
+                               a["b_in"], "relu", stats=True,
+                               memory_format=torch.channels_last, config=cfg)
+        mean, var = stats_finalize(*parts, z.shape[1])
+        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], stride=1, padding=1,
+                                        in_center=r["c_in"], in_scale=r["a_in"],
+                                        in_shift=r["b_in"], act_in="relu", backend="reference")
+        y, _ = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (1, 1), a["c_in"], a["a_in"],
+                           a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
+                           act_mid="relu", residual=a["r"], res_scale=0.7,
+                           branch_scale=a["d"], act_out="relu",
+                           memory_format=torch.channels_last, config=cfg)
+        y_ref = _unit(r, dict(stride=1, padding=1), "reference")
+    assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(y, y_ref) <= TOLERANCES[torch.bfloat16]
+    zd = z.double()
+    assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
+    assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
+
+
 def _batches(steps, batch, seed, noise, device):
     """A synthetic task a CIFAR ResNet-20 learns within a few hundred steps, and the same data
     for every call with the same arguments (drawn on the CPU, so on any device): 10 class
