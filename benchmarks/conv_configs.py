@@ -53,7 +53,8 @@ def main(argv=None) -> int:
         want = cudnn(*sets[0])
         per = []
         m = a.batch * ((hw + 2 * (k // 2) - k) // s + 1) ** 2
-        untuned = configs.default_conv_config(m, cin, cout, elt, k * k, cin < configs.DOT_MIN,
+        untuned = configs.default_conv_config(m, cin, cout, elt, k * k,
+                                              configs.flat_k(cin, k * k),
                                               sm_count(torch.device("cuda")))
         for cfg in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS:
             why = configs.conv_config_excluded(cfg, elt, k * k)

@@ -344,3 +344,19 @@ def test_eager_twins_match_the_custom_ops_and_yield_to_the_dispatcher(monkeypatc
     with Record():
         ops.conv_unit(x.detach(), w.detach(), padding=1, backend="reference")
     assert any("fused_res.conv_unit" in f for f in seen), seen[:5]
+
+
+def test_an_epilogue_with_nothing_to_do_returns_a_new_tensor():
+    """Op outputs never alias inputs (the custom op refuses it), on the eager path too."""
+    from fused_res import _eager
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    for enabled in (True, False):
+        old, _eager.ENABLED = _eager.ENABLED, enabled
+        try:
+            y = ops.epilogue(z, backend="reference")
+        finally:
+            _eager.ENABLED = old
+        assert torch.equal(y, z) and y.untyped_storage().data_ptr() != z.untyped_storage(
+        ).data_ptr()
+        (gz,) = torch.autograd.grad(y.sum(), z)
+        assert torch.equal(gz, torch.ones_like(z))

@@ -70,8 +70,13 @@ def test_untuned_config_is_an_autotune_candidate_that_fits_the_problem():
     for elt in (2, 4):
         for m, c_in, c_out, taps in ((64 * 56 * 56, 64, 64, 9), (64 * 28 * 28, 128, 128, 9),
                                      (64 * 7 * 7, 512, 512, 9), (256 * 7 * 7, 512, 2048, 1),
-                                     (64 * 112 * 112, 3, 64, 49), (2 * 8 * 8, 16, 16, 9)):
-            cfg = configs.default_conv_config(m, c_in, c_out, elt, taps, c_in < 16, sms)
+                                     (64 * 112 * 112, 3, 64, 49), (2 * 8 * 8, 16, 16, 9),
+                                     (128 * 32 * 32, 16, 16, 9), (64 * 32 * 32, 3, 64, 1)):
+            cfg = configs.default_conv_config(m, c_in, c_out, elt, taps,
+                                              configs.flat_k(c_in, taps), sms)
+            allowed = configs.conv_configs_for(elt, taps, c_in, c_out,
+                                               configs.flat_k(c_in, taps))
+            assert cfg in allowed, (cfg, m, c_in, c_out, taps)  # never wider than autotuning
             assert cfg in configs.CONV_CONFIGS, cfg
             assert configs.conv_config_excluded(cfg, elt, taps) is None, cfg
     # Big problems get the Hopper-sized tile in 16-bit; 64 channels never a 128-wide N tile;

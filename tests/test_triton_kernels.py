@@ -375,6 +375,25 @@ else:
         _check(mean, kept.mean(0), torch.float32, "mean")
         _check(var, kept.var(0, unbiased=False), torch.float32, "var")
 
+    def test_double_backward_is_refused_not_wrong():
+        """The backward's kernels have no autograd formula of their own: a backward taken
+        with create_graph=True must raise, on the eager fast path as through the custom ops,
+        never return second-order gradients that silently miss terms."""
+        from fused_res import _eager
+        g = torch.Generator().manual_seed(13)
+        w = torch.randn(4, 3, 3, 3, generator=g, requires_grad=True)
+        x = torch.randn(2, 3, 5, 5, generator=g, requires_grad=True)
+        for enabled in (True, False):
+            old, _eager.ENABLED = _eager.ENABLED, enabled
+            try:
+                y = ops.conv_unit(x, w, padding=1, out_scale=torch.rand(4) + 0.5,
+                                  out_shift=torch.randn(4), act_mid="relu", backend="triton")
+                with pytest.raises(RuntimeError, match="autograd formula"):
+                    gx, = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+                    torch.autograd.grad(gx.sum(), w)
+            finally:
+                _eager.ENABLED = old
+
     def test_empty_batch_and_single_sample():
         a = _cast(_make(CONFIGS[1]), torch.float32)
         empty = {**a, "x": a["x"][:0].detach().requires_grad_(),

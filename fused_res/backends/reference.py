@@ -283,7 +283,10 @@ class ReferenceBackend(Backend):
         fmt = memory_format_of(z)
         u = _affine(z, center, scale, shift)
         y = _tail(u, act_mid, residual, res_scale, branch_scale, act_out)
-        return y.to(z.dtype).contiguous(memory_format=fmt)
+        y = y.to(z.dtype).contiguous(memory_format=fmt)
+        # An epilogue with nothing to do must still return a new tensor: an op's output may
+        # not alias its input (the custom op refuses it; the eager twin would return a view).
+        return y.clone(memory_format=fmt) if y is z else y
 
     def epilogue_backward(self, gy, saved, needs):
         s = saved

@@ -136,19 +136,27 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def flat_k(c_in: int, taps: int) -> bool:
+    """Flattened (kh, kw, c) K for narrow inputs: per-tap chunks would be mostly padding."""
+    return taps > 1 and c_in < DOT_MIN
+
+
 def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int,
-                        flat_k: bool, sm_count: int) -> ConvConfig:
+                        flat: bool, sm_count: int) -> ConvConfig:
     """The untuned config for a problem of M output pixels: the first of DEFAULT_LADDER that
     is allowed (conv_config_excluded), no wider than the channels (BLOCK_N <= C_out, BLOCK_K
     <= C_in, each rounded up to a power of two and at least 16), and that makes at least
-    2 * sm_count tiles; else the allowed config that makes the most tiles."""
+    2 * sm_count tiles; else the allowed config that makes the most tiles. Where no ladder
+    tile is that narrow (16 channels), the choice is among the autotuner's candidates for the
+    problem (conv_configs_for), never a wider tile than the autotuner would try."""
     n_cap = max(DOT_MIN, _pow2_at_least(c_out))
     k_cap = max(DOT_MIN, _pow2_at_least(c_in))
     fits = [c for c in DEFAULT_LADDER
             if conv_config_excluded(c, elt_bytes, taps) is None and c.block_n <= n_cap
-            and (flat_k or c.block_k <= k_cap)]
+            and (flat or c.block_k <= k_cap)]
     if not fits:
-        fits = [c for c in DEFAULT_LADDER if conv_config_excluded(c, elt_bytes, taps) is None]
+        fits = sorted(conv_configs_for(elt_bytes, taps, c_in, c_out, flat),
+                      key=lambda c: -c.block_m * c.block_n)
     tiles = lambda c: -(-m // c.block_m) * -(-c_out // c.block_n)
     for cfg in fits:
         if tiles(cfg) >= 2 * sm_count:

@@ -178,11 +178,6 @@ _INTERPRET = not isinstance(conv_unit_kernel, triton.runtime.jit.JITFunction)
 
 # ---- launchers ----------------------------------------------------------------------------
 
-def _flat_k(c_in: int, taps: int) -> bool:
-    """Flattened (kh, kw, c) K for narrow inputs: per-tap chunks would be mostly padding."""
-    return taps > 1 and c_in < configs.DOT_MIN
-
-
 _AUTOTUNED: dict = {}
 
 
@@ -302,7 +297,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                     memory_format=memory_format)
     u = torch.empty_like(y) if store_u else None
     m = n * oh * ow
-    flat = _flat_k(c_in, kh * kw)
+    flat = configs.flat_k(c_in, kh * kw)
     cfg = None  # None: the autotuner picks the tile
     if config is not None:
         cfg = config

@@ -450,10 +450,18 @@ def _(gz, gmean, gvar, z, mean, out_dtype, channels_last):
     return _new(z.shape, out_dtype, z.device, _FMT[channels_last])
 
 
+def _direct(tensors) -> bool:
+    """Whether to launch without the custom op: plain eager mode (fused_res._eager), and grad
+    mode off. These ops have no autograd formula; a backward taken with create_graph=True runs
+    them with grad mode on, and must then get the custom op's error rather than results that
+    silently drop out of the second-order graph."""
+    return not torch.is_grad_enabled() and plain_eager(tensors)
+
+
 def epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, branch_scale,
                      act_out, fmt):
     """y (z's shape and dtype, memory format fmt) = tail((z - center) * scale + shift)."""
-    if plain_eager((z, residual)):
+    if _direct((z, center, scale, shift, residual, branch_scale)):
         return _epilogue_forward(z, center, scale, shift, act_mid, residual, float(res_scale),
                                  branch_scale, act_out, fmt)
     return _epilogue_fwd_op(z, center, scale, shift, act_mid, residual, float(res_scale),
@@ -467,7 +475,7 @@ def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act
     returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
     None, Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
     gt_dtype = gt_dtype or (t.dtype if t is not None else gy.dtype)
-    if plain_eager((gy, t, y)):
+    if _direct((gy, t, y, center, scale, shift, branch_scale)):
         return _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid,
                                   act_out, float(res_scale), residual_dtype or gy.dtype,
                                   bool(need_gt), bool(need_gr), bool(need_sum),
@@ -483,6 +491,6 @@ def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act
 def stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
     """dL/dz (z's shape, out_dtype, memory format fmt) of (mean, biased var) over (N, H, W)
     plus the direct gradient gz (any of gz, gmean, gvar may be None)."""
-    if plain_eager((z, gz)):
+    if _direct((z, gz, gmean, gvar, mean)):
         return _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt)
     return _stats_bwd_op(gz, gmean, gvar, z, mean, out_dtype, fmt == torch.channels_last)
