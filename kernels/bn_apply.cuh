@@ -63,10 +63,13 @@ struct EpilogueForwardOp {
 #pragma unroll
     for (int l = 0; l < VEC; ++l) {
       const int kl = KL == 1 ? 0 : l;
+      // Explicitly rounded steps: the backward rebuilds u for the ReLU mask with the same
+      // operations, and an FMA contracted on one side only would flip the mask of values
+      // within an ulp of 0.
       float u = v[l];
-      if (p.center) u = u - k[0][kl];
-      if (p.scale) u = u * k[1][kl];
-      if (p.shift) u = u + k[2][kl];
+      if (p.center) u = __fsub_rn(u, k[0][kl]);
+      if (p.scale) u = __fmul_rn(u, k[1][kl]);
+      if (p.shift) u = __fadd_rn(u, k[2][kl]);
       if (p.relu_mid) u = relu(u);
       if (p.branch_scale) u = u * d;
       if (residual) u = u + (p.res_scale == 1.f ? r[l] : p.res_scale * r[l]);
@@ -133,7 +136,7 @@ struct EpilogueBackwardOp {
     if (z) {
       unpack<VEC>(f.z, zc);
 #pragma unroll
-      for (int l = 0; l < VEC; ++l) zc[l] = zc[l] - k[0][KL == 1 ? 0 : l];
+      for (int l = 0; l < VEC; ++l) zc[l] = __fsub_rn(zc[l], k[0][KL == 1 ? 0 : l]);
     } else {
 #pragma unroll
       for (int l = 0; l < VEC; ++l) zc[l] = 0.f;
@@ -143,7 +146,9 @@ struct EpilogueBackwardOp {
     for (int l = 0; l < VEC; ++l) {
       const int kl = KL == 1 ? 0 : l;
       float gu = p.branch_scale ? g[l] * d : g[l];
-      if (p.relu_mid) gu = relu_grad(gu, zc[l] * k[1][kl] + k[2][kl]);
+      // The forward's u, rounded step by step as there (x 1 and + 0 are exact when the
+      // forward skipped them).
+      if (p.relu_mid) gu = relu_grad(gu, __fadd_rn(__fmul_rn(zc[l], k[1][kl]), k[2][kl]));
       ra[l] = gu;
       rb[l] = gu * zc[l];
       g[l] = gu * k[1][kl];

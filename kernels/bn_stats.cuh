@@ -58,7 +58,7 @@ struct StatsFinalize {
     const float d = sum * inv_count;
     mean[c] = to_f(x[c * first_stride]) + d;
     const float v = sumsq * inv_count - d * d;
-    var[c] = v > 0.f ? v : 0.f;
+    var[c] = v < 0.f ? 0.f : v;  // clamps rounding below 0; a NaN stays NaN, as in torch.var
   }
 };
 
@@ -177,7 +177,9 @@ __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(FinalizeArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= a.c) return;
   const float m = a.mean[c], v = a.var[c];
-  float sc = rsqrtf(__fadd_rn(v, a.eps));
+  // 1 / sqrt, each correctly rounded, as the CPU kernel and eager BatchNorm compute it
+  // (rsqrtf is up to 2 ulp off).
+  float sc = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(v, a.eps)));
   if (a.weight) sc = __fmul_rn(sc, a.weight[c]);
   a.scale[c] = sc;
   a.shift[c] = __fsub_rn(a.bias ? a.bias[c] : 0.f, __fmul_rn(m, sc));
