@@ -100,3 +100,21 @@ def test_aot_specialises_int_arguments_as_the_jit_does():
     assert aot.jit_int_specialization(3) == ("i32", "")
     ints = aot.conv_int_args(aot.CONV_PROBLEMS["eval_3x3_tail"])
     assert ints["sxc"] == 1 and ints["sxw"] == 64 and ints["M"] == 64 * 56 * 56
+
+
+def test_aot_fails_a_conv_whose_loads_are_not_pipelined():
+    """Compiled with int arguments the JIT would not mark divisible (the first version of the
+    check did that), the NHWC loads cannot be vectorised, the K loop is not pipelined, and the
+    check must say so."""
+    code = ("import dataclasses\n"
+            "from fused_res.triton import aot\n"
+            "j = [x for x in aot.jobs(subset=True) if x.variant == 'eval_3x3_tail'][0]\n"
+            "ok = aot.compile_one(j, 90, None)\n"
+            "assert ok.ok and not ok.error, ok\n"
+            "odd = {k: (v + 1 if k.startswith('s') and v > 1 else v) for k, v in j.ints.items()}\n"
+            "bad = aot.compile_one(dataclasses.replace(j, ints=odd), 90, None)\n"
+            "assert not bad.ok and 'pipelined' in bad.error, bad\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

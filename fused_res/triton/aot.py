@@ -6,9 +6,10 @@ minimums, layouts, shared memory) and reports each kernel's shared memory, regis
     python -m fused_res.triton.aot --subset        # one config per kernel family (quick)
     python -m fused_res.triton.aot --json out.json # also write the table as JSON
 
-Exit status 1 on any compile failure or a config over the device's shared memory. Registers
-and stack (spill) bytes come from `cuobjdump -res-usage` on the cubin (the bundled one, or
-$CUDA_HOME/bin), shared memory from the compiled kernel's metadata.
+Exit status 1 on any compile failure, a config over the device's shared memory, or a conv
+whose K loop the compiler did not software-pipeline (too little shared memory for its
+stages). Registers and stack (spill) bytes come from `cuobjdump -res-usage` on the cubin
+(the bundled one, or $CUDA_HOME/bin), shared memory from the compiled kernel's metadata.
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ class Job:
     ints: dict  # representative integer arguments, specialised as the JIT would
     options: dict
     excluded: str | None = None
+    # Bytes of one pipeline stage (the A and B tiles) where the K loop must be software-
+    # pipelined, or 0 where that is not required (the gathered 7x7 stem, elementwise kernels).
+    stage_bytes: int = 0
 
 
 def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
@@ -209,7 +213,9 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
                                dtype, cx, set(_CONV_PTRS) - _F32_PTRS,
                                conv_int_args(CONV_PROBLEMS[variant]),
                                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                               configs.conv_config_excluded(cfg, elt, taps)))
+                               configs.conv_config_excluded(cfg, elt, taps),
+                               0 if flags.get("FLAT_K") else
+                               (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
             cfg = (configs.FINALIZE_CONFIG if name == "stats_finalize_kernel"
@@ -276,9 +282,18 @@ def compile_one(job: Job, sm: int, tool: str | None) -> Result:
         res.shared = int(k.metadata.shared)
         usage = _res_usage(k.asm["cubin"], tool)
         res.regs, res.stack, res.local = usage.get("REG"), usage.get("STACK"), usage.get("LOCAL")
+        stages = job.options.get("num_stages", 1)
         if res.shared > SMEM_LIMIT[sm]:
             res.ok = False
             res.error = f"shared memory {res.shared} > {SMEM_LIMIT[sm]}"
+        elif job.stage_bytes and stages > 1 and res.shared < (stages - 1) * job.stage_bytes:
+            # Triton multi-buffers a pipelined loop's tiles (num_stages - 1 buffers on sm_80,
+            # num_stages on sm_90). Less shared memory than that means the loads were not made
+            # asynchronous (unvectorisable, e.g. unaligned addresses) and the conv would wait
+            # on every load: the regression this check exists to catch.
+            res.ok = False
+            res.error = (f"K loop not software-pipelined: {res.shared} bytes of shared memory "
+                         f"< {stages - 1} stages x {job.stage_bytes}")
     except Exception as e:  # noqa: BLE001 - every failure is reported, none is fatal here
         res.ok = False
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
