@@ -118,3 +118,12 @@ def test_aot_fails_a_conv_whose_loads_are_not_pipelined():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+def test_autotune_key_tells_kernel_sizes_and_variants_apart():
+    """A 1x1 and a 3x3 conv of one ResNet-50 stage share every size and stride; the kernel
+    size and the epilogue/prologue variant must be part of what a tuned config is cached by."""
+    conv = pytest.importorskip("fused_res.triton.conv")
+    key = set(conv._TUNE_KEY)
+    assert {"KH", "KW", "STATS", "PROLOGUE", "HAS_RES"} <= key
+    assert key <= set(conv.conv_unit_kernel.arg_names)

@@ -195,15 +195,22 @@ def _config_name(c) -> str:
             f"_s{c.num_stages}")
 
 
+# The problem's shape and the variant flags that change the kernel's cost: a 1x1 and a 3x3
+# conv of one ResNet-50 stage have the same sizes and strides, and the statistics epilogue, the
+# prologue and the residual load change what a tile costs.
+_TUNE_KEY = ["M", "C_in", "H", "W", "C_out", "OH", "OW", "stride_h", "stride_w", "KH", "KW",
+             "FLAT_K", "PROLOGUE", "STATS", "HAS_RES", "STORE_U", "INDEX_64"]
+
+
 def _autotuned_kernel():
-    """conv_unit_kernel autotuned over CONV_CONFIGS, keyed by the problem's shape. The tile
+    """conv_unit_kernel autotuned over CONV_CONFIGS, keyed by _TUNE_KEY. The tile
     count arrays are zeroed before every timed run so a config's leftovers never reach the
     finalize."""
     if "conv" not in _AUTOTUNED:
         cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
                               num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
         _AUTOTUNED["conv"] = triton.autotune(
-            cfgs, key=["M", "C_in", "H", "W", "C_out", "OH", "OW", "stride_h", "stride_w"],
+            cfgs, key=_TUNE_KEY,
             prune_configs_by={"early_config_prune": _prune},
             reset_to_zero=["st_cnt_ptr"])(conv_unit_kernel)
     return _AUTOTUNED["conv"]
