@@ -127,3 +127,5 @@ def test_autotune_key_tells_kernel_sizes_and_variants_apart():
     key = set(conv._TUNE_KEY)
     assert {"KH", "KW", "STATS", "PROLOGUE", "HAS_RES"} <= key
     assert key <= set(conv.conv_unit_kernel.arg_names)
+    tuned = conv._autotuned_kernel()  # builds on this Triton (with cache_results if it has it)
+    assert list(getattr(tuned, "keys", conv._TUNE_KEY)) == conv._TUNE_KEY

@@ -20,6 +20,7 @@ gathered BLOCK_K at a time so a 7x7x3 stem does not pad every tap to 16 channels
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -205,14 +206,18 @@ _TUNE_KEY = ["M", "C_in", "H", "W", "C_out", "OH", "OW", "stride_h", "stride_w",
 def _autotuned_kernel():
     """conv_unit_kernel autotuned over CONV_CONFIGS, keyed by _TUNE_KEY. The tile
     count arrays are zeroed before every timed run so a config's leftovers never reach the
-    finalize."""
+    finalize. Where this Triton can (cache_results), the timings are kept on disk with its
+    compiled kernels, so a new process on the same GPU skips tuning a shape already tuned."""
     if "conv" not in _AUTOTUNED:
         cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
                               num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
+        extra = {}
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            extra["cache_results"] = True
         _AUTOTUNED["conv"] = triton.autotune(
             cfgs, key=_TUNE_KEY,
             prune_configs_by={"early_config_prune": _prune},
-            reset_to_zero=["st_cnt_ptr"])(conv_unit_kernel)
+            reset_to_zero=["st_cnt_ptr"], **extra)(conv_unit_kernel)
     return _AUTOTUNED["conv"]
 
 
