@@ -375,6 +375,69 @@ else:
         _check(mean, kept.mean(0), torch.float32, "mean")
         _check(var, kept.var(0, unbiased=False), torch.float32, "var")
 
+    def _elementwise_tiles():
+        from fused_res.triton import configs
+        return [configs.ELEMENTWISE_CONFIG, *configs.ELEMENTWISE_NARROW]
+
+    @pytest.mark.parametrize("tile", _elementwise_tiles(), ids=str)
+    def test_every_elementwise_tile(tile, monkeypatch):
+        """The GPU's elementwise tiles (64 channels wide, and the narrow ones for 16- and
+        32-channel tensors), which the interpreter does not pick by itself: the apply pass, its
+        backward with the channel sums, and the statistics with their backward, at 20
+        channels (a partial channel tile) and 300 rows (several row tiles per program)."""
+        from fused_res.triton import elementwise as ew
+        monkeypatch.setattr(ew, "_cfg", lambda c: tile)
+        g = torch.Generator().manual_seed(14)
+        z = (torch.randn(3, 20, 10, 10, dtype=D, generator=g) * 2 + 1).float()
+        z = z.contiguous(memory_format=torch.channels_last).requires_grad_()
+        r = torch.randn(3, 20, 10, 10, generator=g).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        vecs = [(torch.rand(20, generator=g) + 0.5).requires_grad_() for _ in range(2)]
+        c = torch.randn(20, generator=g).requires_grad_()
+
+        def run(backend, z, r, c, s, b):
+            y = ops.epilogue(z, s, b, center=c, act_mid="relu", residual=r, res_scale=0.5,
+                             act_out="relu", backend=backend)
+            m, v = ops.channel_stats(y, backend=backend)
+            return y, m, v
+
+        ours = run("triton", z, r, c, *vecs)
+        refs = [t.detach().double().requires_grad_() for t in (z, r, c, *vecs)]
+        want = run("reference", *refs)
+        for o, w, what in zip(ours, want, ("y", "mean", "var"), strict=True):
+            _check(o, w, torch.float32, f"{tile} {what}")
+        gy = torch.randn(want[0].shape, dtype=D, generator=g)
+        loss = lambda out: (out[0].double() * gy).sum() + out[1].sum() + 3 * out[2].sum()
+        got = torch.autograd.grad(loss(ours), (z, r, c, *vecs))
+        exp = torch.autograd.grad(loss(want), refs)
+        for a, b, what in zip(got, exp, ("dz", "dr", "dc", "ds", "db"), strict=True):
+            _check(a, b, torch.float32, f"{tile} {what}")
+
+    def test_strided_and_expanded_vectors():
+        """Per-channel vectors that are views: a strided slice as a forward argument, and the
+        expanded (stride 0) gradient that mean.sum() sends back. The kernels index vectors as
+        arrays; before the launchers made them contiguous, both read past the data (garbage
+        gradients of 1e33 in channel_stats' backward)."""
+        g = torch.Generator().manual_seed(15)
+        x = torch.randn(2, 6, 7, 7, generator=g).contiguous(
+            memory_format=torch.channels_last).requires_grad_()
+        wide = torch.rand(12, generator=g) + 0.5
+        scale, shift = wide[::2], torch.randn(12, generator=g)[1::2]
+        assert not scale.is_contiguous()
+
+        def run(backend, x):
+            y = ops.epilogue(x, scale, shift, act_mid="relu", backend=backend)
+            m, v = ops.channel_stats(y, backend=backend)
+            z, zm, zv = ops.conv_bn_stats(y, torch.ones(3, 6, 1, 1), in_scale=scale,
+                                          in_shift=shift, act_in="relu", backend=backend)
+            return y, m.sum() + 3 * v.sum() + zm.sum() + zv.sum() + z.sum()
+
+        (y, loss), (y_ref, loss_ref) = run("triton", x), run("reference", x)
+        _check(y, y_ref, torch.float32, "y")
+        (gx,), (gx_ref,) = (torch.autograd.grad(loss, x),
+                            torch.autograd.grad(loss_ref, x))
+        _check(gx, gx_ref, torch.float32, "dx")
+
     def test_double_backward_is_refused_not_wrong():
         """The backward's kernels have no autograd formula of their own: a backward taken
         with create_graph=True must raise, on the eager fast path as through the custom ops,

@@ -218,18 +218,21 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
                                (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
-            cfg = (configs.FINALIZE_CONFIG if name == "stats_finalize_kernel"
-                   else configs.ELEMENTWISE_CONFIG)
-            blocks = ({"BLOCK_T": cfg.block_m, "BLOCK_C": cfg.block_c}
-                      if name == "stats_finalize_kernel"
-                      else {"BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c})
-            cx = {**flags, **blocks}
-            if name != "stats_finalize_kernel":
-                cx["INDEX_64"] = False
-            if name == "stats_finalize_kernel" and dtype != dtypes[0]:
-                continue  # float32 partials whatever the tensors' dtype: compile it once
-            out.append(Job(fn, name, variant, str(cfg), dtype, cx, _EW_MAPS, EW_INT_ARGS,
-                           {"num_warps": cfg.num_warps, "num_stages": 1}))
+            if name == "stats_finalize_kernel":
+                if dtype != dtypes[0]:
+                    continue  # float32 partials whatever the tensors' dtype: compile it once
+                tiles = [configs.FINALIZE_CONFIG]
+            else:
+                tiles = [configs.ELEMENTWISE_CONFIG, *configs.ELEMENTWISE_NARROW]
+                tiles = tiles[:1] if subset else tiles
+            for cfg in tiles:
+                blocks = ({"BLOCK_T": cfg.block_m, "BLOCK_C": cfg.block_c}
+                          if name == "stats_finalize_kernel"
+                          else {"BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c,
+                                "INDEX_64": False})
+                out.append(Job(fn, name, variant, str(cfg), dtype, {**flags, **blocks},
+                               _EW_MAPS, EW_INT_ARGS,
+                               {"num_warps": cfg.num_warps, "num_stages": 1}))
     return out
 
 

@@ -179,7 +179,18 @@ class TileConfig:
 # Memory-bound passes: one config, big enough to stream, small enough to keep registers low
 # (the backward holds ~5 fp32 tiles; 64x64 on 4 warps hit ~250 registers in the AOT report).
 ELEMENTWISE_CONFIG = TileConfig(32, 64, 4)
+# Narrow tensors (CIFAR ResNets: 16 and 32 channels) get narrower, taller tiles of the same
+# 2048 elements, rather than a 64-wide tile with most of its lanes masked off.
+ELEMENTWISE_NARROW = (TileConfig(64, 32, 4), TileConfig(128, 16, 4))
 INTERPRETER_ELEMENTWISE_CONFIG = TileConfig(64, 64, 4)
+
+
+def elementwise_config(c: int) -> TileConfig:
+    """The tile of the elementwise and reduction passes over a tensor of c channels."""
+    for cfg in ELEMENTWISE_NARROW[::-1]:
+        if c <= cfg.block_c:
+            return cfg
+    return ELEMENTWISE_CONFIG
 FINALIZE_CONFIG = TileConfig(32, 64, 4)  # block_m here is tiles combined per step
 # Partials one finalize program merges; more than this many are merged in parallel groups
 # first (a ResNet-50 layer-1 activation at batch 128 makes ~12,500 conv tiles of 32 rows).

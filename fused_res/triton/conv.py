@@ -263,6 +263,13 @@ def needs_int64(*tensors) -> bool:
     return False
 
 
+def vec(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A per-channel (or per-sample) vector as the kernels read it: contiguous. Gradients of
+    C-sized outputs are often expanded views (mean.sum()'s gradient has stride 0), and a
+    sliced parameter is strided; the kernels index vectors as plain arrays."""
+    return None if t is None else t.contiguous()
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints, on the host (triton.cdiv goes through its JIT call machinery)."""
     return -(-a // b)
@@ -303,6 +310,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
+    bias, in_center, in_scale, in_shift = vec(bias), vec(in_center), vec(in_scale), vec(in_shift)
+    out_scale, out_shift, branch_scale = vec(out_scale), vec(out_shift), vec(branch_scale)
     oh = (h + 2 * padding[0] - kh) // stride[0] + 1
     ow = (w + 2 * padding[1] - kw) // stride[1] + 1
     y = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device,

@@ -20,7 +20,7 @@ import triton.language as tl
 from .._eager import plain_eager
 from . import configs
 from .common import channel_affine, unit_tail
-from .conv import cdiv, needs_int64
+from .conv import cdiv, needs_int64, vec
 
 
 @triton.jit
@@ -227,9 +227,9 @@ _INTERPRET = not isinstance(epilogue_fwd_kernel, triton.runtime.jit.JITFunction)
 
 # ---- launchers ----------------------------------------------------------------------------
 
-def _cfg() -> configs.TileConfig:
+def _cfg(c: int) -> configs.TileConfig:
     return (configs.INTERPRETER_ELEMENTWISE_CONFIG if _INTERPRET
-            else configs.ELEMENTWISE_CONFIG)
+            else configs.elementwise_config(c))
 
 
 def _geometry(t: torch.Tensor):
@@ -250,12 +250,13 @@ def _epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, bra
                       act_out, fmt):
     """y (z's shape and dtype, memory format fmt) = tail((z - center) * scale + shift)."""
     z = like(z, fmt)
+    center, scale, shift, branch_scale = vec(center), vec(scale), vec(shift), vec(branch_scale)
     y = torch.empty_like(z, memory_format=fmt)
     m, c, hw, w = _geometry(z)
     if m == 0 or c == 0:
         return y
     r = like(residual, fmt)
-    cfg, d = _cfg(), y
+    cfg, d = _cfg(c), y
     epilogue_fwd_kernel[_grid(m, c, cfg)](
         z, center if center is not None else d, scale if scale is not None else d,
         shift if shift is not None else d, r if r is not None else d,
@@ -275,12 +276,13 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or None,
     Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
     gy = like(gy, fmt)
+    center, scale, shift, branch_scale = vec(center), vec(scale), vec(shift), vec(branch_scale)
     m, c, hw, w = _geometry(gy)
     gt = torch.empty(gy.shape, dtype=gt_dtype or t.dtype, device=gy.device,
                      memory_format=fmt) if need_gt else None
     gr = torch.empty(gy.shape, dtype=residual_dtype, device=gy.device,
                      memory_format=fmt) if need_gr else None
-    cfg = _cfg()
+    cfg = _cfg(c)
     sub = configs.STATS_SUB_TILES
     tiles = cdiv(m, cfg.block_m * sub)
     psum = torch.empty((tiles, c), dtype=torch.float32, device=gy.device) if need_sum else None
@@ -349,7 +351,7 @@ def channel_stats(x):
     if m == 0 or c == 0:
         zeros = torch.zeros((c,), dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
-    cfg = _cfg()
+    cfg = _cfg(c)
     sub = configs.STATS_SUB_TILES
     tiles = cdiv(m, cfg.block_m * sub)
     st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
@@ -365,6 +367,7 @@ def _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
     """dL/dz (z's shape, out_dtype, memory format fmt) of (mean, biased var) over (N, H, W)
     plus the direct gradient gz (any of gz, gmean, gvar may be None)."""
     z = like(z, fmt)
+    gmean, gvar, mean = vec(gmean), vec(gvar), vec(mean)
     out = torch.empty(z.shape, dtype=out_dtype, device=z.device, memory_format=fmt)
     m, c, hw, w = _geometry(z)
     if m == 0 or c == 0:
@@ -374,7 +377,7 @@ def _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
             out.zero_()
         return out
     gz = like(gz, fmt)
-    cfg, d = _cfg(), z
+    cfg, d = _cfg(c), z
     stats_bwd_kernel[_grid(m, c, cfg)](
         gz if gz is not None else d, z, mean, gmean if gmean is not None else mean,
         gvar if gvar is not None else mean, out, m, c, hw, w, *out.stride(),
