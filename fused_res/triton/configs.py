@@ -48,19 +48,16 @@ CONV_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(32, 64, 32, 4, 4),
 )
 
-# What runs untuned (FUSED_RES_TRITON_AUTOTUNE=0): the first of these, largest tile first,
-# that the problem's channels fill and that still gives every SM two tiles. In the first H100
+# The smallest tile height the autotuner may pick: what its statistics buffers are sized for.
+CONV_MIN_BLOCK_M = min(c.block_m for c in CONV_CONFIGS)
+
+# What runs untuned (FUSED_RES_TRITON_AUTOTUNE=0): of the autotune candidates, largest tile
+# first, the first that the problem's channels fill and that still gives every SM two tiles
+# (default_conv_config). In the first H100
 # run every conv ran 64x64x32, and the fused blocks took 1.3-2.5x the time of cuDNN's fused
 # blocks (benchmarks/results/2026-11-26-h100-run1, blocks-eval-b64, graph rows).
-DEFAULT_LADDER: tuple[ConvConfig, ...] = (
-    ConvConfig(128, 128, 64, 8, 3),
-    ConvConfig(128, 64, 32, 4, 4),
-    ConvConfig(64, 128, 64, 4, 3),
-    ConvConfig(64, 64, 64, 4, 3),
-    ConvConfig(64, 64, 32, 4, 4),
-    ConvConfig(64, 32, 32, 4, 4),
-    ConvConfig(32, 64, 32, 4, 4),
-)
+DEFAULT_LADDER: tuple[ConvConfig, ...] = tuple(sorted(
+    CONV_CONFIGS, key=lambda c: (-c.block_m * c.block_n, -c.block_m, -c.block_k)))
 
 # Tiles only a GPU can judge (benchmarks/conv_configs.py times them beside CONV_CONFIGS and
 # cuDNN at ResNet-50's shapes); not autotuned. The AOT check shows small spills for some of
@@ -114,7 +111,7 @@ def conv_config_excluded(cfg: ConvConfig, elt_bytes: int, taps: int) -> str | No
 
 
 def conv_configs_for(elt_bytes: int, taps: int, c_in: int, c_out: int,
-                     flat_k: bool) -> list[ConvConfig]:
+                     flat: bool) -> list[ConvConfig]:
     """The configs worth timing for one problem: not excluded, and not much wider than the
     problem's channel counts (a 128-wide tile on 32 channels only wastes work)."""
     out = []
@@ -123,7 +120,7 @@ def conv_configs_for(elt_bytes: int, taps: int, c_in: int, c_out: int,
             continue
         if cfg.block_n > max(DOT_MIN, 2 * c_out):
             continue
-        if not flat_k and cfg.block_k > max(DOT_MIN, 2 * c_in):
+        if not flat and cfg.block_k > max(DOT_MIN, 2 * c_in):
             continue
         out.append(cfg)
     if not out:  # the smallest valid config always runs

@@ -331,7 +331,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         # One partial per M tile. When the autotuner decides, the buffers are sized for its
         # smallest tile and the counts zeroed, so that rows a larger tile leaves unwritten
         # have count 0 and the finalize skips them; a known tile writes every row.
-        bm = cfg.block_m if cfg is not None else min(c.block_m for c in configs.CONV_CONFIGS)
+        bm = cfg.block_m if cfg is not None else configs.CONV_MIN_BLOCK_M
         tiles = cdiv(max(m, 1), bm)
         st_mean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
         st_m2 = torch.empty_like(st_mean)
