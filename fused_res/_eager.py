@@ -13,6 +13,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 ENABLED = os.environ.get("FUSED_RES_EAGER_TWINS", "1") != "0"
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -37,3 +38,12 @@ def plain_eager(args) -> bool:
                     return False
                 first = False
     return True
+
+
+def transformed() -> bool:
+    """Whether forward-mode AD (a dual level) or a torch.func transform (jvp, grad, vmap, ...)
+    is active. The fused kernels have no jvp or batching rule: through the custom ops a
+    torch.func.jvp tangent came back silently wrong, so such calls run the reference
+    composite instead (fused_res.ops.library.call)."""
+    return (forward_ad._current_level >= 0
+            or torch._C._functorch.maybe_current_level() is not None)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._eager import plain_eager
+from .._eager import plain_eager, transformed
 from ..backends import get_backend_object
 from ..backends.reference import acc_dtype, memory_format_of, needs_pre_act
+from ..backends.registry import warn_once
 
 Vec = Tensor | None
 
@@ -41,6 +42,18 @@ def _conv_out_like(x: Tensor, weight: Tensor, stride, padding, dilation) -> Tens
 
 def _vec(x: Tensor, c: int) -> Tensor:
     return torch.empty((c,), dtype=acc_dtype(x.dtype), device=x.device)
+
+
+def _backward_backend(name: str):
+    """The backend whose backward runs. A backward taken with create_graph=True (grad mode on
+    inside it) must itself be differentiable: the fast backends' backward kernels have no
+    derivative of their own, so that backward is the reference's composite of aten ops, which
+    computes the same gradients and differentiates them correctly."""
+    if name != "reference" and torch.is_grad_enabled():
+        warn_once(f"a backward with create_graph=True (double backward) through backend "
+                  f"{name!r}, whose backward kernels have no derivative")
+        name = "reference"
+    return get_backend_object(name)
 
 
 # ---- conv_unit --------------------------------------------------------------------------
@@ -98,7 +111,7 @@ def _unit_backward(ctx, gy, _gu):
     saved = dict(zip(_UNIT_TENSORS + ("u", "y"), ctx.saved_tensors, strict=True))
     saved.update(ctx.meta)
     needs = dict(zip(_UNIT_ARGS, ctx.needs_input_grad, strict=True))
-    grads = get_backend_object(ctx.meta["backend"]).conv_unit_backward(gy, saved, needs)
+    grads = _backward_backend(ctx.meta["backend"]).conv_unit_backward(gy, saved, needs)
     return tuple(grads.get(k) if needs[k] else None for k in _UNIT_ARGS)
 
 
@@ -144,7 +157,7 @@ def _stats_backward(ctx, gz, gmean, gvar):
     saved = dict(zip(_STATS_TENSORS + ("z", "mean"), ctx.saved_tensors, strict=True))
     saved.update(ctx.meta)
     needs = dict(zip(_STATS_ARGS, ctx.needs_input_grad, strict=True))
-    grads = get_backend_object(ctx.meta["backend"]).conv_bn_stats_backward(
+    grads = _backward_backend(ctx.meta["backend"]).conv_bn_stats_backward(
         gz, gmean, gvar, saved, needs)
     return tuple(grads.get(k) if needs[k] else None for k in _STATS_ARGS)
 
@@ -176,7 +189,7 @@ def _channel_stats_setup(ctx, inputs, output):
 
 def _channel_stats_backward(ctx, gmean, gvar):
     x, mean = ctx.saved_tensors
-    gx = get_backend_object(ctx.backend).channel_stats_backward(gmean, gvar, x, mean)
+    gx = _backward_backend(ctx.backend).channel_stats_backward(gmean, gvar, x, mean)
     return gx, None
 
 
@@ -225,7 +238,7 @@ def _epilogue_backward(ctx, gy):
                      strict=True))
     saved.update(ctx.meta)
     needs = dict(zip(_EPI_ARGS, ctx.needs_input_grad, strict=True))
-    grads = get_backend_object(ctx.meta["backend"]).epilogue_backward(gy, saved, needs)
+    grads = _backward_backend(ctx.meta["backend"]).epilogue_backward(gy, saved, needs)
     return tuple(grads.get(k) if needs[k] else None for k in _EPI_ARGS)
 
 
@@ -259,10 +272,27 @@ _OPS = {
     "epilogue": (epilogue, _eager_twin("epilogue", _epilogue_impl, _epilogue_setup,
                                        _epilogue_backward)),
 }
+# The reference backend's forward methods are differentiable compositions of aten ops, which
+# every autograd mode and torch.func transform supports; the backend argument is dropped.
+_COMPOSITES = {
+    "conv_unit": lambda ref, *a: ref.conv_unit_forward(*a),
+    "conv_bn_stats": lambda ref, *a: ref.conv_bn_stats_forward(*a),
+    "channel_stats": lambda ref, *a: ref.channel_stats_forward(*a),
+    "epilogue": lambda ref, *a: ref.epilogue_forward(*a),
+}
+
+
 def call(name: str, *args):
     """Run op `name` (conv_unit, conv_bn_stats, channel_stats, epilogue) on positional args in
     its schema's order: through its eager twin where nothing needs the dispatcher, else the
-    custom op. Same values and gradients either way."""
+    custom op. Same values and gradients either way. Under forward-mode AD or a torch.func
+    transform, the reference composite runs instead (one warning): the ops have no jvp or
+    batching rule of their own."""
+    if not torch.compiler.is_compiling() and transformed():
+        if args[-1] != "reference":
+            warn_once("forward-mode AD or a torch.func transform (jvp, grad, vmap, ...) is "
+                      f"active, for which backend {args[-1]!r} has no rule")
+        return _COMPOSITES[name](get_backend_object("reference"), *args[:-1])
     op, twin = _OPS[name]
     if plain_eager(args):
         return twin.apply(*args)
