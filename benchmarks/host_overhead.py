@@ -4,7 +4,7 @@ no-op, so what is timed is our Python, the custom-op and autograd dispatch and t
 preparation, not the kernels or Triton's launcher.
 
     python benchmarks/host_overhead.py [--model resnet50] [--mode eval|train] [--repeats 20]
-                                       [--profile [--sort cumtime]]
+                                       [--profile [--sort cumtime]] [--launches]
 
 Without CUDA graphs this cost is paid per conv unit on every call; on the first H100 run the
 fused-triton blocks took 1.1-1.7 ms per call against 0.2-0.6 ms as graph replays. Not a speed
@@ -25,10 +25,43 @@ import time
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: kernel[grid](...) does nothing."""
+    """Stands in for a Triton kernel: kernel[grid](...) does nothing but count."""
+
+    launches = 0
+    stubbed_aten = 0  # aten ops replaced by stubs (the conv backward)
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        def launch(*args, **kwargs):
+            _NoLaunch.launches += 1
+        return launch
+
+
+# aten ops that launch no kernel on a GPU: views, allocations, metadata.
+_NO_KERNEL = ("view", "permute", "_unsafe_view", "as_strided", "expand", "t", "detach", "alias",
+              "slice", "select", "unsqueeze", "squeeze", "transpose", "empty", "empty_strided",
+              "empty_like", "new_empty", "new_empty_strided", "reshape", "is_same_size",
+              "lift_fresh", "_record_function_enter_new", "_record_function_exit")
+
+
+def count_launches(step) -> tuple[int, int]:
+    """(aten ops that would launch a device kernel, Triton launches) of one call of step().
+    Under the counting dispatch mode the fused ops run as custom ops (their dispatch is not
+    a launch and is not counted; what they run inside is)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ns, name = func.namespace, func._schema.name.split("::")[-1]
+            if ns == "aten" and name not in _NO_KERNEL:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    _NoLaunch.launches = _NoLaunch.stubbed_aten = 0
+    with Count():
+        step()
+    return Count.n + _NoLaunch.stubbed_aten, _NoLaunch.launches
 
 
 def _stub_kernels() -> None:
@@ -36,6 +69,7 @@ def _stub_kernels() -> None:
 
     import fused_res.backends.reference as ref
     import fused_res.backends.triton_backend as tb
+    import fused_res.triton.batchnorm as tbn
     import fused_res.triton.conv as tconv
     import fused_res.triton.elementwise as tew
 
@@ -43,9 +77,12 @@ def _stub_kernels() -> None:
     for name in ("epilogue_fwd_kernel", "epilogue_bwd_kernel", "stats_partial_kernel",
                  "stats_finalize_kernel", "stats_bwd_kernel"):
         setattr(tew, name, _NoLaunch())
+    for name in ("bn_scale_kernel", "bn_scale_bwd_kernel", "bn_running_kernel"):
+        setattr(tbn, name, _NoLaunch())
 
     def conv_backward(gz, p, weight, has_bias, stride, padding, dilation, groups, needs_p,
                       needs_w):
+        _NoLaunch.stubbed_aten += 1  # one aten convolution_backward, as eager's count has
         return (torch.empty_like(p) if needs_p else None,
                 torch.empty_like(weight) if needs_w else None,
                 gz.new_empty((weight.shape[0],)) if has_bias else None)
@@ -61,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true", help="also print the top functions")
     p.add_argument("--sort", choices=("tottime", "cumtime"), default="tottime",
                    help="order of the --profile listing")
+    p.add_argument("--launches", action="store_true",
+                   help="also count the device kernels one step would launch, fused and eager")
     a = p.parse_args(argv)
     # The interpreter flag makes the backend run on CPU tensors; the stubs mean no kernel is
     # ever interpreted.
@@ -78,18 +117,23 @@ def main(argv=None) -> int:
     fused.train(a.mode == "train")
     units = sum(1 for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(fused.parameters(), lr=1e-4, momentum=0.9)
+    # foreach=True: the multi-tensor update torch picks by default for CUDA parameters.
+    opt = torch.optim.SGD(fused.parameters(), lr=1e-4, momentum=0.9, foreach=True)
 
-    def step():
-        if a.mode == "eval":
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                return fused(x)
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = fused(x)
-        out.float().square().mean().backward()
-        opt.step()
-        return out
+    def make_step(net, opt):
+        def step():
+            if a.mode == "eval":
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    return net(x)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = net(x)
+            out.float().square().mean().backward()
+            opt.step()
+            return out
+        return step
+
+    step = make_step(fused, opt)
 
     for _ in range(3):
         step()
@@ -100,6 +144,16 @@ def main(argv=None) -> int:
     what = "eval forward" if a.mode == "eval" else "train step (forward, backward, SGD)"
     print(f"{a.model}: {ms:.2f} ms of host work per {what}, {units} convs, "
           f"{1e3 * ms / units:.0f} us per conv unit (kernels stubbed out)")
+    if a.launches:
+        model.train(a.mode == "train")
+        eager_step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9,
+                                                      foreach=True))
+        for _ in range(2):
+            eager_step()
+        aten_n, triton_n = count_launches(step)
+        eager_n, _ = count_launches(eager_step)
+        print(f"device kernels per {what}: fused-triton {aten_n + triton_n} ({aten_n} aten, "
+              f"{triton_n} Triton), eager {eager_n} (aten; cuDNN's own count per conv aside)")
     if a.profile:
         prof = cProfile.Profile()
         prof.enable()

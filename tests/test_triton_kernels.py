@@ -489,6 +489,38 @@ else:
         assert torch.isnan(y).any()
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
 
+    @pytest.mark.parametrize("momentum", [0.1, None])
+    @pytest.mark.parametrize("affine", [True, False])
+    def test_bn_kernels_match_batchnorm2d(momentum, affine):
+        from tests.helpers import check_bn_ops_match_batchnorm
+        check_bn_ops_match_batchnorm("triton", momentum, affine)
+
+    def test_bn_kernels_update_half_precision_buffers():
+        from tests.helpers import check_bn_ops_match_batchnorm
+        check_bn_ops_match_batchnorm("triton", 0.1, True, dtype=torch.float16)
+
+    def test_bn_scale_kernel_gradients():
+        """C = 37 spans a partial block; the stride-0 gradient of a sum is made contiguous."""
+        from tests.helpers import check_bn_scale_gradients
+        check_bn_scale_gradients("triton")
+
+    def test_bn_kernels_run_where_the_backend_says(monkeypatch):
+        """The triton backend's BatchNorm ops launch its kernels (not the inherited reference),
+        and a non-contiguous running buffer goes to the reference update."""
+        from fused_res.triton import batchnorm as tbn
+        seen = []
+        for name in ("bn_scale", "bn_update_running"):
+            real = getattr(tbn, name)
+            monkeypatch.setattr(tbn, name, lambda *a, _r=real, _n=name: seen.append(_n)
+                                or _r(*a))
+        rm, rv = torch.zeros(8), torch.ones(8)
+        ops.bn_scale(torch.randn(4), torch.rand(4), None, running_mean=rm[::2],
+                     running_var=rv[::2], count=5, backend="triton")
+        assert seen == ["bn_scale"] and rm[::2].any() and not rm[1::2].any()
+        ops.bn_scale(torch.randn(8), torch.rand(8), None, running_mean=rm, running_var=rv,
+                     count=5, backend="triton")
+        assert seen == ["bn_scale", "bn_update_running", "bn_scale"]
+
     def test_groups_and_float64_fall_back_with_one_warning():
         registry._warned.clear()
         x = torch.randn(2, 4, 6, 6)

@@ -277,6 +277,28 @@ class ReferenceBackend(Backend):
     def channel_stats_backward(self, gmean, gvar, x, mean):
         return _stats_backward_into(None, gmean, gvar, x, mean).to(x.dtype)
 
+    # ---- a train-mode BatchNorm's per-channel scale, and its running statistics ------------
+    def bn_scale_forward(self, var, weight, eps):
+        """scale = weight * rsqrt(var + eps) (C,) in var's dtype (weight may be None)."""
+        scale = torch.rsqrt(var + eps)
+        return scale * weight.to(scale.dtype) if weight is not None else scale
+
+    def bn_scale_backward(self, g, var, weight, eps, need_var, need_weight):
+        """(dL/dvar, dL/dweight) of bn_scale_forward given dL/dscale (None where unwanted)."""
+        rstd = torch.rsqrt(var + eps)
+        gw = (g * rstd).to(weight.dtype) if need_weight and weight is not None else None
+        gv = None
+        if need_var:
+            gs = g * weight.to(g.dtype) if weight is not None else g
+            gv = (gs * rstd.pow(3) * -0.5).to(var.dtype)
+        return gv, gw
+
+    def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
+                          momentum, count):
+        """nn.BatchNorm2d's running-statistics update, in place (update_running_stats)."""
+        update_running_stats(mean, var, running_mean, running_var, num_batches_tracked,
+                             momentum, count)
+
     # ---- epilogue: y = tail((z - center) * scale + shift) ---------------------------------
     def epilogue_forward(self, z, center, scale, shift, act_mid, residual, res_scale,
                          branch_scale, act_out):
@@ -301,6 +323,33 @@ class ReferenceBackend(Backend):
             gu, z, center, scale, shift, needs["z"], needs["center"], needs["scale"],
             needs["shift"])
         return grads
+
+
+@torch.no_grad()
+def update_running_stats(mean, var, running_mean, running_var, num_batches_tracked, momentum,
+                         count: int) -> None:
+    """nn.BatchNorm2d's running-statistics update in training, for batch statistics of `count`
+    values per channel: num_batches_tracked += 1; running = (1 - f) * running + f * batch,
+    f = momentum, or 1 / num_batches_tracked when momentum is None; the running variance is
+    the unbiased one. Nothing without running statistics; an empty batch only counts."""
+    if running_mean is None:
+        return
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if count == 0:
+        return
+    factor = (1.0 / num_batches_tracked.to(running_mean.dtype) if momentum is None
+              else momentum)
+    unbiased = var.detach() * (count / (count - 1))
+    running = [running_mean, running_var]
+    batch = [mean.detach().to(running_mean.dtype), unbiased.to(running_var.dtype)]
+    # Two multi-tensor launches for both buffers rather than six elementwise ones.
+    if isinstance(factor, torch.Tensor):
+        torch._foreach_mul_(running, 1 - factor)
+        torch._foreach_add_(running, torch._foreach_mul(batch, factor))
+    else:
+        torch._foreach_mul_(running, 1 - factor)
+        torch._foreach_add_(running, batch, alpha=factor)
 
 
 def _stats_backward_into(gz, gmean, gvar, z, mean):

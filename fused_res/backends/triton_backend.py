@@ -54,6 +54,12 @@ def _kernels():
     return conv, elementwise
 
 
+def _bn_kernels():
+    """The BatchNorm per-channel kernel module, imported on first use."""
+    from ..triton import batchnorm
+    return batchnorm
+
+
 class TritonBackend(ReferenceBackend):
     """Triton kernels for the conv unit; what is not overridden here is the reference."""
 
@@ -236,6 +242,27 @@ class TritonBackend(ReferenceBackend):
             need_sum_t=needs["scale"] and scale is not None, fmt=memory_format_of(z))
         return {"residual": gr, "z": gz, **_affine_grads(sum_g, sum_gt, center, scale, shift,
                                                          needs, ("center", "scale", "shift"))}
+
+    # ---- a train-mode BatchNorm's scale and running statistics: one launch each -----------
+    def bn_scale_forward(self, var, weight, eps):
+        if not self._runs(var):
+            return super().bn_scale_forward(var, weight, eps)
+        return _bn_kernels().bn_scale(var, weight, eps)
+
+    def bn_scale_backward(self, g, var, weight, eps, need_var, need_weight):
+        if not self._runs(var):
+            return super().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
+        return _bn_kernels().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
+
+    def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
+                          momentum, count):
+        # The kernel updates the buffers through their pointers: contiguous, on var's device.
+        if not (self._runs(var) and all(t.is_contiguous() and t.device == var.device
+                                        for t in (running_mean, running_var))):
+            return super().bn_update_running(mean, var, running_mean, running_var,
+                                             num_batches_tracked, momentum, count)
+        _bn_kernels().bn_update_running(mean, var, running_mean, running_var,
+                                        num_batches_tracked, momentum, count)
 
     # ---- the reference's primitives, in Triton (conv_bn_stats_backward is inherited) -------
     def _prologue_apply(self, x, center, scale, shift, act):

@@ -72,46 +72,29 @@ def check_batch_size(bn: nn.BatchNorm2d, count: int, shape) -> None:
                          f"{tuple(shape)} (BatchNorm {bn.num_features} channels)")
 
 
-@torch.no_grad()
-def update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """The running-statistics update of nn.BatchNorm2d in training: num_batches_tracked += 1;
-    running = (1 - f) * running + f * batch, f = momentum, or 1 / num_batches_tracked when
-    momentum is None; the running variance is the unbiased one. An empty batch only counts."""
-    if not (bn.training and bn.track_running_stats) or bn.running_mean is None:
-        return
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    if count == 0:
-        return
-    if bn.momentum is None:
-        factor = 1.0 / bn.num_batches_tracked.to(bn.running_mean.dtype)
-    else:
-        factor = bn.momentum
-    unbiased = var.detach() * (count / (count - 1))
-    running = [bn.running_mean, bn.running_var]
-    batch = [mean.detach().to(bn.running_mean.dtype), unbiased.to(bn.running_var.dtype)]
-    # Two multi-tensor launches for both buffers rather than six elementwise ones: a training
-    # step runs this for every BatchNorm.
-    if isinstance(factor, Tensor):
-        torch._foreach_mul_(running, 1 - factor)
-        torch._foreach_add_(running, torch._foreach_mul(batch, factor))
-    else:
-        torch._foreach_mul_(running, 1 - factor)
-        torch._foreach_add_(running, batch, alpha=factor)
-
-
-def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape) -> ChannelAffine:
+def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape,
+                 backend: str | None) -> ChannelAffine:
     """bn with the batch statistics of a tensor of `shape`, updating bn's running statistics
-    as nn.BatchNorm2d does."""
+    as nn.BatchNorm2d does (fused_res.ops.bn_scale: the coefficient and the update in one
+    op, where the composite took about a dozen C-sized launches per BatchNorm per step)."""
+    check_norm(bn)
     count = shape[0] * shape[2] * shape[3]
     check_batch_size(bn, count, shape)
-    update_running_stats(bn, mean, var, count)
-    return affine_from_stats(bn, mean, var)
+    update = bn.training and bn.track_running_stats and bn.running_mean is not None
+    acc = _acc(bn, mean)
+    scale = ops.bn_scale(
+        mean.to(acc), var.to(acc), bn.weight,
+        running_mean=bn.running_mean if update else None,
+        running_var=bn.running_var if update else None,
+        num_batches_tracked=bn.num_batches_tracked if update else None,
+        momentum=bn.momentum, eps=bn.eps, count=count, backend=backend)
+    shift = bn.bias.to(acc) if bn.bias is not None else None
+    return ChannelAffine(mean.to(acc), scale, shift)
 
 
 def input_affine(bn: nn.BatchNorm2d, x: Tensor, backend: str | None) -> ChannelAffine:
     """bn applied to x itself (a pre-activation BN of a block input)."""
     if uses_batch_stats(bn):
         mean, var = ops.channel_stats(x, backend=backend)
-        return batch_affine(bn, mean, var, x.shape)
+        return batch_affine(bn, mean, var, x.shape, backend)
     return running_affine(bn, x)

@@ -160,7 +160,7 @@ class FusedResidualBlock(nn.Module):
         pn = self._get(plan.post_norm)
         if uses_batch_stats(pn):
             mean, var = ops.channel_stats(w, backend=backend)
-            aff = batch_affine(pn, mean, var, w.shape)
+            aff = batch_affine(pn, mean, var, w.shape, backend)
         else:
             aff = running_affine(pn, w)
         return ops.epilogue(w, aff.scale, aff.shift, center=aff.center,

@@ -63,7 +63,7 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
     if uses_batch_stats(bn):
         z, mean, var = ops.conv_bn_stats(h, conv.weight, conv.bias, **kw, **prologue,
                                          backend=backend)
-        aff = batch_affine(bn, mean, var, z.shape)
+        aff = batch_affine(bn, mean, var, z.shape, backend)
         if defer and not tail:
             return z, Pending(aff, act_mid)
         return ops.epilogue(z, aff.scale, aff.shift, center=aff.center, act_mid=act_mid,

@@ -2,6 +2,7 @@
 registrations. Use the functions here; fused_res.ops.library holds the raw ops."""
 
 from . import library
-from .functional import ACTS, channel_stats, conv_bn_stats, conv_unit, epilogue
+from .functional import ACTS, bn_scale, channel_stats, conv_bn_stats, conv_unit, epilogue
 
-__all__ = ["ACTS", "channel_stats", "conv_bn_stats", "conv_unit", "epilogue", "library"]
+__all__ = ["ACTS", "bn_scale", "channel_stats", "conv_bn_stats", "conv_unit", "epilogue",
+           "library"]

@@ -262,3 +262,57 @@ def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None
                "branch_scale": branch_scale}
     settings = (act_mid, res_scale, act_out)
     return run(_choose("epilogue", backend, z, None, 1, (1, 1), tensors, settings, run))
+
+
+def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
+             running_mean: Tensor | None = None, running_var: Tensor | None = None,
+             num_batches_tracked: Tensor | None = None, momentum: float | None = 0.1,
+             eps: float = 1e-5, count: int, backend: str | None = None) -> Tensor:
+    """A train-mode BatchNorm's per-channel scale from batch statistics, and its running-
+    statistics update, in one op:
+
+        scale = weight * rsqrt(var + eps)                              (C,), var's dtype
+        running_mean, running_var, num_batches_tracked updated in place exactly as
+        nn.BatchNorm2d does in training (when running_mean and running_var are given)
+
+    mean, var (C,) float32/float64: the batch mean and biased variance of `count` values per
+    channel; weight (C,) or None. Differentiable in var and weight (the normalized value is
+    (z - mean) * scale + bias, with mean passed on as the center). 'auto' runs the reference:
+    it is never measured, since measuring would update the running statistics per candidate.
+    """
+    for name, v in (("mean", mean), ("var", var)):
+        if not isinstance(v, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor; got {type(v).__name__}")
+        if v.dim() != 1 or v.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"{name} has shape {tuple(v.shape)} and dtype {v.dtype}; accepted: "
+                             "a float32 or float64 vector (C,)")
+    c = mean.shape[0]
+    if var.shape != mean.shape or var.dtype != mean.dtype:
+        raise ValueError(f"var has shape {tuple(var.shape)} and dtype {var.dtype}; accepted: "
+                         f"mean's ({c},) and {mean.dtype}")
+    _check_vector("weight", weight, c, "channel")
+    _check_vector("running_mean", running_mean, c, "channel")
+    _check_vector("running_var", running_var, c, "channel")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together (or both None)")
+    _check_same_device(mean, var=var, weight=weight, running_mean=running_mean,
+                       running_var=running_var, num_batches_tracked=num_batches_tracked)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"count={count!r}; accepted: an int >= 0 (values per channel)")
+    if running_mean is not None and count == 1:
+        raise ValueError(f"count=1: expected more than 1 value per channel when training "
+                         f"(BatchNorm of {c} channels)")
+    if momentum is not None and (isinstance(momentum, bool)
+                                 or not isinstance(momentum, (int, float))):
+        raise TypeError(f"momentum={momentum!r}; accepted: a float or None (cumulative average)")
+    if momentum is None and running_mean is not None and num_batches_tracked is None:
+        raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"eps={eps!r}; accepted: a float >= 0")
+    name = backend if backend is not None else current_backend()
+    name = "reference" if name == "auto" else resolve(name, var)
+    if running_mean is not None:
+        library.call("bn_update_running", mean.detach(), var.detach(), running_mean,
+                     running_var, num_batches_tracked,
+                     None if momentum is None else float(momentum), count, name)
+    return library.call("bn_scale", var, weight, float(eps), name)

@@ -5,6 +5,8 @@
     fused_res::conv_bn_stats  z = conv(act_in((x-c_in)*a_in+b_in)), mean and biased var of z
     fused_res::channel_stats  mean and biased var of x per channel
     fused_res::epilogue       y = act_out(d * act_mid((z-c)*a+b) + λ * r)
+    fused_res::bn_scale       a = weight * rsqrt(var + eps) (a train-mode BatchNorm's scale)
+    fused_res::bn_update_running  nn.BatchNorm2d's running-statistics update, in place
 
 A BatchNorm in training passes its batch mean as the center c (rather than folding it into
 b): the gradient of a is then Σ g·(z - c), which does not cancel when |mean| >> std.
@@ -245,6 +247,55 @@ def _epilogue_backward(ctx, gy):
 epilogue.register_autograd(_epilogue_backward, setup_context=_epilogue_setup)
 
 
+# ---- bn_scale, bn_update_running --------------------------------------------------------
+# Two ops, because an op that mutates its arguments cannot have an autograd formula.
+
+def _bn_scale_impl(var: Tensor, weight: Vec, eps: float, backend: str) -> Tensor:
+    return get_backend_object(backend).bn_scale_forward(var, weight, eps)
+
+
+bn_scale = torch.library.custom_op("fused_res::bn_scale", _bn_scale_impl, mutates_args=())
+
+
+@bn_scale.register_fake
+def _(var, weight, eps, backend):
+    return torch.empty_like(var)
+
+
+def _bn_scale_setup(ctx, inputs, output):
+    var, weight, eps, backend = inputs
+    ctx.save_for_backward(var, weight)
+    ctx.meta = {"eps": eps, "backend": backend}
+
+
+def _bn_scale_backward(ctx, g):
+    var, weight = ctx.saved_tensors
+    need_var, need_weight = ctx.needs_input_grad[:2]
+    gv, gw = _backward_backend(ctx.meta["backend"]).bn_scale_backward(
+        g, var, weight, ctx.meta["eps"], need_var, need_weight)
+    return (gv if need_var else None), (gw if need_weight else None), None, None
+
+
+bn_scale.register_autograd(_bn_scale_backward, setup_context=_bn_scale_setup)
+
+
+def _bn_update_running_impl(mean: Tensor, var: Tensor, running_mean: Tensor,
+                            running_var: Tensor, num_batches_tracked: Vec,
+                            momentum: float | None, count: int, backend: str) -> None:
+    get_backend_object(backend).bn_update_running(
+        mean, var, running_mean, running_var, num_batches_tracked, momentum, count)
+
+
+bn_update_running = torch.library.custom_op(
+    "fused_res::bn_update_running", _bn_update_running_impl,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))
+
+
+@bn_update_running.register_fake
+def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count, backend):
+    return None
+
+
 # ---- eager twins ------------------------------------------------------------------------
 # In plain eager mode the custom ops' dispatch and generated autograd wrapper cost tens of
 # microseconds per call (schema handling, default filling, redispatch), paid for every conv
@@ -271,6 +322,12 @@ _OPS = {
                                                  _channel_stats_backward)),
     "epilogue": (epilogue, _eager_twin("epilogue", _epilogue_impl, _epilogue_setup,
                                        _epilogue_backward)),
+    "bn_scale": (bn_scale, _eager_twin("bn_scale", _bn_scale_impl, _bn_scale_setup,
+                                       _bn_scale_backward)),
+    # No autograd: the implementation itself is the twin.
+    "bn_update_running": (bn_update_running,
+                          type("Eager_bn_update_running", (),
+                               {"apply": staticmethod(_bn_update_running_impl)})),
 }
 # The reference backend's forward methods are differentiable compositions of aten ops, which
 # every autograd mode and torch.func transform supports; the backend argument is dropped.
@@ -279,15 +336,17 @@ _COMPOSITES = {
     "conv_bn_stats": lambda ref, *a: ref.conv_bn_stats_forward(*a),
     "channel_stats": lambda ref, *a: ref.channel_stats_forward(*a),
     "epilogue": lambda ref, *a: ref.epilogue_forward(*a),
+    "bn_scale": lambda ref, *a: ref.bn_scale_forward(*a),
+    "bn_update_running": lambda ref, *a: ref.bn_update_running(*a),
 }
 
 
 def call(name: str, *args):
-    """Run op `name` (conv_unit, conv_bn_stats, channel_stats, epilogue) on positional args in
-    its schema's order: through its eager twin where nothing needs the dispatcher, else the
-    custom op. Same values and gradients either way. Under forward-mode AD or a torch.func
-    transform, the reference composite runs instead (one warning): the ops have no jvp or
-    batching rule of their own."""
+    """Run op `name` (conv_unit, conv_bn_stats, channel_stats, epilogue, bn_scale,
+    bn_update_running) on positional args in its schema's order: through its eager twin where
+    nothing needs the dispatcher, else the custom op. Same values and gradients either way.
+    Under forward-mode AD or a torch.func transform, the reference composite runs instead (one
+    warning): the ops have no jvp or batching rule of their own."""
     if not torch.compiler.is_compiling() and transformed():
         if args[-1] != "reference":
             warn_once("forward-mode AD or a torch.func transform (jvp, grad, vmap, ...) is "

@@ -143,7 +143,18 @@ _EW_VARIANTS = (  # (kernel, variant, flags)
 # Pointers holding the (N, C, H, W) tensors of each elementwise kernel (the rest are float32).
 _EW_MAPS = {"z_ptr", "res_ptr", "y_ptr", "gy_ptr", "t_ptr", "gt_ptr", "gr_ptr", "x_ptr",
             "gz_ptr", "out_ptr"}
-_FLOAT_SCALARS = {"res_scale"}
+_FLOAT_SCALARS = {"res_scale", "eps", "momentum", "unbias"}
+_I64_PTRS = {"nbt_ptr"}  # BatchNorm's num_batches_tracked
+
+# The BatchNorm per-channel kernels (float32 vectors whatever the tensors' dtype: compiled
+# once), at ResNet-50's widest BatchNorm.
+_BN_VARIANTS = (  # (kernel, variant, flags)
+    ("bn_scale_kernel", "weighted", dict(HAS_W=True)),
+    ("bn_scale_bwd_kernel", "all_flags", dict(HAS_W=True, NEED_V=True, NEED_W=True)),
+    ("bn_running_kernel", "momentum", dict(HAS_NBT=True, MOMENTUM_NONE=False, UPDATE=True)),
+    ("bn_running_kernel", "cumulative", dict(HAS_NBT=True, MOMENTUM_NONE=True, UPDATE=True)),
+)
+BN_INT_ARGS = dict(C=2048)
 
 
 def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
@@ -155,7 +166,8 @@ def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
         if name in cx:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = f"*{dtype}" if name in maps else "*fp32"
+            sig[name] = (f"*{dtype}" if name in maps else "*i64" if name in _I64_PTRS
+                         else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
@@ -195,7 +207,7 @@ class Job:
 def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
     """Everything the backend can launch on a GPU, each with the reason it is excluded (if
     it is)."""
-    from . import conv, elementwise
+    from . import batchnorm, conv, elementwise
 
     out = []
     dtypes = ("bf16",) if subset else dtypes
@@ -233,6 +245,11 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
                 out.append(Job(fn, name, variant, str(cfg), dtype, {**flags, **blocks},
                                _EW_MAPS, EW_INT_ARGS,
                                {"num_warps": cfg.num_warps, "num_stages": 1}))
+        if dtype == dtypes[0]:
+            for name, variant, flags in _BN_VARIANTS:
+                out.append(Job(getattr(batchnorm, name), name, variant, f"b{batchnorm.BLOCK}_w4",
+                               dtype, {**flags, "BLOCK": batchnorm.BLOCK}, set(), BN_INT_ARGS,
+                               {"num_warps": 4, "num_stages": 1}))
     return out
 
 

@@ -1,0 +1,88 @@
+"""fused_res.ops.bn_scale (a train-mode BatchNorm's scale and running-statistics update) on
+the CPU backends, against nn.BatchNorm2d and torch's composite; the triton backend runs the
+same checks under the interpreter (tests/test_triton_kernels.py)."""
+
+import pytest
+import torch
+
+from fused_res import _ext, ops
+from fused_res.ops import library
+from tests.helpers import check_bn_ops_match_batchnorm, check_bn_scale_gradients
+
+
+@pytest.fixture(params=["reference", "cuda"])
+def backend(request):
+    if request.param == "cuda" and _ext.load() is None:
+        pytest.skip(f"extension unavailable: {_ext.reason()}")
+    return request.param
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_ops_match_batchnorm2d(backend, momentum, affine):
+    check_bn_ops_match_batchnorm(backend, momentum, affine)
+
+
+def test_bn_ops_update_half_precision_buffers(backend):
+    check_bn_ops_match_batchnorm(backend, 0.1, True, dtype=torch.float16)
+
+
+def test_bn_scale_gradients(backend):
+    check_bn_scale_gradients(backend)
+
+
+def test_bn_scale_twice_differentiable():
+    var = torch.rand(5, dtype=torch.float64) + 0.1
+    w = torch.randn(5, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(
+        lambda v, w: ops.bn_scale(torch.zeros(5, dtype=torch.float64), v, w, eps=1e-3,
+                                  count=4, backend="reference"),
+        (var.requires_grad_(), w.requires_grad_()))
+
+
+def test_bad_arguments_name_the_argument_and_what_is_accepted():
+    m, v = torch.zeros(4), torch.ones(4)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    cases = [
+        (dict(mean=m, var=v, count=1, running_mean=rm, running_var=rv), "count=1"),
+        (dict(mean=m, var=v, count=-2), "count=-2"),
+        (dict(mean=m, var=torch.ones(3), count=4), "var has shape"),
+        (dict(mean=m.half(), var=v, count=4), "mean has shape .* dtype"),
+        (dict(mean=m, var=v, weight=torch.ones(5), count=4), "weight has shape"),
+        (dict(mean=m, var=v, running_mean=rm, count=4), "given together"),
+        (dict(mean=m, var=v, running_mean=rm, running_var=rv, momentum=None, count=4),
+         "num_batches_tracked"),
+        (dict(mean=m, var=v, eps=-1.0, count=4), "eps=-1.0"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.bn_scale(**kwargs)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("bn_scale", lambda: (torch.rand(6) + 0.1, torch.randn(6), 1e-5, "reference")),
+    ("bn_update_running", lambda: (torch.randn(6), torch.rand(6), torch.zeros(6),
+                                   torch.ones(6), torch.tensor(3), None, 12, "reference")),
+])
+def test_opcheck(name, args):
+    op = getattr(library, name)
+    a = args()
+    if name == "bn_scale":
+        a = (a[0].requires_grad_(), a[1].requires_grad_(), *a[2:])
+    torch.library.opcheck(op, a)
+
+
+def test_compiled_update_mutates_the_buffers_like_eager():
+    def step(m, v, w, rm, rv, nbt):
+        return ops.bn_scale(m, v, w, running_mean=rm, running_var=rv, num_batches_tracked=nbt,
+                            momentum=None, eps=1e-5, count=20, backend="reference")
+
+    g = torch.Generator().manual_seed(3)
+    m, v, w = torch.randn(5, generator=g), torch.rand(5, generator=g) + 0.1, torch.randn(5)
+    bufs = [torch.zeros(5), torch.ones(5), torch.tensor(2)]
+    bufs_c = [b.clone() for b in bufs]
+    want = step(m, v, w, *bufs)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(m, v, w, *bufs_c)
+    assert torch.equal(got, want)
+    for a, b in zip(bufs_c, bufs, strict=True):
+        assert torch.equal(a, b)
