@@ -34,4 +34,9 @@ TORCH_LIBRARY(fused_res_C, m) {
   m.def("bn_finalize(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "
         "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
         "float? momentum, float eps, int count) -> (Tensor scale, Tensor shift)");
+  // A train-mode BatchNorm's scale = weight * rsqrt(var + eps) (float32), and its backward
+  // (dL/dvar float32, dL/dweight in weight's dtype; unwanted outputs are empty).
+  m.def("bn_scale(Tensor var, Tensor? weight, float eps) -> Tensor");
+  m.def("bn_scale_backward(Tensor grad, Tensor var, Tensor? weight, float eps, bool need_var, "
+        "bool need_weight) -> (Tensor grad_var, Tensor grad_weight)");
 }

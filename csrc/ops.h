@@ -100,7 +100,11 @@ inline at::Tensor empty_vec(const at::Tensor& like) {
       const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,                 \
       const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,     \
       const OptTensor& num_batches_tracked, std::optional<double> momentum, double eps,       \
-      int64_t count);
+      int64_t count);                                                                         \
+  at::Tensor bn_scale_##dev(const at::Tensor& var, const OptTensor& weight, double eps);      \
+  std::tuple<at::Tensor, at::Tensor> bn_scale_backward_##dev(                                 \
+      const at::Tensor& grad, const at::Tensor& var, const OptTensor& weight, double eps,     \
+      bool need_var, bool need_weight);
 
 FUSED_RES_DECLARE(cpu)
 FUSED_RES_DECLARE(cuda)
@@ -213,6 +217,26 @@ inline FinalizeInputs prepare_finalize(const at::Tensor& mean, const at::Tensor&
                 "fused_res_C: num_batches_tracked has shape ", t.sizes(), ", dtype ",
                 t.scalar_type(), "; accepted: an int64 scalar tensor on ", mean.device());
   }
+  return in;
+}
+
+// Checks of bn_scale / bn_scale_backward, common to both devices: var (C,) float32; weight
+// (C,) of any float dtype or None, read as float32; grad (C,) read as float32.
+struct ScaleInputs {
+  at::Tensor var;
+  OptTensor weight;
+  OptTensor grad;
+};
+
+inline ScaleInputs prepare_scale(const at::Tensor& var, const OptTensor& weight,
+                                 const OptTensor& grad) {
+  TORCH_CHECK(var.dim() == 1 && var.scalar_type() == at::kFloat, "fused_res_C: var has shape ",
+              var.sizes(), " and dtype ", var.scalar_type(), "; accepted: a float32 vector (C,)");
+  const int64_t c = var.size(0);
+  ScaleInputs in;
+  in.var = var.contiguous();
+  in.weight = vec_f32(weight, c, var, "weight", "channel");
+  in.grad = vec_f32(grad, c, var, "grad", "channel");
   return in;
 }
 

@@ -293,3 +293,13 @@ def _register_fakes() -> None:
     def _(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
           eps, count):
         return torch.empty_like(mean), torch.empty_like(mean)
+
+    @torch.library.register_fake("fused_res_C::bn_scale")
+    def _(var, weight, eps):
+        return torch.empty_like(var)
+
+    @torch.library.register_fake("fused_res_C::bn_scale_backward")
+    def _(grad, var, weight, eps, need_var, need_weight):
+        need_weight = need_weight and weight is not None
+        return (torch.empty_like(var) if need_var else vec(var, 0),
+                torch.empty_like(weight) if need_weight else vec(var, 0))

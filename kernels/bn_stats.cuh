@@ -200,4 +200,49 @@ inline cudaError_t launch_bn_finalize(const FinalizeArgs& a, const LaunchConfig&
   return cudaGetLastError();
 }
 
+// A train-mode BatchNorm's scale from the batch variance, and its backward, one thread per
+// channel (the scale is differentiable, the finalize above is not):
+//   scale = weight * rsqrt(var + eps)
+//   grad_var = -grad * weight * rstd^3 / 2,  grad_weight = grad * rstd
+struct ScaleArgs {
+  const float* var;
+  const float* weight;  // may be null (affine=False)
+  const float* grad;    // backward only
+  float* scale;         // forward only
+  float* grad_var;      // backward; null when not wanted
+  float* grad_weight;   // backward; null when not wanted
+  int64_t c;
+  float eps;
+};
+
+__device__ __forceinline__ float bn_rstd(float v, float eps) {
+  return __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(v, eps)));
+}
+
+__global__ void __launch_bounds__(kThreads) bn_scale_kernel(ScaleArgs a) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.c) return;
+  const float r = bn_rstd(a.var[c], a.eps);
+  a.scale[c] = a.weight ? __fmul_rn(r, a.weight[c]) : r;
+}
+
+__global__ void __launch_bounds__(kThreads) bn_scale_backward_kernel(ScaleArgs a) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (c >= a.c) return;
+  const float r = bn_rstd(a.var[c], a.eps), g = a.grad[c];
+  if (a.grad_weight) a.grad_weight[c] = g * r;
+  if (a.grad_var) a.grad_var[c] = (a.weight ? g * a.weight[c] : g) * (r * r * r) * -0.5f;
+}
+
+inline cudaError_t launch_bn_scale(const ScaleArgs& a, bool backward, const LaunchConfig& cfg) {
+  if (a.c == 0) return cudaSuccess;
+  const auto blocks = static_cast<unsigned>((a.c + kThreads - 1) / kThreads);
+  if (backward) {
+    bn_scale_backward_kernel<<<blocks, kThreads, 0, cfg.stream>>>(a);
+  } else {
+    bn_scale_kernel<<<blocks, kThreads, 0, cfg.stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace frk

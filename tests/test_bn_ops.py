@@ -86,3 +86,28 @@ def test_compiled_update_mutates_the_buffers_like_eager():
     assert torch.equal(got, want)
     for a, b in zip(bufs_c, bufs, strict=True):
         assert torch.equal(a, b)
+
+
+def test_cuda_backend_runs_its_kernels(monkeypatch):
+    """The cuda backend's BatchNorm ops call the extension (not the inherited reference);
+    float16 running buffers go to the reference update, which the finalize kernel does not
+    take."""
+    if _ext.load() is None:
+        pytest.skip(f"extension unavailable: {_ext.reason()}")
+    from fused_res.backends import cuda_backend
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            seen.append(name)
+            return getattr(_ext.load(), name)
+
+    monkeypatch.setattr(cuda_backend, "_ops", lambda: Spy())
+    var = (torch.rand(4) + 0.1).requires_grad_()
+    ops.bn_scale(torch.randn(4), var, torch.ones(4), running_mean=torch.zeros(4),
+                 running_var=torch.ones(4), count=6, backend="cuda").sum().backward()
+    assert seen == ["bn_finalize", "bn_scale", "bn_scale_backward"]
+    seen.clear()
+    ops.bn_scale(torch.randn(4), var.detach(), None, running_mean=torch.zeros(4).half(),
+                 running_var=torch.ones(4).half(), count=6, backend="cuda")
+    assert seen == ["bn_scale"]

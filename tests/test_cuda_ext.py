@@ -285,6 +285,10 @@ def _opcheck_samples():
         ]
     out.append(("bn_finalize", (_vec(8, g), _vec(8, g, True), _vec(8, g), None, torch.zeros(8),
                                 torch.ones(8), torch.tensor(0), None, 1e-5, 30)))
+    out += [("bn_scale", (_vec(8, g, True), _vec(8, g), 1e-5)),
+            ("bn_scale", (_vec(8, g, True), None, 1e-3)),
+            ("bn_scale_backward", (_vec(8, g), _vec(8, g, True), _vec(8, g), 1e-5, True, True)),
+            ("bn_scale_backward", (_vec(8, g), _vec(8, g, True), None, 1e-5, True, False))]
     return out
 
 

@@ -463,12 +463,58 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(
   return {scale, shift};
 }
 
+// 1 / sqrt, each correctly rounded, as torch.rsqrt computes it on the CPU.
+static inline float bn_rstd(float v, float eps) { return 1.f / std::sqrt(v + eps); }
+
+at::Tensor bn_scale_cpu(const at::Tensor& var, const OptTensor& weight, double eps) {
+  check_cpu(var, "var");
+  const ScaleInputs in = prepare_scale(var, weight, std::nullopt);
+  const int64_t C = in.var.size(0);
+  at::Tensor scale = at::empty({C}, in.var.options());
+  const float* v = in.var.data_ptr<float>();
+  const float* w = fptr(in.weight);
+  float* sc = scale.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const float r = bn_rstd(v[c], e);
+    sc[c] = w ? r * w[c] : r;
+  }
+  return scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_scale_backward_cpu(const at::Tensor& grad,
+                                                         const at::Tensor& var,
+                                                         const OptTensor& weight, double eps,
+                                                         bool need_var, bool need_weight) {
+  check_cpu(var, "var");
+  const ScaleInputs in = prepare_scale(var, weight, grad);
+  const int64_t C = in.var.size(0);
+  need_weight = need_weight && weight.has_value();
+  at::Tensor gv = need_var ? at::empty({C}, in.var.options()) : empty_vec(in.var);
+  at::Tensor gw = need_weight ? at::empty({C}, in.var.options()) : empty_vec(in.var);
+  const float* v = in.var.data_ptr<float>();
+  const float* w = fptr(in.weight);
+  const float* g = in.grad->data_ptr<float>();
+  float* pv = need_var ? gv.data_ptr<float>() : nullptr;
+  float* pw = need_weight ? gw.data_ptr<float>() : nullptr;
+  const float e = static_cast<float>(eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const float r = bn_rstd(v[c], e);
+    if (pw) pw[c] = g[c] * r;
+    if (pv) pv[c] = (w ? g[c] * w[c] : g[c]) * (r * r * r) * -0.5f;
+  }
+  if (need_weight) gw = gw.to(weight->scalar_type());
+  return {gv, gw};
+}
+
 TORCH_LIBRARY_IMPL(fused_res_C, CPU, m) {
   m.impl("channel_stats", &channel_stats_cpu);
   m.impl("stats_backward", &stats_backward_cpu);
   m.impl("epilogue", &epilogue_cpu);
   m.impl("epilogue_backward", &epilogue_backward_cpu);
   m.impl("bn_finalize", &bn_finalize_cpu);
+  m.impl("bn_scale", &bn_scale_cpu);
+  m.impl("bn_scale_backward", &bn_scale_backward_cpu);
 }
 
 }  // namespace fused_res

@@ -205,12 +205,55 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(
   return {scale, shift};
 }
 
+at::Tensor bn_scale_cuda(const at::Tensor& var, const OptTensor& weight, double eps) {
+  check_cuda(var, "var");
+  const c10::cuda::CUDAGuard guard(var.device());
+  const ScaleInputs in = prepare_scale(var, weight, std::nullopt);
+  at::Tensor scale = at::empty({in.var.size(0)}, in.var.options());
+  frk::ScaleArgs a{};
+  a.var = in.var.data_ptr<float>();
+  a.weight = fptr(in.weight);
+  a.scale = scale.data_ptr<float>();
+  a.c = in.var.size(0);
+  a.eps = static_cast<float>(eps);
+  check_launch(frk::launch_bn_scale(a, false, launch_config()), "bn_scale");
+  return scale;
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_scale_backward_cuda(const at::Tensor& grad,
+                                                          const at::Tensor& var,
+                                                          const OptTensor& weight, double eps,
+                                                          bool need_var, bool need_weight) {
+  check_cuda(var, "var");
+  const c10::cuda::CUDAGuard guard(var.device());
+  const ScaleInputs in = prepare_scale(var, weight, grad);
+  const int64_t C = in.var.size(0);
+  need_weight = need_weight && weight.has_value();
+  at::Tensor gv = need_var ? at::empty({C}, in.var.options()) : empty_vec(in.var);
+  at::Tensor gw = need_weight ? at::empty({C}, in.var.options()) : empty_vec(in.var);
+  frk::ScaleArgs a{};
+  a.var = in.var.data_ptr<float>();
+  a.weight = fptr(in.weight);
+  a.grad = in.grad->data_ptr<float>();
+  a.grad_var = need_var ? gv.data_ptr<float>() : nullptr;
+  a.grad_weight = need_weight ? gw.data_ptr<float>() : nullptr;
+  a.c = C;
+  a.eps = static_cast<float>(eps);
+  if (need_var || need_weight) {
+    check_launch(frk::launch_bn_scale(a, true, launch_config()), "bn_scale_backward");
+  }
+  if (need_weight) gw = gw.to(weight->scalar_type());
+  return {gv, gw};
+}
+
 TORCH_LIBRARY_IMPL(fused_res_C, CUDA, m) {
   m.impl("channel_stats", &channel_stats_cuda);
   m.impl("stats_backward", &stats_backward_cuda);
   m.impl("epilogue", &epilogue_cuda);
   m.impl("epilogue_backward", &epilogue_backward_cuda);
   m.impl("bn_finalize", &bn_finalize_cuda);
+  m.impl("bn_scale", &bn_scale_cuda);
+  m.impl("bn_scale_backward", &bn_scale_backward_cuda);
 }
 
 }  // namespace fused_res

@@ -88,6 +88,30 @@ class CudaBackend(ReferenceBackend):
             return "CUDA tensors (the extension was built without its CUDA kernels)"
         return None
 
+    # ---- a train-mode BatchNorm's scale and running statistics: one kernel each -----------
+    def bn_scale_forward(self, var, weight, eps):
+        if self.unsupported_reason(var, None, 1, (1, 1)) is not None:
+            return super().bn_scale_forward(var, weight, eps)
+        return _ops().bn_scale(var, weight, eps)
+
+    def bn_scale_backward(self, g, var, weight, eps, need_var, need_weight):
+        if self.unsupported_reason(var, None, 1, (1, 1)) is not None:
+            return super().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
+        gv, gw = _ops().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
+        return (gv if need_var else None), (gw if need_weight and weight is not None else None)
+
+    def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
+                          momentum, count):
+        # The finalize kernel updates float32 contiguous buffers in place (its scale and
+        # shift outputs are not used here).
+        if (self.unsupported_reason(var, None, 1, (1, 1)) is not None
+                or not all(t.dtype == torch.float32 and t.is_contiguous()
+                           and t.device == var.device for t in (running_mean, running_var))):
+            return super().bn_update_running(mean, var, running_mean, running_var,
+                                             num_batches_tracked, momentum, count)
+        _ops().bn_finalize(mean, var, None, None, running_mean, running_var,
+                           num_batches_tracked, momentum, 1.0, count)
+
     # ---- the prologue p = act_in((x - c) * a + b) and its backward ---------------------------
     def _prologue(self, x, in_center, in_scale, in_shift, act_in):
         if in_center is None and in_scale is None and in_shift is None:
