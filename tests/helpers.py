@@ -21,12 +21,14 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def check_bn_ops_match_batchnorm(backend: str, momentum, affine: bool, dtype=None) -> None:
+def check_bn_ops_match_batchnorm(backend: str, momentum, affine: bool, dtype=None,
+                                 device: str = "cpu") -> None:
     """Three training steps of an nn.BatchNorm2d against channel_stats + bn_scale +
     bn_update_running on `backend`: the normalized output, the running statistics and
     num_batches_tracked agree (float32 math; the reference normalization in float64); then
     one eval-mode call (no update) and one empty batch (counts only). `dtype` is the running
-    buffers' dtype (float32 unless given: a model.half() keeps float16 buffers)."""
+    buffers' dtype (float32 unless given: a model.half() keeps float16 buffers). The ops run
+    on `device`; nn.BatchNorm2d, the truth, on the CPU."""
     from fused_res import ops
     from fused_res.testing import rel_err
 
@@ -36,36 +38,38 @@ def check_bn_ops_match_batchnorm(backend: str, momentum, affine: bool, dtype=Non
         with torch.no_grad():
             bn.weight.copy_(torch.rand(6, generator=g) + 0.5)
             bn.bias.copy_(torch.randn(6, generator=g))
-    rm, rv = bn.running_mean.clone(), bn.running_var.clone()
+    rm, rv = bn.running_mean.clone().to(device), bn.running_var.clone().to(device)
     if dtype is not None:
         rm, rv = rm.to(dtype), rv.to(dtype)
-    nbt = bn.num_batches_tracked.clone()
+    nbt = bn.num_batches_tracked.clone().to(device)
+    weight = bn.weight.detach().to(device) if affine else None
     for _ in range(3):
         x = torch.randn(4, 6, 5, 3, generator=g) * 2 + 1
         want = bn(x.double().float()).double()
-        mean, var = ops.channel_stats(x, backend=backend)
-        scale = ops.bn_scale(mean, var, bn.weight, running_mean=rm, running_var=rv,
+        mean, var = ops.channel_stats(x.to(device), backend=backend)
+        scale = ops.bn_scale(mean, var, weight, running_mean=rm, running_var=rv,
                              num_batches_tracked=nbt, momentum=momentum, eps=bn.eps,
                              count=4 * 5 * 3, backend=backend)
+        mean, scale = mean.cpu(), scale.cpu()
         y = (x.double() - mean.double().view(1, -1, 1, 1)) * scale.double().view(1, -1, 1, 1)
         if affine:
             y = y + bn.bias.double().view(1, -1, 1, 1)
         assert rel_err(y, want) <= 1e-5, "bn(x)"
         tol = 1e-6 if dtype is None else 1e-3
-        assert rel_err(rm, bn.running_mean) <= tol, "running_mean"
-        assert rel_err(rv, bn.running_var) <= tol, "running_var"
+        assert rel_err(rm.cpu(), bn.running_mean) <= tol, "running_mean"
+        assert rel_err(rv.cpu(), bn.running_var) <= tol, "running_var"
         assert nbt.item() == bn.num_batches_tracked.item()
     before = (rm.clone(), rv.clone(), nbt.clone())
-    ops.bn_scale(mean, var, bn.weight, eps=bn.eps, count=60, backend=backend)
+    ops.bn_scale(mean.to(device), var, weight, eps=bn.eps, count=60, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(before, (rm, rv, nbt), strict=True))
-    empty = torch.zeros(6)
-    ops.bn_scale(empty, empty + 1, bn.weight, running_mean=rm, running_var=rv,
+    empty = torch.zeros(6, device=device)
+    ops.bn_scale(empty, empty + 1, weight, running_mean=rm, running_var=rv,
                  num_batches_tracked=nbt, momentum=momentum, count=0, backend=backend)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
     assert nbt.item() == before[2].item() + 1
 
 
-def check_bn_scale_gradients(backend: str) -> None:
+def check_bn_scale_gradients(backend: str, device: str = "cpu") -> None:
     """bn_scale's gradients in var and weight against torch's own composite in float64,
     with gradients of the stride-0 kind (a sum's) and of a general kind."""
     from fused_res import ops
@@ -77,14 +81,15 @@ def check_bn_scale_gradients(backend: str) -> None:
     up = torch.randn(37, dtype=torch.float64, generator=g)
     for weighted in (True, False):
         for grad_out in (up, None):
-            var = var64.float().requires_grad_()
-            w = w64.float().requires_grad_() if weighted else None
-            s = ops.bn_scale(torch.zeros(37), var, w, eps=1e-3, count=10, backend=backend)
+            var = var64.float().to(device).requires_grad_()
+            w = w64.float().to(device).requires_grad_() if weighted else None
+            s = ops.bn_scale(torch.zeros(37, device=device), var, w, eps=1e-3, count=10,
+                             backend=backend)
             v_ref = var64.clone().requires_grad_()
             w_ref = w64.clone().requires_grad_() if weighted else None
             s_ref = torch.rsqrt(v_ref + 1e-3) * (w_ref if weighted else 1.0)
             assert rel_err(s, s_ref) <= 1e-6, "scale"
-            loss = (s * grad_out.float()).sum() if grad_out is not None else s.sum()
+            loss = (s * grad_out.float().to(device)).sum() if grad_out is not None else s.sum()
             loss_ref = (s_ref * grad_out).sum() if grad_out is not None else s_ref.sum()
             leaves = [var] + ([w] if weighted else [])
             leaves_ref = [v_ref] + ([w_ref] if weighted else [])

@@ -300,3 +300,17 @@ def test_fused_model_train_step_on_gpu(C):
             failed.append(f"{what} (bf16 autocast): relative error {err:.3e} > budget "
                           f"{budget:.3e} (eager bf16: {eager_err:.3e})")
     assert not failed, "; ".join(failed)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_bn_ops_on_gpu(C, backend, momentum):
+    """bn_scale / bn_update_running kernels of both GPU backends against nn.BatchNorm2d and
+    torch's gradients (tests/helpers.py; the same checks run on the CPU)."""
+    from tests.helpers import check_bn_ops_match_batchnorm, check_bn_scale_gradients
+    if backend == "triton" and not fused_res.available_backends()["triton"].available:
+        pytest.skip("triton is unavailable")
+    check_bn_ops_match_batchnorm(backend, momentum, True, device="cuda")
+    check_bn_ops_match_batchnorm(backend, momentum, False, dtype=torch.float16,
+                                 device="cuda")
+    check_bn_scale_gradients(backend, device="cuda")
