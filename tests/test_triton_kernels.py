@@ -489,6 +489,28 @@ else:
         assert torch.isnan(y).any()
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
 
+    def test_channel_sums_over_many_partials():
+        """The backward's per-channel sums (Σ gu, Σ gu·(t - c)) and the center's gradient
+        when the partial rows span several steps of the sums kernel, the last one partial:
+        151 partials of 256 rows (32-row tiles x 8) against 64 rows per step."""
+        from fused_res.triton import configs
+        g = torch.Generator().manual_seed(21)
+        rows = configs.ELEMENTWISE_CONFIG.block_m * configs.STATS_SUB_TILES
+        n, h, w = 1, 151, rows
+        assert (n * h * w) // rows > 2 * configs.SUMS_CONFIG.block_m
+        z = torch.randn(n, 40, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+        c, s, b = torch.randn(40, generator=g), torch.rand(40, generator=g) + 0.5, torch.randn(
+            40, generator=g)
+        gy = torch.randn(z.shape, generator=g)
+        grads = {}
+        for backend in ("triton", "reference"):
+            vs = [t.clone().requires_grad_() for t in (c, s, b)]
+            y = ops.epilogue(z, vs[1], vs[2], center=vs[0], act_mid="relu", backend=backend)
+            grads[backend] = torch.autograd.grad(y, vs, gy)
+        for a, r, what in zip(grads["triton"], grads["reference"], ("center", "scale", "shift"),
+                              strict=True):
+            _check(a, r, torch.float32, what)
+
     @pytest.mark.parametrize("momentum", [0.1, None])
     @pytest.mark.parametrize("affine", [True, False])
     def test_bn_kernels_match_batchnorm2d(momentum, affine):

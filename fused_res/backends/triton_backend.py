@@ -163,7 +163,7 @@ class TritonBackend(ReferenceBackend):
                    or (needs["out_scale"] and out_scale is not None and bias is not None))
         # One pass over gy: dL/du in x's dtype (what the conv backward consumes), dL/dr and
         # Σ dL/du per channel (the folded bias gradient).
-        gu, gr, gb_eff, _ = ew.epilogue_backward(
+        gu, gr, gb_eff, _, _ = ew.epilogue_backward(
             gy, s["u"], s["y"], None, None, None, s["branch_scale"], s["act_mid"],
             s["act_out"], s["res_scale"], s["residual_dtype"], need_gt=need_p or need_w,
             need_gr=needs["residual"], need_sum=need_gb, need_sum_t=False, fmt=fmt,
@@ -233,15 +233,16 @@ class TritonBackend(ReferenceBackend):
         if not self._runs(z):
             return super().epilogue_backward(gy, saved, needs)
         _, ew = _kernels()
-        gz, gr, sum_g, sum_gt = ew.epilogue_backward(
+        gz, gr, sum_g, sum_gt, g_center = ew.epilogue_backward(
             gy, z, s["y"], center, scale, shift, s["branch_scale"], s["act_mid"], s["act_out"],
             s["res_scale"], s["residual_dtype"], need_gt=needs["z"],
             need_gr=needs["residual"],
             need_sum=(needs["shift"] and shift is not None)
             or (needs["center"] and center is not None),
             need_sum_t=needs["scale"] and scale is not None, fmt=memory_format_of(z))
-        return {"residual": gr, "z": gz, **_affine_grads(sum_g, sum_gt, center, scale, shift,
-                                                         needs, ("center", "scale", "shift"))}
+        return {"residual": gr, "z": gz, **_affine_grads(sum_g, sum_gt, g_center, center,
+                                                         scale, shift, needs,
+                                                         ("center", "scale", "shift"))}
 
     # ---- a train-mode BatchNorm's scale and running statistics: one launch each -----------
     def bn_scale_forward(self, var, weight, eps):
@@ -296,24 +297,24 @@ class TritonBackend(ReferenceBackend):
         if not has_affine and act != "relu":
             return (gp if needs["x"] else None), None, None, None
         _, ew = _kernels()
-        gx, _, sum_g, sum_gt = ew.epilogue_backward(
+        gx, _, sum_g, sum_gt, g_center = ew.epilogue_backward(
             gp, x, None, center, scale, shift, None, act, "none", 1.0, None,
             need_gt=needs["x"], need_gr=False,
             need_sum=(needs["in_shift"] and shift is not None)
             or (needs["in_center"] and center is not None),
             need_sum_t=needs["in_scale"] and scale is not None, fmt=fmt)
-        g = _affine_grads(sum_g, sum_gt, center, scale, shift, needs,
+        g = _affine_grads(sum_g, sum_gt, g_center, center, scale, shift, needs,
                           ("in_center", "in_scale", "in_shift"))
         return gx, g["center"], g["scale"], g["shift"]
 
 
-def _affine_grads(sum_g, sum_gt, center, scale, shift, needs, names):
-    """dL/dcenter = -scale Σ gu, dL/dscale = Σ gu (t - center), dL/dshift = Σ gu."""
+def _affine_grads(sum_g, sum_gt, g_center, center, scale, shift, needs, names):
+    """dL/dcenter = -scale Σ gu (the kernels' g_center), dL/dscale = Σ gu (t - center),
+    dL/dshift = Σ gu."""
     nc, ns, nb = names
     out = {"center": None, "scale": None, "shift": None}
     if needs[nc] and center is not None:
-        g = -sum_g * scale.to(sum_g.dtype) if scale is not None else -sum_g
-        out["center"] = g.to(center.dtype)
+        out["center"] = g_center.to(center.dtype)
     if needs[ns] and scale is not None:
         out["scale"] = sum_gt.to(scale.dtype)
     if needs[nb] and shift is not None:

@@ -139,7 +139,13 @@ _EW_VARIANTS = (  # (kernel, variant, flags)
     ("stats_finalize_kernel", "group", dict(FINAL=False)),
     ("stats_finalize_kernel", "final", dict(FINAL=True)),
     ("stats_bwd_kernel", "all_flags", dict(HAS_GZ=True, HAS_GMEAN=True, HAS_GVAR=True)),
+    ("channel_sums_kernel", "all_flags", dict(HAS_SUM=True, HAS_SUM_T=True, NEED_GC=True,
+                                              HAS_S=True)),
 )
+# Kernels over float32 per-channel partials, whatever the tensors' dtype: compiled once, with
+# their own tile (block_m: partial rows per step).
+_PARTIALS_TILES = {"stats_finalize_kernel": configs.FINALIZE_CONFIG,
+                   "channel_sums_kernel": configs.SUMS_CONFIG}
 # Pointers holding the (N, C, H, W) tensors of each elementwise kernel (the rest are float32).
 _EW_MAPS = {"z_ptr", "res_ptr", "y_ptr", "gy_ptr", "t_ptr", "gt_ptr", "gr_ptr", "x_ptr",
             "gz_ptr", "out_ptr"}
@@ -230,16 +236,16 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
                                (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
-            if name == "stats_finalize_kernel":
+            if name in _PARTIALS_TILES:
                 if dtype != dtypes[0]:
                     continue  # float32 partials whatever the tensors' dtype: compile it once
-                tiles = [configs.FINALIZE_CONFIG]
+                tiles = [_PARTIALS_TILES[name]]
             else:
                 tiles = [configs.ELEMENTWISE_CONFIG, *configs.ELEMENTWISE_NARROW]
                 tiles = tiles[:1] if subset else tiles
             for cfg in tiles:
                 blocks = ({"BLOCK_T": cfg.block_m, "BLOCK_C": cfg.block_c}
-                          if name == "stats_finalize_kernel"
+                          if name in _PARTIALS_TILES
                           else {"BLOCK_M": cfg.block_m, "BLOCK_C": cfg.block_c,
                                 "INDEX_64": False})
                 out.append(Job(fn, name, variant, str(cfg), dtype, {**flags, **blocks},

@@ -189,6 +189,8 @@ def elementwise_config(c: int) -> TileConfig:
             return cfg
     return ELEMENTWISE_CONFIG
 FINALIZE_CONFIG = TileConfig(32, 64, 4)  # block_m here is tiles combined per step
+# Adding up the backward's per-tile channel sums: block_m partial rows per step.
+SUMS_CONFIG = TileConfig(64, 64, 4)
 # Partials one finalize program merges; more than this many are merged in parallel groups
 # first (a ResNet-50 layer-1 activation at batch 128 makes ~12,500 conv tiles of 32 rows).
 FINALIZE_GROUP = 128

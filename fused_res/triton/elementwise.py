@@ -9,6 +9,8 @@ Every kernel walks [BLOCK_M pixels x BLOCK_C channels] tiles of tensors that sha
     stats_partial_kernel  channel mean and M2 of SUB tiles per program (Chan-merged partials)
     stats_finalize_kernel Chan's combine of the partials, in parallel groups -> mean, var
     stats_bwd_kernel      dL/dz + dL/dmean / m + 2 dL/dvar (z - mean) / m
+    channel_sums_kernel   the backward's per-tile sums added up, and the center's gradient
+                          -scale · Σ dL/du, in one launch (was two sums, a negation, a product)
 """
 
 from __future__ import annotations
@@ -113,6 +115,36 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
         tl.store(psum_ptr + p_off, sum_g, mask=offs_c < C)
     if NEED_SUM_T:
         tl.store(psum_t_ptr + p_off, sum_gt, mask=offs_c < C)
+
+
+@triton.jit
+def channel_sums_kernel(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr, T, C,
+                        HAS_SUM: tl.constexpr, HAS_SUM_T: tl.constexpr, NEED_GC: tl.constexpr,
+                        HAS_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """s = Σ_t psum[t, :], s_t = Σ_t psum_t[t, :] (psum (T, C) float32 partials), and
+    gc = -scale * s (-s without HAS_S): the gradient of the affine's center."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < T)[:, None] & mask_c[None, :]
+        off = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
+        if HAS_SUM:
+            acc += tl.load(psum_ptr + off, mask=mask, other=0.0)
+        if HAS_SUM_T:
+            acc_t += tl.load(psum_t_ptr + off, mask=mask, other=0.0)
+    if HAS_SUM:
+        total = tl.sum(acc, axis=0)
+        tl.store(s_ptr + offs_c, total, mask=mask_c)
+        if NEED_GC:
+            gc = -total
+            if HAS_S:
+                gc = gc * tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            tl.store(gc_ptr + offs_c, gc, mask=mask_c)
+    if HAS_SUM_T:
+        tl.store(s_t_ptr + offs_c, tl.sum(acc_t, axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -273,8 +305,9 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
                        res_scale, residual_dtype, need_gt, need_gr, need_sum, need_sum_t, fmt,
                        gt_dtype=None):
     """Gradients of y = tail((t - center) * scale + shift) given gy (all (N, C, H, W)):
-    returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or None,
-    Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
+    returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
+    None, Σ gu (t - center) (C,) or None, dL/dcenter = -scale Σ gu (C,) where need_sum and a
+    center is given, else None); sums in float32, gu = dL/d((t-c)*s+b)."""
     gy = like(gy, fmt)
     center, scale, shift, branch_scale = vec(center), vec(scale), vec(shift), vec(branch_scale)
     m, c, hw, w = _geometry(gy)
@@ -310,9 +343,19 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
         for out in (gt, gr):
             if out is not None:
                 out.zero_()
-    s = psum.sum(0) if psum is not None else None
-    s_t = psum_t.sum(0) if psum_t is not None else None
-    return gt, gr, s, s_t
+    need_gc = need_sum and center is not None
+    sums = [torch.empty(c, dtype=torch.float32, device=gy.device) if need else None
+            for need in (need_sum, need_sum_t, need_gc)]
+    if c > 0 and (need_sum or need_sum_t):
+        d = sums[0] if need_sum else sums[1]
+        cfg = configs.SUMS_CONFIG
+        channel_sums_kernel[(cdiv(c, cfg.block_c),)](
+            psum if need_sum else d, psum_t if need_sum_t else d,
+            *(o if o is not None else d for o in sums), scale if scale is not None else d,
+            tiles, c, HAS_SUM=need_sum, HAS_SUM_T=need_sum_t, NEED_GC=need_gc,
+            HAS_S=scale is not None, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c,
+            num_warps=cfg.num_warps)
+    return (gt, gr, *sums)
 
 
 def stats_finalize(st_mean, st_m2, st_cnt, c):
@@ -423,7 +466,8 @@ def _epilogue_bwd_op(gy: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor |
                      act_mid: str, act_out: str, res_scale: float, gt_dtype: torch.dtype,
                      gr_dtype: torch.dtype, need_gt: bool, need_gr: bool, need_sum: bool,
                      need_sum_t: bool, channels_last: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                torch.Tensor]:
     outs = _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
                               res_scale, gr_dtype, need_gt, need_gr, need_sum, need_sum_t,
                               _FMT[channels_last], gt_dtype)
@@ -438,7 +482,7 @@ def _(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out, res_scale,
     gt = _new(gy.shape, gt_dtype, gy.device, fmt) if need_gt else gy.new_empty((0,))
     gr = _new(gy.shape, gr_dtype, gy.device, fmt) if need_gr else gy.new_empty((0,))
     vec = lambda need: gy.new_empty((c,) if need else (0,), dtype=torch.float32)
-    return gt, gr, vec(need_sum), vec(need_sum_t)
+    return gt, gr, vec(need_sum), vec(need_sum_t), vec(need_sum and center is not None)
 
 
 @torch.library.custom_op(f"{_NS}::stats_bwd", mutates_args=())
@@ -476,7 +520,8 @@ def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act
                       gt_dtype=None):
     """Gradients of y = tail((t - center) * scale + shift) given gy (all (N, C, H, W)):
     returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
-    None, Σ gu (t - center) (C,) or None); sums in float32, gu = dL/d((t-c)*s+b)."""
+    None, Σ gu (t - center) (C,) or None, dL/dcenter = -scale Σ gu (C,) or None (where
+    need_sum and a center is given)); sums in float32, gu = dL/d((t-c)*s+b)."""
     gt_dtype = gt_dtype or (t.dtype if t is not None else gy.dtype)
     if _direct((gy, t, y, center, scale, shift, branch_scale)):
         return _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid,
@@ -488,7 +533,8 @@ def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act
                             bool(need_gt), bool(need_gr), bool(need_sum), bool(need_sum_t),
                             fmt == torch.channels_last)
     return tuple(o if need else None for o, need in
-                 zip(outs, (need_gt, need_gr, need_sum, need_sum_t), strict=True))
+                 zip(outs, (need_gt, need_gr, need_sum, need_sum_t,
+                            need_sum and center is not None), strict=True))
 
 
 def stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
