@@ -113,3 +113,24 @@ def test_the_fastest_verified_backend_wins_and_is_used_afterwards(fresh_cache):
     register_backend("cudnn", CudnnBackend)  # the real one: unavailable without CUDA
     if not torch.cuda.is_available():
         assert auto.lookup(key) == "reference"
+
+
+def test_tuning_the_batchnorm_update_updates_the_statistics_once(fresh_cache):
+    """'auto' measures bn_update_running on copies of the running statistics: after tuning,
+    the buffers hold exactly one update (the reference's), and both BatchNorm ops have a
+    recorded, verified winner."""
+    g = torch.Generator().manual_seed(4)
+    mean, var = torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.1
+    bufs = [torch.randn(6, generator=g), torch.rand(6, generator=g) + 0.5, torch.tensor(3)]
+    want = [b.clone() for b in bufs]
+    ReferenceBackend().bn_update_running(mean, var, *want, None, 30)
+    with fused_res.autotune() as cache:
+        scale = fused_res.ops.bn_scale(mean, var, torch.ones(6), running_mean=bufs[0],
+                                       running_var=bufs[1], num_batches_tracked=bufs[2],
+                                       momentum=None, count=30, backend="auto")
+    for got, exp in zip(bufs, want, strict=True):
+        assert torch.equal(got, exp)
+    assert rel_err(scale, torch.rsqrt(var + 1e-5)) <= 1e-6
+    for op in ("bn_update_running", "bn_scale"):
+        entries = [v for k, v in cache.items() if f"|{op}|" in k]
+        assert len(entries) == 1 and "reference" in entries[0]["seconds"], (op, entries)

@@ -277,8 +277,8 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
 
     mean, var (C,) float32/float64: the batch mean and biased variance of `count` values per
     channel; weight (C,) or None. Differentiable in var and weight (the normalized value is
-    (z - mean) * scale + bias, with mean passed on as the center). 'auto' runs the reference:
-    it is never measured, since measuring would update the running statistics per candidate.
+    (z - mean) * scale + bias, with mean passed on as the center). Under 'auto' the update is
+    measured on copies of the running statistics, so that tuning updates them once.
     """
     for name, v in (("mean", mean), ("var", var)):
         if not isinstance(v, Tensor):
@@ -309,10 +309,24 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
         raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps={eps!r}; accepted: a float >= 0")
-    name = backend if backend is not None else current_backend()
-    name = "reference" if name == "auto" else resolve(name, var)
+    momentum = None if momentum is None else float(momentum)
     if running_mean is not None:
-        library.call("bn_update_running", mean.detach(), var.detach(), running_mean,
-                     running_var, num_batches_tracked,
-                     None if momentum is None else float(momentum), count, name)
-    return library.call("bn_scale", var, weight, float(eps), name)
+        batch = (mean.detach(), var.detach())
+
+        def update(name, buffers=(running_mean, running_var, num_batches_tracked)):
+            library.call("bn_update_running", *batch, *buffers, momentum, count, name)
+            return buffers[0]
+
+        def probe(name):  # what 'auto' measures: the update of copies
+            return update(name, tuple(None if b is None else b.clone() for b in
+                                      (running_mean, running_var, num_batches_tracked)))
+
+        update(_choose("bn_update_running", backend, var, None, 1, (1, 1),
+                       {"running_mean": running_mean, "num_batches_tracked":
+                        num_batches_tracked}, (momentum is None,), probe))
+
+    def run(name):
+        return library.call("bn_scale", var, weight, float(eps), name)
+
+    return run(_choose("bn_scale", backend, var, None, 1, (1, 1),
+                       {"var": var, "weight": weight}, (), run))
