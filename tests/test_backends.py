@@ -60,3 +60,15 @@ def test_auto_resolves_to_an_available_backend():
     x = torch.randn(1, 3, 4, 4)
     name = registry.resolve("auto", x)
     assert fused_res.available_backends()[name].available
+
+
+def test_cudnn_bias_cast_is_reused_until_the_bias_changes():
+    from fused_res.backends.cudnn_backend import cast_cached
+    b = torch.randn(8)
+    first = cast_cached(b, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, b.to(torch.bfloat16))
+    assert cast_cached(b, torch.bfloat16) is first
+    assert cast_cached(b, torch.float32) is b
+    b.add_(1.0)
+    second = cast_cached(b, torch.bfloat16)
+    assert second is not first and torch.equal(second, b.to(torch.bfloat16))
