@@ -2,7 +2,8 @@
 
 Recognised: fused_res.models (ImageNet blocks and every CIFAR variant), torchvision's
 BasicBlock/Bottleneck, timm's resnet BasicBlock/Bottleneck (attention before the add,
-drop_path, pooled "d" shortcuts) and resnetv2 PreActBasic/PreActBottleneck/Bottleneck. The
+drop_path, pooled "d" shortcuts) and resnetv2 PreActBasic/PreActBottleneck/Bottleneck; and
+the conv -> BatchNorm -> ReLU stem of those ResNets (fused_res/nn/stem.py). The
 fused block shares the original's children, so parameters, buffers and state_dict keys are
 unchanged; anything not recognised, or recognised but not fusable, is left as it is and the
 report says why. Library classes are looked up in sys.modules, never imported here.
@@ -21,6 +22,7 @@ from . import models
 from .backends import NAMES as BACKEND_NAMES
 from .nn import blocks as fblocks
 from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
+from .nn.stem import AppliedBatchNorm2d, FusedStemConv
 
 Recognized = tuple[type, BlockPlan]
 
@@ -187,6 +189,46 @@ def recognize(module: nn.Module) -> Recognized | str | None:
     return fn(module)
 
 
+def _stem_classes() -> dict[type, str]:
+    """ResNet classes whose forward runs conv1 -> bn1 -> <act> -> maxpool, with <act>'s
+    attribute name."""
+    table: dict[type, str] = {models.ResNet: "relu"}
+    tv = sys.modules.get("torchvision.models.resnet")
+    if tv is not None:
+        table[tv.ResNet] = "relu"
+    timm_resnet = sys.modules.get("timm.models.resnet")
+    if timm_resnet is not None:
+        table[timm_resnet.ResNet] = "act1"
+    return table
+
+
+def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
+    """Fuse model's conv1 -> bn1 -> act stem in place where it is a plain zero-padded conv,
+    a BatchNorm2d and a ReLU without hooks (timm's deep stems, an nn.Sequential conv1, stay
+    as they are). Returns whether it did."""
+    act_name = _stem_classes().get(type(model))
+    if act_name is None or isinstance(getattr(model, "conv1", None), FusedStemConv):
+        return False
+    conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
+    if (conv_reason(conv) or norm_reason(bn, "none") or relu_reason(act)
+            or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                   or getattr(m, "_backward_pre_hooks", None) for m in (conv, bn, act))):
+        return False
+    applied = AppliedBatchNorm2d.from_batchnorm(bn)
+    model._modules["bn1"] = applied
+    model._modules[act_name] = nn.Identity()
+    model._modules["conv1"] = FusedStemConv.from_modules(conv, applied, ("bn1", act_name),
+                                                         act.inplace, backend)
+    return True
+
+
+def _unfuse_stem(parent: nn.Module, fused: FusedStemConv) -> None:
+    (bn_name, act_name), inplace = fused.__dict__["_stem"]
+    parent._modules[bn_name] = parent._modules[bn_name].as_batchnorm()
+    parent._modules[act_name] = nn.ReLU(inplace=inplace)
+    parent._modules["conv1"] = fused.as_conv()
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     if not name:
         return new
@@ -203,8 +245,10 @@ def _check_backend(backend: str | None) -> None:
 
 
 def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = False,
-            filter: Callable[[str, nn.Module], bool] | None = None) -> nn.Module:
-    """Swap every recognised residual block of `model` for a fused one.
+            filter: Callable[[str, nn.Module], bool] | None = None,
+            stem: bool = True) -> nn.Module:
+    """Swap every recognised residual block of `model` for a fused one, and (stem=True) fuse
+    the conv -> BatchNorm -> ReLU stem of a recognised ResNet.
 
     backend: the backend the fused blocks use ('auto', 'reference', ...; None: follow
     fused_res.set_backend at run time). inplace=False converts a deep copy. filter(name,
@@ -226,14 +270,21 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
             continue
         cls, plan = found
         model = _replace(model, name, cls.from_block(module, plan, backend))
+    if stem:
+        for module in list(model.modules()):
+            _fuse_stem(module, backend)
     return model
 
 
 def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
-    """Put back the original block of every block that convert() fused. Blocks built directly
-    as fused_res.nn modules have no original and stay. Returns the model."""
+    """Put back the original block of every block that convert() fused, and a fused stem's
+    plain conv, BatchNorm and ReLU. Blocks built directly as fused_res.nn modules have no
+    original and stay. Returns the model."""
     if not inplace:
         model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        if isinstance(module._modules.get("conv1"), FusedStemConv):
+            _unfuse_stem(module, module._modules["conv1"])
     for name, module in list(model.named_modules()):
         if isinstance(module, fblocks.FusedResidualBlock):
             original = module.original()

@@ -301,3 +301,37 @@ def test_float64_model_and_channels_last_input():
         feats = fused.layer1(fused.maxpool(fused.relu(fused.bn1(fused.conv1(x)))))
         assert feats.is_contiguous(memory_format=torch.channels_last)
         assert rel_err(fused(x), model(x)) < 1e-12
+
+
+@pytest.mark.parametrize("name,fused_stem", [("ours_resnet18", True), ("resnet18", True),
+                                             ("timm_resnet18", True), ("timm_resnet18d", False),
+                                             ("cifar_original_A_basic", False)])
+def test_the_stem_is_fused_in_place_of_its_modules(name, fused_stem):
+    """conv1 -> bn1 -> ReLU becomes one fused conv unit under the same state_dict keys (bn1
+    passes its already-applied input through); a deep stem (an nn.Sequential conv1) and
+    stem=False stay as they are; revert restores the plain modules. (Values, gradients and
+    running statistics: test_eval_and_train_step_match, which converts the stems too.)"""
+    from fused_res.nn.stem import AppliedBatchNorm2d, FusedStemConv
+    model, fused = _pair(name)
+    assert isinstance(getattr(fused, "conv1", None), FusedStemConv) == fused_stem
+    assert list(fused.state_dict()) == list(model.state_dict())
+    if fused_stem:
+        assert type(fused.bn1) is AppliedBatchNorm2d
+        assert fused.conv1.__dict__["_norm"] is fused.bn1
+        copied = copy.deepcopy(fused)
+        assert copied.conv1.__dict__["_norm"] is copied.bn1
+        restored = pickle.loads(pickle.dumps(fused))
+        assert restored.conv1.__dict__["_norm"] is restored.bn1
+        fused.eval()  # reaches the BatchNorm the stem uses
+        assert not fused.conv1.__dict__["_norm"].training
+        reverted = fused_res.revert(copy.deepcopy(fused))
+        assert type(reverted.conv1) is nn.Conv2d and type(reverted.bn1) is nn.BatchNorm2d
+    plain = fused_res.convert(model, backend="reference", stem=False)
+    assert not isinstance(getattr(plain, "conv1", None), FusedStemConv)
+
+
+def test_a_stem_with_hooks_is_left_alone():
+    from fused_res.nn.stem import FusedStemConv
+    model = models.resnet18()
+    model.bn1.register_forward_hook(lambda m, i, o: None)
+    assert not isinstance(fused_res.convert(model).conv1, FusedStemConv)
