@@ -72,3 +72,40 @@ def test_cudnn_bias_cast_is_reused_until_the_bias_changes():
     b.add_(1.0)
     second = cast_cached(b, torch.bfloat16)
     assert second is not first and torch.equal(second, b.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("act_mid", ["none", "relu"])
+@pytest.mark.parametrize("act_out", ["none", "relu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("with_branch", [False, True])
+def test_cudnn_fast_path_computes_the_unit_wherever_it_applies(monkeypatch, act_mid, act_out,
+                                                               with_residual, with_branch):
+    """Every unit the cudnn backend sends to cuDNN's fused calls computes the reference's
+    function: run here with aten's fused ops emulated in plain aten (CPU), float64."""
+    from fused_res.backends.cudnn_backend import CudnnBackend
+    from fused_res.backends.reference import ReferenceBackend
+    from fused_res.bench.cudnn_fused import emulated_ops
+
+    emu = emulated_ops()
+    monkeypatch.setattr(torch.ops.aten, "cudnn_convolution_relu", emu.conv_relu, raising=False)
+    monkeypatch.setattr(torch.ops.aten, "cudnn_convolution_add_relu", emu.conv_add_relu,
+                        raising=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(5, 4, 3, 3, dtype=torch.float64, generator=g)
+    shift = torch.randn(5, dtype=torch.float64, generator=g)
+    r = torch.randn(2, 5, 6, 6, dtype=torch.float64, generator=g) if with_residual else None
+    d = torch.rand(2, dtype=torch.float64, generator=g) if with_branch else None
+    args = (x, w, None, [1, 1], [1, 1], [1, 1], 1, None, None, None, "none", None, shift,
+            act_mid, r, 0.5, d, act_out)
+    fused = CudnnBackend.fused_form(None, None, None, "none", act_mid, r, d, act_out)
+    assert fused == (d is None and ("relu" in (act_mid, act_out) if r is None
+                                    else (act_mid, act_out) == ("none", "relu")))
+    if not fused:
+        return
+    monkeypatch.setattr(CudnnBackend, "fast_path_applies", classmethod(
+        lambda cls, x, *a: cls.fused_form(*a)))
+    y, u = CudnnBackend().conv_unit_forward(*args)
+    y_ref, u_ref = ReferenceBackend().conv_unit_forward(*args)
+    assert torch.allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    assert torch.equal(u > 0, u_ref > 0) or act_mid == "none"

@@ -49,7 +49,7 @@ _CUDNN = CudnnBackend()
 _cudnn_ok: list[bool] = []
 
 
-def _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, branch_scale,
+def _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, residual, branch_scale,
                  act_out) -> bool:
     """Whether this eval unit goes to cuDNN's own fused conv + bias (+ add) + ReLU."""
     if not x.is_cuda or os.environ.get("FUSED_RES_CUDA_CUDNN_FUSED", "1") == "0":
@@ -57,7 +57,7 @@ def _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, branch_scale
     if not _cudnn_ok:
         _cudnn_ok.append(_CUDNN.status().available)
     return _cudnn_ok[0] and _CUDNN.fast_path_applies(x, in_center, in_scale, in_shift, act_in,
-                                                     act_mid, branch_scale, act_out)
+                                                     act_mid, residual, branch_scale, act_out)
 
 
 def _has_cuda_kernels() -> bool:
@@ -153,8 +153,8 @@ class CudaBackend(ReferenceBackend):
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
                           res_scale, branch_scale, act_out):
-        if _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, branch_scale,
-                        act_out):
+        if _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, residual,
+                        branch_scale, act_out):
             return _CUDNN.conv_unit_forward(x, weight, bias, stride, padding, dilation, groups,
                                             in_center, in_scale, in_shift, act_in, out_scale,
                                             out_shift, act_mid, residual, res_scale,

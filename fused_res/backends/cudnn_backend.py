@@ -4,10 +4,11 @@
     y = relu(conv(x, W') + b' + λ * r)         aten::cudnn_convolution_add_relu
 
 W', b' fold the unit's out_scale / out_shift (an eval BatchNorm) into the conv, so the unit
-is one cuDNN call. The fast path takes units without a prologue, without a per-sample
-branch_scale, with act_mid "none" and act_out "relu", on CUDA tensors in fp32/fp16/bf16 with
-a non-empty batch; every other call (and every backward, and the statistics / epilogue ops)
-runs the reference implementation, which computes the same function.
+is one cuDNN call. The fast path takes units of those two forms (fused_form: no prologue, no
+per-sample branch_scale; a ReLU after the conv, or act_out "relu" after the residual add), on
+CUDA tensors in fp32/fp16/bf16 with a non-empty batch; every other call (and every backward,
+and the statistics / epilogue ops) runs the reference implementation, which computes the same
+function.
 """
 
 from __future__ import annotations
@@ -59,19 +60,33 @@ class CudnnBackend(ReferenceBackend):
         return None
 
     @staticmethod
-    def fast_path_applies(x, in_center, in_scale, in_shift, act_in, act_mid, branch_scale,
-                          act_out) -> bool:
+    def fused_form(in_center, in_scale, in_shift, act_in, act_mid, residual, branch_scale,
+                   act_out) -> bool:
+        """Whether the unit is relu(conv + b) or relu(conv + b + λ r), the two functions of
+        cuDNN's fused calls: no prologue and no branch scale; without a residual, a ReLU in
+        either place (act_out(act_mid(u)) is relu(u) then: the inner units of a block, the
+        stem); with one, act_mid "none" and act_out "relu" (a block's last unit)."""
+        if (in_center is not None or in_scale is not None or in_shift is not None
+                or act_in != "none" or branch_scale is not None):
+            return False
+        if residual is None:
+            return "relu" in (act_mid, act_out)
+        return act_mid == "none" and act_out == "relu"
+
+    @classmethod
+    def fast_path_applies(cls, x, in_center, in_scale, in_shift, act_in, act_mid, residual,
+                          branch_scale, act_out) -> bool:
         """Whether conv_unit_forward runs as one cuDNN fused call."""
-        return (x.is_cuda and x.dtype in _DTYPES and x.shape[0] > 0 and in_center is None
-                and in_scale is None and in_shift is None and act_in == "none"
-                and act_mid == "none" and branch_scale is None and act_out == "relu"
-                and torch.backends.cudnn.enabled)
+        return (x.is_cuda and x.dtype in _DTYPES and x.shape[0] > 0
+                and torch.backends.cudnn.enabled
+                and cls.fused_form(in_center, in_scale, in_shift, act_in, act_mid, residual,
+                                   branch_scale, act_out))
 
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
                           res_scale, branch_scale, act_out):
         if not self.fast_path_applies(x, in_center, in_scale, in_shift, act_in, act_mid,
-                                      branch_scale, act_out):
+                                      residual, branch_scale, act_out):
             return super().conv_unit_forward(x, weight, bias, stride, padding, dilation, groups,
                                              in_center, in_scale, in_shift, act_in, out_scale,
                                              out_shift, act_mid, residual, res_scale,
@@ -89,6 +104,7 @@ class CudnnBackend(ReferenceBackend):
         else:
             r = residual.to(x.dtype).contiguous(memory_format=fmt)
             y = torch.ops.aten.cudnn_convolution_add_relu(x, w, r, float(res_scale), b, *args)
-        # u (the pre-act_mid conv output) is only read back when act_mid == "relu", which the
-        # fast path excludes; the op returns an empty tensor in its place.
+        # u, the pre-act_mid conv output, is read back only for act_mid == "relu", and then only
+        # its sign, which y = relu(u) has (the fast path takes act_mid "relu" without a
+        # residual or branch scale only).
         return y.contiguous(memory_format=fmt), y
