@@ -22,7 +22,7 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def check_bn_ops_match_batchnorm(backend: str, momentum, affine: bool, dtype=None,
-                                 device: str = "cpu") -> None:
+                                 device: str = "cpu", channels: int = 6) -> None:
     """Three training steps of an nn.BatchNorm2d against channel_stats + bn_scale +
     bn_update_running on `backend`: the normalized output, the running statistics and
     num_batches_tracked agree (float32 math; the reference normalization in float64); then
@@ -33,18 +33,19 @@ def check_bn_ops_match_batchnorm(backend: str, momentum, affine: bool, dtype=Non
     from fused_res.testing import rel_err
 
     g = torch.Generator().manual_seed(7)
-    bn = nn.BatchNorm2d(6, momentum=momentum, affine=affine).train()
+    c = channels
+    bn = nn.BatchNorm2d(c, momentum=momentum, affine=affine).train()
     if affine:
         with torch.no_grad():
-            bn.weight.copy_(torch.rand(6, generator=g) + 0.5)
-            bn.bias.copy_(torch.randn(6, generator=g))
+            bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+            bn.bias.copy_(torch.randn(c, generator=g))
     rm, rv = bn.running_mean.clone().to(device), bn.running_var.clone().to(device)
     if dtype is not None:
         rm, rv = rm.to(dtype), rv.to(dtype)
     nbt = bn.num_batches_tracked.clone().to(device)
     weight = bn.weight.detach().to(device) if affine else None
     for _ in range(3):
-        x = torch.randn(4, 6, 5, 3, generator=g) * 2 + 1
+        x = torch.randn(4, c, 5, 3, generator=g) * 2 + 1
         want = bn(x.double().float()).double()
         mean, var = ops.channel_stats(x.to(device), backend=backend)
         scale = ops.bn_scale(mean, var, weight, running_mean=rm, running_var=rv,
@@ -62,7 +63,7 @@ def check_bn_ops_match_batchnorm(backend: str, momentum, affine: bool, dtype=Non
     before = (rm.clone(), rv.clone(), nbt.clone())
     ops.bn_scale(mean.to(device), var, weight, eps=bn.eps, count=60, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(before, (rm, rv, nbt), strict=True))
-    empty = torch.zeros(6, device=device)
+    empty = torch.zeros(c, device=device)
     ops.bn_scale(empty, empty + 1, weight, running_mean=rm, running_var=rv,
                  num_batches_tracked=nbt, momentum=momentum, count=0, backend=backend)
     assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
@@ -96,3 +97,31 @@ def check_bn_scale_gradients(backend: str, device: str = "cpu") -> None:
             for a, b in zip(torch.autograd.grad(loss, leaves),
                             torch.autograd.grad(loss_ref, leaves_ref), strict=True):
                 assert rel_err(a, b) <= 1e-6, "gradient"
+
+
+def check_bn_update_edge_cases(backend: str, device: str = "cpu") -> None:
+    """momentum=None without num_batches_tracked leaves the statistics as they are (nn's
+    factor 0); float16 running statistics updated for 300 steps stay as close to a float32
+    run as float16 allows (one rounding per update, not three)."""
+    from fused_res import ops
+    from fused_res.testing import rel_err
+
+    g = torch.Generator().manual_seed(9)
+    rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
+    before = (rm.clone(), rv.clone())
+    ops.bn_scale(torch.randn(5, device=device), torch.rand(5, device=device), None,
+                 running_mean=rm, running_var=rv, momentum=None, count=8, backend=backend)
+    assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+
+    wide = [torch.zeros(64, device=device), torch.ones(64, device=device),
+            torch.tensor(0, device=device)]
+    narrow = [wide[0].half(), wide[1].half(), wide[2].clone()]
+    for _ in range(300):
+        mean = (torch.randn(64, generator=g) * 0.5 + 2).to(device)
+        var = (torch.rand(64, generator=g) + 1).to(device)
+        for bufs in (wide, narrow):
+            ops.bn_scale(mean, var, None, running_mean=bufs[0], running_var=bufs[1],
+                         num_batches_tracked=bufs[2], momentum=None, count=50,
+                         backend=backend)
+    assert rel_err(narrow[0].cpu(), wide[0].cpu()) <= 4e-3, "running_mean"
+    assert rel_err(narrow[1].cpu(), wide[1].cpu()) <= 4e-3, "running_var"

@@ -7,7 +7,11 @@ import torch
 
 from fused_res import _ext, ops
 from fused_res.ops import library
-from tests.helpers import check_bn_ops_match_batchnorm, check_bn_scale_gradients
+from tests.helpers import (
+    check_bn_ops_match_batchnorm,
+    check_bn_scale_gradients,
+    check_bn_update_edge_cases,
+)
 
 
 @pytest.fixture(params=["reference", "cuda"])
@@ -31,6 +35,10 @@ def test_bn_scale_gradients(backend):
     check_bn_scale_gradients(backend)
 
 
+def test_bn_update_edge_cases(backend):
+    check_bn_update_edge_cases(backend)
+
+
 def test_bn_scale_twice_differentiable():
     var = torch.rand(5, dtype=torch.float64) + 0.1
     w = torch.randn(5, dtype=torch.float64)
@@ -50,8 +58,6 @@ def test_bad_arguments_name_the_argument_and_what_is_accepted():
         (dict(mean=m.half(), var=v, count=4), "mean has shape .* dtype"),
         (dict(mean=m, var=v, weight=torch.ones(5), count=4), "weight has shape"),
         (dict(mean=m, var=v, running_mean=rm, count=4), "given together"),
-        (dict(mean=m, var=v, running_mean=rm, running_var=rv, momentum=None, count=4),
-         "num_batches_tracked"),
         (dict(mean=m, var=v, eps=-1.0, count=4), "eps=-1.0"),
     ]
     for kwargs, match in cases:

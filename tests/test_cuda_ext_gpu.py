@@ -307,10 +307,18 @@ def test_fused_model_train_step_on_gpu(C):
 def test_bn_ops_on_gpu(C, backend, momentum):
     """bn_scale / bn_update_running kernels of both GPU backends against nn.BatchNorm2d and
     torch's gradients (tests/helpers.py; the same checks run on the CPU)."""
-    from tests.helpers import check_bn_ops_match_batchnorm, check_bn_scale_gradients
+    from tests.helpers import (
+        check_bn_ops_match_batchnorm,
+        check_bn_scale_gradients,
+        check_bn_update_edge_cases,
+    )
     if backend == "triton" and not fused_res.available_backends()["triton"].available:
         pytest.skip("triton is unavailable")
     check_bn_ops_match_batchnorm(backend, momentum, True, device="cuda")
+    # Channels across many warps and blocks: every warp must read the count before the
+    # Triton kernel stores its increment (momentum=None reads it for the factor).
+    check_bn_ops_match_batchnorm(backend, momentum, True, device="cuda", channels=2048)
     check_bn_ops_match_batchnorm(backend, momentum, False, dtype=torch.float16,
                                  device="cuda")
     check_bn_scale_gradients(backend, device="cuda")
+    check_bn_update_edge_cases(backend, device="cuda")

@@ -242,3 +242,24 @@ def test_a_gradient_penalty_through_a_fused_resnet(backend):
         eager = dict(model.named_parameters())[name].grad
         # Within twice the unfused float32 model's own error (plus a floor).
         assert rel_err(p.grad, want) <= 2 * rel_err(eager, want) + TOL, name
+
+
+def test_compiled_forward_mode_ad_matches_functional(backend):
+    """torch.compile traces the transform check too: a compiled jvp gets the composite, not
+    the custom op (which has no jvp rule and returned a zero tangent)."""
+    make, op, truth = CASES["conv_unit"]
+    g = torch.Generator().manual_seed(11)
+    t64 = make(g)
+    tx = torch.randn(t64["x"].shape, dtype=torch.float64, generator=g)
+
+    def jvp(fn, dtype):
+        rest = {k: v.to(dtype) for k, v in t64.items() if k != "x"}
+        return torch.func.jvp(lambda x: fn({**rest, "x": x}), (t64["x"].to(dtype),),
+                              (tx.to(dtype),))[1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._dynamo.reset()
+        got = torch.compile(lambda: jvp(lambda t: op(t, backend), torch.float32),
+                            backend="aot_eager", fullgraph=True)()
+    assert rel_err(got, jvp(truth, torch.float64)) <= TOL

@@ -521,6 +521,10 @@ else:
         from tests.helpers import check_bn_ops_match_batchnorm
         check_bn_ops_match_batchnorm("triton", 0.1, True, dtype=torch.float16)
 
+    def test_bn_kernel_update_edge_cases():
+        from tests.helpers import check_bn_update_edge_cases
+        check_bn_update_edge_cases("triton")
+
     def test_bn_scale_kernel_gradients():
         """C = 37 spans a partial block; the stride-0 gradient of a sum is made contiguous."""
         from tests.helpers import check_bn_scale_gradients

@@ -105,6 +105,7 @@ class CudaBackend(ReferenceBackend):
         # The finalize kernel updates float32 contiguous buffers in place (its scale and
         # shift outputs are not used here).
         if (self.unsupported_reason(var, None, 1, (1, 1)) is not None
+                or (momentum is None and num_batches_tracked is None)
                 or not all(t.dtype == torch.float32 and t.is_contiguous()
                            and t.device == var.device for t in (running_mean, running_var))):
             return super().bn_update_running(mean, var, running_mean, running_var,

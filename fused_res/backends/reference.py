@@ -330,26 +330,36 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
                          count: int) -> None:
     """nn.BatchNorm2d's running-statistics update in training, for batch statistics of `count`
     values per channel: num_batches_tracked += 1; running = (1 - f) * running + f * batch,
-    f = momentum, or 1 / num_batches_tracked when momentum is None; the running variance is
-    the unbiased one. Nothing without running statistics; an empty batch only counts."""
+    f = momentum, or 1 / num_batches_tracked when momentum is None (0 without a count, as nn
+    does); the running variance is the unbiased one. Nothing without running statistics; an
+    empty batch only counts. Buffers narrower than float32 are updated in float32 and rounded
+    once, as nn's kernels do."""
     if running_mean is None:
         return
     if num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if count == 0:
         return
-    factor = (1.0 / num_batches_tracked.to(running_mean.dtype) if momentum is None
-              else momentum)
-    unbiased = var.detach() * (count / (count - 1))
+    if momentum is not None:
+        factor = momentum
+    elif num_batches_tracked is not None:
+        factor = 1.0 / num_batches_tracked.to(torch.float32)
+    else:
+        factor = 0.0
     running = [running_mean, running_var]
-    batch = [mean.detach().to(running_mean.dtype), unbiased.to(running_var.dtype)]
+    narrow = running_mean.dtype in (torch.float16, torch.bfloat16)
+    acc = [r.float() for r in running] if narrow else running
+    batch = [mean.detach().to(acc[0].dtype),
+             var.detach().to(acc[1].dtype) * (count / (count - 1))]
     # Two multi-tensor launches for both buffers rather than six elementwise ones.
     if isinstance(factor, torch.Tensor):
-        torch._foreach_mul_(running, 1 - factor)
-        torch._foreach_add_(running, torch._foreach_mul(batch, factor))
+        torch._foreach_mul_(acc, 1 - factor.to(acc[0].dtype))
+        torch._foreach_add_(acc, torch._foreach_mul(batch, factor.to(acc[0].dtype)))
     else:
-        torch._foreach_mul_(running, 1 - factor)
-        torch._foreach_add_(running, batch, alpha=factor)
+        torch._foreach_mul_(acc, 1 - factor)
+        torch._foreach_add_(acc, batch, alpha=factor)
+    if narrow:
+        torch._foreach_copy_(running, acc)
 
 
 def _stats_backward_into(gz, gmean, gvar, z, mean):

@@ -276,9 +276,11 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
         nn.BatchNorm2d does in training (when running_mean and running_var are given)
 
     mean, var (C,) float32/float64: the batch mean and biased variance of `count` values per
-    channel; weight (C,) or None. Differentiable in var and weight (the normalized value is
-    (z - mean) * scale + bias, with mean passed on as the center). Under 'auto' the update is
-    measured on copies of the running statistics, so that tuning updates them once.
+    channel; weight (C,) or None; momentum None without num_batches_tracked leaves the
+    statistics as they are, as nn.BatchNorm2d does. Differentiable in var and weight (the
+    normalized value is (z - mean) * scale + bias, with mean passed on as the center). Under
+    'auto' the update is measured on copies of the running statistics, so that tuning updates
+    them once.
     """
     for name, v in (("mean", mean), ("var", var)):
         if not isinstance(v, Tensor):
@@ -305,8 +307,6 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
     if momentum is not None and (isinstance(momentum, bool)
                                  or not isinstance(momentum, (int, float))):
         raise TypeError(f"momentum={momentum!r}; accepted: a float or None (cumulative average)")
-    if momentum is None and running_mean is not None and num_batches_tracked is None:
-        raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps={eps!r}; accepted: a float >= 0")
     momentum = None if momentum is None else float(momentum)

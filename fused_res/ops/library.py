@@ -347,7 +347,7 @@ def call(name: str, *args):
     nothing needs the dispatcher, else the custom op. Same values and gradients either way.
     Under forward-mode AD or a torch.func transform, the reference composite runs instead (one
     warning): the ops have no jvp or batching rule of their own."""
-    if not torch.compiler.is_compiling() and transformed():
+    if transformed():  # dynamo traces this too: a compiled jvp needs the composite as much
         if args[-1] != "reference":
             warn_once("forward-mode AD or a torch.func transform (jvp, grad, vmap, ...) is "
                       f"active, for which backend {args[-1]!r} has no rule")

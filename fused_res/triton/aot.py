@@ -161,6 +161,7 @@ _BN_VARIANTS = (  # (kernel, variant, flags)
     ("bn_running_kernel", "cumulative", dict(HAS_NBT=True, MOMENTUM_NONE=True, UPDATE=True)),
 )
 BN_INT_ARGS = dict(C=2048)
+_BN_MAPS = {"w_ptr", "gw_ptr", "rm_ptr", "rv_ptr"}
 
 
 def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
@@ -251,11 +252,11 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
                 out.append(Job(fn, name, variant, str(cfg), dtype, {**flags, **blocks},
                                _EW_MAPS, EW_INT_ARGS,
                                {"num_warps": cfg.num_warps, "num_stages": 1}))
-        if dtype == dtypes[0]:
-            for name, variant, flags in _BN_VARIANTS:
-                out.append(Job(getattr(batchnorm, name), name, variant, f"b{batchnorm.BLOCK}_w4",
-                               dtype, {**flags, "BLOCK": batchnorm.BLOCK}, set(), BN_INT_ARGS,
-                               {"num_warps": 4, "num_stages": 1}))
+        # The weight and the running statistics take the model's dtype (model.half()).
+        for name, variant, flags in _BN_VARIANTS:
+            out.append(Job(getattr(batchnorm, name), name, variant, f"b{batchnorm.BLOCK}_w4",
+                           dtype, {**flags, "BLOCK": batchnorm.BLOCK}, _BN_MAPS, BN_INT_ARGS,
+                           {"num_warps": 4, "num_stages": 1}))
     return out
 
 

@@ -5,8 +5,8 @@ about a dozen C-sized launches per BatchNorm per training step (nn/batchnorm.py)
     bn_scale_bwd_kernel  dL/dvar = -dL/dscale * weight * rstd^3 / 2, dL/dweight = dL/dscale * rstd
     bn_running_kernel    num_batches_tracked += 1; running = (1 - f) running + f batch, with
                          f = momentum or 1 / num_batches_tracked and the unbiased batch variance
-                         (nn.BatchNorm2d's update); one program, so the count it reads for f is
-                         the one it wrote
+                         (nn.BatchNorm2d's update); one program, with a barrier between
+                         every thread's read of the count and its update
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ def bn_running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, C, momentum, u
     f = momentum
     if HAS_NBT:
         n = tl.load(nbt_ptr) + 1
+        # Every thread loads the count, one stores it: without the barrier a warp that loads
+        # after the store would use 1 / (n + 1) for its channels.
+        tl.debug_barrier()
         tl.store(nbt_ptr, n)
         if MOMENTUM_NONE:
             f = 1.0 / n.to(tl.float32)
