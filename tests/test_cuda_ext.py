@@ -312,31 +312,6 @@ def test_compiles_fullgraph(C):
         torch.testing.assert_close(x, y)
 
 
-def test_a_model_on_the_cuda_backend_compiles_fullgraph_before_the_extension_loads(C):
-    """The first call of a fused model may be the one torch.compile traces: the backend
-    choice asks whether the extension is loaded, and dynamo cannot trace the loader's lock.
-    Train (with the backward) and eval, against the same model uncompiled."""
-    import copy
-
-    torch.manual_seed(0)
-    model = fused_res.convert(models.cifar_resnet(8), backend="cuda")
-    x = torch.randn(2, 3, 16, 16)
-    for mode in ("train", "eval"):
-        getattr(model, mode)()
-        eager = copy.deepcopy(model)
-        _ext._reset_for_tests()
-        torch._dynamo.reset()
-        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
-        want = eager(x)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        if mode == "train":
-            got.square().sum().backward()
-            want.square().sum().backward()
-            for (n, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
-                torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=n)
-    assert _ext.load() is not None
-
-
 # ---- the cuda backend through fused_res.ops -----------------------------------------------
 
 UNITS = [

@@ -60,15 +60,6 @@ def _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, residual, br
                                                      act_mid, residual, branch_scale, act_out)
 
 
-# Asked while torch.compile traces a call's backend choice, possibly before the extension has
-# loaded: dynamo cannot trace the loader (a lock, a build), so it takes these answers as the
-# constants they are once loaded.
-@torch.compiler.assume_constant_result
-def _loaded() -> bool:
-    return _ext.load() is not None
-
-
-@torch.compiler.assume_constant_result
 def _has_cuda_kernels() -> bool:
     return _ext.load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "fused_res_C::epilogue", "CUDA")
@@ -84,7 +75,7 @@ class CudaBackend(ReferenceBackend):
     name = "cuda"
 
     def status(self) -> BackendStatus:
-        if not _loaded():
+        if _ext.load() is None:
             return BackendStatus(False, f"the C++/CUDA extension is not loaded: {_ext.reason()}")
         return BackendStatus(True, "")
 
