@@ -224,6 +224,72 @@ def test_gate_baseline_is_judged_only_for_finiteness_and_calibrates_the_rest():
     assert case.check("fused-x", torch.full((4,), 1.05), None)["status"] == "wrong"
 
 
+def _train_case(ref_grads):
+    from fused_res.bench import runner
+
+    case = runner._Case.__new__(runner._Case)
+    case.config = type("Cfg", (), {"dtype": "bf16"})()
+    case.ref_out, case.ref_grads = torch.ones(4), ref_grads
+    case.baseline_err = case.baseline_out = case.baseline_grad = None
+    case.baseline_params = {}
+    return case
+
+
+def test_train_gate_holds_each_parameter_to_its_own_eager_error():
+    # "deep": an ill-conditioned early layer, eager 1.2 off (as conv1.weight in bf16
+    # ResNet-50); "fc": the well-conditioned last layer, eager 1% off.
+    g = torch.Generator().manual_seed(0)
+    ref = {"deep": torch.randn(1000, generator=g, dtype=torch.float64),
+           "fc": torch.randn(10, generator=g, dtype=torch.float64)}
+    noisy = lambda t, e: t + e * t.norm() * torch.randn(t.shape, generator=g,  # noqa: E731
+                                                        dtype=t.dtype) / t.numel() ** 0.5
+    case = _train_case(ref)
+    out = torch.ones(4)
+    base = case.check("eager-cl", out, {"deep": noisy(ref["deep"], 1.2),
+                                        "fc": noisy(ref["fc"], 0.01)})
+    assert base["status"] == "ok" and base["rel_err_grad"] > 1.0
+    assert "1/2 parameter gradients gated" in case.gate_note()
+    # Same quality as eager: passes.
+    same = case.check("fused-x", out, {"deep": noisy(ref["deep"], 1.2),
+                                       "fc": noisy(ref["fc"], 0.015)})
+    assert same["status"] == "ok" and same["grads_gated"] == "1/2", same["reason"]
+    # A zeroed (or sign-flipped) well-conditioned gradient fails, naming the parameter; the
+    # total over all parameters (2x eager's 1.2) would have let it through.
+    for bad in (torch.zeros_like(ref["fc"]), -ref["fc"]):
+        got = case.check("fused-x", out, {"deep": noisy(ref["deep"], 1.2), "fc": bad})
+        assert got["status"] == "wrong" and "gradient of fc" in got["reason"], got
+        assert got["rel_err_grad"] <= got["tolerance_grad"]
+    # The output is held to eager's output error, not to the (far larger) gradient error.
+    assert case.check("fused-x", torch.full((4,), 1.5),
+                      {"deep": noisy(ref["deep"], 1.2), "fc": noisy(ref["fc"], 0.01)}
+                      )["status"] == "wrong"
+    # A renamed parameter fails instead of comparing unrelated tensors.
+    renamed = case.check("fused-x", out, {"deep": ref["deep"], "head": ref["fc"]})
+    assert renamed["status"] == "wrong" and "names differ" in renamed["reason"]
+
+
+def test_train_gate_catches_one_wrong_parameter_gradient_end_to_end(monkeypatch):
+    real = C.build
+
+    def sabotaged(name, module, workload, config):
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            first = next(p for n, p in sorted(built.module.named_parameters()))
+            first.register_hook(lambda grad: grad * 1.1)
+        return built
+
+    monkeypatch.setattr(C, "build", sabotaged)
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", mode="train",
+                      warmup=1, repeats=2, contenders=("eager-cl", "fused-reference"),
+                      quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert rows["eager-cl"]["status"] == "ok" and rows["eager-cl"]["grads_gated"] is None
+    wrong = rows["fused-reference"]
+    assert wrong["status"] == "wrong" and "gradient of " in wrong["reason"], wrong["reason"]
+
+
 def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     from fused_res.bench.runner import set_speedups
 

@@ -52,21 +52,28 @@ RESULT = {
     "images_per_s": OPT_NUM, "speedup": OPT_NUM, "peak_memory_bytes": (int, type(None)),
     "roofline_pct": OPT_NUM, "build_s": OPT_NUM,
 }
+# Keys added after the first GPU results were committed: checked when present. In train mode,
+# tolerance_grad bounds rel_err_grad and grads_gated says how many parameter gradients had a
+# budget tight enough to reject a zeroed gradient ("10/161"); tolerance bounds rel_err_output.
+RESULT_OPTIONAL = {"tolerance_grad": OPT_NUM, "grads_gated": OPT_STR}
 STATUSES = ("ok", "wrong", "skipped")
 
 
-def _check(obj, spec: dict, where: str, problems: list[str]) -> None:
+def _check(obj, spec: dict, where: str, problems: list[str], optional: dict | None = None
+           ) -> None:
     if not isinstance(obj, dict):
         problems.append(f"{where}: expected an object, got {type(obj).__name__}")
         return
-    for key, types in spec.items():
+    optional = optional or {}
+    for key, types in {**spec, **optional}.items():
         if key not in obj:
-            problems.append(f"{where}.{key}: missing")
+            if key not in optional:
+                problems.append(f"{where}.{key}: missing")
         elif not isinstance(obj[key], types) or (isinstance(obj[key], bool)
                                                  and bool not in _as_tuple(types)):
             problems.append(f"{where}.{key}: {type(obj[key]).__name__} is not {types}")
     for key in obj:
-        if key not in spec:
+        if key not in spec and key not in optional:
             problems.append(f"{where}.{key}: not in the schema")
 
 
@@ -89,7 +96,7 @@ def validate(obj) -> list[str]:
         _check(obj["peaks"], PEAKS, "$.peaks", problems)
     for i, r in enumerate(obj["results"]):
         where = f"$.results[{i}]"
-        _check(r, RESULT, where, problems)
+        _check(r, RESULT, where, problems, RESULT_OPTIONAL)
         if not isinstance(r, dict):
             continue
         if r.get("status") not in STATUSES:
