@@ -51,13 +51,18 @@ CONV_CONFIGS: tuple[ConvConfig, ...] = (
 # The smallest tile height the autotuner may pick: what its statistics buffers are sized for.
 CONV_MIN_BLOCK_M = min(c.block_m for c in CONV_CONFIGS)
 
-# What runs untuned (FUSED_RES_TRITON_AUTOTUNE=0): of the autotune candidates, largest tile
-# first, the first that the problem's channels fill and that still gives every SM two tiles
-# (default_conv_config). In the first H100
-# run every conv ran 64x64x32, and the fused blocks took 1.3-2.5x the time of cuDNN's fused
-# blocks (benchmarks/results/2026-11-26-h100-run1, blocks-eval-b64, graph rows).
+# What runs untuned (FUSED_RES_TRITON_AUTOTUNE=0): of the autotune candidates, deepest K
+# step first, then largest tile, the first that the problem's channels fill and that still
+# gives every SM two tiles (default_conv_config). In the first H100 run every conv ran
+# 64x64x32, and the fused blocks took 1.3-2.5x the time of cuDNN's fused blocks
+# (benchmarks/results/2026-11-26-h100-run1, blocks-eval-b64, graph rows). Largest tile first
+# then picked 128x64x32 wherever 128x128 made too few tiles; in run 3's conv-configs (bf16,
+# batch 64) a BLOCK_K of 64 beat 32 at every ResNet-50 shape with the same tile area, and
+# this order picks the best candidate at 4 of the 6 shapes (1.37 -> 1.17x cuDNN's time at
+# 1024->256 14x14 1x1, 1.56 -> 1.17x at 256 3x3 14x14, 1.08 -> 0.95x at 256->64 56x56 1x1)
+# against 2 of 6 before; 64->64 3x3 56x56 moves 1.25 -> 1.28x.
 DEFAULT_LADDER: tuple[ConvConfig, ...] = tuple(sorted(
-    CONV_CONFIGS, key=lambda c: (-c.block_m * c.block_n, -c.block_m, -c.block_k)))
+    CONV_CONFIGS, key=lambda c: (-c.block_k, -c.block_m * c.block_n, -c.block_m)))
 
 # Tiles only a GPU can judge (benchmarks/conv_configs.py times them beside CONV_CONFIGS and
 # cuDNN at ResNet-50's shapes); not autotuned. The AOT check shows small spills for some of
