@@ -33,7 +33,8 @@ CSRC = ROOT / "csrc"
 KERNELS = ROOT / "kernels"
 
 _lock = threading.Lock()
-_state: dict = {"done": False, "ops": None, "reason": "not loaded yet", "source": None}
+_state: dict = {"done": False, "ops": None, "reason": "not loaded yet", "source": None,
+                "cuda_kernels": False}
 
 
 # ---- toolkit discovery (stdlib only; shared with setup.py) --------------------------------
@@ -99,6 +100,18 @@ def reason() -> str:
     return _state["reason"]
 
 
+def has_cuda_kernels() -> bool:
+    """Whether the loaded extension has its CUDA kernels (asked once, at load: compiled code
+    may read the answer, not make the dispatcher call)."""
+    load()
+    return _state["cuda_kernels"]
+
+
+def loaded() -> bool:
+    """Whether load() has run (whatever it found); reads no lock, so compiled code may ask."""
+    return _state["done"]
+
+
 def source() -> str | None:
     """'prebuilt' or 'jit' once loaded."""
     return _state["source"]
@@ -111,6 +124,11 @@ def load():
     with _lock:
         if not _state["done"]:
             _state["ops"], _state["reason"], _state["source"] = _load()
+            if _state["ops"] is not None:
+                import torch
+
+                _state["cuda_kernels"] = torch._C._dispatch_has_kernel_for_dispatch_key(
+                    "fused_res_C::epilogue", "CUDA")
             _state["done"] = True
             if _state["ops"] is None and _state["reason"] and not os.environ.get(NO_EXT_ENV):
                 warnings.warn(f"fused_res: the C++/CUDA extension is unavailable "
@@ -120,7 +138,7 @@ def load():
 
 
 def _reset_for_tests() -> None:
-    _state.update(done=False, ops=None, reason="not loaded yet", source=None)
+    _state.update(done=False, ops=None, reason="not loaded yet", source=None, cuda_kernels=False)
 
 
 def _load():

@@ -504,3 +504,45 @@ def test_warnings_are_not_errors_in_the_kernels_module():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.ops.fused_res_C.channel_stats(torch.randn(2, 3, 4, 4))
+
+
+def test_a_converted_model_compiles_fullgraph_on_its_first_call(C):
+    """The first call of a fused model may be the one torch.compile traces, and dynamo cannot
+    trace the extension's loader (a lock, maybe a build): convert() loads what the backend
+    needs. Train (with the backward) and eval, against the same model uncompiled."""
+    import copy
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    for mode in ("train", "eval"):
+        _ext._reset_for_tests()
+        torch._dynamo.reset()
+        model = getattr(fused_res.convert(models.cifar_resnet(8), backend="cuda"), mode)()
+        assert _ext.loaded()
+        eager = copy.deepcopy(model)
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(x)
+        want = eager(x)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        if mode == "train":
+            got.square().sum().backward()
+            want.square().sum().backward()
+            for (n, a), b in zip(model.named_parameters(), eager.parameters(), strict=True):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-5, msg=n)
+
+
+def test_compiling_the_first_use_of_the_cuda_backend_says_what_to_do(C):
+    """Where nothing loaded the extension before the trace (the functional API with an
+    explicit backend), the compile fails with the remedy, not with dynamo's lock error or a
+    silent reference path; after prepare() the same function compiles."""
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(8, 4, 3, 3)
+    f = lambda x, w: fused_res.ops.conv_unit(x, w, padding=1, act_out="relu",  # noqa: E731
+                                              backend="cuda")
+    _ext._reset_for_tests()
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="prepare"):
+        torch.compile(f, backend="aot_eager", fullgraph=True)(x, w)
+    fused_res.backends.prepare("cuda")
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x, w),
+                               f(x, w))

@@ -12,6 +12,7 @@ from .registry import (
     available_backends,
     current_backend,
     get_backend_object,
+    prepare,
     register_backend,
     resolve,
     set_backend,
@@ -26,4 +27,5 @@ register_backend("cudnn", CudnnBackend)
 
 __all__ = ["ENV_VAR", "NAMES", "Backend", "auto", "BackendStatus", "CudaBackend", "CudnnBackend",
            "ReferenceBackend", "TritonBackend", "available_backends", "current_backend",
-           "get_backend_object", "register_backend", "resolve", "set_backend", "use_backend"]
+           "get_backend_object", "prepare", "register_backend", "resolve", "set_backend",
+           "use_backend"]

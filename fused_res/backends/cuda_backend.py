@@ -60,11 +60,6 @@ def _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, residual, br
                                                      act_mid, residual, branch_scale, act_out)
 
 
-def _has_cuda_kernels() -> bool:
-    return _ext.load() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fused_res_C::epilogue", "CUDA")
-
-
 def _relu(act: str) -> bool:
     return act == "relu"
 
@@ -75,6 +70,14 @@ class CudaBackend(ReferenceBackend):
     name = "cuda"
 
     def status(self) -> BackendStatus:
+        if not _ext.loaded() and torch.compiler.is_compiling():
+            # dynamo cannot trace the loader (a lock, maybe a build); falling back would
+            # compile the reference path into the graph without a word.
+            raise RuntimeError(
+                "fused_res: torch.compile is tracing the first use of backend='cuda', before "
+                "its C++/CUDA extension has loaded; load it first, in eager code: convert(..., "
+                "backend='cuda'), fused_res.set_backend('cuda') or "
+                "fused_res.backends.prepare('cuda')")
         if _ext.load() is None:
             return BackendStatus(False, f"the C++/CUDA extension is not loaded: {_ext.reason()}")
         return BackendStatus(True, "")
@@ -84,7 +87,7 @@ class CudaBackend(ReferenceBackend):
             return f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
         if x.device.type not in ("cpu", "cuda"):
             return f"device {x.device.type!r} (the extension has CPU and CUDA kernels)"
-        if x.device.type == "cuda" and not _has_cuda_kernels():
+        if x.device.type == "cuda" and not _ext.has_cuda_kernels():
             return "CUDA tensors (the extension was built without its CUDA kernels)"
         return None
 

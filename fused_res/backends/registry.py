@@ -70,15 +70,27 @@ def current_backend() -> str:
     return "auto"
 
 
+def prepare(name: str | None) -> str | None:
+    """Load what backend `name` needs (the C++/CUDA extension) now, in eager code. torch.compile
+    cannot trace a load (a lock, maybe a build), and a model's first call may be the one it
+    traces: convert(), the fused modules, set_backend() and use_backend() call this so that
+    the load is done by then. None, 'auto' and 'reference' load nothing. Returns `name`."""
+    if name not in (None, "auto", "reference") and not torch.compiler.is_compiling():
+        get_backend_object(_check_name(name)).status()
+    return name
+
+
 def set_backend(name: str | None) -> None:
     """Set the process-wide default backend (None: back to $FUSED_RES_BACKEND or 'auto')."""
     _default[0] = None if name is None else _check_name(name)
+    prepare(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[str]:
     """Run the enclosed code with backend `name` (thread-local, nests)."""
     _check_name(name)
+    prepare(name)
     stack = getattr(_state, "stack", None)
     if stack is None:
         stack = _state.stack = []

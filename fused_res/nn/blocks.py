@@ -80,7 +80,7 @@ class FusedResidualBlock(nn.Module):
             new._modules[name] = child
         new.training = block.training
         new.plan = plan
-        new.backend = backend
+        new.backend = ops.prepare_backend(backend)
         new.shortcut_scale = float(getattr(block, "shortcut_scale", 1.0))
         new.__dict__["_original"] = block
         return new
@@ -207,7 +207,7 @@ class BasicBlock(FusedResidualBlock, imagenet.BasicBlock):
         _check_scale_and_drop(shortcut_scale, drop_path)
         if drop_path:
             self.drop_path = DropPath(drop_path)
-        self.shortcut_scale, self.backend = float(shortcut_scale), backend
+        self.shortcut_scale, self.backend = float(shortcut_scale), ops.prepare_backend(backend)
         self.plan = _post_act_plan(self, 2)
 
     forward = FusedResidualBlock.forward
@@ -224,7 +224,7 @@ class Bottleneck(FusedResidualBlock, imagenet.Bottleneck):
         _check_scale_and_drop(shortcut_scale, drop_path)
         if drop_path:
             self.drop_path = DropPath(drop_path)
-        self.shortcut_scale, self.backend = float(shortcut_scale), backend
+        self.shortcut_scale, self.backend = float(shortcut_scale), ops.prepare_backend(backend)
         self.plan = _post_act_plan(self, 3)
 
     forward = FusedResidualBlock.forward
@@ -264,7 +264,7 @@ class _PreActBase(FusedResidualBlock):
         if drop_path:
             self.drop_path = DropPath(drop_path)
         self.stride = stride
-        self.shortcut_scale, self.backend = float(shortcut_scale), backend
+        self.shortcut_scale, self.backend = float(shortcut_scale), ops.prepare_backend(backend)
         self.plan = _preact_plan(self, self.n_convs)
 
 

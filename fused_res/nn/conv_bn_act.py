@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..ops import ACTS
+from ..ops import ACTS, prepare_backend
 from .unit import run_unit
 
 
@@ -27,7 +27,7 @@ class ConvBNAct2d(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
                               dilation, groups, bias=bias)
         self.bn = (norm_layer or nn.BatchNorm2d)(out_channels)
-        self.act, self.backend = act, backend
+        self.act, self.backend = act, prepare_backend(backend)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu",
@@ -35,7 +35,8 @@ class ConvBNAct2d(nn.Module):
         """Wrap existing modules (their parameters are shared, not copied)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.conv, new.bn, new.act, new.backend = conv, bn, act, backend
+        new.conv, new.bn, new.act = conv, bn, act
+        new.backend = prepare_backend(backend)
         return new
 
     def forward(self, x: Tensor) -> Tensor:

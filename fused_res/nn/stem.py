@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..ops import prepare_backend
 from .unit import run_unit
 
 
@@ -53,7 +54,7 @@ class FusedStemConv(nn.Conv2d):
         # .train() / .to()), and deepcopy maps this reference to the same copy.
         new.__dict__["_norm"] = bn
         new.__dict__["_stem"] = (names, relu_inplace)
-        new.backend = backend
+        new.backend = prepare_backend(backend)
         return new
 
     def forward(self, x: Tensor) -> Tensor:

@@ -2,7 +2,15 @@
 registrations. Use the functions here; fused_res.ops.library holds the raw ops."""
 
 from . import library
-from .functional import ACTS, bn_scale, channel_stats, conv_bn_stats, conv_unit, epilogue
+from .functional import (
+    ACTS,
+    bn_scale,
+    channel_stats,
+    conv_bn_stats,
+    conv_unit,
+    epilogue,
+    prepare_backend,
+)
 
 __all__ = ["ACTS", "bn_scale", "channel_stats", "conv_bn_stats", "conv_unit", "epilogue",
-           "library"]
+           "library", "prepare_backend"]

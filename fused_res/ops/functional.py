@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..backends import auto, current_backend, resolve
+from ..backends import prepare as prepare_backend  # noqa: F401  (re-exported by ops)
 from . import library
 
 ACTS = ("none", "relu")
