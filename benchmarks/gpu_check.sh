@@ -174,6 +174,14 @@ if [ "$DRY" = 1 ]; then PROFILE_ARGS=(--model "$DRY_MODEL" --device cpu --steps 
 run_step profile-train-b128 60 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[@]}" \
   --contenders eager-cl,fused-triton,fused-cuda --json "$STEPS_DIR/profile-train-b128.json" \
   --markdown "$STEPS_DIR/profile-train-b128.md"
+# Where the host time of an uncaptured step goes (run 3: every fused contender ~1 ms of host
+# time per block without CUDA graphs, several times eager's): real kernels on a tiny input,
+# per backend, with the top Python functions. Its output is in the log.
+HOST_ARGS=(--device cuda --model resnet18 --repeats 20 --profile)
+if [ "$DRY" = 1 ]; then HOST_ARGS=(--model resnet18 --repeats 1); fi
+run_step host-profile 60 bash -c 'for b in triton cuda; do for m in eval train; do
+  "$0" benchmarks/host_overhead.py "${@:1}" --backend $b --mode $m || exit 1; done; done' \
+  "$PY" "${HOST_ARGS[@]}"
 if [ "$DRY" = 1 ]; then
   say "=== conv-configs: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
   printf 'conv-configs\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"

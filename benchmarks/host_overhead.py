@@ -5,6 +5,12 @@ preparation, not the kernels or Triton's launcher.
 
     python benchmarks/host_overhead.py [--model resnet50] [--mode eval|train] [--repeats 20]
                                        [--profile [--sort cumtime]] [--launches]
+    python benchmarks/host_overhead.py --device cuda [--backend triton|cuda|cudnn] ...
+
+--device cuda runs the real kernels on a GPU instead, on the same tiny input (2x3x32x32), where
+the device finishes each kernel long before the host issues the next: the wall time per step
+is then the host's, launchers included, beside eager's on the same model. --profile shows
+where it goes (our Python, Triton's launcher, the dispatcher).
 
 Without CUDA graphs this cost is paid per conv unit on every call; on the first H100 run the
 fused-triton blocks took 1.1-1.7 ms per call against 0.2-0.6 ms as graph replays. Not a speed
@@ -121,50 +127,76 @@ def main(argv=None) -> int:
                    help="order of the --profile listing")
     p.add_argument("--launches", action="store_true",
                    help="also count the device kernels one step would launch, fused and eager")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: kernels stubbed out; cuda: real kernels on a tiny input")
+    p.add_argument("--backend", default="triton", help="the fused model's backend")
     a = p.parse_args(argv)
-    # The interpreter flag makes the backend run on CPU tensors; the stubs mean no kernel is
-    # ever interpreted.
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ["FUSED_RES_TRITON_AUTOTUNE"] = "0"
+    gpu = a.device == "cuda"
+    if gpu and a.launches:
+        p.error("--launches counts stubbed launches: --device cpu only")
+    if not gpu:
+        # The interpreter flag makes the backend run on CPU tensors; the stubs mean no kernel
+        # is ever interpreted.
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("FUSED_RES_TRITON_AUTOTUNE", "0")
     import torch
 
     import fused_res
     from fused_res import models
 
-    _stub_kernels()
-    torch.set_num_threads(1)
-    model = getattr(models, a.model)().to(memory_format=torch.channels_last)
-    fused = fused_res.convert(copy.deepcopy(model), backend="triton")
+    if gpu and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device")
+    if not gpu:
+        _stub_kernels()
+        torch.set_num_threads(1)
+    dev = a.device
+    model = getattr(models, a.model)().to(dev, memory_format=torch.channels_last)
+    fused = fused_res.convert(copy.deepcopy(model), backend=a.backend)
     fused.train(a.mode == "train")
     units = sum(1 for m in fused.modules() if isinstance(m, torch.nn.Conv2d))
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, device=dev).contiguous(memory_format=torch.channels_last)
     # foreach=True: the multi-tensor update torch picks by default for CUDA parameters.
     opt = torch.optim.SGD(fused.parameters(), lr=1e-4, momentum=0.9, foreach=True)
 
     def make_step(net, opt):
         def step():
             if a.mode == "eval":
-                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16):
                     return net(x)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(dev, dtype=torch.bfloat16):
                 out = net(x)
             out.float().square().mean().backward()
             opt.step()
             return out
         return step
 
-    step = make_step(fused, opt)
+    def per_step_ms(step) -> float:
+        for _ in range(3):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(a.repeats):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / a.repeats * 1e3
 
-    for _ in range(3):
-        step()
-    t0 = time.perf_counter()
-    for _ in range(a.repeats):
-        step()
-    ms = (time.perf_counter() - t0) / a.repeats * 1e3
+    step = make_step(fused, opt)
+    ms = per_step_ms(step)
     what = "eval forward" if a.mode == "eval" else "train step (forward, backward, SGD)"
+    how = (f"backend {a.backend}, real kernels on {torch.cuda.get_device_name()}, input "
+           f"{tuple(x.shape)}" if gpu else "kernels stubbed out" if a.backend == "triton"
+           else f"backend {a.backend}: its CPU kernels run, only Triton's are stubbed")
     print(f"{a.model}: {ms:.2f} ms of host work per {what}, {units} convs, "
-          f"{1e3 * ms / units:.0f} us per conv unit (kernels stubbed out)")
+          f"{1e3 * ms / units:.0f} us per conv unit ({how})")
+    if gpu:
+        model.train(a.mode == "train")
+        eager_ms = per_step_ms(make_step(model, torch.optim.SGD(
+            model.parameters(), lr=1e-4, momentum=0.9, foreach=True)))
+        print(f"{a.model}: eager channels_last + autocast {eager_ms:.2f} ms per {what} on the "
+              f"same input ({ms / eager_ms:.2f}x)")
     if a.launches:
         model.train(a.mode == "train")
         eager_step = make_step(model, torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9,
