@@ -131,3 +131,22 @@ def test_autotune_key_tells_kernel_sizes_and_variants_apart():
     assert key <= set(conv.conv_unit_kernel.arg_names)
     tuned = conv._autotuned_kernel()
     assert list(tuned.keys) == conv._TUNE_KEY
+
+
+def test_reduction_sub_tiles_grow_with_the_problem_but_keep_the_grid_full():
+    sms = 132
+    block_m = configs.ELEMENTWISE_CONFIG.block_m
+    # No SM count (interpreter, CPU): the constant the interpreter tests are sized for.
+    assert configs.reduction_sub_tiles(10 ** 7, block_m, 4, None) == configs.STATS_SUB_TILES
+    # ResNet-50 layer 1 at batch 128 (401,408 rows, 256 channels = 4 blocks): the most.
+    assert configs.reduction_sub_tiles(128 * 56 * 56, block_m, 4, sms) == \
+        configs.MAX_SUB_TILES
+    # Layer 4 at batch 64 (3,136 rows, 2048 channels): already few programs, no growth.
+    assert configs.reduction_sub_tiles(64 * 7 * 7, block_m, 32, sms) == configs.STATS_SUB_TILES
+    for m in (1, 1000, 64 * 28 * 28, 128 * 14 * 14, 256 * 56 * 56):
+        for c_blocks in (1, 4, 16, 32):
+            sub = configs.reduction_sub_tiles(m, block_m, c_blocks, sms)
+            assert configs.STATS_SUB_TILES <= sub <= configs.MAX_SUB_TILES
+            if sub > configs.STATS_SUB_TILES:  # grown only while the grid stays full
+                programs = -(-m // (block_m * sub)) * c_blocks
+                assert programs >= configs.PROGRAMS_PER_SM * sms, (m, c_blocks, sub)

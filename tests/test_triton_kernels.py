@@ -305,6 +305,15 @@ else:
         for name, a, b in zip(names, got, want, strict=True):
             _check(a, b, dtype, f"d{name}")
 
+    @pytest.mark.parametrize("sub", [1, 3])
+    def test_epilogue_backward_with_any_row_tiles_per_program(sub, monkeypatch):
+        """On a GPU the apply backward folds 8-64 row tiles per program (by problem size);
+        the interpreter always 8. One and three (585 rows: 10 programs, the last partial)."""
+        from fused_res.triton import configs
+
+        monkeypatch.setattr(configs, "reduction_sub_tiles", lambda *args: sub)
+        test_epilogue_forward_backward(EPI[0], torch.float32, torch.channels_last)
+
     @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
     def test_channel_stats_forward_backward(dtype):
         g = torch.Generator().manual_seed(4)
