@@ -16,6 +16,9 @@ import json
 import pathlib
 import sys
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from targets import markdown, targets  # noqa: E402  (a sibling script, not a package)
+
 SCHEMA = "fused_res.gpu_check/1"
 
 
@@ -123,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
           f"driver {env.get('driver')}, commit {env.get('git_commit')}"
           f"{' (dirty)' if env.get('git_dirty') else ''}", "", "## Steps", "",
           md_table(["step", "status", "rc", "seconds"], step_rows), "", "## Summary", "",
-          md_table(HEADER, rows), ""]
+          md_table(HEADER, rows), "", "## Targets", "",
+          "The issues' performance targets (benchmarks/targets.py): met with CUDA graphs where "
+          "measured, both variants shown.", "", markdown(targets(merged)), ""]
     for step in [*runs, *extras]:
         md_path = steps_dir / f"{step}.md"
         if md_path.exists():
@@ -148,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table(["step", "status", "rc", "seconds"], step_rows))
     print()
     print(text_table(HEADER, rows) if rows else "no benchmark results")
+    met = targets(merged)
+    print("\ntargets: " + ", ".join(
+        f"{sum(t['met'] is v for t in met)} {word}"
+        for v, word in ((True, "met"), (False, "not met"), (None, "unmeasured")))
+        + " (summary.md lists them)")
     bad = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]
     wrong = HEADER.index("wrong")
     bad += [f"{r[0]}:{r[1]} wrong={r[wrong]}" for r in rows if r[wrong] != "0"]

@@ -1,0 +1,61 @@
+"""benchmarks/targets.py: the issues' targets read from a gpu_check run, on the committed H100
+run 3 and on synthetic rows for the rules."""
+
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import targets as T  # noqa: E402
+
+RUN3 = ROOT / "benchmarks" / "results" / "2026-11-26-h100-run3" / "bench.json"
+
+
+def _by_target(doc):
+    return {r["target"]: r for r in T.targets(doc)}
+
+
+def test_run3_verdicts_match_its_tables():
+    got = _by_target(json.loads(RUN3.read_text()))
+    blocks = got["eval blocks b64: fused-triton >= 1.3x eager"]
+    # summary.md, blocks-eval-b64 graph rows: rn50-l4d 1.19x and rn50-l4 1.24x are below.
+    assert blocks["met"] is False and "rn50-l4, rn50-l4d" in blocks["measured"]
+    assert got["eval blocks b256: fused-triton >= 1.3x eager"]["met"] is None
+    train = got["train ResNet-50 b128: fused-triton >= 1.15x eager"]
+    assert train["met"] is False and "graph 1.03x" in train["measured"]
+    cuda = got["train ResNet-50 b128: fused-cuda >= 1.15x eager"]
+    assert cuda["met"] is True and "graph 1.25x, no graph 0.81x" in cuda["measured"]
+    # Level with compile (1.04x) but compile-max-autotune was not run: unmeasured, not met.
+    rn50 = got["eval ResNet-50 b256: fused-triton >= 1.3x eager, >= compile-max-autotune"]
+    assert rn50["met"] is None and "max-autotune not measured" in rn50["measured"]
+    stats = got["cuda stats >= 0.8 of copy bandwidth"]
+    assert stats["met"] is False and stats["measured"].startswith("0/9 shapes")
+
+
+def _row(contender, speedup, graph, workload="resnet50", mode="train", batch=128, ips=1.0,
+         kind="model"):
+    return {"contender": contender + ("+graph" if graph else ""), "cuda_graph": graph,
+            "speedup": speedup, "status": "ok", "workload": workload, "mode": mode,
+            "batch": batch, "images_per_s": ips, "kind": kind}
+
+
+def test_rules_on_synthetic_rows():
+    rows = [_row("fused-triton", 0.9, False), _row("fused-triton", 1.2, True),
+            _row("fused-cuda", 1.1, False),
+            _row("fused-triton", 1.4, True, "resnet50", "eval", 256, ips=10.0),
+            _row("compile-max-autotune", 1.5, True, "resnet50", "eval", 256, ips=11.0),
+            _row("fused-triton", 1.5, True, "rn50-l1", "eval", 64, kind="block"),
+            _row("fused-triton", 1.29, True, "rn50-l2", "eval", 64, kind="block")]
+    doc = {"runs": {"x": {"results": rows}}, "extras": {}}
+    got = _by_target(doc)
+    # The graph row decides where there is one; without one, the eager-launch row does.
+    assert got["train ResNet-50 b128: fused-triton >= 1.15x eager"]["met"] is True
+    assert got["train ResNet-50 b128: fused-cuda >= 1.15x eager"]["met"] is False
+    # 1.4x eager but slower than compile-max-autotune: not met.
+    assert got["eval ResNet-50 b256: fused-triton >= 1.3x eager, >= compile-max-autotune"][
+        "met"] is False
+    blocks = got["eval blocks b64: fused-triton >= 1.3x eager"]
+    assert blocks["met"] is False and "below: rn50-l2" in blocks["measured"]
+    assert got["cuda apply_fwd >= 0.85 of copy bandwidth"]["met"] is None
+    assert "| unmeasured |" in T.markdown(T.targets(doc))
