@@ -335,3 +335,34 @@ def test_a_stem_with_hooks_is_left_alone():
     model = models.resnet18()
     model.bn1.register_forward_hook(lambda m, i, o: None)
     assert not isinstance(fused_res.convert(model).conv1, FusedStemConv)
+
+
+@pytest.mark.parametrize("cache", ["missing", "present"])
+def test_default_backend_model_compiles_fullgraph_on_its_first_call(cache, tmp_path,
+                                                                      monkeypatch):
+    """convert()'s default backend, 'auto', reads its cache of measured winners from a file,
+    which dynamo cannot trace: convert() reads it in eager code, so the first call may be the
+    one torch.compile traces (failed with "Failed to trace builtin operator open" before)."""
+    import json
+
+    from fused_res.backends import auto
+
+    path = tmp_path / "auto.json"
+    if cache == "present":
+        path.write_text(json.dumps({"cpu|conv_unit|float32|nchw|x=1|()": {"backend":
+                                                                          "reference"}}))
+    monkeypatch.setenv("FUSED_RES_AUTO_CACHE", str(path))
+    auto.reset()
+    try:
+        torch.manual_seed(0)
+        model = models.cifar_resnet(8)
+        fused = fused_res.convert(model)
+        x = torch.randn(2, 3, 16, 16)
+        for train in (True, False):
+            model.train(train)
+            fused.train(train)
+            torch._dynamo.reset()
+            y = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+            assert rel_err(y, model(x)) <= 1e-5
+    finally:
+        auto.reset()

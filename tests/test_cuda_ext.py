@@ -546,3 +546,40 @@ def test_compiling_the_first_use_of_the_cuda_backend_says_what_to_do(C):
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, backend="aot_eager", fullgraph=True)(x, w),
                                f(x, w))
+
+
+def test_prepare_loads_what_auto_recorded_and_what_none_stands_for(C, tmp_path, monkeypatch):
+    """'auto' may run the cuda backend where its cache recorded it the winner, and None
+    follows $FUSED_RES_BACKEND: convert() loads the extension for both, before any trace."""
+    import json
+
+    from fused_res.backends import auto
+
+    path = tmp_path / "auto.json"
+    path.write_text(json.dumps({"cpu|conv_unit|x": {"backend": "cuda"}}))
+    monkeypatch.setenv("FUSED_RES_AUTO_CACHE", str(path))
+    auto.reset()
+    try:
+        _ext._reset_for_tests()
+        fused_res.convert(models.cifar_resnet(8))
+        assert _ext.loaded()
+    finally:
+        auto.reset()
+    monkeypatch.setenv("FUSED_RES_BACKEND", "cuda")
+    _ext._reset_for_tests()
+    fused_res.convert(models.cifar_resnet(8), backend=None)
+    assert _ext.loaded()
+
+
+def test_non_strict_export_may_load_the_extension(C):
+    """torch.export(strict=False) runs the Python for real: the first use of the cuda backend
+    loads the extension there instead of raising the compile-trace error."""
+    class Unit(nn.Module):
+        def forward(self, x, w):
+            return fused_res.ops.conv_unit(x, w, padding=1, act_out="relu", backend="cuda")
+
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(8, 4, 3, 3)
+    _ext._reset_for_tests()
+    exported = torch.export.export(Unit(), (x, w), strict=False)
+    assert _ext.loaded()
+    torch.testing.assert_close(exported.module()(x, w), Unit()(x, w))

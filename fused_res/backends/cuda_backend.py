@@ -25,6 +25,7 @@ import torch
 from torch.nn import functional as F
 
 from .. import _ext
+from . import registry
 from .base import BackendStatus
 from .cudnn_backend import CudnnBackend
 from .reference import (
@@ -70,14 +71,14 @@ class CudaBackend(ReferenceBackend):
     name = "cuda"
 
     def status(self) -> BackendStatus:
-        if not _ext.loaded() and torch.compiler.is_compiling():
+        if not _ext.loaded() and registry.tracing():
             # dynamo cannot trace the loader (a lock, maybe a build); falling back would
             # compile the reference path into the graph without a word.
             raise RuntimeError(
-                "fused_res: torch.compile is tracing the first use of backend='cuda', before "
-                "its C++/CUDA extension has loaded; load it first, in eager code: convert(..., "
-                "backend='cuda'), fused_res.set_backend('cuda') or "
-                "fused_res.backends.prepare('cuda')")
+                "fused_res: torch.compile is tracing the first use of backend='cuda' (named, "
+                "or the winner 'auto' recorded), before its C++/CUDA extension has loaded; "
+                "load it first, in eager code: convert(model, backend=...) with the backend "
+                "the model runs, or fused_res.backends.prepare('cuda')")
         if _ext.load() is None:
             return BackendStatus(False, f"the C++/CUDA extension is not loaded: {_ext.reason()}")
         return BackendStatus(True, "")

@@ -70,13 +70,29 @@ def current_backend() -> str:
     return "auto"
 
 
+def tracing() -> bool:
+    """Whether dynamo is tracing this Python code (not run for real: a non-strict
+    torch.export runs it, and may load what it likes)."""
+    return getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling)()
+
+
 def prepare(name: str | None) -> str | None:
-    """Load what backend `name` needs (the C++/CUDA extension) now, in eager code. torch.compile
-    cannot trace a load (a lock, maybe a build), and a model's first call may be the one it
-    traces: convert(), the fused modules, set_backend() and use_backend() call this so that
-    the load is done by then. None, 'auto' and 'reference' load nothing. Returns `name`."""
-    if name not in (None, "auto", "reference") and not torch.compiler.is_compiling():
-        get_backend_object(_check_name(name)).status()
+    """Load what backend `name` needs now, in eager code: the C++/CUDA extension, and for
+    'auto' its cache of measured winners (a file) and the backends recorded there. Dynamo
+    cannot trace a load (a lock, a file, maybe a build), and a model's first call may be the
+    one torch.compile traces: convert(), the fused modules, set_backend() and use_backend()
+    call this so that the load is done by then. None stands for the backend in force now
+    (current_backend()). Returns `name`."""
+    if tracing():
+        return name
+    names = [current_backend() if name is None else _check_name(name)]
+    if names[0] == "auto":
+        from . import auto
+
+        names = sorted({e.get("backend") for e in auto.cached().values()} & set(NAMES))
+    for n in names:
+        if n not in ("auto", "reference"):
+            get_backend_object(n).status()
     return name
 
 
