@@ -263,6 +263,22 @@ def test_train_gate_holds_each_parameter_to_its_own_eager_error():
     assert case.check("fused-x", torch.full((4,), 1.5),
                       {"deep": noisy(ref["deep"], 1.2), "fc": noisy(ref["fc"], 0.01)}
                       )["status"] == "wrong"
+    # An inf in eager's gradients does not switch the gate off for the others.
+    case = _train_case(ref)
+    inf_grad = noisy(ref["fc"], 0.01)
+    inf_grad[0] = float("inf")
+    case.check("eager-cl", out, {"deep": noisy(ref["deep"], 1.2), "fc": inf_grad})
+    got = case.check("fused-x", out, {"deep": noisy(ref["deep"], 1.2), "fc": -5 * ref["fc"]})
+    assert got["status"] == "wrong" and got["tolerance_grad"] is not None
+    # A parameter whose reference gradient is exactly zero is not held to a relative budget
+    # (eager zero too, ours rounding noise), only counted in the total.
+    case = _train_case({**ref, "unused": torch.zeros(5, dtype=torch.float64)})
+    case.check("eager-cl", out, {"deep": ref["deep"], "fc": ref["fc"],
+                                 "unused": torch.zeros(5, dtype=torch.float64)})
+    noise = {"deep": noisy(ref["deep"], 1e-3), "fc": noisy(ref["fc"], 1e-3),
+             "unused": torch.full((5,), 1e-3, dtype=torch.float64)}
+    got = case.check("fused-x", out, noise)
+    assert got["status"] == "ok" and got["grads_gated"] == "2/2", got["reason"]
     # A renamed parameter fails instead of comparing unrelated tensors.
     renamed = case.check("fused-x", out, {"deep": ref["deep"], "head": ref["fc"]})
     assert renamed["status"] == "wrong" and "names differ" in renamed["reason"]

@@ -207,7 +207,11 @@ class _Case:
                                  [f"parameter names differ from the reference's: {diff[:4]}"])
         if grads is not None:
             err_grad = rel_err(_cat(grads), _cat(self.ref_grads))
-            params = {n: rel_err(g, self.ref_grads[n]) for n, g in grads.items()}
+            # A parameter whose reference gradient is exactly zero (unused, behind a zero
+            # gamma) has no relative error to hold (rel_err is then an absolute norm): it is
+            # held only by the total.
+            params = {n: rel_err(g, self.ref_grads[n]) for n, g in grads.items()
+                      if bool(self.ref_grads[n].any())}
         err = max(err_out, err_grad if err_grad is not None else 0.0)
         gated = None
         if name == C.BASELINE:
@@ -218,15 +222,15 @@ class _Case:
         else:
             dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
                                    else TORCH_DTYPE[self.config.dtype]]
-            loose = lambda base: max(dtype_tol, 2 * (base or 0.0))  # noqa: E731
-            tol, tol_grad = loose(self.baseline_out), loose(self.baseline_grad)
+            tol, tol_grad = (_loosened(dtype_tol, 2, b)
+                             for b in (self.baseline_out, self.baseline_grad))
             problems = [] if err_out <= tol else [
                 f"output: relative error {err_out:.3e} > tolerance {tol:.1e}"]
             if err_grad is not None and not err_grad <= tol_grad:
                 problems.append(f"gradients: relative error {err_grad:.3e} > tolerance "
                                 f"{tol_grad:.1e}")
             if params:
-                budgets = {n: max(dtype_tol, PARAM_FACTOR * self.baseline_params.get(n, 0.0))
+                budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, self.baseline_params.get(n))
                            for n in params}
                 over = sorted(((e / budgets[n] if math.isfinite(e) else math.inf, n)
                                for n, e in params.items()
@@ -260,6 +264,14 @@ class _Case:
             notes.append(f"{tight}/{len(params)} parameter gradients gated (eager-cl is "
                          f"{1 / PARAM_FACTOR:.2g}+ off on the rest)")
         return "; ".join(notes)
+
+
+def _loosened(dtype_tol: float, factor: float, baseline: float | None) -> float:
+    """max(dtype_tol, factor x eager's error); dtype_tol alone where eager's error is unknown
+    or not finite (an inf in eager's output must not switch the gate off for the others)."""
+    if baseline is None or not math.isfinite(baseline):
+        return dtype_tol
+    return max(dtype_tol, factor * baseline)
 
 
 def _row(case: _Case, name: str, graph: bool, **kw) -> dict:

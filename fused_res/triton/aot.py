@@ -109,7 +109,7 @@ def conv_int_args(problem) -> dict:
 # The elementwise kernels at ResNet-50's (64, 256, 56, 56) activation, channels_last.
 EW_INT_ARGS = dict(M=64 * 56 * 56, C=256, HW=56 * 56, W=56, sn=56 * 56 * 256, sc=1,
                    sh=56 * 256, sw=256, T=64 * 56 * 56 // configs.ELEMENTWISE_CONFIG.block_m,
-                   GROUP=configs.FINALIZE_GROUP)
+                   GROUP=configs.FINALIZE_GROUP, sub=configs.MAX_SUB_TILES)
 
 
 def jit_int_specialization(value: int) -> tuple[str, object]:

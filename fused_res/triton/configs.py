@@ -199,8 +199,9 @@ SUMS_CONFIG = TileConfig(64, 64, 4)
 # Partials one finalize program merges; more than this many are merged in parallel groups
 # first (a ResNet-50 layer-1 activation at batch 128 makes ~12,500 conv tiles of 32 rows).
 FINALIZE_GROUP = 128
-# Row tiles a reduction program (block-input statistics, the apply backward's channel
-# sums) folds into one partial: 1/8 of the partial bytes and of the finalize's work.
+# Row tiles a reduction program folds into one partial: 1/8 of the partial bytes and of the
+# finalize's work. The block-input statistics always take this many; the apply backward's
+# channel sums at least this many (reduction_sub_tiles).
 STATS_SUB_TILES = 8
 # The apply backward reduces its channel sums once per program whatever its row tiles, so
 # on a GPU it takes more tiles per program where the problem is large: up to this many.

@@ -342,7 +342,10 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             HAS_BRANCH=branch_scale is not None, RES_SCALED=float(res_scale) != 1.0,
             NEED_GT=need_gt, NEED_GR=need_gr, NEED_SUM=need_sum, NEED_SUM_T=need_sum_t,
             BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-            INDEX_64=needs_int64(gy, t_in, y_in, gt, gr), num_warps=cfg.num_warps)
+            # The last program's row indices run up to tiles * sub * BLOCK_M, past M: they
+            # must not wrap in int32 either (a wrapped one would pass the row mask).
+            INDEX_64=needs_int64(gy, t_in, y_in, gt, gr) or tiles * sub * cfg.block_m >= 2 ** 31,
+            num_warps=cfg.num_warps)
     elif need_gt or need_gr:
         for out in (gt, gr):
             if out is not None:
