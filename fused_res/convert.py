@@ -20,7 +20,6 @@ from torch import nn
 
 from . import models
 from .backends import NAMES as BACKEND_NAMES
-from .backends import prepare as prepare_backend
 from .nn import blocks as fblocks
 from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
 from .nn.stem import AppliedBatchNorm2d, FusedStemConv
@@ -259,7 +258,6 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     _check_backend(backend)
-    prepare_backend(backend)
     if not inplace:
         model = copy.deepcopy(model)
     for name, module in list(model.named_modules()):

@@ -208,7 +208,8 @@ def test_gate_baseline_is_judged_only_for_finiteness_and_calibrates_the_rest():
 
     case = runner._Case.__new__(runner._Case)
     case.config = type("Cfg", (), {"dtype": "bf16"})()
-    case.ref_out, case.ref_grads, case.baseline_err = torch.ones(4), None, None
+    case.ref_out, case.ref_grads = torch.ones(4), None
+    case.baseline_out = case.baseline_grad = None
     # A deep bf16 net: eager itself 20% off the reference is what users get, not a failure.
     base = case.check("eager-cl", torch.tensor([1.2, 0.8, 1.2, 0.8]), None)
     assert base["status"] == "ok" and "gate loose" in case.gate_note()
@@ -216,9 +217,9 @@ def test_gate_baseline_is_judged_only_for_finiteness_and_calibrates_the_rest():
     assert case.check("fused-x", torch.tensor([2.0, 0.0, 2.0, 0.0]), None)["status"] == "wrong"
     nan = torch.tensor([float("nan")] * 4)
     assert case.check("fused-x", nan, None)["status"] == "wrong"
-    case.baseline_err = None
+    case.baseline_out = None
     assert case.check("eager-cl", nan, None)["status"] == "wrong"
-    case.baseline_err = None
+    case.baseline_out = None
     case.check("eager-cl", torch.ones(4), None)
     assert case.gate_note() == ""
     assert case.check("fused-x", torch.full((4,), 1.05), None)["status"] == "wrong"
@@ -230,7 +231,7 @@ def _train_case(ref_grads):
     case = runner._Case.__new__(runner._Case)
     case.config = type("Cfg", (), {"dtype": "bf16"})()
     case.ref_out, case.ref_grads = torch.ones(4), ref_grads
-    case.baseline_err = case.baseline_out = case.baseline_grad = None
+    case.baseline_out = case.baseline_grad = None
     case.baseline_params = {}
     return case
 

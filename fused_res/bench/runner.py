@@ -179,7 +179,6 @@ class _Case:
                 ref_model, ref_model, x0.to(next(ref_model.parameters()).dtype), config.mode,
                 "fp32", dev)
         del ref_model
-        self.baseline_err: float | None = None
         self.baseline_out: float | None = None
         self.baseline_grad: float | None = None
         self.baseline_params: dict[str, float] = {}
@@ -215,7 +214,7 @@ class _Case:
         err = max(err_out, err_grad if err_grad is not None else 0.0)
         gated = None
         if name == C.BASELINE:
-            self.baseline_err, self.baseline_out, self.baseline_grad = err, err_out, err_grad
+            self.baseline_out, self.baseline_grad = err_out, err_grad
             self.baseline_params = params
             tol = tol_grad = math.inf  # NaN still fails: NaN <= inf is False
             problems = [] if math.isfinite(err) else [f"relative error {err:.3e} is not finite"]
@@ -253,6 +252,12 @@ class _Case:
                 "tolerance_grad": finite(tol_grad) if err_grad is not None else None,
                 "grads_gated": gated, "status": "ok" if ok else "wrong",
                 "reason": None if ok else "; ".join(problems)}
+
+    @property
+    def baseline_err(self) -> float | None:
+        """eager-cl's error (output, or gradients where worse); None before it ran."""
+        errs = [e for e in (self.baseline_out, self.baseline_grad) if e is not None]
+        return max(errs) if errs else None
 
     def gate_note(self) -> str:
         """'' or why this workload's gate is loose (eager itself far from the reference)."""

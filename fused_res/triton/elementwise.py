@@ -272,6 +272,13 @@ def _geometry(t: torch.Tensor):
     return n * h * w, c, h * w, w
 
 
+def _index_64(rows: int, *tensors) -> bool:
+    """INDEX_64 for a _tile launch whose programs cover `rows` row indices (a multiple of the
+    tile, past M in the last program): int64 where element offsets into a tensor can reach
+    2^31, or the row indices themselves could (a wrapped one would pass the row mask)."""
+    return rows >= 2 ** 31 or needs_int64(*tensors)
+
+
 def _grid(m: int, c: int, cfg: configs.TileConfig):
     return (cdiv(m, cfg.block_m), cdiv(c, cfg.block_c))
 
@@ -300,7 +307,8 @@ def _epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, bra
         HAS_B=shift is not None, ACT_MID=act_mid == "relu", HAS_RES=r is not None,
         RES_SCALED=float(res_scale) != 1.0, HAS_BRANCH=branch_scale is not None,
         ACT_OUT=act_out == "relu", BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-        INDEX_64=needs_int64(z, r, y), num_warps=cfg.num_warps)
+        INDEX_64=_index_64(cdiv(m, cfg.block_m) * cfg.block_m, z, r, y),
+        num_warps=cfg.num_warps)
     return y
 
 
@@ -342,9 +350,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             HAS_BRANCH=branch_scale is not None, RES_SCALED=float(res_scale) != 1.0,
             NEED_GT=need_gt, NEED_GR=need_gr, NEED_SUM=need_sum, NEED_SUM_T=need_sum_t,
             BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-            # The last program's row indices run up to tiles * sub * BLOCK_M, past M: they
-            # must not wrap in int32 either (a wrapped one would pass the row mask).
-            INDEX_64=needs_int64(gy, t_in, y_in, gt, gr) or tiles * sub * cfg.block_m >= 2 ** 31,
+            INDEX_64=_index_64(tiles * sub * cfg.block_m, gy, t_in, y_in, gt, gr),
             num_warps=cfg.num_warps)
     elif need_gt or need_gr:
         for out in (gt, gr):
@@ -409,7 +415,8 @@ def channel_stats(x):
     st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
     stats_partial_kernel[(tiles, cdiv(c, cfg.block_c))](
         x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c, SUB=sub, INDEX_64=needs_int64(x), num_warps=cfg.num_warps)
+        BLOCK_C=cfg.block_c, SUB=sub, INDEX_64=_index_64(tiles * sub * cfg.block_m, x),
+        num_warps=cfg.num_warps)
     return stats_finalize(st_mean, st_m2, st_cnt, c)
 
 
@@ -432,7 +439,8 @@ def _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
         gz if gz is not None else d, z, mean, gmean if gmean is not None else mean,
         gvar if gvar is not None else mean, out, m, c, hw, w, *out.stride(),
         HAS_GZ=gz is not None, HAS_GMEAN=gmean is not None, HAS_GVAR=gvar is not None,
-        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, INDEX_64=needs_int64(gz, z, out),
+        BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+        INDEX_64=_index_64(cdiv(m, cfg.block_m) * cfg.block_m, gz, z, out),
         num_warps=cfg.num_warps)
     return out
 
