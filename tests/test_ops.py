@@ -346,6 +346,39 @@ def test_eager_twins_match_the_custom_ops_and_yield_to_the_dispatcher(monkeypatc
     assert any("fused_res.conv_unit" in f for f in seen), seen[:5]
 
 
+def test_without_grad_the_ops_skip_autograd_and_give_the_same_values(monkeypatch):
+    """Under no_grad the eager path calls each op's impl directly (its autograd.Function
+    would only save tensors for a backward that cannot come): same values as with grad on."""
+    from fused_res import _eager
+    from fused_res.ops import library
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
+    s = torch.rand(3, dtype=torch.float64, generator=g) + 0.5
+
+    def run():
+        z, mean, var = ops.conv_bn_stats(x, w, padding=1, in_scale=s, act_in="relu",
+                                         backend="reference")
+        scale = ops.bn_scale(mean, var, s.new_ones(4), count=72, backend="reference")
+        y = ops.epilogue(z, scale, center=mean, act_mid="relu", backend="reference")
+        out = ops.conv_unit(y, w.transpose(0, 1).contiguous()[:, :4], padding=1,
+                            act_mid="relu", residual=x, backend="reference")
+        return (z, mean, var, scale, y, out, *ops.channel_stats(out, backend="reference"))
+
+    monkeypatch.setattr(_eager, "ENABLED", True)
+    with_grad = run()
+
+    def refuse(*args):
+        raise AssertionError("an autograd.Function ran under no_grad")
+    for name, (_op, twin) in library._OPS.items():
+        if name != "bn_update_running":  # no autograd: its twin is the impl
+            monkeypatch.setattr(twin, "apply", refuse)
+    with torch.no_grad():
+        without = run()
+    for a, b in zip(with_grad, without, strict=True):
+        assert torch.equal(a, b) and b.grad_fn is None
+
+
 def test_an_epilogue_with_nothing_to_do_returns_a_new_tensor():
     """Op outputs never alias inputs (the custom op refuses it), on the eager path too."""
     from fused_res import _eager

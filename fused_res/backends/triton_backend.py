@@ -48,16 +48,26 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_MODULES: list = []  # [conv, elementwise, batchnorm] once imported
+
+
+def _imported() -> list:
+    # Asked several times per unit: the import statement's own lookup is not free.
+    if not _MODULES:
+        from ..triton import batchnorm, conv, elementwise
+        _MODULES.extend((conv, elementwise, batchnorm))
+    return _MODULES
+
+
 def _kernels():
     """(conv, elementwise) kernel modules, imported on first use."""
-    from ..triton import conv, elementwise
-    return conv, elementwise
+    m = _imported()
+    return m[0], m[1]
 
 
 def _bn_kernels():
     """The BatchNorm per-channel kernel module, imported on first use."""
-    from ..triton import batchnorm
-    return batchnorm
+    return _imported()[2]
 
 
 class TritonBackend(ReferenceBackend):
@@ -115,8 +125,19 @@ class TritonBackend(ReferenceBackend):
     def _runs(self, x, weight=None, groups=1, dilation=(1, 1)) -> bool:
         """Whether the kernels take this call; a backward of a call the registry routed here
         always qualifies, this guards direct calls to the backend object."""
-        return self.status().available and self.unsupported_reason(
-            x, weight, groups, dilation) is None
+        # Asked by every method (about a dozen times per unit and training step); the answer
+        # depends only on the key, so it is computed once per key.
+        key = (x.dtype, x.device.type, weight.dtype if weight is not None else None, groups,
+               *dilation, _interpret_requested())
+        runs = self._runs_cache.get(key)
+        if runs is None:
+            runs = self._runs_cache[key] = self.status().available and (
+                self.unsupported_reason(x, weight, groups, dilation) is None)
+        return runs
+
+    @property
+    def _runs_cache(self) -> dict:
+        return self.__dict__.setdefault("_runs_by_key", {})
 
     # ---- conv_unit ------------------------------------------------------------------------
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,

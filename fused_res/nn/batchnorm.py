@@ -21,6 +21,11 @@ def _acc(bn: nn.BatchNorm2d, like: Tensor) -> torch.dtype:
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; no call when it already is (several per BatchNorm per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @dataclass
 class ChannelAffine:
     """value = (t - center) * scale + shift per channel (float32, or float64 for float64)."""
@@ -52,18 +57,18 @@ def affine_from_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> ChannelA
     Differentiable in mean, var, weight and bias."""
     check_norm(bn)
     acc = _acc(bn, mean)
-    scale = torch.rsqrt(var.to(acc) + bn.eps)
+    scale = torch.rsqrt(_as(var, acc) + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.to(acc)
-    shift = bn.bias.to(acc) if bn.bias is not None else None
-    return ChannelAffine(mean.to(acc), scale, shift)
+        scale = scale * _as(bn.weight, acc)
+    shift = _as(bn.bias, acc) if bn.bias is not None else None
+    return ChannelAffine(_as(mean, acc), scale, shift)
 
 
 def running_affine(bn: nn.BatchNorm2d, like: Tensor) -> ChannelAffine:
     """bn in eval mode: its running statistics with its affine. Recomputed from the live
     buffers and parameters each call, so a fold into the conv is never stale."""
     acc = _acc(bn, like)
-    return affine_from_stats(bn, bn.running_mean.to(acc), bn.running_var.to(acc))
+    return affine_from_stats(bn, _as(bn.running_mean, acc), _as(bn.running_var, acc))
 
 
 def check_batch_size(bn: nn.BatchNorm2d, count: int, shape) -> None:
@@ -83,13 +88,13 @@ def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape,
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     acc = _acc(bn, mean)
     scale = ops.bn_scale(
-        mean.to(acc), var.to(acc), bn.weight,
+        _as(mean, acc), _as(var, acc), bn.weight,
         running_mean=bn.running_mean if update else None,
         running_var=bn.running_var if update else None,
         num_batches_tracked=bn.num_batches_tracked if update else None,
         momentum=bn.momentum, eps=bn.eps, count=count, backend=backend)
-    shift = bn.bias.to(acc) if bn.bias is not None else None
-    return ChannelAffine(mean.to(acc), scale, shift)
+    shift = _as(bn.bias, acc) if bn.bias is not None else None
+    return ChannelAffine(_as(mean, acc), scale, shift)
 
 
 def input_affine(bn: nn.BatchNorm2d, x: Tensor, backend: str | None) -> ChannelAffine:

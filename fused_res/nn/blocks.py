@@ -101,7 +101,12 @@ class FusedResidualBlock(nn.Module):
         return self.plan.residual
 
     def _get(self, name: str | None) -> nn.Module | None:
-        return None if name is None else self.get_submodule(name)
+        if name is None:
+            return None
+        # Looked up on every call (a child replaced after construction is honoured); a direct
+        # child is one dict lookup, where get_submodule walks and type-checks a path.
+        child = self._modules.get(name)
+        return child if child is not None else self.get_submodule(name)
 
     # ---- forward --------------------------------------------------------------------------
     def _shortcut(self, x: Tensor, preact: Tensor | None) -> Tensor:

@@ -22,6 +22,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _pair(name: str, value, minimum: int) -> list[int]:
+    if type(value) in (list, tuple) and len(value) == 2:  # the modules' own (one per call)
+        a, b = value
+        if type(a) is int and type(b) is int and a >= minimum and b >= minimum:
+            return [a, b]
     vals = [value, value] if isinstance(value, int) and not isinstance(value, bool) else value
     ok = (isinstance(vals, Sequence) and len(vals) == 2 and
           all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in vals))

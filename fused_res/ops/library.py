@@ -329,6 +329,9 @@ _OPS = {
                           type("Eager_bn_update_running", (),
                                {"apply": staticmethod(_bn_update_running_impl)})),
 }
+_IMPLS = {"conv_unit": _conv_unit_impl, "conv_bn_stats": _conv_bn_stats_impl,
+          "channel_stats": _channel_stats_impl, "epilogue": _epilogue_impl,
+          "bn_scale": _bn_scale_impl, "bn_update_running": _bn_update_running_impl}
 # The reference backend's forward methods are differentiable compositions of aten ops, which
 # every autograd mode and torch.func transform supports; the backend argument is dropped.
 _COMPOSITES = {
@@ -354,5 +357,9 @@ def call(name: str, *args):
         return _COMPOSITES[name](get_backend_object("reference"), *args[:-1])
     op, twin = _OPS[name]
     if plain_eager(args):
+        if not torch.is_grad_enabled():
+            # Nothing to record: the twin's autograd.Function would only run setup_context
+            # (saving tensors for a backward that cannot happen) around the same impl.
+            return _IMPLS[name](*args)
         return twin.apply(*args)
     return op(*args)
