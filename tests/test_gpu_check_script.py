@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
          "bench-rn50-train-b128", "bench-blocks-eval-b64", "profile-train-b128",
-         "bench-rn50-train-auto", "host-profile", "conv-configs", "bench-blocks-eval-b256",
+         "host-profile", "bench-blocks-eval-b256", "conv-configs", "bench-rn50-train-auto",
          "bench-blocks-train-b64", "bench-units-eval", "bench-blocks-compile",
          "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
 
