@@ -1,6 +1,7 @@
 """Which Triton tile config is fastest for the plain conv at ResNet-50's shapes, against cuDNN.
 
     python benchmarks/conv_configs.py [--batch 64] [--dtype bf16] [--shapes all|few] [--json F]
+                                      [--variant plain|train]
 
 Times every configs.CONV_CONFIGS and configs.SWEEP_CONFIGS entry (minus the ones
 conv_config_excluded rules out) as CUDA-graph replays beside F.conv2d (cuDNN), checks each
@@ -8,6 +9,13 @@ result against cuDNN's, and prints per shape the best config and its time over c
 the config that runs untuned (configs.default_conv_config) and its time. The
 answer decides which configs the autotuner keeps and which one runs untuned; it is a question
 only a GPU answers (DESIGN.md §5), so it is a script, not a test.
+
+--variant train times the conv as a training step runs it inside a block: the previous BN's
+apply + ReLU in the prologue and the batch-statistics epilogue, checked against cuDNN's conv
+of the activated input (and its per-channel mean). Its ratio is to cuDNN's plain conv, so it
+shows what the prologue and the statistics cost per tile: the AOT report gives that variant
+more shared memory than the plain conv (116 against 98 KiB at 128x128x64 on sm_90, which
+leaves room for one block per SM instead of two).
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--shapes", choices=("all", "few"), default="few")
     p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--variant", choices=("plain", "train"), default="plain",
+                   help="train: BN+ReLU prologue and batch-statistics epilogue")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("conv_configs: needs a CUDA device; none found", file=sys.stderr)
@@ -44,13 +54,26 @@ def main(argv=None) -> int:
     elt = torch.tensor([], dtype=dtype).element_size()
     shapes = CONVS if a.shapes == "all" else FEW
     rows, best = [], []
-    print(f"{torch.cuda.get_device_name()}, batch {a.batch}, {a.dtype}, channels_last; "
-          "ratio = Triton graph time / cuDNN graph time", flush=True)
+    print(f"{torch.cuda.get_device_name()}, batch {a.batch}, {a.dtype}, channels_last, "
+          f"{a.variant} conv; ratio = Triton graph time / cuDNN graph time (plain conv)",
+          flush=True)
     for cin, cout, hw, k, s in shapes:
         cudnn, _, sets, flops, weight = conv_cases(a.batch, cin, cout, hw, k, s, dtype,
                                                    torch.device("cuda"))
         t_c = graph_ms(cudnn, sets)
-        want = cudnn(*sets[0])
+        prologue, want_stats = {}, None
+        if a.variant == "train":
+            gen = torch.Generator(device="cuda").manual_seed(cin)
+            center, scale, shift = (torch.randn(cin, device="cuda", generator=gen) * 0.5
+                                    for _ in range(3))
+            prologue = dict(in_center=center, in_scale=scale.abs() + 0.5, in_shift=shift)
+            x0 = sets[0][0].float()
+            act = torch.relu((x0 - center.view(1, -1, 1, 1)) * prologue["in_scale"].view(
+                1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)
+            want = cudnn(act)
+            want_stats = want.float().mean(dim=(0, 2, 3))
+        else:
+            want = cudnn(*sets[0])
         per = []
         m = a.batch * ((hw + 2 * (k // 2) - k) // s + 1) ** 2
         untuned = configs.default_conv_config(m, cin, cout, elt, k * k,
@@ -61,11 +84,23 @@ def main(argv=None) -> int:
             if why is not None:
                 continue
 
-            def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2)):
-                return conv_launch(x, weight, None, st, pad, None, None, None, "none",
-                                   memory_format=torch.channels_last, config=cfg)[0]
+            def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2), full=False,
+                    prologue=prologue):
+                if not prologue:
+                    return conv_launch(x, weight, None, st, pad, None, None, None, "none",
+                                       memory_format=torch.channels_last, config=cfg)[0]
+                z, parts = conv_launch(x, weight, None, st, pad, prologue["in_center"],
+                                       prologue["in_scale"], prologue["in_shift"], "relu",
+                                       stats=True, memory_format=torch.channels_last,
+                                       config=cfg)
+                return (z, parts) if full else z
             try:
-                err = rel_err(tri(*sets[0]), want)
+                if prologue:
+                    z, (t_mean, _, t_cnt) = tri(*sets[0], full=True)
+                    mean = (t_mean * t_cnt[:, None]).sum(0) / t_cnt.sum()
+                    err = max(rel_err(z, want), rel_err(mean, want_stats))
+                else:
+                    err = rel_err(tri(*sets[0]), want)
                 t = graph_ms(tri, sets)
             except Exception as e:  # a config that fails to compile or launch is data too
                 rows.append({"conv": [cin, cout, hw, k, s], "config": str(cfg),
@@ -91,10 +126,12 @@ def main(argv=None) -> int:
               f"{u_ratio} |")
     if best:
         g = math.exp(sum(math.log(r[2] / r[1]) for r in best) / len(best))
-        print(f"\ngeomean best/cuDNN over {len(best)} shapes: {g:.2f} (issue 5 target <= 1.15)")
+        target = " (issue 5 target <= 1.15)" if a.variant == "plain" else ""
+        print(f"\ngeomean best/cuDNN over {len(best)} shapes: {g:.2f}{target}")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(
             {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),
+             "variant": a.variant,
              "torch": torch.__version__, "dtype": a.dtype, "batch": a.batch, "rows": rows},
             indent=1) + "\n")
     return 0

@@ -186,12 +186,19 @@ run_step host-profile 60 bash -c 'rc=0; for b in triton cuda; do for m in eval t
 # Never reached in runs 1-3 (out of time): the issue's eval target at batch 256.
 bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
   --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
+# The conv alone against cuDNN per tile; then the same tiles as a training step runs them
+# (BN+ReLU prologue, statistics epilogue: run 3's train-step conv took 9.0 ms against
+# cuDNN's ~3.4, and that variant needs more shared memory per tile).
 if [ "$DRY" = 1 ]; then
-  say "=== conv-configs: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
-  printf 'conv-configs\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+  for v in conv-configs conv-configs-train; do
+    say "=== $v: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
+    printf '%s\tskipped\t-\t0\t0\tdry run\n' "$v" >> "$STEPS"
+  done
 else
   run_step conv-configs 90 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --json "$STEPS_DIR/conv-configs.json"
+  run_step conv-configs-train 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+    --variant train --json "$STEPS_DIR/conv-configs-train.json"
 fi
 # What 'auto' makes of the train step: per op signature the fastest verified backend (cuDNN's
 # conv with our kernels where the Triton conv is slower, run 3: Triton conv 9.0 ms of the

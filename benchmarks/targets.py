@@ -117,7 +117,7 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
     sweep = doc.get("extras", {}).get("conv-configs", {}).get("rows", [])
     if sweep:
         best: dict[str, float] = {}
-        for r in sweep:
+        for r in (r for r in sweep if "ratio" in r):  # a failed config has an error instead
             key = "x".join(map(str, r["conv"]))
             best[key] = min(best.get(key, r["ratio"]), r["ratio"])
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"

@@ -16,9 +16,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
          "bench-rn50-train-b128", "bench-blocks-eval-b64", "profile-train-b128",
-         "host-profile", "bench-blocks-eval-b256", "conv-configs", "bench-rn50-train-auto",
-         "bench-blocks-train-b64", "bench-units-eval", "bench-blocks-compile",
-         "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
+         "host-profile", "bench-blocks-eval-b256", "conv-configs", "conv-configs-train",
+         "bench-rn50-train-auto", "bench-blocks-train-b64", "bench-units-eval",
+         "bench-blocks-compile", "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -81,6 +81,7 @@ def test_budget_bounds_every_step(tmp_path):
     states = {s["step"]: s["status"] for s in merged["steps"]}
     assert states.pop("build") == "skipped" and states.pop("ops-bandwidth") == "skipped"
     assert states.pop("conv-configs") == "skipped"
+    assert states.pop("conv-configs-train") == "skipped"
     assert set(states.values()) == {"out-of-time"}
     assert "problems: env" in proc.stdout
 
