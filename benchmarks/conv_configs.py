@@ -13,9 +13,10 @@ only a GPU answers (DESIGN.md §5), so it is a script, not a test.
 --variant train times the conv as a training step runs it inside a block: the previous BN's
 apply + ReLU in the prologue and the batch-statistics epilogue, checked against cuDNN's conv
 of the activated input (and its per-channel mean). Its ratio is to cuDNN's plain conv, so it
-shows what the prologue and the statistics cost per tile: the AOT report gives that variant
-more shared memory than the plain conv (116 against 98 KiB at 128x128x64 on sm_90, which
-leaves room for one block per SM instead of two).
+shows what the prologue and the statistics cost per tile. (The AOT compile of that variant
+stages the activated A tile through shared memory a second time for the MMA: 116 against
+98 KiB at 128x128x64 on sm_90; at 213 and 165 registers per thread both run one block per SM
+there, so it is not occupancy that this variant loses.)
 """
 
 from __future__ import annotations
