@@ -140,7 +140,7 @@ run_step import 60 "$PY" -c "import fused_res; print(fused_res.__version__); [pr
 PYTEST_ARGS=(-m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml")
 if [ "$DRY" = 1 ]; then PYTEST_ARGS+=(tests/test_gpu_smoke.py)
 else PYTEST_ARGS+=(--ignore=tests/test_triton_gpu.py); fi
-run_step pytest-gpu 120 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+run_step pytest-gpu 150 "$PY" -m pytest "${PYTEST_ARGS[@]}"
 if [ "$DRY" != 1 ]; then
   run_step pytest-gpu-triton 120 env FUSED_RES_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu -q \
     -p no:cacheprovider --junitxml "$STEPS_DIR/pytest_gpu_triton.xml" tests/test_triton_gpu.py
