@@ -168,6 +168,9 @@ bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128
   --contenders eager-cl,fused-triton,fused-cuda --cuda-graphs
 bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
   --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
+# Never reached in runs 1-3 (out of time): the issue's eval target at batch 256.
+bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
+  --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 # Where the train step's time goes: device time per kernel family and the share of the step
 # the GPU is busy (host-bound when well under 1), per contender.
 PROFILE_ARGS=(--model resnet50 --mode train --batch 128 --dtype bf16)
@@ -183,9 +186,6 @@ if [ "$DRY" = 1 ]; then HOST_ARGS=(--model resnet18 --repeats 1); fi
 run_step host-profile 60 bash -c 'rc=0; for b in triton cuda; do for m in eval train; do
   "$0" benchmarks/host_overhead.py "${@:1}" --backend $b --mode $m || rc=1; done; done
   exit $rc' "$PY" "${HOST_ARGS[@]}"
-# Never reached in runs 1-3 (out of time): the issue's eval target at batch 256.
-bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
-  --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
 # (BN+ReLU prologue, statistics epilogue: run 3's train-step conv took 9.0 ms against
 # cuDNN's ~3.4, and that variant needs more shared memory per tile).

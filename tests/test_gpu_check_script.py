@@ -15,8 +15,8 @@ from fused_res.bench import validate
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
-         "bench-rn50-train-b128", "bench-blocks-eval-b64", "profile-train-b128",
-         "host-profile", "bench-blocks-eval-b256", "conv-configs", "conv-configs-train",
+         "bench-rn50-train-b128", "bench-blocks-eval-b64", "bench-blocks-eval-b256",
+         "profile-train-b128", "host-profile", "conv-configs", "conv-configs-train",
          "bench-rn50-train-auto", "bench-blocks-train-b64", "bench-units-eval",
          "bench-blocks-compile", "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
 
