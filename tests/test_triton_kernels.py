@@ -340,6 +340,32 @@ else:
         naive = ((x * x).sum((0, 2, 3)) / x[:, 0].numel() - x.mean((0, 2, 3)) ** 2)
         assert rel_err(naive, xd.var((0, 2, 3), unbiased=False)) > TOLERANCES[torch.float32]
 
+    @pytest.mark.parametrize("sub", [1, 3])
+    def test_channel_stats_over_many_programs(sub, monkeypatch):
+        """Several reduction programs (`sub` row tiles each, the last one partial) over more
+        channels than one block holds: each program's partial and their combine."""
+        from fused_res.triton import configs
+        monkeypatch.setattr(configs, "reduction_sub_tiles", lambda *args: sub)
+        g = torch.Generator().manual_seed(9)
+        x = (torch.randn(3, 70, 15, 13, dtype=D, generator=g) * 2 + 1).float()
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            mean, var = ops.channel_stats(x.contiguous(memory_format=fmt), backend="triton")
+            _check(mean, x.double().mean((0, 2, 3)), torch.float32, "mean")
+            _check(var, x.double().var((0, 2, 3), unbiased=False), torch.float32, "var")
+
+    def test_variance_holds_when_a_programs_first_row_is_an_outlier():
+        """The partial kernel measures each channel about k, the mean of the program's first
+        tile. Taken from the first row alone, k was this outlier, 3000 std above the rest,
+        and the partial's mean, k + (mean of x - k), lost 4e-5 to cancellation."""
+        g = torch.Generator().manual_seed(10)
+        x = torch.randn(8, 3, 8, 8, dtype=D, generator=g)
+        x[0, :, 0, 0] += 3000.0  # row 0 in channels_last: the first row of program 0
+        x = x.float()
+        mean, var = ops.channel_stats(x.contiguous(memory_format=torch.channels_last),
+                                      backend="triton")
+        _check(mean, x.double().mean((0, 2, 3)), torch.float32, "mean")
+        _check(var, x.double().var((0, 2, 3), unbiased=False), torch.float32, "var")
+
     def test_finalize_never_reads_tiles_nobody_wrote():
         """The conv's stats buffers are sized for the smallest BLOCK_M; a larger tile leaves
         rows with count 0 and uninitialised values (NaN on a GPU, seen on an H100). They

@@ -134,7 +134,7 @@ _EW_VARIANTS = (  # (kernel, variant, flags)
     ("epilogue_bwd_kernel", "all_flags",
      dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True, ACT_OUT=True, HAS_BRANCH=True,
           RES_SCALED=True, NEED_GT=True, NEED_GR=True, NEED_SUM=True, NEED_SUM_T=True)),
-    ("stats_partial_kernel", "all_flags", dict(SUB=configs.STATS_SUB_TILES)),
+    ("stats_partial_kernel", "all_flags", {}),
     ("stats_finalize_kernel", "group", dict(FINAL=False)),
     ("stats_finalize_kernel", "final", dict(FINAL=True)),
     ("stats_bwd_kernel", "all_flags", dict(HAS_GZ=True, HAS_GMEAN=True, HAS_GVAR=True)),

@@ -200,18 +200,19 @@ SUMS_CONFIG = TileConfig(64, 64, 4)
 # first (a ResNet-50 layer-1 activation at batch 128 makes ~12,500 conv tiles of 32 rows).
 FINALIZE_GROUP = 128
 # Row tiles a reduction program folds into one partial: 1/8 of the partial bytes and of the
-# finalize's work. The block-input statistics always take this many; the apply backward's
-# channel sums at least this many (reduction_sub_tiles).
+# finalize's work. The block-input statistics and the apply backward's channel sums take at
+# least this many (reduction_sub_tiles).
 STATS_SUB_TILES = 8
-# The apply backward reduces its channel sums once per program whatever its row tiles, so
-# on a GPU it takes more tiles per program where the problem is large: up to this many.
+# Both reduce once per program whatever its row tiles, so on a GPU they take more tiles per
+# program where the problem is large: up to this many.
 MAX_SUB_TILES = 64
 PROGRAMS_PER_SM = 4
 
 
 def reduction_sub_tiles(m: int, block_m: int, c_blocks: int, sms: int | None) -> int:
-    """Row tiles per program of the apply backward over m rows: STATS_SUB_TILES, doubled (up
-    to MAX_SUB_TILES) while the grid keeps PROGRAMS_PER_SM programs per SM. Fewer partial rows
+    """Row tiles per program of a per-channel reduction over m rows (the apply backward's
+    sums, the block-input statistics): STATS_SUB_TILES, doubled (up to MAX_SUB_TILES) while
+    the grid keeps PROGRAMS_PER_SM programs per SM. Fewer partial rows
     shorten channel_sums_kernel's walk over them, one program per 64 channels: with 8 tiles per
     program ResNet-50's layer-1 backward at batch 128 left it ~1,600 rows to add up. sms=None
     (the interpreter, a CPU) keeps STATS_SUB_TILES."""

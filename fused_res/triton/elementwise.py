@@ -6,7 +6,8 @@ Every kernel walks [BLOCK_M pixels x BLOCK_C channels] tiles of tensors that sha
     epilogue_fwd_kernel   y = tail((z - c) * s + b)                    (the apply pass)
     epilogue_bwd_kernel   dL/dt = dL/du · s, dL/dresidual, and per-tile Σ dL/du and
                           Σ dL/du · (t - c) per channel                  (affine / act / add)
-    stats_partial_kernel  channel mean and M2 of SUB tiles per program (Chan-merged partials)
+    stats_partial_kernel  channel mean and M2 of `sub` tiles per program (Welford per
+                          element, Chan across rows once)
     stats_finalize_kernel Chan's combine of the partials, in parallel groups -> mean, var
     stats_bwd_kernel      dL/dz + dL/dmean / m + 2 dL/dvar (z - mean) / m
     channel_sums_kernel   the backward's per-tile sums added up, and the center's gradient
@@ -161,31 +162,48 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 @triton.jit
 def stats_partial_kernel(x_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
-                         sn, sc, sh, sw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                         SUB: tl.constexpr, INDEX_64: tl.constexpr):
-    """Per program (SUB consecutive [BLOCK_M, BLOCK_C] tiles, merged by Chan's formula): the
-    count of rows, channel mean and M2 about that mean (float32). SUB tiles per program keep
-    the partials (and the finalize's work) 1/SUB of one per tile."""
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for i in range(0, SUB):
+                         sn, sc, sh, sw, sub, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         INDEX_64: tl.constexpr):
+    """Per program (`sub` consecutive [BLOCK_M, BLOCK_C] row tiles, channel block): the count
+    of rows and the channel mean and M2 about it (float32). Each element of the tile keeps its
+    own Welford mean and M2 of d = x - k over the program's tiles (elementwise: no exchange
+    between threads), and the BLOCK_M rows are combined by Chan's formula once, at the end.
+    A Chan merge per tile put two cross-warp reductions between every tile's loads (0.06-0.23
+    of copy bandwidth on an H100, run 3). Plain sums of d and d² would reduce once too, but
+    lose up to (rows / BLOCK_M)·eps of the variance where the first tile sits apart from the
+    rest; Welford's update loses nothing to that."""
+    first = tl.program_id(0) * sub
+    # k: each channel's mean over the program's first tile (one cross-warp reduction per
+    # program). The running means of x - k stay near zero, where float32 resolves them finely
+    # (Welford about x itself, at |mean| = 3000 std, lost 1e-5 of the variance to their
+    # rounding), and k is no single row that could be an outlier (k from the first row lost
+    # 4e-5 of a mean 3000 std below that row in the final mean_t + k).
+    offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(first, M, C, HW, W, sn, sc, sh, sw,
+                                                       BLOCK_M, BLOCK_C, INDEX_64)
+    mask2 = mask_m[:, None] & mask_c[None, :]
+    x = tl.load(x_ptr + off, mask=mask2, other=0.0).to(tl.float32)
+    n_r = mask_m.to(tl.float32)
+    k = tl.sum(x, axis=0) / tl.maximum(tl.sum(n_r, axis=0), 1.0)
+    # Tile 0 is each element's first sample: mean = x - k, M2 = 0.
+    mean = tl.where(mask2, x - k[None, :], 0.0)
+    m2 = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for i in range(1, sub):
         offs_m, offs_c, mask_m, mask_c, n_idx, off = _tile(
-            tl.program_id(0) * SUB + i, M, C, HW, W, sn, sc, sh, sw, BLOCK_M, BLOCK_C,
-            INDEX_64)
+            first + i, M, C, HW, W, sn, sc, sh, sw, BLOCK_M, BLOCK_C, INDEX_64)
         mask2 = mask_m[:, None] & mask_c[None, :]
-        x = tl.load(x_ptr + off, mask=mask2, other=0.0).to(tl.float32)
-        n_b = tl.sum(mask_m.to(tl.float32), axis=0)
-        mean_b = tl.sum(x, axis=0) / tl.maximum(n_b, 1.0)
-        dev = tl.where(mask2, x - mean_b[None, :], 0.0)
-        n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b,
-                                        tl.sum(dev * dev, axis=0))
+        x = tl.load(x_ptr + off, mask=mask2, other=0.0).to(tl.float32) - k[None, :]
+        # The count is per row (the same for every channel): one reciprocal per row.
+        n_r += mask_m.to(tl.float32)
+        inv = 1.0 / tl.maximum(n_r, 1.0)
+        delta = tl.where(mask2, x - mean, 0.0)
+        mean += delta * inv[:, None]
+        m2 += delta * tl.where(mask2, x - mean, 0.0)
+    n = tl.broadcast_to(n_r[:, None], (BLOCK_M, BLOCK_C))
+    n_t, mean_t, m2_t = tl.reduce((n, mean, m2), 0, _chan_merge)
     p_off = tl.program_id(0).to(tl.int64) * C + offs_c
-    tl.store(st_mean_ptr + p_off, mean_a, mask=mask_c)
-    tl.store(st_m2_ptr + p_off, m2_a, mask=mask_c)
-    tl.store(st_cnt_ptr + tl.program_id(0), tl.max(n_a, axis=0))
+    tl.store(st_mean_ptr + p_off, mean_t + k, mask=mask_c)
+    tl.store(st_m2_ptr + p_off, m2_t, mask=mask_c)
+    tl.store(st_cnt_ptr + tl.program_id(0), tl.max(n_t, axis=0))
 
 
 @triton.jit
@@ -408,14 +426,15 @@ def channel_stats(x):
         zeros = torch.zeros((c,), dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
     cfg = _cfg(c)
-    sub = configs.STATS_SUB_TILES
+    sub = configs.reduction_sub_tiles(m, cfg.block_m, cdiv(c, cfg.block_c),
+                                      None if _INTERPRET else sm_count(x.device))
     tiles = cdiv(m, cfg.block_m * sub)
     st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
     st_m2 = torch.empty_like(st_mean)
     st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
     stats_partial_kernel[(tiles, cdiv(c, cfg.block_c))](
-        x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), BLOCK_M=cfg.block_m,
-        BLOCK_C=cfg.block_c, SUB=sub, INDEX_64=_index_64(tiles * sub * cfg.block_m, x),
+        x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), sub, BLOCK_M=cfg.block_m,
+        BLOCK_C=cfg.block_c, INDEX_64=_index_64(tiles * sub * cfg.block_m, x),
         num_warps=cfg.num_warps)
     return stats_finalize(st_mean, st_m2, st_cnt, c)
 
