@@ -87,3 +87,37 @@ def test_autocast_dtype_and_layout_are_part_of_the_key():
                                        x.contiguous(memory_format=torch.channels_last))
     assert w32.dtype == torch.float32 and wbf.dtype == torch.bfloat16
     assert wcl.is_contiguous(memory_format=torch.channels_last) and w32.is_contiguous()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_inference_mode_folds_once_into_ordinary_tensors(backend):
+    """Under inference_mode the cached fold is an ordinary tensor (no gradient, a version
+    counter for the caches that key on it: the Triton weight matrix, the cuDNN bias cast),
+    reused by the next call; parameters made under inference_mode (no version counter) fold
+    per call."""
+    if not fused_res.available_backends()[backend].available:
+        pytest.skip(f"{backend} is not available here")
+    model, fused = _pair(backend)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+    with torch.inference_mode():
+        got = fused(x)
+        conv = fused.layer1[0].conv1
+        w, b = eval_fold._CACHE[conv][1:]
+        again = fused(x)
+        assert eval_fold._CACHE[conv][1] is w
+    assert not w.is_inference() and not b.is_inference() and not w.requires_grad
+    assert rel_err(got, want) <= 1e-5 and torch.equal(again, got)
+    with torch.inference_mode():
+        _, made_inside = _pair(backend)
+        assert made_inside.layer1[0].conv1.weight.is_inference()
+        assert rel_err(made_inside(x), want) <= 1e-5
+
+
+def test_cudnn_bias_cast_takes_inference_tensors():
+    from fused_res.backends.cudnn_backend import cast_cached
+    with torch.inference_mode():
+        t = torch.randn(5)
+    out = cast_cached(t, torch.float16)
+    assert out.dtype == torch.float16 and torch.equal(out, t.half())

@@ -639,6 +639,20 @@ else:
             else:
                 assert torch.equal(b, br), name
 
+    def test_block_under_inference_mode_matches_no_grad():
+        """Under inference_mode the fold and the weight matrix are computed inside it; the
+        weight-matrix cache keyed on version counters raised on an inference tensor ("Inference
+        tensors do not track version counter"). Twice: the second call reuses the caches."""
+        block, ref, cin = _block_pair("bottleneck", 2)
+        block.eval()
+        ref.eval()
+        x = torch.randn(3, cin, 7, 7).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            want = ref(x.double())
+        for _ in range(2):
+            with torch.inference_mode():
+                _check(block(x), want, torch.float32, "inference_mode y")
+
     def test_compile_fullgraph_sees_one_op():
         a = _cast(_make(CONFIGS[1]), torch.float32)
         # The registry creates a backend object on first use; a first use inside the traced

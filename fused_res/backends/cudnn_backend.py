@@ -29,6 +29,8 @@ def cast_cached(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     same tensor to every call, and casting it per call was one more launch per unit."""
     if t.dtype == dtype:
         return t
+    if t.is_inference():  # no version counter to key on
+        return t.detach().to(dtype)
     state = (t.data_ptr(), t._version, dtype)
     hit = _CASTS.get(t)
     if hit is not None and hit[0] == state:

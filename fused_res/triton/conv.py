@@ -287,7 +287,7 @@ def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
     """weight_matrix(weight), reused while weight is unchanged. Only for weights that need no
     gradient (inference, where the module folds BN into a weight it keeps): a parameter in
     training changes every step, and the copy would be one more pass over W per call."""
-    if weight.requires_grad:
+    if weight.requires_grad or weight.is_inference():  # (no version counter to key on)
         return weight_matrix(weight)
     state = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
     hit = _W_MATS.get(weight)
