@@ -99,7 +99,11 @@ def count_launches(step) -> tuple[int, int, dict]:
     return sum(per_op.values()), _NoLaunch.launches, per_op
 
 
-def _stub_kernels() -> None:
+def _stub_kernels(conv_backward: bool) -> None:
+    """Every Triton kernel launch becomes a no-op, and with conv_backward aten's conv backward
+    too (what the Triton backend's backward leaves to aten). Backends whose CPU kernels run
+    keep the real conv backward: it is shared through ReferenceBackend, and a stub there would
+    stub theirs as well (their gradients uninitialised, their step cheaper than eager's)."""
     import torch
 
     import fused_res.backends.reference as ref
@@ -114,14 +118,14 @@ def _stub_kernels() -> None:
         for name in [n for n in vars(module) if n.endswith("_kernel")]:
             setattr(module, name, _NoLaunch())
 
-    def conv_backward(gz, p, weight, has_bias, stride, padding, dilation, groups, needs_p,
-                      needs_w):
+    def stub_conv_backward(gz, p, weight, has_bias, stride, padding, dilation, groups, needs_p,
+                           needs_w):
         _NoLaunch.stubbed_aten += 1  # one aten convolution_backward, as eager's count has
         return (torch.empty_like(p) if needs_p else None,
                 torch.empty_like(weight) if needs_w else None,
                 gz.new_empty((weight.shape[0],)) if has_bias else None)
-    ref._conv_backward = conv_backward
-    tb._conv_backward = conv_backward
+    if conv_backward:
+        ref._conv_backward = tb._conv_backward = stub_conv_backward
 
 
 def main(argv=None) -> int:
@@ -156,7 +160,7 @@ def main(argv=None) -> int:
     if gpu and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     if not gpu:
-        _stub_kernels()
+        _stub_kernels(conv_backward=a.backend == "triton")
         torch.set_num_threads(1)
     dev = a.device
     model = getattr(models, a.model)().to(dev, memory_format=torch.channels_last)
@@ -202,7 +206,8 @@ def main(argv=None) -> int:
     what = "eval forward" if a.mode == "eval" else "train step (forward, backward, SGD)"
     how = (f"backend {a.backend}, real kernels on {torch.cuda.get_device_name()}, input "
            f"{tuple(x.shape)}" if gpu else "kernels stubbed out" if a.backend == "triton"
-           else f"backend {a.backend}: its CPU kernels run, only Triton's are stubbed")
+           else f"backend {a.backend}: its CPU kernels and aten's conv run, only Triton is "
+                "stubbed")
     print(f"{a.model}: {ms:.2f} ms of host work per {what}, {units} convs, "
           f"{1e3 * ms / units:.0f} us per conv unit ({how})")
     if gpu or a.backend != "triton":
