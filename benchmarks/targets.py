@@ -117,7 +117,8 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
     sweep = doc.get("extras", {}).get("conv-configs", {}).get("rows", [])
     if sweep:
         best: dict[str, float] = {}
-        for r in (r for r in sweep if "ratio" in r):  # a failed config has an error instead
+        # A config that failed has an error instead of a ratio; a wrong one does not count.
+        for r in (r for r in sweep if "ratio" in r and not r.get("wrong")):
             key = "x".join(map(str, r["conv"]))
             best[key] = min(best.get(key, r["ratio"]), r["ratio"])
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"

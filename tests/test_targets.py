@@ -59,3 +59,14 @@ def test_rules_on_synthetic_rows():
     assert blocks["met"] is False and "below: rn50-l2" in blocks["measured"]
     assert got["cuda apply_fwd >= 0.85 of copy bandwidth"]["met"] is None
     assert "| unmeasured |" in T.markdown(T.targets(doc))
+
+
+def test_conv_sweep_ignores_failed_and_wrong_configs():
+    conv = [{"conv": [64, 64, 56, 3, 1], "ratio": 1.3}]
+    sweep = [{"conv": [64, 64, 56, 3, 1], "config": "a", "ratio": 1.2, "wrong": False},
+             {"conv": [64, 64, 56, 3, 1], "config": "b", "ratio": 0.5, "wrong": True},
+             {"conv": [64, 64, 56, 3, 1], "config": "c", "error": "compile failed"}]
+    doc = {"runs": {}, "extras": {"ops-bandwidth": {"conv": conv},
+                                  "conv-configs": {"rows": sweep}}}
+    row = next(r for r in T.targets(doc) if "cuDNN" in r["target"])
+    assert "best swept tile per shape: 1.20-1.20x" in row["measured"]

@@ -173,7 +173,7 @@ def stats_partial_kernel(x_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
     lose up to (rows / BLOCK_M)·eps of the variance where the first tile sits apart from the
     rest; Welford's update loses nothing to that."""
     first = tl.program_id(0) * sub
-    # k: each channel's mean over the program's first tile (one cross-warp reduction per
+    # k: each channel's mean over the program's first tile (reduced across rows once per
     # program). The running means of x - k stay near zero, where float32 resolves them finely
     # (Welford about x itself, at |mean| = 3000 std, lost 1e-5 of the variance to their
     # rounding), and k is no single row that could be an outlier (k from the first row lost
