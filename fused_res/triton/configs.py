@@ -46,30 +46,34 @@ CONV_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(64, 64, 64, 4, 3),
     ConvConfig(64, 32, 32, 4, 4),
     ConvConfig(32, 64, 32, 4, 4),
+    # Run 3's conv-configs: 1.08x cuDNN's time at 64->64 3x3 56x56, against 1.28x for the
+    # 64x64x64 tile it ran untuned (the AOT check shows 8 bytes of spill for it on sm_80 in
+    # the int64 variant only).
+    ConvConfig(128, 64, 64, 4, 3),
 )
 
 # The smallest tile height the autotuner may pick: what its statistics buffers are sized for.
 CONV_MIN_BLOCK_M = min(c.block_m for c in CONV_CONFIGS)
 
 # What runs untuned (FUSED_RES_TRITON_AUTOTUNE=0): of the autotune candidates, deepest K
-# step first, then largest tile, the first that the problem's channels fill and that still
-# gives every SM two tiles (default_conv_config). In the first H100 run every conv ran
-# 64x64x32, and the fused blocks took 1.3-2.5x the time of cuDNN's fused blocks
-# (benchmarks/results/2026-11-26-h100-run1, blocks-eval-b64, graph rows). Largest tile first
-# then picked 128x64x32 wherever 128x128 made too few tiles; in run 3's conv-configs (bf16,
-# batch 64) a BLOCK_K of 64 beat 32 at every ResNet-50 shape with the same tile area, and
-# this order picks the best candidate at 4 of the 6 shapes (1.37 -> 1.17x cuDNN's time at
-# 1024->256 14x14 1x1, 1.56 -> 1.17x at 256 3x3 14x14, 1.08 -> 0.95x at 256->64 56x56 1x1)
-# against 2 of 6 before; 64->64 3x3 56x56 moves 1.25 -> 1.28x.
+# step first, then largest tile (the wider N of two equal areas), the first that the
+# problem's channels fill and that still gives every SM two tiles (default_conv_config).
+# History: in the first H100 run every conv ran 64x64x32 and the fused blocks took 1.3-2.5x
+# the time of cuDNN's (benchmarks/results/2026-11-26-h100-run1). In run 3's conv-configs
+# (bf16, batch 64) a BLOCK_K of 64 beat 32 at every ResNet-50 shape; against that table the
+# 128x64x64 candidate, the wider N on a tie, and skipping an 8-warp tile (one block per SM:
+# 165-213 registers per thread) whose last wave would leave most SMs idle pick the best
+# measured tile at 5 of the 6 shapes and one within 3% at the sixth: geomean 1.21 -> 1.16x
+# cuDNN's time (the best per shape: 1.16x). 64->64 3x3 56x56 1.28 -> 1.08x (128x64);
+# 512->2048 1x1 7x7 1.56 -> 1.42x (128x128 made 400 tiles on 132 SMs: a fourth wave of 4);
+# 256->64 1x1 56x56 0.95 -> 0.97x. An in-sample choice: the next conv-configs run checks it.
 DEFAULT_LADDER: tuple[ConvConfig, ...] = tuple(sorted(
-    CONV_CONFIGS, key=lambda c: (-c.block_k, -c.block_m * c.block_n, -c.block_m)))
+    CONV_CONFIGS, key=lambda c: (-c.block_k, -c.block_m * c.block_n, -c.block_n)))
 
 # Tiles only a GPU can judge (benchmarks/conv_configs.py times them beside CONV_CONFIGS and
 # cuDNN at ResNet-50's shapes); not autotuned. The AOT check shows small spills for some of
-# them in the fused 3x3 and int64 variants (128x64x64: 8 bytes on sm_80 with int64 indices;
-# 128x256 and 256x128: 8-500 bytes).
+# them in the fused 3x3 and int64 variants (128x256 and 256x128: 8-500 bytes).
 SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
-    ConvConfig(128, 64, 64, 4, 3),
     ConvConfig(64, 64, 64, 4, 4),
     ConvConfig(128, 256, 64, 8, 3),
     ConvConfig(256, 128, 64, 8, 3),
@@ -101,7 +105,9 @@ def conv_config_excluded(cfg: ConvConfig, elt_bytes: int, taps: int) -> str | No
     - num_warps >= 8 with a multi-tap (3x3, 7x7) loop and num_stages >= 4: large warp counts
       with deeply pipelined tap loops are the combination seen to miscompile;
     - num_warps >= 8 on a tile with fewer than 64 accumulator elements per thread: the dot's
-      warp layout then replicates work and only adds register pressure.
+      warp layout then replicates work and only adds register pressure;
+    - float32 operands on 4 warps with BLOCK_M >= 128 and BLOCK_K >= 64: they spill (the AOT
+      compile of 128x64x64: 88-224 bytes in the fused 3x3 and int64 variants).
     """
     if min(cfg.block_m, cfg.block_n, cfg.block_k) < DOT_MIN:
         return f"a block dimension is below tl.dot's minimum of {DOT_MIN}"
@@ -112,6 +118,8 @@ def conv_config_excluded(cfg: ConvConfig, elt_bytes: int, taps: int) -> str | No
         return "num_warps >= 8 with a pipelined multi-tap loop (seen to miscompile)"
     if cfg.num_warps >= 8 and cfg.block_m * cfg.block_n < 64 * 32 * cfg.num_warps:
         return "num_warps >= 8 on a tile too small to give each thread 64 accumulators"
+    if elt_bytes == 4 and cfg.num_warps == 4 and cfg.block_m >= 128 and cfg.block_k >= 64:
+        return "float32 operands of a 128-row, 64-deep tile on 4 warps spill registers"
     return None
 
 
@@ -148,7 +156,8 @@ def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int
     """The untuned config for a problem of M output pixels: the first of DEFAULT_LADDER that
     is allowed (conv_config_excluded), no wider than the channels (BLOCK_N <= C_out, BLOCK_K
     <= C_in, each rounded up to a power of two and at least 16), and that makes at least
-    2 * sm_count tiles; else the allowed config that makes the most tiles. Where no ladder
+    2 * sm_count tiles (for an 8-warp tile, one block per SM, not a last wave under half
+    full); else the allowed config that makes the most tiles. Where no ladder
     tile is that narrow (16 channels), the choice is among the autotuner's candidates for the
     problem (conv_configs_for), never a wider tile than the autotuner would try."""
     n_cap = max(DOT_MIN, _pow2_at_least(c_out))
@@ -161,8 +170,12 @@ def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int
                       key=lambda c: -c.block_m * c.block_n)
     tiles = lambda c: -(-m // c.block_m) * -(-c_out // c.block_n)
     for cfg in fits:
-        if tiles(cfg) >= 2 * sm_count:
-            return cfg
+        t = tiles(cfg)
+        if t < 2 * sm_count:
+            continue
+        if cfg.num_warps == 8 and 0 < t % sm_count < sm_count // 2:
+            continue
+        return cfg
     return max(fits, key=tiles)
 
 
