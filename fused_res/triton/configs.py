@@ -157,9 +157,9 @@ def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int
     is allowed (conv_config_excluded), no wider than the channels (BLOCK_N <= C_out, BLOCK_K
     <= C_in, each rounded up to a power of two and at least 16), and that makes at least
     2 * sm_count tiles (for an 8-warp tile, one block per SM, not a last wave under half
-    full); else the allowed config that makes the most tiles. Where no ladder
-    tile is that narrow (16 channels), the choice is among the autotuner's candidates for the
-    problem (conv_configs_for), never a wider tile than the autotuner would try."""
+    full); else the allowed config that makes the most tiles. Where no ladder tile is that
+    narrow (16 channels), the choice is among the autotuner's candidates for the problem
+    (conv_configs_for), never a wider tile than the autotuner would try."""
     n_cap = max(DOT_MIN, _pow2_at_least(c_out))
     k_cap = max(DOT_MIN, _pow2_at_least(c_in))
     fits = [c for c in DEFAULT_LADDER
@@ -225,9 +225,9 @@ PROGRAMS_PER_SM = 4
 def reduction_sub_tiles(m: int, block_m: int, c_blocks: int, sms: int | None) -> int:
     """Row tiles per program of a per-channel reduction over m rows (the apply backward's
     sums, the block-input statistics): STATS_SUB_TILES, doubled (up to MAX_SUB_TILES) while
-    the grid keeps PROGRAMS_PER_SM programs per SM. Fewer partial rows
-    shorten channel_sums_kernel's walk over them, one program per 64 channels: with 8 tiles per
-    program ResNet-50's layer-1 backward at batch 128 left it ~1,600 rows to add up. sms=None
+    the grid keeps PROGRAMS_PER_SM programs per SM. Fewer partial rows shorten the walk over
+    them that follows, one program per 64 channels: with 8 tiles per program ResNet-50's
+    layer-1 backward at batch 128 left channel_sums_kernel ~1,600 rows to add up. sms=None
     (the interpreter, a CPU) keeps STATS_SUB_TILES."""
     sub = STATS_SUB_TILES
     if sms is None:
