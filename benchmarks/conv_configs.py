@@ -124,12 +124,16 @@ def main(argv=None) -> int:
         if per:
             t, cfg, err = min(per, key=lambda r: r[0])
             u_ms = next((t_u for t_u, c, _ in per if c == untuned), None)
+            if u_ms is None and any(r.get("wrong") and r["config"] == str(untuned)
+                                    for r in rows if r["conv"] == [cin, cout, hw, k, s]):
+                u_ms = "WRONG"  # the tile that runs by default computed a wrong result
             best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms))
     print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
           "untuned config | its ratio |")
     print("|---|---|---|---|---|---|---|")
     for shape, t_c, t, cfg, untuned, u_ms in best:
-        u_ratio = "-" if u_ms is None else f"{u_ms / t_c:.2f}"
+        u_ratio = ("-" if u_ms is None else u_ms if isinstance(u_ms, str)
+                   else f"{u_ms / t_c:.2f}")
         print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} | {untuned} | "
               f"{u_ratio} |")
     if best:

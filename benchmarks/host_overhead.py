@@ -224,9 +224,10 @@ def main(argv=None) -> int:
             eager_step()
         aten_n, triton_n, fused_ops = count_launches(step)
         eager_n, _, eager_ops = count_launches(eager_step)
-        print(f"device kernels per {what}: fused-triton {aten_n + triton_n} ({aten_n} aten, "
-              f"{triton_n} Triton), eager {eager_n} (aten; cuDNN's own count per conv aside)")
-        for name, ops in (("fused-triton", fused_ops), ("eager", eager_ops)):
+        print(f"device kernels per {what}: fused-{a.backend} {aten_n + triton_n} ({aten_n} "
+              f"aten, {triton_n} Triton), eager {eager_n} (aten; cuDNN's own count per conv "
+              "aside)")
+        for name, ops in ((f"fused-{a.backend}", fused_ops), ("eager", eager_ops)):
             top = sorted(ops.items(), key=lambda kv: -kv[1])
             print(f"  {name} aten: " + ", ".join(f"{k} {v}" for k, v in top))
     if a.profile:

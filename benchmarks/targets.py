@@ -122,7 +122,7 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
             key = "x".join(map(str, r["conv"]))
             best[key] = min(best.get(key, r["ratio"]), r["ratio"])
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"
-                 f"{max(best.values()):.2f}x")
+                 f"{max(best.values()):.2f}x" if best else "; no swept tile was correct")
     return over == 0, text
 
 

@@ -70,3 +70,12 @@ def test_conv_sweep_ignores_failed_and_wrong_configs():
                                   "conv-configs": {"rows": sweep}}}
     row = next(r for r in T.targets(doc) if "cuDNN" in r["target"])
     assert "best swept tile per shape: 1.20-1.20x" in row["measured"]
+
+
+def test_conv_sweep_with_no_correct_config_says_so():
+    conv = [{"conv": [64, 64, 56, 3, 1], "ratio": 1.3}]
+    sweep = [{"conv": [64, 64, 56, 3, 1], "config": "b", "ratio": 0.5, "wrong": True}]
+    doc = {"runs": {}, "extras": {"ops-bandwidth": {"conv": conv},
+                                  "conv-configs": {"rows": sweep}}}
+    row = next(r for r in T.targets(doc) if "cuDNN" in r["target"])
+    assert "no swept tile was correct" in row["measured"]

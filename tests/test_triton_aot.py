@@ -96,6 +96,25 @@ def test_untuned_config_is_an_autotune_candidate_that_fits_the_problem():
     assert configs.default_conv_config(256 * 7 * 7, 512, 2048, 4, 1, False, sms) != big
 
 
+def test_untuned_picks_the_best_tiles_of_run3():
+    """The picks the ladder was set from (run 3's conv-configs table, bf16, batch 64, 132 SMs):
+    128x64x64 for 64->64 3x3 56x56; 64x128x64 where 128x128 would leave a fourth wave of 4
+    tiles (512->2048 1x1 7x7), but 128x128 where its tail is one wave in 95 (batch 256);
+    the wider N of two equal areas (1024->256 1x1 14x14)."""
+    sms = 132
+    pick = lambda m, ci, co, taps: str(configs.default_conv_config(  # noqa: E731
+        m, ci, co, 2, taps, configs.flat_k(ci, taps), sms))
+    assert pick(64 * 56 * 56, 64, 64, 9) == "128x64x64_w4_s3"
+    assert pick(64 * 7 * 7, 512, 2048, 1) == "64x128x64_w4_s3"
+    assert pick(256 * 56 * 56, 64, 256, 1) == "128x128x64_w8_s3"
+    assert pick(64 * 28 * 28, 128, 128, 9) == "128x128x64_w8_s3"
+    assert pick(64 * 14 * 14, 1024, 256, 1) == "64x128x64_w4_s3"
+    # float32 operands spill that tile (AOT): never a candidate there.
+    tile = next(c for c in configs.CONV_CONFIGS if str(c) == "128x64x64_w4_s3")
+    assert configs.conv_config_excluded(tile, 4, 9) is not None
+    assert configs.conv_config_excluded(tile, 2, 9) is None
+
+
 def test_aot_specialises_int_arguments_as_the_jit_does():
     """The AOT check must see the kernel the GPU runs: NHWC strides that are multiples of 16
     marked divisible (so loads vectorise and pipeline), ones as constants."""

@@ -178,9 +178,9 @@ def test_conv_bn_stats_and_channel_stats_on_gpu(dtype):
                                   "128x64x64_w4_s3"])
 def test_large_tiles_on_gpu(tile):
     """The tiles the untuned path picks for big problems (configs.default_conv_config), at a
-    ResNet-50 layer-2 shape where they are chosen, with the prologue and statistics epilogue
-    and with the full tail: against the float64 reference, bf16. The interpreter runs them on
-    the CPU (test_triton_kernels.py); this is the compiled code on the GPU."""
+    ResNet-50 layer-2 shape (where 128x128 is the one chosen), with the prologue and statistics
+    epilogue and with the full tail: against the float64 reference, bf16. The interpreter runs
+    them on the CPU (test_triton_kernels.py); this is the compiled code on the GPU."""
     from fused_res.triton import configs
     from fused_res.triton.conv import conv_launch
     from fused_res.triton.elementwise import stats_finalize

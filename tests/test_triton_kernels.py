@@ -640,9 +640,11 @@ else:
                 assert torch.equal(b, br), name
 
     def test_block_under_inference_mode_matches_no_grad():
-        """Under inference_mode the fold and the weight matrix are computed inside it; the
-        weight-matrix cache keyed on version counters raised on an inference tensor ("Inference
-        tensors do not track version counter"). Twice: the second call reuses the caches."""
+        """Under inference_mode: the caches keyed on version counters (the eval fold, the
+        Triton weight matrix) raised on an inference tensor ("Inference tensors do not track
+        version counter"). A block made outside inference_mode, twice (the second call reuses
+        the caches); one made inside it, whose parameters are inference tensors themselves
+        (folded per call, and the weight matrix then too)."""
         block, ref, cin = _block_pair("bottleneck", 2)
         block.eval()
         ref.eval()
@@ -652,6 +654,12 @@ else:
         for _ in range(2):
             with torch.inference_mode():
                 _check(block(x), want, torch.float32, "inference_mode y")
+        with torch.inference_mode():
+            inner = copy.deepcopy(block).eval()
+            inner.load_state_dict(block.state_dict())
+            inner = inner.to(torch.float16).to(torch.float32)  # new tensors, made inside
+            assert inner.conv1.weight.is_inference()
+            _check(inner(x), want, torch.float16, "made inside inference_mode y")
 
     def test_compile_fullgraph_sees_one_op():
         a = _cast(_make(CONFIGS[1]), torch.float32)

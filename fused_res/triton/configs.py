@@ -31,11 +31,12 @@ class ConvConfig:
                 f"_w{self.num_warps}_s{self.num_stages}")
 
 
-# The autotuner's candidates. Kept to seven on purpose: autotuning compiles every config for
+# The autotuner's candidates. Kept to eight on purpose: autotuning compiles every config for
 # every new shape key, and a ResNet-50 has ~20 conv shapes per mode. Every one compiles for
 # sm_80 and sm_90 without a register spill in every variant of the AOT check (python -m
-# fused_res.triton.aot), now that the check specialises the integer arguments as the JIT does
-# (an earlier version did not, and its report of spills in 128x128 tiles was an artifact).
+# fused_res.triton.aot) but one (128x64x64, below), now that the check specialises the
+# integer arguments as the JIT does (an earlier version did not, and its report of spills in
+# 128x128 tiles was an artifact).
 # 128x128x64 on 8 warps is the Hopper-sized tile (two warpgroups of wgmma); the 64-wide ones
 # serve 64-channel convs and batches too small to fill the GPU with large tiles.
 CONV_CONFIGS: tuple[ConvConfig, ...] = (
@@ -107,7 +108,7 @@ def conv_config_excluded(cfg: ConvConfig, elt_bytes: int, taps: int) -> str | No
     - num_warps >= 8 on a tile with fewer than 64 accumulator elements per thread: the dot's
       warp layout then replicates work and only adds register pressure;
     - float32 operands on 4 warps with BLOCK_M >= 128 and BLOCK_K >= 64: they spill (the AOT
-      compile of 128x64x64: 88-224 bytes in the fused 3x3 and int64 variants).
+      compile of 128x64x64: 8-224 bytes in the fused 3x3 and int64 variants).
     """
     if min(cfg.block_m, cfg.block_n, cfg.block_k) < DOT_MIN:
         return f"a block dimension is below tl.dot's minimum of {DOT_MIN}"
@@ -156,10 +157,11 @@ def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int
     """The untuned config for a problem of M output pixels: the first of DEFAULT_LADDER that
     is allowed (conv_config_excluded), no wider than the channels (BLOCK_N <= C_out, BLOCK_K
     <= C_in, each rounded up to a power of two and at least 16), and that makes at least
-    2 * sm_count tiles (for an 8-warp tile, one block per SM, not a last wave under half
-    full); else the allowed config that makes the most tiles. Where no ladder tile is that
-    narrow (16 channels), the choice is among the autotuner's candidates for the problem
-    (conv_configs_for), never a wider tile than the autotuner would try."""
+    2 * sm_count tiles (for an 8-warp tile, one block per SM, within its first three waves
+    not a last wave under half full); else the allowed config that makes the most tiles.
+    Where no ladder tile is that narrow (16 channels), the choice is among the autotuner's
+    candidates for the problem (conv_configs_for), never a wider tile than the autotuner
+    would try."""
     n_cap = max(DOT_MIN, _pow2_at_least(c_out))
     k_cap = max(DOT_MIN, _pow2_at_least(c_in))
     fits = [c for c in DEFAULT_LADDER
@@ -173,7 +175,9 @@ def default_conv_config(m: int, c_in: int, c_out: int, elt_bytes: int, taps: int
         t = tiles(cfg)
         if t < 2 * sm_count:
             continue
-        if cfg.num_warps == 8 and 0 < t % sm_count < sm_count // 2:
+        # One block per SM: with few waves, a last one under half full idles most SMs for a
+        # whole wave (400 tiles on 132 SMs: 24% of the time); with many, it costs little.
+        if cfg.num_warps == 8 and t < 4 * sm_count and 0 < t % sm_count < sm_count // 2:
             continue
         return cfg
     return max(fits, key=tiles)
