@@ -309,7 +309,8 @@ def _eager_twin(name: str, impl, setup, backward) -> type[torch.autograd.Functio
         setup(ctx, inputs, out)
         return out
     return type(f"Eager_{name}", (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward),
+                 "impl": staticmethod(impl)})
 
 
 _OPS = {
@@ -327,11 +328,9 @@ _OPS = {
     # No autograd: the implementation itself is the twin.
     "bn_update_running": (bn_update_running,
                           type("Eager_bn_update_running", (),
-                               {"apply": staticmethod(_bn_update_running_impl)})),
+                               {"apply": staticmethod(_bn_update_running_impl),
+                                "impl": staticmethod(_bn_update_running_impl)})),
 }
-_IMPLS = {"conv_unit": _conv_unit_impl, "conv_bn_stats": _conv_bn_stats_impl,
-          "channel_stats": _channel_stats_impl, "epilogue": _epilogue_impl,
-          "bn_scale": _bn_scale_impl, "bn_update_running": _bn_update_running_impl}
 # The reference backend's forward methods are differentiable compositions of aten ops, which
 # every autograd mode and torch.func transform supports; the backend argument is dropped.
 _COMPOSITES = {
@@ -360,6 +359,6 @@ def call(name: str, *args):
         if not torch.is_grad_enabled():
             # Nothing to record: the twin's autograd.Function would only run setup_context
             # (saving tensors for a backward that cannot happen) around the same impl.
-            return _IMPLS[name](*args)
+            return twin.impl(*args)
         return twin.apply(*args)
     return op(*args)

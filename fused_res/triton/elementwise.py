@@ -297,6 +297,14 @@ def _index_64(rows: int, *tensors) -> bool:
     return rows >= 2 ** 31 or needs_int64(*tensors)
 
 
+def _reduction_programs(m: int, c: int, cfg: configs.TileConfig,
+                        device: torch.device) -> tuple[int, int]:
+    """(row tiles per program, programs along M) of a per-channel reduction over m rows."""
+    sub = configs.reduction_sub_tiles(m, cfg.block_m, cdiv(c, cfg.block_c),
+                                      None if _INTERPRET else sm_count(device))
+    return sub, cdiv(m, cfg.block_m * sub)
+
+
 def _grid(m: int, c: int, cfg: configs.TileConfig):
     return (cdiv(m, cfg.block_m), cdiv(c, cfg.block_c))
 
@@ -345,9 +353,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     gr = torch.empty(gy.shape, dtype=residual_dtype, device=gy.device,
                      memory_format=fmt) if need_gr else None
     cfg = _cfg(c)
-    sub = configs.reduction_sub_tiles(m, cfg.block_m, cdiv(c, cfg.block_c),
-                                      None if _INTERPRET else sm_count(gy.device))
-    tiles = cdiv(m, cfg.block_m * sub)
+    sub, tiles = _reduction_programs(m, c, cfg, gy.device)
     psum = torch.empty((tiles, c), dtype=torch.float32, device=gy.device) if need_sum else None
     psum_t = torch.empty((tiles, c), dtype=torch.float32,
                          device=gy.device) if need_sum_t else None
@@ -426,9 +432,7 @@ def channel_stats(x):
         zeros = torch.zeros((c,), dtype=torch.float32, device=x.device)
         return zeros, zeros.clone()
     cfg = _cfg(c)
-    sub = configs.reduction_sub_tiles(m, cfg.block_m, cdiv(c, cfg.block_c),
-                                      None if _INTERPRET else sm_count(x.device))
-    tiles = cdiv(m, cfg.block_m * sub)
+    sub, tiles = _reduction_programs(m, c, cfg, x.device)
     st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
     st_m2 = torch.empty_like(st_mean)
     st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
