@@ -1,7 +1,7 @@
 """Which Triton tile config is fastest for the plain conv at ResNet-50's shapes, against cuDNN.
 
     python benchmarks/conv_configs.py [--batch 64] [--dtype bf16] [--shapes all|few] [--json F]
-                                      [--variant plain|train]
+                                      [--variant plain|train|stats]
 
 Times every configs.CONV_CONFIGS and configs.SWEEP_CONFIGS entry (minus the ones
 conv_config_excluded rules out) as CUDA-graph replays beside F.conv2d (cuDNN), checks each
@@ -17,6 +17,11 @@ shows what the prologue and the statistics cost per tile. (The AOT compile of th
 stages the activated A tile through shared memory a second time for the MMA: 116 against
 98 KiB at 128x128x64 on sm_90; at 213 and 165 registers per thread both run one block per SM
 there, so it is not occupancy that this variant loses.)
+
+--variant stats is the train variant without the prologue: the conv as a training step runs
+it when the previous BN + ReLU had a pass of its own (the first conv of a block, and every
+conv under TritonBackend.prologue_apart). Beside --variant train it shows what the prologue
+alone costs per tile.
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--shapes", choices=("all", "few"), default="few")
     p.add_argument("--json", help="write every measurement here")
-    p.add_argument("--variant", choices=("plain", "train"), default="plain",
-                   help="train: BN+ReLU prologue and batch-statistics epilogue")
+    p.add_argument("--variant", choices=("plain", "train", "stats"), default="plain",
+                   help="train: BN+ReLU prologue and batch-statistics epilogue; stats: the "
+                        "epilogue alone")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("conv_configs: needs a CUDA device; none found", file=sys.stderr)
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
         cudnn, _, sets, flops, weight = conv_cases(a.batch, cin, cout, hw, k, s, dtype,
                                                    torch.device("cuda"))
         t_c = graph_ms(cudnn, sets)
-        prologue, want_stats = {}, None
+        prologue, want_stats, stats = {}, None, a.variant != "plain"
         if a.variant == "train":
             gen = torch.Generator(device="cuda").manual_seed(cin)
             center, scale, shift = (torch.randn(cin, device="cuda", generator=gen) * 0.5
@@ -76,9 +82,10 @@ def main(argv=None) -> int:
             act = torch.relu((x0 - center.view(1, -1, 1, 1)) * prologue["in_scale"].view(
                 1, -1, 1, 1) + shift.view(1, -1, 1, 1)).to(dtype)
             want = cudnn(act)
-            want_stats = want.float().mean(dim=(0, 2, 3))
         else:
             want = cudnn(*sets[0])
+        if stats:
+            want_stats = want.float().mean(dim=(0, 2, 3))
         per = []
         m = a.batch * ((hw + 2 * (k // 2) - k) // s + 1) ** 2
         untuned = configs.default_conv_config(m, cin, cout, elt, k * k,
@@ -90,17 +97,14 @@ def main(argv=None) -> int:
                 continue
 
             def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2), full=False,
-                    prologue=prologue):
-                if not prologue:
-                    return conv_launch(x, weight, None, st, pad, None, None, None, "none",
-                                       memory_format=torch.channels_last, config=cfg)[0]
-                z, parts = conv_launch(x, weight, None, st, pad, prologue["in_center"],
-                                       prologue["in_scale"], prologue["in_shift"], "relu",
-                                       stats=True, memory_format=torch.channels_last,
-                                       config=cfg)
+                    prologue=prologue, stats=stats):
+                pro = ((prologue["in_center"], prologue["in_scale"], prologue["in_shift"],
+                        "relu") if prologue else (None, None, None, "none"))
+                z, parts = conv_launch(x, weight, None, st, pad, *pro, stats=stats,
+                                       memory_format=torch.channels_last, config=cfg)
                 return (z, parts) if full else z
             try:
-                if prologue:
+                if stats:
                     z, (t_mean, _, t_cnt) = tri(*sets[0], full=True)
                     mean = (t_mean * t_cnt[:, None]).sum(0) / t_cnt.sum()
                     err = max(rel_err(z, want), rel_err(mean, want_stats))

@@ -166,8 +166,11 @@ bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 -
 # Train with CUDA graphs too: the graph rows show the kernels' time without the host's launch
 # cost, which the first H100 run suggested dominates the fused train step. (torch.compile's
 # train step costs ~40 s of compiling here; run it alone with FUSED_RES_GPU_CHECK_ONLY.)
+# fused-triton-bnpass: each training BN + ReLU in its own pass instead of the next conv's
+# prologue (run 3: the prologue+statistics conv took 9.0 ms of the step against cuDNN's ~3.4;
+# its A tile goes through registers and back to shared memory for the BN + ReLU).
 bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128 --repeats 20 \
-  --contenders eager-cl,fused-triton,fused-cuda --cuda-graphs
+  --contenders eager-cl,fused-triton,fused-triton-bnpass,fused-cuda --cuda-graphs
 bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
   --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 # Never reached in runs 1-3 (out of time): the issue's eval target at batch 256.
@@ -178,7 +181,8 @@ bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 2
 PROFILE_ARGS=(--model resnet50 --mode train --batch 128 --dtype bf16)
 if [ "$DRY" = 1 ]; then PROFILE_ARGS=(--model "$DRY_MODEL" --device cpu --steps 1); fi
 run_step profile-train-b128 60 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[@]}" \
-  --contenders eager-cl,fused-triton,fused-cuda --json "$STEPS_DIR/profile-train-b128.json" \
+  --contenders eager-cl,fused-triton,fused-triton-bnpass,fused-cuda \
+  --json "$STEPS_DIR/profile-train-b128.json" \
   --markdown "$STEPS_DIR/profile-train-b128.md"
 # Where the host time of an uncaptured step goes (run 3: every fused contender ~1 ms of host
 # time per block without CUDA graphs, several times eager's): real kernels on a tiny input,
@@ -192,7 +196,7 @@ run_step host-profile 60 bash -c 'rc=0; for b in triton cuda; do for m in eval t
 # (BN+ReLU prologue, statistics epilogue: run 3's train-step conv took 9.0 ms against
 # cuDNN's ~3.4, and that variant needs more shared memory per tile).
 if [ "$DRY" = 1 ]; then
-  for v in conv-configs conv-configs-train; do
+  for v in conv-configs conv-configs-train conv-configs-stats; do
     say "=== $v: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
     printf '%s\tskipped\t-\t0\t0\tdry run\n' "$v" >> "$STEPS"
   done
@@ -201,6 +205,9 @@ else
     --json "$STEPS_DIR/conv-configs.json"
   run_step conv-configs-train 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant train --json "$STEPS_DIR/conv-configs-train.json"
+  # The same without the prologue: what the BN + ReLU in the conv costs per tile.
+  run_step conv-configs-stats 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+    --variant stats --json "$STEPS_DIR/conv-configs-stats.json"
 fi
 # What 'auto' makes of the train step: per op signature the fastest verified backend (cuDNN's
 # conv with our kernels where the Triton conv is slower, run 3: Triton conv 9.0 ms of the
@@ -209,8 +216,8 @@ fi
 bench rn50-train-auto 150 --model resnet50 --mode train --dtype bf16 --batch 128 \
   --repeats 20 --contenders eager-cl,fused-auto --cuda-graphs
 bench blocks-train-b64 60 --model rn50-blocks,rn18-blocks,cifar-blocks --mode train \
-  --dtype bf16 --batch 64 --repeats 20 --contenders eager-cl,fused-triton,fused-cuda \
-  --cuda-graphs
+  --dtype bf16 --batch 64 --repeats 20 \
+  --contenders eager-cl,fused-triton,fused-triton-bnpass,fused-cuda --cuda-graphs
 bench units-eval 40 --model rn50-units --mode eval --dtype bf16 --batch 64 --repeats 30 \
   --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda
 bench blocks-compile 90 --model rn50-l1,rn50-l3 --mode eval --dtype bf16 --batch 64 \

@@ -322,3 +322,25 @@ def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     lone = [row("eager-cl", 10.0), row("fused-x+graph", 4.0)]
     set_speedups(lone)
     assert lone[1]["speedup"] is None  # no eager-cl+graph row: no graph speedup to claim
+
+
+def test_bnpass_contender_runs_the_backend_with_training_bns_apart():
+    """fused-triton-bnpass: listed beside fused-triton, skipped outside training (it would
+    time the same model twice), and its forward runs inside TritonBackend.prologue_apart."""
+    from fused_res import ops
+    from fused_res.nn import FusedResidualBlock
+    names = C.fused_names()
+    assert names.index("fused-triton-bnpass") == names.index("fused-triton") + 2
+    assert "fused-cuda-bnpass" not in names  # cuda applies them apart already
+    wl = get_workload("resnet18")
+    assert "training" in C.unavailable("fused-triton-bnpass", wl, BenchConfig(mode="eval"))
+    train = BenchConfig(mode="train")
+    reason = C.unavailable("fused-triton-bnpass", wl, train)
+    assert reason is None or reason.startswith("backend unavailable")
+    built = C.build("fused-triton-bnpass", models.resnet18().train(), wl, train)
+    blocks = [m for m in built.module.modules() if isinstance(m, FusedResidualBlock)]
+    assert blocks and all(m.backend == "triton" for m in blocks)
+    seen = []
+    built.forward = lambda x: seen.append(ops.fuses_train_prologue("triton"))
+    C.call_with(built)(torch.zeros(1))
+    assert seen == [False] and ops.fuses_train_prologue("triton") is True

@@ -17,8 +17,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
          "bench-rn50-train-b128", "bench-blocks-eval-b64", "bench-blocks-eval-b256",
          "profile-train-b128", "host-profile", "conv-configs", "conv-configs-train",
-         "bench-rn50-train-auto", "bench-blocks-train-b64", "bench-units-eval",
-         "bench-blocks-compile", "bench-rn50-eval-b64", "bench-blocks-eval-tuned"]
+         "conv-configs-stats", "bench-rn50-train-auto", "bench-blocks-train-b64",
+         "bench-units-eval", "bench-blocks-compile", "bench-rn50-eval-b64",
+         "bench-blocks-eval-tuned"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -67,7 +68,7 @@ def test_dry_run_end_to_end(tmp_path):
     profile = merged["extras"]["profile-train-b128"]
     assert profile["schema"] == "fused_res.profile_step/1"
     assert [r["contender"] for r in profile["rows"]] == ["eager-cl", "fused-triton",
-                                                         "fused-cuda"]
+                                                         "fused-triton-bnpass", "fused-cuda"]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "pip install --no-build-isolation --no-deps -e ." in log
     assert "python" in (tmp_path / "env.txt").read_text()
@@ -82,6 +83,7 @@ def test_budget_bounds_every_step(tmp_path):
     assert states.pop("build") == "skipped" and states.pop("ops-bandwidth") == "skipped"
     assert states.pop("conv-configs") == "skipped"
     assert states.pop("conv-configs-train") == "skipped"
+    assert states.pop("conv-configs-stats") == "skipped"
     assert set(states.values()) == {"out-of-time"}
     assert "problems: env" in proc.stdout
 

@@ -69,6 +69,9 @@ class CudaBackend(ReferenceBackend):
     """aten conv + the fused_res_C apply / statistics kernels (CPU and CUDA)."""
 
     name = "cuda"
+    # Its prologue is an apply pass before cuDNN's conv either way; run as its own op in
+    # training, the backward reuses that pass's output instead of running it again.
+    fuse_train_prologue = False
 
     def status(self) -> BackendStatus:
         if not _ext.loaded() and registry.tracing():

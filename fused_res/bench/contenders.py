@@ -11,6 +11,9 @@ it cannot run where it cannot.
                         (a conv unit: fused_res.nn.ConvBNAct2d on the same modules)
   fused-<backend>-unfused   where a backend offers `unfused()` (a context manager under which
                         it runs each op of a unit as its own kernel): what fusion alone buys
+  fused-<backend>-bnpass    train only, for those backends when they fuse a training BN +
+                        ReLU into the next conv's prologue: the same model with that BN + ReLU
+                        in its own pass instead (Backend.prologue_apart)
 
 Groups for --contenders: default, all, eager, compiled (all three compile contenders),
 fused, cudnn. A name is never a group: "compile" is the default-mode contender alone.
@@ -41,9 +44,21 @@ CUDNN = ("cudnn-fused",)
 def fused_names() -> tuple[str, ...]:
     names = [f"fused-{b}" for b in BACKEND_NAMES]
     for b in BACKEND_NAMES:
-        if b != "auto" and hasattr(get_backend_object(b), "unfused"):
-            names.insert(names.index(f"fused-{b}") + 1, f"fused-{b}-unfused")
+        obj = None if b == "auto" else get_backend_object(b)
+        if obj is not None and hasattr(obj, "unfused"):
+            at = names.index(f"fused-{b}") + 1
+            names[at:at] = [f"fused-{b}-unfused"] + (
+                [f"fused-{b}-bnpass"] if obj.fuse_train_prologue else [])
     return tuple(names)
+
+
+_VARIANTS = ("-unfused", "-bnpass")
+
+
+def _base(name: str) -> str:
+    for suffix in _VARIANTS:
+        name = name.removesuffix(suffix)
+    return name
 
 
 def all_names() -> tuple[str, ...]:
@@ -111,7 +126,9 @@ def memory_format_of(name: str, config: BenchConfig) -> torch.memory_format:
 
 def unavailable(name: str, workload: Workload, config: BenchConfig) -> str | None:
     """Why `name` cannot run this workload here, or None."""
-    base = name.removesuffix("-unfused")
+    base = _base(name)
+    if name.endswith("-bnpass") and config.mode != "train":
+        return "the same run as " + base + " outside training (no batch-statistics BN)"
     if name == "compile-freeze" and config.mode == "train":
         return "inductor freezing is for inference (eval mode) only"
     if name in COMPILE and not hasattr(torch, "compile"):
@@ -152,7 +169,7 @@ def build(name: str, module: nn.Module, workload: Workload, config: BenchConfig)
         return Built(fused, fused, mf, note=note)
     if name.startswith("fused-"):
         import fused_res
-        backend = name.removeprefix("fused-").removesuffix("-unfused")
+        backend = _base(name).removeprefix("fused-")
         if isinstance(module, ConvUnit):
             converted = fused_res.nn.ConvBNAct2d.from_modules(module.conv, module.bn, "relu",
                                                              backend=backend)
@@ -164,6 +181,8 @@ def build(name: str, module: nn.Module, workload: Workload, config: BenchConfig)
         wraps = []
         if name.endswith("-unfused"):
             wraps.append(get_backend_object(backend).unfused)
+        if name.endswith("-bnpass"):
+            wraps.append(get_backend_object(backend).prologue_apart)
         return Built(converted, converted, mf, note=note, wraps=wraps)
     raise ConfigError(f"contender {name!r}; accepted: {', '.join(all_names())}")
 

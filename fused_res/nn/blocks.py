@@ -7,7 +7,8 @@ runs the BlockPlan through the conv-unit ops:
 - eval (running statistics): one conv_unit per conv, BN folded, the residual add and final
   ReLU in the last conv's epilogue;
 - train (batch statistics): conv_bn_stats per conv, each BN + ReLU applied in the next conv's
-  prologue, and one epilogue pass (BN, add, ReLU) at the block output.
+  prologue (or, for a backend whose fuse_train_prologue is False, in its own epilogue pass
+  before it), and one epilogue pass (BN, add, ReLU) at the block output.
 """
 
 from __future__ import annotations
@@ -129,21 +130,25 @@ class FusedResidualBlock(nn.Module):
         elif plan.pre_act:
             pending = Pending(RELU_ONLY, "relu")
 
+        # A backend may prefer training BatchNorms applied in their own pass rather than in
+        # the next conv's prologue (Backend.fuse_train_prologue).
+        fuse = ops.fuses_train_prologue(backend)
+        # (An identity shortcut adds x itself, whatever the plan says it reads.)
+        shared = (pending is not None and plan.residual and plan.shortcut.reads_preact
+                  and plan.shortcut.kind != "identity")
         h, r = x, None
+        if shared or (pending is not None and not fuse and plan.pre_norm is not None
+                      and uses_batch_stats(self._get(plan.pre_norm))):
+            # Eager computes the pre-activation once for both paths; so do we.
+            h = materialize(x, pending, backend)
+            pending = None
         if plan.residual:
-            sc = plan.shortcut
-            if sc.reads_preact and sc.kind != "identity" and pending is not None:
-                # Eager computes the pre-activation once for both paths; so do we.
-                h = materialize(x, pending, backend)
-                pending = None
-                r = self._shortcut(x, h)
-            else:
-                r = self._shortcut(x, None)
+            r = self._shortcut(x, h if shared else None)
 
         convs = [self._get(n) for n in plan.convs]
         for conv, norm in zip(convs[:-1], plan.mid_norms, strict=True):
             h, pending = run_unit(h, pending, conv, self._get(norm), "relu", backend,
-                                  defer=True)
+                                  defer=fuse)
 
         tail = {}
         if plan.residual:

@@ -9,8 +9,9 @@ from .functional import (
     conv_bn_stats,
     conv_unit,
     epilogue,
+    fuses_train_prologue,
     prepare_backend,
 )
 
 __all__ = ["ACTS", "bn_scale", "channel_stats", "conv_bn_stats", "conv_unit", "epilogue",
-           "library", "prepare_backend"]
+           "fuses_train_prologue", "library", "prepare_backend"]

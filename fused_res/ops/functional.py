@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..backends import auto, current_backend, resolve
+from ..backends import auto, current_backend, get_backend_object, resolve
 from ..backends import prepare as prepare_backend  # noqa: F401  (re-exported by ops)
 from . import library
 
@@ -226,6 +226,17 @@ def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stri
     settings = (stride, padding, dilation, groups, act_in)
     return run(_choose("conv_bn_stats", backend, x, weight, groups, dilation, tensors,
                        settings, run))
+
+
+def fuses_train_prologue(backend: str | None = None) -> bool:
+    """Whether a training BatchNorm (batch statistics) + ReLU should wait for the next conv's
+    prologue (True) or be applied in its own epilogue pass first (False), as backend
+    `backend` (None: the one in force) prefers; Backend.fuse_train_prologue says why it may
+    not. 'auto' chooses per op call, so it keeps the prologue."""
+    name = backend if backend is not None else current_backend()
+    if name == "auto":
+        return True
+    return bool(get_backend_object(name).fuse_train_prologue)
 
 
 def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
