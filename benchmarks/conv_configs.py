@@ -16,7 +16,9 @@ of the activated input (and its per-channel mean). Its ratio is to cuDNN's plain
 shows what the prologue and the statistics cost per tile. (The AOT compile of that variant
 stages the activated A tile through shared memory a second time for the MMA: 116 against
 98 KiB at 128x128x64 on sm_90; at 213 and 165 registers per thread both run one block per SM
-there, so it is not occupancy that this variant loses.)
+there, so it is not occupancy that this variant loses. On sm_90 its MMA takes A from
+registers, in two K halves each waited on before the next, where the plain and stats-only
+variants issue one asynchronous shared-memory wgmma per K step: Triton 3.8's TTGIR.)
 
 --variant stats is the train variant without the prologue: the conv as a training step runs
 it when the previous BN + ReLU had a pass of its own (the first conv of a block, and every

@@ -68,7 +68,8 @@ _CONV_FLAGS = dict(HAS_BIAS=False, HAS_IC=False, HAS_IA=False, HAS_IB=False, ACT
                    FLAT_K=False, INDEX_64=False)
 
 # Representative specializations of the conv kernel (DESIGN.md §2): eval units with the whole
-# tail, the train-mode stats conv with a BN+ReLU prologue, the 7x7 stem, a 1x1 projection.
+# tail, the train-mode stats conv with a BN+ReLU prologue and without, the 7x7 stem, a 1x1
+# projection.
 CONV_VARIANTS = {
     "eval_3x3_tail": dict(KH=3, KW=3, HAS_BIAS=True, HAS_OA=True, HAS_OB=True, ACT_MID=True,
                           HAS_RES=True, RES_SCALED=True, HAS_BRANCH=True, ACT_OUT=True,
@@ -77,6 +78,8 @@ CONV_VARIANTS = {
                                      ACT_IN=True, PROLOGUE=True, STATS=True),
     "stem_7x7_flat_k": dict(KH=7, KW=7, FLAT_K=True, HAS_OA=True, HAS_OB=True, ACT_MID=True),
     "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
+    # the 3x3 conv of a block when its input BN + ReLU ran as a pass of its own (bnpass)
+    "train_3x3_stats": dict(KH=3, KW=3, STATS=True),
     "eval_1x1_s2_tail": dict(KH=1, KW=1, HAS_BIAS=True, HAS_OB=True, ACT_MID=True),
     "eval_3x3_tail_int64": dict(KH=3, KW=3, HAS_BIAS=True, HAS_OA=True, HAS_OB=True,
                                 ACT_MID=True, HAS_RES=True, ACT_OUT=True, INDEX_64=True),
@@ -86,6 +89,7 @@ CONV_PROBLEMS = {  # (N, C_in, H, W, C_out, k, stride, pad)
     "train_3x3_prologue_stats": (64, 128, 56, 56, 128, 3, 2, 1),
     "stem_7x7_flat_k": (64, 3, 224, 224, 64, 7, 2, 3),
     "train_1x1_stats": (64, 256, 56, 56, 64, 1, 1, 0),
+    "train_3x3_stats": (64, 128, 56, 56, 128, 3, 2, 1),
     "eval_1x1_s2_tail": (64, 512, 28, 28, 1024, 1, 2, 0),
     "eval_3x3_tail_int64": (512, 64, 256, 256, 64, 3, 1, 1),
 }
