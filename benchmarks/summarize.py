@@ -17,7 +17,7 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from targets import markdown, targets  # noqa: E402  (a sibling script, not a package)
+from targets import conv_variants, markdown, targets  # noqa: E402  (a sibling script)
 
 SCHEMA = "fused_res.gpu_check/1"
 
@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
           md_table(HEADER, rows), "", "## Targets", "",
           "The issues' performance targets (benchmarks/targets.py): met with CUDA graphs where "
           "measured, both variants shown.", "", markdown(targets(merged)), ""]
+    variants = conv_variants(merged)
+    if variants:
+        md += ["## Triton conv variants", "",
+               "Per shape, the best correct tile's time over cuDNN's plain conv, per "
+               "conv_configs variant: what the statistics epilogue and the BN+ReLU prologue "
+               "each add.", "", variants, ""]
     for step in [*runs, *extras]:
         md_path = steps_dir / f"{step}.md"
         if md_path.exists():

@@ -155,6 +155,33 @@ def targets(doc: dict) -> list[dict]:
     return out
 
 
+# conv_configs.py's variants as gpu_check names their steps.
+CONV_VARIANT_STEPS = (("conv-configs", "plain"), ("conv-configs-stats", "stats epilogue"),
+                      ("conv-configs-train", "BN+ReLU prologue + stats"))
+
+
+def conv_variants(doc: dict) -> str:
+    """Per conv shape, the best correct Triton tile's time over cuDNN's plain conv (measured
+    in the same step) for each conv_configs variant the run has: what the statistics
+    epilogue and the prologue each add to a training step's conv. '' if none was run."""
+    steps = [(step, label) for step, label in CONV_VARIANT_STEPS
+             if doc.get("extras", {}).get(step, {}).get("rows")]
+    if not steps:
+        return ""
+    best: dict[tuple, dict[str, float]] = {}
+    for step, _ in steps:
+        for r in doc["extras"][step]["rows"]:
+            if "ratio" in r and not r.get("wrong"):
+                per = best.setdefault(tuple(r["conv"]), {})
+                per[step] = min(per.get(step, float("inf")), r["ratio"])
+    lines = ["| conv (cin,cout,hw,k,s) | " + " | ".join(label for _, label in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for shape, per in best.items():
+        lines.append(f"| {shape} | " + " | ".join(
+            f"{per[step]:.2f}x" if step in per else "-" for step, _ in steps) + " |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     mark = {True: "met", False: "not met", None: "unmeasured"}
     lines = ["| issue | target | status | measured |", "|---|---|---|---|"]
@@ -171,7 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     path = pathlib.Path(args[0])
     if path.is_dir():
         path = path / "bench.json"
-    print(markdown(targets(json.loads(path.read_text()))))
+    doc = json.loads(path.read_text())
+    print(markdown(targets(doc)))
+    variants = conv_variants(doc)
+    if variants:
+        print("\nTriton conv variants, best correct tile's time over cuDNN's plain conv:\n")
+        print(variants)
     return 0
 
 

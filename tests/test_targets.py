@@ -79,3 +79,17 @@ def test_conv_sweep_with_no_correct_config_says_so():
                                   "conv-configs": {"rows": sweep}}}
     row = next(r for r in T.targets(doc) if "cuDNN" in r["target"])
     assert "no swept tile was correct" in row["measured"]
+
+
+def test_conv_variants_table_compares_best_correct_tiles_per_variant():
+    shape = [64, 64, 56, 3, 1]
+    rows = lambda *rs: {"rows": [{"conv": shape, "config": c, "ratio": r, "wrong": w}  # noqa: E731
+                                 for c, r, w in rs]}
+    doc = {"runs": {}, "extras": {
+        "conv-configs": rows(("a", 1.2, False), ("b", 1.1, False)),
+        "conv-configs-train": rows(("a", 2.5, False), ("b", 0.4, True)),  # wrong: never best
+    }}
+    table = T.conv_variants(doc)
+    assert "| plain | BN+ReLU prologue + stats |" in table  # only the variants the run has
+    assert "| (64, 64, 56, 3, 1) | 1.10x | 2.50x |" in table
+    assert T.conv_variants({"runs": {}, "extras": {}}) == ""
