@@ -125,3 +125,37 @@ def check_bn_update_edge_cases(backend: str, device: str = "cpu") -> None:
                          backend=backend)
     assert rel_err(narrow[0].cpu(), wide[0].cpu()) <= 4e-3, "running_mean"
     assert rel_err(narrow[1].cpu(), wide[1].cpu()) <= 4e-3, "running_var"
+
+
+def check_scale_and_update_is_the_two_ops(backend: str, device: str = "cpu") -> None:
+    """ops.bn_scale's eager path (one backend call, one launch where the backend has a kernel
+    for both) gives the values, running statistics, count and gradients of its two ops run
+    one after the other, to the bit: C = 37 (a partial block), momentum and cumulative,
+    with and without a weight, an empty batch."""
+    from fused_res.ops import library
+
+    g = torch.Generator().manual_seed(3)
+    for momentum, has_w, count in ((0.1, True, 9), (None, True, 9), (0.1, False, 9),
+                                   (0.1, True, 0)):
+        mean = torch.randn(37, generator=g).to(device)
+        var0 = (torch.rand(37, generator=g) + 0.2).to(device)
+        w0 = (torch.randn(37, generator=g)).to(device) if has_w else None
+        bufs0 = [torch.randn(37, generator=g).to(device), torch.rand(37, generator=g).to(device),
+                 torch.tensor(3, device=device)]
+        gy = torch.randn(37, generator=g).to(device)
+        got = []
+        for merged in (True, False):
+            var = var0.clone().requires_grad_()
+            w = w0.clone().requires_grad_() if has_w else None
+            bufs = [b.clone() for b in bufs0]
+            if merged:
+                scale = library.bn_scale_and_update(var, w, 1e-5, backend, mean, *bufs,
+                                                    momentum, count)
+            else:
+                library.call("bn_update_running", mean, var.detach(), *bufs, momentum, count,
+                             backend)
+                scale = library.call("bn_scale", var, w, 1e-5, backend)
+            (scale * gy).sum().backward()
+            got.append([scale.detach(), *bufs, var.grad] + ([w.grad] if has_w else []))
+        for a, b in zip(*got, strict=True):
+            assert torch.equal(a, b), (momentum, has_w, count)

@@ -311,6 +311,7 @@ def test_bn_ops_on_gpu(C, backend, momentum):
         check_bn_ops_match_batchnorm,
         check_bn_scale_gradients,
         check_bn_update_edge_cases,
+        check_scale_and_update_is_the_two_ops,
     )
     if backend == "triton" and not fused_res.available_backends()["triton"].available:
         pytest.skip("triton is unavailable")
@@ -322,3 +323,4 @@ def test_bn_ops_on_gpu(C, backend, momentum):
                                  device="cuda")
     check_bn_scale_gradients(backend, device="cuda")
     check_bn_update_edge_cases(backend, device="cuda")
+    check_scale_and_update_is_the_two_ops(backend, device="cuda")

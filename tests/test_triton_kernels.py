@@ -572,15 +572,20 @@ else:
         seen = []
         for name in ("bn_scale", "bn_update_running"):
             real = getattr(tbn, name)
-            monkeypatch.setattr(tbn, name, lambda *a, _r=real, _n=name: seen.append(_n)
-                                or _r(*a))
+            monkeypatch.setattr(tbn, name, lambda *a, _r=real, _n=name, **k: seen.append(_n)
+                                or _r(*a, **k))
         rm, rv = torch.zeros(8), torch.ones(8)
         ops.bn_scale(torch.randn(4), torch.rand(4), None, running_mean=rm[::2],
                      running_var=rv[::2], count=5, backend="triton")
         assert seen == ["bn_scale"] and rm[::2].any() and not rm[1::2].any()
         ops.bn_scale(torch.randn(8), torch.rand(8), None, running_mean=rm, running_var=rv,
                      count=5, backend="triton")
-        assert seen == ["bn_scale", "bn_update_running", "bn_scale"]
+        # the update's launch computes the scale too
+        assert seen == ["bn_scale", "bn_update_running"]
+
+    def test_bn_scale_and_update_is_the_two_ops():
+        from tests.helpers import check_scale_and_update_is_the_two_ops
+        check_scale_and_update_is_the_two_ops("triton")
 
     def test_groups_and_float64_fall_back_with_one_warning():
         registry._warned.clear()

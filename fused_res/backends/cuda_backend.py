@@ -107,18 +107,33 @@ class CudaBackend(ReferenceBackend):
         gv, gw = _ops().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
         return (gv if need_var else None), (gw if need_weight and weight is not None else None)
 
+    def _finalizes(self, var, running_mean, running_var, momentum, num_batches_tracked):
+        # The finalize kernel updates float32 contiguous buffers in place.
+        return (self.unsupported_reason(var, None, 1, (1, 1)) is None
+                and not (momentum is None and num_batches_tracked is None)
+                and all(t.dtype == torch.float32 and t.is_contiguous()
+                        and t.device == var.device for t in (running_mean, running_var)))
+
     def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
                           momentum, count):
-        # The finalize kernel updates float32 contiguous buffers in place (its scale and
-        # shift outputs are not used here).
-        if (self.unsupported_reason(var, None, 1, (1, 1)) is not None
-                or (momentum is None and num_batches_tracked is None)
-                or not all(t.dtype == torch.float32 and t.is_contiguous()
-                           and t.device == var.device for t in (running_mean, running_var))):
+        if not self._finalizes(var, running_mean, running_var, momentum, num_batches_tracked):
             return super().bn_update_running(mean, var, running_mean, running_var,
                                              num_batches_tracked, momentum, count)
+        # (its scale and shift outputs are not used here)
         _ops().bn_finalize(mean, var, None, None, running_mean, running_var,
                            num_batches_tracked, momentum, 1.0, count)
+
+    def bn_scale_and_update(self, var, weight, eps, mean, running_mean, running_var,
+                            num_batches_tracked, momentum, count):
+        if not self._finalizes(var, running_mean, running_var, momentum, num_batches_tracked):
+            return super().bn_scale_and_update(var, weight, eps, mean, running_mean,
+                                               running_var, num_batches_tracked, momentum,
+                                               count)
+        # The finalize computes bn_scale's scale as bn_scale does (a correctly rounded
+        # 1 / sqrt(var + eps), times the weight) in the launch that updates the statistics.
+        scale, _ = _ops().bn_finalize(mean, var, weight, None, running_mean, running_var,
+                                      num_batches_tracked, momentum, float(eps), count)
+        return scale
 
     # ---- the prologue p = act_in((x - c) * a + b) and its backward ---------------------------
     def _prologue(self, x, in_center, in_scale, in_shift, act_in):

@@ -299,6 +299,15 @@ class ReferenceBackend(Backend):
         update_running_stats(mean, var, running_mean, running_var, num_batches_tracked,
                              momentum, count)
 
+    def bn_scale_and_update(self, var, weight, eps, mean, running_mean, running_var,
+                            num_batches_tracked, momentum, count):
+        """bn_update_running, then returns bn_scale_forward: what the eager path of
+        ops.bn_scale asks for when both run here, so that a backend may do both in one
+        launch."""
+        self.bn_update_running(mean, var, running_mean, running_var, num_batches_tracked,
+                               momentum, count)
+        return self.bn_scale_forward(var, weight, eps)
+
     # ---- epilogue: y = tail((z - center) * scale + shift) ---------------------------------
     def epilogue_forward(self, z, center, scale, shift, act_mid, residual, res_scale,
                          branch_scale, act_out):

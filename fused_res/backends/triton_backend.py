@@ -276,15 +276,28 @@ class TritonBackend(ReferenceBackend):
             return super().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
         return _bn_kernels().bn_scale_backward(g, var, weight, eps, need_var, need_weight)
 
+    def _updates_in_place(self, var, running_mean, running_var) -> bool:
+        # The kernel updates the buffers through their pointers: contiguous, on var's device.
+        return self._runs(var) and all(t.is_contiguous() and t.device == var.device
+                                       for t in (running_mean, running_var))
+
     def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
                           momentum, count):
-        # The kernel updates the buffers through their pointers: contiguous, on var's device.
-        if not (self._runs(var) and all(t.is_contiguous() and t.device == var.device
-                                        for t in (running_mean, running_var))):
+        if not self._updates_in_place(var, running_mean, running_var):
             return super().bn_update_running(mean, var, running_mean, running_var,
                                              num_batches_tracked, momentum, count)
         _bn_kernels().bn_update_running(mean, var, running_mean, running_var,
                                         num_batches_tracked, momentum, count)
+
+    def bn_scale_and_update(self, var, weight, eps, mean, running_mean, running_var,
+                            num_batches_tracked, momentum, count):
+        if not self._updates_in_place(var, running_mean, running_var):
+            return super().bn_scale_and_update(var, weight, eps, mean, running_mean,
+                                               running_var, num_batches_tracked, momentum,
+                                               count)
+        return _bn_kernels().bn_update_running(mean, var, running_mean, running_var,
+                                               num_batches_tracked, momentum, count,
+                                               scale_of=(weight, eps))
 
     # ---- the reference's primitives, in Triton (conv_bn_stats_backward is inherited) -------
     def _prologue_apply(self, x, center, scale, shift, act):

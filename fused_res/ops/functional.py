@@ -326,23 +326,32 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps={eps!r}; accepted: a float >= 0")
     momentum = None if momentum is None else float(momentum)
-    if running_mean is not None:
-        batch = (mean.detach(), var.detach())
-
-        def update(name, buffers=(running_mean, running_var, num_batches_tracked)):
-            library.call("bn_update_running", *batch, *buffers, momentum, count, name)
-            return buffers[0]
-
-        def probe(name):  # what 'auto' measures: the update of copies
-            return update(name, tuple(None if b is None else b.clone() for b in
-                                      (running_mean, running_var, num_batches_tracked)))
-
-        update(_choose("bn_update_running", backend, var, None, 1, (1, 1),
-                       {"running_mean": running_mean, "num_batches_tracked":
-                        num_batches_tracked}, (momentum is None,), probe))
 
     def run(name):
         return library.call("bn_scale", var, weight, float(eps), name)
 
-    return run(_choose("bn_scale", backend, var, None, 1, (1, 1),
-                       {"var": var, "weight": weight}, (), run))
+    if running_mean is None:
+        return run(_choose("bn_scale", backend, var, None, 1, (1, 1),
+                           {"var": var, "weight": weight}, (), run))
+    batch = (mean.detach(), var.detach())
+
+    def update(name, buffers=(running_mean, running_var, num_batches_tracked)):
+        library.call("bn_update_running", *batch, *buffers, momentum, count, name)
+        return buffers[0]
+
+    def probe(name):  # what 'auto' measures: the update of copies
+        return update(name, tuple(None if b is None else b.clone() for b in
+                                  (running_mean, running_var, num_batches_tracked)))
+
+    updater = _choose("bn_update_running", backend, var, None, 1, (1, 1),
+                      {"running_mean": running_mean, "num_batches_tracked":
+                       num_batches_tracked}, (momentum is None,), probe)
+    name = _choose("bn_scale", backend, var, None, 1, (1, 1), {"var": var, "weight": weight},
+                   (), run)
+    if updater == name:
+        # One backend for both: one call, and one launch where it has a kernel for both.
+        return library.bn_scale_and_update(var, weight, float(eps), name, batch[0],
+                                           running_mean, running_var, num_batches_tracked,
+                                           momentum, count)
+    update(updater)
+    return run(name)

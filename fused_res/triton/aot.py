@@ -160,8 +160,12 @@ _I64_PTRS = {"nbt_ptr"}  # BatchNorm's num_batches_tracked
 _BN_VARIANTS = (  # (kernel, variant, flags)
     ("bn_scale_kernel", "weighted", dict(HAS_W=True)),
     ("bn_scale_bwd_kernel", "all_flags", dict(HAS_W=True, NEED_V=True, NEED_W=True)),
-    ("bn_running_kernel", "momentum", dict(HAS_NBT=True, MOMENTUM_NONE=False, UPDATE=True)),
-    ("bn_running_kernel", "cumulative", dict(HAS_NBT=True, MOMENTUM_NONE=True, UPDATE=True)),
+    ("bn_running_kernel", "momentum", dict(HAS_NBT=True, MOMENTUM_NONE=False, UPDATE=True,
+                                           HAS_SCALE=False, HAS_W=False)),
+    ("bn_running_kernel", "cumulative", dict(HAS_NBT=True, MOMENTUM_NONE=True, UPDATE=True,
+                                             HAS_SCALE=False, HAS_W=False)),
+    ("bn_running_kernel", "with_scale", dict(HAS_NBT=True, MOMENTUM_NONE=False, UPDATE=True,
+                                             HAS_SCALE=True, HAS_W=True)),
 )
 BN_INT_ARGS = dict(C=2048)
 _BN_MAPS = {"w_ptr", "gw_ptr", "rm_ptr", "rv_ptr"}

@@ -6,7 +6,8 @@ about a dozen C-sized launches per BatchNorm per training step (nn/batchnorm.py)
     bn_running_kernel    num_batches_tracked += 1; running = (1 - f) running + f batch, with
                          f = momentum or 1 / num_batches_tracked and the unbiased batch variance
                          (nn.BatchNorm2d's update); one program, with a barrier between
-                         every thread's read of the count and its update
+                         every thread's read of the count and its update; with HAS_SCALE
+                         also bn_scale_kernel's scale, in the same launch
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def bn_scale_bwd_kernel(g_ptr, var_ptr, w_ptr, gv_ptr, gw_ptr, C, eps, HAS_W: tl
 
 
 @triton.jit
-def bn_running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, C, momentum, unbias,
-                      HAS_NBT: tl.constexpr, MOMENTUM_NONE: tl.constexpr,
-                      UPDATE: tl.constexpr, BLOCK: tl.constexpr):
-    """nn.BatchNorm2d's running-statistics update, in place; launched as one program."""
+def bn_running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, w_ptr, out_ptr, C, momentum,
+                      unbias, eps, HAS_NBT: tl.constexpr, MOMENTUM_NONE: tl.constexpr,
+                      UPDATE: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """nn.BatchNorm2d's running-statistics update, in place, and with HAS_SCALE out (C,)
+    float32 = w * rsqrt(var + eps) as bn_scale_kernel computes it; launched as one
+    program."""
     f = momentum
     if HAS_NBT:
         n = tl.load(nbt_ptr) + 1
@@ -71,18 +75,25 @@ def bn_running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, C, momentum, u
         tl.store(nbt_ptr, n)
         if MOMENTUM_NONE:
             f = 1.0 / n.to(tl.float32)
-    if UPDATE:
+    if UPDATE or HAS_SCALE:
         keep = 1.0 - f
         for c0 in range(0, C, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
             mask = offs < C
-            m = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(rm_ptr + offs, (rm * keep + m * f).to(rm_ptr.dtype.element_ty), mask=mask)
-            tl.store(rv_ptr + offs, (rv * keep + (v * unbias) * f).to(rv_ptr.dtype.element_ty),
-                     mask=mask)
+            if HAS_SCALE:
+                s = _rstd(var_ptr, offs, mask, eps)
+                if HAS_W:
+                    s = s * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(out_ptr + offs, s, mask=mask)
+            if UPDATE:
+                m = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(rm_ptr + offs, (rm * keep + m * f).to(rm_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.store(rv_ptr + offs,
+                         (rv * keep + (v * unbias) * f).to(rv_ptr.dtype.element_ty), mask=mask)
 
 
 # ---- launchers ----------------------------------------------------------------------------
@@ -142,19 +153,28 @@ def bn_scale_backward(g, var, weight, eps, need_var, need_weight):
 
 
 def bn_update_running(mean, var, running_mean, running_var, num_batches_tracked, momentum,
-                      count: int) -> None:
+                      count: int, scale_of: tuple | None = None) -> torch.Tensor | None:
     """nn.BatchNorm2d's training update of running_mean / running_var (C,) (any float dtype,
     contiguous) and num_batches_tracked (int64 scalar or None) from the batch mean and biased
-    var (C,) float32 of `count` values per channel, in one launch."""
+    var (C,) float32 of `count` values per channel, in one launch. scale_of=(weight, eps):
+    that launch also computes and returns bn_scale(var, weight, eps)."""
     c = mean.shape[0]
     update = count > 0 and c > 0
     has_nbt = num_batches_tracked is not None
-    if not (update or has_nbt):
-        return
     mean, var = vec(mean), vec(var)
+    out = torch.empty_like(var) if scale_of is not None else None
+    has_scale = out is not None and c > 0
+    if not (update or has_nbt or has_scale):
+        return out
+    weight, eps = scale_of if scale_of is not None else (None, 0.0)
+    weight = vec(weight)
     unbias = count / (count - 1) if count > 1 else 1.0
     nbt = num_batches_tracked if has_nbt else mean
-    bn_running_kernel[(1,)](mean, var, running_mean, running_var, nbt, c,
+    bn_running_kernel[(1,)](mean, var, running_mean, running_var, nbt,
+                            weight if weight is not None else var,
+                            out if out is not None else var, c,
                             0.0 if momentum is None else float(momentum), float(unbias),
-                            HAS_NBT=has_nbt, MOMENTUM_NONE=momentum is None, UPDATE=update,
+                            float(eps), HAS_NBT=has_nbt, MOMENTUM_NONE=momentum is None,
+                            UPDATE=update, HAS_SCALE=has_scale, HAS_W=weight is not None,
                             BLOCK=BLOCK)
+    return out
