@@ -104,9 +104,9 @@ def test_inference_mode_folds_once_into_ordinary_tensors(backend):
     with torch.inference_mode():
         got = fused(x)
         conv = fused.layer1[0].conv1
-        w, b = eval_fold._CACHE[conv][1:]
+        w, b = eval_fold._CACHE[conv][2:]
         again = fused(x)
-        assert eval_fold._CACHE[conv][1] is w
+        assert eval_fold._CACHE[conv][2] is w
     assert not w.is_inference() and not b.is_inference() and not w.requires_grad
     assert rel_err(got, want) <= 1e-5 and torch.equal(again, got)
     with torch.inference_mode():
@@ -121,3 +121,62 @@ def test_cudnn_bias_cast_takes_inference_tensors():
         t = torch.randn(5)
     out = cast_cached(t, torch.float16)
     assert out.dtype == torch.float16 and torch.equal(out, t.half())
+
+
+def test_fold_reads_a_parametrized_weight_and_follows_it():
+    """A conv whose weight is computed (torch.nn.utils.parametrize) has no 'weight' in its
+    parameter dict: the fold reads the computed weight, and a change of the underlying
+    parameter is a new fold."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6).eval()
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    parametrize.register_parametrization(conv, "weight", Doubled())
+    assert "weight" not in conv._parameters
+    unit = fused_res.nn.ConvBNAct2d.from_modules(conv, bn, "relu", backend="reference").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        for _ in range(4):
+            assert rel_err(unit(x), torch.relu(bn(conv(x)))) <= 1e-6
+            conv.parametrizations.weight.original.mul_(-1.5)  # in place: a new version
+
+
+def test_fold_is_not_fooled_by_a_new_tensor_with_the_old_ones_storage_and_version():
+    """A parameter replaced by another tensor with the same storage, version and dtype (what
+    a tensor allocated at a freed one's address looks like: model.half().float(), a weight
+    computed per call), holding other values: the cache must refold, not hand back the fold
+    of the tensor it replaced (the key once held only storage, version and dtype)."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6).eval()
+    unit = fused_res.nn.ConvBNAct2d.from_modules(conv, bn, "relu", backend="reference").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        unit(x)
+        old = unit.conv.weight
+        new = nn.Parameter(old.data)  # .data: the storage, with a version counter of its own
+        old.data.neg_()  # other values, through an alias whose version counter is its own
+        while new._version < old._version:
+            new.add_(0)  # the same version number as well
+        assert (new.data_ptr(), new._version, new.dtype) == (old.data_ptr(), old._version,
+                                                            old.dtype)
+        unit.conv.weight = new
+        assert rel_err(unit(x), torch.relu(bn(unit.conv(x)))) <= 1e-6
+
+
+def test_clear_forgets_a_write_the_version_counter_cannot_see():
+    """A write through .data is invisible to the key (documented); clear() refolds."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6).eval()
+    unit = fused_res.nn.ConvBNAct2d.from_modules(conv, bn, "relu", backend="reference").eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        unit(x)
+        unit.conv.weight.data.mul_(-2.0)
+        eval_fold.clear()
+        assert rel_err(unit(x), torch.relu(bn(unit.conv(x)))) <= 1e-6

@@ -5,10 +5,14 @@ scaled weight, the autocast cast, a layout change for channels_last) that the fu
 then has to wait for; on an H100 they made fused ResNet-50 inference twice as slow as the same
 cuDNN kernels on weights folded ahead of time. The cache holds, per conv module, the folded
 weight in the compute dtype and memory format, and the folded bias in float32, and is keyed by
-everything the fold reads: the version counters and storage of the conv's and BN's parameters
-and running statistics (an optimizer step or load_state_dict bumps them), eps, dtype, device
-and layout. It is used only where no gradient can flow (no_grad / inference_mode), never while
-torch.compile traces (the compiled graph folds on its own), and never for float64.
+everything the fold reads: the identity, version counter and storage of the conv's and BN's
+parameters and running statistics (an optimizer step or load_state_dict bumps them), eps,
+dtype, device and layout. It is used only where no gradient can flow (no_grad /
+inference_mode), never while torch.compile traces (the compiled graph folds on its own), and
+never for float64.
+
+A write through `.data` (`conv.weight.data.copy_(w)`) bypasses the version counter, so no
+cache can see it: write under torch.no_grad() instead, or call clear() after such writes.
 """
 
 from __future__ import annotations
@@ -25,6 +29,11 @@ from .batchnorm import running_affine
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def clear() -> None:
+    """Forget every cached fold (after writes the version counters cannot see)."""
+    _CACHE.clear()
+
+
 def applies(h: Tensor) -> bool:
     """Whether the fold may be cached for a call on input h."""
     return (not torch.is_grad_enabled() and h.dtype != torch.float64
@@ -37,13 +46,40 @@ def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
     return dt if dt is not None and weight.dtype == torch.float32 else weight.dtype
 
 
-def _state(t: Tensor | None) -> tuple:
-    return (None,) if t is None else (t.data_ptr(), t._version, t.dtype)
+def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+    """What the fold reads: the conv's weight and bias, the BN's weight, bias and running
+    statistics. Read from the modules' own dicts: through nn.Module.__getattr__ these six
+    lookups cost more than the rest of a cache hit (this runs for every unit of every eval
+    call); a module whose weight is not a plain parameter (torch.nn.utils.parametrize) is
+    read through its attributes (a new tensor per read: never a cache hit)."""
+    try:
+        pc, pb, bb = conv._parameters, bn._parameters, bn._buffers
+        return (pc["weight"], pc["bias"], pb["weight"], pb["bias"], bb["running_mean"],
+                bb["running_var"])
+    except KeyError:
+        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
-def _cacheable(*tensors: Tensor | None) -> bool:
-    """Parameters created under inference_mode have no version counter to key on."""
-    return not any(t is not None and t.is_inference() for t in tensors)
+def _same(refs: tuple, tensors: tuple) -> bool:
+    """Whether `tensors` are the very objects `refs` point to. Identity, not just storage and
+    version: a tensor made after another was freed may take its address with version 0
+    (model.half().float(), a computed weight), and would pass for it."""
+    return all((r is None) if t is None else (r is not None and r() is t)
+               for r, t in zip(refs, tensors, strict=True))
+
+
+def _key(tensors: tuple) -> tuple | None:
+    """The version counter, storage and dtype of each tensor, or None when one was created
+    under inference_mode (no version counter to key on)."""
+    key = []
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif t.is_inference():
+            return None
+        else:
+            key += (t.data_ptr(), t._version, t.dtype)
+    return tuple(key)
 
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
@@ -58,22 +94,21 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor,
     """(W', b') with conv(h, W') + b' == bn(conv(h)) for eval-mode bn. W' (C_out, C_in, KH,
     KW) in the dtype the conv computes in (the autocast dtype under autocast), in h's memory
     format; b' (C_out,) float32."""
-    dtype = _compute_dtype(h, conv.weight)
+    tensors = _inputs(conv, bn)
+    dtype = _compute_dtype(h, tensors[0])
     fmt = memory_format_of(h)
-    if not _cacheable(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                      bn.running_var):
+    state = _key(tensors)
+    if state is None:
         return _fold(conv, bn, h, dtype, fmt)
-    key = (dtype, h.device, fmt, bn.eps, *_state(conv.weight), *_state(conv.bias),
-           *_state(bn.weight), *_state(bn.bias), *_state(bn.running_mean),
-           *_state(bn.running_var))
+    key = (dtype, h.device, fmt, bn.eps, state)
     hit = _CACHE.get(conv)
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
+    if hit is not None and hit[0] == key and _same(hit[1], tensors):
+        return hit[2], hit[3]
     # Computed as ordinary tensors even under inference_mode: an inference tensor has no
     # version counter, so the caches downstream (the Triton weight matrix, the cuDNN bias
     # cast) could not key on it, and raised reading it.
     # (inference_mode(False) also turns grad mode back on: no_grad keeps the fold a leaf.)
     with torch.inference_mode(False), torch.no_grad():
         w, b = _fold(conv, bn, h, dtype, fmt)
-    _CACHE[conv] = (key, w, b)
+    _CACHE[conv] = (key, tuple(None if t is None else weakref.ref(t) for t in tensors), w, b)
     return w, b
