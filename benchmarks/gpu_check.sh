@@ -148,21 +148,14 @@ if [ "$DRY" != 1 ]; then
     tests/test_graph_capture_gpu.py
 fi
 
-# 4. The memory-bound passes against the copy bandwidth, and the Triton conv alone against
-# cuDNN (issue 5 and 6 targets), then the benchmark matrix, most important first (bf16,
-# channels_last). fused-reference is left out (the oracle, not a contender on the GPU), and
-# fused-auto everywhere but bench-rn50-train-auto: its gate run measures every backend per op
-# signature, which costs more than the other contenders together.
-if [ "$DRY" = 1 ]; then
-  say "=== ops-bandwidth: dry run, needs CUDA: $PY benchmarks/ops_bandwidth.py"
-  printf 'ops-bandwidth\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
-else
-  run_step ops-bandwidth 90 "$PY" benchmarks/ops_bandwidth.py --batch 64 --dtype bf16 \
-    --json "$STEPS_DIR/ops-bandwidth.json" --markdown "$STEPS_DIR/ops-bandwidth.md"
-fi
+# 4. Most informative first, since the budget rarely reaches the end (bf16, channels_last):
+# the train step (prologue against a BN pass of its own), where its device and host time go,
+# the Triton conv alone per tile, the memory-bound passes against the copy bandwidth, then the
+# eval targets, the never-measured batch-256 blocks first. fused-reference is left out (the
+# oracle, not a contender on the GPU), and fused-auto everywhere but bench-rn50-train-auto:
+# its gate run measures every backend per op signature, which costs more than the other
+# contenders together.
 FUSED="fused-triton,fused-triton-unfused,fused-cuda,fused-cudnn"
-bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
-  --contenders eager-cl,compile,cudnn-fused,$FUSED --cuda-graphs
 # Train with CUDA graphs too: the graph rows show the kernels' time without the host's launch
 # cost, which the first H100 run suggested dominates the fused train step. (torch.compile's
 # train step costs ~40 s of compiling here; run it alone with FUSED_RES_GPU_CHECK_ONLY.)
@@ -171,11 +164,6 @@ bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 -
 # its A tile goes through registers and back to shared memory for the BN + ReLU).
 bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128 --repeats 20 \
   --contenders eager-cl,fused-triton,fused-triton-bnpass,fused-cuda --cuda-graphs
-bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
-  --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
-# Never reached in runs 1-3 (out of time): the issue's eval target at batch 256.
-bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
-  --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 # Where the train step's time goes: device time per kernel family and the share of the step
 # the GPU is busy (host-bound when well under 1), per contender.
 PROFILE_ARGS=(--model resnet50 --mode train --batch 128 --dtype bf16)
@@ -209,6 +197,20 @@ else
   run_step conv-configs-stats 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant stats --json "$STEPS_DIR/conv-configs-stats.json"
 fi
+if [ "$DRY" = 1 ]; then
+  say "=== ops-bandwidth: dry run, needs CUDA: $PY benchmarks/ops_bandwidth.py"
+  printf 'ops-bandwidth\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+else
+  run_step ops-bandwidth 90 "$PY" benchmarks/ops_bandwidth.py --batch 64 --dtype bf16 \
+    --json "$STEPS_DIR/ops-bandwidth.json" --markdown "$STEPS_DIR/ops-bandwidth.md"
+fi
+# Never reached in runs 1-3 (out of time): the issue's eval target at batch 256.
+bench blocks-eval-b256 60 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
+  --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
+bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
+  --contenders eager-cl,compile,cudnn-fused,$FUSED --cuda-graphs
+bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
+  --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
 # What 'auto' makes of the train step: per op signature the fastest verified backend (cuDNN's
 # conv with our kernels where the Triton conv is slower, run 3: Triton conv 9.0 ms of the
 # fused-triton step against cuDNN's ~3.4 ms forward). Its gate run measures every backend at

@@ -14,10 +14,10 @@ from fused_res.bench import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "build", "import", "pytest-gpu", "ops-bandwidth", "bench-rn50-eval-b256",
-         "bench-rn50-train-b128", "bench-blocks-eval-b64", "bench-blocks-eval-b256",
-         "profile-train-b128", "host-profile", "conv-configs", "conv-configs-train",
-         "conv-configs-stats", "bench-rn50-train-auto", "bench-blocks-train-b64",
+STEPS = ["env", "build", "import", "pytest-gpu", "bench-rn50-train-b128", "profile-train-b128",
+         "host-profile", "conv-configs", "conv-configs-train", "conv-configs-stats",
+         "ops-bandwidth", "bench-blocks-eval-b256", "bench-rn50-eval-b256",
+         "bench-blocks-eval-b64", "bench-rn50-train-auto", "bench-blocks-train-b64",
          "bench-units-eval", "bench-blocks-compile", "bench-rn50-eval-b64",
          "bench-blocks-eval-tuned"]
 
