@@ -159,3 +159,31 @@ def check_scale_and_update_is_the_two_ops(backend: str, device: str = "cpu") -> 
             got.append([scale.detach(), *bufs, var.grad] + ([w.grad] if has_w else []))
         for a, b in zip(*got, strict=True):
             assert torch.equal(a, b), (momentum, has_w, count)
+
+
+def check_fold_follows_a_train_step_without_parameter_changes(backend: str) -> None:
+    """A train-mode forward (with and without grad mode: the two eager paths of the running
+    statistics' update) moves the running statistics but no parameter (a frozen backbone,
+    BN recalibration): the next eval must fold the new statistics. The backends' kernels
+    write them through pointers, so the eager path must bump their version counters."""
+    import copy
+
+    import fused_res
+    from fused_res.models import imagenet
+    from fused_res.testing import rel_err
+
+    torch.manual_seed(0)
+    eager = imagenet.BasicBlock(8, 8)
+    fused = fused_res.convert(copy.deepcopy(eager), backend=backend)
+    x = torch.randn(4, 8, 8, 8)
+    for grad in (True, False):
+        fused.eval()
+        with torch.no_grad():
+            fused(x)  # the fold is cached
+        fused.train()
+        with torch.set_grad_enabled(grad):
+            fused(x * 3 + 1)
+        fused.eval()
+        eager.load_state_dict(fused.state_dict())
+        with torch.no_grad():
+            assert rel_err(fused(x), eager.eval()(x)) <= 1e-5, f"grad mode {grad}"

@@ -180,3 +180,23 @@ def test_clear_forgets_a_write_the_version_counter_cannot_see():
         unit.conv.weight.data.mul_(-2.0)
         eval_fold.clear()
         assert rel_err(unit(x), torch.relu(bn(unit.conv(x)))) <= 1e-6
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_fold_follows_a_train_step_without_parameter_changes(backend):
+    if not fused_res.available_backends()[backend].available:
+        pytest.skip(f"{backend} is not available here")
+    from helpers import check_fold_follows_a_train_step_without_parameter_changes
+    check_fold_follows_a_train_step_without_parameter_changes(backend)
+
+
+def test_identity_check_sees_a_swapped_storage():
+    """`p.data = t` keeps the Parameter object and its version but swaps its storage (what
+    Module._apply does for model.half().float()); should the new storage land at the old
+    address, only the storage's identity tells them apart."""
+    p = nn.Parameter(torch.randn(5))
+    refs = eval_fold._refs((p, None))
+    assert eval_fold._same(refs, (p, None))
+    version = p._version
+    p.data = torch.randn(5)
+    assert p._version == version and not eval_fold._same(refs, (p, None))

@@ -583,6 +583,10 @@ else:
         # the update's launch computes the scale too
         assert seen == ["bn_scale", "bn_update_running"]
 
+    def test_eval_fold_follows_running_stats_the_kernels_updated():
+        from tests.helpers import check_fold_follows_a_train_step_without_parameter_changes
+        check_fold_follows_a_train_step_without_parameter_changes("triton")
+
     def test_bn_scale_and_update_is_the_two_ops():
         from tests.helpers import check_scale_and_update_is_the_two_ops
         check_scale_and_update_is_the_two_ops("triton")

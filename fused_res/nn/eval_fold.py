@@ -60,11 +60,20 @@ def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
         return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
 
 
+def _refs(tensors: tuple) -> tuple:
+    """Weak references to each tensor and to its storage, for _same."""
+    return tuple(None if t is None else (weakref.ref(t), weakref.ref(t.untyped_storage()))
+                 for t in tensors)
+
+
 def _same(refs: tuple, tensors: tuple) -> bool:
-    """Whether `tensors` are the very objects `refs` point to. Identity, not just storage and
-    version: a tensor made after another was freed may take its address with version 0
-    (model.half().float(), a computed weight), and would pass for it."""
-    return all((r is None) if t is None else (r is not None and r() is t)
+    """Whether `tensors` are the very objects `refs` point to, on the very storages.
+    Identity, not just address and version: a tensor or storage made after another was freed
+    may take its address with the same version (a weight computed per call; `p.data = ...`,
+    which model.half().float() does, keeps the Parameter and its version but swaps the
+    storage), and would pass for it."""
+    return all((r is None) if t is None else
+               (r is not None and r[0]() is t and r[1]() is t.untyped_storage())
                for r, t in zip(refs, tensors, strict=True))
 
 
@@ -110,5 +119,5 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor,
     # (inference_mode(False) also turns grad mode back on: no_grad keeps the fold a leaf.)
     with torch.inference_mode(False), torch.no_grad():
         w, b = _fold(conv, bn, h, dtype, fmt)
-    _CACHE[conv] = (key, tuple(None if t is None else weakref.ref(t) for t in tensors), w, b)
+    _CACHE[conv] = (key, _refs(tensors), w, b)
     return w, b

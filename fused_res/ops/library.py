@@ -296,6 +296,24 @@ def _(mean, var, running_mean, running_var, num_batches_tracked, momentum, count
     return None
 
 
+def _bump(*tensors: Tensor | None) -> None:
+    """Tell autograd's version counters that a kernel wrote these in place. The eager paths
+    call the backends' kernels directly, which write through pointers; the custom op's
+    dispatch bumps its mutated arguments itself. Caches key on the counters (the eval fold:
+    without this, an eval after a train step that updated the running statistics but no
+    parameter reused the fold of the old statistics)."""
+    for t in tensors:
+        if t is not None and not t.is_inference():
+            torch.autograd.graph.increment_version(t)
+
+
+def _bn_update_running_eager(mean, var, running_mean, running_var, num_batches_tracked,
+                             momentum, count, backend) -> None:
+    _bn_update_running_impl(mean, var, running_mean, running_var, num_batches_tracked,
+                            momentum, count, backend)
+    _bump(running_mean, running_var, num_batches_tracked)
+
+
 # ---- eager twins ------------------------------------------------------------------------
 # In plain eager mode the custom ops' dispatch and generated autograd wrapper cost tens of
 # microseconds per call (schema handling, default filling, redispatch), paid for every conv
@@ -325,11 +343,11 @@ _OPS = {
                                        _epilogue_backward)),
     "bn_scale": (bn_scale, _eager_twin("bn_scale", _bn_scale_impl, _bn_scale_setup,
                                        _bn_scale_backward)),
-    # No autograd: the implementation itself is the twin.
+    # No autograd: the implementation (with the version bump) is the twin.
     "bn_update_running": (bn_update_running,
                           type("Eager_bn_update_running", (),
-                               {"apply": staticmethod(_bn_update_running_impl),
-                                "impl": staticmethod(_bn_update_running_impl)})),
+                               {"apply": staticmethod(_bn_update_running_eager),
+                                "impl": staticmethod(_bn_update_running_eager)})),
 }
 
 
@@ -344,6 +362,7 @@ class _EagerBnScaleAndUpdate(torch.autograd.Function):
         scale = get_backend_object(backend).bn_scale_and_update(
             var, weight, eps, mean, running_mean, running_var, num_batches_tracked, momentum,
             count)
+        _bump(running_mean, running_var, num_batches_tracked)
         _bn_scale_setup(ctx, (var, weight, eps, backend), scale)
         return scale
 
@@ -364,8 +383,10 @@ def bn_scale_and_update(var: Tensor, weight: Vec, eps: float, backend: str, mean
         args = (var, weight, eps, backend, mean, running_mean, running_var,
                 num_batches_tracked, momentum, count)
         if not torch.is_grad_enabled():
-            return get_backend_object(backend).bn_scale_and_update(
-                var, weight, eps, *args[4:])
+            scale = get_backend_object(backend).bn_scale_and_update(var, weight, eps,
+                                                                    *args[4:])
+            _bump(running_mean, running_var, num_batches_tracked)
+            return scale
         return _EagerBnScaleAndUpdate.apply(*args)
     call("bn_update_running", mean, var.detach(), running_mean, running_var,
          num_batches_tracked, momentum, count, backend)
