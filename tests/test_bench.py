@@ -337,6 +337,8 @@ def test_bnpass_contender_runs_the_backend_with_training_bns_apart():
     train = BenchConfig(mode="train")
     reason = C.unavailable("fused-triton-bnpass", wl, train)
     assert reason is None or reason.startswith("backend unavailable")
+    unit = get_workload("unit:cin=8:cout=16:hw=8")
+    assert "single conv unit" in C.unavailable("fused-triton-bnpass", unit, train)
     built = C.build("fused-triton-bnpass", models.resnet18().train(), wl, train)
     blocks = [m for m in built.module.modules() if isinstance(m, FusedResidualBlock)]
     assert blocks and all(m.backend == "triton" for m in blocks)

@@ -2,6 +2,7 @@
 the next conv's prologue: the same values, gradients and running statistics, no prologue
 recomputed in the backward, and the choice per backend."""
 
+import contextlib
 import copy
 
 import pytest
@@ -110,22 +111,76 @@ def test_bn_pass_computes_what_the_prologue_does(name, monkeypatch):
 def test_the_choice_per_backend_and_its_context():
     assert ops.fuses_train_prologue("reference") is True
     assert ops.fuses_train_prologue("triton") is True
-    # cuda's prologue is an apply pass before cuDNN's conv either way
+    # cuda's and cudnn's prologue is an apply pass before the conv either way
     assert ops.fuses_train_prologue("cuda") is False
+    assert ops.fuses_train_prologue("cudnn") is False
     assert ops.fuses_train_prologue("auto") is True
     ref = get_backend_object(R)
     with fused_res.use_backend(R):
         assert ops.fuses_train_prologue() is True
         with ref.prologue_apart():
             assert ops.fuses_train_prologue() is False
-            with ref.prologue_apart():
-                assert ops.fuses_train_prologue() is False
+            with ref.train_prologue(True):
+                assert ops.fuses_train_prologue() is True
             assert ops.fuses_train_prologue() is False
+            assert ops.fuses_train_prologue("triton") is True  # per backend
         assert ops.fuses_train_prologue() is True
         with pytest.raises(RuntimeError), ref.prologue_apart():
             raise RuntimeError("restored on the way out")
         assert ops.fuses_train_prologue() is True
-    cuda = get_backend_object("cuda")
-    with cuda.prologue_apart():
-        assert ops.fuses_train_prologue("cuda") is False
-    assert ops.fuses_train_prologue("cuda") is False and "fuse_train_prologue" not in vars(cuda)
+    with get_backend_object("cuda").train_prologue(True):
+        assert ops.fuses_train_prologue("cuda") is True
+    assert ops.fuses_train_prologue("cuda") is False
+    with pytest.raises(TypeError, match="fused"):
+        with ref.train_prologue("no"):
+            pass
+
+
+def test_the_choice_is_per_thread():
+    """A context on one thread leaves another thread's choice alone, and overlapping
+    contexts on two threads each restore their own."""
+    import threading
+
+    ref = get_backend_object(R)
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def other():
+        with ref.prologue_apart():
+            entered.set()
+            release.wait(10)
+            seen["other inside"] = ops.fuses_train_prologue(R)
+        seen["other after"] = ops.fuses_train_prologue(R)
+
+    t = threading.Thread(target=other)
+    t.start()
+    entered.wait(10)
+    seen["main while other inside"] = ops.fuses_train_prologue(R)
+    with ref.train_prologue(True):
+        release.set()
+        t.join(10)
+        seen["main inside"] = ops.fuses_train_prologue(R)
+    seen["main after"] = ops.fuses_train_prologue(R)
+    assert seen == {"main while other inside": True, "other inside": False,
+                    "other after": True, "main inside": True, "main after": True}
+
+
+def test_torch_compile_follows_the_choice():
+    """torch.compile traces the choice in force: a graph per choice (2 epilogue ops in the
+    Bottleneck with prologues, 4 with the mid BNs in their own pass), and back outside the
+    context, the first graph again (no third compile)."""
+    if not hasattr(torch, "compile"):
+        pytest.skip("this torch has no torch.compile")
+    torch.manual_seed(0)
+    make, cin = BLOCKS["bottleneck"]
+    fused = fused_res.convert(make().train(), backend=R)
+    epilogues = []
+
+    def count(gm, example_inputs):
+        epilogues.append(sum("epilogue" in str(n.target) for n in gm.graph.nodes))
+        return gm
+    compiled = torch.compile(fused, fullgraph=True, backend=count)
+    x = torch.randn(3, cin, 9, 9)
+    for apart in (False, True, False, True):
+        with get_backend_object(R).prologue_apart() if apart else contextlib.nullcontext():
+            compiled(x)
+    assert epilogues == [2, 4]

@@ -9,10 +9,15 @@ the reference backend with one warning naming the reason.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+
+# Per thread, the train_prologue() contexts in force: `by_name` {backend name: fused}, absent
+# outside every context (read with getattr, which torch.compile guards on).
+_TRAIN_PROLOGUE = threading.local()
 
 
 @dataclass(frozen=True)
@@ -39,26 +44,44 @@ class Backend:
         """None if this backend runs the call; otherwise a short reason for the fallback."""
         return None
 
-    #: In training, whether a BatchNorm that normalises with batch statistics, and the ReLU
-    #: after it, are applied inside the next conv (its prologue, the default) or in a pass of
-    #: their own before it. Its own pass writes the activated tensor once; the conv reads it
-    #: and its backward reuses it, where a prologue makes the backward recompute it (so the
-    #: bytes moved per step are the same either way) and makes the conv kernel do the affine
-    #: and ReLU on every tile it loads (the cost a backend weighs). Memory: the pass keeps the
-    #: activated tensor for the backward, as eager does.
+    #: The default of fuses_train_prologue(): in training, whether a BatchNorm that
+    #: normalises with batch statistics, and the ReLU after it, are applied inside the next
+    #: conv (its prologue) or in a pass of their own before it. Its own pass writes the
+    #: activated tensor once; the conv reads it and its backward reuses it, where a prologue
+    #: makes the backward recompute it (so the bytes moved per step are the same either way)
+    #: and makes the conv kernel do the affine and ReLU on every tile it loads (the cost a
+    #: backend weighs). Memory: the pass keeps the activated tensor for the backward, as
+    #: eager does.
     fuse_train_prologue: bool = True
 
+    def fuses_train_prologue(self) -> bool:
+        """The choice in force on this thread: the innermost train_prologue() context's for
+        this backend, else fuse_train_prologue."""
+        by_name = getattr(_TRAIN_PROLOGUE, "by_name", None)
+        if by_name:
+            fused = by_name.get(self.name)
+            if fused is not None:
+                return fused
+        return self.fuse_train_prologue
+
     @contextlib.contextmanager
-    def prologue_apart(self) -> Iterator[None]:
-        """Within the context, this backend object applies training BatchNorms in their own
-        pass (fuse_train_prologue False), whatever its default; the bench's
-        fused-<backend>-bnpass contender."""
-        previous = self.__dict__.get("fuse_train_prologue")
-        self.fuse_train_prologue = False
+    def train_prologue(self, fused: bool) -> Iterator[None]:
+        """Within the context, on this thread only: this backend applies training BatchNorms
+        in the next conv's prologue (fused=True) or in their own pass (False), whatever its
+        default. Nests; other threads keep their own choice."""
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused={fused!r}; accepted: True or False")
+        previous = getattr(_TRAIN_PROLOGUE, "by_name", None)
+        _TRAIN_PROLOGUE.by_name = {**(previous or {}), self.name: fused}
         try:
             yield
         finally:
+            # Absent again outside every context: the state a compiled graph was traced in.
             if previous is None:
-                del self.fuse_train_prologue
+                del _TRAIN_PROLOGUE.by_name
             else:
-                self.fuse_train_prologue = previous
+                _TRAIN_PROLOGUE.by_name = previous
+
+    def prologue_apart(self) -> contextlib.AbstractContextManager[None]:
+        """train_prologue(False): the bench's fused-<backend>-bnpass contender."""
+        return self.train_prologue(False)

@@ -42,6 +42,9 @@ def cast_cached(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class CudnnBackend(ReferenceBackend):
     name = "cudnn"
+    # In training it is the reference's composite, whose prologue is an apply pass before
+    # the conv anyway: run as its own op, the backward reuses it (as for the cuda backend).
+    fuse_train_prologue = False
 
     def status(self) -> BackendStatus:
         if not torch.cuda.is_available():

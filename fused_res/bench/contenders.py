@@ -11,9 +11,9 @@ it cannot run where it cannot.
                         (a conv unit: fused_res.nn.ConvBNAct2d on the same modules)
   fused-<backend>-unfused   where a backend offers `unfused()` (a context manager under which
                         it runs each op of a unit as its own kernel): what fusion alone buys
-  fused-<backend>-bnpass    train only, for those backends when they fuse a training BN +
-                        ReLU into the next conv's prologue: the same model with that BN + ReLU
-                        in its own pass instead (Backend.prologue_apart)
+  fused-<backend>-bnpass    train only, for a backend that fuses a training BN + ReLU into
+                        the next conv's prologue by default: the same model with that BN +
+                        ReLU in its own pass instead (Backend.prologue_apart)
 
 Groups for --contenders: default, all, eager, compiled (all three compile contenders),
 fused, cudnn. A name is never a group: "compile" is the default-mode contender alone.
@@ -44,11 +44,12 @@ CUDNN = ("cudnn-fused",)
 def fused_names() -> tuple[str, ...]:
     names = [f"fused-{b}" for b in BACKEND_NAMES]
     for b in BACKEND_NAMES:
-        obj = None if b == "auto" else get_backend_object(b)
-        if obj is not None and hasattr(obj, "unfused"):
-            at = names.index(f"fused-{b}") + 1
-            names[at:at] = [f"fused-{b}-unfused"] + (
-                [f"fused-{b}-bnpass"] if obj.fuse_train_prologue else [])
+        if b in ("auto", "reference"):
+            continue
+        obj = get_backend_object(b)
+        at = names.index(f"fused-{b}") + 1
+        names[at:at] = ([f"fused-{b}-unfused"] if hasattr(obj, "unfused") else []) + (
+            [f"fused-{b}-bnpass"] if obj.fuse_train_prologue else [])
     return tuple(names)
 
 
@@ -127,8 +128,11 @@ def memory_format_of(name: str, config: BenchConfig) -> torch.memory_format:
 def unavailable(name: str, workload: Workload, config: BenchConfig) -> str | None:
     """Why `name` cannot run this workload here, or None."""
     base = _base(name)
-    if name.endswith("-bnpass") and config.mode != "train":
-        return "the same run as " + base + " outside training (no batch-statistics BN)"
+    if name.endswith("-bnpass"):
+        if config.mode != "train":
+            return f"the same run as {base} outside training (no batch-statistics BN)"
+        if workload.kind == "unit":
+            return f"the same run as {base}: a single conv unit has no BN before a conv"
     if name == "compile-freeze" and config.mode == "train":
         return "inductor freezing is for inference (eval mode) only"
     if name in COMPILE and not hasattr(torch, "compile"):

@@ -16,7 +16,8 @@ from .batchnorm import ChannelAffine, batch_affine, running_affine, uses_batch_s
 class Pending:
     """An affine + activation not yet applied to a tensor: value = act(affine(t)).
     In training, a BN's batch statistics exist only after its conv has run, so the next conv
-    applies it in its prologue instead of a separate pass."""
+    applies it in its prologue instead of a separate pass (where the backend prefers that:
+    ops.fuses_train_prologue; otherwise it is materialized right away)."""
 
     affine: ChannelAffine
     act: str

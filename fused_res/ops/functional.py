@@ -231,12 +231,13 @@ def conv_bn_stats(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stri
 def fuses_train_prologue(backend: str | None = None) -> bool:
     """Whether a training BatchNorm (batch statistics) + ReLU should wait for the next conv's
     prologue (True) or be applied in its own epilogue pass first (False), as backend
-    `backend` (None: the one in force) prefers; Backend.fuse_train_prologue says why it may
-    not. 'auto' chooses per op call, so it keeps the prologue."""
+    `backend` (None: the one in force) prefers on this thread (Backend.fuses_train_prologue;
+    its fuse_train_prologue says why it may not). 'auto' chooses per op call, so it keeps the
+    prologue."""
     name = backend if backend is not None else current_backend()
     if name == "auto":
         return True
-    return bool(get_backend_object(name).fuse_train_prologue)
+    return get_backend_object(name).fuses_train_prologue()
 
 
 def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:
