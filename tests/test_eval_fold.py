@@ -147,15 +147,20 @@ def test_fold_reads_a_parametrized_weight_and_follows_it():
             conv.parametrizations.weight.original.mul_(-1.5)  # in place: a new version
 
 
+def _small_unit():
+    """A reference ConvBNAct2d in eval (conv 4 -> 6, 3x3), its BN, and an input."""
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6).eval()
+    unit = fused_res.nn.ConvBNAct2d.from_modules(conv, bn, "relu", backend="reference").eval()
+    return unit, bn, torch.randn(2, 4, 8, 8)
+
+
 def test_fold_is_not_fooled_by_a_new_tensor_with_the_old_ones_storage_and_version():
     """A parameter replaced by another tensor with the same storage, version and dtype (what
     a tensor allocated at a freed one's address looks like: model.half().float(), a weight
     computed per call), holding other values: the cache must refold, not hand back the fold
     of the tensor it replaced (the key once held only storage, version and dtype)."""
-    torch.manual_seed(0)
-    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6).eval()
-    unit = fused_res.nn.ConvBNAct2d.from_modules(conv, bn, "relu", backend="reference").eval()
-    x = torch.randn(2, 4, 8, 8)
+    unit, bn, x = _small_unit()
     with torch.no_grad():
         unit(x)
         old = unit.conv.weight
@@ -171,10 +176,7 @@ def test_fold_is_not_fooled_by_a_new_tensor_with_the_old_ones_storage_and_versio
 
 def test_clear_forgets_a_write_the_version_counter_cannot_see():
     """A write through .data is invisible to the key (documented); clear() refolds."""
-    torch.manual_seed(0)
-    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6).eval()
-    unit = fused_res.nn.ConvBNAct2d.from_modules(conv, bn, "relu", backend="reference").eval()
-    x = torch.randn(2, 4, 8, 8)
+    unit, bn, x = _small_unit()
     with torch.no_grad():
         unit(x)
         unit.conv.weight.data.mul_(-2.0)
