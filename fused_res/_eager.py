@@ -17,24 +17,27 @@ from torch.autograd import forward_ad
 
 ENABLED = os.environ.get("FUSED_RES_EAGER_TWINS", "1") != "0"
 _PLAIN = (Tensor, torch.nn.Parameter)
-_DEVICES = ("cpu", "cuda")
+# Asked about a hundred times per training step: the C functions bound once.
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_jit_tracing = torch._C._is_tracing
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def plain_eager(args) -> bool:
     """Whether nothing about this call needs the dispatcher: not compiling or tracing, no
     torch-function or dispatch mode, every tensor in `args` a plain Tensor or Parameter (not a
     fake, subclass or functorch-wrapped tensor), the first one on the CPU or a CUDA device."""
-    if (not ENABLED or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() > 0):
+    if (not ENABLED or torch.compiler.is_compiling() or _jit_tracing()
+            or _function_mode() or _dispatch_depth() > 0):
         return False
     first = True
     for a in args:
         if isinstance(a, Tensor):
-            if type(a) not in _PLAIN or torch._C._functorch.is_functorch_wrapped_tensor(a):
+            if type(a) not in _PLAIN or _wrapped(a):
                 return False
             if first:
-                if a.device.type not in _DEVICES:
+                if not (a.is_cuda or a.is_cpu):
                     return False
                 first = False
     return True
