@@ -251,8 +251,10 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
     the conv -> BatchNorm -> ReLU stem of a recognised ResNet.
 
     backend: the backend the fused blocks use ('auto', 'reference', ...; None: follow
-    fused_res.set_backend at run time). inplace=False converts a deep copy. filter(name,
-    block) -> bool restricts which blocks are converted. Parameters, buffers, state_dict keys
+    fused_res.set_backend at run time); blocks that already are fused_res blocks are left as
+    they are, their backend included (set their `backend` attribute to change it).
+    inplace=False converts a deep copy. filter(name, block) -> bool restricts which blocks
+    are converted. Parameters, buffers, state_dict keys
     and what the model computes are unchanged. Returns the converted model.
     """
     if not isinstance(model, nn.Module):
