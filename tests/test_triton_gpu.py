@@ -247,15 +247,23 @@ def _smooth(v):
     return v.unfold(0, 20, 10).mean(1)
 
 
-def test_cifar_resnet_converges_like_unfused_in_bf16():
+@pytest.mark.parametrize("bn_pass", [False, True], ids=["prologue", "bn_pass"])
+def test_cifar_resnet_converges_like_unfused_in_bf16(bn_pass):
+    """bn_pass: each training BN + ReLU in its own pass (TritonBackend.prologue_apart, the
+    bench's fused-triton-bnpass) rather than the next conv's prologue."""
+    import contextlib
+
     import fused_res
+    from fused_res.backends import get_backend_object
     from fused_res.models.cifar import cifar_resnet
     torch.manual_seed(0)
     base = cifar_resnet(20).cuda().to(memory_format=torch.channels_last)
     fused = fused_res.convert(base, backend="triton")  # converts a deep copy of base
     steps = 200
     l_ref = _train(base, steps, seed=1)
-    l_fused = _train(fused, steps, seed=1)
+    apart = get_backend_object("triton").prologue_apart
+    with apart() if bn_pass else contextlib.nullcontext():
+        l_fused = _train(fused, steps, seed=1)
     assert torch.isfinite(l_fused).all()
     # It learns: the last 20 steps average well under half of the first 20.
     first, last = l_fused[:20].mean().item(), l_fused[-20:].mean().item()
