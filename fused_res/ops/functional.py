@@ -349,7 +349,8 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
                        num_batches_tracked}, (momentum is None,), probe)
     name = _choose("bn_scale", backend, var, None, 1, (1, 1), {"var": var, "weight": weight},
                    (), run)
-    if updater == name:
+    if updater == name and library.runs_eagerly(var, weight, batch[0], running_mean,
+                                                running_var, num_batches_tracked):
         # One backend for both: one call, and one launch where it has a kernel for both.
         return library.bn_scale_and_update(var, weight, float(eps), name, batch[0],
                                            running_mean, running_var, num_batches_tracked,

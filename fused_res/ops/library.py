@@ -351,18 +351,22 @@ _OPS = {
 }
 
 
+def _scale_and_update(var, weight, eps, backend, mean, running_mean, running_var,
+                      num_batches_tracked, momentum, count):
+    scale = get_backend_object(backend).bn_scale_and_update(
+        var, weight, eps, mean, running_mean, running_var, num_batches_tracked, momentum, count)
+    _bump(running_mean, running_var, num_batches_tracked)
+    return scale
+
+
 class _EagerBnScaleAndUpdate(torch.autograd.Function):
     """bn_update_running then bn_scale as one backend call (one launch where the backend has
     a kernel for both); bn_scale's autograd. Its extra inputs (the batch mean, the running
     buffers, momentum, count) take no gradient."""
 
     @staticmethod
-    def forward(ctx, var, weight, eps, backend, mean, running_mean, running_var,
-                num_batches_tracked, momentum, count):
-        scale = get_backend_object(backend).bn_scale_and_update(
-            var, weight, eps, mean, running_mean, running_var, num_batches_tracked, momentum,
-            count)
-        _bump(running_mean, running_var, num_batches_tracked)
+    def forward(ctx, var, weight, eps, backend, *update):
+        scale = _scale_and_update(var, weight, eps, backend, *update)
         _bn_scale_setup(ctx, (var, weight, eps, backend), scale)
         return scale
 
@@ -371,26 +375,22 @@ class _EagerBnScaleAndUpdate(torch.autograd.Function):
         return _bn_scale_backward(ctx, g) + (None,) * 6
 
 
+def runs_eagerly(*tensors: Tensor | None) -> bool:
+    """Whether a call on these tensors may skip the dispatcher (what call() asks)."""
+    return not transformed() and plain_eager(tensors)
+
+
 def bn_scale_and_update(var: Tensor, weight: Vec, eps: float, backend: str, mean: Tensor,
                         running_mean: Tensor, running_var: Tensor, num_batches_tracked: Vec,
                         momentum: float | None, count: int) -> Tensor:
-    """call("bn_update_running", mean, var, ...) then call("bn_scale", var, weight, eps),
-    in one backend call where nothing needs the dispatcher (ops.bn_scale, when one backend
-    runs both). mean is the detached batch mean; var the batch variance the scale is
-    differentiated in."""
-    tensors = (var, weight, mean, running_mean, running_var, num_batches_tracked)
-    if not transformed() and plain_eager(tensors):
-        args = (var, weight, eps, backend, mean, running_mean, running_var,
-                num_batches_tracked, momentum, count)
-        if not torch.is_grad_enabled():
-            scale = get_backend_object(backend).bn_scale_and_update(var, weight, eps,
-                                                                    *args[4:])
-            _bump(running_mean, running_var, num_batches_tracked)
-            return scale
+    """call("bn_update_running", mean, var, ...) then call("bn_scale", var, weight, eps) as
+    one backend call, for ops.bn_scale where one backend runs both and runs_eagerly() holds.
+    mean is the detached batch mean; var the batch variance the scale is differentiated in."""
+    args = (var, weight, eps, backend, mean, running_mean, running_var, num_batches_tracked,
+            momentum, count)
+    if torch.is_grad_enabled():
         return _EagerBnScaleAndUpdate.apply(*args)
-    call("bn_update_running", mean, var.detach(), running_mean, running_var,
-         num_batches_tracked, momentum, count, backend)
-    return call("bn_scale", var, weight, eps, backend)
+    return _scale_and_update(*args)
 
 
 # The reference backend's forward methods are differentiable compositions of aten ops, which
