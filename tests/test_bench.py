@@ -324,25 +324,33 @@ def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     assert lone[1]["speedup"] is None  # no eager-cl+graph row: no graph speedup to claim
 
 
-def test_bnpass_contender_runs_the_backend_with_training_bns_apart():
-    """fused-triton-bnpass: listed beside fused-triton, skipped outside training (it would
-    time the same model twice), and its forward runs inside TritonBackend.prologue_apart."""
+@pytest.mark.parametrize("default", [False, True])
+def test_placement_contender_runs_the_backend_with_the_other_bn_placement(default,
+                                                                          monkeypatch):
+    """A backend whose conv has a prologue (triton) gets the contender of the training BN
+    placement its default does not take, beside fused-triton: -prologue while the default is
+    a pass of its own, -bnpass while it is the prologue. Skipped outside training (it would
+    time the same model twice) and for a single unit; its forward runs in that placement."""
     from fused_res import ops
+    from fused_res.backends.triton_backend import TritonBackend
     from fused_res.nn import FusedResidualBlock
+    monkeypatch.setattr(TritonBackend, "fuse_train_prologue", default)
+    name, other = (("fused-triton-bnpass", "fused-triton-prologue") if default else
+                   ("fused-triton-prologue", "fused-triton-bnpass"))
     names = C.fused_names()
-    assert names.index("fused-triton-bnpass") == names.index("fused-triton") + 2
-    assert "fused-cuda-bnpass" not in names  # cuda applies them apart already
+    assert names.index(name) == names.index("fused-triton") + 2 and other not in names
+    assert not any(n.startswith("fused-cuda-") and n != "fused-cuda-unfused" for n in names)
     wl = get_workload("resnet18")
-    assert "training" in C.unavailable("fused-triton-bnpass", wl, BenchConfig(mode="eval"))
+    assert "training" in C.unavailable(name, wl, BenchConfig(mode="eval"))
     train = BenchConfig(mode="train")
-    reason = C.unavailable("fused-triton-bnpass", wl, train)
+    reason = C.unavailable(name, wl, train)
     assert reason is None or reason.startswith("backend unavailable")
     unit = get_workload("unit:cin=8:cout=16:hw=8")
-    assert "single conv unit" in C.unavailable("fused-triton-bnpass", unit, train)
-    built = C.build("fused-triton-bnpass", models.resnet18().train(), wl, train)
+    assert "single conv unit" in C.unavailable(name, unit, train)
+    built = C.build(name, models.resnet18().train(), wl, train)
     blocks = [m for m in built.module.modules() if isinstance(m, FusedResidualBlock)]
     assert blocks and all(m.backend == "triton" for m in blocks)
     seen = []
     built.forward = lambda x: seen.append(ops.fuses_train_prologue("triton"))
     C.call_with(built)(torch.zeros(1))
-    assert seen == [False] and ops.fuses_train_prologue("triton") is True
+    assert seen == [not default] and ops.fuses_train_prologue("triton") is default

@@ -249,10 +249,8 @@ def _smooth(v):
 
 @pytest.mark.parametrize("bn_pass", [False, True], ids=["prologue", "bn_pass"])
 def test_cifar_resnet_converges_like_unfused_in_bf16(bn_pass):
-    """bn_pass: each training BN + ReLU in its own pass (TritonBackend.prologue_apart, the
-    bench's fused-triton-bnpass) rather than the next conv's prologue."""
-    import contextlib
-
+    """bn_pass: each training BN + ReLU in its own pass (the default) rather than the next
+    conv's prologue (the bench's fused-triton-prologue)."""
     import fused_res
     from fused_res.backends import get_backend_object
     from fused_res.models.cifar import cifar_resnet
@@ -261,8 +259,7 @@ def test_cifar_resnet_converges_like_unfused_in_bf16(bn_pass):
     fused = fused_res.convert(base, backend="triton")  # converts a deep copy of base
     steps = 200
     l_ref = _train(base, steps, seed=1)
-    apart = get_backend_object("triton").prologue_apart
-    with apart() if bn_pass else contextlib.nullcontext():
+    with get_backend_object("triton").train_prologue(not bn_pass):
         l_fused = _train(fused, steps, seed=1)
     assert torch.isfinite(l_fused).all()
     # It learns: the last 20 steps average well under half of the first 20.

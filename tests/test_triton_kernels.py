@@ -628,18 +628,17 @@ else:
     @pytest.mark.parametrize("bn_pass", [False, True], ids=["prologue", "bn_pass"])
     def test_block_train_step_and_running_stats(kind, stride, bn_pass):
         """bn_pass: each training BN + ReLU in its own Triton pass, the conv without a
-        prologue (TritonBackend.prologue_apart, the bench's fused-triton-bnpass)."""
-        import contextlib
-
+        prologue (the default); else in the next conv's prologue (the bench's
+        fused-triton-prologue)."""
         from fused_res.backends import get_backend_object
         block, ref, cin = _block_pair(kind, stride)
         x = torch.randn(3, cin, 7, 7).to(memory_format=torch.channels_last)
-        apart = get_backend_object("triton").prologue_apart
+        triton = get_backend_object("triton")
         for mode in ("train", "eval"):
             block.train(mode == "train")
             ref.train(mode == "train")
             xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-            with apart() if bn_pass else contextlib.nullcontext():
+            with triton.train_prologue(not bn_pass):
                 y = block(xa)
             yr = ref(xr)
             _check(y, yr, torch.float32, f"{mode} y")

@@ -54,6 +54,12 @@ class Backend:
     #: eager does.
     fuse_train_prologue: bool = True
 
+    #: Whether this backend's conv kernel applies an input affine + ReLU as it loads its
+    #: tiles. Only then is fuse_train_prologue a trade worth measuring both ways (the bench's
+    #: fused-<backend>-bnpass / -prologue contenders); elsewhere a prologue is an apply pass
+    #: before the conv either way.
+    prologue_in_conv: bool = False
+
     def fuses_train_prologue(self) -> bool:
         """The choice in force on this thread: the innermost train_prologue() context's for
         this backend, else fuse_train_prologue."""
@@ -85,3 +91,7 @@ class Backend:
     def prologue_apart(self) -> contextlib.AbstractContextManager[None]:
         """train_prologue(False): the bench's fused-<backend>-bnpass contender."""
         return self.train_prologue(False)
+
+    def prologue_fused(self) -> contextlib.AbstractContextManager[None]:
+        """train_prologue(True): the bench's fused-<backend>-prologue contender."""
+        return self.train_prologue(True)

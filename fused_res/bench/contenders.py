@@ -11,9 +11,11 @@ it cannot run where it cannot.
                         (a conv unit: fused_res.nn.ConvBNAct2d on the same modules)
   fused-<backend>-unfused   where a backend offers `unfused()` (a context manager under which
                         it runs each op of a unit as its own kernel): what fusion alone buys
-  fused-<backend>-bnpass    train only, for a backend that fuses a training BN + ReLU into
-                        the next conv's prologue by default: the same model with that BN +
-                        ReLU in its own pass instead (Backend.prologue_apart)
+  fused-<backend>-bnpass    train only, for a backend whose conv kernel has a prologue
+  fused-<backend>-prologue  (Backend.prologue_in_conv): the training BN placement its
+                        default does not take. -bnpass: each BN + ReLU in its own pass
+                        (Backend.prologue_apart); -prologue: in the next conv's prologue
+                        (Backend.prologue_fused). Triton's default is the pass: -prologue.
 
 Groups for --contenders: default, all, eager, compiled (all three compile contenders),
 fused, cudnn. A name is never a group: "compile" is the default-mode contender alone.
@@ -48,12 +50,15 @@ def fused_names() -> tuple[str, ...]:
             continue
         obj = get_backend_object(b)
         at = names.index(f"fused-{b}") + 1
-        names[at:at] = ([f"fused-{b}-unfused"] if hasattr(obj, "unfused") else []) + (
-            [f"fused-{b}-bnpass"] if obj.fuse_train_prologue else [])
+        flipped = []
+        if obj.prologue_in_conv:  # the training BN placement its default does not take
+            flipped = [f"fused-{b}-bnpass" if obj.fuse_train_prologue else f"fused-{b}-prologue"]
+        names[at:at] = ([f"fused-{b}-unfused"] if hasattr(obj, "unfused") else []) + flipped
     return tuple(names)
 
 
-_VARIANTS = ("-unfused", "-bnpass")
+_VARIANTS = ("-unfused", "-bnpass", "-prologue")
+_PLACEMENTS = ("-bnpass", "-prologue")  # where a training BN + ReLU goes: train only
 
 
 def _base(name: str) -> str:
@@ -128,7 +133,7 @@ def memory_format_of(name: str, config: BenchConfig) -> torch.memory_format:
 def unavailable(name: str, workload: Workload, config: BenchConfig) -> str | None:
     """Why `name` cannot run this workload here, or None."""
     base = _base(name)
-    if name.endswith("-bnpass"):
+    if name.endswith(_PLACEMENTS):
         if config.mode != "train":
             return f"the same run as {base} outside training (no batch-statistics BN)"
         if workload.kind == "unit":
@@ -187,6 +192,8 @@ def build(name: str, module: nn.Module, workload: Workload, config: BenchConfig)
             wraps.append(get_backend_object(backend).unfused)
         if name.endswith("-bnpass"):
             wraps.append(get_backend_object(backend).prologue_apart)
+        if name.endswith("-prologue"):
+            wraps.append(get_backend_object(backend).prologue_fused)
         return Built(converted, converted, mf, note=note, wraps=wraps)
     raise ConfigError(f"contender {name!r}; accepted: {', '.join(all_names())}")
 

@@ -7,8 +7,8 @@ runs the BlockPlan through the conv-unit ops:
 - eval (running statistics): one conv_unit per conv, BN folded, the residual add and final
   ReLU in the last conv's epilogue;
 - train (batch statistics): conv_bn_stats per conv, each BN + ReLU applied in the next conv's
-  prologue (or, for a backend whose fuse_train_prologue is False, in its own epilogue pass
-  before it), and one epilogue pass (BN, add, ReLU) at the block output.
+  prologue where the backend's fuse_train_prologue says so (the reference's), else in its own
+  epilogue pass before it, and one epilogue pass (BN, add, ReLU) at the block output.
 """
 
 from __future__ import annotations

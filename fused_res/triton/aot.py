@@ -78,7 +78,8 @@ CONV_VARIANTS = {
                                      ACT_IN=True, PROLOGUE=True, STATS=True),
     "stem_7x7_flat_k": dict(KH=7, KW=7, FLAT_K=True, HAS_OA=True, HAS_OB=True, ACT_MID=True),
     "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
-    # the 3x3 conv of a block when its input BN + ReLU ran as a pass of its own (bnpass)
+    # the 3x3 conv of a training block with its input BN + ReLU in a pass of its own (the
+    # default since run 5; the variant above is fused-triton-prologue's)
     "train_3x3_stats": dict(KH=3, KW=3, STATS=True),
     "eval_1x1_s2_tail": dict(KH=1, KW=1, HAS_BIAS=True, HAS_OB=True, ACT_MID=True),
     "eval_3x3_tail_int64": dict(KH=3, KW=3, HAS_BIAS=True, HAS_OA=True, HAS_OB=True,
