@@ -64,21 +64,32 @@ def _blocks(rows, contender: str, batch: int) -> tuple[bool | None, str]:
     return not below, text
 
 
-def _rn50_eval(rows) -> tuple[bool | None, str]:
+def _rn50_eval(doc: dict) -> tuple[bool | None, str]:
+    rows = _ok_rows(doc)
     ours = _speedups(rows, "fused-triton", "resnet50", "eval", 256)
     met, text = _verdict(ours, SPEEDUP_RN50_EVAL)
     if met is None:
         return met, text
     graph = True in ours
-    ips = {r["contender"]: r["images_per_s"] for r in rows if r["workload"] == "resnet50"
-           and r["mode"] == "eval" and r["batch"] == 256 and r["cuda_graph"] == graph}
-    mine = ips.get("fused-triton" + ("+graph" if graph else ""))
-    compiled = {n: v for n, v in ips.items() if n.startswith("compile")}
-    if not compiled:
+    # Against torch.compile within one bench run (one step: its own compile and our kernels
+    # side by side), preferring a run that has compile-max-autotune, the issue's bar.
+    chosen = None
+    for run in doc.get("runs", {}).values():
+        ips = {r["contender"]: r["images_per_s"] for r in run.get("results", [])
+               if r.get("status") == "ok" and r["workload"] == "resnet50"
+               and r["mode"] == "eval" and r["batch"] == 256 and r["cuda_graph"] == graph}
+        mine = ips.get("fused-triton" + ("+graph" if graph else ""))
+        compiled = {n: v for n, v in ips.items() if n.startswith("compile")}
+        if mine is None or not compiled:
+            continue
+        max_autotune = any(n.startswith("compile-max-autotune") for n in compiled)
+        if chosen is None or (max_autotune and not chosen[0]):
+            chosen = (max_autotune, mine, compiled)
+    if chosen is None:
         return None, text + "; torch.compile not measured"
+    max_autotune, mine, compiled = chosen
     best = max(compiled, key=compiled.get)
     ratio = mine / compiled[best]
-    max_autotune = any(n.startswith("compile-max-autotune") for n in compiled)
     text += (f"; vs {best} {ratio:.2f}x" + ("" if max_autotune else
                                             " (compile-max-autotune not measured)"))
     return (met and ratio >= 1.0) if max_autotune or ratio < 1.0 else None, text
@@ -138,15 +149,18 @@ def targets(doc: dict) -> list[dict]:
         add(5, f"eval blocks b{batch}: fused-triton >= {SPEEDUP_BLOCKS}x eager",
             _blocks(rows, "fused-triton", batch))
     add(5, f"eval ResNet-50 b256: fused-triton >= {SPEEDUP_RN50_EVAL}x eager, >= "
-           "compile-max-autotune", _rn50_eval(rows))
+           "compile-max-autotune", _rn50_eval(doc))
     add(5, f"train ResNet-50 b128: fused-triton >= {SPEEDUP_TRAIN}x eager",
         _verdict(_speedups(rows, "fused-triton", "resnet50", "train", 128), SPEEDUP_TRAIN))
-    # The same model with each training BN + ReLU in its own pass, not the next conv's
-    # prologue (listed where the run has it): the faster decides the Triton backend's default.
-    bnpass = _speedups(rows, "fused-triton-bnpass", "resnet50", "train", 128)
-    if bnpass:
-        add(5, f"train ResNet-50 b128: fused-triton-bnpass >= {SPEEDUP_TRAIN}x eager",
-            _verdict(bnpass, SPEEDUP_TRAIN))
+    # The same model with the training BN + ReLU placement the default does not take (listed
+    # where the run has it): the faster decides the Triton backend's default. -bnpass: each in
+    # its own pass (runs before 2026-11-27's run 5, whose default was the prologue);
+    # -prologue: in the next conv's prologue (since).
+    for name in ("fused-triton-bnpass", "fused-triton-prologue"):
+        flipped = _speedups(rows, name, "resnet50", "train", 128)
+        if flipped:
+            add(5, f"train ResNet-50 b128: {name} >= {SPEEDUP_TRAIN}x eager",
+                _verdict(flipped, SPEEDUP_TRAIN))
     add(5, f"Triton conv alone <= {CONV_VS_CUDNN}x cuDNN's time (ResNet-50 shapes)",
         _conv(doc))
     for op, floor in BANDWIDTH.items():

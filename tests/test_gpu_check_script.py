@@ -15,11 +15,11 @@ from fused_res.bench import validate
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "bench-rn50-train-b128", "profile-train-b128",
-         "host-profile", "conv-configs", "conv-configs-train", "conv-configs-stats",
-         "ops-bandwidth", "bench-blocks-eval-b256", "bench-rn50-eval-b256",
-         "bench-blocks-eval-b64", "bench-rn50-train-auto", "bench-blocks-train-b64",
-         "bench-units-eval", "bench-blocks-compile", "bench-rn50-eval-b64",
-         "bench-blocks-eval-tuned"]
+         "host-profile", "bench-blocks-eval-b256", "bench-rn50-eval-b256", "conv-configs",
+         "conv-configs-stats", "conv-configs-train", "ops-bandwidth", "bench-blocks-eval-b64",
+         "bench-rn50-train-auto", "bench-blocks-train-b64", "bench-units-eval",
+         "bench-blocks-compile", "bench-rn50-eval-b64", "bench-blocks-eval-tuned",
+         "bench-rn50-eval-b256-max-autotune"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -68,7 +68,7 @@ def test_dry_run_end_to_end(tmp_path):
     profile = merged["extras"]["profile-train-b128"]
     assert profile["schema"] == "fused_res.profile_step/1"
     assert [r["contender"] for r in profile["rows"]] == ["eager-cl", "fused-triton",
-                                                         "fused-triton-bnpass", "fused-cuda"]
+                                                         "fused-cuda"]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "pip install --no-build-isolation --no-deps -e ." in log
     assert "python" in (tmp_path / "env.txt").read_text()

@@ -93,3 +93,28 @@ def test_conv_variants_table_compares_best_correct_tiles_per_variant():
     assert "| plain | BN+ReLU prologue + stats |" in table  # only the variants the run has
     assert "| (64, 64, 56, 3, 1) | 1.10x | 2.50x |" in table
     assert T.conv_variants({"runs": {}, "extras": {}}) == ""
+
+
+def test_compile_comparison_stays_within_one_run_and_prefers_max_autotune():
+    # Step a: compile (default mode) beside our kernels; step b: max-autotune beside them.
+    # Our kernels against step b's max-autotune, never against step a's compile.
+    a = [_row("fused-triton", 1.7, True, "resnet50", "eval", 256, ips=20.0),
+         _row("compile", 1.6, True, "resnet50", "eval", 256, ips=30.0)]
+    b = [_row("fused-triton", 1.7, True, "resnet50", "eval", 256, ips=10.0),
+         _row("compile-max-autotune", 1.6, True, "resnet50", "eval", 256, ips=9.0)]
+    got = _by_target({"runs": {"a": {"results": a}, "b": {"results": b}}, "extras": {}})
+    rn50 = got["eval ResNet-50 b256: fused-triton >= 1.3x eager, >= compile-max-autotune"]
+    assert rn50["met"] is True and "vs compile-max-autotune+graph 1.11x" in rn50["measured"]
+    got = _by_target({"runs": {"a": {"results": a}}, "extras": {}})
+    rn50 = got["eval ResNet-50 b256: fused-triton >= 1.3x eager, >= compile-max-autotune"]
+    assert rn50["met"] is False and "vs compile+graph 0.67x" in rn50["measured"]
+
+
+def test_run5_lists_the_other_bn_placement_beside_the_default():
+    run5 = RUN3.parent.parent / "2026-11-27-h100-run5" / "bench.json"
+    got = _by_target(json.loads(run5.read_text()))
+    # summary.md, rn50-train-b128: fused-triton+graph 1.07x, fused-triton-bnpass+graph 1.19x.
+    assert "graph 1.07x" in got["train ResNet-50 b128: fused-triton >= 1.15x eager"]["measured"]
+    bnpass = got["train ResNet-50 b128: fused-triton-bnpass >= 1.15x eager"]
+    assert bnpass["met"] is True and "graph 1.19x" in bnpass["measured"]
+    assert not any("fused-triton-prologue" in t for t in got)  # not in that run
