@@ -182,11 +182,12 @@ run_step host-profile 75 bash -c 'rc=0; for bm in triton:train cuda:train triton
   "$0" benchmarks/host_overhead.py "${@:1}" --backend ${bm%%:*} --mode ${bm##*:} || rc=1
   done; exit $rc' "$PY" "${HOST_ARGS[@]}"
 # The issue's eval targets at batch 256 (run 5: the blocks step's 60 s ran out after two
-# blocks, compiling each new shape's kernels on a fresh machine).
+# blocks, compiling each new shape's kernels on a fresh machine), without the contenders
+# that only explain (fused-triton-unfused, fused-cudnn: measured at b256 in run 6).
 bench blocks-eval-b256 120 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
-  --repeats 20 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs
+  --repeats 20 --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
 bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
-  --contenders eager-cl,compile,cudnn-fused,$FUSED --cuda-graphs
+  --contenders eager-cl,compile,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
 # with the statistics epilogue (the default), and with the BN+ReLU prologue too.
 if [ "$DRY" = 1 ]; then
