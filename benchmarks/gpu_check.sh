@@ -90,6 +90,23 @@ run_step() {
   return 0
 }
 
+# start_step NAME LIMIT_S CMD...: run_step in the background, its log and its line of
+# steps.tsv kept apart until finish_step NAME, which waits for it and adds them in order.
+start_step() {
+  local name=$1
+  ( LOG="$STEPS_DIR/$name.bg.log" STEPS="$STEPS_DIR/$name.bg.tsv"; : > "$LOG"
+    run_step "$@" > /dev/null ) &
+  eval "BG_${name//-/_}=$!"
+}
+finish_step() {
+  local name=$1 pid_var="BG_${1//-/_}"
+  [ -n "${!pid_var:-}" ] || return 0
+  wait "${!pid_var}"
+  cat "$STEPS_DIR/$name.bg.log" | tee -a "$LOG"
+  cat "$STEPS_DIR/$name.bg.tsv" >> "$STEPS"
+  rm -f "$STEPS_DIR/$name.bg.log" "$STEPS_DIR/$name.bg.tsv"
+}
+
 # bench NAME LIMIT_S ARGS...: one `python -m fused_res bench` into steps/NAME.{json,md}.
 # A dry run keeps the arguments and appends CPU-sized overrides (argparse: the last wins).
 bench() {
@@ -121,6 +138,12 @@ run_step env 60 bash -c '{
   "$0" -m pip list 2>/dev/null | grep -i -E "^(torch|triton|numpy|rich|matplotlib|pytest|fused)" || true
 } > "$1/env.txt" 2>&1; cat "$1/env.txt"' "$PY" "$OUT"
 
+# The Triton kernels' GPU tests need no extension: they run beside the build (run 5: 64 s
+# of build, then 75 s of these tests), with autotuning off as everywhere here (one config per
+# shape: correctness, not speed). On a CPU they are collected and skipped.
+start_step pytest-gpu-triton 150 env FUSED_RES_NO_EXT=1 "$PY" -m pytest -m gpu -q \
+  -p no:cacheprovider --junitxml "$STEPS_DIR/pytest_gpu_triton.xml" tests/test_triton_gpu.py
+
 # 2. Offline build against the torch found here.
 if [ "$DRY" = 1 ]; then
   say "=== build: dry run, not run: $PY -m pip install --no-build-isolation --no-deps -e ."
@@ -134,19 +157,13 @@ else
 fi
 run_step import 60 "$PY" -c "import fused_res; print(fused_res.__version__); [print(f'{k}: {v}') for k, v in fused_res.available_backends().items()]"
 
-# 3. The GPU tests (bf16 included): everything but Triton first (quick), then the Triton
-# kernels with autotuning off (one config per shape: correctness, not speed; tuning every
-# config for every test shape would spend the budget on compiling).
+# 3. The other GPU tests (bf16 included; the CUDA-graph capture test needs the extension and
+# runs Triton's kernels with autotuning off), then the Triton tests' result.
 PYTEST_ARGS=(-m gpu -q -p no:cacheprovider --junitxml "$OUT/pytest_gpu.xml")
 if [ "$DRY" = 1 ]; then PYTEST_ARGS+=(tests/test_gpu_smoke.py)
-else PYTEST_ARGS+=(--ignore=tests/test_triton_gpu.py --ignore=tests/test_graph_capture_gpu.py); fi
-run_step pytest-gpu 120 "$PY" -m pytest "${PYTEST_ARGS[@]}"
-if [ "$DRY" != 1 ]; then
-  # (The CUDA-graph capture test compiles Triton kernels too: here, beside them.)
-  run_step pytest-gpu-triton 150 env FUSED_RES_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu -q \
-    -p no:cacheprovider --junitxml "$STEPS_DIR/pytest_gpu_triton.xml" tests/test_triton_gpu.py \
-    tests/test_graph_capture_gpu.py
-fi
+else PYTEST_ARGS+=(--ignore=tests/test_triton_gpu.py); fi
+run_step pytest-gpu 150 "$PY" -m pytest "${PYTEST_ARGS[@]}"
+finish_step pytest-gpu-triton
 
 # 4. Most informative first, since the budget rarely reaches the end (bf16, channels_last):
 # the train step, where its device and host time go, the never-measured batch-256 eval

@@ -14,12 +14,12 @@ from fused_res.bench import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-STEPS = ["env", "build", "import", "pytest-gpu", "bench-rn50-train-b128", "profile-train-b128",
-         "host-profile", "bench-blocks-eval-b256", "bench-rn50-eval-b256", "conv-configs",
-         "conv-configs-stats", "conv-configs-train", "ops-bandwidth", "bench-blocks-eval-b64",
-         "bench-rn50-train-auto", "bench-blocks-train-b64", "bench-units-eval",
-         "bench-blocks-compile", "bench-rn50-eval-b64", "bench-blocks-eval-tuned",
-         "bench-rn50-eval-b256-max-autotune"]
+STEPS = ["env", "build", "import", "pytest-gpu", "pytest-gpu-triton", "bench-rn50-train-b128",
+         "profile-train-b128", "host-profile", "bench-blocks-eval-b256", "bench-rn50-eval-b256",
+         "conv-configs", "conv-configs-stats", "conv-configs-train", "ops-bandwidth",
+         "bench-blocks-eval-b64", "bench-rn50-train-auto", "bench-blocks-train-b64",
+         "bench-units-eval", "bench-blocks-compile", "bench-rn50-eval-b64",
+         "bench-blocks-eval-tuned", "bench-rn50-eval-b256-max-autotune"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
@@ -40,11 +40,11 @@ def test_syntax_and_usage(tmp_path):
 
 
 def test_dry_run_end_to_end(tmp_path):
-    # Every kind of step once (environment, skipped build, import, pytest -m gpu, an eval
-    # bench step with --cuda-graphs filtered out, a train bench step); the rest are
-    # deselected, which the summary records.
-    only = ("env,build,import,pytest-gpu,bench-rn50-eval-b64,bench-blocks-train-b64,"
-            "profile-train-b128")
+    # Every kind of step once (environment, skipped build, import, pytest -m gpu, the Triton
+    # tests run in the background beside the build, an eval bench step with --cuda-graphs
+    # filtered out, a train bench step); the rest are deselected, which the summary records.
+    only = ("env,build,import,pytest-gpu,pytest-gpu-triton,bench-rn50-eval-b64,"
+            "bench-blocks-train-b64,profile-train-b128")
     proc = _run([str(tmp_path), "--dry-run"], timeout=150, FUSED_RES_GPU_CHECK_ONLY=only)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = {p.name for p in tmp_path.iterdir()}
@@ -58,6 +58,7 @@ def test_dry_run_end_to_end(tmp_path):
     status = {s["step"]: s["status"] for s in merged["steps"]}
     assert list(status) == STEPS
     assert status["build"] == "skipped" and status["pytest-gpu"] == "ok"
+    assert status["pytest-gpu-triton"] == "ok"  # collected, skipped without CUDA
     assert status["bench-rn50-eval-b64"] == "ok" and status["bench-rn50-eval-b256"] == "skipped"
     assert status["profile-train-b128"] == "ok"
     assert set(merged["runs"]) == {"rn50-eval-b64", "blocks-train-b64"}
@@ -70,6 +71,9 @@ def test_dry_run_end_to_end(tmp_path):
     assert [r["contender"] for r in profile["rows"]] == ["eager-cl", "fused-triton",
                                                          "fused-cuda"]
     log = (tmp_path / "gpu_check.log").read_text()
+    # The background step's output joins the log whole, after the step it ran beside.
+    assert log.index("=== pytest-gpu-triton") > log.index("=== pytest-gpu (")
+    assert "skipped" in log[log.index("=== pytest-gpu-triton"):]
     assert "pip install --no-build-isolation --no-deps -e ." in log
     assert "python" in (tmp_path / "env.txt").read_text()
     assert "## Summary" in (tmp_path / "summary.md").read_text()
