@@ -10,8 +10,9 @@ the config that runs untuned (configs.default_conv_config) and its time. The
 answer decides which configs the autotuner keeps and which one runs untuned; it is a question
 only a GPU answers (DESIGN.md §5), so it is a script, not a test.
 
---variant train times the conv as a training step runs it inside a block: the previous BN's
-apply + ReLU in the prologue and the batch-statistics epilogue, checked against cuDNN's conv
+--variant train times the conv as a training step runs it inside a block with the previous
+BN's apply + ReLU in its prologue (TritonBackend.train_prologue(True), the bench's
+fused-triton-prologue) and the batch-statistics epilogue, checked against cuDNN's conv
 of the activated input (and its per-channel mean). Its ratio is to cuDNN's plain conv, so it
 shows what the prologue and the statistics cost per tile. (The AOT compile of that variant
 stages the activated A tile through shared memory a second time for the MMA: 116 against
@@ -21,9 +22,8 @@ registers, in two K halves each waited on before the next, where the plain and s
 variants issue one asynchronous shared-memory wgmma per K step: Triton 3.8's TTGIR.)
 
 --variant stats is the train variant without the prologue: the conv as a training step runs
-it when the previous BN + ReLU had a pass of its own (the first conv of a block, and every
-conv under TritonBackend.prologue_apart). Beside --variant train it shows what the prologue
-alone costs per tile.
+it when the previous BN + ReLU had a pass of its own (the Triton backend's default since
+H100 run 5). Beside --variant train it shows what the prologue alone costs per tile.
 """
 
 from __future__ import annotations

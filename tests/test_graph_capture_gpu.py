@@ -71,8 +71,12 @@ def _train_state(backend: str, captured: bool, dtype: torch.dtype | None):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=["bf16"])
-@pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_captured_train_step_matches_launched_steps(backend, dtype, monkeypatch):
+@pytest.mark.parametrize("backend,prologue", [("triton", False), ("triton", True),
+                                              ("cuda", False)],
+                         ids=["triton", "triton-prologue", "cuda"])
+def test_captured_train_step_matches_launched_steps(backend, prologue, dtype, monkeypatch):
+    """prologue: each training BN + ReLU in the next conv's prologue (the bench's
+    fused-triton-prologue) instead of the backend's default, a pass of its own."""
     # One tile per shape: autotuning every config would spend gpu_check's test budget.
     monkeypatch.setenv("FUSED_RES_TRITON_AUTOTUNE", "0")
     status = fused_res.available_backends()[backend]
@@ -90,8 +94,9 @@ def test_captured_train_step_matches_launched_steps(backend, dtype, monkeypatch)
      torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = (False, False,
                                                                             True, False)
     try:
-        launched = _train_state(backend, False, dtype)
-        replayed = _train_state(backend, True, dtype)
+        with fused_res.backends.get_backend_object(backend).train_prologue(prologue):
+            launched = _train_state(backend, False, dtype)
+            replayed = _train_state(backend, True, dtype)
     finally:
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) = flags

@@ -232,8 +232,9 @@ def fuses_train_prologue(backend: str | None = None) -> bool:
     """Whether a training BatchNorm (batch statistics) + ReLU should wait for the next conv's
     prologue (True) or be applied in its own epilogue pass first (False), as backend
     `backend` (None: the one in force) prefers on this thread (Backend.fuses_train_prologue;
-    its fuse_train_prologue says why it may not). 'auto' chooses a backend per op call, and
-    every backend it can choose applies the BN apart by default, so it does too."""
+    its fuse_train_prologue says why it may not). 'auto' chooses a backend per op call; it
+    applies the BN apart, as every backend it would choose for speed does by default (the
+    reference, its fallback, computes the same values either way)."""
     name = backend if backend is not None else current_backend()
     if name == "auto":
         return False
