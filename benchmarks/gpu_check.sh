@@ -205,6 +205,16 @@ bench blocks-eval-b256 120 --model rn50-blocks --mode eval --dtype bf16 --batch 
   --repeats 20 --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
 bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
   --contenders eager-cl,compile,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
+# A block's last conv and its projection shortcut as one kernel against the two units it
+# replaces, per ResNet-50 downsampling block (written after run 6: never measured). Its
+# table is in the log.
+if [ "$DRY" = 1 ]; then
+  say "=== pair-ab: dry run, needs CUDA: $PY benchmarks/pair_ab.py"
+  printf 'pair-ab\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+else
+  run_step pair-ab 60 "$PY" benchmarks/pair_ab.py --batch 64 --dtype bf16 \
+    --json "$STEPS_DIR/pair-ab.json"
+fi
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
 # with the statistics epilogue (the default), and with the BN+ReLU prologue too.
 if [ "$DRY" = 1 ]; then

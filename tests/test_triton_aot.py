@@ -27,7 +27,7 @@ def test_aot_subset_compiles_for_sm80_and_sm90(tmp_path):
     import json
     rows = json.loads(out.read_text())
     kernels = {r["kernel"] for r in rows}
-    assert {"conv_unit_kernel", "epilogue_fwd_kernel", "epilogue_bwd_kernel",
+    assert {"conv_unit_kernel", "conv_pair_kernel", "epilogue_fwd_kernel", "epilogue_bwd_kernel",
             "stats_partial_kernel", "stats_finalize_kernel", "stats_bwd_kernel"} <= kernels
     assert {r["sm"] for r in rows} == {80, 90}
     for r in rows:
@@ -150,6 +150,21 @@ def test_autotune_key_tells_kernel_sizes_and_variants_apart():
     assert key <= set(conv.conv_unit_kernel.arg_names)
     tuned = conv._autotuned_kernel()
     assert list(tuned.keys) == conv._TUNE_KEY
+    pair = pytest.importorskip("fused_res.triton.conv_pair")
+    assert {"KH", "KW", "C2", "stride2_h"} <= set(pair._TUNE_KEY)
+    assert set(pair._TUNE_KEY) <= set(pair.conv_pair_kernel.arg_names)
+    assert list(pair._autotuned_kernel().keys) == pair._TUNE_KEY
+
+
+def test_aot_pair_args_are_what_the_launcher_passes():
+    from fused_res.triton import aot
+    ints = aot.pair_int_args(aot.PAIR_PROBLEMS["bottleneck_1x1_s2"])
+    assert ints["s2c"] == 1 and ints["s2w"] == 256 and ints["s2h"] == 56 * 256
+    assert ints["M"] == 64 * 28 * 28 and ints["C2"] == 256 and ints["stride2_h"] == 2
+    conv_pair = pytest.importorskip("fused_res.triton.conv_pair")
+    names = set(conv_pair.conv_pair_kernel.arg_names)
+    ptrs = {n for n in names if n.endswith("_ptr")}
+    assert set(ints) | ptrs | {k for k in names if k.isupper()} == names
 
 
 def test_reduction_sub_tiles_grow_with_the_problem_but_keep_the_grid_full():

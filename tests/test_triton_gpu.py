@@ -174,6 +174,38 @@ def test_conv_bn_stats_and_channel_stats_on_gpu(dtype):
         torch.backends.cudnn.allow_tf32 = old
 
 
+# ResNet-50's downsampling blocks (layer2, layer4) at batch 8: the last conv and the 1x1
+# projection as one kernel, (k, pad, C_in, C_out, hw of the output, C2, stride2).
+@pytest.mark.parametrize("pc", [(1, 0, 128, 512, 28, 256, 2), (1, 0, 512, 2048, 7, 1024, 2),
+                                (3, 1, 128, 128, 28, 64, 2)],
+                         ids=["rn50_l2d", "rn50_l4d", "rn18_l2d"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_conv_pair_on_gpu(pc, dtype):
+    from torch.nn import functional as F
+    k, pad, cin, cout, hw, c2, s2 = pc
+    g = torch.Generator().manual_seed(0)
+    t = lambda *shape: torch.randn(*shape, dtype=D, generator=g)
+    cl = torch.channels_last
+    x, x2 = t(8, cin, hw, hw), t(8, c2, hw * s2, hw * s2)
+    w, w2 = t(cout, cin, k, k) / (cin * k * k) ** 0.5, t(cout, c2, 1, 1) / c2 ** 0.5
+    b, b2 = t(cout), t(cout)
+    low = lambda v: v.to("cuda", dtype).contiguous(memory_format=cl)
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            y = ops.conv_shortcut_pair(low(x), low(w), b.float().cuda(), low(x2), low(w2),
+                                       b2.float().cuda(), padding=pad, stride2=s2,
+                                       act_out="relu", backend="triton")
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    d = lambda v: v.to("cuda", dtype).double()  # the values the kernel received
+    want = (F.conv2d(d(x), d(w), b.cuda(), 1, pad) + F.conv2d(d(x2), d(w2), b2.cuda(), s2)).relu()
+    assert y.is_contiguous(memory_format=cl)
+    err = rel_err(y, want)
+    assert err <= TOLERANCES[dtype], f"{err:.3e} > {TOLERANCES[dtype]:.0e}"
+
+
 @pytest.mark.parametrize("tile", ["128x128x64_w8_s3", "128x64x32_w4_s4", "64x128x64_w4_s3",
                                   "128x64x64_w4_s3"])
 def test_large_tiles_on_gpu(tile):

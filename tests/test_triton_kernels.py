@@ -678,6 +678,133 @@ else:
             assert inner.conv1.weight.is_inference()
             _check(inner(x), want, torch.float16, "made inside inference_mode y")
 
+    # A block's last conv and its 1x1 projection shortcut as one GEMM (inference):
+    # (k, stride, pad, c_in, c2, stride2, act_out, bias, bias2). The output grid is 5x4; the
+    # shortcut's input is 9x8 at stride 2 (odd and even sizes) or 5x4 at stride 1.
+    PAIRS = [
+        (3, 1, 1, 20, 18, 2, "relu", True, True),   # basic block: 3x3 conv2 + 1x1/2 shortcut
+        (1, 1, 0, 17, 33, 2, "relu", True, True),   # bottleneck: conv3 + 1x1/2, K edges
+        (1, 1, 0, 16, 16, 1, "none", False, True),  # stride-1 projection, no final act
+        (3, 1, 0, 16, 20, 1, "relu", True, False),  # unpadded 3x3 on a 7x6 input
+    ]
+    PAIR_IDS = ["basic_s2", "bottleneck_s2", "s1_noact", "pad0"]
+
+    def _make_pair(pc, n=2, cout=24, seed=0):
+        k, s, pad, c_in, c2, s2, act_out, has_b, has_b2 = pc
+        oh, ow = 5, 4
+        h, w = (oh - 1) * s + k - 2 * pad, (ow - 1) * s + k - 2 * pad
+        h2, w2 = (9, 8) if s2 == 2 else (oh, ow)
+        g = torch.Generator().manual_seed(seed)
+        t = lambda *shape: torch.randn(*shape, dtype=D, generator=g)
+        return dict(x=t(n, c_in, h, w), w=t(cout, c_in, k, k) / (c_in * k * k) ** 0.5,
+                    b=t(cout) if has_b else None, x2=t(n, c2, h2, w2),
+                    w2=t(cout, c2, 1, 1) / c2 ** 0.5, b2=t(cout) if has_b2 else None,
+                    stride=s, padding=pad, stride2=s2, act_out=act_out)
+
+    def _pair_low(a, dtype, fmt):
+        """The inputs in the compute dtype (biases stay float32, as the fold makes them)."""
+        return {k: (v.to(dtype if v.dim() == 4 else torch.float32).contiguous(
+                    memory_format=fmt if v.dim() == 4 else torch.contiguous_format)
+                    if isinstance(v, torch.Tensor) else v) for k, v in a.items()}
+
+    def _pair_op(a, backend):
+        return ops.conv_shortcut_pair(a["x"], a["w"], a["b"], a["x2"], a["w2"], a["b2"],
+                                      stride=a["stride"], padding=a["padding"],
+                                      stride2=a["stride2"], act_out=a["act_out"],
+                                      backend=backend)
+
+    def _pair_truth(a):
+        """Float64 from aten's convs directly: an oracle independent of the reference's units."""
+        F = torch.nn.functional
+        y = (F.conv2d(a["x"].double(), a["w"].double(), None, a["stride"], a["padding"])
+             + F.conv2d(a["x2"].double(), a["w2"].double(), None, a["stride2"]))
+        for b in (a["b"], a["b2"]):
+            if b is not None:
+                y = y + b.double().view(1, -1, 1, 1)
+        return y.relu() if a["act_out"] == "relu" else y
+
+    @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                             ids=["nchw", "nhwc"])
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    @pytest.mark.parametrize("pc", PAIRS, ids=PAIR_IDS)
+    def test_conv_pair_matches_the_two_convs(pc, dtype, fmt):
+        import fused_res.triton.conv_pair as cp
+        a = _pair_low(_make_pair(pc), dtype, fmt)
+        launches = []
+        real = cp.conv_pair_launch
+        with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cp, "conv_pair_launch", lambda *q, **k: launches.append(1) or real(*q, **k))
+            y = _pair_op(a, "triton")
+            want = _pair_truth(a)
+            ref = _pair_op({k: (v.double() if isinstance(v, torch.Tensor) else v)
+                            for k, v in a.items()}, "reference")
+        assert launches == [1], "the pair did not run as one kernel"
+        assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+        _check(y, want, dtype, "y")
+        assert rel_err(ref, want) < 1e-12  # the reference's two units are the same sum
+
+    @pytest.mark.parametrize("tile", _every_gpu_config(), ids=str)
+    def test_every_gpu_tile_computes_the_same_pair(tile):
+        """Each tile the GPU may run, with M, N and both K ranges ending mid-tile."""
+        from fused_res.triton.conv_pair import conv_pair_launch
+        a = _pair_low(_make_pair((3, 1, 1, 70, 45, 2, "relu", True, True), n=3, cout=70),
+                      torch.float32, torch.channels_last)
+        with torch.no_grad():
+            y = conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
+                                 a["b2"], (2, 2), "relu", memory_format=torch.channels_last,
+                                 config=tile)
+        _check(y, _pair_truth(a), torch.float32, f"{tile} y")
+
+    def test_conv_pair_empty_batch_single_sample_and_bad_grids():
+        from fused_res.triton.conv_pair import conv_pair_launch
+        a = _pair_low(_make_pair(PAIRS[0], n=1), torch.float32, torch.channels_last)
+        with torch.no_grad():
+            _check(_pair_op(a, "triton"), _pair_truth(a), torch.float32, "n=1 y")
+            empty = {**a, "x": a["x"][:0], "x2": a["x2"][:0]}
+            assert _pair_op(empty, "triton").shape == (0, 24, 5, 4)
+            with pytest.raises(ValueError, match="output grid"):
+                conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
+                                 a["b2"], (1, 1), "relu")
+
+    @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
+    def test_block_eval_runs_last_conv_and_projection_as_one_kernel(kind):
+        """In inference a block with a 1x1 projection shortcut (lambda = 1) runs its last conv
+        and the shortcut as one kernel, with the same output; where a gradient is needed,
+        lambda != 1, or under unfused(), it runs them as two units."""
+        from helpers import randomize_bn
+
+        import fused_res.triton.conv_pair as cp
+        from fused_res import nn as fnn
+        from fused_res.backends import get_backend_object
+        from fused_res.models.imagenet import conv1x1
+        torch.manual_seed(0)
+        cin, planes, exp = (24, 16, 4) if kind == "bottleneck" else (16, 32, 1)
+        cls = fnn.Bottleneck if kind == "bottleneck" else fnn.BasicBlock
+        down = torch.nn.Sequential(conv1x1(cin, planes * exp, 2),
+                                   torch.nn.BatchNorm2d(planes * exp))
+        block = randomize_bn(cls(cin, planes, 2, down, backend="triton")).eval()
+        ref = copy.deepcopy(block).double()
+        ref.backend = "reference"
+        x = torch.randn(2, cin, 9, 7).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            want = ref(x.double())
+        launches = []
+        real = cp.conv_pair_launch
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(cp, "conv_pair_launch", lambda *q, **k: launches.append(1) or real(*q, **k))
+            with torch.no_grad():
+                _check(block(x), want, torch.float32, "pair y")
+                assert launches == [1]
+                with get_backend_object("triton").unfused():
+                    _check(block(x), want, torch.float32, "unfused y")
+            y = block(x.clone().requires_grad_())  # a gradient to the input: two units
+            _check(y, want, torch.float32, "grad y")
+            block.shortcut_scale = 0.5
+            with torch.no_grad():
+                ref.shortcut_scale = 0.5
+                _check(block(x), ref(x.double()), torch.float32, "lambda y")
+        assert launches == [1]
+
     def test_compile_fullgraph_sees_one_op():
         a = _cast(_make(CONFIGS[1]), torch.float32)
         # The registry creates a backend object on first use; a first use inside the traced

@@ -60,6 +60,13 @@ class Backend:
     #: before the conv either way.
     prologue_in_conv: bool = False
 
+    def fuses_shortcut_conv(self) -> bool:
+        """Whether, in inference, a block's last conv and its 1x1 projection shortcut should
+        run as one op (conv_pair_forward: one GEMM over both convs' K) rather than two conv
+        units, the second adding the first's output. Only where one kernel computes both;
+        elsewhere the pair is those two units anyway."""
+        return False
+
     def fuses_train_prologue(self) -> bool:
         """The choice in force on this thread: the innermost train_prologue() context's for
         this backend, else fuse_train_prologue."""

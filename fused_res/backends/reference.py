@@ -212,6 +212,18 @@ class ReferenceBackend(Backend):
         y = _tail(u.to(acc_dtype(x.dtype)), act_mid, residual, res_scale, branch_scale, act_out)
         return y.to(x.dtype).contiguous(memory_format=fmt), u
 
+    def conv_pair_forward(self, x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
+                          act_out):
+        """y = act_out(conv(x, weight) + bias + conv(x2, weight2, stride2) + bias2): a block's
+        last conv and its 1x1 projection shortcut with their BatchNorms folded (inference).
+        Here the two units the block would run otherwise; bias, bias2 (C_out,) or None."""
+        r, _ = self.conv_unit_forward(x2, weight2, None, stride2, [0, 0], [1, 1], 1, None, None,
+                                      None, "none", None, bias2, "none", None, 1.0, None,
+                                      "none")
+        y, _ = self.conv_unit_forward(x, weight, None, stride, padding, [1, 1], 1, None, None,
+                                      None, "none", None, bias, "none", r, 1.0, None, act_out)
+        return y
+
     def conv_unit_backward(self, gy, saved, needs):
         s = saved
         x, weight, bias = s["x"], s["weight"], s["bias"]

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..triton import configs
 from .base import BackendStatus
 from .reference import (
     ReferenceBackend,
@@ -146,6 +147,22 @@ class TritonBackend(ReferenceBackend):
     @property
     def _runs_cache(self) -> dict:
         return self.__dict__.setdefault("_runs_by_key", {})
+
+    def fuses_shortcut_conv(self) -> bool:
+        return not self._unfused
+
+    # ---- a block's last conv and its projection shortcut (inference) ----------------------
+    def conv_pair_forward(self, x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
+                          act_out):
+        if (self._unfused or not self._runs(x, weight) or not self._runs(x2, weight2)
+                or weight2.shape[2:] != (1, 1)
+                or min(x.shape[1], x2.shape[1]) < configs.DOT_MIN):
+            # (Fewer than 16 input channels: the conv kernel's flattened-K path, not here.)
+            return super().conv_pair_forward(x, weight, bias, stride, padding, x2, weight2,
+                                              bias2, stride2, act_out)
+        from ..triton.conv_pair import conv_pair_launch
+        return conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
+                                act_out, memory_format=memory_format_of(x))
 
     # ---- conv_unit ------------------------------------------------------------------------
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,

@@ -5,7 +5,8 @@ state_dicts, optimizers, hooks, DDP and checkpoints are those of the unfused blo
 runs the BlockPlan through the conv-unit ops:
 
 - eval (running statistics): one conv_unit per conv, BN folded, the residual add and final
-  ReLU in the last conv's epilogue;
+  ReLU in the last conv's epilogue; under no_grad, where the backend has the kernel, the last
+  conv and a 1x1 projection shortcut as one op (ops.conv_shortcut_pair);
 - train (batch statistics): conv_bn_stats per conv, each BN + ReLU applied in the next conv's
   prologue where the backend's fuse_train_prologue says so (the reference's), else in its own
   epilogue pass before it, and one epilogue pass (BN, add, ReLU) at the block output.
@@ -19,6 +20,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from ..models import imagenet
+from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .plan import BlockPlan, ShortcutPlan, shortcut_plan
 from .unit import RELU_ONLY, Pending, materialize, run_unit
@@ -43,6 +45,12 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """An nn.Conv2d with one group, no dilation and zero padding: what the pair kernel runs."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
 def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
@@ -122,6 +130,38 @@ class FusedResidualBlock(nn.Module):
         r, _ = run_unit(src, None, self._get(sc.conv), self._get(sc.norm), "none", self.backend)
         return r
 
+    def _projection_pair(self, x: Tensor) -> tuple[nn.Conv2d, nn.BatchNorm2d] | None:
+        """The shortcut's (conv, BN) where, in inference, the last conv and the shortcut can
+        run as one op (ops.conv_shortcut_pair): a plain 1x1 projection of the block input with
+        an eval-mode BN, a last conv (eval-mode BN) whose output goes straight to the add and
+        the final act, lambda = 1, no drop path, and a backend with one kernel for the pair.
+        Else None."""
+        plan, sc = self.plan, self.plan.shortcut
+        if (not plan.residual or sc.kind != "unit" or sc.pool is not None or sc.reads_preact
+                or sc.norm is None or plan.last_norm is None or plan.last_act
+                or plan.attention is not None or plan.post_norm is not None
+                or float(self.shortcut_scale) != 1.0 or not eval_fold.applies(x)
+                or not ops.fuses_shortcut_conv(self.backend)):
+            return None
+        conv, norm = self._get(sc.conv), self._get(sc.norm)
+        if (uses_batch_stats(norm) or uses_batch_stats(self._get(plan.last_norm))
+                or _drop_path_scale(self._get(plan.drop_path), x) is not None
+                or not _plain_conv(conv) or tuple(conv.kernel_size) != (1, 1)
+                or tuple(conv.padding) != (0, 0) or not _plain_conv(self._get(plan.convs[-1]))):
+            return None
+        return conv, norm
+
+    def _run_pair(self, h: Tensor, x: Tensor, pair: tuple[nn.Conv2d, nn.BatchNorm2d]) -> Tensor:
+        """The last unit and the projection shortcut in one op, both BNs folded."""
+        plan = self.plan
+        last = self._get(plan.convs[-1])
+        w, b = eval_fold.folded_conv(last, self._get(plan.last_norm), h)
+        w2, b2 = eval_fold.folded_conv(pair[0], pair[1], x)
+        return ops.conv_shortcut_pair(h, w, b, x, w2, b2, stride=list(last.stride),
+                                      padding=list(last.padding), stride2=list(pair[0].stride),
+                                      act_out="relu" if plan.act_out else "none",
+                                      backend=self.backend)
+
     def forward(self, x: Tensor) -> Tensor:
         plan, backend = self.plan, self.backend
         pending: Pending | None = None
@@ -142,13 +182,18 @@ class FusedResidualBlock(nn.Module):
             # Eager computes the pre-activation once for both paths; so do we.
             h = materialize(x, pending, backend)
             pending = None
-        if plan.residual:
+        pair = self._projection_pair(x)
+        if plan.residual and pair is None:
             r = self._shortcut(x, h if shared else None)
 
         convs = [self._get(n) for n in plan.convs]
         for conv, norm in zip(convs[:-1], plan.mid_norms, strict=True):
             h, pending = run_unit(h, pending, conv, self._get(norm), "relu", backend,
                                   defer=fuse)
+        if pair is not None:
+            if pending is None:  # (what inference leaves: every BN folded, nothing deferred)
+                return self._run_pair(h, x, pair)
+            r = self._shortcut(x, None)
 
         tail = {}
         if plan.residual:

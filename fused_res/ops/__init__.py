@@ -7,11 +7,14 @@ from .functional import (
     bn_scale,
     channel_stats,
     conv_bn_stats,
+    conv_shortcut_pair,
     conv_unit,
     epilogue,
+    fuses_shortcut_conv,
     fuses_train_prologue,
     prepare_backend,
 )
 
-__all__ = ["ACTS", "bn_scale", "channel_stats", "conv_bn_stats", "conv_unit", "epilogue",
-           "fuses_train_prologue", "library", "prepare_backend"]
+__all__ = ["ACTS", "bn_scale", "channel_stats", "conv_bn_stats", "conv_shortcut_pair",
+           "conv_unit", "epilogue", "fuses_shortcut_conv", "fuses_train_prologue", "library",
+           "prepare_backend"]

@@ -100,20 +100,21 @@ def _choose(op: str, backend: str | None, x: Tensor, weight: Tensor | None, grou
 
 
 def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
-                  in_shift, act_in):
-    _check_feature_map("x", x)
-    _check_feature_map("weight", weight, "(C_out, C_in / groups, KH, KW)")
+                  in_shift, act_in, names=("x", "weight", "stride", "padding")):
+    xn, wn, sn, pn = names  # what the caller calls them, for the messages
+    _check_feature_map(xn, x)
+    _check_feature_map(wn, weight, "(C_out, C_in / groups, KH, KW)")
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups={groups!r}; accepted: a positive int")
     c_in, c_out = x.shape[1], weight.shape[0]
     if weight.shape[1] * groups != c_in:
-        raise ValueError(f"x has {c_in} channels but weight has shape {tuple(weight.shape)} "
-                         f"with groups={groups}; accepted: weight.shape[1] * groups == "
-                         f"x.shape[1]")
+        raise ValueError(f"{xn} has {c_in} channels but {wn} has shape "
+                         f"{tuple(weight.shape)} with groups={groups}; accepted: "
+                         f"{wn}.shape[1] * groups == {xn}.shape[1]")
     if c_out % groups:
-        raise ValueError(f"weight has {c_out} output channels, not divisible by "
+        raise ValueError(f"{wn} has {c_out} output channels, not divisible by "
                          f"groups={groups}")
-    stride, padding = _pair("stride", stride, 1), _pair("padding", padding, 0)
+    stride, padding = _pair(sn, stride, 1), _pair(pn, padding, 0)
     dilation = _pair("dilation", dilation, 1)
     _check_act("act_in", act_in)
     _check_vector("bias", bias, c_out, "output channel")
@@ -125,13 +126,13 @@ def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
     for i, k in enumerate(("H", "W")):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < span:
-            raise ValueError(f"x has {k}={x.shape[2 + i]}, smaller than the kernel span {span} "
-                             f"with padding={padding[i]}; accepted: {k} + 2*padding >= span")
+            raise ValueError(f"{xn} has {k}={x.shape[2 + i]}, smaller than the kernel span "
+                             f"{span} with {pn}={padding[i]}; accepted: {k} + 2*{pn} >= span")
     dt = _autocast_dtype(x)
     x, weight, bias = _cast(x, dt), _cast(weight, dt), _cast(bias, dt)
     if weight.dtype != x.dtype:
-        raise TypeError(f"weight has dtype {weight.dtype} but x has {x.dtype}; accepted: the "
-                        "same dtype (or run under torch.autocast)")
+        raise TypeError(f"{wn} has dtype {weight.dtype} but {xn} has {x.dtype}; accepted: "
+                        "the same dtype (or run under torch.autocast)")
     if bias is not None:
         bias = bias.to(x.dtype)
     return x, weight, bias, stride, padding, dilation
@@ -239,6 +240,62 @@ def fuses_train_prologue(backend: str | None = None) -> bool:
     if name == "auto":
         return False
     return get_backend_object(name).fuses_train_prologue()
+
+
+def fuses_shortcut_conv(backend: str | None = None) -> bool:
+    """Whether backend `backend` (None: the one in force) runs a block's last conv and its 1x1
+    projection shortcut as one op in inference (conv_shortcut_pair; Backend.
+    fuses_shortcut_conv). 'auto' does not: it measures the ops a block runs otherwise."""
+    name = backend if backend is not None else current_backend()
+    return name != "auto" and get_backend_object(name).fuses_shortcut_conv()
+
+
+def conv_shortcut_pair(x: Tensor, weight: Tensor, bias: Tensor | None, x2: Tensor,
+                       weight2: Tensor, bias2: Tensor | None, *, stride=1, padding=0,
+                       stride2=1, act_out: str = "none", backend: str | None = None) -> Tensor:
+    """y = act_out(conv2d(x, weight, stride, padding) + bias + conv2d(x2, weight2, stride2)
+    + bias2): a block's last conv and its 1x1 projection shortcut, BatchNorms folded into
+    (weight, bias) and (weight2, bias2), in one op where the backend has one kernel for it.
+
+    x (N, C_in, H, W), weight (C_out, C_in, KH, KW), x2 (N, C2, H2, W2), weight2 (C_out, C2,
+    1, 1), one float dtype (or autocast's); bias, bias2 (C_out,) any float dtype or None; the
+    shortcut's output grid must be the conv's. Returns (N, C_out, OH, OW) in x's dtype and
+    memory format. Inference only (no autograd, no torch.compile): the blocks call it under
+    no_grad, and use two conv_unit calls otherwise."""
+    if torch.compiler.is_compiling():
+        raise RuntimeError("conv_shortcut_pair runs eagerly only; under torch.compile use "
+                           "conv_unit for the shortcut and pass it as the residual")
+    x, weight, _, stride, padding, _ = _prepare_conv(x, weight, None, stride, padding, 1, 1,
+                                                     None, None, None, "none")
+    x2, weight2, _, stride2, padding2, _ = _prepare_conv(
+        x2, weight2, None, stride2, 0, 1, 1, None, None, None, "none",
+        names=("x2", "weight2", "stride2", "padding2"))
+    _check_act("act_out", act_out)
+    if tuple(weight2.shape[2:]) != (1, 1):
+        raise ValueError(f"weight2 has shape {tuple(weight2.shape)}; accepted: a 1x1 "
+                         "projection (C_out, C2, 1, 1)")
+    c_out = weight.shape[0]
+    if weight2.shape[0] != c_out:
+        raise ValueError(f"weight2 has {weight2.shape[0]} output channels, weight {c_out}; "
+                         "accepted: the same")
+    _check_vector("bias", bias, c_out, "output channel")
+    _check_vector("bias2", bias2, c_out, "output channel")
+    _check_same_device(x, x2=x2, weight2=weight2, bias=bias, bias2=bias2)
+    if x2.dtype != x.dtype:
+        raise TypeError(f"x2 has dtype {x2.dtype} but x has {x.dtype}; accepted: the same "
+                        "dtype (or run under torch.autocast)")
+    out = (x.shape[0], c_out, *library.conv_out_hw(x, weight, stride, padding, [1, 1]))
+    out2 = (x2.shape[0], c_out, *library.conv_out_hw(x2, weight2, stride2, padding2, [1, 1]))
+    if out2 != out:
+        raise ValueError(f"the shortcut conv of x2 {tuple(x2.shape)} with stride {stride2} "
+                         f"gives {out2}, the conv {out}; accepted: the same output shape")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in
+                                       (x, weight, bias, x2, weight2, bias2)):
+        raise RuntimeError("conv_shortcut_pair has no backward; accepted: inputs that need no "
+                           "gradient, or torch.no_grad() / torch.inference_mode()")
+    name = resolve(backend, x, weight)
+    return get_backend_object(name).conv_pair_forward(x, weight, bias, stride, padding, x2,
+                                                      weight2, bias2, stride2, act_out)
 
 
 def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:

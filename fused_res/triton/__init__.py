@@ -3,6 +3,7 @@
     conv.py         implicit-GEMM NHWC conv2d with the fused prologue (input BN + ReLU, zero
                     padding after it) and epilogue (folded affine, act, residual, act) or a
                     statistics epilogue (per-tile mean and M2 of z for train-mode BatchNorm)
+    conv_pair.py    a block's last conv and its 1x1 projection shortcut as one GEMM (inference)
     elementwise.py  the epilogue apply pass, its backward (with per-channel Σg and Σg·(t-c)),
                     per-channel statistics and their finalize, the statistics backward
     configs.py      autotune configurations as data, with the rule that excludes bad ones

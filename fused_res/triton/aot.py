@@ -111,6 +111,35 @@ def conv_int_args(problem) -> dict:
                 stride_h=stride, stride_w=stride, pad_h=pad, pad_w=pad)
 
 
+# The pair kernel (a block's last conv and its 1x1 projection shortcut, inference): the last
+# conv's problem as above, then the shortcut's input (C2, H2, W2) and stride.
+_PAIR_PTRS = ("x_ptr", "w_ptr", "x2_ptr", "w2_ptr", "y_ptr")  # the rest: float32 biases
+PAIR_VARIANTS = {
+    "basic_3x3_s2": dict(KH=3, KW=3, HAS_BIAS=True, HAS_BIAS2=True, ACT_OUT=True),
+    "bottleneck_1x1_s2": dict(KH=1, KW=1, HAS_BIAS=True, HAS_BIAS2=True, ACT_OUT=True),
+    "bottleneck_1x1_int64": dict(KH=1, KW=1, HAS_BIAS=True, HAS_BIAS2=True, ACT_OUT=True,
+                                 INDEX_64=True),
+}
+PAIR_PROBLEMS = {  # (N, C_in, H, W, C_out, k, stride, pad, C2, H2, W2, stride2)
+    "basic_3x3_s2": (64, 128, 28, 28, 128, 3, 1, 1, 64, 56, 56, 2),
+    "bottleneck_1x1_s2": (64, 128, 28, 28, 512, 1, 1, 0, 256, 56, 56, 2),
+    "bottleneck_1x1_int64": (256, 64, 128, 128, 256, 1, 1, 0, 128, 256, 256, 2),
+}
+
+
+def pair_int_args(problem) -> dict:
+    """The pair kernel's integer arguments for a channels_last problem, as conv_pair_launch
+    passes them."""
+    *conv, c2, h2, w2, stride2 = problem
+    a = conv_int_args(conv)
+    return dict(M=a["M"], C_in=a["C_in"], H=a["H"], W=a["W"], C_out=a["C_out"], OH=a["OH"],
+                OW=a["OW"], C2=c2, H2=h2, W2=w2,
+                **{k: a[k] for k in ("sxn", "sxc", "sxh", "sxw", "syn", "syc", "syh", "syw",
+                                     "stride_h", "stride_w", "pad_h", "pad_w")},
+                s2n=h2 * w2 * c2, s2c=1, s2h=w2 * c2, s2w=c2, stride2_h=stride2,
+                stride2_w=stride2)
+
+
 # The elementwise kernels at ResNet-50's (64, 256, 56, 56) activation, channels_last.
 EW_INT_ARGS = dict(M=64 * 56 * 56, C=256, HW=56 * 56, W=56, sn=56 * 56 * 256, sc=1,
                    sh=56 * 256, sw=256, T=64 * 56 * 56 // configs.ELEMENTWISE_CONFIG.block_m,
@@ -222,7 +251,7 @@ class Job:
 def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
     """Everything the backend can launch on a GPU, each with the reason it is excluded (if
     it is)."""
-    from . import batchnorm, conv, elementwise
+    from . import batchnorm, conv, conv_pair, elementwise
 
     out = []
     dtypes = ("bf16",) if subset else dtypes
@@ -242,6 +271,20 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
                                {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                                configs.conv_config_excluded(cfg, elt, taps),
                                0 if flags.get("FLAT_K") else
+                               (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
+        for variant, flags in PAIR_VARIANTS.items():
+            taps = flags["KH"] * flags["KW"]
+            cfgs = configs.CONV_CONFIGS
+            if subset:
+                cfgs = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
+            for cfg in cfgs:
+                cx = {"INDEX_64": False, **flags, **cfg.meta, "GROUP_M": 8,
+                      "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+                out.append(Job(conv_pair.conv_pair_kernel, "conv_pair_kernel", variant,
+                               str(cfg), dtype, cx, set(_PAIR_PTRS),
+                               pair_int_args(PAIR_PROBLEMS[variant]),
+                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                               configs.conv_config_excluded(cfg, elt, taps),
                                (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)

@@ -62,6 +62,66 @@ def _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, ci, dh, dw, ih0, iw0, H, W, 
 
 
 @triton.jit
+def _tile_coords(M, C_out, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr, INDEX_64: tl.constexpr):
+    """This program's output tile: its row-tile index, the rows (output pixels, as n, oh,
+    ow) and channels it covers, and their masks."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    # Grouped order: GROUP_M row tiles share their input rows in L2 across channel tiles.
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    # 64-bit index math when a tensor spans 2^31 elements (big batches of big images); int32
+    # otherwise, because [BLOCK_M, BLOCK_N] int64 offsets double the epilogue's registers.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if INDEX_64:
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < C_out
+    ow = offs_m % OW
+    t = offs_m // OW
+    oh = t % OH
+    n_idx = t // OH
+    return pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow
+
+
+@triton.jit
+def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, H, W, C_out,
+              sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH: tl.constexpr, KW: tl.constexpr,
+              HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
+              ACT_IN: tl.constexpr, PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """acc += the conv of x (taps KH x KW, channels BLOCK_K at a time) with w (KH*KW*C_in,
+    C_out) for this tile's output pixels, whose top-left input position is (ih0, iw0).
+    One loop over (tap, channel chunk) rather than a loop per tap: Triton software-pipelines
+    the innermost loop only, and a per-tap loop of C_in / BLOCK_K iterations (1 or 2 for
+    64-channel 3x3 convs) would drain the pipeline at every tap."""
+    k_chunks = tl.cdiv(C_in, BLOCK_K)
+    for kk in range(0, KH * KW * k_chunks):
+        tap = kk // k_chunks
+        c0 = (kk - tap * k_chunks) * BLOCK_K
+        ih = ih0 + tap // KW
+        iw = iw0 + tap % KW
+        row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        row_off = n_idx * sxn + ih * sxh + iw * sxw
+        offs_k = c0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a = _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, offs_k, 0, 0, ih0, iw0, H, W,
+                    sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA, HAS_IB, ACT_IN,
+                    PROLOGUE, False)
+        b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def conv_unit_kernel(
         x_ptr, w_ptr, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
         y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
@@ -81,29 +141,9 @@ def conv_unit_kernel(
     per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
     contiguous; y, u (N, C_out, OH, OW) with strides sy*; residual with strides sr*;
     st_mean/st_m2 (tiles_m, C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(C_out, BLOCK_N)
-    # Grouped order: GROUP_M row tiles share their input rows in L2 across channel tiles.
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-
-    # 64-bit index math when a tensor spans 2^31 elements (big batches of big images); int32
-    # otherwise, because [BLOCK_M, BLOCK_N] int64 offsets double the epilogue's registers.
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if INDEX_64:
-        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
+        M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     offs_n_ix = offs_n.to(offs_m.dtype)
-    mask_m = offs_m < M
-    mask_n = offs_n < C_out
-    ow = offs_m % OW
-    t = offs_m // OW
-    oh = t % OH
-    n_idx = t // OH
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
 
@@ -123,25 +163,9 @@ def conv_unit_kernel(
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     else:
-        # One loop over (tap, channel chunk) rather than a loop per tap: Triton software-
-        # pipelines the innermost loop only, and a per-tap loop of C_in / BLOCK_K iterations
-        # (1 or 2 for 64-channel 3x3 convs) would drain the pipeline at every tap.
-        k_chunks = tl.cdiv(C_in, BLOCK_K)
-        for kk in range(0, KH * KW * k_chunks):
-            tap = kk // k_chunks
-            c0 = (kk - tap * k_chunks) * BLOCK_K
-            ih = ih0 + tap // KW
-            iw = iw0 + tap % KW
-            row_ok = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row_off = n_idx * sxn + ih * sxh + iw * sxw
-            offs_k = c0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C_in
-            a = _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, offs_k, 0, 0, ih0, iw0, H, W,
-                        sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA, HAS_IB, ACT_IN,
-                        PROLOGUE, False)
-            b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, H, W,
+                        C_out, sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH, KW, HAS_IC,
+                        HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K)
 
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
