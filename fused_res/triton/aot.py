@@ -248,6 +248,28 @@ class Job:
     stage_bytes: int = 0
 
 
+def _gemm_jobs(fn, variants: dict, base_flags: dict, maps: set, int_args, dtype: str,
+               subset: bool) -> list[Job]:
+    """The implicit-GEMM kernels' jobs: every variant x autotune config (one where subset)."""
+    elt = 4 if dtype == "fp32" else 2
+    out = []
+    for variant, flags in variants.items():
+        taps = flags["KH"] * flags["KW"]
+        cfgs = configs.CONV_CONFIGS
+        if subset:
+            cfgs = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
+        for cfg in cfgs:
+            cx = {**base_flags, **flags, **cfg.meta, "GROUP_M": 8,
+                  "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+            out.append(Job(fn, fn.__name__, variant, str(cfg), dtype, cx, maps,
+                           int_args(variant),
+                           {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+                           configs.conv_config_excluded(cfg, elt, taps),
+                           0 if flags.get("FLAT_K") else
+                           (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
+    return out
+
+
 def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
     """Everything the backend can launch on a GPU, each with the reason it is excluded (if
     it is)."""
@@ -256,36 +278,12 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
     out = []
     dtypes = ("bf16",) if subset else dtypes
     for dtype in dtypes:
-        elt = 4 if dtype == "fp32" else 2
-        for variant, flags in CONV_VARIANTS.items():
-            taps = flags["KH"] * flags["KW"]
-            cfgs = configs.CONV_CONFIGS
-            if subset:
-                cfgs = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
-            for cfg in cfgs:
-                cx = {**_CONV_FLAGS, **flags, **cfg.meta, "GROUP_M": 8,
-                      "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
-                out.append(Job(conv.conv_unit_kernel, "conv_unit_kernel", variant, str(cfg),
-                               dtype, cx, set(_CONV_PTRS) - _F32_PTRS,
-                               conv_int_args(CONV_PROBLEMS[variant]),
-                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                               configs.conv_config_excluded(cfg, elt, taps),
-                               0 if flags.get("FLAT_K") else
-                               (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
-        for variant, flags in PAIR_VARIANTS.items():
-            taps = flags["KH"] * flags["KW"]
-            cfgs = configs.CONV_CONFIGS
-            if subset:
-                cfgs = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
-            for cfg in cfgs:
-                cx = {"INDEX_64": False, **flags, **cfg.meta, "GROUP_M": 8,
-                      "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
-                out.append(Job(conv_pair.conv_pair_kernel, "conv_pair_kernel", variant,
-                               str(cfg), dtype, cx, set(_PAIR_PTRS),
-                               pair_int_args(PAIR_PROBLEMS[variant]),
-                               {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-                               configs.conv_config_excluded(cfg, elt, taps),
-                               (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
+        out += _gemm_jobs(conv.conv_unit_kernel, CONV_VARIANTS, _CONV_FLAGS,
+                          set(_CONV_PTRS) - _F32_PTRS,
+                          lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset)
+        out += _gemm_jobs(conv_pair.conv_pair_kernel, PAIR_VARIANTS, {"INDEX_64": False},
+                          set(_PAIR_PTRS), lambda v: pair_int_args(PAIR_PROBLEMS[v]), dtype,
+                          subset)
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
             if name in _PARTIALS_TILES:
