@@ -104,17 +104,20 @@ def _stub_kernels(conv_backward: bool) -> None:
     too (what the Triton backend's backward leaves to aten). Backends whose CPU kernels run
     keep the real conv backward: it is shared through ReferenceBackend, and a stub there would
     stub theirs as well (their gradients uninitialised, their step cheaper than eager's)."""
+    import importlib
+    import pkgutil
+
     import torch
 
     import fused_res.backends.reference as ref
     import fused_res.backends.triton_backend as tb
-    import fused_res.triton.batchnorm as tbn
-    import fused_res.triton.conv as tconv
-    import fused_res.triton.elementwise as tew
+    import fused_res.triton as kernels
 
-    # Every kernel the launchers call (module-level *_kernel names), so that a new kernel is
-    # never silently run in the interpreter here.
-    for module in (tconv, tew, tbn):
+    # Every kernel the launchers call (module-level *_kernel names of every module of the
+    # package), so that a new kernel or kernel module is never silently run in the
+    # interpreter here.
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
         for name in [n for n in vars(module) if n.endswith("_kernel")]:
             setattr(module, name, _NoLaunch())
 

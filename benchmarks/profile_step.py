@@ -30,7 +30,7 @@ import torch
 
 # First match wins; names are demangled kernel names (CUDA) or operator names (CPU).
 FAMILIES = (
-    ("triton conv", r"conv_unit_kernel"),
+    ("triton conv", r"conv_(unit|pair)_kernel"),
     ("triton elementwise", r"epilogue_(fwd|bwd)_kernel|stats_(partial|finalize|bwd)_kernel"),
     ("fused_res cuda", r"\bfrk::"),
     ("cudnn/cutlass conv", r"xmma|cutlass|implicit_gemm|cudnn|wgrad|dgrad|fprop|conv|nhwc"

@@ -101,6 +101,7 @@ def test_profile_step_sorts_kernel_names_into_families():
         sys.path.pop(0)
     cases = {
         "conv_unit_kernel": "triton conv",
+        "conv_pair_kernel": "triton conv",
         "epilogue_bwd_kernel": "triton elementwise",
         "stats_finalize_kernel": "triton elementwise",
         "void frk::reduce_nhwc_kernel<__nv_bfloat16, 8>(frk::ReduceArgs)": "fused_res cuda",

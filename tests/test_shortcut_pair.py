@@ -37,6 +37,10 @@ def test_reference_is_the_sum_of_the_two_convs():
 
 @pytest.mark.parametrize("change,error,match", [
     ({"w2": torch.randn(8, 5, 3, 3, dtype=torch.float64)}, ValueError, "1x1 projection"),
+    ({"w2": torch.randn(8, 5, 3, 3, dtype=torch.float64),
+      "x2": torch.randn(2, 5, 1, 1, dtype=torch.float64)}, ValueError, "1x1 projection"),
+    ({"w2": torch.randn(8, 5, 1, 1, dtype=torch.float64, device="meta")}, ValueError,
+     "weight2 is on meta but x2 is on cpu"),
     ({"w2": torch.randn(7, 5, 1, 1, dtype=torch.float64)}, ValueError, "output channels"),
     ({"x2": torch.randn(2, 5, 12, 8, dtype=torch.float64)}, ValueError, "same output shape"),
     ({"x2": torch.randn(2, 5, 9, 8)}, TypeError, "weight2 has dtype .* but x2 has"),
@@ -121,3 +125,29 @@ def test_the_ab_benchmark_says_it_needs_cuda():
     script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "pair_ab.py"
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+def test_deciding_on_the_pair_draws_no_random_mask(routed, monkeypatch):
+    """A block whose drop path still trains (frozen BatchNorms, fine-tuning) under no_grad:
+    no pair, and no mask drawn to find that out, so the block draws what it draws without
+    the pair on offer (asking _drop_path_scale drew one mask more per downsampling block)."""
+    from torch.nn import Sequential
+
+    from fused_res import nn as fnn
+    from fused_res.models.imagenet import conv1x1
+    torch.manual_seed(0)
+    down = Sequential(conv1x1(16, 32, 2), torch.nn.BatchNorm2d(32))
+    block = randomize_bn(fnn.Bottleneck(16, 8, 2, down, drop_path=0.5, backend="reference"))
+    block.train()
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    x = torch.randn(4, 16, 8, 8)
+    outs = []
+    for offered in (True, False):
+        monkeypatch.setattr(ReferenceBackend, "fuses_shortcut_conv", lambda self, o=offered: o)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            outs.append((block(x), torch.get_rng_state()))
+    assert routed == []
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

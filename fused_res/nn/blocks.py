@@ -53,11 +53,15 @@ def _plain_conv(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
+def _drop_path_draws(module: nn.Module | None) -> bool:
+    """Whether a drop-path module would draw a random mask now (without drawing it)."""
+    return (module is not None and not isinstance(module, nn.Identity) and module.training
+            and getattr(module, "drop_prob", 1.0) != 0.0)
+
+
 def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
     """The per-sample branch scale (N,) a drop-path module would apply now, or None."""
-    if module is None or isinstance(module, nn.Identity) or not module.training:
-        return None
-    if getattr(module, "drop_prob", 1.0) == 0.0:
+    if not _drop_path_draws(module):
         return None
     ones = torch.ones((x.shape[0], 1, 1, 1), dtype=x.dtype, device=x.device)
     return module(ones).reshape(x.shape[0])
@@ -145,7 +149,7 @@ class FusedResidualBlock(nn.Module):
             return None
         conv, norm = self._get(sc.conv), self._get(sc.norm)
         if (uses_batch_stats(norm) or uses_batch_stats(self._get(plan.last_norm))
-                or _drop_path_scale(self._get(plan.drop_path), x) is not None
+                or _drop_path_draws(self._get(plan.drop_path))
                 or not _plain_conv(conv) or tuple(conv.kernel_size) != (1, 1)
                 or tuple(conv.padding) != (0, 0) or not _plain_conv(self._get(plan.convs[-1]))):
             return None

@@ -51,11 +51,11 @@ def _check_feature_map(name: str, t, what: str = "(N, C, H, W)") -> Tensor:
     return t
 
 
-def _check_same_device(x: Tensor, **others) -> None:
+def _check_same_device(x: Tensor, x_name: str = "x", **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; accepted: all "
-                             "tensors on one device")
+            raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; "
+                             "accepted: all tensors on one device")
 
 
 def _check_vector(name: str, v, length: int, what: str) -> None:
@@ -121,8 +121,8 @@ def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
     _check_vector("in_center", in_center, c_in, "input channel")
     _check_vector("in_scale", in_scale, c_in, "input channel")
     _check_vector("in_shift", in_shift, c_in, "input channel")
-    _check_same_device(x, weight=weight, bias=bias, in_center=in_center, in_scale=in_scale,
-                       in_shift=in_shift)
+    _check_same_device(x, **{wn: weight}, bias=bias, in_center=in_center, in_scale=in_scale,
+                       in_shift=in_shift, x_name=xn)
     for i, k in enumerate(("H", "W")):
         span = dilation[i] * (weight.shape[2 + i] - 1) + 1
         if x.shape[2 + i] + 2 * padding[i] < span:
@@ -267,13 +267,15 @@ def conv_shortcut_pair(x: Tensor, weight: Tensor, bias: Tensor | None, x2: Tenso
                            "conv_unit for the shortcut and pass it as the residual")
     x, weight, _, stride, padding, _ = _prepare_conv(x, weight, None, stride, padding, 1, 1,
                                                      None, None, None, "none")
+    _check_feature_map("weight2", weight2, "(C_out, C2, 1, 1)")
+    if tuple(weight2.shape[2:]) != (1, 1):
+        raise ValueError(f"weight2 has shape {tuple(weight2.shape)}; accepted: a 1x1 "
+                         "projection (C_out, C2, 1, 1)")
+    # (A 1x1 kernel with no padding fits any input: the span check cannot name padding2.)
     x2, weight2, _, stride2, padding2, _ = _prepare_conv(
         x2, weight2, None, stride2, 0, 1, 1, None, None, None, "none",
         names=("x2", "weight2", "stride2", "padding2"))
     _check_act("act_out", act_out)
-    if tuple(weight2.shape[2:]) != (1, 1):
-        raise ValueError(f"weight2 has shape {tuple(weight2.shape)}; accepted: a 1x1 "
-                         "projection (C_out, C2, 1, 1)")
     c_out = weight.shape[0]
     if weight2.shape[0] != c_out:
         raise ValueError(f"weight2 has {weight2.shape[0]} output channels, weight {c_out}; "
