@@ -212,7 +212,7 @@ if [ "$DRY" = 1 ]; then
   say "=== pair-ab: dry run, needs CUDA: $PY benchmarks/pair_ab.py"
   printf 'pair-ab\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
 else
-  run_step pair-ab 60 "$PY" benchmarks/pair_ab.py --batch 64 --dtype bf16 \
+  run_step pair-ab 90 "$PY" benchmarks/pair_ab.py --batch 64 --dtype bf16 \
     --json "$STEPS_DIR/pair-ab.json"
 fi
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
