@@ -227,21 +227,24 @@ _TUNE_KEY = ["M", "C_in", "H", "W", "C_out", "OH", "OW", "stride_h", "stride_w",
              "FLAT_K", "PROLOGUE", "STATS", "HAS_RES", "STORE_U", "INDEX_64"]
 
 
+def autotune_over_conv_configs(kernel, key: list[str], **kwargs):
+    """`kernel` autotuned over CONV_CONFIGS (pruned per problem by _prune), keyed by `key`.
+    Where this Triton can (cache_results), the timings are kept on disk with its compiled
+    kernels, so a new process on the same GPU skips tuning a shape already tuned."""
+    cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
+                          num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(cfgs, key=key, prune_configs_by={"early_config_prune": _prune},
+                           **kwargs)(kernel)
+
+
 def _autotuned_kernel():
-    """conv_unit_kernel autotuned over CONV_CONFIGS, keyed by _TUNE_KEY. The tile
-    count arrays are zeroed before every timed run so a config's leftovers never reach the
-    finalize. Where this Triton can (cache_results), the timings are kept on disk with its
-    compiled kernels, so a new process on the same GPU skips tuning a shape already tuned."""
+    """conv_unit_kernel autotuned, keyed by _TUNE_KEY. The tile count arrays are zeroed
+    before every timed run so a config's leftovers never reach the finalize."""
     if "conv" not in _AUTOTUNED:
-        cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
-                              num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
-        extra = {}
-        if "cache_results" in inspect.signature(triton.autotune).parameters:
-            extra["cache_results"] = True
-        _AUTOTUNED["conv"] = triton.autotune(
-            cfgs, key=_TUNE_KEY,
-            prune_configs_by={"early_config_prune": _prune},
-            reset_to_zero=["st_cnt_ptr"], **extra)(conv_unit_kernel)
+        _AUTOTUNED["conv"] = autotune_over_conv_configs(conv_unit_kernel, _TUNE_KEY,
+                                                        reset_to_zero=["st_cnt_ptr"])
     return _AUTOTUNED["conv"]
 
 

@@ -13,8 +13,6 @@ eval forward's traffic, the four downsampling blocks), and one launch per such b
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import triton
 import triton.language as tl
@@ -23,10 +21,10 @@ from . import configs
 from .common import relu
 from .conv import (
     _INTERPRET,
-    _prune,
     _tap_loop,
     _tile_coords,
     autotune_enabled,
+    autotune_over_conv_configs,
     cdiv,
     dot_precision,
     needs_int64,
@@ -78,17 +76,9 @@ _AUTOTUNED: dict = {}
 
 
 def _autotuned_kernel():
-    """conv_pair_kernel autotuned over CONV_CONFIGS (the conv kernel's candidates and
-    pruning), keyed by _TUNE_KEY; timings kept on disk where this Triton can, as the conv's."""
+    """conv_pair_kernel autotuned over the conv kernel's candidates, keyed by _TUNE_KEY."""
     if "pair" not in _AUTOTUNED:
-        cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
-                              num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
-        extra = {}
-        if "cache_results" in inspect.signature(triton.autotune).parameters:
-            extra["cache_results"] = True
-        _AUTOTUNED["pair"] = triton.autotune(
-            cfgs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}, **extra)(
-                conv_pair_kernel)
+        _AUTOTUNED["pair"] = autotune_over_conv_configs(conv_pair_kernel, _TUNE_KEY)
     return _AUTOTUNED["pair"]
 
 
