@@ -100,8 +100,8 @@ def conv_int_args(problem) -> dict:
     """The conv kernel's integer arguments for a channels_last problem, as conv_launch
     passes them."""
     n, c_in, h, w, c_out, k, stride, pad = problem
-    oh = (h + 2 * pad - k) // stride + 1
-    ow = (w + 2 * pad - k) // stride + 1
+    from .conv import out_hw
+    oh, ow = out_hw(h, w, k, k, (stride, stride), (pad, pad))
     x_strides = (h * w * c_in, 1, w * c_in, c_in)
     y_strides = (oh * ow * c_out, 1, ow * c_out, c_out)
     return dict(M=n * oh * ow, C_in=c_in, H=h, W=w, C_out=c_out, OH=oh, OW=ow,

@@ -297,6 +297,12 @@ def vec(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def out_hw(h: int, w: int, kh: int, kw: int, stride, padding) -> tuple[int, int]:
+    """A conv's output (OH, OW) for an (h, w) input (dilation 1)."""
+    return ((h + 2 * padding[0] - kh) // stride[0] + 1,
+            (w + 2 * padding[1] - kw) // stride[1] + 1)
+
+
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints, on the host (triton.cdiv goes through its JIT call machinery)."""
     return -(-a // b)
@@ -339,8 +345,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     c_out, _, kh, kw = weight.shape
     bias, in_center, in_scale, in_shift = vec(bias), vec(in_center), vec(in_scale), vec(in_shift)
     out_scale, out_shift, branch_scale = vec(out_scale), vec(out_shift), vec(branch_scale)
-    oh = (h + 2 * padding[0] - kh) // stride[0] + 1
-    ow = (w + 2 * padding[1] - kw) // stride[1] + 1
+    oh, ow = out_hw(h, w, kh, kw, stride, padding)
     y = torch.empty((n, c_out, oh, ow), dtype=x.dtype, device=x.device,
                     memory_format=memory_format)
     u = torch.empty_like(y) if store_u else None

@@ -28,6 +28,7 @@ from .conv import (
     cdiv,
     dot_precision,
     needs_int64,
+    out_hw,
     sm_count,
     vec,
     weight_matrix_cached,
@@ -82,11 +83,6 @@ def _autotuned_kernel():
     return _AUTOTUNED["pair"]
 
 
-def pair_out_hw(h: int, w: int, kh: int, kw: int, stride, padding) -> tuple[int, int]:
-    return ((h + 2 * padding[0] - kh) // stride[0] + 1,
-            (w + 2 * padding[1] - kw) // stride[1] + 1)
-
-
 def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, stride2, act_out, *,
                      memory_format=torch.contiguous_format, config=None):
     """y = act_out(conv(x, weight, stride, padding) + bias + conv(x2, weight2, stride2) +
@@ -97,8 +93,8 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     c2, h2, w2 = x2.shape[1:]
-    oh, ow = pair_out_hw(h, w, kh, kw, stride, padding)
-    if pair_out_hw(h2, w2, 1, 1, stride2, (0, 0)) != (oh, ow) or x2.shape[0] != n:
+    oh, ow = out_hw(h, w, kh, kw, stride, padding)
+    if out_hw(h2, w2, 1, 1, stride2, (0, 0)) != (oh, ow) or x2.shape[0] != n:
         raise ValueError(f"x2 {tuple(x2.shape)} with stride {tuple(stride2)} does not give "
                          f"the conv's output grid {(n, c_out, oh, ow)}")
     for name, t in (("weight", weight), ("weight2", weight2)):
