@@ -6,7 +6,11 @@
 Times every configs.CONV_CONFIGS and configs.SWEEP_CONFIGS entry (minus the ones
 conv_config_excluded rules out) as CUDA-graph replays beside F.conv2d (cuDNN), checks each
 result against cuDNN's, and prints per shape the best config and its time over cuDNN's, beside
-the config that runs untuned (configs.default_conv_config) and its time. The
+the config that runs untuned (configs.default_conv_config) and its time. Where the conv is one
+conv_tma.py can run (1x1, stride 1, no prologue, sm_90), configs.TMA_SWEEP_CONFIGS are timed
+too, and the table gives the best TMA tile's ratio beside the best pointer tile's: the
+measurement that decides whether TMA tiles join the autotuner (they run only where asked until
+then). The
 answer decides which configs the autotuner keeps and which one runs untuned; it is a question
 only a GPU answers (DESIGN.md §5), so it is a script, not a test.
 
@@ -39,8 +43,10 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ops_bandwidth import CONVS, DTYPES, conv_cases, graph_ms, rel_err  # noqa: E402
 
+# Run 5's six, then the two 1x1 shapes furthest from cuDNN in its conv-alone table (1.58x and
+# 1.50x), where the TMA tiles are most worth measuring.
 FEW = [(256, 64, 56, 1, 1), (64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (1024, 256, 14, 1, 1),
-       (256, 256, 14, 3, 1), (512, 2048, 7, 1, 1)]
+       (256, 256, 14, 3, 1), (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (256, 1024, 14, 1, 1)]
 
 
 def main(argv=None) -> int:
@@ -57,7 +63,7 @@ def main(argv=None) -> int:
         print("conv_configs: needs a CUDA device; none found", file=sys.stderr)
         return 2
     from fused_res.testing import TOLERANCES
-    from fused_res.triton import configs
+    from fused_res.triton import configs, conv_tma
     from fused_res.triton.conv import conv_launch, sm_count
 
     dtype = DTYPES[a.dtype]
@@ -93,9 +99,11 @@ def main(argv=None) -> int:
         untuned = configs.default_conv_config(m, cin, cout, elt, k * k,
                                               configs.flat_k(cin, k * k),
                                               sm_count(torch.device("cuda")))
-        for cfg in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS:
+        tma_ok = conv_tma.unsupported_reason(sets[0][0], weight, (s, s), (k // 2, k // 2),
+                                             bool(prologue)) is None
+        for cfg in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS + configs.TMA_SWEEP_CONFIGS:
             why = configs.conv_config_excluded(cfg, elt, k * k)
-            if why is not None:
+            if why is not None or (cfg.tma and not tma_ok):
                 continue
 
             def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2), full=False,
@@ -128,24 +136,33 @@ def main(argv=None) -> int:
                   f"err {err:.1e}{f' WRONG (tolerance {tol:.0e})' if wrong else ''}",
                   flush=True)
         if per:
+            tma_best = min((r[0] for r in per if r[1].tma), default=None)
+            per = [r for r in per if not r[1].tma] or per
             t, cfg, err = min(per, key=lambda r: r[0])
             u_ms = next((t_u for t_u, c, _ in per if c == untuned), None)
             if u_ms is None and any(r.get("wrong") and r["config"] == str(untuned)
                                     for r in rows if r["conv"] == [cin, cout, hw, k, s]):
                 u_ms = "WRONG"  # the tile that runs by default computed a wrong result
-            best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms))
+            best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms, tma_best))
     print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
-          "untuned config | its ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for shape, t_c, t, cfg, untuned, u_ms in best:
+          "untuned config | its ratio | best TMA tile's ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape, t_c, t, cfg, untuned, u_ms, tma_best in best:
         u_ratio = ("-" if u_ms is None else u_ms if isinstance(u_ms, str)
                    else f"{u_ms / t_c:.2f}")
+        tma_ratio = "-" if tma_best is None else f"{tma_best / t_c:.2f}"
         print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} | {untuned} | "
-              f"{u_ratio} |")
+              f"{u_ratio} | {tma_ratio} |")
     if best:
         g = math.exp(sum(math.log(r[2] / r[1]) for r in best) / len(best))
         target = " (issue 5 target <= 1.15)" if a.variant == "plain" else ""
-        print(f"\ngeomean best/cuDNN over {len(best)} shapes: {g:.2f}{target}")
+        print(f"\ngeomean best pointer tile/cuDNN over {len(best)} shapes: {g:.2f}{target}")
+        both = [r for r in best if r[6] is not None]
+        if both:
+            gp = math.exp(sum(math.log(r[2] / r[1]) for r in both) / len(both))
+            gt = math.exp(sum(math.log(r[6] / r[1]) for r in both) / len(both))
+            print(f"where TMA tiles ran ({len(both)} shapes): best pointer tile {gp:.2f}, "
+                  f"best TMA tile {gt:.2f} (time over cuDNN's, geomean)")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(
             {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),

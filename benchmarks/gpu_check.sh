@@ -216,7 +216,9 @@ else
     --json "$STEPS_DIR/pair-ab.json"
 fi
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
-# with the statistics epilogue (the default), and with the BN+ReLU prologue too.
+# with the statistics epilogue (the default), and with the BN+ReLU prologue too. At the 1x1
+# stride-1 shapes the first two also time the TMA tiles (conv_tma.py, never yet on a GPU):
+# their "best TMA tile's ratio" column decides whether TMA joins the autotuner.
 if [ "$DRY" = 1 ]; then
   for v in conv-configs conv-configs-stats conv-configs-train; do
     say "=== $v: dry run, needs CUDA: $PY benchmarks/conv_configs.py"
@@ -225,7 +227,7 @@ if [ "$DRY" = 1 ]; then
 else
   run_step conv-configs 90 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --json "$STEPS_DIR/conv-configs.json"
-  run_step conv-configs-stats 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+  run_step conv-configs-stats 75 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant stats --json "$STEPS_DIR/conv-configs-stats.json"
   run_step conv-configs-train 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant train --json "$STEPS_DIR/conv-configs-train.json"

@@ -27,9 +27,12 @@ def test_aot_subset_compiles_for_sm80_and_sm90(tmp_path):
     import json
     rows = json.loads(out.read_text())
     kernels = {r["kernel"] for r in rows}
-    assert {"conv_unit_kernel", "conv_pair_kernel", "epilogue_fwd_kernel", "epilogue_bwd_kernel",
-            "stats_partial_kernel", "stats_finalize_kernel", "stats_bwd_kernel"} <= kernels
+    assert {"conv_unit_kernel", "conv_pair_kernel", "conv1x1_tma_kernel", "epilogue_fwd_kernel",
+            "epilogue_bwd_kernel", "stats_partial_kernel", "stats_finalize_kernel",
+            "stats_bwd_kernel"} <= kernels
     assert {r["sm"] for r in rows} == {80, 90}
+    # TMA needs sm_90: the TMA conv is compiled for it alone.
+    assert {r["sm"] for r in rows if r["kernel"] == "conv1x1_tma_kernel"} == {90}
     for r in rows:
         assert r["ok"] and r["shared"] is not None, r
 
@@ -165,6 +168,42 @@ def test_aot_pair_args_are_what_the_launcher_passes():
     names = set(conv_pair.conv_pair_kernel.arg_names)
     ptrs = {n for n in names if n.endswith("_ptr")}
     assert set(ints) | ptrs | {k for k in names if k.isupper()} == names
+
+
+def test_tma_conv_compiles_to_tma_copies_and_async_wgmma_on_sm90():
+    """What conv_tma.py exists for: on sm_90 its operands arrive by TMA (cp.async.bulk.tensor)
+    and feed asynchronous wgmma, rather than Triton lowering the descriptors to ordinary
+    loads; every AOT job of it passes the launcher's arguments (descriptors, the epilogue's
+    tensors, its sizes and strides, its constexprs) and nothing else."""
+    code = ("import re, triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.compiler import ASTSource\n"
+            "from fused_res.triton import aot, conv_tma\n"
+            "names = set(conv_tma.conv1x1_tma_kernel.arg_names)\n"
+            "jobs = [j for j in aot.jobs(subset=True) if j.kernel == 'conv1x1_tma_kernel']\n"
+            "assert {j.variant for j in jobs} == set(aot.TMA_VARIANTS), jobs\n"
+            "for j in jobs:\n"
+            "    assert j.archs == (90,)\n"
+            "    sig, attrs, cx = aot._signature(j.fn, j.dtype, j.maps, j.constexprs, j.ints)\n"
+            "    assert set(sig) == names, set(sig) ^ names\n"
+            "    assert sig['x_desc'].startswith('tensordesc<bf16['), sig['x_desc']\n"
+            "    k = triton.compile(ASTSource(j.fn, sig, constexprs=cx, attrs=attrs),\n"
+            "                       target=GPUTarget('cuda', 90, 32), options=j.options)\n"
+            "    ptx = k.asm['ptx']\n"
+            "    assert 'cp.async.bulk.tensor' in ptx, j.variant\n"
+            "    assert 'wgmma.mma_async' in ptx, j.variant\n")
+    _run_in_child(code)
+
+
+def test_tma_autotune_key_and_tiles():
+    tma = pytest.importorskip("fused_res.triton.conv_tma")
+    assert set(tma._TUNE_KEY) <= set(tma.conv1x1_tma_kernel.arg_names)
+    assert list(tma._autotuned_kernel().keys) == tma._TUNE_KEY
+    assert all(c.tma for c in configs.TMA_SWEEP_CONFIGS)
+    assert not any(c.tma for c in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS)
+    # The name says which loads a tile uses; everything else about the tile is the same.
+    tile = configs.CONV_CONFIGS[1]
+    assert str(tile.with_tma()) == f"{tile}_tma" and tile.with_tma().meta == tile.meta
 
 
 def test_reduction_sub_tiles_grow_with_the_problem_but_keep_the_grid_full():

@@ -241,6 +241,100 @@ def test_large_tiles_on_gpu(tile):
     assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
 
 
+def _hopper() -> bool:
+    return torch.cuda.get_device_capability()[0] >= 9
+
+
+def _tma_tiles():
+    from fused_res.triton import configs
+    return [str(c) for c in configs.TMA_SWEEP_CONFIGS]
+
+
+# ResNet-50's 1x1 stride-1 shapes where conv.py was furthest from cuDNN (run 5), at a batch
+# whose M leaves a partial last row tile: (C_in, C_out, hw).
+@pytest.mark.parametrize("shape", [(2048, 512, 7), (64, 256, 56)], ids=["l4_conv1", "l1_conv3"])
+@pytest.mark.parametrize("tile", _tma_tiles())
+def test_tma_tiles_on_gpu(tile, shape):
+    """The benchmark's TMA tiles (conv_tma.py, configs.TMA_SWEEP_CONFIGS) on the GPU, bf16:
+    the statistics epilogue and the full tail with u, against the float64 reference. sm_90
+    and newer only (TMA). The autotuner's TMA tiles run in the test below."""
+    if not _hopper():
+        pytest.skip("TMA tiles run on sm_90 and newer")
+    from fused_res.triton import configs
+    from fused_res.triton.conv import conv_launch
+    from fused_res.triton.elementwise import stats_finalize
+    cfg = next(c for c in configs.TMA_SWEEP_CONFIGS if str(c) == tile)
+    cin, cout, hw = shape
+    ours, ref, _ = _case(1, 1, 0, cin, cout, n=5, h=hw, w=hw)
+    a = {k: v.detach() for k, v in ours.items()}
+    r = {k: v.detach() for k, v in ref.items()}
+    with torch.no_grad():
+        z, parts = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
+                               "none", stats=True, memory_format=torch.channels_last,
+                               config=cfg)
+        mean, var = stats_finalize(*parts, z.shape[1])
+        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], backend="reference")
+        y, u = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
+                           "none", out_scale=a["a_out"], out_shift=a["b_out"],
+                           act_mid="relu", residual=a["r"], res_scale=0.7,
+                           branch_scale=a["d"], act_out="relu", store_u=True,
+                           memory_format=torch.channels_last, config=cfg)
+        y_ref = ops.conv_unit(r["x"], r["w"], r["bias"], out_scale=r["a_out"],
+                              out_shift=r["b_out"], act_mid="relu", residual=r["r"],
+                              res_scale=0.7, branch_scale=r["d"], act_out="relu",
+                              backend="reference")
+    assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(y, y_ref) <= TOLERANCES[torch.bfloat16]
+    zd = z.double()
+    assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
+    assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tma_requested_resnet50_stages_match_the_pointer_kernels(dtype, monkeypatch):
+    """FUSED_RES_TRITON_TMA=1: ResNet-50's first two stages (eval forward; train forward,
+    backward and running statistics) with their 1x1 stride-1 convs through TMA give what the
+    pointer kernels give, within the dtype's tolerance (float32 without tf32)."""
+    if not _hopper():
+        pytest.skip("TMA tiles run on sm_90 and newer")
+    import copy
+
+    import fused_res
+    import fused_res.triton.conv_tma as conv_tma
+    from fused_res import models
+    torch.manual_seed(0)
+    net = models.resnet50()
+    stages = torch.nn.Sequential(net.layer1, net.layer2).cuda().to(
+        memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 20, 20, device="cuda").contiguous(memory_format=torch.channels_last)
+    launches = []
+    real = conv_tma.launch
+    monkeypatch.setattr(conv_tma, "launch", lambda *q, **k: launches.append(1) or real(*q, **k))
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        outs = {}
+        for tma in (False, True):
+            monkeypatch.setenv("FUSED_RES_TRITON_TMA", "1" if tma else "0")
+            fused = fused_res.convert(copy.deepcopy(stages), backend="triton")
+            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                fused.eval()
+                with torch.no_grad():
+                    y_eval = fused(x)
+                fused.train()
+                xa = x.clone().requires_grad_()
+                y = fused(xa)
+            y.float().square().mean().backward()
+            outs[tma] = [y_eval, y, xa.grad,
+                         *(p.grad for p in fused.parameters()),
+                         *(b for b in fused.buffers() if b.is_floating_point())]
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+    assert launches, "no conv took the TMA kernel"
+    for i, (a, b) in enumerate(zip(outs[True], outs[False], strict=True)):
+        assert rel_err(a, b) <= TOLERANCES[dtype], (i, rel_err(a, b))
+
+
 def _batches(steps, batch, seed, noise, device):
     """A synthetic task a CIFAR ResNet-20 learns within a few hundred steps, and the same data
     for every call with the same arguments (drawn on the CPU, so on any device): 10 class

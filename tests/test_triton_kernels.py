@@ -226,6 +226,125 @@ else:
         for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
             _check(o, r, torch.float32, f"{tile} {what}")
 
+    # 1x1 stride-1 convs through TMA descriptors (conv_tma.py): C_in = 72 leaves a partial
+    # last BLOCK_K (zero-filled by the descriptor), C_out = 80 a partial BLOCK_N, 2x11x13 = 286
+    # output pixels a partial BLOCK_M for every tile.
+    TMA_1X1 = (1, 1, 0, "none", False, True, "relu", True, True, "relu", 72)
+
+    def _tma_tiles():
+        from fused_res.triton import configs
+        return [configs.INTERPRETER_CONV_CONFIG.with_tma(), *configs.TMA_SWEEP_CONFIGS,
+                *(c.with_tma() for c in configs.CONV_CONFIGS)]
+
+    def _tma_case(dtype, seed=4):
+        return _cast(_make(TMA_1X1, n=2, cout=80, h=11, w=13, seed=seed), dtype,
+                     torch.channels_last)
+
+    def _launch_1x1(a, tile, stats=False, store_u=False):
+        from fused_res.triton.conv import conv_launch
+        if stats:
+            return conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
+                               "none", stats=True, memory_format=torch.channels_last,
+                               config=tile)
+        return conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
+                           "none", out_scale=a["a_out"], out_shift=a["b_out"],
+                           act_mid=a["act_mid"], residual=a["r"], res_scale=a["lam"],
+                           branch_scale=a["d"], act_out=a["act_out"], store_u=store_u,
+                           memory_format=torch.channels_last, config=tile)
+
+    def _check_tma_tile(a, tile, dtype):
+        from fused_res.triton.elementwise import stats_finalize
+        ref = _as_ref(a)
+        with torch.no_grad():
+            y_ref = _unit(ref, "reference")
+            y, u = _launch_1x1(a, tile, store_u=True)
+            _check(y, y_ref, dtype, f"{tile} y")
+            u_ref = torch.nn.functional.conv2d(ref["x"], ref["w"], ref["bias"])
+            u_ref = u_ref * ref["a_out"].view(1, -1, 1, 1) + ref["b_out"].view(1, -1, 1, 1)
+            _check(u, u_ref, dtype, f"{tile} u")
+            z_ref, mean_ref, var_ref = ops.conv_bn_stats(ref["x"], ref["w"], ref["bias"],
+                                                         backend="reference")
+            z, parts = _launch_1x1(a, tile, stats=True)
+            mean, var = stats_finalize(*parts, z.shape[1])
+        for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
+            _check(o, r, dtype, f"{tile} {what}")
+
+    @pytest.mark.parametrize("tile", _tma_tiles(), ids=str)
+    def test_every_tma_tile_computes_the_same_conv(tile):
+        """Every TMA tile a GPU may run (the sweep's, and CONV_CONFIGS as TMA tiles, which
+        FUSED_RES_TRITON_TMA=1 autotunes over): the whole tail with u, and z with its
+        statistics, against the float64 reference."""
+        _check_tma_tile(_tma_case(torch.float32), tile, torch.float32)
+
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    def test_tma_tile_with_int64_offsets(dtype, monkeypatch):
+        """The epilogue's 64-bit offsets (tensors of 2^31 elements or more) behind TMA loads,
+        whose tile coordinates stay int32."""
+        import fused_res.triton.conv as conv
+        monkeypatch.setattr(conv, "needs_int64", lambda *t: True)
+        from fused_res.triton import configs
+        _check_tma_tile(_tma_case(dtype, seed=6), configs.INTERPRETER_CONV_CONFIG.with_tma(),
+                        dtype)
+
+    def test_tma_tile_refuses_convs_it_cannot_run():
+        """A config with tma=True on a conv TMA cannot load is an error naming the config
+        and the reason, never a silent fallback or a wrong answer."""
+        from fused_res.triton import configs
+        from fused_res.triton.conv import conv_launch
+        tile = configs.INTERPRETER_CONV_CONFIG.with_tma()
+        a = _tma_case(torch.float32)
+        x, w = a["x"], a["w"]
+        w3 = torch.randn(80, 72, 3, 3)
+        cases = [
+            (dict(weight=w3, padding=(1, 1)), "1x1 kernels"),
+            (dict(stride=(2, 2)), "stride 1"),
+            (dict(act_in="relu"), "prologue"),
+            (dict(x=x.contiguous()), "channels_last"),
+            (dict(x=x[:, :70].contiguous(memory_format=torch.channels_last), weight=w[:, :70]),
+             "16 bytes"),
+        ]
+        for change, why in cases:
+            kw = {**dict(x=x, weight=w, stride=(1, 1), padding=(0, 0), act_in="none"), **change}
+            with pytest.raises(ValueError, match=f"config={tile}.*{why}"):
+                conv_launch(kw["x"], kw["weight"], None, kw["stride"], kw["padding"], None,
+                            None, None, kw["act_in"], memory_format=torch.channels_last,
+                            config=tile)
+
+    @pytest.mark.parametrize("mode", ["train", "eval"])
+    def test_tma_requested_runs_the_1x1_convs_of_a_block(mode, monkeypatch):
+        """FUSED_RES_TRITON_TMA=1: a bottleneck's 1x1 stride-1 convs go through TMA (the rest
+        stay on the pointer kernel), and the block's output, gradients and running
+        statistics are the reference's."""
+        import fused_res.triton.conv_tma as conv_tma
+        from fused_res.backends import get_backend_object
+        monkeypatch.setenv("FUSED_RES_TRITON_TMA", "1")
+        launches = []
+        real = conv_tma.launch
+        monkeypatch.setattr(conv_tma, "launch",
+                            lambda *q, **k: launches.append(q[0].shape) or real(*q, **k))
+        block, ref, cin = _block_pair("bottleneck", 2)
+        block.train(mode == "train")
+        ref.train(mode == "train")
+        x = torch.randn(3, cin, 7, 7).to(memory_format=torch.channels_last)
+        xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+        with get_backend_object("triton").train_prologue(False):
+            y = block(xa)
+        yr = ref(xr)
+        _check(y, yr, torch.float32, f"{mode} y")
+        # conv1 (8 -> 4, 7x7) and conv3 (4 -> 16, 4x4) are 1x1 stride 1; conv2 (3x3) and the
+        # stride-2 projection are not.
+        assert [tuple(s) for s in launches] == [(3, 8, 7, 7), (3, 4, 4, 4)], launches
+        gy = torch.randn(yr.shape, dtype=D)
+        (y.double() * gy).sum().backward()
+        (yr * gy).sum().backward()
+        _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
+        for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
+                                      strict=True):
+            _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
+        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
+            if b.is_floating_point():
+                _check(b, br, torch.float32, name)
+
     @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
     def test_unfused_mode_computes_the_same_unit(cfg):
         """bench's fused-triton-unfused: the same kernels one job at a time, same results."""

@@ -85,6 +85,13 @@ CONV_VARIANTS = {
     "eval_3x3_tail_int64": dict(KH=3, KW=3, HAS_BIAS=True, HAS_OA=True, HAS_OB=True,
                                 ACT_MID=True, HAS_RES=True, ACT_OUT=True, INDEX_64=True),
 }
+# The TMA conv (1x1, stride 1, no prologue; sm_90): eval's bottleneck conv3 with the block's
+# whole tail, and the train conv with its statistics, as the backend's default runs it.
+TMA_VARIANTS = {
+    "eval_1x1_tail": dict(KH=1, KW=1, HAS_BIAS=True, HAS_OA=True, HAS_OB=True, ACT_MID=True,
+                          HAS_RES=True, ACT_OUT=True, STORE_U=True),
+    "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
+}
 CONV_PROBLEMS = {  # (N, C_in, H, W, C_out, k, stride, pad)
     "eval_3x3_tail": (64, 64, 56, 56, 64, 3, 1, 1),
     "train_3x3_prologue_stats": (64, 128, 56, 56, 128, 3, 2, 1),
@@ -93,6 +100,7 @@ CONV_PROBLEMS = {  # (N, C_in, H, W, C_out, k, stride, pad)
     "train_3x3_stats": (64, 128, 56, 56, 128, 3, 2, 1),
     "eval_1x1_s2_tail": (64, 512, 28, 28, 1024, 1, 2, 0),
     "eval_3x3_tail_int64": (512, 64, 256, 256, 64, 3, 1, 1),
+    "eval_1x1_tail": (64, 512, 7, 7, 2048, 1, 1, 0),
 }
 
 
@@ -198,6 +206,8 @@ _BN_VARIANTS = (  # (kernel, variant, flags)
                                              HAS_SCALE=True, HAS_W=True)),
 )
 BN_INT_ARGS = dict(C=2048)
+# The TMA conv's descriptors: the constexprs that give their block shapes.
+_DESC_BLOCKS = {"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_K", "BLOCK_N")}
 _BN_MAPS = {"w_ptr", "gw_ptr", "rm_ptr", "rv_ptr"}
 
 
@@ -209,6 +219,9 @@ def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
     for i, name in enumerate(fn.arg_names):
         if name in cx:
             sig[name] = "constexpr"
+        elif name in _DESC_BLOCKS:
+            rows, cols = (cx[b] for b in _DESC_BLOCKS[name])
+            sig[name] = f"tensordesc<{dtype}[{rows}, {cols}]>"
         elif name.endswith("_ptr"):
             sig[name] = (f"*{dtype}" if name in maps else "*i64" if name in _I64_PTRS
                          else "*fp32")
@@ -246,34 +259,37 @@ class Job:
     # Bytes of one pipeline stage (the A and B tiles) where the K loop must be software-
     # pipelined, or 0 where that is not required (the gathered 7x7 stem, elementwise kernels).
     stage_bytes: int = 0
+    archs: tuple = ARCHS  # the GPUs it can run on (TMA kernels: sm_90 only)
 
 
 def _gemm_jobs(fn, variants: dict, base_flags: dict, maps: set, int_args, dtype: str,
-               subset: bool) -> list[Job]:
-    """The implicit-GEMM kernels' jobs: every variant x autotune config (one where subset)."""
+               subset: bool, cfgs=configs.CONV_CONFIGS, archs=ARCHS) -> list[Job]:
+    """The implicit-GEMM kernels' jobs: every variant x config (one where subset). Flags the
+    kernel does not take (the TMA conv has no taps, padding or prologue) are dropped."""
     elt = 4 if dtype == "fp32" else 2
     out = []
     for variant, flags in variants.items():
         taps = flags["KH"] * flags["KW"]
-        cfgs = configs.CONV_CONFIGS
+        todo = cfgs
         if subset:
-            cfgs = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
-        for cfg in cfgs:
+            todo = [c for c in cfgs if configs.conv_config_excluded(c, elt, taps) is None][:1]
+        for cfg in todo:
             cx = {**base_flags, **flags, **cfg.meta, "GROUP_M": 8,
                   "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
+            cx = {k: v for k, v in cx.items() if k in fn.arg_names}
             out.append(Job(fn, fn.__name__, variant, str(cfg), dtype, cx, maps,
                            int_args(variant),
                            {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
                            configs.conv_config_excluded(cfg, elt, taps),
                            0 if flags.get("FLAT_K") else
-                           (cfg.block_m + cfg.block_n) * cfg.block_k * elt))
+                           (cfg.block_m + cfg.block_n) * cfg.block_k * elt, archs))
     return out
 
 
 def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
     """Everything the backend can launch on a GPU, each with the reason it is excluded (if
     it is)."""
-    from . import batchnorm, conv, conv_pair, elementwise
+    from . import batchnorm, conv, conv_pair, conv_tma, elementwise
 
     out = []
     dtypes = ("bf16",) if subset else dtypes
@@ -284,6 +300,13 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
         out += _gemm_jobs(conv_pair.conv_pair_kernel, PAIR_VARIANTS, {"INDEX_64": False},
                           set(_PAIR_PTRS), lambda v: pair_int_args(PAIR_PROBLEMS[v]), dtype,
                           subset)
+        # TMA tiles: the sweep's and CONV_CONFIGS as TMA tiles (FUSED_RES_TRITON_TMA=1).
+        tma_cfgs = tuple(dict.fromkeys(configs.TMA_SWEEP_CONFIGS + tuple(
+            c.with_tma() for c in configs.CONV_CONFIGS)))
+        out += _gemm_jobs(conv_tma.conv1x1_tma_kernel, TMA_VARIANTS, _CONV_FLAGS,
+                          set(_CONV_PTRS) - _F32_PTRS,
+                          lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
+                          cfgs=tma_cfgs, archs=(90,))
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
             if name in _PARTIALS_TILES:
@@ -382,7 +405,7 @@ def run(subset: bool = False, archs=ARCHS, log=print, dtypes=DTYPES) -> list[Res
     tool = _cuobjdump()
     results = []
     for job in jobs(subset, dtypes):
-        for sm in archs:
+        for sm in (a for a in archs if a in job.archs):
             r = compile_one(job, sm, tool)
             results.append(r)
             log(_row(r))

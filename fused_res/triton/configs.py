@@ -8,19 +8,21 @@ been compiled for sm_80 and sm_90 on the CPU first.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class ConvConfig:
     """One implicit-GEMM tile shape: BLOCK_M output pixels x BLOCK_N output channels, reduced
-    BLOCK_K input channels (or flattened (kh, kw, c) taps) at a time."""
+    BLOCK_K input channels (or flattened (kh, kw, c) taps) at a time. tma: the operands
+    arrive by TMA (conv_tma.py: 1x1 stride-1 convs of dense NHWC inputs on sm_90+)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
     @property
     def meta(self) -> dict:
@@ -28,7 +30,11 @@ class ConvConfig:
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}"
-                f"_w{self.num_warps}_s{self.num_stages}")
+                f"_w{self.num_warps}_s{self.num_stages}{'_tma' if self.tma else ''}")
+
+    def with_tma(self) -> ConvConfig:
+        """The same tile with its operands loaded by TMA."""
+        return replace(self, tma=True)
 
 
 # The autotuner's candidates. Kept to eight on purpose: autotuning compiles every config for
@@ -78,6 +84,19 @@ SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(64, 64, 64, 4, 4),
     ConvConfig(128, 256, 64, 8, 3),
     ConvConfig(256, 128, 64, 8, 3),
+)
+
+# TMA tiles (conv_tma.py) that only a GPU can judge against the pointer-loaded ones above:
+# benchmarks/conv_configs.py times them at ResNet-50's 1x1 stride-1 shapes. Deeper pipelines
+# than the pointer tiles, because a TMA stage costs no registers. Until a GPU run shows them
+# faster they run only where asked (a config with tma=True, or FUSED_RES_TRITON_TMA=1, which
+# autotunes CONV_CONFIGS as TMA tiles instead).
+TMA_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
+    ConvConfig(128, 128, 64, 8, 3, tma=True),
+    ConvConfig(128, 128, 64, 8, 4, tma=True),
+    ConvConfig(128, 64, 64, 4, 4, tma=True),
+    ConvConfig(64, 128, 64, 4, 4, tma=True),
+    ConvConfig(128, 256, 64, 8, 3, tma=True),
 )
 
 # The interpreter runs one program at a time in numpy: larger tiles mean fewer programs.

@@ -64,8 +64,8 @@ def _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, ci, dh, dw, ih0, iw0, H, W, 
 @triton.jit
 def _tile_coords(M, C_out, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr, INDEX_64: tl.constexpr):
-    """This program's output tile: its row-tile index, the rows (output pixels, as n, oh,
-    ow) and channels it covers, and their masks."""
+    """This program's output tile: its row- and channel-tile indices, the rows (output
+    pixels, as n, oh, ow) and channels it covers, and their masks."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(C_out, BLOCK_N)
@@ -88,7 +88,7 @@ def _tile_coords(M, C_out, OH, OW, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     t = offs_m // OW
     oh = t % OH
     n_idx = t // OH
-    return pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow
+    return pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow
 
 
 @triton.jit
@@ -122,51 +122,17 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
 
 
 @triton.jit
-def conv_unit_kernel(
-        x_ptr, w_ptr, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
-        y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
-        M, C_in, H, W, C_out, OH, OW,
-        sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
-        stride_h, stride_w, pad_h, pad_w, res_scale,
-        KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
-        ACT_IN: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
-        ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
-        HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
-        PROLOGUE: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        INDEX_64: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr):
-    """y = tail(conv(prologue(x)) + bias) (STATS=False) or z = conv(prologue(x)) + bias with
-    per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
-    contiguous; y, u (N, C_out, OH, OW) with strides sy*; residual with strides sr*;
-    st_mean/st_m2 (tiles_m, C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
-    pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
-        M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
+def _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
+                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
+                   C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
+                   HAS_BIAS: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
+                   ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
+                   HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
+                   STATS: tl.constexpr):
+    """Everything after the K loop, for the [BLOCK_M, BLOCK_N] fp32 accumulator: + bias, then
+    either z with its per-tile statistics (STATS) or the unit's tail (affine, act_mid,
+    branch scale, residual, act_out; u where STORE_U), cast and stored."""
     offs_n_ix = offs_n.to(offs_m.dtype)
-    ih0 = oh * stride_h - pad_h
-    iw0 = ow * stride_w - pad_w
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
-        K_TOTAL = KH * KW * C_in
-        row_off = n_idx * sxn
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < K_TOTAL
-            ci = offs_k % C_in
-            tap = offs_k // C_in
-            a = _load_a(x_ptr, row_off, mask_m, offs_k, mask_k, ci, tap // KW, tap % KW, ih0,
-                        iw0, H, W, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA,
-                        HAS_IB, ACT_IN, PROLOGUE, True)
-            b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :],
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    else:
-        acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, H, W,
-                        C_out, sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH, KW, HAS_IC,
-                        HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K)
-
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask2 = mask_m[:, None] & mask_n[None, :]
@@ -197,6 +163,57 @@ def conv_unit_kernel(
         tl.store(y_ptr + out_off, y.to(out_ty), mask=mask2)
 
 
+@triton.jit
+def conv_unit_kernel(
+        x_ptr, w_ptr, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
+        y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
+        M, C_in, H, W, C_out, OH, OW,
+        sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
+        stride_h, stride_w, pad_h, pad_w, res_scale,
+        KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
+        ACT_IN: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
+        ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
+        HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
+        PROLOGUE: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        INDEX_64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
+    """y = tail(conv(prologue(x)) + bias) (STATS=False) or z = conv(prologue(x)) + bias with
+    per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
+    contiguous; y, u (N, C_out, OH, OW) with strides sy*; residual with strides sr*;
+    st_mean/st_m2 (tiles_m, C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
+    pid_m, _, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
+        M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        K_TOTAL = KH * KW * C_in
+        row_off = n_idx * sxn
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K_TOTAL
+            ci = offs_k % C_in
+            tap = offs_k // C_in
+            a = _load_a(x_ptr, row_off, mask_m, offs_k, mask_k, ci, tap // KW, tap % KW, ih0,
+                        iw0, H, W, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA,
+                        HAS_IB, ACT_IN, PROLOGUE, True)
+            b = tl.load(w_ptr + offs_k[:, None] * C_out + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, H, W,
+                        C_out, sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH, KW, HAS_IC,
+                        HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K)
+
+    _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
+                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
+                   C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale, HAS_BIAS, HAS_OA,
+                   HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH, ACT_OUT, STORE_U, STATS)
+
+
 # triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1).
 _INTERPRET = not isinstance(conv_unit_kernel, triton.runtime.jit.JITFunction)
 
@@ -207,7 +224,7 @@ _AUTOTUNED: dict = {}
 
 
 def _prune(cfgs, nargs, **kwargs):
-    x = nargs["x_ptr"]
+    x = nargs["x_ptr"] if "x_ptr" in nargs else nargs["x_desc"].base
     taps = kwargs.get("KH", 1) * kwargs.get("KW", 1)
     keep = {str(c) for c in configs.conv_configs_for(x.element_size(), taps, nargs["C_in"],
                                                      nargs["C_out"], kwargs.get("FLAT_K"))}
@@ -227,12 +244,14 @@ _TUNE_KEY = ["M", "C_in", "H", "W", "C_out", "OH", "OW", "stride_h", "stride_w",
              "FLAT_K", "PROLOGUE", "STATS", "HAS_RES", "STORE_U", "INDEX_64"]
 
 
-def autotune_over_conv_configs(kernel, key: list[str], **kwargs):
-    """`kernel` autotuned over CONV_CONFIGS (pruned per problem by _prune), keyed by `key`.
+def autotune_over_conv_configs(kernel, key: list[str], pre_hook=None, **kwargs):
+    """`kernel` autotuned over CONV_CONFIGS (pruned per problem by _prune), keyed by `key`;
+    pre_hook(nargs) runs before each config does (it sees the config's BLOCK_* too).
     Where this Triton can (cache_results), the timings are kept on disk with its compiled
     kernels, so a new process on the same GPU skips tuning a shape already tuned."""
     cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
-                          num_stages=c.num_stages) for c in configs.CONV_CONFIGS]
+                          num_stages=c.num_stages, pre_hook=pre_hook)
+            for c in configs.CONV_CONFIGS]
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         kwargs["cache_results"] = True
     return triton.autotune(cfgs, key=key, prune_configs_by={"early_config_prune": _prune},
@@ -331,6 +350,31 @@ def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
     return w_mat
 
 
+def tma_requested() -> bool:
+    """FUSED_RES_TRITON_TMA=1: the convs conv_tma can run take it when no config is given
+    (not the default until a GPU run shows it faster; see conv_tma.py)."""
+    return os.environ.get("FUSED_RES_TRITON_TMA", "0") == "1"
+
+
+def _tma_tile(config, cfg, x, weight, stride, padding, prologue: bool):
+    """False: the pointer kernel runs. Otherwise conv_tma runs, with this tile (a ConvConfig
+    with tma=True) or None (autotuned). A config with tma=True that cannot run is an error;
+    FUSED_RES_TRITON_TMA=1 applies where it can and leaves the rest to the pointer kernel."""
+    if config is not None and not config.tma:
+        return False
+    if config is None and not tma_requested():
+        return False
+    from . import conv_tma
+    reason = conv_tma.unsupported_reason(x, weight, stride, padding, prologue)
+    if config is not None:
+        if reason is not None:
+            raise ValueError(f"config={config}: a TMA tile cannot run this conv: {reason}")
+        return config
+    if reason is not None:
+        return False
+    return cfg.with_tma() if cfg is not None else None
+
+
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
@@ -376,37 +420,44 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     w_mat = weight_matrix_cached(weight)
     dummy = y
     r = residual if residual is not None else y
-    args = (x, w_mat, bias if bias is not None else dummy,
-            in_center if in_center is not None else dummy,
-            in_scale if in_scale is not None else dummy,
-            in_shift if in_shift is not None else dummy,
-            out_scale if out_scale is not None else dummy,
-            out_shift if out_shift is not None else dummy,
-            r, branch_scale if branch_scale is not None else dummy,
-            y, u if u is not None else dummy,
-            st_mean if stats else dummy, st_m2 if stats else dummy,
-            st_cnt if stats else dummy,
-            m, c_in, h, w, c_out, oh, ow, *x.stride(), *y.stride(), *r.stride(),
-            stride[0], stride[1], padding[0], padding[1], float(res_scale))
+    prologue = (in_center is not None or in_scale is not None or in_shift is not None
+                or act_in == "relu")
     flags = dict(KH=kh, KW=kw, FLAT_K=flat, HAS_BIAS=bias is not None,
                  HAS_IC=in_center is not None, HAS_IA=in_scale is not None,
                  HAS_IB=in_shift is not None, ACT_IN=act_in == "relu",
                  HAS_OA=out_scale is not None, HAS_OB=out_shift is not None,
                  ACT_MID=act_mid == "relu", HAS_RES=residual is not None,
                  RES_SCALED=float(res_scale) != 1.0, HAS_BRANCH=branch_scale is not None,
-                 ACT_OUT=act_out == "relu", STORE_U=store_u, STATS=stats,
-                 PROLOGUE=(in_center is not None or in_scale is not None
-                           or in_shift is not None or act_in == "relu"),
+                 ACT_OUT=act_out == "relu", STORE_U=store_u, STATS=stats, PROLOGUE=prologue,
                  DOT_PRECISION=dot_precision(x.dtype),
                  INDEX_64=needs_int64(x, y, r))
-    if cfg is not None:
-        grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
-        conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
-                               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # The epilogue's tensors (dummies where a flag says unused), in the kernels' order.
+    tail = (bias if bias is not None else dummy,
+            out_scale if out_scale is not None else dummy,
+            out_shift if out_shift is not None else dummy,
+            r, branch_scale if branch_scale is not None else dummy,
+            y, u if u is not None else dummy,
+            st_mean if stats else dummy, st_m2 if stats else dummy,
+            st_cnt if stats else dummy)
+    tma = _tma_tile(config, cfg, x, weight, stride, padding, prologue)
+    if tma is not False:
+        from . import conv_tma
+        conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tma)
     else:
-        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
-                             cdiv(c_out, meta["BLOCK_N"]),)
-        _autotuned_kernel()[grid](*args, **flags)
+        args = (x, w_mat, tail[0],
+                in_center if in_center is not None else dummy,
+                in_scale if in_scale is not None else dummy,
+                in_shift if in_shift is not None else dummy, *tail[1:],
+                m, c_in, h, w, c_out, oh, ow, *x.stride(), *y.stride(), *r.stride(),
+                stride[0], stride[1], padding[0], padding[1], float(res_scale))
+        if cfg is not None:
+            grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
+            conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
+                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
+                                 cdiv(c_out, meta["BLOCK_N"]),)
+            _autotuned_kernel()[grid](*args, **flags)
     if stats:
         return y, (st_mean, st_m2, st_cnt)
     return y, u

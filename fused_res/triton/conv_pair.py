@@ -48,7 +48,7 @@ def conv_pair_kernel(
     """y = act_out(conv(x, w) + bias + conv1x1(x2, w2, stride2) + bias2). x (N, C_in, H, W),
     x2 (N, C2, H2, W2) and y (N, C_out, OH, OW) with strides sx*, s2*, sy*; w (KH*KW*C_in,
     C_out) and w2 (C2, C_out) contiguous; bias, bias2 (C_out,) float32."""
-    pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
+    _, _, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
         M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # (x_ptr stands in for the prologue's vectors, which PROLOGUE=False never reads.)
