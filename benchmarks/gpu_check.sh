@@ -178,9 +178,11 @@ FUSED="fused-triton,fused-triton-unfused,fused-cuda,fused-cudnn"
 # FUSED_RES_GPU_CHECK_ONLY.) fused-triton-prologue: each training BN + ReLU in the next conv's
 # prologue, the issue's design, no longer the default (run 5: 1.07x eager against 1.19x with
 # the BN in a pass of its own; the prologue conv's A tile goes through registers and back
-# to shared memory for the BN + ReLU).
+# to shared memory for the BN + ReLU). fused-triton-tma: the 1x1 stride-1 convs (32 of 53)
+# with TMA-loaded operands (conv_tma.py; written after run 6, never run on a GPU).
 bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128 --repeats 20 \
-  --contenders eager-cl,fused-triton,fused-triton-prologue,fused-cuda --cuda-graphs
+  --contenders eager-cl,fused-triton,fused-triton-prologue,fused-triton-tma,fused-cuda \
+  --cuda-graphs
 # Where the train step's time goes: device time per kernel family and the share of the step
 # the GPU is busy (host-bound when well under 1), per contender.
 PROFILE_ARGS=(--model resnet50 --mode train --batch 128 --dtype bf16)
@@ -204,7 +206,8 @@ run_step host-profile 75 bash -c 'rc=0; for bm in triton:train cuda:train triton
 bench blocks-eval-b256 120 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
   --repeats 20 --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
 bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
-  --contenders eager-cl,compile,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
+  --contenders eager-cl,compile,cudnn-fused,fused-triton,fused-triton-tma,fused-cuda \
+  --cuda-graphs
 # A block's last conv and its projection shortcut as one kernel against the two units it
 # replaces, per ResNet-50 downsampling block (written after run 6: never measured). Its
 # table is in the log.

@@ -324,6 +324,22 @@ def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     assert lone[1]["speedup"] is None  # no eager-cl+graph row: no graph speedup to claim
 
 
+def test_tma_contender_runs_the_triton_backend_with_tma_loads():
+    """fused-triton-tma: the Triton backend with its 1x1 stride-1 convs on TMA loads, inside
+    the call only; no other backend gets one."""
+    from fused_res.backends import get_backend_object
+    names = C.fused_names()
+    assert "fused-triton-tma" in names and not any(
+        n.endswith("-tma") for n in names if n != "fused-triton-tma")
+    wl = get_workload("resnet18")
+    built = C.build("fused-triton-tma", models.resnet18().eval(), wl, BenchConfig(mode="eval"))
+    triton = get_backend_object("triton")
+    seen = []
+    built.forward = lambda x: seen.append(triton._tma)
+    C.call_with(built)(torch.zeros(1))
+    assert seen == [True] and triton._tma is None
+
+
 @pytest.mark.parametrize("default", [False, True])
 def test_placement_contender_runs_the_backend_with_the_other_bn_placement(default,
                                                                           monkeypatch):

@@ -132,3 +132,29 @@ def test_compile_comparison_falls_back_to_launches_where_a_graph_row_failed():
     got = _by_target({"runs": {"a": {"results": rows}}, "extras": {}})
     rn50 = got["eval ResNet-50 b256: fused-triton >= 1.3x eager, >= compile-max-autotune"]
     assert rn50["met"] is False and "vs compile-max-autotune 0.89x" in rn50["measured"]
+
+
+def test_tma_rows_and_tiles_are_listed_beside_the_default():
+    """fused-triton-tma's ResNet-50 rows get target rows of their own where a run has them
+    (the default's verdicts are unchanged), and the conv sweep names the best TMA tile per
+    1x1 shape beside the best pointer tile there; a wrong TMA tile never counts."""
+    rows = [_row("fused-triton", 1.2, True), _row("fused-triton-tma", 1.3, True),
+            _row("fused-triton-tma", 1.1, True, "resnet50", "eval", 256)]
+    conv = [{"conv": [2048, 512, 7, 1, 1], "ratio": 1.58}]
+    shape = [2048, 512, 7, 1, 1]
+    sweep = [{"conv": shape, "config": "128x128x64_w8_s3", "ratio": 1.54, "wrong": False},
+             {"conv": shape, "config": "128x128x64_w8_s3_tma", "ratio": 1.12, "wrong": False},
+             {"conv": shape, "config": "64x128x64_w4_s4_tma", "ratio": 0.5, "wrong": True},
+             {"conv": [64, 64, 56, 3, 1], "config": "64x64x32_w4_s4", "ratio": 1.2}]
+    doc = {"runs": {"x": {"results": rows}},
+           "extras": {"ops-bandwidth": {"conv": conv}, "conv-configs": {"rows": sweep}}}
+    got = _by_target(doc)
+    assert got["train ResNet-50 b128: fused-triton-tma >= 1.15x eager"]["met"] is True
+    assert got["eval ResNet-50 b256: fused-triton-tma >= 1.3x eager"]["met"] is False
+    assert got["train ResNet-50 b128: fused-triton >= 1.15x eager"]["met"] is True
+    conv_row = next(r for r in got.values() if "cuDNN" in r["target"])
+    assert "best TMA tile: 2048->512 7x7 k1 s1 1.12x (pointer 1.54x)" in conv_row["measured"]
+    assert "64->64" not in conv_row["measured"].split("best TMA tile")[1]
+    # Runs without TMA rows read as before.
+    plain = _by_target({"runs": {"x": {"results": rows[:1]}}, "extras": {}})
+    assert not any("tma" in t for t in plain)

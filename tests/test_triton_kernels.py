@@ -310,14 +310,22 @@ else:
                             None, None, kw["act_in"], memory_format=torch.channels_last,
                             config=tile)
 
+    @pytest.mark.parametrize("switch", ["env", "tma_loads"])
     @pytest.mark.parametrize("mode", ["train", "eval"])
-    def test_tma_requested_runs_the_1x1_convs_of_a_block(mode, monkeypatch):
-        """FUSED_RES_TRITON_TMA=1: a bottleneck's 1x1 stride-1 convs go through TMA (the rest
-        stay on the pointer kernel), and the block's output, gradients and running
-        statistics are the reference's."""
+    def test_tma_requested_runs_the_1x1_convs_of_a_block(mode, switch, monkeypatch):
+        """FUSED_RES_TRITON_TMA=1, or the backend's tma_loads() (the bench's
+        fused-triton-tma): a bottleneck's 1x1 stride-1 convs go through TMA (the rest stay on
+        the pointer kernel), and the block's output, gradients and running statistics are the
+        reference's."""
+        import contextlib
+
         import fused_res.triton.conv_tma as conv_tma
         from fused_res.backends import get_backend_object
-        monkeypatch.setenv("FUSED_RES_TRITON_TMA", "1")
+        if switch == "env":
+            monkeypatch.setenv("FUSED_RES_TRITON_TMA", "1")
+            tma = contextlib.nullcontext()
+        else:
+            tma = get_backend_object("triton").tma_loads()
         launches = []
         real = conv_tma.launch
         monkeypatch.setattr(conv_tma, "launch",
@@ -327,7 +335,7 @@ else:
         ref.train(mode == "train")
         x = torch.randn(3, cin, 7, 7).to(memory_format=torch.channels_last)
         xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
-        with get_backend_object("triton").train_prologue(False):
+        with get_backend_object("triton").train_prologue(False), tma:
             y = block(xa)
         yr = ref(xr)
         _check(y, yr, torch.float32, f"{mode} y")

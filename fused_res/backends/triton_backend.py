@@ -131,6 +131,19 @@ class TritonBackend(ReferenceBackend):
         finally:
             self._unfused = previous
 
+    _tma: bool | None = None  # None: FUSED_RES_TRITON_TMA decides
+
+    @contextlib.contextmanager
+    def tma_loads(self) -> Iterator[None]:
+        """Within the context, 1x1 stride-1 convs without a prologue load their operands by
+        TMA on sm_90 and newer (triton/conv_tma.py; elsewhere the usual kernel runs): the
+        bench's fused-triton-tma, not the default until a GPU run shows it faster."""
+        previous, self._tma = self._tma, True
+        try:
+            yield
+        finally:
+            self._tma = previous
+
     def _runs(self, x, weight=None, groups=1, dilation=(1, 1)) -> bool:
         """Whether the kernels take this call; a backward of a call the registry routed here
         always qualifies, this guards direct calls to the backend object."""
@@ -190,7 +203,7 @@ class TritonBackend(ReferenceBackend):
             out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
             res_scale=res_scale, branch_scale=branch_scale, act_out=act_out,
             store_u=needs_pre_act(act_mid, residual, branch_scale, act_out),
-            memory_format=fmt)
+            memory_format=fmt, tma=self._tma)
         # u is only read by a backward that needs_pre_act; otherwise an empty stand-in.
         return y, (u if u is not None else x.new_empty((0,)))
 
@@ -246,7 +259,7 @@ class TritonBackend(ReferenceBackend):
             return z, mean, var
         z, (st_mean, st_m2, st_cnt) = conv.conv_launch(
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
-            stats=True, memory_format=memory_format_of(x))
+            stats=True, memory_format=memory_format_of(x), tma=self._tma)
         mean, var = ew.stats_finalize(st_mean, st_m2, st_cnt, weight.shape[0])
         return z, mean, var
 

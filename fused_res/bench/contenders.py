@@ -16,6 +16,9 @@ it cannot run where it cannot.
                         default does not take. -bnpass: each BN + ReLU in its own pass
                         (Backend.prologue_apart); -prologue: in the next conv's prologue
                         (Backend.prologue_fused). Triton's default is the pass: -prologue.
+  fused-<backend>-tma   where a backend offers `tma_loads()` (Triton): its 1x1 stride-1
+                        convs load their operands by TMA (sm_90 and newer), not yet the
+                        default
 
 Groups for --contenders: default, all, eager, compiled (all three compile contenders),
 fused, cudnn. A name is never a group: "compile" is the default-mode contender alone.
@@ -53,11 +56,12 @@ def fused_names() -> tuple[str, ...]:
         flipped = []
         if obj.prologue_in_conv:  # the training BN placement its default does not take
             flipped = [f"fused-{b}-bnpass" if obj.fuse_train_prologue else f"fused-{b}-prologue"]
-        names[at:at] = ([f"fused-{b}-unfused"] if hasattr(obj, "unfused") else []) + flipped
+        names[at:at] = (([f"fused-{b}-unfused"] if hasattr(obj, "unfused") else []) + flipped
+                        + ([f"fused-{b}-tma"] if hasattr(obj, "tma_loads") else []))
     return tuple(names)
 
 
-_VARIANTS = ("-unfused", "-bnpass", "-prologue")
+_VARIANTS = ("-unfused", "-bnpass", "-prologue", "-tma")
 _PLACEMENTS = ("-bnpass", "-prologue")  # where a training BN + ReLU goes: train only
 
 
@@ -138,6 +142,9 @@ def unavailable(name: str, workload: Workload, config: BenchConfig) -> str | Non
             return f"the same run as {base} outside training (no batch-statistics BN)"
         if workload.kind == "unit":
             return f"the same run as {base}: a single conv unit has no BN before a conv"
+    if name.endswith("-tma") and config.device == "cuda" and torch.cuda.is_available() and (
+            torch.cuda.get_device_capability()[0] < 9):
+        return f"TMA needs an sm_90 or newer GPU: here it would run {base}'s kernels"
     if name == "compile-freeze" and config.mode == "train":
         return "inductor freezing is for inference (eval mode) only"
     if name in COMPILE and not hasattr(torch, "compile"):
@@ -194,6 +201,8 @@ def build(name: str, module: nn.Module, workload: Workload, config: BenchConfig)
             wraps.append(get_backend_object(backend).prologue_apart)
         if name.endswith("-prologue"):
             wraps.append(get_backend_object(backend).prologue_fused)
+        if name.endswith("-tma"):
+            wraps.append(get_backend_object(backend).tma_loads)
         return Built(converted, converted, mf, note=note, wraps=wraps)
     raise ConfigError(f"contender {name!r}; accepted: {', '.join(all_names())}")
 

@@ -356,13 +356,14 @@ def tma_requested() -> bool:
     return os.environ.get("FUSED_RES_TRITON_TMA", "0") == "1"
 
 
-def _tma_tile(config, cfg, x, weight, stride, padding, prologue: bool):
+def _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue: bool):
     """False: the pointer kernel runs. Otherwise conv_tma runs, with this tile (a ConvConfig
     with tma=True) or None (autotuned). A config with tma=True that cannot run is an error;
-    FUSED_RES_TRITON_TMA=1 applies where it can and leaves the rest to the pointer kernel."""
+    tma=True (or, where tma is None, FUSED_RES_TRITON_TMA=1) applies where it can and leaves
+    the rest to the pointer kernel."""
     if config is not None and not config.tma:
         return False
-    if config is None and not tma_requested():
+    if config is None and not (tma_requested() if tma is None else tma):
         return False
     from . import conv_tma
     reason = conv_tma.unsupported_reason(x, weight, stride, padding, prologue)
@@ -378,13 +379,15 @@ def _tma_tile(config, cfg, x, weight, stride, padding, prologue: bool):
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
-                memory_format=torch.contiguous_format, config=None):
+                memory_format=torch.contiguous_format, config=None, tma=None):
     """Run the fused conv. x (N, C_in, H, W) float32/float16/bfloat16, weight (C_out, C_in,
     KH, KW) same dtype; vectors (C,) any float dtype; residual (N, C_out, OH, OW).
 
     stats=False: returns (y, u) (u None unless store_u). stats=True: returns (z, partials)
     with partials = (tile_mean (T, C_out), tile_m2 (T, C_out), tile_count (T,)) float32.
-    config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests)."""
+    config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests).
+    tma: whether a 1x1 stride-1 conv without a prologue loads its operands by TMA (conv_tma,
+    sm_90); None: FUSED_RES_TRITON_TMA decides (off unless "1")."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     bias, in_center, in_scale, in_shift = vec(bias), vec(in_center), vec(in_scale), vec(in_shift)
@@ -439,10 +442,10 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             y, u if u is not None else dummy,
             st_mean if stats else dummy, st_m2 if stats else dummy,
             st_cnt if stats else dummy)
-    tma = _tma_tile(config, cfg, x, weight, stride, padding, prologue)
-    if tma is not False:
+    tile = _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue)
+    if tile is not False:
         from . import conv_tma
-        conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tma)
+        conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tile)
     else:
         args = (x, w_mat, tail[0],
                 in_center if in_center is not None else dummy,
