@@ -83,10 +83,20 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding,
         return "x's data is not 16-byte aligned"
     if x.shape[0] * x.shape[2] * x.shape[3] >= 2 ** 31:
         return "2^31 or more output pixels (int32 tile coordinates)"
-    if not _INTERPRET and (x.device.type != "cuda"
-                           or torch.cuda.get_device_capability(x.device)[0] < 9):
+    if not _INTERPRET and (x.device.type != "cuda" or _major(x.device) < 9):
         return "TMA needs an sm_90 or newer GPU"
     return None
+
+
+_MAJOR: dict = {}
+
+
+def _major(device: torch.device) -> int:
+    """The compute capability's major version (cached: this runs for every eligible conv)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _MAJOR:
+        _MAJOR[idx] = torch.cuda.get_device_capability(idx)[0]
+    return _MAJOR[idx]
 
 
 def _set_block_shapes(nargs) -> None:
