@@ -135,9 +135,12 @@ def main(argv=None) -> int:
             print(f"  {(cin, cout, hw, k, s)} {cfg}: {t:.4f} ms, {t / t_c:.2f}x cuDNN, "
                   f"err {err:.1e}{f' WRONG (tolerance {tol:.0e})' if wrong else ''}",
                   flush=True)
+        tma_best = min((r[0] for r in per if r[1].tma), default=None)
+        per = [r for r in per if not r[1].tma]  # "best" is a pointer tile; TMA apart
+        if not per:
+            print(f"  {(cin, cout, hw, k, s)}: no pointer tile computed a correct result",
+                  flush=True)
         if per:
-            tma_best = min((r[0] for r in per if r[1].tma), default=None)
-            per = [r for r in per if not r[1].tma] or per
             t, cfg, err = min(per, key=lambda r: r[0])
             u_ms = next((t_u for t_u, c, _ in per if c == untuned), None)
             if u_ms is None and any(r.get("wrong") and r["config"] == str(untuned)

@@ -145,8 +145,10 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
     sweep = doc.get("extras", {}).get("conv-configs", {}).get("rows", [])
     if sweep:
         best: dict[str, float] = {}
-        # A config that failed has an error instead of a ratio; a wrong one does not count.
-        for r in (r for r in sweep if "ratio" in r and not r.get("wrong")):
+        # A config that failed has an error instead of a ratio; a wrong one does not count;
+        # the TMA tiles (opt-in) are listed apart.
+        for r in (r for r in sweep if "ratio" in r and not r.get("wrong")
+                  and not _is_tma(r)):
             key = "x".join(map(str, r["conv"]))
             best[key] = min(best.get(key, r["ratio"]), r["ratio"])
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"
@@ -155,19 +157,24 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
     return over == 0, text
 
 
+def _is_tma(row: dict) -> bool:
+    """A conv_configs row of a TMA tile (conv_tma.py; its config name ends in _tma)."""
+    return row.get("config", "").endswith("_tma")
+
+
 def _tma_vs_pointer(sweep: list[dict]) -> str:
     """At the shapes where TMA tiles (config names ending in _tma) were swept: the best
     correct TMA tile's ratio against the best correct pointer tile's, per shape. '' where
     none ran."""
     ok = [r for r in sweep if "ratio" in r and not r.get("wrong")]
-    tma_shapes = {tuple(r["conv"]) for r in ok if r["config"].endswith("_tma")}
+    tma_shapes = {tuple(r["conv"]) for r in ok if _is_tma(r)}
     if not tma_shapes:
         return ""
     parts = []
     for shape in sorted(tma_shapes):
         here = [r for r in ok if tuple(r["conv"]) == shape]
-        t = min(r["ratio"] for r in here if r["config"].endswith("_tma"))
-        p = min((r["ratio"] for r in here if not r["config"].endswith("_tma")), default=None)
+        t = min(r["ratio"] for r in here if _is_tma(r))
+        p = min((r["ratio"] for r in here if not _is_tma(r)), default=None)
         parts.append(f"{_conv_name(list(shape))} {t:.2f}x"
                      + ("" if p is None else f" (pointer {p:.2f}x)"))
     return "; best TMA tile: " + ", ".join(parts)
@@ -220,9 +227,10 @@ CONV_VARIANT_STEPS = (("conv-configs", "plain"), ("conv-configs-stats", "stats e
 
 
 def conv_variants(doc: dict) -> str:
-    """Per conv shape, the best correct Triton tile's time over cuDNN's plain conv (measured
+    """Per conv shape, the best correct pointer tile's time over cuDNN's plain conv (measured
     in the same step) for each conv_configs variant the run has: what the statistics
-    epilogue and the prologue each add to a training step's conv. '' if none was run."""
+    epilogue and the prologue each add to a training step's conv (TMA tiles, which take no
+    prologue, would compare unlike with like). '' if none was run."""
     steps = [(step, label) for step, label in CONV_VARIANT_STEPS
              if doc.get("extras", {}).get(step, {}).get("rows")]
     if not steps:
@@ -230,7 +238,7 @@ def conv_variants(doc: dict) -> str:
     best: dict[tuple, dict[str, float]] = {}
     for step, _ in steps:
         for r in doc["extras"][step]["rows"]:
-            if "ratio" in r and not r.get("wrong"):
+            if "ratio" in r and not r.get("wrong") and not _is_tma(r):
                 per = best.setdefault(tuple(r["conv"]), {})
                 per[step] = min(per.get(step, float("inf")), r["ratio"])
     lines = ["| conv (cin,cout,hw,k,s) | " + " | ".join(label for _, label in steps) + " |",

@@ -154,6 +154,9 @@ def test_tma_rows_and_tiles_are_listed_beside_the_default():
     assert got["train ResNet-50 b128: fused-triton >= 1.15x eager"]["met"] is True
     conv_row = next(r for r in got.values() if "cuDNN" in r["target"])
     assert "best TMA tile: 2048->512 7x7 k1 s1 1.12x (pointer 1.54x)" in conv_row["measured"]
+    # The swept-tile range and the variants table stay pointer tiles.
+    assert "best swept tile per shape: 1.20-1.54x" in conv_row["measured"]
+    assert "| (2048, 512, 7, 1, 1) | 1.54x |" in T.conv_variants(doc)
     assert "64->64" not in conv_row["measured"].split("best TMA tile")[1]
     # Runs without TMA rows read as before.
     plain = _by_target({"runs": {"x": {"results": rows[:1]}}, "extras": {}})

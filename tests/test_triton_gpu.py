@@ -250,14 +250,16 @@ def _tma_tiles():
     return [str(c) for c in configs.TMA_SWEEP_CONFIGS]
 
 
-# ResNet-50's 1x1 stride-1 shapes where conv.py was furthest from cuDNN (run 5), at a batch
-# whose M leaves a partial last row tile: (C_in, C_out, hw).
-@pytest.mark.parametrize("shape", [(2048, 512, 7), (64, 256, 56)], ids=["l4_conv1", "l1_conv3"])
+# (C_in, C_out, hw): ResNet-50's 1x1 shape furthest from cuDNN in run 5 (2048 -> 512 at 7x7),
+# and one with a partial last K and N tile for every TMA tile (72 = 64 + 8 channels in, 80
+# out), where the descriptors' zero fill past the edges is what keeps the sums right. At
+# batch 5 both leave a partial last row tile too (245 and 405 output pixels).
+@pytest.mark.parametrize("shape", [(2048, 512, 7), (72, 80, 9)], ids=["l4_conv1", "edges"])
 @pytest.mark.parametrize("tile", _tma_tiles())
 def test_tma_tiles_on_gpu(tile, shape):
     """The benchmark's TMA tiles (conv_tma.py, configs.TMA_SWEEP_CONFIGS) on the GPU, bf16:
     the statistics epilogue and the full tail with u, against the float64 reference. sm_90
-    and newer only (TMA). The autotuner's TMA tiles run in the test below."""
+    and newer only (TMA). The tiles FUSED_RES_TRITON_TMA=1 runs take the model test below."""
     if not _hopper():
         pytest.skip("TMA tiles run on sm_90 and newer")
     from fused_res.triton import configs
@@ -290,13 +292,10 @@ def test_tma_tiles_on_gpu(tile, shape):
     assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_tma_requested_resnet50_stages_match_the_pointer_kernels(dtype, monkeypatch):
-    """FUSED_RES_TRITON_TMA=1: ResNet-50's first two stages (eval forward; train forward,
-    backward and running statistics) with their 1x1 stride-1 convs through TMA give what the
-    pointer kernels give, within the dtype's tolerance (float32 without tf32)."""
-    if not _hopper():
-        pytest.skip("TMA tiles run on sm_90 and newer")
+def _resnet50_stage_runs(dtype, monkeypatch):
+    """ResNet-50's layer1 + layer2 (eval forward) and layer1's second block (a train step
+    with a random output gradient): float64, then fused with the pointer kernels, then with
+    FUSED_RES_TRITON_TMA=1. Returns {run: [tensors]} and the count of TMA launches."""
     import copy
 
     import fused_res
@@ -306,33 +305,66 @@ def test_tma_requested_resnet50_stages_match_the_pointer_kernels(dtype, monkeypa
     net = models.resnet50()
     stages = torch.nn.Sequential(net.layer1, net.layer2).cuda().to(
         memory_format=torch.channels_last)
-    x = torch.randn(4, 64, 20, 20, device="cuda").contiguous(memory_format=torch.channels_last)
+    block = net.layer1[1]  # 256 -> 64 -> 256, stride 1: conv1 and conv3 are TMA's
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(4, 64, 20, 20, device="cuda", generator=g).contiguous(
+        memory_format=torch.channels_last)
+    xb = torch.randn(4, 256, 20, 20, device="cuda", generator=g).contiguous(
+        memory_format=torch.channels_last)
+    gy = torch.randn(4, 256, 20, 20, device="cuda", generator=g, dtype=D)
     launches = []
     real = conv_tma.launch
     monkeypatch.setattr(conv_tma, "launch", lambda *q, **k: launches.append(1) or real(*q, **k))
+
+    def run(s, b, xx, xxb, autocast):
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            y_eval = s.eval()(xx)
+        b.train()
+        xa = xxb.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            y = b(xa)
+        y.backward(gy.to(y.dtype))
+        return [y_eval, y, xa.grad, *(p.grad for p in b.parameters()),
+                *(t for t in b.buffers() if t.is_floating_point())]
+
+    out = {"ref": run(copy.deepcopy(stages).double(), copy.deepcopy(block).double(),
+                      x.double(), xb.double(), False)}
+    low = dtype != torch.float32
+    for name, tma in (("pointer", "0"), ("tma", "1")):
+        monkeypatch.setenv("FUSED_RES_TRITON_TMA", tma)
+        n0 = len(launches)
+        out[name] = run(fused_res.convert(copy.deepcopy(stages), backend="triton"),
+                        fused_res.convert(copy.deepcopy(block), backend="triton"), x, xb, low)
+        assert (len(launches) > n0) == (tma == "1"), name
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, torch.bfloat16),
+                                       (torch.float32, torch.float32)], ids=["bf16", "fp32"])
+def test_tma_requested_resnet50_is_as_accurate_as_the_pointer_kernels(dtype, tol,
+                                                                       monkeypatch):
+    """FUSED_RES_TRITON_TMA=1 on ResNet-50's first two stages (eval) and one of its blocks (a
+    train step: output, every gradient, the running statistics): each tensor within the
+    dtype's tolerance of float64, or within EAGER_FACTOR times the pointer kernels' own error
+    where rounding makes that larger (the two differ in tile and accumulation order, not in
+    quality; float32 without tf32)."""
+    if not _hopper():
+        pytest.skip("TMA tiles run on sm_90 and newer")
     old = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        outs = {}
-        for tma in (False, True):
-            monkeypatch.setenv("FUSED_RES_TRITON_TMA", "1" if tma else "0")
-            fused = fused_res.convert(copy.deepcopy(stages), backend="triton")
-            with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-                fused.eval()
-                with torch.no_grad():
-                    y_eval = fused(x)
-                fused.train()
-                xa = x.clone().requires_grad_()
-                y = fused(xa)
-            y.float().square().mean().backward()
-            outs[tma] = [y_eval, y, xa.grad,
-                         *(p.grad for p in fused.parameters()),
-                         *(b for b in fused.buffers() if b.is_floating_point())]
+        out = _resnet50_stage_runs(dtype, monkeypatch)
     finally:
         torch.backends.cudnn.allow_tf32 = old
-    assert launches, "no conv took the TMA kernel"
-    for i, (a, b) in enumerate(zip(outs[True], outs[False], strict=True)):
-        assert rel_err(a, b) <= TOLERANCES[dtype], (i, rel_err(a, b))
+    failed = []
+    for i, (tma, ref, pointer) in enumerate(zip(out["tma"], out["ref"], out["pointer"],
+                                                strict=True)):
+        ok, msg = _within(tma, ref, pointer, tol)
+        if not ok:
+            failed.append(f"tensor {i}: {msg}")
+    assert not failed, "; ".join(failed)
+    # The check can fail: the eval output 5% off is out of budget.
+    assert not _within(out["tma"][0] * 1.05, out["ref"][0], out["pointer"][0], tol)[0]
 
 
 def _batches(steps, batch, seed, noise, device):

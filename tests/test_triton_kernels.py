@@ -310,6 +310,40 @@ else:
                             None, None, kw["act_in"], memory_format=torch.channels_last,
                             config=tile)
 
+    def test_tma_refusals_for_alignment_size_and_empty_channels():
+        """What TMA cannot address is refused before a descriptor is built: an x whose data
+        is not 16-byte aligned (a view with a storage offset), 2^31 or more pixels (int32
+        tile coordinates), no input channels; a weight that is an unaligned (C_in, C_out)
+        view is copied, not refused."""
+        from fused_res.triton import configs
+        from fused_res.triton import conv_tma as ct
+        from fused_res.triton.conv import conv_launch
+        tile = configs.INTERPRETER_CONV_CONFIG.with_tma()
+        n, c_in, c_out, h, w = 2, 16, 24, 3, 5
+        buf = torch.randn(n * h * w * c_in + 1)
+        x = buf[1:].view(n, h, w, c_in).permute(0, 3, 1, 2)  # dense NHWC, 4 bytes off
+        assert x.is_contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(c_out, c_in, 1, 1) / c_in ** 0.5
+        assert "16-byte aligned" in ct.unsupported_reason(x, weight, (1, 1), (0, 0), False)
+        with pytest.raises(ValueError, match="16-byte aligned"):
+            conv_launch(x, weight, None, (1, 1), (0, 0), None, None, None, "none",
+                        memory_format=torch.channels_last, config=tile)
+        huge = torch.empty(2 ** 31, 16, 1, 1, device="meta").contiguous(
+            memory_format=torch.channels_last)
+        assert "2^31" in ct.unsupported_reason(huge, weight, (1, 1), (0, 0), False)
+        assert "C_in=0" in ct.unsupported_reason(x[:, :0], weight[:, :0], (1, 1), (0, 0),
+                                                 False)
+        # The weight as the transpose of an unaligned (C_in, C_out) matrix: weight_matrix
+        # hands that matrix back as it is.
+        wbuf = torch.randn(c_in * c_out + 1)
+        w_view = wbuf[1:].view(c_in, c_out).t()[:, :, None, None]
+        xa = x.clone(memory_format=torch.channels_last)  # aligned
+        with torch.no_grad():
+            want = torch.nn.functional.conv2d(xa.double(), w_view.double())
+            got, _ = conv_launch(xa, w_view, None, (1, 1), (0, 0), None, None, None, "none",
+                                 memory_format=torch.channels_last, config=tile)
+        _check(got, want, torch.float32, "unaligned weight view")
+
     @pytest.mark.parametrize("switch", ["env", "tma_loads"])
     @pytest.mark.parametrize("mode", ["train", "eval"])
     def test_tma_requested_runs_the_1x1_convs_of_a_block(mode, switch, monkeypatch):

@@ -248,7 +248,8 @@ def autotune_over_conv_configs(kernel, key: list[str], pre_hook=None, **kwargs):
     """`kernel` autotuned over CONV_CONFIGS (pruned per problem by _prune), keyed by `key`;
     pre_hook(nargs) runs before each config does (it sees the config's BLOCK_* too).
     Where this Triton can (cache_results), the timings are kept on disk with its compiled
-    kernels, so a new process on the same GPU skips tuning a shape already tuned."""
+    kernels, so a new process on the same GPU skips tuning a shape already tuned; not with a
+    pre_hook, which Triton cannot store (every process tunes the TMA conv afresh)."""
     cfgs = [triton.Config({**c.meta, "GROUP_M": 8}, num_warps=c.num_warps,
                           num_stages=c.num_stages, pre_hook=pre_hook)
             for c in configs.CONV_CONFIGS]

@@ -5,10 +5,12 @@ For a 1x1, stride-1, unpadded conv of a channels_last-dense x, output pixel m re
 pixel m: A is x viewed as (N*H*W, C_in) and B the weight as (C_in, C_out). Tensor descriptors
 let Hopper's TMA unit copy each tile into shared memory, zero-filled past the edges, where
 conv.py's loads compute an address and a mask per element in every K step. ResNet-50's 1x1
-convs (32 of its 53) are where conv.py is furthest from cuDNN (H100 run 5: up to 1.58x its
-time). Whether TMA closes that is a question only a GPU answers: benchmarks/conv_configs.py
-times configs.TMA_SWEEP_CONFIGS beside the pointer tiles. Until a run shows them faster, the
-kernel runs only where asked: a config with tma=True, or FUSED_RES_TRITON_TMA=1.
+convs are where conv.py is furthest from cuDNN (H100 run 5: up to 1.58x its time); 33 of its 53
+convs are 1x1 stride 1 (28 in eval, where the downsampling blocks' last conv and projection
+run as conv_pair.py's one GEMM instead). Whether TMA closes that is a question only a GPU
+answers: benchmarks/conv_configs.py times configs.TMA_SWEEP_CONFIGS beside the pointer tiles.
+Until a run shows them faster, the kernel runs only where asked: a config with tma=True,
+FUSED_RES_TRITON_TMA=1, or TritonBackend.tma_loads().
 
 On sm_80, where Triton lowers descriptor loads to ordinary loads, it is never chosen.
 """
@@ -68,6 +70,8 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding,
     if TensorDescriptor is None:
         return "this Triton has no host-side tensor descriptors (triton.tools)"
     c_out, c_in, kh, kw = weight.shape
+    if c_in == 0 or c_out == 0:
+        return f"C_in={c_in}, C_out={c_out}: a descriptor needs a non-empty matrix"
     if (kh, kw) != (1, 1) or tuple(stride) != (1, 1) or tuple(padding) != (0, 0):
         return (f"a {kh}x{kw} kernel with stride {tuple(stride)} and padding "
                 f"{tuple(padding)}; TMA tiles take 1x1 kernels, stride 1, no padding")
@@ -135,6 +139,10 @@ def launch(x: torch.Tensor, w_mat: torch.Tensor, ptrs: tuple, y: torch.Tensor,
     n, c_in, h, w = x.shape
     m, c_out = n * h * w, w_mat.shape[1]
     rows = x.permute(0, 2, 3, 1).reshape(m, c_in)  # a view: x is dense NHWC
+    if w_mat.data_ptr() % 16:
+        # weight_matrix returns a weight that already is a (C_in, C_out) matrix as it is,
+        # storage offset included; TMA needs a 16-byte aligned base.
+        w_mat = w_mat.clone()
     # Under autotuning the pre-hook sets each config's blocks before it runs.
     bm, bn, bk = ((cfg.block_m, cfg.block_n, cfg.block_k) if cfg is not None
                   else (configs.CONV_MIN_BLOCK_M, configs.DOT_MIN, configs.DOT_MIN))
