@@ -8,9 +8,10 @@ conv_config_excluded rules out) as CUDA-graph replays beside F.conv2d (cuDNN), c
 result against cuDNN's, and prints per shape the best config and its time over cuDNN's, beside
 the config that runs untuned (configs.default_conv_config) and its time. Where the conv is one
 conv_tma.py can run (1x1, stride 1, no prologue, sm_90), configs.TMA_SWEEP_CONFIGS are timed
-too, and the table gives the best TMA tile's ratio beside the best pointer tile's: the
-measurement that decides whether TMA tiles join the autotuner (they run only where asked until
-then). The
+too, and wherever BLOCK_K divides C_in (sm_90) configs.TMA_B_SWEEP_CONFIGS (the implicit-GEMM
+kernel with its weight tiles by TMA); the table gives the best tile of each kind beside the best
+pointer tile's: the measurement that decides whether either joins the autotuner (they run only
+where asked until then). The
 answer decides which configs the autotuner keeps and which one runs untuned; it is a question
 only a GPU answers (DESIGN.md §5), so it is a script, not a test.
 
@@ -101,9 +102,13 @@ def main(argv=None) -> int:
                                               sm_count(torch.device("cuda")))
         tma_ok = conv_tma.unsupported_reason(sets[0][0], weight, (s, s), (k // 2, k // 2),
                                              bool(prologue)) is None
-        for cfg in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS + configs.TMA_SWEEP_CONFIGS:
+        flat = configs.flat_k(cin, k * k)
+        for cfg in (configs.CONV_CONFIGS + configs.SWEEP_CONFIGS + configs.TMA_SWEEP_CONFIGS
+                    + configs.TMA_B_SWEEP_CONFIGS):
             why = configs.conv_config_excluded(cfg, elt, k * k)
-            if why is not None or (cfg.tma and not tma_ok):
+            if why is not None or (cfg.tma and not tma_ok) or (cfg.tma_b and (
+                    conv_tma.weight_tma_reason(sets[0][0], weight, cfg.block_k, flat)
+                    is not None)):
                 continue
 
             def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2), full=False,
@@ -136,7 +141,9 @@ def main(argv=None) -> int:
                   f"err {err:.1e}{f' WRONG (tolerance {tol:.0e})' if wrong else ''}",
                   flush=True)
         tma_best = min((r[0] for r in per if r[1].tma), default=None)
-        per = [r for r in per if not r[1].tma]  # "best" is a pointer tile; TMA apart
+        tma_b_best = min((r[0] for r in per if r[1].tma_b), default=None)
+        # "best" is a pointer tile; the TMA kinds apart
+        per = [r for r in per if not (r[1].tma or r[1].tma_b)]
         if not per:
             print(f"  {(cin, cout, hw, k, s)}: no pointer tile computed a correct result",
                   flush=True)
@@ -146,26 +153,28 @@ def main(argv=None) -> int:
             if u_ms is None and any(r.get("wrong") and r["config"] == str(untuned)
                                     for r in rows if r["conv"] == [cin, cout, hw, k, s]):
                 u_ms = "WRONG"  # the tile that runs by default computed a wrong result
-            best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms, tma_best))
+            best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms, tma_best,
+                         tma_b_best))
     print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
-          "untuned config | its ratio | best TMA tile's ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for shape, t_c, t, cfg, untuned, u_ms, tma_best in best:
+          "untuned config | its ratio | best TMA tile's ratio | best TMA-B tile's ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, t_c, t, cfg, untuned, u_ms, tma_best, tma_b_best in best:
         u_ratio = ("-" if u_ms is None else u_ms if isinstance(u_ms, str)
                    else f"{u_ms / t_c:.2f}")
-        tma_ratio = "-" if tma_best is None else f"{tma_best / t_c:.2f}"
+        kinds = ["-" if v is None else f"{v / t_c:.2f}" for v in (tma_best, tma_b_best)]
         print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} | {untuned} | "
-              f"{u_ratio} | {tma_ratio} |")
+              f"{u_ratio} | {kinds[0]} | {kinds[1]} |")
     if best:
         g = math.exp(sum(math.log(r[2] / r[1]) for r in best) / len(best))
         target = " (issue 5 target <= 1.15)" if a.variant == "plain" else ""
         print(f"\ngeomean best pointer tile/cuDNN over {len(best)} shapes: {g:.2f}{target}")
-        both = [r for r in best if r[6] is not None]
-        if both:
-            gp = math.exp(sum(math.log(r[2] / r[1]) for r in both) / len(both))
-            gt = math.exp(sum(math.log(r[6] / r[1]) for r in both) / len(both))
-            print(f"where TMA tiles ran ({len(both)} shapes): best pointer tile {gp:.2f}, "
-                  f"best TMA tile {gt:.2f} (time over cuDNN's, geomean)")
+        for col, kind in ((6, "TMA"), (7, "TMA-B")):
+            both = [r for r in best if r[col] is not None]
+            if both:
+                gp = math.exp(sum(math.log(r[2] / r[1]) for r in both) / len(both))
+                gt = math.exp(sum(math.log(r[col] / r[1]) for r in both) / len(both))
+                print(f"where {kind} tiles ran ({len(both)} shapes): best pointer tile "
+                      f"{gp:.2f}, best {kind} tile {gt:.2f} (time over cuDNN's, geomean)")
     if a.json:
         pathlib.Path(a.json).write_text(json.dumps(
             {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),

@@ -224,8 +224,9 @@ run_step pytest-gpu-tma 120 env FUSED_RES_NO_EXT=1 "$PY" -m pytest -m gpu -q \
   -p no:cacheprovider --junitxml "$STEPS_DIR/pytest_gpu_tma.xml" tests/test_tma_gpu.py
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
 # with the statistics epilogue (the default), and with the BN+ReLU prologue too. At the 1x1
-# stride-1 shapes the first two also time the TMA tiles (conv_tma.py, never yet on a GPU):
-# their "best TMA tile's ratio" column decides whether TMA joins the autotuner.
+# stride-1 shapes the first two also time the TMA tiles (conv_tma.py, never yet on a GPU), and
+# all three the implicit-GEMM kernel with TMA weight tiles (tma_b): their "best TMA tile's
+# ratio" columns decide whether either joins the autotuner.
 if [ "$DRY" = 1 ]; then
   for v in conv-configs conv-configs-stats conv-configs-train; do
     say "=== $v: dry run, needs CUDA: $PY benchmarks/conv_configs.py"

@@ -158,26 +158,28 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
 
 
 def _is_tma(row: dict) -> bool:
-    """A conv_configs row of a TMA tile (conv_tma.py; its config name ends in _tma)."""
-    return row.get("config", "").endswith("_tma")
+    """A conv_configs row of a TMA tile: conv_tma.py's (config name ending in _tma) or the
+    implicit-GEMM kernel's with TMA weight tiles (_tmab)."""
+    return row.get("config", "").endswith(("_tma", "_tmab"))
 
 
 def _tma_vs_pointer(sweep: list[dict]) -> str:
-    """At the shapes where TMA tiles (config names ending in _tma) were swept: the best
-    correct TMA tile's ratio against the best correct pointer tile's, per shape. '' where
-    none ran."""
+    """At the shapes where TMA tiles of a kind were swept: the best correct tile of that kind
+    against the best correct pointer tile, per shape. '' where none ran."""
     ok = [r for r in sweep if "ratio" in r and not r.get("wrong")]
-    tma_shapes = {tuple(r["conv"]) for r in ok if _is_tma(r)}
-    if not tma_shapes:
-        return ""
-    parts = []
-    for shape in sorted(tma_shapes):
-        here = [r for r in ok if tuple(r["conv"]) == shape]
-        t = min(r["ratio"] for r in here if _is_tma(r))
-        p = min((r["ratio"] for r in here if not _is_tma(r)), default=None)
-        parts.append(f"{_conv_name(list(shape))} {t:.2f}x"
-                     + ("" if p is None else f" (pointer {p:.2f}x)"))
-    return "; best TMA tile: " + ", ".join(parts)
+    out = ""
+    for suffix, label in (("_tma", "TMA tile"), ("_tmab", "TMA-B tile")):
+        shapes = {tuple(r["conv"]) for r in ok if r["config"].endswith(suffix)}
+        parts = []
+        for shape in sorted(shapes):
+            here = [r for r in ok if tuple(r["conv"]) == shape]
+            t = min(r["ratio"] for r in here if r["config"].endswith(suffix))
+            p = min((r["ratio"] for r in here if not _is_tma(r)), default=None)
+            parts.append(f"{_conv_name(list(shape))} {t:.2f}x"
+                         + ("" if p is None else f" (pointer {p:.2f}x)"))
+        if parts:
+            out += f"; best {label}: " + ", ".join(parts)
+    return out
 
 
 def targets(doc: dict) -> list[dict]:

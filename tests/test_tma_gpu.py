@@ -138,3 +138,47 @@ def test_tma_requested_resnet50_is_as_accurate_as_the_pointer_kernels(dtype, tol
     assert not failed, "; ".join(failed)
     # The check can fail: the eval output 5% off is out of budget.
     assert not _within(out["tma"][0] * 1.05, out["ref"][0], out["pointer"][0], tol)[0]
+
+
+def _tma_b_tiles():
+    from fused_res.triton import configs
+    return [str(c) for c in configs.TMA_B_SWEEP_CONFIGS]
+
+
+@pytest.mark.parametrize("tile", _tma_b_tiles())
+def test_tma_b_tiles_on_gpu(tile):
+    """The implicit-GEMM kernel with its weight tiles loaded by TMA (configs with tma_b) on
+    the GPU, bf16: a 3x3 stride-2 conv on an odd 15x15 input with the BN+ReLU prologue and the
+    statistics epilogue, and with the full tail; C_out = 136 leaves a partial last N tile for
+    every tile (zero-filled by the descriptor). Against the float64 reference; sm_90 and
+    newer only."""
+    if not _hopper():
+        pytest.skip("TMA tiles run on sm_90 and newer")
+    from test_triton_gpu import _unit
+
+    from fused_res.triton import configs
+    from fused_res.triton.conv import conv_launch
+    from fused_res.triton.elementwise import stats_finalize
+    cfg = next(c for c in configs.TMA_B_SWEEP_CONFIGS if str(c) == tile)
+    ours, ref, _ = _case(3, 2, 1, 128, 136, n=6, h=15, w=15)
+    a = {k: v.detach() for k, v in ours.items()}
+    r = {k: v.detach() for k, v in ref.items()}
+    with torch.no_grad():
+        z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
+                               a["b_in"], "relu", stats=True,
+                               memory_format=torch.channels_last, config=cfg)
+        mean, var = stats_finalize(*parts, z.shape[1])
+        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], stride=2, padding=1,
+                                        in_center=r["c_in"], in_scale=r["a_in"],
+                                        in_shift=r["b_in"], act_in="relu", backend="reference")
+        y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
+                           a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
+                           act_mid="relu", residual=a["r"], res_scale=0.7,
+                           branch_scale=a["d"], act_out="relu",
+                           memory_format=torch.channels_last, config=cfg)
+        y_ref = _unit(r, dict(stride=2, padding=1), "reference")
+    assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
+    assert rel_err(y, y_ref) <= TOLERANCES[torch.bfloat16]
+    zd = z.double()
+    assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
+    assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]

@@ -195,15 +195,41 @@ def test_tma_conv_compiles_to_tma_copies_and_async_wgmma_on_sm90():
     _run_in_child(code)
 
 
+def test_tma_b_tiles_load_weights_by_tma_and_inputs_by_cp_async_on_sm90():
+    """The implicit-GEMM kernel with TMA weight tiles (configs with tma_b): on sm_90 the
+    weight tile arrives by TMA and the input is still gathered by cp.async, feeding
+    asynchronous wgmma; compiled for sm_90 only, for every variant but the stem's."""
+    code = ("import re, triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.compiler import ASTSource\n"
+            "from fused_res.triton import aot\n"
+            "jobs = [j for j in aot.jobs(subset=True) if j.config.endswith('_tmab')]\n"
+            "assert {j.variant for j in jobs} == set(aot.TMA_B_VARIANTS), jobs\n"
+            "assert 'stem_7x7_flat_k' not in aot.TMA_B_VARIANTS\n"
+            "for j in jobs:\n"
+            "    assert j.archs == (90,) and j.constexprs['B_TMA'] is True\n"
+            "    sig, attrs, cx = aot._signature(j.fn, j.dtype, j.maps, j.constexprs, j.ints)\n"
+            "    assert sig['w_desc'].startswith('tensordesc<bf16['), sig['w_desc']\n"
+            "    k = triton.compile(ASTSource(j.fn, sig, constexprs=cx, attrs=attrs),\n"
+            "                       target=GPUTarget('cuda', 90, 32), options=j.options)\n"
+            "    ptx = k.asm['ptx']\n"
+            "    assert 'cp.async.bulk.tensor' in ptx, j.variant\n"
+            "    assert re.search(r'cp\\.async\\.c[ag]', ptx), j.variant\n"
+            "    assert 'wgmma.mma_async' in ptx, j.variant\n")
+    _run_in_child(code)
+
+
 def test_tma_autotune_key_and_tiles():
     tma = pytest.importorskip("fused_res.triton.conv_tma")
     assert set(tma._TUNE_KEY) <= set(tma.conv1x1_tma_kernel.arg_names)
     assert list(tma._autotuned_kernel().keys) == tma._TUNE_KEY
     assert all(c.tma for c in configs.TMA_SWEEP_CONFIGS)
-    assert not any(c.tma for c in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS)
+    assert all(c.tma_b and not c.tma for c in configs.TMA_B_SWEEP_CONFIGS)
+    assert not any(c.tma or c.tma_b for c in configs.CONV_CONFIGS + configs.SWEEP_CONFIGS)
     # The name says which loads a tile uses; everything else about the tile is the same.
     tile = configs.CONV_CONFIGS[1]
     assert str(tile.with_tma()) == f"{tile}_tma" and tile.with_tma().meta == tile.meta
+    assert str(tile.with_tma_b()) == f"{tile}_tmab" and tile.with_tma_b().meta == tile.meta
 
 
 def test_reduction_sub_tiles_grow_with_the_problem_but_keep_the_grid_full():

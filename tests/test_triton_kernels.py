@@ -310,6 +310,64 @@ else:
                             None, None, kw["act_in"], memory_format=torch.channels_last,
                             config=tile)
 
+    def _tma_b_tiles():
+        from fused_res.triton import configs
+        return [configs.INTERPRETER_CONV_CONFIG.with_tma_b(), *configs.TMA_B_SWEEP_CONFIGS]
+
+    @pytest.mark.parametrize("tile", _tma_b_tiles(), ids=str)
+    def test_every_tma_b_tile_computes_the_same_conv(tile):
+        """The implicit-GEMM kernel with its weight tiles loaded by TMA (tma_b): a 3x3
+        stride-2 conv with the BN+ReLU prologue and the whole tail, and with the statistics
+        epilogue; C_in = 64 (a multiple of every tile's BLOCK_K, as tma_b requires, two or
+        four chunks per tap), C_out = 72 (a partial last N tile)."""
+        from fused_res.triton.conv import conv_launch
+        from fused_res.triton.elementwise import stats_finalize
+        a = _cast(_make(CONFIGS[1][:-1] + (64,), n=2, cout=72, h=11, w=13, seed=7),
+                  torch.float32, torch.channels_last)
+        ref = _as_ref(a)
+        with torch.no_grad():
+            y_ref = _unit(ref, "reference")
+            y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
+                               a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
+                               residual=a["r"], res_scale=a["lam"], act_out="relu",
+                               memory_format=torch.channels_last, config=tile)
+            _check(y, y_ref, torch.float32, f"{tile} y")
+            z_ref, mean_ref, var_ref = ops.conv_bn_stats(
+                ref["x"], ref["w"], ref["bias"], stride=2, padding=1, in_center=ref["c_in"],
+                in_scale=ref["a_in"], in_shift=ref["b_in"], act_in="relu", backend="reference")
+            z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
+                                   a["a_in"], a["b_in"], "relu", stats=True,
+                                   memory_format=torch.channels_last, config=tile)
+            mean, var = stats_finalize(*parts, z.shape[1])
+        for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
+            _check(o, r, torch.float32, f"{tile} {what}")
+
+    def test_tma_b_tile_refuses_what_its_weight_descriptor_cannot_read():
+        """tma_b needs BLOCK_K to divide C_in (a chunk past C_in would read the next tap's
+        weights, where the pointer load masks them to zero) and the per-tap K order (the
+        narrow stem's flattened K gathers its weight rows): otherwise an error naming the
+        config; a weight that is an unaligned view is copied."""
+        from fused_res.triton import configs
+        from fused_res.triton.conv import conv_launch
+        tile = configs.INTERPRETER_CONV_CONFIG.with_tma_b()
+        cl = torch.channels_last
+        x = torch.randn(1, 24, 5, 5).contiguous(memory_format=cl)
+        with pytest.raises(ValueError, match=f"config={tile}.*C_in=24.*BLOCK_K=16"):
+            conv_launch(x, torch.randn(8, 24, 3, 3), None, (1, 1), (1, 1), None, None, None,
+                        "none", memory_format=cl, config=tile)
+        stem = torch.randn(1, 3, 9, 9).contiguous(memory_format=cl)
+        with pytest.raises(ValueError, match="flattened"):
+            conv_launch(stem, torch.randn(8, 3, 7, 7), None, (2, 2), (3, 3), None, None, None,
+                        "none", memory_format=cl, config=tile)
+        wbuf = torch.randn(9 * 16 * 24 + 1)  # (KH*KW*C_in, C_out) = (144, 24), 4 bytes off
+        w_view = wbuf[1:].view(3, 3, 16, 24).permute(3, 2, 0, 1)
+        x16 = torch.randn(2, 16, 5, 5).contiguous(memory_format=cl)
+        with torch.no_grad():
+            got, _ = conv_launch(x16, w_view, None, (1, 1), (1, 1), None, None, None, "none",
+                                 memory_format=cl, config=tile)
+        want = torch.nn.functional.conv2d(x16.double(), w_view.double(), padding=1)
+        _check(got, want, torch.float32, "unaligned weight view")
+
     def test_tma_refusals_for_alignment_size_and_empty_channels():
         """What TMA cannot address is refused before a descriptor is built: an x whose data
         is not 16-byte aligned (a view with a storage offset), 2^31 or more pixels (int32

@@ -65,7 +65,10 @@ _F32_PTRS = {"ic_ptr", "ia_ptr", "ib_ptr", "oa_ptr", "ob_ptr", "bs_ptr", "st_mea
 _CONV_FLAGS = dict(HAS_BIAS=False, HAS_IC=False, HAS_IA=False, HAS_IB=False, ACT_IN=False,
                    HAS_OA=False, HAS_OB=False, ACT_MID=False, HAS_RES=False, RES_SCALED=False,
                    HAS_BRANCH=False, ACT_OUT=False, STORE_U=False, PROLOGUE=False, STATS=False,
-                   FLAT_K=False, INDEX_64=False)
+                   FLAT_K=False, INDEX_64=False, B_TMA=False, w_desc=None)
+
+# The TMA conv takes a real weight descriptor.
+_TMA_FLAGS = {k: v for k, v in _CONV_FLAGS.items() if k != "w_desc"}
 
 # Representative specializations of the conv kernel (DESIGN.md §2): eval units with the whole
 # tail, the train-mode stats conv with a BN+ReLU prologue and without, the 7x7 stem, a 1x1
@@ -92,6 +95,9 @@ TMA_VARIANTS = {
                           HAS_RES=True, ACT_OUT=True, STORE_U=True),
     "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
 }
+# tma_b tiles (the weight by TMA) for every conv variant but the stem's flattened K, which
+# gathers its weight rows.
+TMA_B_VARIANTS = {k: v for k, v in CONV_VARIANTS.items() if not v.get("FLAT_K")}
 CONV_PROBLEMS = {  # (N, C_in, H, W, C_out, k, stride, pad)
     "eval_3x3_tail": (64, 64, 56, 56, 64, 3, 1, 1),
     "train_3x3_prologue_stats": (64, 128, 56, 56, 128, 3, 2, 1),
@@ -303,7 +309,12 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
         # TMA tiles: the sweep's and CONV_CONFIGS as TMA tiles (FUSED_RES_TRITON_TMA=1).
         tma_cfgs = tuple(dict.fromkeys(configs.TMA_SWEEP_CONFIGS + tuple(
             c.with_tma() for c in configs.CONV_CONFIGS)))
-        out += _gemm_jobs(conv_tma.conv1x1_tma_kernel, TMA_VARIANTS, _CONV_FLAGS,
+        # The implicit-GEMM kernel with TMA weight tiles: its non-stem variants, sm_90.
+        out += _gemm_jobs(conv.conv_unit_kernel, TMA_B_VARIANTS, {**_TMA_FLAGS, "B_TMA": True},
+                          set(_CONV_PTRS) - _F32_PTRS,
+                          lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
+                          cfgs=configs.TMA_B_SWEEP_CONFIGS, archs=(90,))
+        out += _gemm_jobs(conv_tma.conv1x1_tma_kernel, TMA_VARIANTS, _TMA_FLAGS,
                           set(_CONV_PTRS) - _F32_PTRS,
                           lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
                           cfgs=tma_cfgs, archs=(90,))

@@ -15,7 +15,8 @@ from dataclasses import dataclass, replace
 class ConvConfig:
     """One implicit-GEMM tile shape: BLOCK_M output pixels x BLOCK_N output channels, reduced
     BLOCK_K input channels (or flattened (kh, kw, c) taps) at a time. tma: the operands
-    arrive by TMA (conv_tma.py: 1x1 stride-1 convs of dense NHWC inputs on sm_90+)."""
+    arrive by TMA (conv_tma.py: 1x1 stride-1 convs of dense NHWC inputs on sm_90+); tma_b: only
+    the weight tile does, in the implicit-GEMM kernel (any conv whose C_in BLOCK_K divides)."""
 
     block_m: int
     block_n: int
@@ -23,6 +24,7 @@ class ConvConfig:
     num_warps: int
     num_stages: int
     tma: bool = False
+    tma_b: bool = False  # the implicit-GEMM kernel with only its weight tile loaded by TMA
 
     @property
     def meta(self) -> dict:
@@ -30,11 +32,16 @@ class ConvConfig:
 
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}"
-                f"_w{self.num_warps}_s{self.num_stages}{'_tma' if self.tma else ''}")
+                f"_w{self.num_warps}_s{self.num_stages}{'_tma' if self.tma else ''}"
+                f"{'_tmab' if self.tma_b else ''}")
 
     def with_tma(self) -> ConvConfig:
         """The same tile with its operands loaded by TMA."""
         return replace(self, tma=True)
+
+    def with_tma_b(self) -> ConvConfig:
+        """The same tile with its weight (B) tile loaded by TMA, its input gathered as usual."""
+        return replace(self, tma_b=True)
 
 
 # The autotuner's candidates. Kept to eight on purpose: autotuning compiles every config for
@@ -99,6 +106,16 @@ TMA_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(128, 64, 64, 4, 4, tma=True),
     ConvConfig(64, 128, 64, 4, 4, tma=True),
     ConvConfig(128, 256, 64, 8, 3, tma=True),
+)
+
+# The implicit-GEMM kernel with its weight tile loaded by TMA (any kernel size, stride,
+# padding or prologue: only B is a plain matrix), the input still gathered per element: what
+# TMA can do for the 3x3 convs (run 5: up to 1.62x cuDNN's time at 512 -> 512 7x7). Timed by
+# benchmarks/conv_configs.py beside the pointer tiles; runs only for a config with tma_b=True.
+TMA_B_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
+    ConvConfig(128, 128, 64, 8, 3, tma_b=True),
+    ConvConfig(128, 64, 64, 4, 3, tma_b=True),
+    ConvConfig(64, 128, 64, 4, 3, tma_b=True),
 )
 
 # The interpreter runs one program at a time in numpy: larger tiles mean fewer programs.

@@ -96,9 +96,12 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
               sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH: tl.constexpr, KW: tl.constexpr,
               HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
               ACT_IN: tl.constexpr, PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BLOCK_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, w_desc, n0, B_TMA: tl.constexpr):
     """acc += the conv of x (taps KH x KW, channels BLOCK_K at a time) with w (KH*KW*C_in,
     C_out) for this tile's output pixels, whose top-left input position is (ih0, iw0).
+    B_TMA: the weight tile comes through w_desc (a tensor descriptor over w, block
+    (BLOCK_K, BLOCK_N)) at column n0; the launcher admits it only where BLOCK_K divides C_in,
+    so that no chunk reads past its tap's rows.
     One loop over (tap, channel chunk) rather than a loop per tap: Triton software-pipelines
     the innermost loop only, and a per-tap loop of C_in / BLOCK_K iterations (1 or 2 for
     64-channel 3x3 convs) would drain the pipeline at every tap."""
@@ -115,8 +118,11 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
         a = _load_a(x_ptr, row_off, row_ok, offs_k, mask_k, offs_k, 0, 0, ih0, iw0, H, W,
                     sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, HAS_IC, HAS_IA, HAS_IB, ACT_IN,
                     PROLOGUE, False)
-        b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if B_TMA:
+            b = w_desc.load([tap * C_in + c0, n0])
+        else:
+            b = tl.load(w_ptr + (tap * C_in + offs_k)[:, None] * C_out + offs_n[None, :],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -165,7 +171,7 @@ def _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bi
 
 @triton.jit
 def conv_unit_kernel(
-        x_ptr, w_ptr, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
+        x_ptr, w_ptr, w_desc, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
         y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
         M, C_in, H, W, C_out, OH, OW,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
@@ -176,14 +182,15 @@ def conv_unit_kernel(
         ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
         HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
         PROLOGUE: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        INDEX_64: tl.constexpr,
+        INDEX_64: tl.constexpr, B_TMA: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr):
     """y = tail(conv(prologue(x)) + bias) (STATS=False) or z = conv(prologue(x)) + bias with
     per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
-    contiguous; y, u (N, C_out, OH, OW) with strides sy*; residual with strides sr*;
-    st_mean/st_m2 (tiles_m, C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
-    pid_m, _, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
+    contiguous (B_TMA: read through w_desc, a tensor descriptor over it; else None); y, u
+    (N, C_out, OH, OW) with strides sy*; residual with strides sr*; st_mean/st_m2 (tiles_m,
+    C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
+    pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
         M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     ih0 = oh * stride_h - pad_h
     iw0 = ow * stride_w - pad_w
@@ -206,7 +213,8 @@ def conv_unit_kernel(
     else:
         acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, H, W,
                         C_out, sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH, KW, HAS_IC,
-                        HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K)
+                        HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K, w_desc,
+                        pid_n * BLOCK_N, B_TMA)
 
     _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
                    ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
@@ -448,7 +456,16 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         from . import conv_tma
         conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tile)
     else:
-        args = (x, w_mat, tail[0],
+        w_desc = None
+        if config is not None and config.tma_b:
+            from . import conv_tma
+            reason = conv_tma.weight_tma_reason(x, weight, config.block_k, flat)
+            if reason is not None:
+                raise ValueError(f"config={config}: its weight tiles cannot come by TMA: "
+                                 f"{reason}")
+            w_desc = conv_tma.weight_descriptor(w_mat, config.block_k, config.block_n)
+        flags["B_TMA"] = w_desc is not None
+        args = (x, w_mat, w_desc, tail[0],
                 in_center if in_center is not None else dummy,
                 in_scale if in_scale is not None else dummy,
                 in_shift if in_shift is not None else dummy, *tail[1:],

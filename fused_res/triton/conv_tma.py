@@ -92,6 +92,33 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding,
     return None
 
 
+def weight_tma_reason(x: torch.Tensor, weight: torch.Tensor, block_k: int,
+                      flat: bool) -> str | None:
+    """Why the implicit-GEMM kernel cannot load this conv's weight tiles by TMA (a config with
+    tma_b=True), or None. x (N, C_in, H, W), weight (C_out, C_in, KH, KW)."""
+    if TensorDescriptor is None:
+        return "this Triton has no host-side tensor descriptors (triton.tools)"
+    c_out, c_in = weight.shape[:2]
+    if flat:
+        return "the flattened (kh, kw, c) K of a narrow input gathers its weight rows"
+    if c_in == 0 or c_in % block_k:
+        # A chunk past C_in would read the next tap's rows, where the pointer load masks.
+        return f"C_in={c_in} is not a multiple of BLOCK_K={block_k}"
+    if (c_out * weight.element_size()) % 16:
+        return f"C_out={c_out} must span a multiple of 16 bytes"
+    if not _INTERPRET and (x.device.type != "cuda" or _major(x.device) < 9):
+        return "TMA needs an sm_90 or newer GPU"
+    return None
+
+
+def weight_descriptor(w_mat: torch.Tensor, block_k: int, block_n: int):
+    """A tensor descriptor over the (K, C_out) weight matrix with block (block_k, block_n);
+    an unaligned matrix (a view weight_matrix handed back as it is) is copied first."""
+    if w_mat.data_ptr() % 16:
+        w_mat = w_mat.clone()
+    return TensorDescriptor.from_tensor(w_mat, [block_k, block_n])
+
+
 _MAJOR: dict = {}
 
 
@@ -139,15 +166,11 @@ def launch(x: torch.Tensor, w_mat: torch.Tensor, ptrs: tuple, y: torch.Tensor,
     n, c_in, h, w = x.shape
     m, c_out = n * h * w, w_mat.shape[1]
     rows = x.permute(0, 2, 3, 1).reshape(m, c_in)  # a view: x is dense NHWC
-    if w_mat.data_ptr() % 16:
-        # weight_matrix returns a weight that already is a (C_in, C_out) matrix as it is,
-        # storage offset included; TMA needs a 16-byte aligned base.
-        w_mat = w_mat.clone()
     # Under autotuning the pre-hook sets each config's blocks before it runs.
     bm, bn, bk = ((cfg.block_m, cfg.block_n, cfg.block_k) if cfg is not None
                   else (configs.CONV_MIN_BLOCK_M, configs.DOT_MIN, configs.DOT_MIN))
-    args = (TensorDescriptor.from_tensor(rows, [bm, bk]),
-            TensorDescriptor.from_tensor(w_mat, [bk, bn]), *ptrs,
+    args = (TensorDescriptor.from_tensor(rows, [bm, bk]), weight_descriptor(w_mat, bk, bn),
+            *ptrs,
             m, c_in, c_out, h, w, *y.stride(), *r.stride(), float(res_scale))
     kept = {k: flags[k] for k in _FLAGS}
     if cfg is not None:
