@@ -178,8 +178,9 @@ FUSED="fused-triton,fused-triton-unfused,fused-cuda,fused-cudnn"
 # FUSED_RES_GPU_CHECK_ONLY.) fused-triton-prologue: each training BN + ReLU in the next conv's
 # prologue, the design, no longer the default (run 5: 1.07x eager against 1.19x with
 # the BN in a pass of its own; the prologue conv's A tile goes through registers and back
-# to shared memory for the BN + ReLU). fused-triton-tma: the 1x1 stride-1 convs (33 of 53)
-# with TMA-loaded operands (conv_tma.py; written after run 6, never run on a GPU).
+# to shared memory for the BN + ReLU). fused-triton-tma: operands by TMA, both for the 1x1
+# stride-1 convs (33 of 53, conv_tma.py), the weights for the rest (written after run 6,
+# never run on a GPU).
 bench rn50-train-b128 120 --model resnet50 --mode train --dtype bf16 --batch 128 --repeats 20 \
   --contenders eager-cl,fused-triton,fused-triton-prologue,fused-triton-tma,fused-cuda \
   --cuda-graphs

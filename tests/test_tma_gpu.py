@@ -116,8 +116,10 @@ def _resnet50_stage_runs(dtype, monkeypatch):
                                        (torch.float32, torch.float32)], ids=["bf16", "fp32"])
 def test_tma_requested_resnet50_is_as_accurate_as_the_pointer_kernels(dtype, tol,
                                                                        monkeypatch):
-    """FUSED_RES_TRITON_TMA=1 on ResNet-50's first two stages (eval) and one of its blocks (a
-    train step: output, every gradient, the running statistics): each tensor within the
+    """FUSED_RES_TRITON_TMA=1 (the 1x1 stride-1 convs through conv_tma, the 3x3 convs and
+    stride-2 projections with TMA weight tiles) on ResNet-50's first two stages (eval) and one
+    of its blocks (a train step: output, every gradient, the running statistics): each tensor
+    within the
     dtype's tolerance of float64, or within EAGER_FACTOR times the pointer kernels' own error
     where rounding makes that larger (the two differ in tile and accumulation order, not in
     quality; float32 without tf32)."""

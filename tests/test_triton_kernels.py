@@ -368,6 +368,52 @@ else:
         want = torch.nn.functional.conv2d(x16.double(), w_view.double(), padding=1)
         _check(got, want, torch.float32, "unaligned weight view")
 
+    @pytest.mark.parametrize("mode", ["train", "eval"])
+    def test_tma_loads_take_weight_tiles_by_tma_in_the_other_convs(mode, monkeypatch):
+        """Under tma_loads() (the bench's fused-triton-tma), convs the 1x1 TMA kernel does not
+        take load their weight tiles by TMA where BLOCK_K divides C_in: a basic block's 3x3
+        convs and its 1x1 stride-2 projection (16 -> 32 channels). Output, gradients and
+        running statistics are the float64 reference's."""
+        from helpers import randomize_bn
+
+        import fused_res.triton.conv as conv
+        from fused_res import nn as fnn
+        from fused_res.backends import get_backend_object
+        from fused_res.models.imagenet import conv1x1
+        torch.manual_seed(0)
+        down = torch.nn.Sequential(conv1x1(16, 32, 2), torch.nn.BatchNorm2d(32))
+        block = randomize_bn(fnn.BasicBlock(16, 32, 2, down, backend="triton"))
+        ref = copy.deepcopy(block).double()
+        ref.backend = "reference"
+        block.train(mode == "train")
+        ref.train(mode == "train")
+        descs = []
+        real = conv._weight_descriptor
+        monkeypatch.setattr(conv, "_weight_descriptor",
+                            lambda *q: descs.append(real(*q)) or descs[-1])
+        x = torch.randn(2, 16, 7, 9).to(memory_format=torch.channels_last)
+        xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+        triton = get_backend_object("triton")
+        with triton.train_prologue(False), triton.tma_loads():
+            y = block(xa)
+        yr = ref(xr)
+        _check(y, yr, torch.float32, f"{mode} y")
+        assert sum(d is not None for d in descs) >= 2, descs
+        gy = torch.randn(yr.shape, dtype=D)
+        (y.double() * gy).sum().backward()
+        (yr * gy).sum().backward()
+        _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
+        for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
+                                      strict=True):
+            _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
+        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
+            if b.is_floating_point():
+                _check(b, br, torch.float32, name)
+        descs.clear()
+        with torch.no_grad():
+            block(x)  # outside tma_loads(): pointer loads only
+        assert descs and all(d is None for d in descs)
+
     def test_tma_refusals_for_alignment_size_and_empty_channels():
         """What TMA cannot address is refused before a descriptor is built: an x whose data
         is not 16-byte aligned (a view with a storage offset), 2^31 or more pixels (int32

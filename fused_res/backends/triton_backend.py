@@ -135,9 +135,10 @@ class TritonBackend(ReferenceBackend):
 
     @contextlib.contextmanager
     def tma_loads(self) -> Iterator[None]:
-        """Within the context, 1x1 stride-1 convs without a prologue load their operands by
-        TMA on sm_90 and newer (triton/conv_tma.py; elsewhere the usual kernel runs): the
-        bench's fused-triton-tma, not the default until a GPU run shows it faster."""
+        """Within the context, on sm_90 and newer, operands come by TMA: both for 1x1 stride-1
+        convs without a prologue (triton/conv_tma.py), the weight tiles for the others where
+        the tile's BLOCK_K divides C_in. The bench's fused-triton-tma; not the default until
+        a GPU run shows it faster."""
         previous, self._tma = self._tma, True
         try:
             yield

@@ -16,9 +16,8 @@ it cannot run where it cannot.
                         default does not take. -bnpass: each BN + ReLU in its own pass
                         (Backend.prologue_apart); -prologue: in the next conv's prologue
                         (Backend.prologue_fused). Triton's default is the pass: -prologue.
-  fused-<backend>-tma   where a backend offers `tma_loads()` (Triton): its 1x1 stride-1
-                        convs load their operands by TMA (sm_90 and newer), not yet the
-                        default
+  fused-<backend>-tma   where a backend offers `tma_loads()` (Triton): operands by TMA
+                        where they can be (sm_90 and newer), not yet the default
 
 Groups for --contenders: default, all, eager, compiled (all three compile contenders),
 fused, cudnn. A name is never a group: "compile" is the default-mode contender alone.

@@ -235,8 +235,14 @@ def _prune(cfgs, nargs, **kwargs):
     x = nargs["x_ptr"] if "x_ptr" in nargs else nargs["x_desc"].base
     taps = kwargs.get("KH", 1) * kwargs.get("KW", 1)
     keep = {str(c) for c in configs.conv_configs_for(x.element_size(), taps, nargs["C_in"],
-                                                     nargs["C_out"], kwargs.get("FLAT_K"))}
-    return [c for c in cfgs if _config_name(c) in keep]
+                                                     nargs["C_out"], kwargs.get("FLAT_K"))
+            # TMA weight tiles: no chunk may run past its tap's C_in rows.
+            if not kwargs.get("B_TMA") or nargs["C_in"] % c.block_k == 0}
+    kept = [c for c in cfgs if _config_name(c) in keep]
+    if not kept:  # (B_TMA: the launcher admits only a C_in the smallest BLOCK_K divides)
+        kept = [min((c for c in cfgs if nargs["C_in"] % c.kwargs["BLOCK_K"] == 0),
+                    key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    return kept
 
 
 def _config_name(c) -> str:
@@ -274,6 +280,21 @@ def _autotuned_kernel():
         _AUTOTUNED["conv"] = autotune_over_conv_configs(conv_unit_kernel, _TUNE_KEY,
                                                         reset_to_zero=["st_cnt_ptr"])
     return _AUTOTUNED["conv"]
+
+
+def _set_weight_block(nargs) -> None:
+    """Autotuner pre-hook: the weight descriptor's block follows the config being run."""
+    nargs["w_desc"].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+def _autotuned_kernel_tma_b():
+    """conv_unit_kernel with TMA weight tiles, autotuned like _autotuned_kernel over the
+    configs whose BLOCK_K divides C_in (_prune), each with its own descriptor block."""
+    if "conv_tma_b" not in _AUTOTUNED:
+        _AUTOTUNED["conv_tma_b"] = autotune_over_conv_configs(
+            conv_unit_kernel, _TUNE_KEY, pre_hook=_set_weight_block,
+            reset_to_zero=["st_cnt_ptr"])
+    return _AUTOTUNED["conv_tma_b"]
 
 
 def autotune_enabled() -> bool:
@@ -360,8 +381,9 @@ def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
 
 
 def tma_requested() -> bool:
-    """FUSED_RES_TRITON_TMA=1: the convs conv_tma can run take it when no config is given
-    (not the default until a GPU run shows it faster; see conv_tma.py)."""
+    """FUSED_RES_TRITON_TMA=1: when no config is given, the convs conv_tma can run take it,
+    and the others their weight tiles by TMA where they can (not the default until a GPU run
+    shows either faster; see conv_tma.py)."""
     return os.environ.get("FUSED_RES_TRITON_TMA", "0") == "1"
 
 
@@ -385,6 +407,28 @@ def _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue: bool):
     return cfg.with_tma() if cfg is not None else None
 
 
+def _weight_descriptor(config, cfg, tma, x, weight, w_mat, flat: bool):
+    """The implicit-GEMM kernel's weight descriptor (its B tiles by TMA), or None for pointer
+    loads: for a config with tma_b=True (an error where it cannot), and where TMA is asked
+    for (tma=True, or FUSED_RES_TRITON_TMA=1 where tma is None) for a conv conv_tma's own
+    kernel does not take, where the tile's BLOCK_K (autotuned: the smallest any candidate
+    has) divides C_in."""
+    if config is not None and not config.tma_b:
+        return None
+    if config is None and not (tma_requested() if tma is None else tma):
+        return None
+    from . import conv_tma
+    bk = cfg.block_k if cfg is not None else min(c.block_k for c in configs.CONV_CONFIGS)
+    reason = conv_tma.weight_tma_reason(x, weight, bk, flat)
+    if reason is not None:
+        if config is not None:
+            raise ValueError(f"config={config}: its weight tiles cannot come by TMA: {reason}")
+        return None
+    # Autotuned: the pre-hook sets each config's block.
+    return conv_tma.weight_descriptor(w_mat, bk, cfg.block_n if cfg is not None
+                                      else configs.DOT_MIN)
+
+
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
@@ -395,8 +439,9 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     stats=False: returns (y, u) (u None unless store_u). stats=True: returns (z, partials)
     with partials = (tile_mean (T, C_out), tile_m2 (T, C_out), tile_count (T,)) float32.
     config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests).
-    tma: whether a 1x1 stride-1 conv without a prologue loads its operands by TMA (conv_tma,
-    sm_90); None: FUSED_RES_TRITON_TMA decides (off unless "1")."""
+    tma: whether operands come by TMA where they can (sm_90): a 1x1 stride-1 conv without a
+    prologue through conv_tma, the weight tiles of the others; None: FUSED_RES_TRITON_TMA
+    decides (off unless "1")."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     bias, in_center, in_scale, in_shift = vec(bias), vec(in_center), vec(in_scale), vec(in_shift)
@@ -456,14 +501,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         from . import conv_tma
         conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tile)
     else:
-        w_desc = None
-        if config is not None and config.tma_b:
-            from . import conv_tma
-            reason = conv_tma.weight_tma_reason(x, weight, config.block_k, flat)
-            if reason is not None:
-                raise ValueError(f"config={config}: its weight tiles cannot come by TMA: "
-                                 f"{reason}")
-            w_desc = conv_tma.weight_descriptor(w_mat, config.block_k, config.block_n)
+        w_desc = _weight_descriptor(config, cfg, tma, x, weight, w_mat, flat)
         flags["B_TMA"] = w_desc is not None
         args = (x, w_mat, w_desc, tail[0],
                 in_center if in_center is not None else dummy,
@@ -478,7 +516,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         else:
             grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
                                  cdiv(c_out, meta["BLOCK_N"]),)
-            _autotuned_kernel()[grid](*args, **flags)
+            kernel = _autotuned_kernel_tma_b() if flags["B_TMA"] else _autotuned_kernel()
+            kernel[grid](*args, **flags)
     if stats:
         return y, (st_mean, st_m2, st_cnt)
     return y, u
