@@ -414,6 +414,62 @@ else:
             block(x)  # outside tma_loads(): pointer loads only
         assert descs and all(d is None for d in descs)
 
+    @pytest.mark.parametrize("kind", ["1x1", "weights"])
+    def test_autotuned_tma_paths_set_each_configs_blocks(kind, monkeypatch):
+        """The autotuned TMA launches (what a GPU runs under FUSED_RES_TRITON_TMA=1 with
+        autotuning on), through the interpreter with a fake timer that makes a random config
+        win each time: every config the autotuner times and the winner it then runs must have
+        the descriptor blocks its pre-hook set (else a wrong tile is read), the statistics
+        buffers must hold whatever tile wins, and the weight-tile path must prune the configs
+        whose BLOCK_K does not divide C_in (96 channels: 64-deep tiles would read the next
+        tap's weights)."""
+        import random
+
+        import fused_res.triton.conv as conv
+        from fused_res.triton import conv_tma
+        from fused_res.triton.elementwise import stats_finalize
+        monkeypatch.setattr(conv, "_INTERPRET", False)  # the autotuned path, interpreted
+        monkeypatch.setattr(conv, "autotune_enabled", lambda: True)
+        tuner = conv_tma._autotuned_kernel() if kind == "1x1" else conv._autotuned_kernel_tma_b()
+        timed = []
+        rng = random.Random(0)
+
+        def fake_bench(call, quantiles=None):
+            call()
+            return [rng.random()] * 3
+        real_bench = tuner.__dict__.get("do_bench")
+        tuner.__dict__["do_bench"] = fake_bench
+        monkeypatch.setattr(tuner, "_do_bench", fake_bench, raising=False)
+        real_prune = tuner.early_config_prune
+        monkeypatch.setattr(tuner, "early_config_prune",
+                            lambda *q, **k: timed.append(real_prune(*q, **k)) or timed[-1])
+        k, pad, c_in = (1, 0, 72) if kind == "1x1" else (3, 1, 96)
+        g = torch.Generator().manual_seed(3)
+        try:
+            for trial in range(3):
+                x = torch.randn(2, c_in, 9, 11, generator=g).to(memory_format=torch.channels_last)
+                w = torch.randn(80, c_in, k, k, generator=g) / (c_in * k * k) ** 0.5
+                b = torch.randn(80, generator=g)
+                with torch.no_grad():
+                    z, parts = conv.conv_launch(x, w, b, (1, 1), (pad, pad), None, None, None,
+                                                "none", stats=True,
+                                                memory_format=torch.channels_last, tma=True)
+                    mean, var = stats_finalize(*parts, 80)
+                ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(),
+                                                 padding=pad)
+                _check(z, ref, torch.float32, f"{kind} trial {trial} z")
+                _check(mean, ref.mean((0, 2, 3)), torch.float32, "mean")
+                _check(var, ref.var((0, 2, 3), unbiased=False), torch.float32, "var")
+                tuner.cache.clear()
+        finally:
+            if real_bench is None:
+                tuner.__dict__.pop("do_bench", None)
+            else:
+                tuner.__dict__["do_bench"] = real_bench
+        assert timed and all(len(t) > 1 for t in timed)  # a real choice each time
+        if kind == "weights":
+            assert all(c.kwargs["BLOCK_K"] == 32 for t in timed for c in t), timed
+
     def test_tma_refusals_for_alignment_size_and_empty_channels():
         """What TMA cannot address is refused before a descriptor is built: an x whose data
         is not 16-byte aligned (a view with a storage offset), 2^31 or more pixels (int32
