@@ -309,11 +309,14 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
         # TMA tiles: the sweep's and CONV_CONFIGS as TMA tiles (FUSED_RES_TRITON_TMA=1).
         tma_cfgs = tuple(dict.fromkeys(configs.TMA_SWEEP_CONFIGS + tuple(
             c.with_tma() for c in configs.CONV_CONFIGS)))
-        # The implicit-GEMM kernel with TMA weight tiles: its non-stem variants, sm_90.
+        # The implicit-GEMM kernel with TMA weight tiles: its non-stem variants, sm_90; the
+        # sweep's tiles and CONV_CONFIGS (FUSED_RES_TRITON_TMA=1 autotunes over them).
+        tma_b_cfgs = tuple(dict.fromkeys(configs.TMA_B_SWEEP_CONFIGS + tuple(
+            c.with_tma_b() for c in configs.CONV_CONFIGS)))
         out += _gemm_jobs(conv.conv_unit_kernel, TMA_B_VARIANTS, {**_TMA_FLAGS, "B_TMA": True},
                           set(_CONV_PTRS) - _F32_PTRS,
                           lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
-                          cfgs=configs.TMA_B_SWEEP_CONFIGS, archs=(90,))
+                          cfgs=tma_b_cfgs, archs=(90,))
         out += _gemm_jobs(conv_tma.conv1x1_tma_kernel, TMA_VARIANTS, _TMA_FLAGS,
                           set(_CONV_PTRS) - _F32_PTRS,
                           lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
