@@ -74,6 +74,16 @@ def main(argv=None) -> int:
     elt = torch.tensor([], dtype=dtype).element_size()
     shapes = CONVS if a.shapes == "all" else FEW
     rows, best = [], []
+
+    def save():
+        """The rows so far (after every shape: a step that runs out of time keeps them)."""
+        if a.json:
+            tmp = pathlib.Path(a.json).with_suffix(".tmp")  # a timeout never leaves half a file
+            tmp.write_text(json.dumps(
+                {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),
+                 "variant": a.variant, "torch": torch.__version__, "dtype": a.dtype,
+                 "batch": a.batch, "rows": rows}, indent=1) + "\n")
+            tmp.replace(a.json)
     print(f"{torch.cuda.get_device_name()}, batch {a.batch}, {a.dtype}, channels_last, "
           f"{a.variant} conv; ratio = Triton graph time / cuDNN graph time (plain conv)",
           flush=True)
@@ -155,6 +165,7 @@ def main(argv=None) -> int:
                 u_ms = "WRONG"  # the tile that runs by default computed a wrong result
             best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms, tma_best,
                          tma_b_best))
+        save()
     print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
           "untuned config | its ratio | best TMA tile's ratio | best TMA-B tile's ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -175,12 +186,7 @@ def main(argv=None) -> int:
                 gt = math.exp(sum(math.log(r[col] / r[1]) for r in both) / len(both))
                 print(f"where {kind} tiles ran ({len(both)} shapes): best pointer tile "
                       f"{gp:.2f}, best {kind} tile {gt:.2f} (time over cuDNN's, geomean)")
-    if a.json:
-        pathlib.Path(a.json).write_text(json.dumps(
-            {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),
-             "variant": a.variant,
-             "torch": torch.__version__, "dtype": a.dtype, "batch": a.batch, "rows": rows},
-            indent=1) + "\n")
+    save()
     return 0
 
 

@@ -221,7 +221,7 @@ else
 fi
 # The TMA conv's GPU tests (conv_tma.py: never yet run on a GPU; skipped before sm_90), in a
 # step of their own so their compiles cannot cost the other Triton tests their limit.
-run_step pytest-gpu-tma 120 env FUSED_RES_NO_EXT=1 "$PY" -m pytest -m gpu -q \
+run_step pytest-gpu-tma 180 env FUSED_RES_NO_EXT=1 "$PY" -m pytest -m gpu -q \
   -p no:cacheprovider --junitxml "$STEPS_DIR/pytest_gpu_tma.xml" tests/test_tma_gpu.py
 # The conv alone against cuDNN per tile; then the same tiles as a training step runs them
 # with the statistics epilogue (the default), and with the BN+ReLU prologue too. At the 1x1
@@ -236,9 +236,9 @@ if [ "$DRY" = 1 ]; then
 else
   run_step conv-configs 90 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --json "$STEPS_DIR/conv-configs.json"
-  run_step conv-configs-stats 75 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+  run_step conv-configs-stats 90 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant stats --json "$STEPS_DIR/conv-configs-stats.json"
-  run_step conv-configs-train 60 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
+  run_step conv-configs-train 75 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant train --json "$STEPS_DIR/conv-configs-train.json"
 fi
 if [ "$DRY" = 1 ]; then

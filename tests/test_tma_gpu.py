@@ -85,9 +85,17 @@ def _resnet50_stage_runs(dtype, monkeypatch):
     xb = torch.randn(4, 256, 20, 20, device="cuda", generator=g).contiguous(
         memory_format=torch.channels_last)
     gy = torch.randn(4, 256, 20, 20, device="cuda", generator=g, dtype=D)
-    launches = []
+    import fused_res.triton.conv as conv
+    launches, descs = [], []
     real = conv_tma.launch
     monkeypatch.setattr(conv_tma, "launch", lambda *q, **k: launches.append(1) or real(*q, **k))
+    real_desc = conv._weight_descriptor
+
+    def counted_desc(*q):
+        d = real_desc(*q)
+        descs.append(d is not None)
+        return d
+    monkeypatch.setattr(conv, "_weight_descriptor", counted_desc)
 
     def run(s, b, xx, xxb, autocast):
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=autocast):
@@ -105,10 +113,13 @@ def _resnet50_stage_runs(dtype, monkeypatch):
     low = dtype != torch.float32
     for name, tma in (("pointer", "0"), ("tma", "1")):
         monkeypatch.setenv("FUSED_RES_TRITON_TMA", tma)
-        n0 = len(launches)
+        n0, d0 = len(launches), sum(descs)
         out[name] = run(fused_res.convert(copy.deepcopy(stages), backend="triton"),
                         fused_res.convert(copy.deepcopy(block), backend="triton"), x, xb, low)
+        # Both TMA paths ran exactly when asked: the 1x1 kernel, and weight tiles by TMA for
+        # the 3x3 convs and stride-2 projections.
         assert (len(launches) > n0) == (tma == "1"), name
+        assert (sum(descs) > d0) == (tma == "1"), name
     return out
 
 
@@ -181,6 +192,34 @@ def test_tma_b_tiles_on_gpu(tile):
         y_ref = _unit(r, dict(stride=2, padding=1), "reference")
     assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
     assert rel_err(y, y_ref) <= TOLERANCES[torch.bfloat16]
+    zd = z.double()
+    assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
+    assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["1x1", "weights"])
+def test_autotuned_tma_on_gpu(kind, monkeypatch):
+    """Autotuning on (what FUSED_RES_TRITON_TMA=1 runs outside gpu_check, whose steps tune
+    nothing): every TMA config is timed with the descriptor blocks its pre-hook set, and the
+    winner computes the conv and its statistics, bf16, against float64. 1x1: conv_tma's
+    kernel; weights: a 3x3 conv with TMA weight tiles."""
+    if not _hopper():
+        pytest.skip("TMA tiles run on sm_90 and newer")
+    import fused_res.triton.conv as conv
+    from fused_res.triton.elementwise import stats_finalize
+    monkeypatch.setattr(conv, "autotune_enabled", lambda: True)
+    k, pad, cin, cout = (1, 0, 256, 128) if kind == "1x1" else (3, 1, 96, 128)
+    ours, ref, _ = _case(k, 1, pad, cin, cout, n=4, h=14, w=14)
+    a = {n: v.detach() for n, v in ours.items()}
+    r = {n: v.detach() for n, v in ref.items()}
+    with torch.no_grad():
+        z, parts = conv.conv_launch(a["x"], a["w"], a["bias"], (1, 1), (pad, pad), None, None,
+                                    None, "none", stats=True,
+                                    memory_format=torch.channels_last, tma=True)
+        mean, var = stats_finalize(*parts, z.shape[1])
+        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], padding=pad,
+                                        backend="reference")
+    assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
     zd = z.double()
     assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
     assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]

@@ -314,6 +314,27 @@ else:
         from fused_res.triton import configs
         return [configs.INTERPRETER_CONV_CONFIG.with_tma_b(), *configs.TMA_B_SWEEP_CONFIGS]
 
+    def test_tma_b_tile_in_half_precision_against_pointer_loads():
+        """fp16, 3x3 stride 1 with the prologue and the tail: TMA weight tiles give what
+        pointer loads give, bit for bit (same tile, same K order), and the float64 result
+        within fp16's tolerance."""
+        from fused_res.triton import configs
+        from fused_res.triton.conv import conv_launch
+        a = _cast(_make(CONFIGS[5][:-1] + (32,), n=2, cout=40, h=7, w=6, seed=9),
+                  torch.float16, torch.channels_last)
+        outs = []
+        with torch.no_grad():
+            for tile in (configs.INTERPRETER_CONV_CONFIG,
+                         configs.INTERPRETER_CONV_CONFIG.with_tma_b()):
+                outs.append(conv_launch(
+                    a["x"], a["w"], a["bias"], (1, 1), (1, 1), a["c_in"], a["a_in"], a["b_in"],
+                    "relu", out_scale=a["a_out"], out_shift=a["b_out"], act_mid="relu",
+                    residual=a["r"], res_scale=a["lam"], branch_scale=a["d"],
+                    memory_format=torch.channels_last, config=tile)[0])
+            want = _unit(_as_ref(a), "reference")
+        assert torch.equal(outs[0], outs[1])
+        _check(outs[1], want, torch.float16, "fp16 tma_b y")
+
     @pytest.mark.parametrize("tile", _tma_b_tiles(), ids=str)
     def test_every_tma_b_tile_computes_the_same_conv(tile):
         """The implicit-GEMM kernel with its weight tiles loaded by TMA (tma_b): a 3x3
@@ -359,6 +380,10 @@ else:
         with pytest.raises(ValueError, match="flattened"):
             conv_launch(stem, torch.randn(8, 3, 7, 7), None, (2, 2), (3, 3), None, None, None,
                         "none", memory_format=cl, config=tile)
+        x16h = torch.randn(1, 16, 5, 5).to(torch.float16).contiguous(memory_format=cl)
+        with pytest.raises(ValueError, match="C_out=12 must span a multiple of 16 bytes"):
+            conv_launch(x16h, torch.randn(12, 16, 3, 3).half(), None, (1, 1), (1, 1), None,
+                        None, None, "none", memory_format=cl, config=tile)
         wbuf = torch.randn(9 * 16 * 24 + 1)  # (KH*KW*C_in, C_out) = (144, 24), 4 bytes off
         w_view = wbuf[1:].view(3, 3, 16, 24).permute(3, 2, 0, 1)
         x16 = torch.randn(2, 16, 5, 5).contiguous(memory_format=cl)

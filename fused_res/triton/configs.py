@@ -111,7 +111,8 @@ TMA_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
 # The implicit-GEMM kernel with its weight tile loaded by TMA (any kernel size, stride,
 # padding or prologue: only B is a plain matrix), the input still gathered per element: what
 # TMA can do for the 3x3 convs (run 5: up to 1.62x cuDNN's time at 512 -> 512 7x7). Timed by
-# benchmarks/conv_configs.py beside the pointer tiles; runs only for a config with tma_b=True.
+# benchmarks/conv_configs.py beside the pointer tiles; runs for a config with tma_b=True, and
+# under FUSED_RES_TRITON_TMA=1 (autotuned over CONV_CONFIGS as such tiles).
 TMA_B_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(128, 128, 64, 8, 3, tma_b=True),
     ConvConfig(128, 64, 64, 4, 3, tma_b=True),

@@ -238,11 +238,9 @@ def _prune(cfgs, nargs, **kwargs):
                                                      nargs["C_out"], kwargs.get("FLAT_K"))
             # TMA weight tiles: no chunk may run past its tap's C_in rows.
             if not kwargs.get("B_TMA") or nargs["C_in"] % c.block_k == 0}
-    kept = [c for c in cfgs if _config_name(c) in keep]
-    if not kept:  # (B_TMA: the launcher admits only a C_in the smallest BLOCK_K divides)
-        kept = [min((c for c in cfgs if nargs["C_in"] % c.kwargs["BLOCK_K"] == 0),
-                    key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-    return kept
+    # (Never empty with B_TMA: the launcher admits only a C_in the smallest BLOCK_K divides,
+    # and conv_configs_for keeps a 32-deep tile for any C_in of 32 or more.)
+    return [c for c in cfgs if _config_name(c) in keep]
 
 
 def _config_name(c) -> str:
@@ -388,10 +386,10 @@ def tma_requested() -> bool:
 
 
 def _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue: bool):
-    """False: the pointer kernel runs. Otherwise conv_tma runs, with this tile (a ConvConfig
+    """False: the implicit-GEMM kernel runs (its weight tiles by TMA or not:
+    _weight_descriptor). Otherwise conv_tma's 1x1 kernel runs, with this tile (a ConvConfig
     with tma=True) or None (autotuned). A config with tma=True that cannot run is an error;
-    tma=True (or, where tma is None, FUSED_RES_TRITON_TMA=1) applies where it can and leaves
-    the rest to the pointer kernel."""
+    tma=True (or, where tma is None, FUSED_RES_TRITON_TMA=1) applies where it can."""
     if config is not None and not config.tma:
         return False
     if config is None and not (tma_requested() if tma is None else tma):

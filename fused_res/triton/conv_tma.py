@@ -94,13 +94,15 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding,
 
 def weight_tma_reason(x: torch.Tensor, weight: torch.Tensor, block_k: int,
                       flat: bool) -> str | None:
-    """Why the implicit-GEMM kernel cannot load this conv's weight tiles by TMA (a config with
-    tma_b=True), or None. x (N, C_in, H, W), weight (C_out, C_in, KH, KW)."""
+    """Why the implicit-GEMM kernel cannot load this conv's weight tiles by TMA with tiles
+    block_k deep, or None. x (N, C_in, H, W), weight (C_out, C_in, KH, KW)."""
     if TensorDescriptor is None:
         return "this Triton has no host-side tensor descriptors (triton.tools)"
     c_out, c_in = weight.shape[:2]
     if flat:
         return "the flattened (kh, kw, c) K of a narrow input gathers its weight rows"
+    if c_out == 0:
+        return "C_out=0: a descriptor needs a non-empty matrix"
     if c_in == 0 or c_in % block_k:
         # A chunk past C_in would read the next tap's rows, where the pointer load masks.
         return f"C_in={c_in} is not a multiple of BLOCK_K={block_k}"
