@@ -167,34 +167,11 @@ def test_tma_b_tiles_on_gpu(tile):
     newer only."""
     if not _hopper():
         pytest.skip("TMA tiles run on sm_90 and newer")
-    from test_triton_gpu import _unit
+    from test_triton_gpu import check_tile_with_prologue_on_gpu
 
     from fused_res.triton import configs
-    from fused_res.triton.conv import conv_launch
-    from fused_res.triton.elementwise import stats_finalize
     cfg = next(c for c in configs.TMA_B_SWEEP_CONFIGS if str(c) == tile)
-    ours, ref, _ = _case(3, 2, 1, 128, 136, n=6, h=15, w=15)
-    a = {k: v.detach() for k, v in ours.items()}
-    r = {k: v.detach() for k, v in ref.items()}
-    with torch.no_grad():
-        z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
-                               a["b_in"], "relu", stats=True,
-                               memory_format=torch.channels_last, config=cfg)
-        mean, var = stats_finalize(*parts, z.shape[1])
-        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], stride=2, padding=1,
-                                        in_center=r["c_in"], in_scale=r["a_in"],
-                                        in_shift=r["b_in"], act_in="relu", backend="reference")
-        y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
-                           a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
-                           act_mid="relu", residual=a["r"], res_scale=0.7,
-                           branch_scale=a["d"], act_out="relu",
-                           memory_format=torch.channels_last, config=cfg)
-        y_ref = _unit(r, dict(stride=2, padding=1), "reference")
-    assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
-    assert rel_err(y, y_ref) <= TOLERANCES[torch.bfloat16]
-    zd = z.double()
-    assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
-    assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
+    check_tile_with_prologue_on_gpu(cfg, 2, 128, 136, n=6, hw=15)
 
 
 @pytest.mark.parametrize("kind", ["1x1", "weights"])

@@ -214,26 +214,33 @@ def test_large_tiles_on_gpu(tile):
     epilogue and with the full tail: against the float64 reference, bf16. The interpreter runs
     them on the CPU (test_triton_kernels.py); this is the compiled code on the GPU."""
     from fused_res.triton import configs
+    cfg = next(c for c in configs.CONV_CONFIGS if str(c) == tile)
+    check_tile_with_prologue_on_gpu(cfg, 1, 128, 128, n=16, hw=28)
+
+
+def check_tile_with_prologue_on_gpu(cfg, stride: int, cin: int, cout: int, n: int, hw: int):
+    """A 3x3 conv (padding 1, `stride`) through the tile `cfg`, bf16: with the BN+ReLU prologue
+    and the statistics epilogue, and with the full tail, against the float64 reference."""
     from fused_res.triton.conv import conv_launch
     from fused_res.triton.elementwise import stats_finalize
-    cfg = next(c for c in configs.CONV_CONFIGS if str(c) == tile)
-    ours, ref, _ = _case(3, 1, 1, 128, 128, n=16, h=28, w=28)
+    ours, ref, _ = _case(3, stride, 1, cin, cout, n=n, h=hw, w=hw)
     a = {k: v.detach() for k, v in ours.items()}
     r = {k: v.detach() for k, v in ref.items()}
+    st = (stride, stride)
     with torch.no_grad():
-        z, parts = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (1, 1), a["c_in"], a["a_in"],
+        z, parts = conv_launch(a["x"], a["w"], a["bias"], st, (1, 1), a["c_in"], a["a_in"],
                                a["b_in"], "relu", stats=True,
                                memory_format=torch.channels_last, config=cfg)
         mean, var = stats_finalize(*parts, z.shape[1])
-        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], stride=1, padding=1,
+        z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], stride=stride, padding=1,
                                         in_center=r["c_in"], in_scale=r["a_in"],
                                         in_shift=r["b_in"], act_in="relu", backend="reference")
-        y, _ = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (1, 1), a["c_in"], a["a_in"],
+        y, _ = conv_launch(a["x"], a["w"], a["bias"], st, (1, 1), a["c_in"], a["a_in"],
                            a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
                            act_mid="relu", residual=a["r"], res_scale=0.7,
                            branch_scale=a["d"], act_out="relu",
                            memory_format=torch.channels_last, config=cfg)
-        y_ref = _unit(r, dict(stride=1, padding=1), "reference")
+        y_ref = _unit(r, dict(stride=stride, padding=1), "reference")
     assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]
     assert rel_err(y, y_ref) <= TOLERANCES[torch.bfloat16]
     zd = z.double()

@@ -198,16 +198,13 @@ else:
         from fused_res.triton import configs
         return list(configs.CONV_CONFIGS + configs.SWEEP_CONFIGS)  # the ladder is a reordering
 
-    @pytest.mark.parametrize("tile", _every_gpu_config(), ids=str)
-    def test_every_gpu_tile_computes_the_same_conv(tile):
-        """Each tile the GPU may run (autotuned or untuned, benchmark sweep), through the
-        interpreter: tile edges in M, N and K (C_in = 70: two or three BLOCK_K chunks per 3x3 tap,
-        the last one partial), the prologue, the tail, and the statistics partials sized for
-        the smallest tile."""
+    def _check_3x3_s2_tile(tile, c_in, c_out, seed):
+        """A 3x3 stride-2 conv (11x13 input) through `tile`, fp32: with the BN+ReLU prologue
+        and the whole tail, and with the statistics epilogue, against the float64 reference."""
         from fused_res.triton.conv import conv_launch
         from fused_res.triton.elementwise import stats_finalize
-        a = _cast(_make(CONFIGS[1][:-1] + (70,), n=2, cout=70, h=11, w=13, seed=3), torch.float32,
-                  torch.channels_last)
+        a = _cast(_make(CONFIGS[1][:-1] + (c_in,), n=2, cout=c_out, h=11, w=13, seed=seed),
+                  torch.float32, torch.channels_last)
         ref = _as_ref(a)
         with torch.no_grad():
             y_ref = _unit(ref, "reference")
@@ -225,6 +222,14 @@ else:
             mean, var = stats_finalize(*parts, z.shape[1])
         for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
             _check(o, r, torch.float32, f"{tile} {what}")
+
+    @pytest.mark.parametrize("tile", _every_gpu_config(), ids=str)
+    def test_every_gpu_tile_computes_the_same_conv(tile):
+        """Each tile the GPU may run (autotuned or untuned, benchmark sweep), through the
+        interpreter: tile edges in M, N and K (C_in = 70: two or three BLOCK_K chunks per 3x3 tap,
+        the last one partial), the prologue, the tail, and the statistics partials sized for
+        the smallest tile."""
+        _check_3x3_s2_tile(tile, 70, 70, 3)
 
     # 1x1 stride-1 convs through TMA descriptors (conv_tma.py): C_in = 72 leaves a partial
     # last BLOCK_K (zero-filled by the descriptor), C_out = 80 a partial BLOCK_N, 2x11x13 = 286
@@ -341,27 +346,7 @@ else:
         stride-2 conv with the BN+ReLU prologue and the whole tail, and with the statistics
         epilogue; C_in = 64 (a multiple of every tile's BLOCK_K, as tma_b requires, two or
         four chunks per tap), C_out = 72 (a partial last N tile)."""
-        from fused_res.triton.conv import conv_launch
-        from fused_res.triton.elementwise import stats_finalize
-        a = _cast(_make(CONFIGS[1][:-1] + (64,), n=2, cout=72, h=11, w=13, seed=7),
-                  torch.float32, torch.channels_last)
-        ref = _as_ref(a)
-        with torch.no_grad():
-            y_ref = _unit(ref, "reference")
-            y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"], a["a_in"],
-                               a["b_in"], "relu", out_scale=a["a_out"], out_shift=a["b_out"],
-                               residual=a["r"], res_scale=a["lam"], act_out="relu",
-                               memory_format=torch.channels_last, config=tile)
-            _check(y, y_ref, torch.float32, f"{tile} y")
-            z_ref, mean_ref, var_ref = ops.conv_bn_stats(
-                ref["x"], ref["w"], ref["bias"], stride=2, padding=1, in_center=ref["c_in"],
-                in_scale=ref["a_in"], in_shift=ref["b_in"], act_in="relu", backend="reference")
-            z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
-                                   a["a_in"], a["b_in"], "relu", stats=True,
-                                   memory_format=torch.channels_last, config=tile)
-            mean, var = stats_finalize(*parts, z.shape[1])
-        for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
-            _check(o, r, torch.float32, f"{tile} {what}")
+        _check_3x3_s2_tile(tile, 64, 72, 7)
 
     def test_tma_b_tile_refuses_what_its_weight_descriptor_cannot_read():
         """tma_b needs BLOCK_K to divide C_in (a chunk past C_in would read the next tap's
@@ -392,6 +377,28 @@ else:
                                  memory_format=cl, config=tile)
         want = torch.nn.functional.conv2d(x16.double(), w_view.double(), padding=1)
         _check(got, want, torch.float32, "unaligned weight view")
+
+    def _check_block_grads(block, ref, y, yr, xa, xr, mode):
+        """After a forward of `block` (fp32) and its float64 `ref` on xa / xr: one random
+        output gradient through both; the input's and every parameter's gradient against the
+        reference's (then cleared, for the next step)."""
+        gy = torch.randn(yr.shape, dtype=D)
+        (y.double() * gy).sum().backward()
+        (yr * gy).sum().backward()
+        _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
+        for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
+                                      strict=True):
+            _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
+            p.grad = pr.grad = None
+
+    def _check_block_buffers(block, ref):
+        """The floating-point buffers (running statistics) against the reference's; the
+        rest (num_batches_tracked) equal."""
+        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
+            if b.is_floating_point():
+                _check(b, br, torch.float32, name)
+            else:
+                assert torch.equal(b, br), name
 
     @pytest.mark.parametrize("mode", ["train", "eval"])
     def test_tma_loads_take_weight_tiles_by_tma_in_the_other_convs(mode, monkeypatch):
@@ -424,16 +431,8 @@ else:
         yr = ref(xr)
         _check(y, yr, torch.float32, f"{mode} y")
         assert sum(d is not None for d in descs) >= 2, descs
-        gy = torch.randn(yr.shape, dtype=D)
-        (y.double() * gy).sum().backward()
-        (yr * gy).sum().backward()
-        _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
-        for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
-                                      strict=True):
-            _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
-        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
-            if b.is_floating_point():
-                _check(b, br, torch.float32, name)
+        _check_block_grads(block, ref, y, yr, xa, xr, mode)
+        _check_block_buffers(block, ref)
         descs.clear()
         with torch.no_grad():
             block(x)  # outside tma_loads(): pointer loads only
@@ -561,16 +560,8 @@ else:
         # conv1 (8 -> 4, 7x7) and conv3 (4 -> 16, 4x4) are 1x1 stride 1; conv2 (3x3) and the
         # stride-2 projection are not.
         assert [tuple(s) for s in launches] == [(3, 8, 7, 7), (3, 4, 4, 4)], launches
-        gy = torch.randn(yr.shape, dtype=D)
-        (y.double() * gy).sum().backward()
-        (yr * gy).sum().backward()
-        _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
-        for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
-                                      strict=True):
-            _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
-        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
-            if b.is_floating_point():
-                _check(b, br, torch.float32, name)
+        _check_block_grads(block, ref, y, yr, xa, xr, mode)
+        _check_block_buffers(block, ref)
 
     @pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
     def test_unfused_mode_computes_the_same_unit(cfg):
@@ -988,19 +979,8 @@ else:
                 y = block(xa)
             yr = ref(xr)
             _check(y, yr, torch.float32, f"{mode} y")
-            gy = torch.randn(yr.shape, dtype=D)
-            (y.double() * gy).sum().backward()
-            (yr * gy).sum().backward()
-            _check(xa.grad, xr.grad, torch.float32, f"{mode} dx")
-            for (name, p), (_, pr) in zip(block.named_parameters(), ref.named_parameters(),
-                                          strict=True):
-                _check(p.grad, pr.grad, torch.float32, f"{mode} d{name}")
-                p.grad = pr.grad = None
-        for (name, b), (_, br) in zip(block.named_buffers(), ref.named_buffers(), strict=True):
-            if b.is_floating_point():
-                _check(b, br, torch.float32, name)
-            else:
-                assert torch.equal(b, br), name
+            _check_block_grads(block, ref, y, yr, xa, xr, mode)
+        _check_block_buffers(block, ref)
 
     def test_block_under_inference_mode_matches_no_grad():
         """Under inference_mode: the caches keyed on version counters (the eval fold, the
