@@ -12,7 +12,10 @@ answers: benchmarks/conv_configs.py times configs.TMA_SWEEP_CONFIGS beside the p
 Until a run shows them faster, the kernel runs only where asked: a config with tma=True,
 FUSED_RES_TRITON_TMA=1, or TritonBackend.tma_loads().
 
-On sm_80, where Triton lowers descriptor loads to ordinary loads, it is never chosen.
+It also says where conv.py's implicit-GEMM kernel can take only its weight tiles by TMA
+(weight_tma_reason, weight_descriptor: any conv whose C_in the tile's BLOCK_K divides).
+
+On sm_80, where Triton lowers descriptor loads to ordinary loads, neither is chosen.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .conv import _conv_epilogue, _tile_coords, autotune_over_conv_configs
+from .conv import _conv_epilogue, _tile_coords, autotune_over_conv_configs, cdiv
 
 try:  # host-side tensor descriptors: Triton 3.3 and later
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -176,9 +179,9 @@ def launch(x: torch.Tensor, w_mat: torch.Tensor, ptrs: tuple, y: torch.Tensor,
             m, c_in, c_out, h, w, *y.stride(), *r.stride(), float(res_scale))
     kept = {k: flags[k] for k in _FLAGS}
     if cfg is not None:
-        grid = (-(-m // cfg.block_m) * -(-c_out // cfg.block_n),)
+        grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
         conv1x1_tma_kernel[grid](*args, **kept, **cfg.meta, GROUP_M=8,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
-        grid = lambda meta: (-(-m // meta["BLOCK_M"]) * -(-c_out // meta["BLOCK_N"]),)
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
         _autotuned_kernel()[grid](*args, **kept)
