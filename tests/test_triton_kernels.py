@@ -238,8 +238,7 @@ else:
 
     def _tma_tiles():
         from fused_res.triton import configs
-        return [configs.INTERPRETER_CONV_CONFIG.with_tma(), *configs.TMA_SWEEP_CONFIGS,
-                *(c.with_tma() for c in configs.CONV_CONFIGS)]
+        return [configs.INTERPRETER_CONV_CONFIG.with_tma(), *configs.TMA_RUNNABLE]
 
     def _tma_case(dtype, seed=4):
         return _cast(_make(TMA_1X1, n=2, cout=80, h=11, w=13, seed=seed), dtype,
@@ -317,7 +316,7 @@ else:
 
     def _tma_b_tiles():
         from fused_res.triton import configs
-        return [configs.INTERPRETER_CONV_CONFIG.with_tma_b(), *configs.TMA_B_SWEEP_CONFIGS]
+        return [configs.INTERPRETER_CONV_CONFIG.with_tma_b(), *configs.TMA_B_RUNNABLE]
 
     def test_tma_b_tile_in_half_precision_against_pointer_loads():
         """fp16, 3x3 stride 1 with the prologue and the tail: TMA weight tiles give what
@@ -342,7 +341,7 @@ else:
 
     @pytest.mark.parametrize("tile", _tma_b_tiles(), ids=str)
     def test_every_tma_b_tile_computes_the_same_conv(tile):
-        """The implicit-GEMM kernel with its weight tiles loaded by TMA (tma_b): a 3x3
+        """Every tile with TMA weight tiles (tma_b) a GPU may run: a 3x3
         stride-2 conv with the BN+ReLU prologue and the whole tail, and with the statistics
         epilogue; C_in = 64 (a multiple of every tile's BLOCK_K, as tma_b requires, two or
         four chunks per tap), C_out = 72 (a partial last N tile)."""
@@ -1091,6 +1090,13 @@ else:
             with pytest.raises(ValueError, match="output grid"):
                 conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
                                  a["b2"], (1, 1), "relu")
+            # A TMA tile is not silently run as a pointer tile.
+            from fused_res.triton import configs
+            for tile in (configs.INTERPRETER_CONV_CONFIG.with_tma(),
+                         configs.INTERPRETER_CONV_CONFIG.with_tma_b()):
+                with pytest.raises(ValueError, match=f"config={tile}.*pointers"):
+                    conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
+                                     a["b2"], (2, 2), "relu", config=tile)
 
     @pytest.mark.parametrize("kind", ["basic", "bottleneck"])
     def test_block_eval_runs_last_conv_and_projection_as_one_kernel(kind):

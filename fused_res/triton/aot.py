@@ -306,21 +306,16 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
         out += _gemm_jobs(conv_pair.conv_pair_kernel, PAIR_VARIANTS, {"INDEX_64": False},
                           set(_PAIR_PTRS), lambda v: pair_int_args(PAIR_PROBLEMS[v]), dtype,
                           subset)
-        # TMA tiles: the sweep's and CONV_CONFIGS as TMA tiles (FUSED_RES_TRITON_TMA=1).
-        tma_cfgs = tuple(dict.fromkeys(configs.TMA_SWEEP_CONFIGS + tuple(
-            c.with_tma() for c in configs.CONV_CONFIGS)))
-        # The implicit-GEMM kernel with TMA weight tiles: its non-stem variants, sm_90; the
-        # sweep's tiles and CONV_CONFIGS (FUSED_RES_TRITON_TMA=1 autotunes over them).
-        tma_b_cfgs = tuple(dict.fromkeys(configs.TMA_B_SWEEP_CONFIGS + tuple(
-            c.with_tma_b() for c in configs.CONV_CONFIGS)))
+        # The TMA kernels, sm_90 only: the implicit-GEMM kernel with TMA weight tiles (its
+        # non-stem variants), then the 1x1 TMA conv.
         out += _gemm_jobs(conv.conv_unit_kernel, TMA_B_VARIANTS, {**_TMA_FLAGS, "B_TMA": True},
                           set(_CONV_PTRS) - _F32_PTRS,
                           lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
-                          cfgs=tma_b_cfgs, archs=(90,))
+                          cfgs=configs.TMA_B_RUNNABLE, archs=(90,))
         out += _gemm_jobs(conv_tma.conv1x1_tma_kernel, TMA_VARIANTS, _TMA_FLAGS,
                           set(_CONV_PTRS) - _F32_PTRS,
                           lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
-                          cfgs=tma_cfgs, archs=(90,))
+                          cfgs=configs.TMA_RUNNABLE, archs=(90,))
         for name, variant, flags in _EW_VARIANTS:
             fn = getattr(elementwise, name)
             if name in _PARTIALS_TILES:

@@ -119,6 +119,14 @@ TMA_B_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(64, 128, 64, 4, 3, tma_b=True),
 )
 
+# Every TMA tile a GPU may run: the sweeps', and CONV_CONFIGS as such tiles (what
+# FUSED_RES_TRITON_TMA=1 autotunes over). The AOT check compiles them, the interpreter tests
+# run them.
+TMA_RUNNABLE: tuple[ConvConfig, ...] = tuple(dict.fromkeys(
+    TMA_SWEEP_CONFIGS + tuple(c.with_tma() for c in CONV_CONFIGS)))
+TMA_B_RUNNABLE: tuple[ConvConfig, ...] = tuple(dict.fromkeys(
+    TMA_B_SWEEP_CONFIGS + tuple(c.with_tma_b() for c in CONV_CONFIGS)))
+
 # The interpreter runs one program at a time in numpy: larger tiles mean fewer programs.
 # It does not enforce tl.dot's minimum of 16, but we keep it so the same path runs on a GPU.
 INTERPRETER_CONV_CONFIG = ConvConfig(32, 32, 16, 4, 1)

@@ -378,6 +378,21 @@ def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
     return w_mat
 
 
+def tile_for(config, x: torch.Tensor, m: int, c_in: int, c_out: int, taps: int,
+             flat: bool):
+    """The tile a GEMM launch runs: `config` where given, the interpreter's under
+    TRITON_INTERPRET, configs.default_conv_config's when autotuning is off (M output pixels
+    of x's device), else None (the autotuner picks)."""
+    if config is not None:
+        return config
+    if _INTERPRET:
+        return configs.INTERPRETER_CONV_CONFIG
+    if not autotune_enabled() and m > 0:
+        return configs.default_conv_config(m, c_in, c_out, x.element_size(), taps, flat,
+                                           sm_count(x.device))
+    return None
+
+
 def tma_requested() -> bool:
     """FUSED_RES_TRITON_TMA=1: when no config is given, the convs conv_tma can run take it,
     and the others their weight tiles by TMA where they can (not the default until a GPU run
@@ -450,14 +465,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     u = torch.empty_like(y) if store_u else None
     m = n * oh * ow
     flat = configs.flat_k(c_in, kh * kw)
-    cfg = None  # None: the autotuner picks the tile
-    if config is not None:
-        cfg = config
-    elif _INTERPRET:
-        cfg = configs.INTERPRETER_CONV_CONFIG
-    elif not autotune_enabled() and m > 0:
-        cfg = configs.default_conv_config(m, c_in, c_out, x.element_size(), kh * kw, flat,
-                                          sm_count(x.device))
+    cfg = tile_for(config, x, m, c_in, c_out, kh * kw, flat)
     if stats:
         # One partial per M tile. When the autotuner decides, the buffers are sized for its
         # smallest tile and the counts zeroed, so that rows a larger tile leaves unwritten

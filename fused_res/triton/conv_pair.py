@@ -17,19 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
-from . import configs
 from .common import relu
 from .conv import (
-    _INTERPRET,
     _tap_loop,
     _tile_coords,
-    autotune_enabled,
     autotune_over_conv_configs,
     cdiv,
     dot_precision,
     needs_int64,
     out_hw,
-    sm_count,
+    tile_for,
     vec,
     weight_matrix_cached,
 )
@@ -107,12 +104,10 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return y
-    cfg = config
-    if cfg is None and _INTERPRET:
-        cfg = configs.INTERPRETER_CONV_CONFIG
-    elif cfg is None and not autotune_enabled():
-        cfg = configs.default_conv_config(m, min(c_in, c2), c_out, x.element_size(), kh * kw,
-                                          False, sm_count(x.device))
+    if config is not None and (config.tma or config.tma_b):
+        raise ValueError(f"config={config}: the pair kernel loads its operands with "
+                         "pointers; accepted: a config without tma or tma_b")
+    cfg = tile_for(config, x, m, min(c_in, c2), c_out, kh * kw, False)
     args = (x, weight_matrix_cached(weight), x2, weight_matrix_cached(weight2),
             bias if bias is not None else y, bias2 if bias2 is not None else y, y,
             m, c_in, h, w, c_out, oh, ow, c2, h2, w2, *x.stride(), *x2.stride(), *y.stride(),
