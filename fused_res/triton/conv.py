@@ -400,14 +400,12 @@ def tma_requested() -> bool:
     return os.environ.get("FUSED_RES_TRITON_TMA", "0") == "1"
 
 
-def _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue: bool):
+def _tma_tile(config, cfg, tma: bool, x, weight, stride, padding, prologue: bool):
     """False: the implicit-GEMM kernel runs (its weight tiles by TMA or not:
     _weight_descriptor). Otherwise conv_tma's 1x1 kernel runs, with this tile (a ConvConfig
     with tma=True) or None (autotuned). A config with tma=True that cannot run is an error;
-    tma=True (or, where tma is None, FUSED_RES_TRITON_TMA=1) applies where it can."""
-    if config is not None and not config.tma:
-        return False
-    if config is None and not (tma_requested() if tma is None else tma):
+    tma (TMA asked for, no config given) applies where it can."""
+    if not (config.tma if config is not None else tma):
         return False
     from . import conv_tma
     reason = conv_tma.unsupported_reason(x, weight, stride, padding, prologue)
@@ -420,15 +418,12 @@ def _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue: bool):
     return cfg.with_tma() if cfg is not None else None
 
 
-def _weight_descriptor(config, cfg, tma, x, weight, w_mat, flat: bool):
+def _weight_descriptor(config, cfg, tma: bool, x, weight, w_mat, flat: bool):
     """The implicit-GEMM kernel's weight descriptor (its B tiles by TMA), or None for pointer
     loads: for a config with tma_b=True (an error where it cannot), and where TMA is asked
-    for (tma=True, or FUSED_RES_TRITON_TMA=1 where tma is None) for a conv conv_tma's own
-    kernel does not take, where the tile's BLOCK_K (autotuned: the smallest any candidate
-    has) divides C_in."""
-    if config is not None and not config.tma_b:
-        return None
-    if config is None and not (tma_requested() if tma is None else tma):
+    for (tma, no config given) for a conv conv_tma's own kernel does not take, where the
+    tile's BLOCK_K (autotuned: the smallest any candidate has) divides C_in."""
+    if not (config.tma_b if config is not None else tma):
         return None
     from . import conv_tma
     bk = cfg.block_k if cfg is not None else min(c.block_k for c in configs.CONV_CONFIGS)
@@ -502,6 +497,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             y, u if u is not None else dummy,
             st_mean if stats else dummy, st_m2 if stats else dummy,
             st_cnt if stats else dummy)
+    tma = tma_requested() if tma is None else tma
     tile = _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue)
     if tile is not False:
         from . import conv_tma
