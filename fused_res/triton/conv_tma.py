@@ -90,9 +90,7 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, stride, padding,
         return "x's data is not 16-byte aligned"
     if x.shape[0] * x.shape[2] * x.shape[3] >= 2 ** 31:
         return "2^31 or more output pixels (int32 tile coordinates)"
-    if not _INTERPRET and (x.device.type != "cuda" or _major(x.device) < 9):
-        return "TMA needs an sm_90 or newer GPU"
-    return None
+    return _device_reason(x)
 
 
 def weight_tma_reason(x: torch.Tensor, weight: torch.Tensor, block_k: int,
@@ -111,9 +109,7 @@ def weight_tma_reason(x: torch.Tensor, weight: torch.Tensor, block_k: int,
         return f"C_in={c_in} is not a multiple of BLOCK_K={block_k}"
     if (c_out * weight.element_size()) % 16:
         return f"C_out={c_out} must span a multiple of 16 bytes"
-    if not _INTERPRET and (x.device.type != "cuda" or _major(x.device) < 9):
-        return "TMA needs an sm_90 or newer GPU"
-    return None
+    return _device_reason(x)
 
 
 def weight_descriptor(w_mat: torch.Tensor, block_k: int, block_n: int):
@@ -122,6 +118,13 @@ def weight_descriptor(w_mat: torch.Tensor, block_k: int, block_n: int):
     if w_mat.data_ptr() % 16:
         w_mat = w_mat.clone()
     return TensorDescriptor.from_tensor(w_mat, [block_k, block_n])
+
+
+def _device_reason(x: torch.Tensor) -> str | None:
+    """Why x's device has no TMA (the interpreter emulates it), or None."""
+    if not _INTERPRET and (x.device.type != "cuda" or _major(x.device) < 9):
+        return "TMA needs an sm_90 or newer GPU"
+    return None
 
 
 _MAJOR: dict = {}
