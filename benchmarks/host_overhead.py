@@ -213,6 +213,17 @@ def main(argv=None) -> int:
                 "stubbed")
     print(f"{a.model}: {ms:.2f} ms of host work per {what}, {units} convs, "
           f"{1e3 * ms / units:.0f} us per conv unit ({how})")
+    if gpu and a.backend == "triton":
+        # The same step with every Triton launch through the JIT (fused_res.triton.launch
+        # off), side by side in this run: what the direct launch path saves.
+        from fused_res.triton import launch as fast
+        was = fast.enabled()
+        fast.set_enabled(not was)
+        other = per_step_ms(step)
+        fast.set_enabled(was)
+        on, off = (ms, other) if was else (other, ms)
+        print(f"{a.model}: {off:.2f} ms with every Triton launch through the JIT, {on:.2f} ms "
+              f"with fused_res.triton.launch's direct path ({on / off:.2f}x)")
     if gpu or a.backend != "triton":
         model.train(a.mode == "train")
         eager_ms = per_step_ms(make_step(model, torch.optim.SGD(

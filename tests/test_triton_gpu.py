@@ -174,6 +174,45 @@ def test_conv_bn_stats_and_channel_stats_on_gpu(dtype):
         torch.backends.cudnn.allow_tf32 = old
 
 
+def test_direct_launch_matches_the_jit_on_gpu():
+    """fused_res.triton.launch: a train unit's forward and backward through Triton's JIT on
+    every launch, then twice through the direct path (the first call of each key still goes
+    through the JIT, the second does not): bit for bit the same results, the statistics and
+    every Triton-computed gradient included (the conv's own gradients are cuDNN's, deterministic
+    here by setting)."""
+    from fused_res.triton import launch as fast
+
+    ours, _, geo = _case(3, 1, 1, 64, 64)
+    names = [k for k, v in ours.items() if v.requires_grad]
+    gy = torch.randn(4, 64, 14, 13, device="cuda").to(torch.bfloat16)
+
+    def step():
+        y = _unit(ours, geo, "triton")
+        z, mean, var = ops.conv_bn_stats(ours["x"], ours["w"], ours["bias"], **geo,
+                                         in_center=ours["c_in"], in_scale=ours["a_in"],
+                                         in_shift=ours["b_in"], act_in="relu",
+                                         backend="triton")
+        grads = torch.autograd.grad((y, z), [ours[k] for k in names], (gy, gy))
+        return [t.detach() for t in (y, z, mean, var, *grads)]
+
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        fast.set_enabled(False)
+        want = step()
+        fast.set_enabled(True)
+        runs = [step(), step()]
+        assert fast._CACHE, "nothing was launched directly"
+    finally:
+        fast.set_enabled(True)
+        torch.use_deterministic_algorithms(old)
+    labels = ["y", "z", "mean", "var", *[f"d{k}" for k in names]]
+    for run in runs:
+        diff = [name for name, a, b in zip(labels, run, want, strict=True)
+                if not torch.equal(a, b)]
+        assert not diff, f"differ from the JIT's launches: {diff}"
+
+
 # ResNet-50's downsampling blocks (layer2, layer4) at batch 8: the last conv and the 1x1
 # projection as one kernel, (k, pad, C_in, C_out, hw of the output, C2, stride2).
 @pytest.mark.parametrize("pc", [(1, 0, 128, 512, 28, 256, 2), (1, 0, 512, 2048, 7, 1024, 2),

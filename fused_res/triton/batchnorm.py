@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .._eager import plain_eager
 from .conv import cdiv, vec
+from .launch import launch
 
 BLOCK = 1024
 
@@ -105,8 +106,9 @@ def bn_scale(var: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torc
     c = var.shape[0]
     out = torch.empty_like(var)
     if c:
-        bn_scale_kernel[(cdiv(c, BLOCK),)](var, weight if weight is not None else var, out, c,
-                                           float(eps), HAS_W=weight is not None, BLOCK=BLOCK)
+        launch(bn_scale_kernel, (cdiv(c, BLOCK),), var,
+               weight if weight is not None else var, out, c, float(eps),
+               HAS_W=weight is not None, BLOCK=BLOCK)
     return out
 
 
@@ -117,7 +119,7 @@ def _bn_scale_backward(g, var, weight, eps, need_var, need_weight):
     need_weight = need_weight and weight is not None
     gw = torch.empty_like(weight) if need_weight else var.new_empty((0,))
     if c and (need_var or need_weight):
-        bn_scale_bwd_kernel[(cdiv(c, BLOCK),)](
+        launch(bn_scale_bwd_kernel, (cdiv(c, BLOCK),),
             g, var, weight if weight is not None else var, gv if need_var else var,
             gw if need_weight else var, c, float(eps), HAS_W=weight is not None,
             NEED_V=bool(need_var), NEED_W=bool(need_weight), BLOCK=BLOCK)
@@ -170,11 +172,9 @@ def bn_update_running(mean, var, running_mean, running_var, num_batches_tracked,
     weight = vec(weight)
     unbias = count / (count - 1) if count > 1 else 1.0
     nbt = num_batches_tracked if has_nbt else mean
-    bn_running_kernel[(1,)](mean, var, running_mean, running_var, nbt,
-                            weight if weight is not None else var,
-                            out if out is not None else var, c,
-                            0.0 if momentum is None else float(momentum), float(unbias),
-                            float(eps), HAS_NBT=has_nbt, MOMENTUM_NONE=momentum is None,
-                            UPDATE=update, HAS_SCALE=has_scale, HAS_W=weight is not None,
-                            BLOCK=BLOCK)
+    launch(bn_running_kernel, (1,), mean, var, running_mean, running_var, nbt,
+           weight if weight is not None else var, out if out is not None else var, c,
+           0.0 if momentum is None else float(momentum), float(unbias), float(eps),
+           HAS_NBT=has_nbt, MOMENTUM_NONE=momentum is None, UPDATE=update,
+           HAS_SCALE=has_scale, HAS_W=weight is not None, BLOCK=BLOCK)
     return out

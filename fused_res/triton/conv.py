@@ -30,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import configs
 from .common import channel_affine, relu, unit_tail
+from .launch import launch
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -513,8 +514,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                 stride[0], stride[1], padding[0], padding[1], float(res_scale))
         if cfg is not None:
             grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
-            conv_unit_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8,
-                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            launch(conv_unit_kernel, grid, *args, **flags, **cfg.meta, GROUP_M=8,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         else:
             grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
                                  cdiv(c_out, meta["BLOCK_N"]),)

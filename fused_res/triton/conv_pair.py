@@ -30,6 +30,7 @@ from .conv import (
     vec,
     weight_matrix_cached,
 )
+from .launch import launch
 
 
 @triton.jit
@@ -117,8 +118,8 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
                  INDEX_64=needs_int64(x, x2, y))
     if cfg is not None:
         grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
-        conv_pair_kernel[grid](*args, **flags, **cfg.meta, GROUP_M=8, num_warps=cfg.num_warps,
-                               num_stages=cfg.num_stages)
+        launch(conv_pair_kernel, grid, *args, **flags, **cfg.meta, GROUP_M=8,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
         _autotuned_kernel()[grid](*args, **flags)

@@ -24,6 +24,7 @@ from .._eager import plain_eager
 from . import configs
 from .common import channel_affine, unit_tail
 from .conv import cdiv, needs_int64, sm_count, vec
+from .launch import launch
 
 
 @triton.jit
@@ -325,7 +326,7 @@ def _epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, bra
         return y
     r = like(residual, fmt)
     cfg, d = _cfg(c), y
-    epilogue_fwd_kernel[_grid(m, c, cfg)](
+    launch(epilogue_fwd_kernel, _grid(m, c, cfg),
         z, center if center is not None else d, scale if scale is not None else d,
         shift if shift is not None else d, r if r is not None else d,
         branch_scale if branch_scale is not None else d, y, m, c, hw, w, *y.stride(),
@@ -362,7 +363,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
         t_in = like(t, fmt) if need_t else gy
         y_in = like(y, fmt) if act_out == "relu" else gy
         d = gy
-        epilogue_bwd_kernel[(tiles, cdiv(c, cfg.block_c))](
+        launch(epilogue_bwd_kernel, (tiles, cdiv(c, cfg.block_c)),
             gy, t_in, y_in, center if center is not None else d,
             scale if scale is not None else d, shift if shift is not None else d,
             branch_scale if branch_scale is not None else d,
@@ -386,7 +387,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     if c > 0 and (need_sum or need_sum_t):
         d = sums[0] if need_sum else sums[1]
         cfg = configs.SUMS_CONFIG
-        channel_sums_kernel[(cdiv(c, cfg.block_c),)](
+        launch(channel_sums_kernel, (cdiv(c, cfg.block_c),),
             psum if need_sum else d, psum_t if need_sum_t else d,
             *(o if o is not None else d for o in sums), scale if scale is not None else d,
             tiles, c, HAS_SUM=need_sum, HAS_SUM_T=need_sum_t, NEED_GC=need_gc,
@@ -415,11 +416,11 @@ def stats_finalize(st_mean, st_m2, st_cnt, c):
         nxt = (torch.empty((groups, c), dtype=torch.float32, device=st_cnt.device),
                torch.empty((groups, c), dtype=torch.float32, device=st_cnt.device),
                torch.empty((groups,), dtype=torch.float32, device=st_cnt.device))
-        stats_finalize_kernel[(groups, c_blocks)](
+        launch(stats_finalize_kernel, (groups, c_blocks),
             st_mean, st_m2, st_cnt, *nxt, t, c, group, BLOCK_T=cfg.block_m,
             BLOCK_C=cfg.block_c, FINAL=False, num_warps=cfg.num_warps)
         (st_mean, st_m2, st_cnt), t = nxt, groups
-    stats_finalize_kernel[(1, c_blocks)](
+    launch(stats_finalize_kernel, (1, c_blocks),
         st_mean, st_m2, st_cnt, mean, var, st_cnt, t, c, t, BLOCK_T=cfg.block_m,
         BLOCK_C=cfg.block_c, FINAL=True, num_warps=cfg.num_warps)
     return mean, var
@@ -436,7 +437,7 @@ def channel_stats(x):
     st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
     st_m2 = torch.empty_like(st_mean)
     st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
-    stats_partial_kernel[(tiles, cdiv(c, cfg.block_c))](
+    launch(stats_partial_kernel, (tiles, cdiv(c, cfg.block_c)),
         x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), sub, BLOCK_M=cfg.block_m,
         BLOCK_C=cfg.block_c, INDEX_64=_index_64(tiles * sub * cfg.block_m, x),
         num_warps=cfg.num_warps)
@@ -458,7 +459,7 @@ def _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
         return out
     gz = like(gz, fmt)
     cfg, d = _cfg(c), z
-    stats_bwd_kernel[_grid(m, c, cfg)](
+    launch(stats_bwd_kernel, _grid(m, c, cfg),
         gz if gz is not None else d, z, mean, gmean if gmean is not None else mean,
         gvar if gvar is not None else mean, out, m, c, hw, w, *out.stride(),
         HAS_GZ=gz is not None, HAS_GMEAN=gmean is not None, HAS_GVAR=gvar is not None,

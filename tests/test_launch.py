@@ -1,0 +1,154 @@
+"""fused_res.triton.launch: the direct launch of an already compiled Triton kernel.
+
+On the CPU, Triton's driver is replaced by a stub (benchmarks/launch_overhead.py), so the
+real JIT compiles the real kernels for sm_90 and hands its launcher the call; the direct path
+must hand over the same call, reuse a compiled kernel only where the JIT would pick that one,
+and step aside (to the JIT) for everything it does not handle."""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                reason="triton is not installed")
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "launch_overhead.py"
+
+
+def test_direct_launch_hands_the_launcher_what_the_jit_does():
+    """The unit's eight launches (conv with statistics, finalize, apply, its backward and
+    sums, statistics backward, running update), 120 calls varying what Triton specializes on,
+    and a launcher that rejects the call; in a child process (the stub's compiled kernels
+    must not outlive it)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--check-only"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 problems" in proc.stdout
+
+
+class _Driver:
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+
+@pytest.fixture
+def jit_kernel(monkeypatch):
+    """A real JITFunction whose run() records its calls and returns a stand-in compiled
+    kernel (no compile, no launch), under a driver that has device 0."""
+    import triton
+    from triton.runtime.driver import driver
+
+    from fused_res.triton import launch as fast
+
+    @triton.jit
+    def kernel(x_ptr, n, scale, FLAG: triton.language.constexpr):
+        pass
+
+    runs, launched = [], []
+    compiled = types.SimpleNamespace(
+        function="f", packed_metadata="m", launch_metadata=lambda grid, stream, *a: None,
+        run=lambda *a: launched.append(a))
+
+    def run(*args, grid, warmup, **kwargs):
+        runs.append((grid, args, kwargs))
+        return compiled
+
+    monkeypatch.setattr(kernel, "run", run)
+    saved = driver._active
+    driver.set_active(_Driver())
+    fast.set_enabled(True)
+    try:
+        yield kernel, runs, launched
+    finally:
+        driver._active = saved
+        fast.set_enabled(os.environ.get("FUSED_RES_TRITON_FAST_LAUNCH", "1") != "0")
+
+
+def test_second_call_skips_the_jit(jit_kernel):
+    from fused_res.triton.launch import launch
+
+    kernel, runs, launched = jit_kernel
+    x = torch.zeros(64)
+    launch(kernel, (4,), x, 100, 0.5, FLAG=True)
+    launch(kernel, (4, 2), x, 100, 0.5, FLAG=True)
+    assert len(runs) == 1 and len(launched) == 1
+    grid_x, grid_y, grid_z, stream, fn, meta, _, _, _, *args = launched[0]
+    assert (grid_x, grid_y, grid_z, stream, fn, meta) == (4, 2, 1, 0, "f", "m")
+    # every parameter in signature order, the constexpr from its keyword
+    assert args[0] is x and args[1:] == [100, 0.5, True]
+
+
+@pytest.mark.parametrize("change", ["int", "int_one", "alignment", "dtype", "none", "bool",
+                                    "keyword", "grid_callable", "odd_argument",
+                                    "keyword_tensor", "disabled"])
+def test_what_the_jit_must_see_again(jit_kernel, change):
+    """Each change to what Triton specializes on (or to what the direct path handles) goes
+    back through the JIT."""
+    from fused_res.triton import launch as fast
+
+    kernel, runs, launched = jit_kernel
+    base = torch.zeros(64)
+    fast.launch(kernel, (1,), base, 32, 0.5, FLAG=True)
+    args, kw, grid = [base, 32, 0.5], {"FLAG": True}, (1,)
+    if change == "int":
+        args[1] = 48
+    elif change == "int_one":
+        args[1] = 1
+    elif change == "alignment":
+        args[0] = base[1:]
+    elif change == "dtype":
+        args[0] = base.half()
+    elif change == "none":
+        args[0] = None
+    elif change == "bool":
+        args[1] = True  # a bool where an int was: Triton types it u1
+    elif change == "keyword":
+        kw["FLAG"] = False
+    elif change == "grid_callable":
+        grid = lambda meta: (1,)  # noqa: E731
+    elif change == "odd_argument":
+        args[1] = types.SimpleNamespace(value=32)
+    elif change == "keyword_tensor":
+        kw["FLAG"] = base
+    elif change == "disabled":
+        fast.set_enabled(False)
+    fast.launch(kernel, grid, *args, **kw)
+    assert len(runs) == 2 and not launched
+    fast.launch(kernel, grid, *args, **kw)
+    reused = change in ("int", "int_one", "alignment", "dtype", "none", "bool", "keyword")
+    assert len(runs) == (2 if reused else 3)
+    assert len(launched) == (1 if reused else 0)
+
+
+def test_bool_and_int_one_are_different_keys(jit_kernel):
+    from fused_res.triton.launch import launch
+
+    kernel, runs, _ = jit_kernel
+    x = torch.zeros(64)
+    launch(kernel, (1,), x, 1, 0.5, FLAG=True)
+    launch(kernel, (1,), x, True, 0.5, FLAG=True)
+    assert len(runs) == 2
+
+
+def test_objects_that_are_not_jit_functions_launch_as_they_are():
+    """The host-overhead stubs and Triton's autotuner: kernel[grid](...) as written."""
+    from fused_res.triton.launch import launch
+
+    seen = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *a, **k: seen.append((grid, a, k))
+
+    launch(Stub(), (3,), 1, 2, FLAG=True)
+    assert seen == [((3,), (1, 2), {"FLAG": True})]
