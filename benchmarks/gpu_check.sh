@@ -227,7 +227,8 @@ run_step pytest-gpu-tma 180 env FUSED_RES_NO_EXT=1 "$PY" -m pytest -m gpu -q \
 # with the statistics epilogue (the default), and with the BN+ReLU prologue too. At the 1x1
 # stride-1 shapes the first two also time the TMA tiles (conv_tma.py, never yet on a GPU), and
 # all three the implicit-GEMM kernel with TMA weight tiles (tma_b): their "best TMA tile's
-# ratio" columns decide whether either joins the autotuner.
+# ratio" columns decide whether either joins the autotuner. Where a conv makes few output
+# tiles (layers 3-4) they time split-K tiles too (never yet on a GPU).
 if [ "$DRY" = 1 ]; then
   for v in conv-configs conv-configs-stats conv-configs-train; do
     say "=== $v: dry run, needs CUDA: $PY benchmarks/conv_configs.py"

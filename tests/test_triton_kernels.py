@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -230,6 +231,58 @@ else:
         the last one partial), the prologue, the tail, and the statistics partials sized for
         the smallest tile."""
         _check_3x3_s2_tile(tile, 70, 70, 3)
+
+    def _split_k_tiles():
+        from fused_res.triton import configs
+        small = configs.INTERPRETER_CONV_CONFIG
+        return [replace(small, split_k=2), replace(small, split_k=3),
+                replace(small, split_k=40), *configs.SPLIT_K_SWEEP_CONFIGS]
+
+    @pytest.mark.parametrize("tile", _split_k_tiles(), ids=str)
+    def test_every_split_k_tile_computes_the_same_conv(tile):
+        """Split-K tiles: the same 3x3 stride-2 conv with the prologue and the whole tail,
+        and with the statistics epilogue (run by the last program of each tile only). C_in = 70
+        makes 9 x 2..5 K steps: shares of unequal length, and with split_k = 40 some empty."""
+        _check_3x3_s2_tile(tile, 70, 70, 11)
+
+    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
+    def test_split_k_sums_in_split_order(dtype):
+        """The last program adds the shares in split order whatever the order they finish
+        in: two runs give the same bits, and a 1x1 conv with the tail matches the float64
+        reference within the dtype's tolerance."""
+        from fused_res.triton import configs
+        from fused_res.triton.conv import conv_launch
+        a = _cast(_make(TMA_1X1, n=2, cout=40, h=7, w=9, seed=12), dtype, torch.channels_last)
+        tile = replace(configs.INTERPRETER_CONV_CONFIG, split_k=3)
+        with torch.no_grad():
+            ys = [conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
+                              "none", out_scale=a["a_out"], out_shift=a["b_out"],
+                              act_mid=a["act_mid"], residual=a["r"], res_scale=a["lam"],
+                              branch_scale=a["d"], act_out=a["act_out"],
+                              memory_format=torch.channels_last, config=tile)[0]
+                  for _ in range(2)]
+            want = _unit(_as_ref(a), "reference")
+        assert torch.equal(ys[0], ys[1])
+        _check(ys[0], want, dtype, f"{tile} y")
+
+    def test_split_k_refuses_the_stem_and_tma_tiles():
+        """split_k cannot run the flattened-K stem conv or as a TMA tile; a bad split_k is
+        an error naming it."""
+        from fused_res.triton import configs
+        from fused_res.triton.conv import conv_launch
+        tile = replace(configs.INTERPRETER_CONV_CONFIG, split_k=2)
+        x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(8, 3, 7, 7)
+        with pytest.raises(ValueError, match="split_k=2 cannot run a flattened-K"):
+            conv_launch(x, w, None, (2, 2), (3, 3), None, None, None, "none",
+                        memory_format=torch.channels_last, config=tile)
+        x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+        with pytest.raises(ValueError, match="split_k=2 cannot run as a TMA tile"):
+            conv_launch(x, torch.randn(16, 16, 1, 1), None, (1, 1), (0, 0), None, None, None,
+                        "none", memory_format=torch.channels_last, config=tile.with_tma())
+        for bad in (0, -1, 1.5):
+            with pytest.raises(ValueError, match="split_k="):
+                replace(tile, split_k=bad)
 
     # 1x1 stride-1 convs through TMA descriptors (conv_tma.py): C_in = 72 leaves a partial
     # last BLOCK_K (zero-filled by the descriptor), C_out = 80 a partial BLOCK_N, 2x11x13 = 286

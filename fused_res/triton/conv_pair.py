@@ -53,10 +53,11 @@ def conv_pair_kernel(
     acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, oh * stride_h - pad_h, ow * stride_w - pad_w,
                     mask_m, offs_n, mask_n, C_in, H, W, C_out, sxn, sxc, sxh, sxw, x_ptr, x_ptr,
                     x_ptr, KH, KW, False, False, False, False, False, DOT_PRECISION, BLOCK_K,
-                    None, 0, False)
+                    None, 0, False, 1)
     acc = _tap_loop(acc, x2_ptr, w2_ptr, n_idx, oh * stride2_h, ow * stride2_w, mask_m, offs_n,
                     mask_n, C2, H2, W2, C_out, s2n, s2c, s2h, s2w, x2_ptr, x2_ptr, x2_ptr, 1, 1,
-                    False, False, False, False, False, DOT_PRECISION, BLOCK_K, None, 0, False)
+                    False, False, False, False, False, DOT_PRECISION, BLOCK_K, None, 0, False,
+                    1)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS2:
