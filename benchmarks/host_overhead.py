@@ -216,6 +216,8 @@ def main(argv=None) -> int:
     if gpu and a.backend == "triton":
         # The same step with every Triton launch through the JIT (fused_res.triton.launch
         # off), side by side in this run: what the direct launch path saves.
+        import triton
+
         from fused_res.triton import launch as fast
         was = fast.enabled()
         fast.set_enabled(not was)
@@ -223,7 +225,9 @@ def main(argv=None) -> int:
         fast.set_enabled(was)
         on, off = (ms, other) if was else (other, ms)
         print(f"{a.model}: {off:.2f} ms with every Triton launch through the JIT, {on:.2f} ms "
-              f"with fused_res.triton.launch's direct path ({on / off:.2f}x)")
+              f"with fused_res.triton.launch's direct path ({on / off:.2f}x)"
+              + ("" if fast._compatible() else f"; the direct path stays off: Triton "
+                 f"{triton.__version__}'s JIT calls its launcher differently"))
     if gpu or a.backend != "triton":
         model.train(a.mode == "train")
         eager_ms = per_step_ms(make_step(model, torch.optim.SGD(

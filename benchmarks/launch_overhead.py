@@ -27,7 +27,6 @@ import functools
 import os
 import sys
 import time
-import warnings
 
 import torch
 import triton
@@ -58,17 +57,20 @@ class _Utils:
 
 
 class StubDriver:
-    """A Triton driver with no GPU behind it: sm_90 target, device 0, stream 0."""
+    """A Triton driver with no GPU behind it: sm_90 target, the current device `device` (0
+    until set), stream 7 + device (non-zero, and one per device, so that a launch handed the
+    wrong stream shows)."""
 
     def __init__(self):
         self.utils = _Utils()
         self.launcher_cls = _Launcher
+        self.device = 0
 
     def get_current_device(self):
-        return 0
+        return self.device
 
     def get_current_stream(self, device):
-        return 0
+        return 7 + device
 
     def get_current_target(self):
         return GPUTarget("cuda", 90, 32)
@@ -79,14 +81,15 @@ class StubDriver:
 
 @contextlib.contextmanager
 def stub_driver():
-    """Triton's active driver is the stub inside (no GPU is touched). Use only in a process
-    of its own: kernels compiled inside keep the stub's launcher."""
+    """Triton's active driver is a StubDriver inside (no GPU is touched); yields it. Use only
+    in a process of its own: kernels compiled inside keep the stub's launcher."""
     from triton.runtime.driver import driver
 
     saved = driver._active
-    driver.set_active(StubDriver())
+    stub = StubDriver()
+    driver.set_active(stub)
     try:
-        yield
+        yield stub
     finally:
         driver._active = saved
 
@@ -136,12 +139,14 @@ def _recorded_unit_calls():
 
 def _same_launch(a: tuple, b: tuple) -> bool:
     """Two recorded launcher calls agree: grid, stream, function, metadata, hooks, and each
-    argument (tensors by identity); the launch metadata by type only (built per call)."""
+    argument (tensors by identity); the launch metadata (built per call) by its contents."""
     if len(a) != len(b):
         return False
     for i, (u, v) in enumerate(zip(a, b, strict=True)):
         if i == 6:
-            if type(u) is not type(v):
+            if type(u) is not type(v) or (u is not None and (
+                    u.data != v.data or [(f, x[0]) for f, x in u.extras]
+                    != [(f, x[0]) for f, x in v.extras])):
                 return False
         elif isinstance(u, torch.Tensor) or isinstance(v, torch.Tensor):
             if u is not v:
@@ -164,8 +169,18 @@ def _count_jit_runs(kernel) -> list:
     return count
 
 
-def check(log=print) -> list[str]:
-    """Problems found (empty when none); run inside stub_driver()."""
+@triton.jit(launch_metadata=lambda grid, metadata, args: {"grid": grid})
+def _twin_a(x_ptr, n, BLOCK: triton.language.constexpr):
+    triton.language.store(x_ptr + triton.language.arange(0, BLOCK), 1.0)
+
+
+@triton.jit
+def _twin_b(x_ptr, n, BLOCK: triton.language.constexpr):
+    triton.language.store(x_ptr + triton.language.arange(0, BLOCK), 2.0)
+
+
+def check(stub, log=print) -> list[str]:
+    """Problems found (empty when none); run inside stub_driver(), which gives `stub`."""
     from fused_res.triton import launch as fast
     from fused_res.triton.batchnorm import BLOCK, bn_scale_kernel
 
@@ -215,25 +230,49 @@ def check(log=print) -> list[str]:
                         elif not _same_launch(CALLS[-1], jit_call):
                             problems.append(f"bn_scale_kernel C={c} offset={offset}: "
                                             "a different launcher call")
-    # 3. A launcher that takes its arguments some other way (another Triton): one warning,
-    # the call relaunched through the JIT, the direct path off from then on.
-    def rejecting(*a):
-        raise TypeError("function takes exactly 12 arguments (40 given)")
-
-    for k in list(fast._CACHE):
-        fast._CACHE[k] = (rejecting, *fast._CACHE[k][1:])
-    kernel, grid, args, kwargs = _recorded_unit_calls()[0]
-    kernel[grid](*args, **kwargs)
-    jit_call, n = CALLS[-1], len(CALLS)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fast.launch(kernel, grid, *args, **kwargs)
-    if not (fast.enabled() is False and len(caught) == 1 and len(CALLS) == n + 1
-            and _same_launch(CALLS[-1], jit_call)):
-        problems.append("a rejecting launcher: not one warning, one JIT relaunch, and off")
-    fast.set_enabled(True)
-    log(f"checked {tried} specialization calls, the unit's launches and a rejecting "
-        f"launcher: {len(problems)} problems")
+    # 3. Two kernels with the same parameters and arguments: each launches its own (the
+    # first with a launch_metadata function, which must see the grid as given).
+    x = torch.empty(64)
+    for _ in range(2):
+        for twin in (_twin_a, _twin_b):
+            ref = twin[(1,)](x, 3, BLOCK=64)
+            jit_call = CALLS[-1]
+            if fast.launch(twin, (1,), x, 3, BLOCK=64) is not ref:
+                problems.append(f"{twin.fn.__name__}: another kernel's compiled kernel")
+            elif not _same_launch(CALLS[-1], jit_call):
+                problems.append(f"{twin.fn.__name__}: the launcher got a different call")
+    # 4. Another device: the JIT again (a kernel compiled for it), then cached for it, with
+    # that device's stream.
+    kernel, grid, args, kwargs = _recorded_unit_calls()[1]
+    stub.device = 1
+    try:
+        ref = kernel[grid](*args, **kwargs)
+        jit_call = CALLS[-1]
+        jit_runs = _count_jit_runs(kernel)
+        got = [fast.launch(kernel, grid, *args, **kwargs) for _ in range(2)]
+        del kernel.run
+        if jit_runs != [1] or any(g is not ref for g in got) or not _same_launch(
+                CALLS[-1], jit_call) or CALLS[-1][3] != 8:
+            problems.append("device 1: not one JIT run, then its own kernel on its stream")
+    finally:
+        stub.device = 0
+    # 5. A Triton whose JIT calls the launcher differently: the JIT on every call.
+    fast._STATE["compatible"] = False
+    try:
+        kernel, grid, args, kwargs = _recorded_unit_calls()[2]
+        jit_runs = _count_jit_runs(kernel)
+        for _ in range(2):
+            fast.launch(kernel, grid, *args, **kwargs)
+        del kernel.run
+        if jit_runs != [2]:
+            problems.append(f"an incompatible JIT: {jit_runs[0]} JIT runs in 2 launches")
+    finally:
+        fast._STATE["compatible"] = None
+    if not fast.enabled():
+        problems.append(f"Triton {triton.__version__}'s JIT does not call the launcher as "
+                        "fused_res.triton.launch expects: the direct path is off")
+    log(f"checked {tried} specialization calls, the unit's launches, twin kernels, a second "
+        f"device and an incompatible JIT: {len(problems)} problems")
     return problems
 
 
@@ -280,8 +319,8 @@ def main(argv=None) -> int:
                 "to compare; unset it")
     from fused_res.triton import launch as fast
     fast.set_enabled(True)
-    with stub_driver():
-        problems = check()
+    with stub_driver() as stub:
+        problems = check(stub)
         for line in problems:
             print("PROBLEM:", line)
         if not a.check_only:

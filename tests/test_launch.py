@@ -24,7 +24,8 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "launch_ov
 def test_direct_launch_hands_the_launcher_what_the_jit_does():
     """The unit's eight launches (conv with statistics, finalize, apply, its backward and
     sums, statistics backward, running update), 120 calls varying what Triton specializes on,
-    and a launcher that rejects the call; in a child process (the stub's compiled kernels
+    two kernels alike but for their body, a second device, and a JIT that launches some other
+    way; in a child process (the stub's compiled kernels
     must not outlive it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--check-only"], capture_output=True,
@@ -38,7 +39,7 @@ class _Driver:
         return 0
 
     def get_current_stream(self, device):
-        return 0
+        return 5
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_second_call_skips_the_jit(jit_kernel):
     launch(kernel, (4, 2), x, 100, 0.5, FLAG=True)
     assert len(runs) == 1 and len(launched) == 1
     grid_x, grid_y, grid_z, stream, fn, meta, _, _, _, *args = launched[0]
-    assert (grid_x, grid_y, grid_z, stream, fn, meta) == (4, 2, 1, 0, "f", "m")
+    assert (grid_x, grid_y, grid_z, stream, fn, meta) == (4, 2, 1, 5, "f", "m")
     # every parameter in signature order, the constexpr from its keyword
     assert args[0] is x and args[1:] == [100, 0.5, True]
 
@@ -128,6 +129,64 @@ def test_what_the_jit_must_see_again(jit_kernel, change):
     reused = change in ("int", "int_one", "alignment", "dtype", "none", "bool", "keyword")
     assert len(runs) == (2 if reused else 3)
     assert len(launched) == (1 if reused else 0)
+
+
+@pytest.mark.parametrize("call", ["constexpr_positional", "runtime_by_keyword",
+                                  "pre_run_hook", "incompatible_jit", "stages_hook"])
+def test_calls_the_key_cannot_describe_always_take_the_jit(jit_kernel, call, monkeypatch):
+    """A constexpr passed positionally (a float is keyed by type only), a runtime argument
+    passed by keyword (its stored value would be reused), a kernel with pre-run hooks, a
+    Triton whose JIT calls the launcher differently, a stages inspection hook: never
+    cached."""
+    import triton
+
+    from fused_res.triton import launch as fast
+
+    kernel, runs, launched = jit_kernel
+    x = torch.zeros(64)
+    args, kw = (x, 16, 0.5), {"FLAG": True}
+    if call == "constexpr_positional":
+        args, kw = (x, 16, 0.5, True), {}
+    elif call == "runtime_by_keyword":
+        args, kw = (x, 16), {"scale": 0.5, "FLAG": True}
+    elif call == "pre_run_hook":
+        monkeypatch.setattr(kernel, "pre_run_hooks", [lambda *a, **k: None])
+    elif call == "incompatible_jit":
+        monkeypatch.setitem(fast._STATE, "compatible", False)
+    elif call == "stages_hook":
+        monkeypatch.setattr(triton.knobs.runtime, "add_stages_inspection_hook",
+                            lambda: ("k", "h"))
+    for _ in range(3):
+        fast.launch(kernel, (1,), *args, **kw)
+    assert len(runs) == 3 and not launched
+
+
+def test_keyword_types_and_triton_switches_are_in_the_key(jit_kernel, monkeypatch):
+    """FLAG=True and FLAG=1 are equal but may compile differently; Triton's debug switch
+    and instrumentation mode select other compiled kernels."""
+    import triton
+
+    from fused_res.triton.launch import launch
+
+    kernel, runs, launched = jit_kernel
+    x = torch.zeros(64)
+    launch(kernel, (1,), x, 16, 0.5, FLAG=True)
+    launch(kernel, (1,), x, 16, 0.5, FLAG=1)
+    assert len(runs) == 2 and not launched
+    monkeypatch.setattr(triton.knobs.runtime, "debug", True)
+    launch(kernel, (1,), x, 16, 0.5, FLAG=True)
+    assert len(runs) == 3
+    monkeypatch.setattr(triton.knobs.runtime, "debug", False)
+    monkeypatch.setattr(triton.knobs.compilation, "instrumentation_mode", "gsan")
+    launch(kernel, (1,), x, 16, 0.5, FLAG=True)
+    assert len(runs) == 4 and not launched
+
+
+def test_this_triton_calls_the_launcher_as_expected():
+    """The installed Triton's JIT launches the way the direct path repeats (else the direct
+    path stays off everywhere: benchmarks/launch_overhead.py reports that as a problem)."""
+    from fused_res.triton import launch as fast
+    assert fast._compatible()
 
 
 def test_bool_and_int_one_are_different_keys(jit_kernel):

@@ -9,31 +9,34 @@ Why: without CUDA graphs a training step is host-bound. On the H100 of run 5 a R
 training step with the Triton backend took 98 ms of wall time for 32 ms of kernels, with 424
 Triton launches among its 677 kernels (benchmarks/results/2026-11-27-h100-run5, profile-train
 and host-profile). Each JIT launch binds its arguments in Python, builds a specialization
-list and formats a string key from it; for kernels of 20-40 arguments that is most of the
+list and formats a string key from it; for kernels of 20-70 arguments that is most of the
 launch (`python benchmarks/launch_overhead.py` times both paths on any machine, the launcher
 itself stubbed out).
 
-Correctness rests on the key. Triton specializes a compiled kernel on the dtype and the
-16-byte alignment of each tensor argument, on each integer's value class (== 1, a multiple
-of 16, the integer width) and on every constexpr. The key here holds each tensor's dtype and
-alignment, each integer's exact value, the type of each float, the keyword arguments' exact
-values (constexprs and launch options), the device, and the kernel: anything that changes
-Triton's choice of compiled kernel changes the key (a finer key only costs more first calls).
-Calls with any other kind of argument (a TMA descriptor, a callable grid, a tensor passed
-by keyword) take Triton's own path every time. Launch hooks (profilers) get the same
-metadata as from the JIT. Not in the key: Triton's debug switches (TRITON_DEBUG, knobs),
-which the JIT reads per launch; a process that flips them after a kernel's first launch
-keeps the kernel compiled before.
+Correctness rests on two things:
+- The call. The direct path is used only where this Triton's JITFunction.run calls the
+  launcher exactly as launch() does (its source is checked once); elsewhere every launch
+  takes the JIT. Triton's launcher does not check how many arguments it gets, so a mismatch
+  would not fail loudly: hence the check rather than a fallback on error.
+- The key. Triton specializes a compiled kernel on the dtype and 16-byte alignment of each
+  tensor argument, each integer's value class (== 1, a multiple of 16, its width), the value
+  of every constexpr, and its debug and instrumentation switches. The key holds each
+  tensor's dtype and alignment, each int's exact value, the type of each float, each bool,
+  the keyword arguments' exact values and types, the device, the kernel and those switches:
+  whatever changes Triton's choice of compiled kernel changes the key (a finer key only costs
+  more first calls). Calls the key cannot describe are never cached and always take the JIT:
+  a constexpr passed positionally, a runtime argument passed by keyword, an argument of
+  another kind (a TMA descriptor), a callable grid, a kernel with pre-run hooks, a stages
+  inspection hook. Launch hooks (profilers) get the same metadata as from the JIT. Not
+  checked: the JIT's guard against a global a kernel reads changing after it was compiled.
 
-`FUSED_RES_TRITON_FAST_LAUNCH=0` turns it off. If the installed Triton's launcher does not
-take arguments the way this expects (a TypeError on the first direct call), the fast path
-turns itself off with one warning and that call is relaunched through the JIT.
+`FUSED_RES_TRITON_FAST_LAUNCH=0` (read at import) or `set_enabled(False)` turns it off.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
-import warnings
 
 import torch
 import triton
@@ -43,34 +46,51 @@ import triton
 # defaults)
 _CACHE: dict = {}
 _MAX_ENTRIES = 4096  # a ResNet-50 train step makes ~200; a runaway key would grow without end
-# Read once: a launch is too short to spend a microsecond on the environment.
-_STATE = {"on": os.environ.get("FUSED_RES_TRITON_FAST_LAUNCH", "1") != "0"}
-_PARAMS: dict = {}  # kernel -> (parameter names in order, their defaults)
+# Read once: a launch is too short to spend a microsecond on the environment. "compatible":
+# whether this Triton's JIT calls the launcher as launch() does (None: not yet checked).
+_STATE = {"on": os.environ.get("FUSED_RES_TRITON_FAST_LAUNCH", "1") != "0", "compatible": None}
+_PARAMS: dict = {}  # kernel -> (names, defaults, constexpr flags, constexpr names)
 _EMPTY = object()
 _PLAIN = (bool, int, float, str, type(None))
 _JIT = triton.runtime.jit.JITFunction
 _TENSOR = torch.Tensor
+# What JITFunction.run does last, whitespace aside: the call launch() repeats.
+_JIT_LAUNCH = (
+    "launch_metadata = kernel.launch_metadata(grid, stream, *bound_args.values())",
+    "kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, "
+    "launch_metadata, knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, "
+    "*bound_args.values())",
+)
 
 
 def enabled() -> bool:
     """Whether launch() may bypass the JIT after a kernel's first launch."""
-    return _STATE["on"]
+    return _STATE["on"] and _compatible()
 
 
 def set_enabled(on: bool) -> None:
-    """Turn the direct path on or off (FUSED_RES_TRITON_FAST_LAUNCH sets it at import)."""
+    """Turn the direct path on or off (FUSED_RES_TRITON_FAST_LAUNCH sets it at import); it
+    stays off where this Triton's JIT launches differently (see the module docstring)."""
     _STATE["on"] = bool(on)
     _CACHE.clear()
 
 
-def _hooks():
-    """(enter hook, exit hook) as the JIT passes them to the launcher, or None where this
-    Triton keeps them somewhere this module does not know (then every call takes the JIT)."""
-    knobs = getattr(triton, "knobs", None)
-    runtime = getattr(knobs, "runtime", None)
-    if runtime is None or not hasattr(runtime, "launch_enter_hook"):
-        return None
-    return runtime.launch_enter_hook, runtime.launch_exit_hook
+def _compatible() -> bool:
+    """Whether this Triton's JITFunction.run ends with the launcher call launch() makes, and
+    keeps its hooks and switches where launch() reads them (checked once)."""
+    if _STATE["compatible"] is None:
+        try:
+            src = " ".join(inspect.getsource(_JIT.run).split())
+            knobs = triton.knobs
+            ok = (all(" ".join(c.split()) in src for c in _JIT_LAUNCH)
+                  and hasattr(knobs.runtime, "launch_enter_hook")
+                  and hasattr(knobs.runtime, "debug")
+                  and hasattr(knobs.runtime, "add_stages_inspection_hook")
+                  and hasattr(knobs.compilation, "instrumentation_mode"))
+        except (AttributeError, OSError, TypeError):
+            ok = False
+        _STATE["compatible"] = ok
+    return _STATE["compatible"]
 
 
 def _arg_keys(args) -> list | None:
@@ -94,22 +114,33 @@ def _arg_keys(args) -> list | None:
 
 
 def _params(kernel):
-    """The kernel's parameter names in order and their defaults (_EMPTY where none)."""
+    """The kernel's parameter names in order, their defaults (_EMPTY where none), whether
+    each is a constexpr, and the set of constexpr names."""
     got = _PARAMS.get(kernel)
     if got is None:
         sig = kernel.signature.parameters
         names = tuple(sig)
         defaults = tuple(_EMPTY if p.default is p.empty else p.default for p in sig.values())
-        got = _PARAMS[kernel] = (names, defaults)
+        flags = tuple(bool(p.is_constexpr) for p in kernel.params)
+        got = _PARAMS[kernel] = (names, defaults, flags,
+                                 {n for n, f in zip(names, flags, strict=True) if f})
     return got
 
 
-def _tail(kernel, n_args: int, kwargs: dict):
+def _tail(kernel, args: tuple, kwargs: dict):
     """The values of the parameters after the positional ones, as the JIT binds them (from
-    the keywords, else the defaults); None if one has neither."""
-    names, defaults = _params(kernel)
+    the keywords, else the defaults); None where the key could not describe the call: a
+    constexpr passed positionally (floats are keyed by type), a runtime argument passed by
+    keyword (its stored value would be reused), a keyword value that is not plain data, a
+    parameter with neither."""
+    names, defaults, constexpr, constexpr_names = _params(kernel)
+    if any(constexpr[:len(args)]) or not all(k in constexpr_names for k in kwargs
+                                             if k in names):
+        return None
+    if not all(type(v) in _PLAIN for v in kwargs.values()):
+        return None
     out = []
-    for name, default in zip(names[n_args:], defaults[n_args:], strict=True):
+    for name, default in zip(names[len(args):], defaults[len(args):], strict=True):
         if name in kwargs:
             out.append(kwargs[name])
         elif default is not _EMPTY:
@@ -123,18 +154,22 @@ def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs): a Triton kernel launch, with the JIT's binding skipped
     once the kernel has been compiled for this key. `grid` is a tuple of 1-3 ints. Returns
     what the JIT returns (the compiled kernel)."""
-    if not _STATE["on"] or type(kernel) is not _JIT or type(grid) is not tuple:
+    if (not _STATE["on"] or type(kernel) is not _JIT or type(grid) is not tuple
+            or kernel.pre_run_hooks or not _compatible()):
         return kernel[grid](*args, **kwargs)
     keys = _arg_keys(args)
-    hooks = _hooks()
-    if keys is None or hooks is None:
+    runtime = triton.knobs.runtime
+    if keys is None or runtime.add_stages_inspection_hook is not None:
         return kernel[grid](*args, **kwargs)
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
     keys.append(device)
     keys.append(kernel)
+    keys.append(runtime.debug)
+    keys.append(triton.knobs.compilation.instrumentation_mode)
     keys.extend(kwargs.values())  # call sites pass their keywords in a fixed order ...
-    keys.extend(kwargs)  # ... but the names go in too, for any that does not
+    keys.extend(kwargs)  # ... but the names go in too, for any that does not,
+    keys.extend(map(type, kwargs.values()))  # and the types (True == 1 == 1.0)
     try:
         key = tuple(keys)
         entry = _CACHE.get(key)
@@ -142,11 +177,8 @@ def launch(kernel, grid, *args, **kwargs):
         return kernel[grid](*args, **kwargs)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
-        tail = _tail(kernel, len(args), kwargs)
-        # Keywords go into the key by value: only plain values may (a tensor or descriptor
-        # there would be keyed, and kept alive, by identity).
-        if (compiled is not None and tail is not None
-                and all(type(v) in _PLAIN for v in kwargs.values())):
+        tail = _tail(kernel, args, kwargs)
+        if compiled is not None and tail is not None:
             if len(_CACHE) >= _MAX_ENTRIES:
                 _CACHE.clear()
             _CACHE[key] = (compiled.run, compiled.function, compiled.packed_metadata, compiled,
@@ -156,16 +188,7 @@ def launch(kernel, grid, *args, **kwargs):
     stream = driver.get_current_stream(device)
     full = args + tail
     n = len(grid)
-    g = (grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1)
-    try:
-        run(g[0], g[1], g[2], stream, function, metadata,
-            compiled.launch_metadata(g, stream, *full), hooks[0], hooks[1], *full)
-    except TypeError as e:
-        # The launcher parses its arguments before launching anything: a mismatch means this
-        # Triton passes them differently, never that a kernel ran with the wrong ones.
-        set_enabled(False)
-        warnings.warn(f"fused_res: Triton {triton.__version__}'s launcher rejected a direct "
-                      f"call ({e}); launching through Triton's JIT from now on",
-                      RuntimeWarning, stacklevel=2)
-        return kernel[grid](*args, **kwargs)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, metadata,
+        compiled.launch_metadata(grid, stream, *full), runtime.launch_enter_hook,
+        runtime.launch_exit_hook, *full)
     return compiled
