@@ -265,6 +265,63 @@ else:
         assert torch.equal(ys[0], ys[1])
         _check(ys[0], want, dtype, f"{tile} y")
 
+    @pytest.mark.parametrize("order", ["reversed", "split_major", "shuffled"])
+    def test_split_k_in_other_program_orders(order, monkeypatch):
+        """The interpreter runs programs in (x, y, z) order, so a tile's last split is always
+        the last to arrive; a GPU runs them in any order. Here the programs run reversed,
+        split by split, and shuffled: the same bits as in order (the sum is in split order,
+        whoever adds it), and the float64 result within tolerance. (That only the last
+        program runs the epilogue is the one thing no order can show here: the last one's
+        output always lands last.)"""
+        import itertools
+        import random
+
+        from triton.runtime import interpreter
+
+        from fused_res.triton import configs
+        from fused_res.triton.conv import conv_launch
+        builder = getattr(interpreter, "interpreter_builder", None)
+        if builder is None or not hasattr(builder, "set_grid_idx"):
+            pytest.skip("this Triton's interpreter sets program ids some other way")
+        a = _cast(_make(CONFIGS[1][:-1] + (70,), n=2, cout=40, h=11, w=13, seed=13),
+                  torch.float32, torch.channels_last)
+        tile = replace(configs.INTERPRETER_CONV_CONFIG, split_k=3)
+
+        def run():
+            with torch.no_grad():
+                y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
+                                   a["a_in"], a["b_in"], "relu", out_scale=a["a_out"],
+                                   out_shift=a["b_out"], residual=a["r"], res_scale=a["lam"],
+                                   act_out="relu", memory_format=torch.channels_last,
+                                   config=tile)
+                z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
+                                       a["a_in"], a["b_in"], "relu", stats=True,
+                                       memory_format=torch.channels_last, config=tile)
+            return y, z, *parts
+
+        in_order = run()
+        real, state = type(builder).set_grid_idx, {}
+
+        def set_grid_idx(self, x, y, z):
+            if (x, y, z) == (0, 0, 0):  # a new launch: its programs in the test's order
+                cells = list(itertools.product(*(range(d) for d in self.grid_dim)))
+                if order == "reversed":
+                    cells.reverse()
+                elif order == "split_major":
+                    cells.sort(key=lambda c: (c[1], c[0], c[2]))
+                else:
+                    random.Random(0).shuffle(cells)
+                state["cells"], state["next"] = cells, 0
+            cell = state["cells"][state["next"]]
+            state["next"] += 1
+            real(self, *cell)
+
+        monkeypatch.setattr(type(builder), "set_grid_idx", set_grid_idx)
+        reordered = run()
+        monkeypatch.undo()
+        assert all(torch.equal(u, v) for u, v in zip(in_order, reordered, strict=True))
+        _check(reordered[0], _unit(_as_ref(a), "reference"), torch.float32, f"{order} y")
+
     def test_split_k_refuses_the_stem_and_tma_tiles():
         """split_k cannot run the flattened-K stem conv or as a TMA tile; a bad split_k is
         an error naming it."""
@@ -1143,10 +1200,11 @@ else:
             with pytest.raises(ValueError, match="output grid"):
                 conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
                                  a["b2"], (1, 1), "relu")
-            # A TMA tile is not silently run as a pointer tile.
+            # A TMA or split-K tile is not silently run as a plain pointer tile.
             from fused_res.triton import configs
             for tile in (configs.INTERPRETER_CONV_CONFIG.with_tma(),
-                         configs.INTERPRETER_CONV_CONFIG.with_tma_b()):
+                         configs.INTERPRETER_CONV_CONFIG.with_tma_b(),
+                         replace(configs.INTERPRETER_CONV_CONFIG, split_k=2)):
                 with pytest.raises(ValueError, match=f"config={tile}.*pointers"):
                     conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
                                      a["b2"], (2, 2), "relu", config=tile)

@@ -97,8 +97,10 @@ TMA_VARIANTS = {
     "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
 }
 # Split-K tiles (configs.SPLIT_K_SWEEP_CONFIGS): the eval 3x3 with the whole tail, the train
-# 3x3 with statistics, the eval 1x1 stride-2 projection (not the stem: flattened K).
+# 3x3 with statistics, with and without the BN+ReLU prologue, the eval 1x1 stride-2
+# projection (not the stem: flattened K).
 SPLIT_K_VARIANTS = {k: CONV_VARIANTS[k] for k in ("eval_3x3_tail", "train_3x3_stats",
+                                                  "train_3x3_prologue_stats",
                                                   "eval_1x1_s2_tail")}
 # tma_b tiles (the weight by TMA) for every conv variant but the stem's flattened K, which
 # gathers its weight rows.

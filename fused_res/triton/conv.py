@@ -239,6 +239,7 @@ def conv_unit_kernel(
     SPLIT_K), not FLAT_K): each program runs a contiguous share of the K steps, and the last
     of a tile's programs to finish adds the shares (ws_ptr, cnt_ptr: _split_k_sum) and runs
     the epilogue; FENCE: the gpu-scope fences that hand-off needs (not in the interpreter)."""
+    tl.static_assert(SPLIT_K == 1 or not FLAT_K, "split-K runs per-tap K steps only")
     pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
         M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     ih0 = oh * stride_h - pad_h

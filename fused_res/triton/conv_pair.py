@@ -106,9 +106,10 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return y
-    if config is not None and (config.tma or config.tma_b):
+    if config is not None and (config.tma or config.tma_b or config.split_k > 1):
         raise ValueError(f"config={config}: the pair kernel loads its operands with "
-                         "pointers; accepted: a config without tma or tma_b")
+                         "pointers, one program per tile; accepted: a config without tma, "
+                         "tma_b or split_k")
     cfg = tile_for(config, x, m, min(c_in, c2), c_out, kh * kw, False)
     args = (x, weight_matrix_cached(weight), x2, weight_matrix_cached(weight2),
             bias if bias is not None else y, bias2 if bias2 is not None else y, y,
