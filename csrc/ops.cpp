@@ -23,12 +23,15 @@ TORCH_LIBRARY(fused_res_C, m) {
   // y = relu?(branch_scale[n] * relu?((z - center) * scale + shift) + res_scale * residual)
   m.def("epilogue(Tensor z, Tensor? center, Tensor? scale, Tensor? shift, bool relu_mid, "
         "Tensor? residual, float res_scale, Tensor? branch_scale, bool relu_out) -> Tensor");
-  // (dL/dz, dL/dresidual, Σ dL/du, Σ dL/du·(z - center)); unwanted outputs are empty, and
-  // the centered sum is empty when z is not given.
+  // (dL/dz, dL/dresidual, Σ dL/du, Σ dL/du·(z - center), dL/dcenter = -scale·Σ dL/du, all
+  // sums float32); unwanted outputs are empty, the centered sum is empty when z is not
+  // given. dL/dcenter comes from the sums' own finalize: a BatchNorm's mean gradient without
+  // two more C-sized launches (a product and a negation).
   m.def("epilogue_backward(Tensor gy, Tensor? z, Tensor? y, Tensor? center, Tensor? scale, "
         "Tensor? shift, bool relu_mid, float res_scale, Tensor? branch_scale, bool relu_out, "
-        "bool need_gz, bool need_gr, bool need_sums) "
-        "-> (Tensor gz, Tensor gr, Tensor sum_gu, Tensor sum_gu_centered)");
+        "bool need_gz, bool need_gr, bool need_sums, bool need_center_grad=False) "
+        "-> (Tensor gz, Tensor gr, Tensor sum_gu, Tensor sum_gu_centered, "
+        "Tensor grad_center)");
   // nn.BatchNorm2d's training finalize: (scale, shift) with bn(z) = z * scale + shift, and
   // the running statistics / num_batches_tracked updated in place.
   m.def("bn_finalize(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, "

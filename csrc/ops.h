@@ -91,11 +91,12 @@ inline at::Tensor empty_vec(const at::Tensor& like) {
                             const OptTensor& scale, const OptTensor& shift, bool relu_mid,    \
                             const OptTensor& residual, double res_scale,                      \
                             const OptTensor& branch_scale, bool relu_out);                    \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_##dev(         \
-      const at::Tensor& gy, const OptTensor& z, const OptTensor& y, const OptTensor& center,  \
-      const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,        \
-      const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr,               \
-      bool need_sums);                                                                        \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>                      \
+      epilogue_backward_##dev(                                                                \
+          const at::Tensor& gy, const OptTensor& z, const OptTensor& y,                       \
+          const OptTensor& center, const OptTensor& scale, const OptTensor& shift,            \
+          bool relu_mid, double res_scale, const OptTensor& branch_scale, bool relu_out,      \
+          bool need_gz, bool need_gr, bool need_sums, bool need_center_grad);                 \
   std::tuple<at::Tensor, at::Tensor> bn_finalize_##dev(                                       \
       const at::Tensor& mean, const at::Tensor& var, const OptTensor& weight,                 \
       const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,     \

@@ -300,12 +300,13 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_res_C::epilogue_backward")
     def _(gy, z, y, center, scale, shift, relu_mid, res_scale, branch_scale, relu_out,
-          need_gz, need_gr, need_sums):
+          need_gz, need_gr, need_sums, need_center_grad=False):
         c = gy.shape[1]
         return (like(gy) if need_gz else gy.new_empty((0,)),
                 like(gy) if need_gr else gy.new_empty((0,)),
                 vec(gy, c) if need_sums else vec(gy, 0),
-                vec(gy, c) if (need_sums and z is not None) else vec(gy, 0))
+                vec(gy, c) if (need_sums and z is not None) else vec(gy, 0),
+                vec(gy, c) if need_center_grad else vec(gy, 0))
 
     @torch.library.register_fake("fused_res_C::bn_finalize")
     def _(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, momentum,

@@ -163,9 +163,12 @@ struct EpilogueBackwardOp {
 struct SumsFinalize {
   float* __restrict__ sum_gu;           // (C,)
   float* __restrict__ sum_gu_centered;  // (C,)
+  const float* __restrict__ scale;      // (C,) or null (1)
+  float* __restrict__ grad_center;      // (C,) -scale * Σ dL/du, or null (not wanted)
   __device__ __forceinline__ void operator()(int64_t c, float a, float b) const {
     sum_gu[c] = a;
     sum_gu_centered[c] = b;
+    if (grad_center) grad_center[c] = -(scale ? scale[c] : 1.f) * a;
   }
 };
 

@@ -95,11 +95,33 @@ def test_empty_batch(C, fmt):
     y = C.epilogue(x, torch.zeros(6), torch.ones(6), None, True, torch.empty_like(x), 0.5,
                    torch.empty(0), True)
     assert y.shape == x.shape
-    gz, gr, s1, s2 = C.epilogue_backward(x, x, x, None, torch.ones(6), None, True, 1.0, None,
-                                         True, True, True, True)
-    assert gz.shape == gr.shape == x.shape and s1.shape == s2.shape == (6,)
-    assert not s1.any() and not s2.any()
+    gz, gr, s1, s2, gc = C.epilogue_backward(x, x, x, None, torch.ones(6), None, True, 1.0,
+                                             None, True, True, True, True, True)
+    assert gz.shape == gr.shape == x.shape and s1.shape == s2.shape == gc.shape == (6,)
+    assert not s1.any() and not s2.any() and not gc.any()
     assert C.stats_backward(None, torch.ones(6), torch.ones(6), x, mean).shape == x.shape
+
+
+@pytest.mark.parametrize("has_scale", [True, False])
+@pytest.mark.parametrize("need_sums", [True, False])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_epilogue_backward_center_gradient(C, has_scale, need_sums, fmt):
+    """dL/dcenter = -scale · Σ dL/du from the op itself (its sums' finalize), equal to what
+    the sums give, whether or not the sums are returned; the same sums and gradients as
+    without it."""
+    g = torch.Generator().manual_seed(9)
+    z, gy = _t((3, 8, 5, 7), torch.float32, fmt, g), _t((3, 8, 5, 7), torch.float32, fmt, g)
+    c, s, b = _vec(8, g), (_vec(8, g, True) if has_scale else None), _vec(8, g)
+    args = (gy, z, None, c, s, b, True, 1.0, None, False, True, False)
+    gz, _, s1, s2, gc = C.epilogue_backward(*args, need_sums, True)
+    gz0, _, s10, s20, gc0 = C.epilogue_backward(*args, True)
+    assert gc0.numel() == 0 and gc.shape == (8,) and torch.equal(gz, gz0)
+    want = -(s if has_scale else torch.ones(8)) * s10
+    assert torch.equal(gc, want)
+    if need_sums:
+        assert torch.equal(s1, s10) and torch.equal(s2, s20)
+    else:
+        assert s1.numel() == 0 and s2.numel() == 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -280,6 +302,8 @@ def _opcheck_samples():
             ("epilogue", (z.bfloat16(), None, s, None, False, None, 1.0, None, True)),
             ("epilogue_backward", (r, z, z.relu(), c, s, b, True, 0.5, d, True, True, True,
                                    True)),
+            ("epilogue_backward", (r, z, None, c, s, b, True, 1.0, None, False, False, False,
+                                   False, True)),
             ("epilogue_backward", (r, None, None, None, None, None, False, 1.0, None, False,
                                    False, True, True)),
         ]

@@ -150,9 +150,9 @@ def test_empty_batch(C):
         assert not mean.any() and not var.any()
         assert C.epilogue(x, None, torch.ones(8, device="cuda"), None, True, None, 1.0, None,
                           True).shape == x.shape
-        _, _, s1, _ = C.epilogue_backward(x, x, None, None, None, None, True, 1.0, None, False,
-                                          True, False, True)
-        assert s1.shape == (8,) and not s1.any()
+        _, _, s1, _, gc = C.epilogue_backward(x, x, None, None, None, None, True, 1.0, None,
+                                              False, True, False, True, True)
+        assert s1.shape == gc.shape == (8,) and not s1.any() and not gc.any()
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -186,7 +186,7 @@ def test_opcheck_cuda(C):
         torch.library.opcheck(C.epilogue.default, (z, mean, s, None, True, r, 0.5, None, True))
         torch.library.opcheck(C.epilogue_backward.default,
                               (r, z, z.relu(), mean, s, s, True, 1.0, None, True, True, True,
-                               True))
+                               True, True))
 
 
 def test_epilogue_under_cuda_graph(C):

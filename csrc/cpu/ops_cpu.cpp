@@ -388,10 +388,11 @@ at::Tensor epilogue_cpu(const at::Tensor& z_in, const OptTensor& center, const O
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu(
     const at::Tensor& gy_in, const OptTensor& z, const OptTensor& y, const OptTensor& center,
     const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,
-    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums) {
+    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums,
+    bool need_center_grad) {
   check_cpu(gy_in, "gy");
   const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
                                                       relu_mid, branch_scale, relu_out);
@@ -401,11 +402,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu
                           : at::empty({0}, in.gy.options());
   at::Tensor gr = need_gr ? at::empty_like(in.gy, in.gy.options(), fmt)
                           : at::empty({0}, in.gy.options());
-  at::Tensor s1 = need_sums ? at::zeros({L.c}, in.gy.options().dtype(at::kFloat))
-                            : empty_vec(in.gy);
+  // The center's gradient comes from Σ dL/du: reduced whenever either is asked for.
+  const bool reduce = need_sums || need_center_grad;
+  at::Tensor s1 = reduce ? at::zeros({L.c}, in.gy.options().dtype(at::kFloat))
+                         : empty_vec(in.gy);
   at::Tensor s2 = (need_sums && in.z) ? at::zeros({L.c}, in.gy.options().dtype(at::kFloat))
                                       : empty_vec(in.gy);
-  if (L.numel() == 0) return {gz, gr, s1, s2};
+  at::Tensor gc = need_center_grad ? at::zeros({L.c}, in.gy.options().dtype(at::kFloat))
+                                   : empty_vec(in.gy);
+  if (L.numel() == 0) return {gz, gr, need_sums ? s1 : empty_vec(in.gy), s2, gc};
   const ChannelConsts k(L.c, fptr(in.center), fptr(in.scale), fptr(in.shift));
   const Tail t{fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid, relu_out};
   FUSED_RES_DISPATCH(in.gy.scalar_type(),
@@ -415,10 +420,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cpu
         in.y ? in.y->data_ptr<scalar_t>() : nullptr,
         need_gz ? gz.data_ptr<scalar_t>() : nullptr,
         need_gr ? gr.data_ptr<scalar_t>() : nullptr, k, t, L,
-        need_sums ? s1.data_ptr<float>() : nullptr,
+        reduce ? s1.data_ptr<float>() : nullptr,
         (need_sums && in.z) ? s2.data_ptr<float>() : nullptr);
   });
-  return {gz, gr, s1, s2};
+  if (need_center_grad) {
+    const float* sc = fptr(in.scale);
+    const float* s = s1.data_ptr<float>();
+    float* g = gc.data_ptr<float>();
+    for (int64_t c = 0; c < L.c; ++c) g[c] = -(sc ? sc[c] : 1.f) * s[c];
+  }
+  return {gz, gr, need_sums ? s1 : empty_vec(in.gy), s2, gc};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(

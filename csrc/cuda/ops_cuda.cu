@@ -127,10 +127,11 @@ at::Tensor epilogue_cuda(const at::Tensor& z_in, const OptTensor& center,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cuda(
     const at::Tensor& gy_in, const OptTensor& z, const OptTensor& y, const OptTensor& center,
     const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,
-    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums) {
+    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums,
+    bool need_center_grad) {
   check_cuda(gy_in, "gy");
   const c10::cuda::CUDAGuard guard(gy_in.device());
   const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
@@ -146,6 +147,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cud
   // unless there is nothing to reduce); they are returned only when asked for.
   at::Tensor s1 = L.numel() > 0 ? at::empty({L.c}, fopt) : at::zeros({L.c}, fopt);
   at::Tensor s2 = L.numel() > 0 ? at::empty({L.c}, fopt) : at::zeros({L.c}, fopt);
+  // -scale · Σ dL/du, written by the same finalize (zeros when there is nothing to reduce).
+  at::Tensor gc = !need_center_grad ? at::empty({0}, fopt)
+                  : L.numel() > 0   ? at::empty({L.c}, fopt)
+                                    : at::zeros({L.c}, fopt);
   if (L.numel() > 0) {
     const frk::TailParams p{fptr(in.center), fptr(in.scale), fptr(in.shift),
                             fptr(in.branch_scale), static_cast<float>(res_scale), relu_mid,
@@ -158,7 +163,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cud
           dptr<scalar_t>(in.gy), dptr<scalar_t>(in.z), dptr<scalar_t>(in.y),
           need_gz ? dptr<scalar_t>(gz) : nullptr, need_gr ? dptr<scalar_t>(gr) : nullptr,
           p};
-      const frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>()};
+      const frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>(), fptr(in.scale),
+                                  need_center_grad ? gc.data_ptr<float>() : nullptr};
       const auto plan = frk::plan_epilogue_backward(op, s, cfg.num_sms);
       at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt);
       check_launch(frk::launch_epilogue_backward(op, fin, s, plan, ws.data_ptr<float>(), cfg),
@@ -167,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cud
   }
   if (!need_sums) s1 = at::empty({0}, fopt);
   if (!need_sums || !in.z) s2 = at::empty({0}, fopt);
-  return {gz, gr, s1, s2};
+  return {gz, gr, s1, s2, gc};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(

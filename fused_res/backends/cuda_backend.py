@@ -152,13 +152,14 @@ class CudaBackend(ReferenceBackend):
         n_scale = needs["in_scale"] and in_scale is not None
         n_shift = needs["in_shift"] and in_shift is not None
         sums = n_center or n_scale or n_shift
-        gx, _, s1, s2 = _ops().epilogue_backward(
+        gx, _, s1, s2, gc = _ops().epilogue_backward(
             gp, x, None, in_center, in_scale, in_shift, _relu(act_in), 1.0, None, False,
-            needs["x"], False, sums)
+            needs["x"], False, sums, n_center)
         if needs["x"]:
             grads["x"] = gx
-        _affine_grads(grads, ("in_center", "in_scale", "in_shift"), in_center, in_scale,
-                      in_shift, n_center, n_scale, n_shift, s1, s2)
+        _affine_grads(grads, ("in_center", "in_scale", "in_shift"), center=in_center,
+                      scale=in_scale, shift=in_shift, n_center=n_center, n_scale=n_scale,
+                      n_shift=n_shift, sum_gu=s1, sum_gu_centered=s2, grad_center=gc)
 
     # ---- the reference's primitives on the extension (conv_bn_stats_backward is inherited) --
     def _prologue_apply(self, x, center, scale, shift, act):
@@ -197,7 +198,7 @@ class CudaBackend(ReferenceBackend):
         s = saved
         x, weight, bias = s["x"], s["weight"], s["bias"]
         relu_mid, relu_out = _relu(s["act_mid"]), _relu(s["act_out"])
-        gu, gr, gb_eff, _ = _ops().epilogue_backward(
+        gu, gr, gb_eff, _, _ = _ops().epilogue_backward(
             gy.to(x.dtype), s["u"] if relu_mid else None, s["y"] if relu_out else None, None,
             None, None, relu_mid, float(s["res_scale"]), s["branch_scale"], relu_out, True,
             bool(needs["residual"]), True)
@@ -247,24 +248,25 @@ class CudaBackend(ReferenceBackend):
         n_scale = needs["scale"] and scale is not None
         n_shift = needs["shift"] and shift is not None
         sums = n_center or n_scale or n_shift
-        gz, gr, s1, s2 = _ops().epilogue_backward(
+        gz, gr, s1, s2, gc = _ops().epilogue_backward(
             gy.to(z.dtype), z if (relu_mid or n_scale) else None, s["y"] if relu_out else None,
             center, scale, shift, relu_mid, float(s["res_scale"]), s["branch_scale"], relu_out,
-            bool(needs["z"]), bool(needs["residual"]), sums)
+            bool(needs["z"]), bool(needs["residual"]), sums, n_center)
         grads = {"residual": gr.to(s["residual_dtype"]) if needs["residual"] else None,
                  "z": gz if needs["z"] else None}
-        _affine_grads(grads, ("center", "scale", "shift"), center, scale, shift, n_center,
-                      n_scale, n_shift, s1, s2)
+        _affine_grads(grads, ("center", "scale", "shift"), center=center, scale=scale,
+                      shift=shift, n_center=n_center, n_scale=n_scale, n_shift=n_shift,
+                      sum_gu=s1, sum_gu_centered=s2, grad_center=gc)
         return grads
 
 
-def _affine_grads(grads, names, center, scale, shift, n_center, n_scale, n_shift, sum_gu,
-                  sum_gu_centered):
-    """Gradients of (t - center) * scale + shift from Σ dL/du and Σ dL/du·(t - center)."""
+def _affine_grads(grads, names, *, center, scale, shift, n_center, n_scale, n_shift, sum_gu,
+                  sum_gu_centered, grad_center):
+    """Gradients of (t - center) * scale + shift from Σ dL/du, Σ dL/du·(t - center) and the
+    kernel's -scale·Σ dL/du."""
     k_center, k_scale, k_shift = names
     if n_center:
-        g = sum_gu * scale.to(sum_gu.dtype) if scale is not None else sum_gu
-        grads[k_center] = (-g).to(center.dtype)
+        grads[k_center] = grad_center.to(center.dtype)
     if n_scale:
         grads[k_scale] = sum_gu_centered.to(scale.dtype)
     if n_shift:
