@@ -266,15 +266,10 @@ def conv_unit_kernel(
                         HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K, w_desc,
                         pid_n * BLOCK_N, B_TMA, SPLIT_K)
 
+    last = True  # one program per tile: it runs the epilogue
     if SPLIT_K > 1:
         acc, last = _split_k_sum(acc, ws_ptr, cnt_ptr, SPLIT_K, FENCE, BLOCK_M, BLOCK_N)
-        if last:
-            _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr,
-                           oa_ptr, ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr,
-                           st_m2_ptr, st_cnt_ptr, C_out, syn, syc, syh, syw, srn, src, srh,
-                           srw, res_scale, HAS_BIAS, HAS_OA, HAS_OB, ACT_MID, HAS_RES,
-                           RES_SCALED, HAS_BRANCH, ACT_OUT, STORE_U, STATS)
-    else:
+    if last:
         _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr,
                        oa_ptr, ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr,
                        st_cnt_ptr, C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
