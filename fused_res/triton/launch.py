@@ -41,9 +41,9 @@ import os
 import torch
 import triton
 
-# (per-argument keys..., device, kernel, keyword values..., keyword names...) -> (launcher,
-# function, metadata, compiled kernel, the trailing arguments the JIT fills from keywords and
-# defaults)
+# (per-argument keys..., device, kernel, Triton's debug switch and instrumentation mode,
+# keyword values..., keyword names..., keyword value types...) -> (launcher, function,
+# metadata, compiled kernel, the trailing arguments the JIT fills from keywords and defaults)
 _CACHE: dict = {}
 _MAX_ENTRIES = 4096  # a ResNet-50 train step makes ~200; a runaway key would grow without end
 # Read once: a launch is too short to spend a microsecond on the environment. "compatible":
