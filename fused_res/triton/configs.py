@@ -134,10 +134,15 @@ TMA_B_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
 # 2048 -> 512 1x1 at 1.58x). Each tile's K steps are cut into split_k contiguous shares, one
 # program each; the last to finish adds the partial sums (in split order: deterministic) and
 # runs the epilogue. Never run on a GPU: benchmarks/conv_configs.py times them where a tile
-# count is low, and only a config with split_k > 1 runs them.
+# count is low, and only a config with split_k > 1 runs them. The split factors are chosen
+# for whole waves (128x128 on 8 warps: one block per SM by registers, 132 SMs): 196 tiles
+# (layer 3) go from 2 waves of whole tiles to 3 of half tiles with split 2 (or 6 of quarter
+# tiles with 4), 100 tiles (layer 4) from 1 to 4 waves of fifth tiles with split 5, where
+# splits 2-4 only trade 1 wave of whole tiles for 2-4 of the matching fractions.
 SPLIT_K_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(128, 128, 64, 8, 3, split_k=2),
     ConvConfig(128, 128, 64, 8, 3, split_k=4),
+    ConvConfig(128, 128, 64, 8, 3, split_k=5),
     ConvConfig(128, 64, 64, 4, 3, split_k=2),
     ConvConfig(64, 128, 64, 4, 3, split_k=2),
 )
