@@ -76,17 +76,14 @@ def set_enabled(on: bool) -> None:
 
 
 def _compatible() -> bool:
-    """Whether this Triton's JITFunction.run ends with the launcher call launch() makes, and
-    keeps its hooks and switches where launch() reads them (checked once)."""
+    """Whether this Triton's JITFunction.run ends with the launcher call launch() makes
+    (checked once). Its other switches (debug, instrumentation, the stages hook) are read
+    where this Triton has them: a Triton without one does not select kernels by it."""
     if _STATE["compatible"] is None:
         try:
             src = " ".join(inspect.getsource(_JIT.run).split())
-            knobs = triton.knobs
             ok = (all(" ".join(c.split()) in src for c in _JIT_LAUNCH)
-                  and hasattr(knobs.runtime, "launch_enter_hook")
-                  and hasattr(knobs.runtime, "debug")
-                  and hasattr(knobs.runtime, "add_stages_inspection_hook")
-                  and hasattr(knobs.compilation, "instrumentation_mode"))
+                  and hasattr(triton.knobs.runtime, "launch_enter_hook"))
         except (AttributeError, OSError, TypeError):
             ok = False
         _STATE["compatible"] = ok
@@ -159,14 +156,14 @@ def launch(kernel, grid, *args, **kwargs):
         return kernel[grid](*args, **kwargs)
     keys = _arg_keys(args)
     runtime = triton.knobs.runtime
-    if keys is None or runtime.add_stages_inspection_hook is not None:
+    if keys is None or getattr(runtime, "add_stages_inspection_hook", None) is not None:
         return kernel[grid](*args, **kwargs)
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
     keys.append(device)
     keys.append(kernel)
-    keys.append(runtime.debug)
-    keys.append(triton.knobs.compilation.instrumentation_mode)
+    keys.append(getattr(runtime, "debug", None))
+    keys.append(getattr(triton.knobs.compilation, "instrumentation_mode", None))
     keys.extend(kwargs.values())  # call sites pass their keywords in a fixed order ...
     keys.extend(kwargs)  # ... but the names go in too, for any that does not,
     keys.extend(map(type, kwargs.values()))  # and the types (True == 1 == 1.0)
