@@ -558,8 +558,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             st_mean if stats else dummy, st_m2 if stats else dummy,
             st_cnt if stats else dummy)
     tma = tma_requested() if tma is None else tma
-    tile = False if split > 1 else _tma_tile(config, cfg, tma, x, weight, stride, padding,
-                                             prologue)
+    tile = _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue)
     if tile is not False:
         from . import conv_tma
         conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tile)
