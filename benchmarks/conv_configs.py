@@ -11,9 +11,7 @@ conv_tma.py can run (1x1, stride 1, no prologue, sm_90), configs.TMA_SWEEP_CONFI
 too, and wherever BLOCK_K divides C_in (sm_90) configs.TMA_B_SWEEP_CONFIGS (the implicit-GEMM
 kernel with its weight tiles by TMA); the table gives the best tile of each kind beside the best
 pointer tile's: the measurement that decides whether either joins the autotuner (they run only
-where asked until then). Where the problem makes fewer than two 128x128 tiles per SM (ResNet-50's
-layer 3 and 4 convs at batch 64), configs.SPLIT_K_SWEEP_CONFIGS are timed too (K cut over 2-4
-programs per tile), with their best in a column of their own. The
+where asked until then). The
 answer decides which configs the autotuner keeps and which one runs untuned; it is a question
 only a GPU answers (DESIGN.md §5), so it is a script, not a test.
 
@@ -47,11 +45,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ops_bandwidth import CONVS, DTYPES, conv_cases, graph_ms, rel_err  # noqa: E402
 
 # Run 5's six, then the two 1x1 shapes furthest from cuDNN in its conv-alone table (1.58x and
-# 1.50x), where the TMA tiles are most worth measuring, and its worst (1.62x), where split-K
-# is.
+# 1.50x), where the TMA tiles are most worth measuring.
 FEW = [(256, 64, 56, 1, 1), (64, 64, 56, 3, 1), (128, 128, 28, 3, 1), (1024, 256, 14, 1, 1),
-       (256, 256, 14, 3, 1), (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (256, 1024, 14, 1, 1),
-       (512, 512, 7, 3, 1)]
+       (256, 256, 14, 3, 1), (512, 2048, 7, 1, 1), (2048, 512, 7, 1, 1), (256, 1024, 14, 1, 1)]
 
 
 def main(argv=None) -> int:
@@ -117,14 +113,12 @@ def main(argv=None) -> int:
         tma_ok = conv_tma.unsupported_reason(sets[0][0], weight, (s, s), (k // 2, k // 2),
                                              bool(prologue)) is None
         flat = configs.flat_k(cin, k * k)
-        few_tiles = (not flat and math.ceil(m / 128) * math.ceil(cout / 128)
-                     < 2 * sm_count(torch.device("cuda")))
         for cfg in (configs.CONV_CONFIGS + configs.SWEEP_CONFIGS + configs.TMA_SWEEP_CONFIGS
-                    + configs.TMA_B_SWEEP_CONFIGS + configs.SPLIT_K_SWEEP_CONFIGS):
+                    + configs.TMA_B_SWEEP_CONFIGS):
             why = configs.conv_config_excluded(cfg, elt, k * k)
             if why is not None or (cfg.tma and not tma_ok) or (cfg.tma_b and (
                     conv_tma.weight_tma_reason(sets[0][0], weight, cfg.block_k, flat)
-                    is not None)) or (cfg.split_k > 1 and not few_tiles):
+                    is not None)):
                 continue
 
             def tri(x, cfg=cfg, weight=weight, st=(s, s), pad=(k // 2, k // 2), full=False,
@@ -158,9 +152,8 @@ def main(argv=None) -> int:
                   flush=True)
         tma_best = min((r[0] for r in per if r[1].tma), default=None)
         tma_b_best = min((r[0] for r in per if r[1].tma_b), default=None)
-        split_best = min((r[0] for r in per if r[1].split_k > 1), default=None)
-        # "best" is a pointer tile of one program per output tile; the other kinds apart
-        per = [r for r in per if not (r[1].tma or r[1].tma_b or r[1].split_k > 1)]
+        # "best" is a pointer tile; the TMA kinds apart
+        per = [r for r in per if not (r[1].tma or r[1].tma_b)]
         if not per:
             print(f"  {(cin, cout, hw, k, s)}: no pointer tile computed a correct result",
                   flush=True)
@@ -171,23 +164,22 @@ def main(argv=None) -> int:
                                     for r in rows if r["conv"] == [cin, cout, hw, k, s]):
                 u_ms = "WRONG"  # the tile that runs by default computed a wrong result
             best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms, tma_best,
-                         tma_b_best, split_best))
+                         tma_b_best))
         save()
     print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
-          "untuned config | its ratio | best TMA tile's ratio | best TMA-B tile's ratio | "
-          "best split-K tile's ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for shape, t_c, t, cfg, untuned, u_ms, *kind_best in best:
+          "untuned config | its ratio | best TMA tile's ratio | best TMA-B tile's ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape, t_c, t, cfg, untuned, u_ms, tma_best, tma_b_best in best:
         u_ratio = ("-" if u_ms is None else u_ms if isinstance(u_ms, str)
                    else f"{u_ms / t_c:.2f}")
-        kinds = ["-" if v is None else f"{v / t_c:.2f}" for v in kind_best]
+        kinds = ["-" if v is None else f"{v / t_c:.2f}" for v in (tma_best, tma_b_best)]
         print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} | {untuned} | "
-              f"{u_ratio} | {' | '.join(kinds)} |")
+              f"{u_ratio} | {kinds[0]} | {kinds[1]} |")
     if best:
         g = math.exp(sum(math.log(r[2] / r[1]) for r in best) / len(best))
         target = " (issue 5 target <= 1.15)" if a.variant == "plain" else ""
         print(f"\ngeomean best pointer tile/cuDNN over {len(best)} shapes: {g:.2f}{target}")
-        for col, kind in ((6, "TMA"), (7, "TMA-B"), (8, "split-K")):
+        for col, kind in ((6, "TMA"), (7, "TMA-B")):
             both = [r for r in best if r[col] is not None]
             if both:
                 gp = math.exp(sum(math.log(r[2] / r[1]) for r in both) / len(both))

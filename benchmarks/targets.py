@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import re
 import sys
 
 SPEEDUP_BLOCKS = 1.3   # issue 5: eval, every ResNet-50 block shape at batch 64 and 256
@@ -147,45 +146,39 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
     if sweep:
         best: dict[str, float] = {}
         # A config that failed has an error instead of a ratio; a wrong one does not count;
-        # the opt-in kinds (TMA, split-K) are listed apart.
+        # the TMA tiles (opt-in) are listed apart.
         for r in (r for r in sweep if "ratio" in r and not r.get("wrong")
-                  and _kind(r) == "pointer"):
+                  and not _is_tma(r)):
             key = "x".join(map(str, r["conv"]))
             best[key] = min(best.get(key, r["ratio"]), r["ratio"])
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"
                  f"{max(best.values()):.2f}x" if best else "; no swept tile was correct")
-        text += _kinds_vs_pointer(sweep)
+        text += _tma_vs_pointer(sweep)
     return over == 0, text
 
 
-def _kind(row: dict) -> str:
-    """Which kind of tile a conv_configs row timed, from its config name: "split-K" (ending in
-    _sk<n>), "TMA-B" (the implicit-GEMM kernel with TMA weight tiles, _tmab), "TMA"
-    (conv_tma.py's, _tma), else "pointer" (the default kind)."""
-    name = row.get("config", "")
-    if re.search(r"_sk\d+$", name):
-        return "split-K"
-    if name.endswith("_tmab"):
-        return "TMA-B"
-    return "TMA" if name.endswith("_tma") else "pointer"
+def _is_tma(row: dict) -> bool:
+    """A conv_configs row of a TMA tile: conv_tma.py's (config name ending in _tma) or the
+    implicit-GEMM kernel's with TMA weight tiles (_tmab)."""
+    return row.get("config", "").endswith(("_tma", "_tmab"))
 
 
-def _kinds_vs_pointer(sweep: list[dict]) -> str:
-    """At the shapes where tiles of an opt-in kind were swept: the best correct tile of that
-    kind against the best correct pointer tile, per shape. '' where none ran."""
+def _tma_vs_pointer(sweep: list[dict]) -> str:
+    """At the shapes where TMA tiles of a kind were swept: the best correct tile of that kind
+    against the best correct pointer tile, per shape. '' where none ran."""
     ok = [r for r in sweep if "ratio" in r and not r.get("wrong")]
     out = ""
-    for kind in ("TMA", "TMA-B", "split-K"):
-        shapes = {tuple(r["conv"]) for r in ok if _kind(r) == kind}
+    for suffix, label in (("_tma", "TMA tile"), ("_tmab", "TMA-B tile")):
+        shapes = {tuple(r["conv"]) for r in ok if r["config"].endswith(suffix)}
         parts = []
         for shape in sorted(shapes):
             here = [r for r in ok if tuple(r["conv"]) == shape]
-            t = min(r["ratio"] for r in here if _kind(r) == kind)
-            p = min((r["ratio"] for r in here if _kind(r) == "pointer"), default=None)
+            t = min(r["ratio"] for r in here if r["config"].endswith(suffix))
+            p = min((r["ratio"] for r in here if not _is_tma(r)), default=None)
             parts.append(f"{_conv_name(list(shape))} {t:.2f}x"
                          + ("" if p is None else f" (pointer {p:.2f}x)"))
         if parts:
-            out += f"; best {kind} tile: " + ", ".join(parts)
+            out += f"; best {label}: " + ", ".join(parts)
     return out
 
 
@@ -247,7 +240,7 @@ def conv_variants(doc: dict) -> str:
     best: dict[tuple, dict[str, float]] = {}
     for step, _ in steps:
         for r in doc["extras"][step]["rows"]:
-            if "ratio" in r and not r.get("wrong") and _kind(r) == "pointer":
+            if "ratio" in r and not r.get("wrong") and not _is_tma(r):
                 per = best.setdefault(tuple(r["conv"]), {})
                 per[step] = min(per.get(step, float("inf")), r["ratio"])
     lines = ["| conv (cin,cout,hw,k,s) | " + " | ".join(label for _, label in steps) + " |",

@@ -146,8 +146,6 @@ def test_tma_rows_and_tiles_are_listed_beside_the_default():
              {"conv": shape, "config": "128x128x64_w8_s3_tma", "ratio": 1.12, "wrong": False},
              {"conv": shape, "config": "64x128x64_w4_s4_tma", "ratio": 0.5, "wrong": True},
              {"conv": shape, "config": "128x128x64_w8_s3_tmab", "ratio": 1.3, "wrong": False},
-             {"conv": shape, "config": "128x128x64_w8_s3_sk2", "ratio": 1.21, "wrong": False},
-             {"conv": shape, "config": "128x64x64_w4_s3_sk4", "ratio": 0.9, "wrong": True},
              {"conv": [64, 64, 56, 3, 1], "config": "64x64x32_w4_s4", "ratio": 1.2}]
     doc = {"runs": {"x": {"results": rows}},
            "extras": {"ops-bandwidth": {"conv": conv}, "conv-configs": {"rows": sweep}}}
@@ -158,7 +156,6 @@ def test_tma_rows_and_tiles_are_listed_beside_the_default():
     conv_row = next(r for r in got.values() if "cuDNN" in r["target"])
     assert "best TMA tile: 2048->512 7x7 k1 s1 1.12x (pointer 1.54x)" in conv_row["measured"]
     assert "best TMA-B tile: 2048->512 7x7 k1 s1 1.30x (pointer 1.54x)" in conv_row["measured"]
-    assert "best split-K tile: 2048->512 7x7 k1 s1 1.21x (pointer 1.54x)" in conv_row["measured"]
     # The swept-tile range and the variants table stay pointer tiles.
     assert "best swept tile per shape: 1.20-1.54x" in conv_row["measured"]
     assert "| (2048, 512, 7, 1, 1) | 1.54x |" in T.conv_variants(doc)

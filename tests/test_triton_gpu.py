@@ -257,25 +257,9 @@ def test_large_tiles_on_gpu(tile):
     check_tile_with_prologue_on_gpu(cfg, 1, 128, 128, n=16, hw=28)
 
 
-@pytest.mark.parametrize("tile", ["128x128x64_w8_s3_sk2", "128x128x64_w8_s3_sk4",
-                                  "128x64x64_w4_s3_sk2", "64x128x64_w4_s3_sk2"])
-def test_split_k_tiles_on_gpu(tile):
-    """Split-K tiles (configs.SPLIT_K_SWEEP_CONFIGS) at a ResNet-50 layer-4 shape, where they
-    are meant to run (512 -> 512 3x3 at 7x7: few output tiles, 72 K steps): with the prologue
-    and statistics epilogue and with the full tail, against the float64 reference, bf16. The
-    compiled hand-off (fences, the arrival count, the last program's sum) is what the
-    interpreter cannot check: it runs one program at a time. Twice, for the same bits: the sum
-    is in split order whatever the order the programs finish in."""
-    from fused_res.triton import configs
-    cfg = next(c for c in configs.SPLIT_K_SWEEP_CONFIGS if str(c) == tile)
-    outs = [check_tile_with_prologue_on_gpu(cfg, 1, 512, 512, n=8, hw=7) for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))
-
-
 def check_tile_with_prologue_on_gpu(cfg, stride: int, cin: int, cout: int, n: int, hw: int):
     """A 3x3 conv (padding 1, `stride`) through the tile `cfg`, bf16: with the BN+ReLU prologue
-    and the statistics epilogue, and with the full tail, against the float64 reference.
-    Returns (z, mean, var, y)."""
+    and the statistics epilogue, and with the full tail, against the float64 reference."""
     from fused_res.triton.conv import conv_launch
     from fused_res.triton.elementwise import stats_finalize
     ours, ref, _ = _case(3, stride, 1, cin, cout, n=n, h=hw, w=hw)
@@ -301,7 +285,6 @@ def check_tile_with_prologue_on_gpu(cfg, stride: int, cin: int, cout: int, n: in
     zd = z.double()
     assert rel_err(mean, zd.mean((0, 2, 3))) <= TOLERANCES[torch.float32]
     assert rel_err(var, zd.var((0, 2, 3), unbiased=False)) <= TOLERANCES[torch.float32]
-    return z, mean, var, y
 
 
 def _batches(steps, batch, seed, noise, device):

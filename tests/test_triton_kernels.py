@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import warnings
-from dataclasses import replace
 
 import pytest
 import torch
@@ -231,113 +230,6 @@ else:
         the last one partial), the prologue, the tail, and the statistics partials sized for
         the smallest tile."""
         _check_3x3_s2_tile(tile, 70, 70, 3)
-
-    def _split_k_tiles():
-        from fused_res.triton import configs
-        small = configs.INTERPRETER_CONV_CONFIG
-        return [replace(small, split_k=2), replace(small, split_k=3),
-                replace(small, split_k=40), *configs.SPLIT_K_SWEEP_CONFIGS]
-
-    @pytest.mark.parametrize("tile", _split_k_tiles(), ids=str)
-    def test_every_split_k_tile_computes_the_same_conv(tile):
-        """Split-K tiles: the same 3x3 stride-2 conv with the prologue and the whole tail,
-        and with the statistics epilogue (run by the last program of each tile only). C_in = 70
-        makes 9 x 2..5 K steps: shares of unequal length, and with split_k = 40 some empty."""
-        _check_3x3_s2_tile(tile, 70, 70, 11)
-
-    @pytest.mark.parametrize("dtype", LOW, ids=["fp32", "fp16"])
-    def test_split_k_1x1_with_the_tail_in_each_dtype(dtype):
-        """A 1x1 conv with the whole tail through a split-K tile, fp32 and fp16, against the
-        float64 reference within the dtype's tolerance (the order the programs finish in:
-        test_split_k_in_other_program_orders)."""
-        from fused_res.triton import configs
-        from fused_res.triton.conv import conv_launch
-        a = _cast(_make(TMA_1X1, n=2, cout=40, h=7, w=9, seed=12), dtype, torch.channels_last)
-        tile = replace(configs.INTERPRETER_CONV_CONFIG, split_k=3)
-        with torch.no_grad():
-            y = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
-                            "none", out_scale=a["a_out"], out_shift=a["b_out"],
-                            act_mid=a["act_mid"], residual=a["r"], res_scale=a["lam"],
-                            branch_scale=a["d"], act_out=a["act_out"],
-                            memory_format=torch.channels_last, config=tile)[0]
-            want = _unit(_as_ref(a), "reference")
-        _check(y, want, dtype, f"{tile} y")
-
-    @pytest.mark.parametrize("order", ["reversed", "split_major", "shuffled"])
-    def test_split_k_in_other_program_orders(order, monkeypatch):
-        """The interpreter runs programs in (x, y, z) order, so a tile's last split is always
-        the last to arrive; a GPU runs them in any order. Here the programs run reversed,
-        split by split, and shuffled: the same bits as in order (the sum is in split order,
-        whoever adds it), and the float64 result within tolerance. (That only the last
-        program runs the epilogue is the one thing no order can show here: the last one's
-        output always lands last.)"""
-        import itertools
-        import random
-
-        from triton.runtime import interpreter
-
-        from fused_res.triton import configs
-        from fused_res.triton.conv import conv_launch
-        builder = getattr(interpreter, "interpreter_builder", None)
-        if builder is None or not hasattr(builder, "set_grid_idx"):
-            pytest.skip("this Triton's interpreter sets program ids some other way")
-        a = _cast(_make(CONFIGS[1][:-1] + (70,), n=2, cout=40, h=11, w=13, seed=13),
-                  torch.float32, torch.channels_last)
-        tile = replace(configs.INTERPRETER_CONV_CONFIG, split_k=3)
-
-        def run():
-            with torch.no_grad():
-                y, _ = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
-                                   a["a_in"], a["b_in"], "relu", out_scale=a["a_out"],
-                                   out_shift=a["b_out"], residual=a["r"], res_scale=a["lam"],
-                                   act_out="relu", memory_format=torch.channels_last,
-                                   config=tile)
-                z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
-                                       a["a_in"], a["b_in"], "relu", stats=True,
-                                       memory_format=torch.channels_last, config=tile)
-            return y, z, *parts
-
-        in_order = run()
-        real, state = type(builder).set_grid_idx, {}
-
-        def set_grid_idx(self, x, y, z):
-            if (x, y, z) == (0, 0, 0):  # a new launch: its programs in the test's order
-                cells = list(itertools.product(*(range(d) for d in self.grid_dim)))
-                if order == "reversed":
-                    cells.reverse()
-                elif order == "split_major":
-                    cells.sort(key=lambda c: (c[1], c[0], c[2]))
-                else:
-                    random.Random(0).shuffle(cells)
-                state["cells"], state["next"] = cells, 0
-            cell = state["cells"][state["next"]]
-            state["next"] += 1
-            real(self, *cell)
-
-        monkeypatch.setattr(type(builder), "set_grid_idx", set_grid_idx)
-        reordered = run()
-        monkeypatch.undo()
-        assert all(torch.equal(u, v) for u, v in zip(in_order, reordered, strict=True))
-        _check(reordered[0], _unit(_as_ref(a), "reference"), torch.float32, f"{order} y")
-
-    def test_split_k_refuses_the_stem_and_tma_tiles():
-        """split_k cannot run the flattened-K stem conv or as a TMA tile; a bad split_k is
-        an error naming it."""
-        from fused_res.triton import configs
-        from fused_res.triton.conv import conv_launch
-        tile = replace(configs.INTERPRETER_CONV_CONFIG, split_k=2)
-        x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(8, 3, 7, 7)
-        with pytest.raises(ValueError, match="split_k=2 cannot run a flattened-K"):
-            conv_launch(x, w, None, (2, 2), (3, 3), None, None, None, "none",
-                        memory_format=torch.channels_last, config=tile)
-        x = torch.randn(1, 16, 8, 8).contiguous(memory_format=torch.channels_last)
-        with pytest.raises(ValueError, match="split_k=2 cannot run as a TMA tile"):
-            conv_launch(x, torch.randn(16, 16, 1, 1), None, (1, 1), (0, 0), None, None, None,
-                        "none", memory_format=torch.channels_last, config=tile.with_tma())
-        for bad in (0, -1, 1.5):
-            with pytest.raises(ValueError, match="split_k="):
-                replace(tile, split_k=bad)
 
     # 1x1 stride-1 convs through TMA descriptors (conv_tma.py): C_in = 72 leaves a partial
     # last BLOCK_K (zero-filled by the descriptor), C_out = 80 a partial BLOCK_N, 2x11x13 = 286
@@ -1198,11 +1090,10 @@ else:
             with pytest.raises(ValueError, match="output grid"):
                 conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
                                  a["b2"], (1, 1), "relu")
-            # A TMA or split-K tile is not silently run as a plain pointer tile.
+            # A TMA tile is not silently run as a pointer tile.
             from fused_res.triton import configs
             for tile in (configs.INTERPRETER_CONV_CONFIG.with_tma(),
-                         configs.INTERPRETER_CONV_CONFIG.with_tma_b(),
-                         replace(configs.INTERPRETER_CONV_CONFIG, split_k=2)):
+                         configs.INTERPRETER_CONV_CONFIG.with_tma_b()):
                 with pytest.raises(ValueError, match=f"config={tile}.*pointers"):
                     conv_pair_launch(a["x"], a["w"], a["b"], (1, 1), (1, 1), a["x2"], a["w2"],
                                      a["b2"], (2, 2), "relu", config=tile)

@@ -137,8 +137,8 @@ class TritonBackend(ReferenceBackend):
     def tma_loads(self) -> Iterator[None]:
         """Within the context, on sm_90 and newer, operands come by TMA: both for 1x1 stride-1
         convs without a prologue (triton/conv_tma.py), the weight tiles for the others where
-        the tile's BLOCK_K divides C_in. The bench's fused-triton-tma; not the default until
-        a GPU run shows it faster."""
+        the tile's BLOCK_K divides C_in. The bench's fused-triton-tma; not the default (H100
+        run 7: ResNet-50 3% faster in eval at b256, 2% slower in training at b128)."""
         previous, self._tma = self._tma, True
         try:
             yield

@@ -65,8 +65,7 @@ _F32_PTRS = {"ic_ptr", "ia_ptr", "ib_ptr", "oa_ptr", "ob_ptr", "bs_ptr", "st_mea
 _CONV_FLAGS = dict(HAS_BIAS=False, HAS_IC=False, HAS_IA=False, HAS_IB=False, ACT_IN=False,
                    HAS_OA=False, HAS_OB=False, ACT_MID=False, HAS_RES=False, RES_SCALED=False,
                    HAS_BRANCH=False, ACT_OUT=False, STORE_U=False, PROLOGUE=False, STATS=False,
-                   FLAT_K=False, INDEX_64=False, B_TMA=False, w_desc=None, SPLIT_K=1,
-                   FENCE=True, ws_ptr=None, cnt_ptr=None)
+                   FLAT_K=False, INDEX_64=False, B_TMA=False, w_desc=None)
 
 # The TMA conv takes a real weight descriptor.
 _TMA_FLAGS = {k: v for k, v in _CONV_FLAGS.items() if k != "w_desc"}
@@ -96,12 +95,6 @@ TMA_VARIANTS = {
                           HAS_RES=True, ACT_OUT=True, STORE_U=True),
     "train_1x1_stats": dict(KH=1, KW=1, HAS_BIAS=True, STATS=True),
 }
-# Split-K tiles (configs.SPLIT_K_SWEEP_CONFIGS): the eval 3x3 with the whole tail, the train
-# 3x3 with statistics, with and without the BN+ReLU prologue, the eval 1x1 stride-2
-# projection (not the stem: flattened K).
-SPLIT_K_VARIANTS = {k: CONV_VARIANTS[k] for k in ("eval_3x3_tail", "train_3x3_stats",
-                                                  "train_3x3_prologue_stats",
-                                                  "eval_1x1_s2_tail")}
 # tma_b tiles (the weight by TMA) for every conv variant but the stem's flattened K, which
 # gathers its weight rows.
 TMA_B_VARIANTS = {k: v for k, v in CONV_VARIANTS.items() if not v.get("FLAT_K")}
@@ -205,7 +198,6 @@ _EW_MAPS = {"z_ptr", "res_ptr", "y_ptr", "gy_ptr", "t_ptr", "gt_ptr", "gr_ptr", 
             "gz_ptr", "out_ptr"}
 _FLOAT_SCALARS = {"res_scale", "eps", "momentum", "unbias"}
 _I64_PTRS = {"nbt_ptr"}  # BatchNorm's num_batches_tracked
-_I32_PTRS = {"cnt_ptr"}  # split-K's per-tile arrival counts
 
 # The BatchNorm per-channel kernels (float32 vectors whatever the tensors' dtype: compiled
 # once), at ResNet-50's widest BatchNorm.
@@ -238,7 +230,7 @@ def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
             sig[name] = f"tensordesc<{dtype}[{rows}, {cols}]>"
         elif name.endswith("_ptr"):
             sig[name] = (f"*{dtype}" if name in maps else "*i64" if name in _I64_PTRS
-                         else "*i32" if name in _I32_PTRS else "*fp32")
+                         else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"
@@ -290,9 +282,6 @@ def _gemm_jobs(fn, variants: dict, base_flags: dict, maps: set, int_args, dtype:
         for cfg in todo:
             cx = {**base_flags, **flags, **cfg.meta, "GROUP_M": 8,
                   "DOT_PRECISION": "tf32" if dtype == "fp32" else "ieee"}
-            if cfg.split_k > 1:  # its workspace and counts are real pointers then
-                cx = {k: v for k, v in cx.items() if k not in ("ws_ptr", "cnt_ptr")}
-                cx["SPLIT_K"] = cfg.split_k
             cx = {k: v for k, v in cx.items() if k in fn.arg_names}
             out.append(Job(fn, fn.__name__, variant, str(cfg), dtype, cx, maps,
                            int_args(variant),
@@ -317,10 +306,6 @@ def jobs(subset: bool = False, dtypes=DTYPES) -> list[Job]:
         out += _gemm_jobs(conv_pair.conv_pair_kernel, PAIR_VARIANTS, {"INDEX_64": False},
                           set(_PAIR_PTRS), lambda v: pair_int_args(PAIR_PROBLEMS[v]), dtype,
                           subset)
-        out += _gemm_jobs(conv.conv_unit_kernel, SPLIT_K_VARIANTS, _CONV_FLAGS,
-                          set(_CONV_PTRS) - _F32_PTRS,
-                          lambda v: conv_int_args(CONV_PROBLEMS[v]), dtype, subset,
-                          cfgs=configs.SPLIT_K_SWEEP_CONFIGS)
         # The TMA kernels, sm_90 only: the implicit-GEMM kernel with TMA weight tiles (its
         # non-stem variants), then the 1x1 TMA conv.
         out += _gemm_jobs(conv.conv_unit_kernel, TMA_B_VARIANTS, {**_TMA_FLAGS, "B_TMA": True},

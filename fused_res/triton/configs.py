@@ -25,14 +25,6 @@ class ConvConfig:
     num_stages: int
     tma: bool = False
     tma_b: bool = False  # the implicit-GEMM kernel with only its weight tile loaded by TMA
-    # K split over this many programs per output tile, the last to finish adding the partial
-    # sums (conv.py's _split_k_sum): more programs where M x N makes too few tiles to fill
-    # the GPU. The implicit-GEMM kernel only (not the stem's flattened K, not TMA tiles).
-    split_k: int = 1
-
-    def __post_init__(self):
-        if not (isinstance(self.split_k, int) and self.split_k >= 1):
-            raise ValueError(f"split_k={self.split_k!r}; accepted: an int >= 1")
 
     @property
     def meta(self) -> dict:
@@ -41,8 +33,7 @@ class ConvConfig:
     def __str__(self) -> str:
         return (f"{self.block_m}x{self.block_n}x{self.block_k}"
                 f"_w{self.num_warps}_s{self.num_stages}{'_tma' if self.tma else ''}"
-                f"{'_tmab' if self.tma_b else ''}"
-                f"{f'_sk{self.split_k}' if self.split_k > 1 else ''}")
+                f"{'_tmab' if self.tma_b else ''}")
 
     def with_tma(self) -> ConvConfig:
         """The same tile with its operands loaded by TMA."""
@@ -104,9 +95,10 @@ SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
 
 # TMA tiles (conv_tma.py) that only a GPU can judge against the pointer-loaded ones above:
 # benchmarks/conv_configs.py times them at ResNet-50's 1x1 stride-1 shapes. Deeper pipelines
-# than the pointer tiles, because a TMA stage costs no registers. Until a GPU run shows them
-# faster they run only where asked (a config with tma=True, or FUSED_RES_TRITON_TMA=1, which
-# autotunes CONV_CONFIGS as TMA tiles instead). The AOT check: 128x256 spills 24 bytes on
+# than the pointer tiles, because a TMA stage costs no registers. H100 run 7 found them a
+# little faster without statistics and level with them (conv_tma.py), so they run only where
+# asked (a config with tma=True, or FUSED_RES_TRITON_TMA=1, which autotunes CONV_CONFIGS as
+# TMA tiles instead). The AOT check: 128x256 spills 24 bytes on
 # sm_90 in the eval variant with the whole tail and u (254 registers), as its pointer twin
 # does; the rest do not spill.
 TMA_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
@@ -126,25 +118,6 @@ TMA_B_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
     ConvConfig(128, 128, 64, 8, 3, tma_b=True),
     ConvConfig(128, 64, 64, 4, 3, tma_b=True),
     ConvConfig(64, 128, 64, 4, 3, tma_b=True),
-)
-
-# Split-K tiles (conv.py, SPLIT_K): for convs whose M x N makes too few tiles to fill the
-# GPU, ResNet-50's layer 4 above all (M = 3136 output pixels at batch 64: 100 tiles of
-# 128x128 for 512 channels on 132 SMs; 512 -> 512 3x3 7x7 at 1.62x cuDNN's time in run 5,
-# 2048 -> 512 1x1 at 1.58x). Each tile's K steps are cut into split_k contiguous shares, one
-# program each; the last to finish adds the partial sums (in split order: deterministic) and
-# runs the epilogue. Never run on a GPU: benchmarks/conv_configs.py times them where a tile
-# count is low, and only a config with split_k > 1 runs them. The split factors are chosen
-# for whole waves (128x128 on 8 warps: one block per SM by registers, 132 SMs): 196 tiles
-# (layer 3) go from 2 waves of whole tiles to 3 of half tiles with split 2 (or 6 of quarter
-# tiles with 4), 100 tiles (layer 4) from 1 to 4 waves of fifth tiles with split 5, where
-# splits 2-4 only trade 1 wave of whole tiles for 2-4 of the matching fractions.
-SPLIT_K_SWEEP_CONFIGS: tuple[ConvConfig, ...] = (
-    ConvConfig(128, 128, 64, 8, 3, split_k=2),
-    ConvConfig(128, 128, 64, 8, 3, split_k=4),
-    ConvConfig(128, 128, 64, 8, 3, split_k=5),
-    ConvConfig(128, 64, 64, 4, 3, split_k=2),
-    ConvConfig(64, 128, 64, 4, 3, split_k=2),
 )
 
 # Every TMA tile a GPU may run: the sweeps', and CONV_CONFIGS as such tiles (what

@@ -97,11 +97,9 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
               sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH: tl.constexpr, KW: tl.constexpr,
               HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
               ACT_IN: tl.constexpr, PROLOGUE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              BLOCK_K: tl.constexpr, w_desc, n0, B_TMA: tl.constexpr, SPLIT_K: tl.constexpr):
+              BLOCK_K: tl.constexpr, w_desc, n0, B_TMA: tl.constexpr):
     """acc += the conv of x (taps KH x KW, channels BLOCK_K at a time) with w (KH*KW*C_in,
     C_out) for this tile's output pixels, whose top-left input position is (ih0, iw0).
-    SPLIT_K > 1: only this program's share of the (tap, chunk) steps, the program_id(1)-th
-    of SPLIT_K contiguous ranges.
     B_TMA: the weight tile comes through w_desc (a tensor descriptor over w, block
     (BLOCK_K, BLOCK_N)) at column n0; the launcher admits it only where BLOCK_K divides C_in,
     so that no chunk reads past its tap's rows.
@@ -109,14 +107,7 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
     the innermost loop only, and a per-tap loop of C_in / BLOCK_K iterations (1 or 2 for
     64-channel 3x3 convs) would drain the pipeline at every tap."""
     k_chunks = tl.cdiv(C_in, BLOCK_K)
-    if SPLIT_K == 1:
-        k_lo = 0
-        k_hi = KH * KW * k_chunks
-    else:
-        per = tl.cdiv(KH * KW * k_chunks, SPLIT_K)
-        k_lo = tl.program_id(1) * per
-        k_hi = tl.minimum(k_lo + per, KH * KW * k_chunks)
-    for kk in range(k_lo, k_hi):
+    for kk in range(0, KH * KW * k_chunks):
         tap = kk // k_chunks
         c0 = (kk - tap * k_chunks) * BLOCK_K
         ih = ih0 + tap // KW
@@ -135,42 +126,6 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     return acc
-
-
-@triton.jit
-def _gpu_fence(anchor, FENCE: tl.constexpr):
-    """A gpu-scope acquire-release fence in every thread (the split-K hand-off between
-    programs); none under the interpreter, which runs programs one after another. `anchor`:
-    any int32 scalar (inline asm needs an operand)."""
-    if FENCE:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [anchor],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _split_k_sum(acc, ws_ptr, cnt_ptr, SPLIT_K: tl.constexpr, FENCE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split-K's reduction without a second kernel or a spin: each of a tile's SPLIT_K
-    programs stores its partial accumulator to ws (SPLIT_K, tiles, BLOCK_M * BLOCK_N) float32
-    and counts itself in cnt (tiles,) int32, zeroed; the last to arrive adds the SPLIT_K
-    partials in split order (the same sum whatever the arrival order) and returns
-    (that sum, True); the others (their partial, False)."""
-    tile = tl.program_id(0)
-    cell = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    plane = tl.num_programs(0).to(tl.int64) * (BLOCK_M * BLOCK_N)
-    here = ws_ptr + tile.to(tl.int64) * (BLOCK_M * BLOCK_N) + cell
-    tl.store(here + tl.program_id(1) * plane, acc, cache_modifier=".cg")
-    # Every thread's stores before the count (fence, then the block's barrier), and the
-    # count before the last program's loads (acquire, then a fence in every thread).
-    _gpu_fence(tile, FENCE)
-    tl.debug_barrier()
-    last = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
-    if last:
-        _gpu_fence(tile, FENCE)
-        acc = tl.load(here, cache_modifier=".cg")
-        for s in tl.static_range(1, SPLIT_K):
-            acc += tl.load(here + s * plane, cache_modifier=".cg")
-    return acc, last
 
 
 @triton.jit
@@ -221,25 +176,21 @@ def conv_unit_kernel(
         y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
         M, C_in, H, W, C_out, OH, OW,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
-        stride_h, stride_w, pad_h, pad_w, res_scale, ws_ptr, cnt_ptr,
+        stride_h, stride_w, pad_h, pad_w, res_scale,
         KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_IC: tl.constexpr, HAS_IA: tl.constexpr, HAS_IB: tl.constexpr,
         ACT_IN: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
         ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
         HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
         PROLOGUE: tl.constexpr, STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        INDEX_64: tl.constexpr, B_TMA: tl.constexpr, SPLIT_K: tl.constexpr,
-        FENCE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        INDEX_64: tl.constexpr, B_TMA: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr):
     """y = tail(conv(prologue(x)) + bias) (STATS=False) or z = conv(prologue(x)) + bias with
     per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
     contiguous (B_TMA: read through w_desc, a tensor descriptor over it; else None); y, u
     (N, C_out, OH, OW) with strides sy*; residual with strides sr*; st_mean/st_m2 (tiles_m,
-    C_out) float32, st_cnt (tiles_m,) float32, zero-initialised. SPLIT_K > 1 (grid (tiles,
-    SPLIT_K), not FLAT_K): each program runs a contiguous share of the K steps, and the last
-    of a tile's programs to finish adds the shares (ws_ptr, cnt_ptr: _split_k_sum) and runs
-    the epilogue; FENCE: the gpu-scope fences that hand-off needs (not in the interpreter)."""
-    tl.static_assert(SPLIT_K == 1 or not FLAT_K, "split-K runs per-tap K steps only")
+    C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
     pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
         M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     ih0 = oh * stride_h - pad_h
@@ -264,17 +215,12 @@ def conv_unit_kernel(
         acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, H, W,
                         C_out, sxn, sxc, sxh, sxw, ic_ptr, ia_ptr, ib_ptr, KH, KW, HAS_IC,
                         HAS_IA, HAS_IB, ACT_IN, PROLOGUE, DOT_PRECISION, BLOCK_K, w_desc,
-                        pid_n * BLOCK_N, B_TMA, SPLIT_K)
+                        pid_n * BLOCK_N, B_TMA)
 
-    last = True  # one program per tile: it runs the epilogue
-    if SPLIT_K > 1:
-        acc, last = _split_k_sum(acc, ws_ptr, cnt_ptr, SPLIT_K, FENCE, BLOCK_M, BLOCK_N)
-    if last:
-        _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr,
-                       oa_ptr, ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr,
-                       st_cnt_ptr, C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
-                       HAS_BIAS, HAS_OA, HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH,
-                       ACT_OUT, STORE_U, STATS)
+    _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
+                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
+                   C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale, HAS_BIAS, HAS_OA,
+                   HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH, ACT_OUT, STORE_U, STATS)
 
 
 # triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1).
@@ -450,8 +396,8 @@ def tile_for(config, x: torch.Tensor, m: int, c_in: int, c_out: int, taps: int,
 
 def tma_requested() -> bool:
     """FUSED_RES_TRITON_TMA=1: when no config is given, the convs conv_tma can run take it,
-    and the others their weight tiles by TMA where they can (not the default until a GPU run
-    shows either faster; see conv_tma.py)."""
+    and the others their weight tiles by TMA where they can (not the default: H100 run 7
+    found too small a gain; see conv_tma.py)."""
     return os.environ.get("FUSED_RES_TRITON_TMA", "0") == "1"
 
 
@@ -516,11 +462,6 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     m = n * oh * ow
     flat = configs.flat_k(c_in, kh * kw)
     cfg = tile_for(config, x, m, c_in, c_out, kh * kw, flat)
-    split = cfg.split_k if cfg is not None else 1
-    if split > 1 and (flat or cfg.tma):
-        raise ValueError(f"config={cfg}: split_k={split} cannot run "
-                         f"{'a flattened-K (stem) conv' if flat else 'as a TMA tile'}; "
-                         "accepted: split_k=1 there")
     if stats:
         # One partial per M tile. When the autotuner decides, the buffers are sized for its
         # smallest tile and the counts zeroed, so that rows a larger tile leaves unwritten
@@ -564,23 +505,15 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         conv_tma.launch(x, w_mat, tail, y, r, res_scale, flags, tile)
     else:
         w_desc = _weight_descriptor(config, cfg, tma, x, weight, w_mat, flat)
-        flags.update(B_TMA=w_desc is not None, SPLIT_K=split, FENCE=not _INTERPRET)
-        tiles = cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n) if cfg is not None else 0
-        ws = cnt = None
-        if split > 1:
-            # The partial accumulators, and a count per tile (zeroed per call: a buffer kept
-            # between calls would be shared by convs on concurrent streams).
-            ws = torch.empty((split, tiles, cfg.block_m * cfg.block_n), dtype=torch.float32,
-                             device=x.device)
-            cnt = torch.zeros((tiles,), dtype=torch.int32, device=x.device)
+        flags["B_TMA"] = w_desc is not None
         args = (x, w_mat, w_desc, tail[0],
                 in_center if in_center is not None else dummy,
                 in_scale if in_scale is not None else dummy,
                 in_shift if in_shift is not None else dummy, *tail[1:],
                 m, c_in, h, w, c_out, oh, ow, *x.stride(), *y.stride(), *r.stride(),
-                stride[0], stride[1], padding[0], padding[1], float(res_scale), ws, cnt)
+                stride[0], stride[1], padding[0], padding[1], float(res_scale))
         if cfg is not None:
-            grid = (tiles, split) if split > 1 else (tiles,)
+            grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
             launch(conv_unit_kernel, grid, *args, **flags, **cfg.meta, GROUP_M=8,
                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         else:

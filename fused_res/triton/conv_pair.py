@@ -53,11 +53,10 @@ def conv_pair_kernel(
     acc = _tap_loop(acc, x_ptr, w_ptr, n_idx, oh * stride_h - pad_h, ow * stride_w - pad_w,
                     mask_m, offs_n, mask_n, C_in, H, W, C_out, sxn, sxc, sxh, sxw, x_ptr, x_ptr,
                     x_ptr, KH, KW, False, False, False, False, False, DOT_PRECISION, BLOCK_K,
-                    None, 0, False, 1)
+                    None, 0, False)
     acc = _tap_loop(acc, x2_ptr, w2_ptr, n_idx, oh * stride2_h, ow * stride2_w, mask_m, offs_n,
                     mask_n, C2, H2, W2, C_out, s2n, s2c, s2h, s2w, x2_ptr, x2_ptr, x2_ptr, 1, 1,
-                    False, False, False, False, False, DOT_PRECISION, BLOCK_K, None, 0, False,
-                    1)
+                    False, False, False, False, False, DOT_PRECISION, BLOCK_K, None, 0, False)
     if HAS_BIAS:
         acc = acc + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS2:
@@ -106,10 +105,9 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
     m = n * oh * ow
     if m == 0 or c_out == 0:
         return y
-    if config is not None and (config.tma or config.tma_b or config.split_k > 1):
+    if config is not None and (config.tma or config.tma_b):
         raise ValueError(f"config={config}: the pair kernel loads its operands with "
-                         "pointers, one program per tile; accepted: a config without tma, "
-                         "tma_b or split_k")
+                         "pointers; accepted: a config without tma or tma_b")
     cfg = tile_for(config, x, m, min(c_in, c2), c_out, kh * kw, False)
     args = (x, weight_matrix_cached(weight), x2, weight_matrix_cached(weight2),
             bias if bias is not None else y, bias2 if bias2 is not None else y, y,

@@ -9,8 +9,12 @@ convs are where conv.py is furthest from cuDNN (H100 run 5: up to 1.58x its time
 convs are 1x1 stride 1 (28 in eval, where the downsampling blocks' last conv and projection
 run as conv_pair.py's one GEMM instead). Whether TMA closes that is a question only a GPU
 answers: benchmarks/conv_configs.py times configs.TMA_SWEEP_CONFIGS beside the pointer tiles.
-Until a run shows them faster, the kernel runs only where asked: a config with tma=True,
-FUSED_RES_TRITON_TMA=1, or TritonBackend.tma_loads().
+H100 run 7 (benchmarks/README.md, "What runs 7-9 decided"): the best TMA tile 1.18x cuDNN's
+time against the best pointer tile's 1.27x (plain, geomean of 5 shapes), level with the
+statistics epilogue, one tile at 10x at one shape; a whole ResNet-50 3% faster in eval
+(b256) and 2% slower in training (b128). Too little, and too uneven, for a default: the
+kernel runs only where asked (a config with tma=True, FUSED_RES_TRITON_TMA=1, or
+TritonBackend.tma_loads()).
 
 It also says where conv.py's implicit-GEMM kernel can take only its weight tiles by TMA
 (weight_tma_reason, weight_descriptor: any conv whose C_in the tile's BLOCK_K divides).
