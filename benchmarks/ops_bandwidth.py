@@ -112,6 +112,24 @@ def _vec(c, device):
     return torch.randn(c, device=device) * 0.1 + 1.0
 
 
+# Variants of a backend, each timing one pass: name -> (backend, pass).
+VARIANTS = {"triton-sums-apart": ("triton", "apply_bwd")}
+
+
+def _sums_apart(fn):
+    """fn with the Triton apply backward's channel sums in a launch of their own (the switch
+    is read per call, so a CUDA graph captures whichever kernels it names)."""
+    from fused_res.triton import elementwise
+
+    def run(*args):
+        before, elementwise.SUMS_IN_PASS = elementwise.SUMS_IN_PASS, False
+        try:
+            return fn(*args)
+        finally:
+            elementwise.SUMS_IN_PASS = before
+    return run
+
+
 def apply_cases(backend, n, c, hw, dtype, device):
     """(name, fn, sets, bytes) for the memory-bound passes of `backend` at one shape."""
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -184,8 +202,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--backends", default="reference,cuda,triton",
-                   help="comma-separated; the reference is aten's eager composition")
+    p.add_argument("--backends", default="reference,cuda,triton,triton-sums-apart",
+                   help="comma-separated; the reference is aten's eager composition; "
+                   "triton-sums-apart: the Triton apply backward with its channel sums in a "
+                   "launch of their own (FUSED_RES_TRITON_SUMS_APART=1), beside the default")
     p.add_argument("--no-conv", action="store_true", help="skip part 2")
     p.add_argument("--json", help="write every measurement here")
     p.add_argument("--markdown", help="write the tables here")
@@ -210,10 +230,11 @@ def main(argv=None) -> int:
     lines.append("|---|---|---|---|---|---|---|---|")
     copy_cache: dict[int, float] = {}
     for name in a.backends.split(","):
-        if name not in avail or not avail[name].available:
-            print(f"backend {name}: not available ({avail.get(name)})", flush=True)
+        base, only = VARIANTS.get(name, (name, None))
+        if base not in avail or not avail[base].available:
+            print(f"backend {name}: not available ({avail.get(base)})", flush=True)
             continue
-        be = get_backend_object(name)
+        be = get_backend_object(base)
         for c, hw in ACTIVATIONS:
             try:
                 cases = apply_cases(be, a.batch, c, hw, dtype, device)
@@ -221,6 +242,10 @@ def main(argv=None) -> int:
                 print(f"{name} {c}x{hw}: FAILED to set up: {e!r}", flush=True)
                 continue
             for op, fn, sets, nbytes in cases:
+                if only is not None and op != only:
+                    continue
+                if name == "triton-sums-apart":
+                    fn = _sums_apart(fn)
                 try:
                     eager = time_ms(fn, sets)
                     ms = graph_ms(fn, sets)

@@ -213,6 +213,54 @@ def test_direct_launch_matches_the_jit_on_gpu():
         assert not diff, f"differ from the JIT's launches: {diff}"
 
 
+@pytest.mark.parametrize("shape", [(32, 256, 56, 56), (64, 2048, 7, 7), (3, 40, 9, 11)],
+                         ids=["rn50_l1", "rn50_l4", "small"])
+def test_backward_sums_in_the_pass_on_gpu(shape, monkeypatch):
+    """The apply backward's channel sums added up by the last program of each channel block
+    to finish (programs running concurrently, in any order) against channel_sums_kernel in a
+    launch of its own and against float64: within float32 rounding (the two add the partials
+    a different number of rows at a time), and the same bits on every repeat (whichever
+    program arrives last adds the partials in row order). Before each repeat the allocator's
+    free blocks are filled with NaN, so that a partial read before it was written shows."""
+    from fused_res.triton import elementwise as ew
+    monkeypatch.setattr(ew, "SUMS_IN_PASS", True)
+    g = torch.Generator().manual_seed(5)
+    n, c, h, w = shape
+    cl = torch.channels_last
+    t, gy, y = (torch.randn(shape, generator=g).to("cuda", torch.bfloat16)
+                .contiguous(memory_format=cl) for _ in range(3))
+    center, shift = (torch.randn(c, generator=g).cuda() for _ in range(2))
+    scale = (torch.rand(c, generator=g) + 0.5).cuda()
+    bs = (torch.rand(n, generator=g) + 0.5).cuda()
+
+    def sums():
+        poison = torch.full((64 << 20,), float("nan"), device="cuda")  # 256 MiB, then freed
+        del poison
+        # act_mid "none": a mask from a recomputed pre-activation could round differently
+        # here and in float64; act_out's comes from y itself.
+        out = ew._epilogue_backward(gy, t, y, center, scale, shift, bs, "none", "relu", 0.7,
+                                    torch.bfloat16, True, True, True, True, cl)
+        return out[2:]
+
+    here = [sums() for _ in range(20)]
+    monkeypatch.setattr(ew, "SUMS_IN_PASS", False)
+    apart = sums()
+    d = torch.float64
+    gu = gy.to(d) * (y > 0) * bs.to(d)[:, None, None, None]
+    s1 = gu.sum((0, 2, 3))
+    want = (s1, (gu * (t.to(d) - center.to(d)[:, None, None])).sum((0, 2, 3)),
+            -scale.to(d) * s1)
+    names = ("sum gu", "sum gu (t - c)", "grad center")
+    for other in here[1:]:
+        diff = [what for what, a, b in zip(names, here[0], other, strict=True)
+                if not torch.equal(a, b)]
+        assert not diff, f"differ between runs: {diff}"
+    for what, a, b, r in zip(names, here[0], apart, want, strict=True):
+        for got in (a, b):  # (every repeat has here[0]'s bits)
+            err = rel_err(got, r)
+            assert err <= TOLERANCES[torch.float32], f"{what}: {err:.3e}"
+
+
 # ResNet-50's downsampling blocks (layer2, layer4) at batch 8: the last conv and the 1x1
 # projection as one kernel, (k, pad, C_in, C_out, hw of the output, C2, stride2).
 @pytest.mark.parametrize("pc", [(1, 0, 128, 512, 28, 256, 2), (1, 0, 512, 2048, 7, 1024, 2),

@@ -882,6 +882,92 @@ else:
                               strict=True):
             _check(a, r, torch.float32, what)
 
+    def _apply_backward_sums(n=2, c=100, h=37, w=29, seed=22):
+        """epilogue_backward's outputs for an apply with every flag and both sums: many row
+        tiles per channel block, two channel blocks, the last one partial (C = 100)."""
+        from fused_res.triton import elementwise as ew
+        g = torch.Generator().manual_seed(seed)
+        cl = torch.channels_last
+        t = torch.randn(n, c, h, w, generator=g).contiguous(memory_format=cl)
+        gy = torch.randn(t.shape, generator=g).contiguous(memory_format=cl)
+        y = torch.randn(t.shape, generator=g).contiguous(memory_format=cl)
+        vecs = [torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5,
+                torch.randn(c, generator=g)]
+        bs = torch.rand(n, generator=g) + 0.5
+        out = ew._epilogue_backward(gy, t, y, *vecs, bs, "relu", "relu", 0.7, torch.float32,
+                                    True, True, True, True, cl)
+        return out, (gy, t, y, vecs, bs)
+
+    def test_backward_sums_in_the_pass_match_a_pass_of_their_own(monkeypatch):
+        """The channel sums added up by the pass's last programs (one launch) against
+        channel_sums_kernel after it (two): the same bits where both step through the
+        partials in the same rows at a time (the interpreter's tiles), and one launch."""
+        from fused_res.triton import configs
+        from fused_res.triton import elementwise as ew
+        assert configs.INTERPRETER_ELEMENTWISE_CONFIG.block_m == configs.SUMS_CONFIG.block_m
+        monkeypatch.setattr(ew, "SUMS_IN_PASS", True)
+        launched, summed = [], []
+        real, real_sum = ew.launch, ew._sum_partials
+        monkeypatch.setattr(ew, "launch", lambda k, *a, **kw: launched.append(k) or real(
+            k, *a, **kw))
+        # One program per channel block adds up the partials: in the interpreter's order any
+        # program running the sums after its own store would also get them right.
+        monkeypatch.setattr(ew, "_sum_partials", lambda *a: summed.append(1) or real_sum(*a))
+        here, _ = _apply_backward_sums()
+        assert launched == [ew.epilogue_bwd_kernel]
+        assert len(summed) == 2, f"{len(summed)} programs added up the sums of 2 channel blocks"
+        monkeypatch.setattr(ew, "SUMS_IN_PASS", False)
+        apart, _ = _apply_backward_sums()
+        assert launched[1:] == [ew.epilogue_bwd_kernel, ew.channel_sums_kernel]
+        for a, b in zip(here, apart, strict=True):
+            assert torch.equal(a, b)
+
+    @pytest.mark.parametrize("order", ["reversed", "channel_major", "shuffled"])
+    def test_backward_sums_in_other_program_orders(order, monkeypatch):
+        """The interpreter runs programs in (x, y) order, so the last program of a channel
+        block is always its last row block; a GPU runs them in any order. Here they run
+        reversed, one channel block after another, and shuffled: the same bits (the last to
+        arrive adds the partials in row order), and the float64 sums within tolerance."""
+        import itertools
+        import random
+
+        from triton.runtime import interpreter
+        builder = getattr(interpreter, "interpreter_builder", None)
+        if builder is None or not hasattr(builder, "set_grid_idx"):
+            pytest.skip("this Triton's interpreter sets program ids some other way")
+        from fused_res.triton import elementwise as ew
+        monkeypatch.setattr(ew, "SUMS_IN_PASS", True)
+        in_order, (gy, t, y, (c, s, b), bs) = _apply_backward_sums()
+        real, state = type(builder).set_grid_idx, {}
+
+        def set_grid_idx(self, x, y_, z):
+            if (x, y_, z) == (0, 0, 0):  # a new launch: its programs in the test's order
+                cells = list(itertools.product(*(range(d) for d in self.grid_dim)))
+                if order == "reversed":
+                    cells.reverse()
+                elif order == "channel_major":
+                    cells.sort(key=lambda cell: (cell[1], cell[0], cell[2]))
+                else:
+                    random.Random(0).shuffle(cells)
+                state["cells"], state["next"] = cells, 0
+            cell = state["cells"][state["next"]]
+            state["next"] += 1
+            real(self, *cell)
+
+        monkeypatch.setattr(type(builder), "set_grid_idx", set_grid_idx)
+        other, _ = _apply_backward_sums()
+        monkeypatch.undo()
+        for a, o in zip(in_order, other, strict=True):
+            assert torch.equal(a, o)
+        # Σ gu and Σ gu (t - c) in float64: gu = relu'(y) relu'(u) bs[n] gy.
+        d = torch.float64
+        u = (t.to(d) - c.to(d)[:, None, None]) * s.to(d)[:, None, None] + b.to(d)[:, None, None]
+        gu = gy.to(d) * (y > 0) * (u > 0) * bs.to(d)[:, None, None, None]
+        want = (gu.sum((0, 2, 3)), (gu * (t.to(d) - c.to(d)[:, None, None])).sum((0, 2, 3)))
+        _check(other[2], want[0], torch.float32, "sum gu")
+        _check(other[3], want[1], torch.float32, "sum gu (t - c)")
+        _check(other[4], -s.to(d) * want[0], torch.float32, "grad center")
+
     @pytest.mark.parametrize("momentum", [0.1, None])
     @pytest.mark.parametrize("affine", [True, False])
     def test_bn_kernels_match_batchnorm2d(momentum, affine):

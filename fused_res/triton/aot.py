@@ -181,7 +181,12 @@ _EW_VARIANTS = (  # (kernel, variant, flags)
           HAS_BRANCH=True, ACT_OUT=True)),
     ("epilogue_bwd_kernel", "all_flags",
      dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True, ACT_OUT=True, HAS_BRANCH=True,
-          RES_SCALED=True, NEED_GT=True, NEED_GR=True, NEED_SUM=True, NEED_SUM_T=True)),
+          RES_SCALED=True, NEED_GT=True, NEED_GR=True, NEED_SUM=True, NEED_SUM_T=True,
+          SUMS_HERE=True, NEED_GC=True, FENCE=True)),
+    ("epilogue_bwd_kernel", "sums_apart",
+     dict(HAS_C=True, HAS_S=True, HAS_B=True, ACT_MID=True, ACT_OUT=True, HAS_BRANCH=True,
+          RES_SCALED=True, NEED_GT=True, NEED_GR=True, NEED_SUM=True, NEED_SUM_T=True,
+          SUMS_HERE=False, NEED_GC=False, FENCE=True)),
     ("stats_partial_kernel", "all_flags", {}),
     ("stats_finalize_kernel", "group", dict(FINAL=False)),
     ("stats_finalize_kernel", "final", dict(FINAL=True)),
@@ -198,6 +203,7 @@ _EW_MAPS = {"z_ptr", "res_ptr", "y_ptr", "gy_ptr", "t_ptr", "gt_ptr", "gr_ptr", 
             "gz_ptr", "out_ptr"}
 _FLOAT_SCALARS = {"res_scale", "eps", "momentum", "unbias"}
 _I64_PTRS = {"nbt_ptr"}  # BatchNorm's num_batches_tracked
+_I32_PTRS = {"cnt_ptr"}  # arrival counts (last_to_arrive)
 
 # The BatchNorm per-channel kernels (float32 vectors whatever the tensors' dtype: compiled
 # once), at ResNet-50's widest BatchNorm.
@@ -230,7 +236,7 @@ def _signature(fn, dtype: str, maps: set, constexprs: dict, ints: dict):
             sig[name] = f"tensordesc<{dtype}[{rows}, {cols}]>"
         elif name.endswith("_ptr"):
             sig[name] = (f"*{dtype}" if name in maps else "*i64" if name in _I64_PTRS
-                         else "*fp32")
+                         else "*i32" if name in _I32_PTRS else "*fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in _FLOAT_SCALARS:
             sig[name] = "fp32"

@@ -49,3 +49,28 @@ def unit_tail(u, n_idx, mask_m, r_ptrs, mask2, bs_ptr, res_scale, ACT_MID: tl.co
     if ACT_OUT:
         v = relu(v)
     return v
+
+
+@triton.jit
+def gpu_fence(anchor, FENCE: tl.constexpr):
+    """A gpu-scope acquire-release fence in every thread, for the hand-off to the last program
+    of a grid row (last_to_arrive); none under the interpreter, which runs programs one after
+    another and has no inline assembly. `anchor`: any int32 scalar (inline asm needs an
+    operand)."""
+    if FENCE:
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [anchor],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def last_to_arrive(cnt_ptr, slot, arrivals, FENCE: tl.constexpr):
+    """Counts this program in cnt[slot] (int32, zeroed before the launch) and returns whether
+    it is the last of `arrivals` programs to do so; every store a program made before the call
+    is visible to the last one after it. (Each thread fences its stores, the block syncs, the
+    count is an acquire-release atomic, and the last program fences again before it reads.)"""
+    gpu_fence(slot, FENCE)
+    tl.debug_barrier()
+    last = tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+    if last:
+        gpu_fence(slot, FENCE)
+    return last

@@ -5,16 +5,20 @@ Every kernel walks [BLOCK_M pixels x BLOCK_C channels] tiles of tensors that sha
 
     epilogue_fwd_kernel   y = tail((z - c) * s + b)                    (the apply pass)
     epilogue_bwd_kernel   dL/dt = dL/du · s, dL/dresidual, and per-tile Σ dL/du and
-                          Σ dL/du · (t - c) per channel                  (affine / act / add)
+                          Σ dL/du · (t - c) per channel, added up by the last program of
+                          each channel block                             (affine / act / add)
     stats_partial_kernel  channel mean and M2 of `sub` tiles per program (Welford per
                           element, Chan across rows once)
     stats_finalize_kernel Chan's combine of the partials, in parallel groups -> mean, var
     stats_bwd_kernel      dL/dz + dL/dmean / m + 2 dL/dvar (z - mean) / m
-    channel_sums_kernel   the backward's per-tile sums added up, and the center's gradient
-                          -scale · Σ dL/du, in one launch (was two sums, a negation, a product)
+    channel_sums_kernel   the same sums in a launch of their own (no rows, or
+                          FUSED_RES_TRITON_SUMS_APART=1), and the center's gradient
+                          -scale · Σ dL/du (was two sums, a negation, a product)
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -22,7 +26,7 @@ import triton.language as tl
 
 from .._eager import plain_eager
 from . import configs
-from .common import channel_affine, unit_tail
+from .common import channel_affine, last_to_arrive, unit_tail
 from .conv import cdiv, needs_int64, sm_count, vec
 from .launch import launch
 
@@ -67,12 +71,14 @@ def epilogue_fwd_kernel(z_ptr, c_ptr, s_ptr, b_ptr, res_ptr, bs_ptr, y_ptr,
 
 @triton.jit
 def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_ptr, gr_ptr,
-                        psum_ptr, psum_t_ptr, M, C, HW, W, sn, sc, sh, sw, res_scale, sub,
+                        psum_ptr, psum_t_ptr, cnt_ptr, sum_ptr, sum_t_ptr, gc_ptr,
+                        M, C, HW, W, sn, sc, sh, sw, res_scale, sub,
                         HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
                         ACT_MID: tl.constexpr, ACT_OUT: tl.constexpr,
                         HAS_BRANCH: tl.constexpr, RES_SCALED: tl.constexpr,
                         NEED_GT: tl.constexpr, NEED_GR: tl.constexpr, NEED_SUM: tl.constexpr,
-                        NEED_SUM_T: tl.constexpr,
+                        NEED_SUM_T: tl.constexpr, SUMS_HERE: tl.constexpr,
+                        NEED_GC: tl.constexpr, FENCE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr):
     """Backward of y = act_out(bs[n] * act_mid((t - c) * s + b) + λ r) given gy:
     gt = gu * s (t's dtype), gr = λ gw (r's dtype), and per program (`sub` row tiles, channel)
@@ -80,7 +86,10 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
     sums accumulate elementwise over the row tiles and reduce across rows once at the end: a
     row reduction is a cross-warp exchange with a barrier, and one per tile stalled the
     stream of loads (this pass ran at 0.45-0.66 of copy bandwidth on an H100, run 3, against
-    0.70-0.87 for the CUDA kernel that reduces once per block)."""
+    0.70-0.87 for the CUDA kernel that reduces once per block).
+    SUMS_HERE: the last program of each channel block to finish (cnt (channel blocks,) int32,
+    zeroed) adds up the block's partials into sum / sum_t (C,) and writes gc (_sum_partials),
+    the pass channel_sums_kernel otherwise makes after this one."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_gt = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for i in range(0, sub):
@@ -120,6 +129,11 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
         tl.store(psum_ptr + p_off, tl.sum(acc_g, axis=0), mask=offs_c < C)
     if NEED_SUM_T:
         tl.store(psum_t_ptr + p_off, tl.sum(acc_gt, axis=0), mask=offs_c < C)
+    if SUMS_HERE:
+        if last_to_arrive(cnt_ptr, tl.program_id(1), tl.num_programs(0), FENCE):
+            _sum_partials(psum_ptr, psum_t_ptr, sum_ptr, sum_t_ptr, gc_ptr, s_ptr,
+                          tl.num_programs(0), C, offs_c, NEED_SUM, NEED_SUM_T, NEED_GC, HAS_S,
+                          BLOCK_M, BLOCK_C)
 
 
 @triton.jit
@@ -128,7 +142,17 @@ def channel_sums_kernel(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr,
                         HAS_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """s = Σ_t psum[t, :], s_t = Σ_t psum_t[t, :] (psum (T, C) float32 partials), and
     gc = -scale * s (-s without HAS_S): the gradient of the affine's center."""
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _sum_partials(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr, T, C,
+                  tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C), HAS_SUM, HAS_SUM_T,
+                  NEED_GC, HAS_S, BLOCK_T, BLOCK_C)
+
+
+@triton.jit
+def _sum_partials(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr, T, C, offs_c,
+                  HAS_SUM: tl.constexpr, HAS_SUM_T: tl.constexpr, NEED_GC: tl.constexpr,
+                  HAS_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """channel_sums_kernel's work for the channels offs_c, in row order (the same bits
+    whichever program runs it). Loads bypass L1 (.cg): other programs wrote the partials."""
     mask_c = offs_c < C
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
@@ -137,9 +161,9 @@ def channel_sums_kernel(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr,
         mask = (offs_t < T)[:, None] & mask_c[None, :]
         off = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
         if HAS_SUM:
-            acc += tl.load(psum_ptr + off, mask=mask, other=0.0)
+            acc += tl.load(psum_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
         if HAS_SUM_T:
-            acc_t += tl.load(psum_t_ptr + off, mask=mask, other=0.0)
+            acc_t += tl.load(psum_t_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
     if HAS_SUM:
         total = tl.sum(acc, axis=0)
         tl.store(s_ptr + offs_c, total, mask=mask_c)
@@ -275,6 +299,9 @@ def stats_bwd_kernel(gz_ptr, z_ptr, mean_ptr, gmean_ptr, gvar_ptr, out_ptr, M, C
     tl.store(out_ptr + off, g.to(out_ptr.dtype.element_ty), mask=mask2)
 
 
+# FUSED_RES_TRITON_SUMS_APART=1 (read at import): the apply backward's channel sums in a
+# kernel of their own after the pass, as before they moved into its last programs.
+SUMS_IN_PASS = os.environ.get("FUSED_RES_TRITON_SUMS_APART", "0") != "1"
 # triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1).
 _INTERPRET = not isinstance(epilogue_fwd_kernel, triton.runtime.jit.JITFunction)
 
@@ -358,22 +385,35 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     psum = torch.empty((tiles, c), dtype=torch.float32, device=gy.device) if need_sum else None
     psum_t = torch.empty((tiles, c), dtype=torch.float32,
                          device=gy.device) if need_sum_t else None
-    if m > 0 and c > 0:
+    need_gc = need_sum and center is not None
+    sums = [torch.empty(c, dtype=torch.float32, device=gy.device) if need else None
+            for need in (need_sum, need_sum_t, need_gc)]
+    launched = m > 0 and c > 0
+    # The last program per channel block adds up the partials (a fill of the counts before
+    # the pass instead of channel_sums_kernel after it), unless FUSED_RES_TRITON_SUMS_APART=1.
+    sums_here = launched and (need_sum or need_sum_t) and SUMS_IN_PASS
+    if launched:
         need_t = act_mid == "relu" or need_sum_t
         t_in = like(t, fmt) if need_t else gy
         y_in = like(y, fmt) if act_out == "relu" else gy
         d = gy
-        launch(epilogue_bwd_kernel, (tiles, cdiv(c, cfg.block_c)),
+        c_blocks = cdiv(c, cfg.block_c)
+        # Arrival counts, zeroed per call: a buffer kept between calls would be shared by
+        # passes on concurrent streams.
+        cnt = torch.zeros(c_blocks, dtype=torch.int32, device=gy.device) if sums_here else d
+        launch(epilogue_bwd_kernel, (tiles, c_blocks),
             gy, t_in, y_in, center if center is not None else d,
             scale if scale is not None else d, shift if shift is not None else d,
             branch_scale if branch_scale is not None else d,
             gt if gt is not None else d, gr if gr is not None else d,
             psum if psum is not None else d, psum_t if psum_t is not None else d,
+            cnt, *(o if o is not None else d for o in sums),
             m, c, hw, w, *gy.stride(), float(res_scale), sub,
             HAS_C=center is not None, HAS_S=scale is not None, HAS_B=shift is not None,
             ACT_MID=act_mid == "relu", ACT_OUT=act_out == "relu",
             HAS_BRANCH=branch_scale is not None, RES_SCALED=float(res_scale) != 1.0,
             NEED_GT=need_gt, NEED_GR=need_gr, NEED_SUM=need_sum, NEED_SUM_T=need_sum_t,
+            SUMS_HERE=sums_here, NEED_GC=need_gc and sums_here, FENCE=not _INTERPRET,
             BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
             INDEX_64=_index_64(tiles * sub * cfg.block_m, gy, t_in, y_in, gt, gr),
             num_warps=cfg.num_warps)
@@ -381,10 +421,7 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
         for out in (gt, gr):
             if out is not None:
                 out.zero_()
-    need_gc = need_sum and center is not None
-    sums = [torch.empty(c, dtype=torch.float32, device=gy.device) if need else None
-            for need in (need_sum, need_sum_t, need_gc)]
-    if c > 0 and (need_sum or need_sum_t):
+    if c > 0 and (need_sum or need_sum_t) and not sums_here:
         d = sums[0] if need_sum else sums[1]
         cfg = configs.SUMS_CONFIG
         launch(channel_sums_kernel, (cdiv(c, cfg.block_c),),
