@@ -166,9 +166,9 @@ run_step pytest-gpu 150 "$PY" -m pytest "${PYTEST_ARGS[@]}"
 finish_step pytest-gpu-triton
 
 # 4. Most informative first, since the budget rarely reaches the end (bf16, channels_last):
-# the train step, where its device and host time go, the batch-256 eval
-# targets, the Triton conv alone per tile, the memory-bound passes against the copy
-# bandwidth, then the rest. fused-reference is left out (the oracle, not a contender on the
+# the train step, where its device time goes, the memory-bound passes against the copy
+# bandwidth, where the host time goes, the eval targets, the Triton conv alone per tile, then
+# the rest. fused-reference is left out (the oracle, not a contender on the
 # GPU), and fused-auto everywhere but bench-rn50-train-auto: its gate run measures every
 # backend per op signature, which costs more than the other contenders together.
 FUSED="fused-triton,fused-triton-unfused,fused-cuda,fused-cudnn"
@@ -192,6 +192,16 @@ run_step profile-train-b128 60 "$PY" benchmarks/profile_step.py "${PROFILE_ARGS[
   --contenders eager-cl,fused-triton,fused-cuda \
   --json "$STEPS_DIR/profile-train-b128.json" \
   --markdown "$STEPS_DIR/profile-train-b128.md"
+# The memory-bound passes against the copy bandwidth (issue 6's targets), and the Triton
+# apply backward with its channel sums in the pass (the default) against a kernel of their own
+# (triton-sums-apart): 15 s in run 8.
+if [ "$DRY" = 1 ]; then
+  say "=== ops-bandwidth: dry run, needs CUDA: $PY benchmarks/ops_bandwidth.py"
+  printf 'ops-bandwidth\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
+else
+  run_step ops-bandwidth 90 "$PY" benchmarks/ops_bandwidth.py --batch 64 --dtype bf16 \
+    --json "$STEPS_DIR/ops-bandwidth.json" --markdown "$STEPS_DIR/ops-bandwidth.md"
+fi
 # Where the host time of an uncaptured step goes (run 5: a ResNet-18 train step on a tiny
 # input took 33.5 ms of host time with Triton, 3.4x eager's): real kernels on a tiny input,
 # per backend, with the top Python functions; train first (run 5's 60 s ran out before
@@ -244,13 +254,6 @@ else
     --variant stats --json "$STEPS_DIR/conv-configs-stats.json"
   run_step conv-configs-train 75 "$PY" benchmarks/conv_configs.py --batch 64 --dtype bf16 \
     --variant train --json "$STEPS_DIR/conv-configs-train.json"
-fi
-if [ "$DRY" = 1 ]; then
-  say "=== ops-bandwidth: dry run, needs CUDA: $PY benchmarks/ops_bandwidth.py"
-  printf 'ops-bandwidth\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
-else
-  run_step ops-bandwidth 90 "$PY" benchmarks/ops_bandwidth.py --batch 64 --dtype bf16 \
-    --json "$STEPS_DIR/ops-bandwidth.json" --markdown "$STEPS_DIR/ops-bandwidth.md"
 fi
 bench blocks-eval-b64 60 --model rn50-blocks --mode eval --dtype bf16 --batch 64 \
   --repeats 30 --contenders eager-cl,cudnn-fused,$FUSED --cuda-graphs

@@ -15,12 +15,11 @@ from fused_res.bench import validate
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 STEPS = ["env", "build", "import", "pytest-gpu", "pytest-gpu-triton", "bench-rn50-train-b128",
-         "profile-train-b128", "host-profile", "bench-blocks-eval-b256", "bench-rn50-eval-b256",
-         "bench-rn50-eval-b64", "pair-ab", "pytest-gpu-tma", "conv-configs",
-         "conv-configs-stats", "conv-configs-train", "ops-bandwidth",
-         "bench-blocks-eval-b64", "bench-rn50-train-auto", "bench-blocks-train-b64",
-         "bench-units-eval", "bench-blocks-compile",
-         "bench-blocks-eval-tuned", "bench-rn50-eval-b256-max-autotune"]
+         "profile-train-b128", "ops-bandwidth", "host-profile", "bench-blocks-eval-b256",
+         "bench-rn50-eval-b256", "bench-rn50-eval-b64", "pair-ab", "pytest-gpu-tma",
+         "conv-configs", "conv-configs-stats", "conv-configs-train", "bench-blocks-eval-b64",
+         "bench-rn50-train-auto", "bench-blocks-train-b64", "bench-units-eval",
+         "bench-blocks-compile", "bench-blocks-eval-tuned", "bench-rn50-eval-b256-max-autotune"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
