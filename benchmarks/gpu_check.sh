@@ -206,7 +206,7 @@ fi
 # input took 33.5 ms of host time with Triton, 3.4x eager's): real kernels on a tiny input,
 # per backend, with the top Python functions; train first (run 5's 60 s ran out before
 # cuda's). Its output is in the log.
-HOST_ARGS=(--device cuda --model resnet18 --repeats 10 --profile)
+HOST_ARGS=(--device cuda --model resnet18 --repeats 10 --profile --sort both)
 if [ "$DRY" = 1 ]; then HOST_ARGS=(--model resnet18 --repeats 1); fi
 run_step host-profile 75 bash -c 'rc=0; for bm in triton:train cuda:train triton:eval; do
   "$0" benchmarks/host_overhead.py "${@:1}" --backend ${bm%%:*} --mode ${bm##*:} || rc=1

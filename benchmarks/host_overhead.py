@@ -4,7 +4,7 @@ no-op, so what is timed is our Python, the custom-op and autograd dispatch and t
 preparation, not the kernels or Triton's launcher.
 
     python benchmarks/host_overhead.py [--model resnet50] [--mode eval|train] [--repeats 20]
-                                       [--rounds 5] [--size 32] [--profile [--sort cumtime]]
+                                       [--rounds 5] [--size 32] [--profile [--sort cumtime|both]]
                                        [--launches]
     python benchmarks/host_overhead.py --backend cuda|reference --model resnet20 --size 8
     python benchmarks/host_overhead.py --device cuda [--backend triton|cuda|cudnn] ...
@@ -138,8 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds; the fastest counts")
     p.add_argument("--profile", action="store_true", help="also print the top functions")
-    p.add_argument("--sort", choices=("tottime", "cumtime"), default="tottime",
-                   help="order of the --profile listing")
+    p.add_argument("--sort", choices=("tottime", "cumtime", "both"), default="tottime",
+                   help="order of the --profile listing; both: the top functions by their own "
+                   "time, then fused_res's own functions by cumulative time")
     p.add_argument("--launches", action="store_true",
                    help="also count the device kernels one step would launch, fused and eager")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -255,7 +256,14 @@ def main(argv=None) -> int:
             step()
         prof.disable()
         out = io.StringIO()
-        pstats.Stats(prof, stream=out).sort_stats(a.sort).print_stats(30)
+        stats = pstats.Stats(prof, stream=out)
+        if a.sort == "both":
+            # Where the time of our own layers goes, callees included (the per-op wrappers,
+            # the launchers), beside the flat listing of the costliest single functions.
+            stats.sort_stats("tottime").print_stats(30)
+            stats.sort_stats("cumtime").print_stats("fused_res", 30)
+        else:
+            stats.sort_stats(a.sort).print_stats(30)
         print(out.getvalue())
     return 0
 
