@@ -249,3 +249,34 @@ def test_reduction_sub_tiles_grow_with_the_problem_but_keep_the_grid_full():
             if sub > configs.STATS_SUB_TILES:  # grown only while the grid stays full
                 programs = -(-m // (block_m * sub)) * c_blocks
                 assert programs >= configs.PROGRAMS_PER_SM * sms, (m, c_blocks, sub)
+
+
+def test_sums_in_the_pass_keep_their_fences_and_atomic():
+    """The apply backward's hand-off to the last program of a channel block
+    (common.last_to_arrive) is only as good as the PTX it becomes, which no CPU test runs: the
+    gpu-scope fences (before the count and in the last program before its loads), one
+    acquire-release atomic add, and the partials read past L1. The variant that leaves the sums
+    to channel_sums_kernel has none of them."""
+    code = ("import triton\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.compiler import ASTSource\n"
+            "from fused_res.triton import aot\n"
+            "ptx = {}\n"
+            "for j in aot.jobs(subset=True):\n"
+            "    if j.kernel != 'epilogue_bwd_kernel':\n"
+            "        continue\n"
+            "    sig, attrs, cx = aot._signature(j.fn, j.dtype, j.maps, j.constexprs, j.ints)\n"
+            "    for sm in (80, 90):\n"
+            "        k = triton.compile(ASTSource(j.fn, sig, constexprs=cx, attrs=attrs),\n"
+            "                           target=GPUTarget('cuda', sm, 32), options=j.options)\n"
+            "        ptx[j.variant, sm] = k.asm['ptx']\n"
+            "assert {v for v, _ in ptx} == {'all_flags', 'sums_apart'}, sorted(ptx)\n"
+            "for (variant, sm), text in ptx.items():\n"
+            "    here = variant == 'all_flags'\n"
+            "    fences = text.count('fence.acq_rel.gpu')\n"
+            "    atoms = [l for l in text.splitlines() if 'atom.' in l]\n"
+            "    assert fences == (2 if here else 0), (variant, sm, fences)\n"
+            "    assert len(atoms) == (1 if here else 0), (variant, sm, atoms)\n"
+            "    assert not here or 'atom.global.gpu.acq_rel.add' in atoms[0], atoms\n"
+            "    assert ('ld.global.cg' in text) == here, (variant, sm)\n")
+    _run_in_child(code)
