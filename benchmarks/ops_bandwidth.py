@@ -112,10 +112,6 @@ def _vec(c, device):
     return torch.randn(c, device=device) * 0.1 + 1.0
 
 
-# Variants of a backend, each timing one pass: name -> (backend, pass).
-VARIANTS = {"triton-sums-apart": ("triton", "apply_bwd")}
-
-
 def _sums_apart(fn):
     """fn with the Triton apply backward's channel sums in a launch of their own (the switch
     is read per call, so a CUDA graph captures whichever kernels it names)."""
@@ -128,6 +124,10 @@ def _sums_apart(fn):
         finally:
             elementwise.SUMS_IN_PASS = before
     return run
+
+
+# Variants of a backend, each timing one pass under a switch: name -> (backend, pass, wrap).
+VARIANTS = {"triton-sums-apart": ("triton", "apply_bwd", _sums_apart)}
 
 
 def apply_cases(backend, n, c, hw, dtype, device):
@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     lines.append("|---|---|---|---|---|---|---|---|")
     copy_cache: dict[int, float] = {}
     for name in a.backends.split(","):
-        base, only = VARIANTS.get(name, (name, None))
+        base, only, wrap = VARIANTS.get(name, (name, None, None))
         if base not in avail or not avail[base].available:
             print(f"backend {name}: not available ({avail.get(base)})", flush=True)
             continue
@@ -244,8 +244,8 @@ def main(argv=None) -> int:
             for op, fn, sets, nbytes in cases:
                 if only is not None and op != only:
                     continue
-                if name == "triton-sums-apart":
-                    fn = _sums_apart(fn)
+                if wrap is not None:
+                    fn = wrap(fn)
                 try:
                     eager = time_ms(fn, sets)
                     ms = graph_ms(fn, sets)
