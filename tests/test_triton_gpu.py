@@ -213,6 +213,44 @@ def test_direct_launch_matches_the_jit_on_gpu():
         assert not diff, f"differ from the JIT's launches: {diff}"
 
 
+def test_autotuned_tile_is_reused_on_gpu(monkeypatch):
+    """Autotuning on (the library's default): the first call of a problem goes through
+    Triton's autotuner, the next one runs its winner as a fixed tile through the direct
+    launch path: the same bits of z (the same compiled kernel), the same statistics; a
+    32-channel conv so that only the 64-wide candidates compile."""
+    import fused_res.triton.conv as conv
+    from fused_res.triton import launch as fast
+    from fused_res.triton.elementwise import stats_finalize
+
+    monkeypatch.setenv("FUSED_RES_TRITON_AUTOTUNE", "1")
+    conv.TUNED.clear()
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(4, 32, 14, 13, device="cuda", generator=g).to(
+        torch.bfloat16, memory_format=torch.channels_last)
+    w = (torch.randn(32, 32, 3, 3, device="cuda", generator=g) / 17).to(torch.bfloat16)
+
+    def run():
+        z, parts = conv.conv_launch(x, w, None, (1, 1), (1, 1), None, None, None, "none",
+                                    stats=True, memory_format=torch.channels_last, tma=False)
+        return (z, *stats_finalize(*parts, 32))
+
+    try:
+        first = run()
+        assert len(conv.TUNED) == 1, "the autotuner's choice was not kept"
+        fast._CACHE.clear()
+        again, third = run(), run()
+        direct = any(any(e is conv.conv_unit_kernel for e in k) for k in fast._CACHE)
+        assert direct or not fast.enabled(), "the reused tile did not take the direct path"
+    finally:
+        conv.TUNED.clear()
+    assert torch.equal(first[0], again[0]), "z differs from the tuned call's"
+    for name, a, b, c in zip(("z", "mean", "var"), first, again, third, strict=True):
+        assert torch.equal(b, c), f"{name} differs between two reused calls"
+        # (The tuned call's partials are sized for any tile: more rows, all but the
+        # written ones of count 0, through the same merge.)
+        assert rel_err(b.double(), a.double()) < 1e-6, name
+
+
 @pytest.mark.parametrize("shape", [(32, 256, 56, 56), (64, 2048, 7, 7), (3, 40, 9, 11)],
                          ids=["rn50_l1", "rn50_l4", "small"])
 def test_backward_sums_in_the_pass_on_gpu(shape, monkeypatch):

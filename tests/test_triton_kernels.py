@@ -493,6 +493,84 @@ else:
         if kind == "weights":
             assert all(c.kwargs["BLOCK_K"] == 32 for t in timed for c in t), timed
 
+    @pytest.mark.parametrize("kind", ["unit", "stats", "pair"])
+    def test_autotuned_tile_is_reused_as_a_fixed_tile(kind, monkeypatch):
+        """With autotuning on (the default on a GPU), through the interpreter with a fake timer
+        that makes a random config win: the first call of a problem goes through the
+        autotuner; later calls of the same problem do not, and run the tile it chose as a
+        fixed config (same bits); a new problem is tuned afresh. Statistics stay right both
+        ways (the tuned call's buffers are sized for any tile, the reused one's exactly)."""
+        import random
+
+        import fused_res.triton.conv as conv
+        import fused_res.triton.conv_pair as cp
+        from fused_res.triton.elementwise import stats_finalize
+        F = torch.nn.functional
+        monkeypatch.setattr(conv, "_INTERPRET", False)  # the autotuned path, interpreted
+        monkeypatch.setattr(conv, "autotune_enabled", lambda: True)
+        tuner = cp._autotuned_kernel() if kind == "pair" else conv._autotuned_kernel()
+        rng = random.Random(1)
+
+        def fake_bench(call, quantiles=None):
+            call()
+            return [rng.random()] * 3
+        real_bench = tuner.__dict__.get("do_bench")
+        tuner.__dict__["do_bench"] = fake_bench
+        monkeypatch.setattr(tuner, "_do_bench", fake_bench, raising=False)
+        tuned = []
+        real_run = tuner.run
+        monkeypatch.setattr(tuner, "run", lambda *q, **k: tuned.append(1) or real_run(*q, **k))
+        g = torch.Generator().manual_seed(5)
+
+        def problem(h):
+            x = torch.randn(2, 32, h, 11, generator=g).to(memory_format=torch.channels_last)
+            w = torch.randn(48, 32, 3, 3, generator=g) / (32 * 9) ** 0.5
+            b = torch.randn(48, generator=g)
+            return x, w, b
+
+        def run(x, w, b):
+            with torch.no_grad():
+                if kind == "pair":
+                    x2 = torch.randn(2, 24, x.shape[2], 11, generator=g).to(
+                        memory_format=torch.channels_last)
+                    w2 = torch.randn(48, 24, 1, 1, generator=g) / 24 ** 0.5
+                    y = cp.conv_pair_launch(x, w, b, (1, 1), (1, 1), x2, w2, None, (1, 1),
+                                            "relu", memory_format=torch.channels_last)
+                    ref = (F.conv2d(x.double(), w.double(), b.double(), padding=1)
+                           + F.conv2d(x2.double(), w2.double())).relu()
+                    return y, ref, None
+                y, parts = conv.conv_launch(x, w, b, (1, 1), (1, 1), None, None, None, "none",
+                                            stats=kind == "stats",
+                                            memory_format=torch.channels_last, tma=False)
+                ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+                return y, ref, stats_finalize(*parts, 48) if kind == "stats" else None
+
+        conv.TUNED.clear()
+        tuner.cache.clear()
+        try:
+            x, w, b = problem(9)
+            outs = []
+            for trial in range(3):
+                y, ref, st = run(x, w, b)
+                _check(y, ref, torch.float32, f"{kind} trial {trial} y")
+                if st is not None:
+                    _check(st[0], ref.mean((0, 2, 3)), torch.float32, "mean")
+                    _check(st[1], ref.var((0, 2, 3), unbiased=False), torch.float32, "var")
+                outs.append(y)
+            assert len(tuned) == 1 and len(conv.TUNED) == 1, (len(tuned), len(conv.TUNED))
+            if kind != "pair":  # (the pair draws a fresh shortcut input per call)
+                assert all(torch.equal(o, outs[0]) for o in outs[1:])
+            y, ref, _ = run(*problem(7))  # another problem: tuned afresh
+            _check(y, ref, torch.float32, f"{kind} second problem y")
+            assert len(tuned) == 2 and len(conv.TUNED) == 2
+        finally:
+            conv.TUNED.clear()
+            tuner.cache.clear()
+            if real_bench is None:
+                tuner.__dict__.pop("do_bench", None)
+            else:
+                tuner.__dict__["do_bench"] = real_bench
+
     def test_tma_refusals_for_alignment_size_and_empty_channels():
         """What TMA cannot address is refused before a descriptor is built: an x whose data
         is not 16-byte aligned (a view with a storage offset), 2^31 or more pixels (int32

@@ -296,6 +296,48 @@ def _autotuned_kernel_tma_b():
     return _AUTOTUNED["conv_tma_b"]
 
 
+class TunedTiles:
+    """The tile Triton's autotuner chose, per problem: a later call of the same problem runs
+    that tile as a fixed config. Through the autotuner every call binds its ~70 arguments
+    twice (the autotuner's key, then the JIT's) and never takes the direct launch path
+    (launch.py); with a fixed tile the statistics buffers are also sized exactly, with no
+    zero fill. Keys are the launchers' own: what the autotuner keys on (_TUNE_KEY), the
+    dtype and the device. Only tiles of CONV_CONFIGS (the AOT-checked candidates) are kept.
+    Pointer-loaded launches only: the TMA ones pass descriptors, which take the JIT anyway."""
+
+    _MAX_ENTRIES = 4096  # a ResNet-50 makes ~40 keys per mode
+
+    def __init__(self) -> None:
+        self._by_key: dict = {}
+
+    def get(self, key: tuple) -> configs.ConvConfig | None:
+        return self._by_key.get(key)
+
+    def remember(self, key: tuple, tuner) -> None:
+        """Record the config `tuner` (a triton Autotuner) ran last, i.e. for this key."""
+        best = getattr(tuner, "best_config", None)
+        try:
+            kw = best.kwargs
+            cfg = configs.ConvConfig(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"],
+                                     best.num_warps, best.num_stages)
+        except (AttributeError, KeyError, TypeError):
+            return  # a Triton whose autotuner does not say: every call keeps tuning
+        if cfg not in configs.CONV_CONFIGS:
+            return
+        if len(self._by_key) >= self._MAX_ENTRIES:
+            self._by_key.clear()
+        self._by_key[key] = cfg
+
+    def clear(self) -> None:
+        self._by_key.clear()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+TUNED = TunedTiles()
+
+
 def autotune_enabled() -> bool:
     """FUSED_RES_TRITON_AUTOTUNE=0 runs configs.default_conv_config's choice without tuning:
     correctness checks then skip compiling every config for every shape."""
@@ -461,7 +503,18 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     u = torch.empty_like(y) if store_u else None
     m = n * oh * ow
     flat = configs.flat_k(c_in, kh * kw)
+    r = residual if residual is not None else y
+    prologue = (in_center is not None or in_scale is not None or in_shift is not None
+                or act_in == "relu")
+    index_64 = needs_int64(x, y, r)
+    tma = tma_requested() if tma is None else tma
     cfg = tile_for(config, x, m, c_in, c_out, kh * kw, flat)
+    tuned_key = None
+    if cfg is None and not tma:
+        # What the autotuner keys on (_TUNE_KEY), with the dtype and device it adds.
+        tuned_key = ("conv", m, c_in, h, w, c_out, oh, ow, *stride, kh, kw, flat, prologue,
+                     stats, residual is not None, store_u, index_64, x.dtype, x.device)
+        cfg = TUNED.get(tuned_key)
     if stats:
         # One partial per M tile. When the autotuner decides, the buffers are sized for its
         # smallest tile and the counts zeroed, so that rows a larger tile leaves unwritten
@@ -478,9 +531,6 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         raise ValueError(f"weight has {weight.numel()} elements; accepted: < 2**31")
     w_mat = weight_matrix_cached(weight)
     dummy = y
-    r = residual if residual is not None else y
-    prologue = (in_center is not None or in_scale is not None or in_shift is not None
-                or act_in == "relu")
     flags = dict(KH=kh, KW=kw, FLAT_K=flat, HAS_BIAS=bias is not None,
                  HAS_IC=in_center is not None, HAS_IA=in_scale is not None,
                  HAS_IB=in_shift is not None, ACT_IN=act_in == "relu",
@@ -488,8 +538,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                  ACT_MID=act_mid == "relu", HAS_RES=residual is not None,
                  RES_SCALED=float(res_scale) != 1.0, HAS_BRANCH=branch_scale is not None,
                  ACT_OUT=act_out == "relu", STORE_U=store_u, STATS=stats, PROLOGUE=prologue,
-                 DOT_PRECISION=dot_precision(x.dtype),
-                 INDEX_64=needs_int64(x, y, r))
+                 DOT_PRECISION=dot_precision(x.dtype), INDEX_64=index_64)
     # The epilogue's tensors (dummies where a flag says unused), in the kernels' order.
     tail = (bias if bias is not None else dummy,
             out_scale if out_scale is not None else dummy,
@@ -498,7 +547,6 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             y, u if u is not None else dummy,
             st_mean if stats else dummy, st_m2 if stats else dummy,
             st_cnt if stats else dummy)
-    tma = tma_requested() if tma is None else tma
     tile = _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue)
     if tile is not False:
         from . import conv_tma
@@ -521,6 +569,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                                  cdiv(c_out, meta["BLOCK_N"]),)
             kernel = _autotuned_kernel_tma_b() if flags["B_TMA"] else _autotuned_kernel()
             kernel[grid](*args, **flags)
+            if tuned_key is not None:
+                TUNED.remember(tuned_key, kernel)
     if stats:
         return y, (st_mean, st_m2, st_cnt)
     return y, u

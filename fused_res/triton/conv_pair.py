@@ -19,6 +19,7 @@ import triton.language as tl
 
 from .common import relu
 from .conv import (
+    TUNED,
     _tap_loop,
     _tile_coords,
     autotune_over_conv_configs,
@@ -109,18 +110,27 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
         raise ValueError(f"config={config}: the pair kernel loads its operands with "
                          "pointers; accepted: a config without tma or tma_b")
     cfg = tile_for(config, x, m, min(c_in, c2), c_out, kh * kw, False)
+    index_64 = needs_int64(x, x2, y)
+    tuned_key = None
+    if cfg is None:
+        # What the autotuner keys on (_TUNE_KEY), with the dtype and device it adds.
+        tuned_key = ("pair", m, c_in, h, w, c_out, oh, ow, *stride, kh, kw, c2, *stride2,
+                     index_64, x.dtype, x.device)
+        cfg = TUNED.get(tuned_key)
     args = (x, weight_matrix_cached(weight), x2, weight_matrix_cached(weight2),
             bias if bias is not None else y, bias2 if bias2 is not None else y, y,
             m, c_in, h, w, c_out, oh, ow, c2, h2, w2, *x.stride(), *x2.stride(), *y.stride(),
             stride[0], stride[1], padding[0], padding[1], stride2[0], stride2[1])
     flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None,
                  ACT_OUT=act_out == "relu", DOT_PRECISION=dot_precision(x.dtype),
-                 INDEX_64=needs_int64(x, x2, y))
+                 INDEX_64=index_64)
     if cfg is not None:
         grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
         launch(conv_pair_kernel, grid, *args, **flags, **cfg.meta, GROUP_M=8,
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
-        _autotuned_kernel()[grid](*args, **flags)
+        kernel = _autotuned_kernel()
+        kernel[grid](*args, **flags)
+        TUNED.remember(tuned_key, kernel)
     return y
