@@ -858,6 +858,27 @@ else:
         for a, b, what in zip(got, exp, ("dz", "dr", "dc", "ds", "db"), strict=True):
             _check(a, b, torch.float32, f"{tile} {what}")
 
+    def test_weight_matrix_cache_follows_the_weight():
+        """The inference weight matrix is reused for the same unchanged weight only: a write
+        in place, another tensor (whatever its address), a weight that needs a gradient get a
+        fresh copy; the entry leaves with its weight."""
+        import fused_res.triton.conv as conv
+        w = torch.randn(8, 4, 3, 3)
+        first = conv.weight_matrix_cached(w)
+        assert conv.weight_matrix_cached(w) is first
+        assert torch.equal(first, conv.weight_matrix(w))
+        with torch.no_grad():
+            w.mul_(2)
+        again = conv.weight_matrix_cached(w)
+        assert again is not first and torch.equal(again, conv.weight_matrix(w))
+        twin = w.clone()
+        assert conv.weight_matrix_cached(twin) is not again
+        p = torch.nn.Parameter(w.clone())
+        assert conv.weight_matrix_cached(p) is not conv.weight_matrix_cached(p)
+        n = len(conv._W_MATS)
+        del w, twin
+        assert len(conv._W_MATS) == n - 2
+
     def test_strided_and_expanded_vectors():
         """Per-channel vectors that are views: a strided slice as a forward argument, and the
         expanded (stride 0) gradient that mean.sum() sends back. The kernels index vectors as

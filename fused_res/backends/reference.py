@@ -204,7 +204,9 @@ class ReferenceBackend(Backend):
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
                           res_scale, branch_scale, act_out):
-        """Returns (y, u): u is the conv output before act_mid (x.dtype), for the backward."""
+        """Returns (y, u): u is the conv output before act_mid (x.dtype), for the backward.
+        A backend may return None for u where the backward cannot read it (not
+        needs_pre_act)."""
         fmt = memory_format_of(x)
         p = prologue(x, in_center, in_scale, in_shift, act_in)
         w, b = _fold(weight, bias, out_scale, out_shift)

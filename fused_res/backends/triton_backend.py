@@ -198,15 +198,15 @@ class TritonBackend(ReferenceBackend):
                 z, None, out_scale, out_shift, "none", None, 1.0, None, "none", fmt)
             y = ew.epilogue_forward(u, None, None, None, act_mid, residual, res_scale,
                                     branch_scale, act_out, fmt)
-            return y, (u if act_mid == "relu" else x.new_empty((0,)))
+            return y, (u if act_mid == "relu" else None)
         y, u = conv.conv_launch(
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
             out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
             res_scale=res_scale, branch_scale=branch_scale, act_out=act_out,
             store_u=needs_pre_act(act_mid, residual, branch_scale, act_out),
             memory_format=fmt, tma=self._tma)
-        # u is only read by a backward that needs_pre_act; otherwise an empty stand-in.
-        return y, (u if u is not None else x.new_empty((0,)))
+        # u is only read by a backward that needs_pre_act (it is stored then), else None.
+        return y, u
 
     def conv_unit_backward(self, gy, saved, needs):
         s = saved

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import inspect
 import os
+import weakref
 
 import torch
 import triton
 import triton.language as tl
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import configs
 from .common import channel_affine, relu, unit_tail
@@ -403,21 +403,27 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
-_W_MATS = WeakIdKeyDictionary()
+# id(weight) -> (weak reference to weight, its state, its matrix); an entry leaves with its
+# weight. (torch.utils.weak.WeakIdKeyDictionary builds a Python weak-reference object per
+# lookup: ~3 us a call on the CPU here, on every inference conv.)
+_W_MATS: dict = {}
 
 
 def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
-    """weight_matrix(weight), reused while weight is unchanged. Only for weights that need no
-    gradient (inference, where the module folds BN into a weight it keeps): a parameter in
-    training changes every step, and the copy would be one more pass over W per call."""
+    """weight_matrix(weight), reused while weight is unchanged (the same tensor, its storage,
+    version, dtype and shape). Only for weights that need no gradient (inference, where the
+    module folds BN into a weight it keeps): a parameter in training changes every step, and
+    the copy would be one more pass over W per call."""
     if weight.requires_grad or weight.is_inference():  # (no version counter to key on)
         return weight_matrix(weight)
-    state = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-    hit = _W_MATS.get(weight)
-    if hit is not None and hit[0] == state:
-        return hit[1]
+    state = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
+    key = id(weight)
+    hit = _W_MATS.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == state:
+        return hit[2]
     w_mat = weight_matrix(weight)
-    _W_MATS[weight] = (state, w_mat)
+    # The entry leaves when the weight is freed (the callback runs before its id is reused).
+    _W_MATS[key] = (weakref.ref(weight, lambda _, k=key: _W_MATS.pop(k, None)), state, w_mat)
     return w_mat
 
 
