@@ -214,8 +214,13 @@ run_step host-profile 75 bash -c 'rc=0; for bm in triton:train cuda:train triton
 # The issue's eval targets at batch 256 (run 5: the blocks step's 60 s ran out after two
 # blocks, compiling each new shape's kernels on a fresh machine), without the contenders
 # that only explain (fused-triton-unfused, fused-cudnn: measured at b256 in run 6).
+# fused-triton-tma: run 7 has rn50-l4d at 1.27x eager (0.640 ms, 1.3x needs 0.625) and its
+# 7x7 1x1 convs are where the TMA tiles beat the pointer ones most (run 7's conv-configs,
+# batch 64, the best TMA tile against the untuned pointer tile: 1.21 against 1.39 and 1.18
+# against 1.61 of cuDNN's time).
 bench blocks-eval-b256 120 --model rn50-blocks --mode eval --dtype bf16 --batch 256 \
-  --repeats 20 --contenders eager-cl,cudnn-fused,fused-triton,fused-cuda --cuda-graphs
+  --repeats 20 --contenders eager-cl,cudnn-fused,fused-triton,fused-triton-tma,fused-cuda \
+  --cuda-graphs
 bench rn50-eval-b256 120 --model resnet50 --mode eval --dtype bf16 --batch 256 --repeats 20 \
   --contenders eager-cl,compile,cudnn-fused,fused-triton,fused-triton-tma,fused-cuda \
   --cuda-graphs
