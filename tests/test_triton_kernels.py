@@ -1126,6 +1126,26 @@ else:
         reason = TritonBackend().unsupported_reason(x.double(), None, 1, (1, 1))
         assert reason is not None and "float64" in reason
 
+    def test_bfloat16_in_the_interpreter_falls_back_with_one_warning():
+        """The interpreter's bf16 arithmetic is wrong (a plain conv came out 1e9 off): bf16
+        CPU tensors go to the reference, with one warning, for every op."""
+        registry._warned.clear()
+        g = torch.Generator().manual_seed(11)
+        x = torch.randn(2, 4, 5, 5, generator=g).bfloat16()
+        w = torch.randn(8, 4, 3, 3, generator=g).bfloat16()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = ops.conv_unit(x, w, act_mid="relu", backend="triton")
+            z, mean, var = ops.conv_bn_stats(x, w, backend="triton")
+            e = ops.epilogue(z, var.rsqrt(), -mean, act_mid="relu", backend="triton")
+        msgs = [str(m.message) for m in caught if "fused_res" in str(m.message)]
+        assert len(msgs) == 1 and "bfloat16" in msgs[0], msgs
+        ref = {"backend": "reference"}
+        assert torch.equal(y, ops.conv_unit(x, w, act_mid="relu", **ref))
+        zr, mr, vr = ops.conv_bn_stats(x, w, **ref)
+        assert torch.equal(z, zr) and torch.equal(mean, mr) and torch.equal(var, vr)
+        assert torch.equal(e, ops.epilogue(zr, vr.rsqrt(), -mr, act_mid="relu", **ref))
+
     def _block_pair(kind, stride):
         from helpers import randomize_bn
 
