@@ -63,8 +63,11 @@ def test_auto_resolves_to_an_available_backend():
 
 
 def test_cudnn_bias_cast_is_reused_until_the_bias_changes():
+    """Reused for a tensor fused_res made (the eval fold's), until it changes; a caller's own
+    tensor, which a write through .data could change unseen, is cast per call."""
+    from fused_res.backends.constants import mark_constant
     from fused_res.backends.cudnn_backend import cast_cached
-    b = torch.randn(8)
+    b = mark_constant(torch.randn(8))
     first = cast_cached(b, torch.bfloat16)
     assert first.dtype == torch.bfloat16 and torch.equal(first, b.to(torch.bfloat16))
     assert cast_cached(b, torch.bfloat16) is first
@@ -72,6 +75,11 @@ def test_cudnn_bias_cast_is_reused_until_the_bias_changes():
     b.add_(1.0)
     second = cast_cached(b, torch.bfloat16)
     assert second is not first and torch.equal(second, b.to(torch.bfloat16))
+    mine = torch.randn(8)
+    once = cast_cached(mine, torch.bfloat16)
+    mine.data.mul_(2)  # (no version bump)
+    assert torch.equal(cast_cached(mine, torch.bfloat16), mine.to(torch.bfloat16))
+    assert not torch.equal(once, mine.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("act_mid", ["none", "relu"])

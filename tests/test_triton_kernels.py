@@ -864,6 +864,7 @@ else:
         fresh copy; the entry leaves with its weight."""
         import fused_res.triton.conv as conv
         w = torch.randn(8, 4, 3, 3)
+        assert conv.weight_matrix_cached(w, False) is not conv.weight_matrix_cached(w, False)
         first = conv.weight_matrix_cached(w)
         assert conv.weight_matrix_cached(w) is first
         assert torch.equal(first, conv.weight_matrix(w))
@@ -1125,6 +1126,36 @@ else:
         assert rel_err(y, torch.nn.functional.conv2d(x, w, None, 1, 1, 1, 2)) < 1e-6
         reason = TritonBackend().unsupported_reason(x.double(), None, 1, (1, 1))
         assert reason is not None and "float64" in reason
+
+    @pytest.mark.parametrize("where", ["op", "block"])
+    def test_weights_written_behind_the_version_counter_are_seen(where):
+        """A write through .data bumps no version counter: a caller's weight (an op call, a
+        block's frozen projection without a BatchNorm) must still be read afresh on the next
+        call, and the eval fold's weights after eval_fold.clear(), as documented."""
+        from fused_res import nn as fnn
+        from fused_res.nn import eval_fold
+        g = torch.Generator().manual_seed(12)
+        x = torch.randn(2, 4, 6, 6, generator=g).to(memory_format=torch.channels_last)
+        if where == "op":
+            w = torch.randn(8, 4, 3, 3, generator=g)
+            run = lambda b: ops.conv_unit(x, w, padding=1, act_mid="relu", backend=b)  # noqa: E731
+            weights = [w]
+        else:
+            block = fnn.PreActBasicBlock(4, 8, stride=2, backend="triton").eval()
+            block.requires_grad_(False)
+            ref = copy.deepcopy(block)
+            ref.backend = "reference"
+            run = lambda b: (block if b == "triton" else ref)(x)  # noqa: E731
+            weights = [block.downsample[0].weight, block.conv1.weight]
+        with torch.no_grad():
+            run("triton")
+            for t in weights:
+                t.data.mul_(-3)
+            if where == "block":
+                for a, b in zip(ref.parameters(), block.parameters(), strict=True):
+                    a.data.copy_(b.data)
+                eval_fold.clear()
+            _check(run("triton"), run("reference"), torch.float32, f"{where} after the write")
 
     def test_bfloat16_in_the_interpreter_falls_back_with_one_warning():
         """The interpreter's bf16 arithmetic is wrong (a plain conv came out 1e9 off): bf16

@@ -17,6 +17,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import BackendStatus
+from .constants import is_constant
 from .reference import ReferenceBackend, _fold, memory_format_of
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -25,11 +26,12 @@ _CASTS = WeakIdKeyDictionary()
 
 def cast_cached(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t.to(dtype), reused while t is unchanged (same storage and version counter). For
-    tensors no gradient flows through: the eval fold keeps its bias in float32 and hands the
-    same tensor to every call, and casting it per call was one more launch per unit."""
+    tensors no gradient flows through and nobody writes (backends.constants): the eval fold
+    keeps its bias in float32 and hands the same tensor to every call, and casting it per call
+    was one more launch per unit; a caller's own tensor is cast per call."""
     if t.dtype == dtype:
         return t
-    if t.is_inference():  # no version counter to key on
+    if t.is_inference() or not is_constant(t):  # (inference: no version counter to key on)
         return t.detach().to(dtype)
     state = (t.data_ptr(), t._version, dtype)
     hit = _CASTS.get(t)

@@ -27,6 +27,7 @@ import torch
 
 from ..triton import configs
 from .base import BackendStatus
+from .constants import is_constant
 from .reference import (
     ReferenceBackend,
     _conv_backward,
@@ -179,7 +180,8 @@ class TritonBackend(ReferenceBackend):
                                               bias2, stride2, act_out)
         from ..triton.conv_pair import conv_pair_launch
         return conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
-                                act_out, memory_format=memory_format_of(x))
+                                act_out, memory_format=memory_format_of(x),
+                                cache_weights=is_constant(weight) and is_constant(weight2))
 
     # ---- conv_unit ------------------------------------------------------------------------
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
@@ -207,7 +209,7 @@ class TritonBackend(ReferenceBackend):
             out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
             res_scale=res_scale, branch_scale=branch_scale, act_out=act_out,
             store_u=needs_pre_act(act_mid, residual, branch_scale, act_out),
-            memory_format=fmt, tma=self._tma)
+            memory_format=fmt, tma=self._tma, cache_weight=is_constant(weight))
         # u is only read by a backward that needs_pre_act (it is stored then), else None.
         return y, u
 

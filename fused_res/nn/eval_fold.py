@@ -22,6 +22,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from ..backends.constants import mark_constant
 from ..backends.reference import memory_format_of
 from ..ops import functional
 from .batchnorm import running_affine
@@ -96,7 +97,9 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
     scale, shift = running_affine(bn, h).folded()
     w = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)
     b = shift if conv.bias is None else shift + conv.bias.detach().float() * scale
-    return w.contiguous(memory_format=fmt), b.detach().float().contiguous()
+    # Fresh tensors no one else holds: the backends may cache what they derive from them.
+    return (mark_constant(w.contiguous(memory_format=fmt)),
+            mark_constant(b.detach().float().contiguous()))
 
 
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor, Tensor]:

@@ -409,12 +409,13 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 _W_MATS: dict = {}
 
 
-def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
+def weight_matrix_cached(weight: torch.Tensor, cache: bool = True) -> torch.Tensor:
     """weight_matrix(weight), reused while weight is unchanged (the same tensor, its storage,
-    version, dtype and shape). Only for weights that need no gradient (inference, where the
-    module folds BN into a weight it keeps): a parameter in training changes every step, and
-    the copy would be one more pass over W per call."""
-    if weight.requires_grad or weight.is_inference():  # (no version counter to key on)
+    version, dtype and shape) where `cache` says so: only for weights nobody writes behind the
+    version counter's back (the eval fold's, backends.constants), and that need no gradient
+    (a parameter in training changes every step, and the copy would be one more pass over W
+    per call)."""
+    if not cache or weight.requires_grad or weight.is_inference():  # (inference: no version)
         return weight_matrix(weight)
     state = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
     key = id(weight)
@@ -489,7 +490,8 @@ def _weight_descriptor(config, cfg, tma: bool, x, weight, w_mat, flat: bool):
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
-                memory_format=torch.contiguous_format, config=None, tma=None):
+                memory_format=torch.contiguous_format, config=None, tma=None,
+                cache_weight=False):
     """Run the fused conv. x (N, C_in, H, W) float32/float16/bfloat16, weight (C_out, C_in,
     KH, KW) same dtype; vectors (C,) any float dtype; residual (N, C_out, OH, OW).
 
@@ -498,7 +500,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests).
     tma: whether operands come by TMA where they can (sm_90): a 1x1 stride-1 conv without a
     prologue through conv_tma, the weight tiles of the others; None: FUSED_RES_TRITON_TMA
-    decides (off unless "1")."""
+    decides (off unless "1"). cache_weight: the weight's GEMM layout may be kept and reused
+    (weight_matrix_cached; only for a weight nobody writes, backends.constants)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     bias, in_center, in_scale, in_shift = vec(bias), vec(in_center), vec(in_scale), vec(in_shift)
@@ -535,7 +538,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         return (y, (st_mean[:0], st_m2[:0], st_cnt[:0])) if stats else (y, u)
     if weight.numel() >= 2 ** 31:
         raise ValueError(f"weight has {weight.numel()} elements; accepted: < 2**31")
-    w_mat = weight_matrix_cached(weight)
+    w_mat = weight_matrix_cached(weight, cache_weight)
     dummy = y
     flags = dict(KH=kh, KW=kw, FLAT_K=flat, HAS_BIAS=bias is not None,
                  HAS_IC=in_center is not None, HAS_IA=in_scale is not None,

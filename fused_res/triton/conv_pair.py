@@ -84,12 +84,13 @@ def _autotuned_kernel():
 
 
 def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, stride2, act_out, *,
-                     memory_format=torch.contiguous_format, config=None):
+                     memory_format=torch.contiguous_format, config=None, cache_weights=False):
     """y = act_out(conv(x, weight, stride, padding) + bias + conv(x2, weight2, stride2) +
     bias2). x (N, C_in, H, W), weight (C_out, C_in, KH, KW), x2 (N, C2, H2, W2), weight2
     (C_out, C2, 1, 1), all one dtype (float32, float16, bfloat16); bias, bias2 (C_out,) or
     None; the shortcut's output grid must be the conv's. config: a configs.ConvConfig to run
-    instead of the autotuned choice (benchmarks, tests)."""
+    instead of the autotuned choice (benchmarks, tests). cache_weights: the weights' GEMM
+    layouts may be kept and reused (only for weights nobody writes, backends.constants)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     c2, h2, w2 = x2.shape[1:]
@@ -117,7 +118,8 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
         tuned_key = ("pair", m, c_in, h, w, c_out, oh, ow, *stride, kh, kw, c2, *stride2,
                      index_64, x.dtype, x.device)
         cfg = TUNED.get(tuned_key)
-    args = (x, weight_matrix_cached(weight), x2, weight_matrix_cached(weight2),
+    args = (x, weight_matrix_cached(weight, cache_weights), x2,
+            weight_matrix_cached(weight2, cache_weights),
             bias if bias is not None else y, bias2 if bias2 is not None else y, y,
             m, c_in, h, w, c_out, oh, ow, c2, h2, w2, *x.stride(), *x2.stride(), *y.stride(),
             stride[0], stride[1], padding[0], padding[1], stride2[0], stride2[1])
