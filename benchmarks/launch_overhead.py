@@ -303,8 +303,12 @@ def _time_autotuned_conv(call, repeats: int, log=print) -> None:
     want = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}x{kwargs['BLOCK_K']}" \
            f"_w{kwargs['num_warps']}_s{kwargs['num_stages']}"
     tuner = conv._autotuned_kernel()
-    # The tile of the recorded call wins the (faked) timing, so only it is ever compiled.
+    # The tile of the recorded call wins the (faked) timing, so only it is ever compiled; the
+    # fake timings must not reach Triton's on-disk autotuning cache, which a GPU would read.
     tuner._bench = lambda *a, config, **k: [0.0 if conv._config_name(config) == want else 1.0]
+    disk = getattr(tuner, "cache_results", None)
+    if disk is not None:
+        tuner.cache_results = False
     try:
         tuned = functools.partial(tuner[lambda meta: grid], *args, **flags)
         direct = functools.partial(fast.launch, kernel, grid, *args, **kwargs)
@@ -318,6 +322,9 @@ def _time_autotuned_conv(call, repeats: int, log=print) -> None:
         return
     finally:
         del tuner._bench
+        tuner.cache.clear()
+        if disk is not None:
+            tuner.cache_results = disk
     log(f"{'conv, autotuned key':24s} {len(args) + len(flags):4d} {t_tuned:8.1f} "
         f"{t_fast:12.1f} {t_fast / t_tuned:6.2f}   (autotuner, then JIT | conv.TUNED's tile)")
 

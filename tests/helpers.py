@@ -187,3 +187,18 @@ def check_fold_follows_a_train_step_without_parameter_changes(backend: str) -> N
         eager.load_state_dict(fused.state_dict())
         with torch.no_grad():
             assert rel_err(fused(x), eager.eval()(x)) <= 1e-5, f"grad mode {grad}"
+
+
+def record_fixed_tiles(monkeypatch, module) -> list[str]:
+    """Wrap `module`.launch (a fused_res.triton module's fixed-config launch path) so that
+    each launch appends its tile's name (as configs.ConvConfig prints it) to the list
+    returned, then launches as before."""
+    tiles: list[str] = []
+    real = module.launch
+
+    def recording_launch(kernel, grid, *args, **kw):
+        tiles.append(f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}_w{kw['num_warps']}"
+                     f"_s{kw['num_stages']}")
+        return real(kernel, grid, *args, **kw)
+    monkeypatch.setattr(module, "launch", recording_launch)
+    return tiles

@@ -215,15 +215,17 @@ def test_direct_launch_matches_the_jit_on_gpu():
 
 def test_autotuned_tile_is_reused_on_gpu(monkeypatch):
     """Autotuning on (the library's default): the first call of a problem goes through
-    Triton's autotuner, the next one runs its winner as a fixed tile through the direct
-    launch path: the same bits of z (the same compiled kernel), the same statistics; a
-    32-channel conv so that only the 64-wide candidates compile."""
+    Triton's autotuner, the next ones run its winner as a fixed tile (through launch.launch):
+    the same bits of z (the same compiled kernel), the same statistics. 32 channels: 6 of the
+    candidates compile."""
+    from helpers import record_fixed_tiles
+
     import fused_res.triton.conv as conv
-    from fused_res.triton import launch as fast
     from fused_res.triton.elementwise import stats_finalize
 
     monkeypatch.setenv("FUSED_RES_TRITON_AUTOTUNE", "1")
     conv.TUNED.clear()
+    fixed = record_fixed_tiles(monkeypatch, conv)
     g = torch.Generator(device="cuda").manual_seed(7)
     x = torch.randn(4, 32, 14, 13, device="cuda", generator=g).to(
         torch.bfloat16, memory_format=torch.channels_last)
@@ -236,11 +238,10 @@ def test_autotuned_tile_is_reused_on_gpu(monkeypatch):
 
     try:
         first = run()
-        assert len(conv.TUNED) == 1, "the autotuner's choice was not kept"
-        fast._CACHE.clear()
+        assert len(conv.TUNED) == 1 and not fixed, "the autotuner's choice was not kept"
         again, third = run(), run()
-        direct = any(any(e is conv.conv_unit_kernel for e in k) for k in fast._CACHE)
-        assert direct or not fast.enabled(), "the reused tile did not take the direct path"
+        chosen = conv._config_name(conv._autotuned_kernel().best_config)
+        assert fixed == [chosen] * 2, (fixed, chosen)
     finally:
         conv.TUNED.clear()
     assert torch.equal(first[0], again[0]), "z differs from the tuned call's"

@@ -9,6 +9,7 @@ the AOT test sees real JIT kernels). Run the cases directly with
     TRITON_INTERPRET=1 .venv/bin/python -m pytest tests/test_triton_kernels.py
 """
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -437,6 +438,26 @@ else:
             block(x)  # outside tma_loads(): pointer loads only
         assert descs and all(d is None for d in descs)
 
+    @contextlib.contextmanager
+    def _random_timings(tuner, seed):
+        """Triton's autotuner `tuner` with a fake timer inside: every config it times runs
+        once (so it is compiled and checked) and gets a random time, so any may win."""
+        import random
+        rng = random.Random(seed)
+
+        def fake_bench(call, quantiles=None):
+            call()
+            return [rng.random()] * 3
+        names = ("do_bench", "_do_bench")  # (the attribute's name varies across Tritons)
+        saved = {k: tuner.__dict__[k] for k in names if k in tuner.__dict__}
+        tuner.__dict__.update(dict.fromkeys(names, fake_bench))
+        try:
+            yield
+        finally:
+            for k in names:
+                tuner.__dict__.pop(k, None)
+            tuner.__dict__.update(saved)
+
     @pytest.mark.parametrize("kind", ["1x1", "weights"])
     def test_autotuned_tma_paths_set_each_configs_blocks(kind, monkeypatch):
         """The autotuned TMA launches (what a GPU runs under FUSED_RES_TRITON_TMA=1 with
@@ -446,8 +467,6 @@ else:
         buffers must hold whatever tile wins, and the weight-tile path must prune the configs
         whose BLOCK_K does not divide C_in (96 channels: 64-deep tiles would read the next
         tap's weights)."""
-        import random
-
         import fused_res.triton.conv as conv
         from fused_res.triton import conv_tma
         from fused_res.triton.elementwise import stats_finalize
@@ -455,20 +474,12 @@ else:
         monkeypatch.setattr(conv, "autotune_enabled", lambda: True)
         tuner = conv_tma._autotuned_kernel() if kind == "1x1" else conv._autotuned_kernel_tma_b()
         timed = []
-        rng = random.Random(0)
-
-        def fake_bench(call, quantiles=None):
-            call()
-            return [rng.random()] * 3
-        real_bench = tuner.__dict__.get("do_bench")
-        tuner.__dict__["do_bench"] = fake_bench
-        monkeypatch.setattr(tuner, "_do_bench", fake_bench, raising=False)
         real_prune = tuner.early_config_prune
         monkeypatch.setattr(tuner, "early_config_prune",
                             lambda *q, **k: timed.append(real_prune(*q, **k)) or timed[-1])
         k, pad, c_in = (1, 0, 72) if kind == "1x1" else (3, 1, 96)
         g = torch.Generator().manual_seed(3)
-        try:
+        with _random_timings(tuner, 0):
             for trial in range(3):
                 x = torch.randn(2, c_in, 9, 11, generator=g).to(memory_format=torch.channels_last)
                 w = torch.randn(80, c_in, k, k, generator=g) / (c_in * k * k) ** 0.5
@@ -484,11 +495,6 @@ else:
                 _check(mean, ref.mean((0, 2, 3)), torch.float32, "mean")
                 _check(var, ref.var((0, 2, 3), unbiased=False), torch.float32, "var")
                 tuner.cache.clear()
-        finally:
-            if real_bench is None:
-                tuner.__dict__.pop("do_bench", None)
-            else:
-                tuner.__dict__["do_bench"] = real_bench
         assert timed and all(len(t) > 1 for t in timed)  # a real choice each time
         if kind == "weights":
             assert all(c.kwargs["BLOCK_K"] == 32 for t in timed for c in t), timed
@@ -500,7 +506,7 @@ else:
         autotuner; later calls of the same problem do not, and run the tile it chose as a
         fixed config (same bits); a new problem is tuned afresh. Statistics stay right both
         ways (the tuned call's buffers are sized for any tile, the reused one's exactly)."""
-        import random
+        from helpers import record_fixed_tiles
 
         import fused_res.triton.conv as conv
         import fused_res.triton.conv_pair as cp
@@ -509,24 +515,17 @@ else:
         monkeypatch.setattr(conv, "_INTERPRET", False)  # the autotuned path, interpreted
         monkeypatch.setattr(conv, "autotune_enabled", lambda: True)
         tuner = cp._autotuned_kernel() if kind == "pair" else conv._autotuned_kernel()
-        rng = random.Random(1)
-
-        def fake_bench(call, quantiles=None):
-            call()
-            return [rng.random()] * 3
-        real_bench = tuner.__dict__.get("do_bench")
-        tuner.__dict__["do_bench"] = fake_bench
-        monkeypatch.setattr(tuner, "_do_bench", fake_bench, raising=False)
         tuned = []
         real_run = tuner.run
         monkeypatch.setattr(tuner, "run", lambda *q, **k: tuned.append(1) or real_run(*q, **k))
+        fixed = record_fixed_tiles(monkeypatch, cp if kind == "pair" else conv)
         g = torch.Generator().manual_seed(5)
 
         def problem(h):
             x = torch.randn(2, 32, h, 11, generator=g).to(memory_format=torch.channels_last)
             w = torch.randn(48, 32, 3, 3, generator=g) / (32 * 9) ** 0.5
             b = torch.randn(48, generator=g)
-            return x, w, b
+            return x, w, b  # (every tile gives the same bits here: `fixed` tells them apart)
 
         def run(x, w, b):
             with torch.no_grad():
@@ -548,28 +547,27 @@ else:
         conv.TUNED.clear()
         tuner.cache.clear()
         try:
-            x, w, b = problem(9)
-            outs = []
-            for trial in range(3):
-                y, ref, st = run(x, w, b)
-                _check(y, ref, torch.float32, f"{kind} trial {trial} y")
-                if st is not None:
-                    _check(st[0], ref.mean((0, 2, 3)), torch.float32, "mean")
-                    _check(st[1], ref.var((0, 2, 3), unbiased=False), torch.float32, "var")
-                outs.append(y)
-            assert len(tuned) == 1 and len(conv.TUNED) == 1, (len(tuned), len(conv.TUNED))
-            if kind != "pair":  # (the pair draws a fresh shortcut input per call)
-                assert all(torch.equal(o, outs[0]) for o in outs[1:])
-            y, ref, _ = run(*problem(7))  # another problem: tuned afresh
-            _check(y, ref, torch.float32, f"{kind} second problem y")
-            assert len(tuned) == 2 and len(conv.TUNED) == 2
+            with _random_timings(tuner, 1):
+                x, w, b = problem(9)
+                outs = []
+                for trial in range(3):
+                    y, ref, st = run(x, w, b)
+                    _check(y, ref, torch.float32, f"{kind} trial {trial} y")
+                    if st is not None:
+                        _check(st[0], ref.mean((0, 2, 3)), torch.float32, "mean")
+                        _check(st[1], ref.var((0, 2, 3), unbiased=False), torch.float32, "var")
+                    outs.append(y)
+                assert len(tuned) == 1 and len(conv.TUNED) == 1, (len(tuned), len(conv.TUNED))
+                # The reused calls run the tile the autotuner chose, not any other.
+                assert fixed == [conv._config_name(tuner.best_config)] * 2, fixed
+                if kind != "pair":  # (the pair draws a fresh shortcut input per call)
+                    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+                y, ref, _ = run(*problem(7))  # another problem: tuned afresh
+                _check(y, ref, torch.float32, f"{kind} second problem y")
+                assert len(tuned) == 2 and len(conv.TUNED) == 2
         finally:
             conv.TUNED.clear()
             tuner.cache.clear()
-            if real_bench is None:
-                tuner.__dict__.pop("do_bench", None)
-            else:
-                tuner.__dict__["do_bench"] = real_bench
 
     def test_tma_refusals_for_alignment_size_and_empty_channels():
         """What TMA cannot address is refused before a descriptor is built: an x whose data
@@ -876,9 +874,14 @@ else:
         assert conv.weight_matrix_cached(twin) is not again
         p = torch.nn.Parameter(w.clone())
         assert conv.weight_matrix_cached(p) is not conv.weight_matrix_cached(p)
+        p.requires_grad_(False)
+        conv.weight_matrix_cached(p)
+        for _ in range(20):  # a new storage, maybe at the old address, same version
+            p.data = torch.randn(8, 4, 3, 3)
+            assert torch.equal(conv.weight_matrix_cached(p), conv.weight_matrix(p))
         n = len(conv._W_MATS)
-        del w, twin
-        assert len(conv._W_MATS) == n - 2
+        del w, twin, p
+        assert len(conv._W_MATS) == n - 3
 
     def test_strided_and_expanded_vectors():
         """Per-channel vectors that are views: a strided slice as a forward argument, and the

@@ -302,7 +302,8 @@ class TunedTiles:
     twice (the autotuner's key, then the JIT's) and never takes the direct launch path
     (launch.py); with a fixed tile the statistics buffers are also sized exactly, with no
     zero fill. Keys are the launchers' own: what the autotuner keys on (_TUNE_KEY), the
-    dtype and the device. Only tiles of CONV_CONFIGS (the AOT-checked candidates) are kept.
+    dtype and the device. Only the problem's own candidates are kept (the AOT-checked
+    CONV_CONFIGS it may run: configs.conv_configs_for).
     Pointer-loaded launches only: the TMA ones pass descriptors, which take the JIT anyway."""
 
     _MAX_ENTRIES = 4096  # a ResNet-50 makes ~40 keys per mode
@@ -313,8 +314,11 @@ class TunedTiles:
     def get(self, key: tuple) -> configs.ConvConfig | None:
         return self._by_key.get(key)
 
-    def remember(self, key: tuple, tuner) -> None:
-        """Record the config `tuner` (a triton Autotuner) ran last, i.e. for this key."""
+    def remember(self, key: tuple, tuner, candidates: list) -> None:
+        """Record the config `tuner` (a triton Autotuner) ran last, i.e. for this key, if it
+        is one of this problem's `candidates` (configs.conv_configs_for): the autotuner's
+        attribute is shared, and another thread's tuning in between must not leave this key a
+        tile excluded for it (one over its shared memory, say)."""
         best = getattr(tuner, "best_config", None)
         try:
             kw = best.kwargs
@@ -322,7 +326,7 @@ class TunedTiles:
                                      best.num_warps, best.num_stages)
         except (AttributeError, KeyError, TypeError):
             return  # a Triton whose autotuner does not say: every call keeps tuning
-        if cfg not in configs.CONV_CONFIGS:
+        if cfg not in candidates:
             return
         if len(self._by_key) >= self._MAX_ENTRIES:
             self._by_key.clear()
@@ -417,14 +421,19 @@ def weight_matrix_cached(weight: torch.Tensor, cache: bool = True) -> torch.Tens
     per call)."""
     if not cache or weight.requires_grad or weight.is_inference():  # (inference: no version)
         return weight_matrix(weight)
+    # The storage by identity, not address: `p.data = t` keeps the tensor and its version,
+    # and a new storage may land where the old one was.
+    storage = weight.untyped_storage()
     state = (weight.data_ptr(), weight._version, weight.dtype, weight.shape)
     key = id(weight)
     hit = _W_MATS.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == state:
-        return hit[2]
+    if (hit is not None and hit[0]() is weight and hit[1]() is storage
+            and hit[2] == state):
+        return hit[3]
     w_mat = weight_matrix(weight)
     # The entry leaves when the weight is freed (the callback runs before its id is reused).
-    _W_MATS[key] = (weakref.ref(weight, lambda _, k=key: _W_MATS.pop(k, None)), state, w_mat)
+    _W_MATS[key] = (weakref.ref(weight, lambda _, k=key: _W_MATS.pop(k, None)),
+                    weakref.ref(storage), state, w_mat)
     return w_mat
 
 
@@ -579,7 +588,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             kernel = _autotuned_kernel_tma_b() if flags["B_TMA"] else _autotuned_kernel()
             kernel[grid](*args, **flags)
             if tuned_key is not None:
-                TUNED.remember(tuned_key, kernel)
+                TUNED.remember(tuned_key, kernel, configs.conv_configs_for(
+                    x.element_size(), kh * kw, c_in, c_out, flat))
     if stats:
         return y, (st_mean, st_m2, st_cnt)
     return y, u

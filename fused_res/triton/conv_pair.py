@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import configs
 from .common import relu
 from .conv import (
     TUNED,
@@ -134,5 +135,6 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
         kernel = _autotuned_kernel()
         kernel[grid](*args, **flags)
-        TUNED.remember(tuned_key, kernel)
+        TUNED.remember(tuned_key, kernel, configs.conv_configs_for(  # (as _prune keeps them)
+            x.element_size(), kh * kw, c_in, c_out, False))
     return y
