@@ -129,6 +129,9 @@ def _stub_kernels(conv_backward: bool) -> None:
                 gz.new_empty((weight.shape[0],)) if has_bias else None)
     if conv_backward:
         ref._conv_backward = tb._conv_backward = stub_conv_backward
+    # The backend declines bf16 in the interpreter (its arithmetic is wrong there); nothing is
+    # interpreted here, and the model runs under bf16 autocast as on a GPU.
+    tb.INTERPRETER_BF16 = True
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,10 @@ from .reference import (
 )
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Whether bf16 CPU tensors may take the kernels under TRITON_INTERPRET=1, whose bf16 arithmetic
+# is wrong: only for tools that replace every kernel by a stub that never computes
+# (benchmarks/host_overhead.py times the host path of a bf16 autocast model that way).
+INTERPRETER_BF16 = False
 
 
 def _interpret_requested() -> bool:
@@ -109,7 +113,7 @@ class TritonBackend(ReferenceBackend):
         if x.device.type == "cpu":
             if not _interpret_requested():
                 return "CPU tensors without TRITON_INTERPRET=1"
-            if x.dtype == torch.bfloat16:
+            if x.dtype == torch.bfloat16 and not INTERPRETER_BF16:
                 # (its bf16 arithmetic is wrong: relative errors of 1e9 on a plain conv)
                 return "bfloat16 in Triton's CPU interpreter (accepted there: float32, float16)"
         elif x.device.type != "cuda":
