@@ -3,13 +3,20 @@ unmeasured or wrong one."""
 
 import json
 import time
+import warnings
 
 import pytest
 import torch
 
 import fused_res
-from fused_res import models
-from fused_res.backends import CudnnBackend, ReferenceBackend, auto, register_backend
+from fused_res import models, ops
+from fused_res.backends import (
+    CudnnBackend,
+    ReferenceBackend,
+    auto,
+    prepare,
+    register_backend,
+)
 from fused_res.testing import rel_err
 
 
@@ -134,3 +141,20 @@ def test_tuning_the_batchnorm_update_updates_the_statistics_once(fresh_cache):
     for op in ("bn_update_running", "bn_scale"):
         entries = [v for k, v in cache.items() if f"|{op}|" in k]
         assert len(entries) == 1 and "reference" in entries[0]["seconds"], (op, entries)
+
+
+@pytest.mark.parametrize("text", ["[]", '"cuda"', '{"sig": "cuda"}', '{"sig": {"x": 1}}',
+                                  "{not json"])
+def test_a_malformed_cache_file_is_ignored_with_one_warning(fresh_cache, text):
+    """A cache file of the wrong shape (hand-edited, another program's) must not break every
+    call on 'auto': its bad entries are ignored, with one warning naming the file."""
+    fresh_cache.write_text(text)
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = ops.conv_unit(x, w, padding=1, backend="auto")
+        ops.conv_unit(x, w, padding=1, backend="auto")
+        prepare("auto")
+    msgs = [str(m.message) for m in caught if "auto cache" in str(m.message)]
+    assert len(msgs) == 1 and str(fresh_cache) in msgs[0], msgs
+    assert rel_err(y, torch.nn.functional.conv2d(x, w, padding=1)) < 1e-6

@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,11 +39,32 @@ def cache_path() -> Path:
 def _load() -> dict[str, dict]:
     global _cache
     if _cache is None:
+        path = cache_path()
         try:
-            _cache = json.loads(cache_path().read_text())
-        except (OSError, ValueError):
-            _cache = {}
+            data = json.loads(path.read_text())
+        except OSError:  # no cache yet
+            data = {}
+        except ValueError as e:
+            warnings.warn(f"fused_res: the auto cache {path} is not JSON ({e}); ignoring it",
+                          stacklevel=3)
+            data = {}
+        _cache = _valid_entries(data, path)
     return _cache
+
+
+def _valid_entries(data, path: Path) -> dict[str, dict]:
+    """The entries of a loaded cache that have the shape this module writes (signature ->
+    {"backend": name, ...}); one warning naming the file if anything else was in it."""
+    if not isinstance(data, dict):
+        warnings.warn(f"fused_res: the auto cache {path} holds a {type(data).__name__}, not "
+                      "an object of call signatures; ignoring it", stacklevel=4)
+        return {}
+    good = {k: v for k, v in data.items()
+            if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("backend"), str)}
+    if len(good) != len(data):
+        warnings.warn(f"fused_res: the auto cache {path} has {len(data) - len(good)} entries "
+                      "that are not {\"backend\": name, ...}; ignoring them", stacklevel=4)
+    return good
 
 
 def cached() -> dict[str, dict]:
