@@ -60,10 +60,21 @@ def test_bad_arguments_name_the_argument_and_what_is_accepted():
         (dict(mean=m, var=v, weight=torch.ones(5), count=4), "weight has shape"),
         (dict(mean=m, var=v, running_mean=rm, count=4), "given together"),
         (dict(mean=m, var=v, eps=-1.0, count=4), "eps=-1.0"),
+        (dict(mean=m, var=v, running_mean=torch.zeros(1).expand(4), running_var=rv, count=4),
+         "running_mean is an expanded view"),
+        (dict(mean=m, var=v, running_mean=rm, running_var=rv, count=4, momentum=None,
+              num_batches_tracked=torch.tensor([3, 7])), "num_batches_tracked is shape"),
+        (dict(mean=m, var=v, running_mean=rm, running_var=rv, count=4, momentum=None,
+              num_batches_tracked=torch.tensor(0.5)), "0-dim int64"),
+        (dict(mean=m, var=v, running_mean=rm, running_var=rv, count=4,
+              num_batches_tracked=[0]), "num_batches_tracked is list"),
+        (dict(mean=m, var=v, weight=torch.ones(4, device="meta"), count=4),
+         "but mean is on cpu"),
     ]
     for kwargs, match in cases:
         with pytest.raises((ValueError, TypeError), match=match):
             ops.bn_scale(**kwargs)
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))  # untouched
 
 
 @pytest.mark.parametrize("name,args", [

@@ -238,6 +238,9 @@ BAD = [
     (dict(x=torch.randn(2, 5, 9, 7, dtype=D, device="meta")), ValueError, "device"),
     (dict(d=torch.ones(3, dtype=D)), ValueError, "branch_scale"),
     (dict(x=torch.randn(2, 5, 1, 1, dtype=D), padding=0), ValueError, "kernel span"),
+    (dict(w=torch.randn(0, 5, 3, 3, dtype=D)), ValueError, "0 output channels"),
+    (dict(x=torch.randn(2, 0, 9, 7, dtype=D), w=torch.randn(6, 0, 3, 3, dtype=D)), ValueError,
+     "0 channels"),
 ]
 
 

@@ -107,6 +107,9 @@ def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"groups={groups!r}; accepted: a positive int")
     c_in, c_out = x.shape[1], weight.shape[0]
+    if c_in == 0 or c_out == 0:
+        raise ValueError(f"{xn} has {c_in} channels and {wn} {c_out} output channels; "
+                         "accepted: at least 1 of each")
     if weight.shape[1] * groups != c_in:
         raise ValueError(f"{xn} has {c_in} channels but {wn} has shape "
                          f"{tuple(weight.shape)} with groups={groups}; accepted: "
@@ -374,7 +377,18 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
     _check_vector("running_var", running_var, c, "channel")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together (or both None)")
-    _check_same_device(mean, var=var, weight=weight, running_mean=running_mean,
+    for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
+        if buf is not None and c > 1 and buf.stride(0) == 0:
+            raise ValueError(f"{name} is an expanded view (stride 0); accepted: a tensor the "
+                             "update can write in place, one element per channel")
+    if num_batches_tracked is not None and not (
+            isinstance(num_batches_tracked, Tensor) and num_batches_tracked.dim() == 0
+            and num_batches_tracked.dtype == torch.long):
+        got = (f"shape {tuple(num_batches_tracked.shape)} and dtype {num_batches_tracked.dtype}"
+               if isinstance(num_batches_tracked, Tensor) else type(num_batches_tracked).__name__)
+        raise TypeError(f"num_batches_tracked is {got}; accepted: a 0-dim int64 tensor (as "
+                        "nn.BatchNorm2d's), or None")
+    _check_same_device(mean, "mean", var=var, weight=weight, running_mean=running_mean,
                        running_var=running_var, num_batches_tracked=num_batches_tracked)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count={count!r}; accepted: an int >= 0 (values per channel)")
