@@ -259,6 +259,8 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter={filter!r}; accepted: None or a callable (name, block) -> bool")
     _check_backend(backend)
     if not inplace:
         model = copy.deepcopy(model)

@@ -213,6 +213,34 @@ def test_blocks_with_hooked_children_are_left_unfused():
     assert len(seen) == 1
 
 
+def test_hooks_on_a_block_itself_fire_on_the_fused_block():
+    """A converted block runs its own forward: hooks registered on the block (not on its
+    children, which stay unfused) carry over, fire once per call, and their handles still
+    remove them."""
+    model = torchvision.models.resnet18(num_classes=10)
+    block = model.layer1[0]
+    seen = []
+    handles = [block.register_forward_pre_hook(lambda m, i: seen.append("pre")),
+               block.register_forward_hook(lambda m, i, o: seen.append("post")),
+               block.register_full_backward_hook(lambda m, gi, go: seen.append("back"))]
+    fused = fused_res.convert(model, backend="reference", inplace=True)
+    entry = {e.name: e for e in fused_res.report(fused)}["layer1.0"]
+    assert entry.fused
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    fused(x).sum().backward()
+    assert seen == ["pre", "post", "back"], seen
+    for h in handles:
+        h.remove()
+    seen.clear()
+    fused(x).sum().backward()
+    assert seen == []
+
+
+def test_convert_filter_must_be_callable():
+    with pytest.raises(TypeError, match="filter=3"):
+        fused_res.convert(models.resnet18(), filter=3)
+
+
 def test_unsupported_activation_is_left_unfused():
     model = timm.create_model("resnet18", act_layer=nn.SiLU)
     entries = fused_res.report(fused_res.convert(model))

@@ -147,8 +147,11 @@ def test_drop_path_scales_the_branch_per_sample():
 def test_constructor_validation():
     with pytest.raises(ValueError, match="act"):
         fnn.ConvBNAct2d(3, 4, act="gelu")
-    with pytest.raises(ValueError, match="drop_prob"):
-        fnn.BasicBlock(8, 8, drop_path=1.5)
+    for bad in (1.5, "0.1", True):  # (the argument's own name in the message)
+        with pytest.raises(ValueError, match=f"drop_path={bad!r}"):
+            fnn.BasicBlock(8, 8, drop_path=bad)
+    with pytest.raises(ValueError, match="drop_prob='0.1'"):
+        fnn.DropPath("0.1")
     with pytest.raises(TypeError, match="shortcut_scale"):
         fnn.BasicBlock(8, 8, shortcut_scale="1")
 

@@ -32,8 +32,9 @@ class DropPath(nn.Module):
 
     def __init__(self, drop_prob: float = 0.0) -> None:
         super().__init__()
-        if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_prob={drop_prob!r}; accepted: 0 <= drop_prob < 1")
+        if (isinstance(drop_prob, bool) or not isinstance(drop_prob, (int, float))
+                or not 0.0 <= drop_prob < 1.0):
+            raise ValueError(f"drop_prob={drop_prob!r}; accepted: a float, 0 <= drop_prob < 1")
         self.drop_prob = float(drop_prob)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,6 +89,11 @@ class FusedResidualBlock(nn.Module):
         nn.Module.__init__(new)
         for key, value in block.__dict__.items():
             if not key.startswith("_") and key != "training":
+                new.__dict__[key] = value
+            elif "hook" in key:
+                # The block's own hooks (forward, backward, state-dict): the very dicts, so
+                # that they fire on the fused block and the handles that registered them
+                # still remove them.
                 new.__dict__[key] = value
         for name, child in block._modules.items():
             new._modules[name] = child
@@ -259,6 +265,10 @@ def _post_act_plan(block: nn.Module, n_convs: int, variant: str = "original") ->
 def _check_scale_and_drop(shortcut_scale: float, drop_path: float) -> None:
     if isinstance(shortcut_scale, bool) or not isinstance(shortcut_scale, (int, float)):
         raise TypeError(f"shortcut_scale={shortcut_scale!r}; accepted: a float (λ)")
+    if (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
+            or not 0.0 <= drop_path < 1.0):
+        raise ValueError(f"drop_path={drop_path!r}; accepted: a float rate, "
+                         "0 <= drop_path < 1")
 
 
 class BasicBlock(FusedResidualBlock, imagenet.BasicBlock):
