@@ -123,9 +123,9 @@ class FusedResidualBlock(nn.Module):
         if name is None:
             return None
         # Looked up on every call (a child replaced after construction is honoured): a dict
-        # lookup per path component, where get_submodule also type-checks each (~10 us for
-        # "downsample.0" on the CPU here, per unit of every call); its errors where one is
-        # missing.
+        # lookup per path component, where get_submodule also type-checks each (3.7 against
+        # 0.3 us for "downsample.0" on the CPU here, a few times per block call); its errors
+        # where one is missing.
         module = self
         for part in name.split("."):
             module = module._modules.get(part)
