@@ -407,8 +407,8 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 3, 1, 0).reshape(-1, weight.shape[0]).contiguous()
 
 
-# id(weight) -> (weak reference to weight, its state, its matrix); an entry leaves with its
-# weight. (torch.utils.weak.WeakIdKeyDictionary builds a Python weak-reference object per
+# id(weight) -> (weak references to weight and its storage, its state, its matrix); an entry
+# leaves with its weight. (torch.utils.weak.WeakIdKeyDictionary builds a Python weak-reference object per
 # lookup: ~3 us a call on the CPU here, on every inference conv.)
 _W_MATS: dict = {}
 
