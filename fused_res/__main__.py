@@ -51,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     demo = parser._subparsers._group_actions[0].choices["demo"]
     if args.model not in MODELS:
         demo.error(f"--model {args.model!r}; accepted: {', '.join(sorted(MODELS))}")
+    if args.batch is not None and args.batch < 1:
+        demo.error(f"--batch {args.batch!r}; accepted: a positive integer")
+    if args.device is not None:
+        import torch
+        if args.device not in ("cpu", "cuda"):
+            demo.error(f"--device {args.device!r}; accepted: cpu, cuda")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            demo.error("--device 'cuda'; accepted: cpu (no CUDA device is present here)")
     run_demo(args.model, args.batch, args.device)
     return 0
 

@@ -158,3 +158,7 @@ def test_a_malformed_cache_file_is_ignored_with_one_warning(fresh_cache, text):
     msgs = [str(m.message) for m in caught if "auto cache" in str(m.message)]
     assert len(msgs) == 1 and str(fresh_cache) in msgs[0], msgs
     assert rel_err(y, torch.nn.functional.conv2d(x, w, padding=1)) < 1e-6
+    with fused_res.autotune():  # saving over it keeps only well-formed entries
+        ops.conv_unit(x, w, padding=1, backend="auto")
+    saved = json.loads(fresh_cache.read_text())
+    assert saved and all(isinstance(v, dict) and "backend" in v for v in saved.values())

@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -43,7 +45,12 @@ def test_demo_cli_runs_on_cpu():
     assert "CPU numbers" in out.stdout
 
 
-def test_demo_cli_rejects_unknown_model():
-    out = subprocess.run([sys.executable, "-m", "fused_res", "demo", "--model", "resnet19"],
+@pytest.mark.parametrize("args,what", [(["--model", "resnet19"], "--model"),
+                                       (["--batch", "0"], "--batch 0"),
+                                       (["--batch", "-1"], "--batch -1"),
+                                       (["--device", "tpu"], "--device 'tpu'")])
+def test_demo_cli_rejects_bad_arguments(args, what):
+    out = subprocess.run([sys.executable, "-m", "fused_res", "demo", *args],
                          capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 2 and "accepted" in out.stderr
+    assert out.returncode == 2 and what in out.stderr and "accepted" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -52,6 +52,11 @@ def _load() -> dict[str, dict]:
     return _cache
 
 
+def _is_entry(key, value) -> bool:
+    return isinstance(key, str) and isinstance(value, dict) and isinstance(
+        value.get("backend"), str)
+
+
 def _valid_entries(data, path: Path) -> dict[str, dict]:
     """The entries of a loaded cache that have the shape this module writes (signature ->
     {"backend": name, ...}); one warning naming the file if anything else was in it."""
@@ -59,8 +64,7 @@ def _valid_entries(data, path: Path) -> dict[str, dict]:
         warnings.warn(f"fused_res: the auto cache {path} holds a {type(data).__name__}, not "
                       "an object of call signatures; ignoring it", stacklevel=4)
         return {}
-    good = {k: v for k, v in data.items()
-            if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("backend"), str)}
+    good = {k: v for k, v in data.items() if _is_entry(k, v)}
     if len(good) != len(data):
         warnings.warn(f"fused_res: the auto cache {path} has {len(data) - len(good)} entries "
                       "that are not {\"backend\": name, ...}; ignoring them", stacklevel=4)
@@ -185,6 +189,9 @@ def save() -> Path:
         on_disk = json.loads(path.read_text())
     except (OSError, ValueError):
         on_disk = {}
+    if not isinstance(on_disk, dict):  # (what _load warned about is dropped here)
+        on_disk = {}
+    on_disk = {k: v for k, v in on_disk.items() if _is_entry(k, v)}
     on_disk.update(_load())
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(on_disk, indent=1, sort_keys=True))

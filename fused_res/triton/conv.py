@@ -408,8 +408,8 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 # id(weight) -> (weak references to weight and its storage, its state, its matrix); an entry
-# leaves with its weight. (torch.utils.weak.WeakIdKeyDictionary builds a Python weak-reference object per
-# lookup: ~3 us a call on the CPU here, on every inference conv.)
+# leaves with its weight. (torch.utils.weak.WeakIdKeyDictionary builds a Python weak-reference
+# object per lookup: ~3 us a call on the CPU here, on every inference conv.)
 _W_MATS: dict = {}
 
 
