@@ -2,6 +2,7 @@
 the counting, the cuDNN folding (emulated), and the fallbacks without rich/matplotlib."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -76,12 +77,45 @@ def test_cli_writes_markdown_and_chart(cli_run):
     (["--device", "cpu", "--dtype", "tf32"], "--dtype 'tf32'"),
     (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs"),
     (["--repeats", "0"], "--repeats 0"),
+    # (found only when the workload is built: BatchNorm in training with one value per channel)
+    (["--model", "unit:cin=4:cout=4:hw=1", "--batch", "1", "--mode", "train", "--device", "cpu",
+      "--repeats", "1", "--warmup", "0", "--no-progress"], "--batch 1 with --model"),
 ])
 def test_bad_input_names_argument_value_and_accepted(capsys, args, arg):
     with pytest.raises(SystemExit) as e:
         main(["bench", *args])
     err = capsys.readouterr().err
     assert e.value.code == 2 and arg in err and "accepted" in err
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--plot"])
+def test_an_output_path_that_cannot_be_written_is_a_usage_error_before_the_run(
+        capsys, tmp_path, monkeypatch, option):
+    ran = []
+    monkeypatch.setattr("fused_res.bench.runner.run_bench", lambda *a, **k: ran.append(1))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for bad in (tmp_path, blocker / "under_a_file" / "out.json"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--model", "cifar-l1", "--device", "cpu", option, str(bad)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and option in err and "accepted" in err, err
+    assert not ran
+
+
+def test_reports_are_written_through_links_with_the_usual_mode(tmp_path):
+    from fused_res.bench import output
+    target = tmp_path / "target.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    output.write_json({"a": 1}, link)
+    assert link.is_symlink() and json.loads(target.read_text()) == {"a": 1}
+    fresh = tmp_path / "fresh.json"
+    output.write_json({"b": 2}, fresh)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
 def test_no_subcommand_is_quick_bench_of_default_model(monkeypatch):

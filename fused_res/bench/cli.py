@@ -82,12 +82,20 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         validate(config)
     except ConfigError as e:
         parser.error(str(e))
+    for option, path in (("--json", args.json), ("--markdown", args.markdown),
+                         ("--plot", args.plot)):
+        problem = path and output.output_path_problem(option, path)
+        if problem:
+            parser.error(problem)
 
     def save(result: dict) -> None:
         if args.json:
             output.write_json(result, args.json)
 
-    result = run_bench(config, output.make_progress(not args.no_progress), on_row=save)
+    try:
+        result = run_bench(config, output.make_progress(not args.no_progress), on_row=save)
+    except ConfigError as e:  # what only building a workload finds out
+        parser.error(str(e))
     save(result)
     output.print_table(result)
     if args.markdown:

@@ -102,13 +102,42 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+def output_path_problem(option: str, path: str | os.PathLike) -> str | None:
+    """Why `path` cannot receive an output file, for a usage error before the run (creating
+    its missing folders), or None."""
+    p = pathlib.Path(path)
+    if p.is_dir():
+        return f"{option} {str(path)!r}: a directory; accepted: a file path"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{option} {str(path)!r}: its folder cannot be made ({e.strerror}); " \
+               "accepted: a path in a writable folder"
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        return f"{option} {str(path)!r}: not writable; accepted: a path in a writable folder"
+    return None
+
+
 def _atomic_write(path: str | os.PathLike, text: str) -> None:
     path = pathlib.Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # A link, a device, a pipe: written through, never replaced by a file of our own.
+        with open(path, "w") as f:
+            f.write(text)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        # mkstemp's file is private (0600); the report gets the mode a plain open would give.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(result: dict, path) -> None:
