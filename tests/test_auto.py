@@ -162,3 +162,16 @@ def test_a_malformed_cache_file_is_ignored_with_one_warning(fresh_cache, text):
         ops.conv_unit(x, w, padding=1, backend="auto")
     saved = json.loads(fresh_cache.read_text())
     assert saved and all(isinstance(v, dict) and "backend" in v for v in saved.values())
+
+
+def test_recording_uses_sees_only_the_signatures_a_run_looks_up(fresh_cache):
+    """What the bench's fused-auto note counts: this run's signatures, not every model's in
+    the cache file."""
+    fresh_cache.write_text(json.dumps({"another model's signature": {"backend": "reference"}}))
+    x, w = torch.randn(2, 3, 6, 6), torch.randn(4, 3, 3, 3)
+    with auto.recording_uses() as used:
+        ops.conv_unit(x, w, padding=1, backend="auto")
+        ops.conv_unit(x, w, padding=1, backend="auto")
+        ops.conv_unit(x, w, padding=0, backend="reference")  # not through 'auto'
+    assert len(used) == 1 and "another model's signature" not in used
+    assert len(auto.cached()) == 1  # (looking up does not record a winner)

@@ -117,6 +117,28 @@ def tuning() -> bool:
     return _tuning[0]
 
 
+# The signatures looked up inside recording_uses() contexts (innermost last).
+_recording: list[set] = []
+
+
+def record_use(key: str) -> None:
+    """Note that an op call on 'auto' looked up `key` (for recording_uses)."""
+    if _recording:
+        _recording[-1].add(key)
+
+
+@contextlib.contextmanager
+def recording_uses() -> Iterator[set]:
+    """Yields the set of signatures 'auto' looks up within the context: what one model's run
+    used, out of a cache that may hold other models' too."""
+    used: set = set()
+    _recording.append(used)
+    try:
+        yield used
+    finally:
+        _recording.pop()
+
+
 def _tolerance(x: torch.Tensor) -> float:
     from ..testing import TOLERANCES
     if x.dtype == torch.float32 and x.device.type == "cuda" and (

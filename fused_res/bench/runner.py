@@ -14,10 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..backends.auto import autotune
+from ..backends.auto import autotune, recording_uses
 from ..testing import TOLERANCES, rel_err
 from . import contenders as C
-from .config import TORCH_DTYPE, BenchConfig
+from .config import TORCH_DTYPE, BenchConfig, ConfigError
 from .env import environment
 from .roofline import Peaks, measure_peaks, trace_costs, work
 from .schema import SCHEMA
@@ -325,12 +325,13 @@ def _measure(case: _Case, name: str, flush: L2Flush) -> list[dict]:
             # 'auto' picks per op among backends it has measured and verified: the gate's run
             # (outside the timed loop) is that measurement.
             tuning = autotune() if name == "fused-auto" else contextlib.nullcontext()
-            with tuning as choices:
+            with tuning as choices, recording_uses() as used:
                 out, grads = _gate_outputs(fwd, built.module, inputs[0], cfg.mode, cfg.dtype,
                                            dev)
             build_s = time.perf_counter() - t0  # includes compilation (first call)
-            if choices is not None:
-                built.note += "; auto: " + _auto_summary(choices)
+            if choices is not None:  # (this workload's signatures, not the whole cache's)
+                built.note += "; auto: " + _auto_summary(
+                    {k: choices[k] for k in used if k in choices})
             gate = case.check(name, out, grads)
             if case.gate_note():
                 built.note = "; ".join(n for n in (built.note, case.gate_note()) if n)
@@ -391,7 +392,13 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
     flush = L2Flush(config.device, config.flush_l2)
     for workload in workloads:
         for batch in config.batches:
-            case = _Case(workload, batch, config, peaks)
+            try:
+                case = _Case(workload, batch, config, peaks)
+            except ValueError as e:  # BatchNorm in training with 1 value per channel
+                raise ConfigError(f"--batch {batch} with --model {workload.name!r} in "
+                                  f"{config.mode} mode: {e}; accepted: a batch and input "
+                                  "size that give every BatchNorm more than one value per "
+                                  "channel") from e
             rows: list[dict] = []
             for name, left_out in selection:
                 progress.step(f"{workload.name} b{batch} {name}")

@@ -92,6 +92,7 @@ def _choose(op: str, backend: str | None, x: Tensor, weight: Tensor | None, grou
     if name != "auto":
         return resolve(name, x, weight, groups, tuple(dilation))
     key = auto.signature(op, tensors, settings)
+    auto.record_use(key)
     if auto.tuning() and key not in auto.cached():
         candidates = auto.candidates_for(x, weight, groups, tuple(dilation))
         if candidates != ["reference"]:
