@@ -180,9 +180,15 @@ def _hooked_child(block: nn.Module) -> str | None:
 def recognize(module: nn.Module) -> Recognized | str | None:
     """(fused class, plan) for a block we can fuse; a reason string for a residual block we
     leave alone; None for a module that is not a residual block we know."""
-    fn = _recognizers().get(type(module))
+    table = _recognizers()
+    fn = table.get(type(module))
     if fn is None:
-        return None
+        # A subclass may override forward or add modules: left alone, but reported.
+        base = next((b for b in type(module).__mro__[1:] if b in table), None)
+        if base is None:
+            return None
+        return (f"a subclass of {base.__module__}.{base.__qualname__}, whose forward may "
+                "differ: only the recognised classes themselves are fused")
     hooked = _hooked_child(module)
     if hooked is not None:
         return f"hooks on {hooked} would not fire inside a fused block"

@@ -236,6 +236,17 @@ def test_hooks_on_a_block_itself_fire_on_the_fused_block():
     assert seen == []
 
 
+def test_a_subclass_of_a_recognised_block_is_left_alone_and_reported():
+    class Plain(models.BasicBlock):
+        pass
+    model = nn.Sequential(Plain(16, 16)).eval()
+    x = torch.randn(2, 16, 8, 8)
+    fused = fused_res.convert(model, backend="reference")
+    (entry,) = fused_res.report(fused)
+    assert not entry.fused and "subclass of" in entry.detail and "Plain" in entry.block_type
+    assert type(fused[0]) is Plain and torch.equal(fused(x), model(x))
+
+
 def test_convert_filter_must_be_callable():
     with pytest.raises(TypeError, match="filter=3"):
         fused_res.convert(models.resnet18(), filter=3)
