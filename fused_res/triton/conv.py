@@ -413,13 +413,13 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 _W_MATS: dict = {}
 
 
-def weight_matrix_cached(weight: torch.Tensor, cache: bool = True) -> torch.Tensor:
+def weight_matrix_cached(weight: torch.Tensor) -> torch.Tensor:
     """weight_matrix(weight), reused while weight is unchanged (the same tensor, its storage,
-    version, dtype and shape) where `cache` says so: only for weights nobody writes behind the
-    version counter's back (the eval fold's, backends.constants), and that need no gradient
-    (a parameter in training changes every step, and the copy would be one more pass over W
-    per call)."""
-    if not cache or weight.requires_grad or weight.is_inference():  # (inference: no version)
+    version, dtype and shape). Callers use it only for weights nobody writes behind the
+    version counter's back (the eval fold's, backends.constants); a weight that needs a
+    gradient (a parameter in training changes every step) or has no version counter
+    (inference mode) is copied per call all the same."""
+    if weight.requires_grad or weight.is_inference():
         return weight_matrix(weight)
     # The storage by identity, not address: `p.data = t` keeps the tensor and its version,
     # and a new storage may land where the old one was.
@@ -547,7 +547,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         return (y, (st_mean[:0], st_m2[:0], st_cnt[:0])) if stats else (y, u)
     if weight.numel() >= 2 ** 31:
         raise ValueError(f"weight has {weight.numel()} elements; accepted: < 2**31")
-    w_mat = weight_matrix_cached(weight, cache_weight)
+    w_mat = weight_matrix_cached(weight) if cache_weight else weight_matrix(weight)
     dummy = y
     flags = dict(KH=kh, KW=kw, FLAT_K=flat, HAS_BIAS=bias is not None,
                  HAS_IC=in_center is not None, HAS_IA=in_scale is not None,

@@ -30,6 +30,7 @@ from .conv import (
     out_hw,
     tile_for,
     vec,
+    weight_matrix,
     weight_matrix_cached,
 )
 from .launch import launch
@@ -119,8 +120,8 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
         tuned_key = ("pair", m, c_in, h, w, c_out, oh, ow, *stride, kh, kw, c2, *stride2,
                      index_64, x.dtype, x.device)
         cfg = TUNED.get(tuned_key)
-    args = (x, weight_matrix_cached(weight, cache_weights), x2,
-            weight_matrix_cached(weight2, cache_weights),
+    w_mat = weight_matrix_cached if cache_weights else weight_matrix
+    args = (x, w_mat(weight), x2, w_mat(weight2),
             bias if bias is not None else y, bias2 if bias2 is not None else y, y,
             m, c_in, h, w, c_out, oh, ow, c2, h2, w2, *x.stride(), *x2.stride(), *y.stride(),
             stride[0], stride[1], padding[0], padding[1], stride2[0], stride2[1])
