@@ -77,6 +77,7 @@ def test_cli_writes_markdown_and_chart(cli_run):
     (["--device", "cpu", "--dtype", "tf32"], "--dtype 'tf32'"),
     (["--device", "cpu", "--cuda-graphs"], "--cuda-graphs"),
     (["--repeats", "0"], "--repeats 0"),
+    (["--rotate", "100000"], "--rotate 100000"),
     # (found only when the workload is built: BatchNorm in training with one value per channel)
     (["--model", "unit:cin=4:cout=4:hw=1", "--batch", "1", "--mode", "train", "--device", "cpu",
       "--repeats", "1", "--warmup", "0", "--no-progress"], "--batch 1 with --model"),

@@ -41,7 +41,8 @@ def add_arguments(p: argparse.ArgumentParser, quick: bool = False) -> None:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed iterations (default: 50 on CUDA, 10 on the CPU)")
     p.add_argument("--rotate", type=int, default=0,
-                   help="distinct inputs to cycle through (default: enough to exceed 2x L2)")
+                   help="distinct inputs to cycle through, at most 64 (default: enough to "
+                        "exceed 2x L2)")
     p.add_argument("--no-flush-l2", action="store_true",
                    help="do not overwrite the L2 cache between iterations")
     p.add_argument("--seed", type=int, default=0)

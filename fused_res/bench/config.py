@@ -12,6 +12,7 @@ DTYPES = ("fp32", "tf32", "bf16", "fp16")
 MEMORY_FORMATS = ("channels_last", "contiguous")
 MODES = ("eval", "train")
 DEVICES = ("cpu", "cuda")
+MAX_ROTATE = 64  # distinct inputs: more only costs memory, the L2 is covered by far fewer
 
 # Compute dtype of each precision; tf32 computes in fp32 storage with TF32 tensor-core math.
 TORCH_DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
@@ -101,6 +102,10 @@ class BenchConfig:
                                 ("--rotate", self.rotate, 0)):
             if not isinstance(value, int) or value < low:
                 raise bad(arg, value, f"an integer >= {low}")
+        if self.rotate > MAX_ROTATE:
+            # Each rotated input is held in both memory formats for the whole run.
+            raise bad("--rotate", self.rotate, f"an integer from 0 to {MAX_ROTATE} (0: enough "
+                      "inputs to exceed twice the L2 cache)")
         if self.contenders is not None:
             self.contenders = tuple(self.contenders)
 
