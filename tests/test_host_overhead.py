@@ -25,3 +25,28 @@ def test_eval_forward_stubs_every_kernel_and_counts_its_launches():
     # one each; aten: the stem's autocast casts, max pool, mean, fc. An interpreted kernel
     # would add aten copies by the dozen.
     assert (int(m[2]), int(m[3])) == (6, 49), proc.stdout
+
+
+def test_launcher_stub_replaces_every_direct_launch_and_restores_the_cache(monkeypatch):
+    """The GPU-only launcher A/B (host_overhead --device cuda): inside launcher_stubbed()
+    every cached direct launch calls a counting no-op, and the cache is as it was after."""
+    pytest.importorskip("triton")
+    spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT)
+    host = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(host)
+    from fused_res.triton import launch as fast
+
+    ran = []
+    entries = {("k", i): (lambda *a, i=i: ran.append(i), f"fn{i}", "meta", "compiled", ())
+               for i in range(3)}
+    monkeypatch.setattr(fast, "_CACHE", dict(entries))
+    with host.launcher_stubbed() as calls:
+        for key in entries:
+            run, *rest = fast._CACHE[key]
+            assert rest == list(entries[key][1:])
+            run(1, 1, 1, "stream")
+        assert calls[0] == 3 and ran == []
+    assert fast._CACHE == entries
+    with pytest.raises(RuntimeError), host.launcher_stubbed():
+        raise RuntimeError("the cache comes back after an error too")
+    assert fast._CACHE == entries
