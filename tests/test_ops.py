@@ -241,6 +241,11 @@ BAD = [
     (dict(w=torch.randn(0, 5, 3, 3, dtype=D)), ValueError, "0 output channels"),
     (dict(x=torch.randn(2, 0, 9, 7, dtype=D), w=torch.randn(6, 0, 3, 3, dtype=D)), ValueError,
      "0 channels"),
+    # (the Triton kernel returned the bias over the padded grid for these two)
+    (dict(x=torch.randn(2, 5, 0, 7, dtype=D)), ValueError, r"H >= 1 and W >= 1"),
+    (dict(w=torch.randn(6, 5, 0, 3, dtype=D)), ValueError, r"at least 1x1"),
+    (dict(d=torch.ones(2, dtype=D, requires_grad=True)), ValueError,
+     "branch_scale requires grad"),
 ]
 
 
@@ -250,6 +255,16 @@ def test_bad_input_raises_clear_error(change, exc, match):
          for k, v in _make(CONFIGS[1]).items()}
     with pytest.raises(exc, match=match):
         _ours({**a, **change})
+
+
+def test_a_branch_scale_that_requires_grad_is_fine_without_grad_mode():
+    a = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
+         for k, v in _make(CONFIGS[1]).items()}
+    d = torch.rand(2, dtype=D, requires_grad=True)
+    with torch.no_grad():
+        y = _ours({**a, "d": d})
+        ref = _ref({**a, "d": d.detach()})
+    assert rel_err(y, ref) < 1e-12
 
 
 def test_unknown_backend_name_raises():

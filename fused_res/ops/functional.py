@@ -118,6 +118,12 @@ def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
     if c_out % groups:
         raise ValueError(f"{wn} has {c_out} output channels, not divisible by "
                          f"groups={groups}")
+    if 0 in weight.shape[2:]:
+        raise ValueError(f"{wn} has shape {tuple(weight.shape)}; accepted: a kernel of at least "
+                         "1x1")
+    if 0 in x.shape[2:]:
+        # (aten refuses it too; the Triton kernel returned the bias over the padded grid)
+        raise ValueError(f"{xn} has shape {tuple(x.shape)}; accepted: H >= 1 and W >= 1")
     stride, padding = _pair(sn, stride, 1), _pair(pn, padding, 0)
     dilation = _pair("dilation", dilation, 1)
     _check_act("act_in", act_in)
@@ -163,6 +169,10 @@ def _prepare_tail(out_shape, n, device, dtype, residual, res_scale, branch_scale
         if branch_scale.device != device:
             raise ValueError(f"branch_scale is on {branch_scale.device} but x is on {device}; "
                              "accepted: all tensors on one device")
+        if branch_scale.requires_grad and torch.is_grad_enabled():
+            # The ops give it no gradient: a silent None would freeze what the caller trains.
+            raise ValueError("branch_scale requires grad; accepted: a tensor that needs no "
+                             "gradient (a per-sample drop-path mask; .detach() it)")
     return residual, float(res_scale)
 
 
@@ -324,7 +334,8 @@ def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None
     """y = act_out(branch_scale * act_mid((z - center) * scale + shift) + res_scale * residual):
     the
     apply step of a unit (BatchNorm affine, activation, residual add, activation) in one pass.
-    z (N, C, H, W); scale, shift (C,); residual like z; branch_scale (N,). Returns y like z."""
+    z (N, C, H, W); scale, shift (C,); residual like z; branch_scale (N,), which takes no
+    gradient. Returns y like z."""
     _check_feature_map("z", z)
     c = z.shape[1]
     _check_vector("center", center, c, "channel")
