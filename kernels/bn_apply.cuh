@@ -165,10 +165,11 @@ struct SumsFinalize {
   float* __restrict__ sum_gu_centered;  // (C,)
   const float* __restrict__ scale;      // (C,) or null (1)
   float* __restrict__ grad_center;      // (C,) -scale * Σ dL/du, or null (not wanted)
-  __device__ __forceinline__ void operator()(int64_t c, float a, float b) const {
-    sum_gu[c] = a;
-    sum_gu_centered[c] = b;
-    if (grad_center) grad_center[c] = -(scale ? scale[c] : 1.f) * a;
+  __device__ __forceinline__ void operator()(int64_t c, double a, double b) const {
+    const float s = static_cast<float>(a);
+    sum_gu[c] = s;
+    sum_gu_centered[c] = static_cast<float>(b);
+    if (grad_center) grad_center[c] = -(scale ? scale[c] : 1.f) * s;
   }
 };
 
@@ -180,10 +181,10 @@ inline ReducePlan plan_epilogue_backward(const EpilogueBackwardOp<T>& op, const 
                      EpilogueBackwardOp<T>::kMinBlocks, EpilogueBackwardOp<T>::kUnroll);
 }
 
-// s.numel() > 0; workspace: 2 * plan.splits * C floats.
+// s.numel() > 0; workspace: 2 * plan.splits * C doubles.
 template <typename T>
 cudaError_t launch_epilogue_backward(const EpilogueBackwardOp<T>& op, const SumsFinalize& fin,
-                                     const Shape& s, const ReducePlan& p, float* workspace,
+                                     const Shape& s, const ReducePlan& p, double* workspace,
                                      const LaunchConfig& cfg) {
   return launch_channel_reduce<EpilogueBackwardOp<T>, SumsFinalize, vec_width<T>()>(
       op, fin, s, p, workspace, cfg);

@@ -4,12 +4,18 @@
 // Statistics are shifted sums: every element of channel c is taken relative to K_c, the
 // channel's first element, and the two-level reduction adds Σ(x-K) and Σ(x-K)². With the
 // shift, Σ(x-K)²/m - (Σ(x-K)/m)² does not cancel catastrophically when |mean| >> std (the
-// failure of plain Σx, Σx²), and unlike per-element Welford it costs no division.
+// failure of plain Σx, Σx²), and unlike per-element Welford it costs no division. What is
+// left cancels in proportion to ((K - mean) / std)²: the sums past each thread are in double
+// (channel_reduce.cuh) for a first element far out in the tail.
 #pragma once
 
 #include "channel_reduce.cuh"
 
 namespace frk {
+
+// The shift of a channel whose first element is v: v, or 0 when v is inf or NaN (an inf
+// shift would make every difference NaN, and the mean NaN where x.mean() is inf).
+__device__ __forceinline__ float stats_shift(float v) { return isfinite(v) ? v : 0.f; }
 
 template <typename T>
 struct StatsOp {
@@ -25,7 +31,7 @@ struct StatsOp {
   };
 
   __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
-    k[0] = to_f(x[c * first_stride]);
+    k[0] = stats_shift(to_f(x[c * first_stride]));
   }
   template <int VEC, typename index_t>
   __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
@@ -51,14 +57,15 @@ template <typename T>
 struct StatsFinalize {
   const T* __restrict__ x;
   int64_t first_stride;
-  float inv_count;
+  double inv_count;
   float* __restrict__ mean;
   float* __restrict__ var;
-  __device__ __forceinline__ void operator()(int64_t c, float sum, float sumsq) const {
-    const float d = sum * inv_count;
-    mean[c] = to_f(x[c * first_stride]) + d;
-    const float v = sumsq * inv_count - d * d;
-    var[c] = v < 0.f ? 0.f : v;  // clamps rounding below 0; a NaN stays NaN, as in torch.var
+  __device__ __forceinline__ void operator()(int64_t c, double sum, double sumsq) const {
+    const double d = sum * inv_count;
+    mean[c] = static_cast<float>(stats_shift(to_f(x[c * first_stride])) + d);
+    const double v = sumsq * inv_count - d * d;
+    // Clamps rounding below 0; a NaN stays NaN, as in torch.var.
+    var[c] = static_cast<float>(v < 0.0 ? 0.0 : v);
   }
 };
 
@@ -77,14 +84,14 @@ inline ReducePlan plan_channel_stats(const ChannelStatsArgs<T>& a, const Shape& 
   return plan_reduce(s, vec, num_sms, StatsOp<T>::kMinBlocks, StatsOp<T>::kUnroll);
 }
 
-// s.numel() > 0; workspace: 2 * plan.splits * C floats.
+// s.numel() > 0; workspace: 2 * plan.splits * C doubles.
 template <typename T>
 cudaError_t launch_channel_stats(const ChannelStatsArgs<T>& a, const Shape& s,
-                                 const ReducePlan& p, float* workspace,
+                                 const ReducePlan& p, double* workspace,
                                  const LaunchConfig& cfg) {
   const int64_t first_stride = s.nhwc ? 1 : s.hw;
   StatsOp<T> op{a.x, first_stride};
-  StatsFinalize<T> fin{a.x, first_stride, 1.f / static_cast<float>(s.n * s.hw), a.mean,
+  StatsFinalize<T> fin{a.x, first_stride, 1.0 / static_cast<double>(s.n * s.hw), a.mean,
                        a.var};
   return launch_channel_reduce<StatsOp<T>, StatsFinalize<T>, vec_width<T>()>(op, fin, s, p,
                                                                             workspace, cfg);

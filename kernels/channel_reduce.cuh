@@ -1,10 +1,17 @@
 // Per-channel two-level reductions over (N, H, W), fused with an elementwise pass.
 //
 // Level 1: each block reduces one slice of the (N, H, W) extent for one channel (NCHW) or
-// for a tile of channels (NHWC) and writes two fp32 partial sums per channel to a workspace
+// for a tile of channels (NHWC) and writes two partial sums per channel to a workspace
 // [splits][C]. Level 2 (finalize_kernel) adds the `splits` partials of each channel in a
 // fixed order. No atomics: the result is deterministic and there is no hot spot when C is
 // small (C = 64 with N*H*W = 800k is the common ResNet case).
+//
+// Each thread accumulates its own elements in fp32 (the hot loop: a few dozen elements per
+// thread at ResNet shapes); everything after it, the block's sum over its threads, the
+// partials and the finalize, is in double. In fp32 throughout, an emulation of these kernels'
+// summation order lost 5e-5 of a zero-mean channel's mean and 7e-5 of a variance whose shift
+// sat 30 std from the mean (fp32's budget is 1e-5); with the cross-thread sums in double,
+// 3e-7 and 1.5e-6. The extra cost is a few hundred double adds per block.
 //
 // An Op supplies the per-element work, split into a load phase and a compute phase so that
 // the kernels issue kUnroll independent 16-byte loads per thread before using any of them,
@@ -54,8 +61,8 @@ __device__ __forceinline__ void load_consts(const Op& op, int64_t c0,
 }
 
 // Sum a and b over the block (blockDim.x * blockDim.y == kThreads); thread 0 gets the totals.
-__device__ __forceinline__ void block_sum2(float& a, float& b) {
-  __shared__ float sh[2][kThreads / 32];
+__device__ __forceinline__ void block_sum2(double& a, double& b) {
+  __shared__ double sh[2][kThreads / 32];
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     a += __shfl_down_sync(0xffffffffu, a, off);
@@ -68,8 +75,8 @@ __device__ __forceinline__ void block_sum2(float& a, float& b) {
   }
   __syncthreads();
   if (t < 32) {
-    a = t < kThreads / 32 ? sh[0][t] : 0.f;
-    b = t < kThreads / 32 ? sh[1][t] : 0.f;
+    a = t < kThreads / 32 ? sh[0][t] : 0.0;
+    b = t < kThreads / 32 ? sh[1][t] : 0.0;
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
       a += __shfl_down_sync(0xffffffffu, a, off);
@@ -84,8 +91,8 @@ __device__ __forceinline__ void block_sum2(float& a, float& b) {
 template <typename Op, int VEC, typename index_t>
 __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
     reduce_nchw_kernel(Op op, index_t c_total, index_t hw, Divider<index_t> hwv,
-                       index_t total, index_t chunk, float* __restrict__ part_a,
-                       float* __restrict__ part_b) {
+                       index_t total, index_t chunk, double* __restrict__ part_a,
+                       double* __restrict__ part_b) {
   constexpr int U = Op::kUnroll;
   using Frag = typename Op::template Frag<VEC>;
   const index_t c = blockIdx.x;
@@ -131,10 +138,11 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
       acc_b += rb[l];
     }
   }
-  block_sum2(acc_a, acc_b);
+  double sum_a = acc_a, sum_b = acc_b;
+  block_sum2(sum_a, sum_b);
   if (threadIdx.x == 0) {
-    part_a[static_cast<int64_t>(split) * c_total + c] = acc_a;
-    part_b[static_cast<int64_t>(split) * c_total + c] = acc_b;
+    part_a[static_cast<int64_t>(split) * c_total + c] = sum_a;
+    part_b[static_cast<int64_t>(split) * c_total + c] = sum_b;
   }
 }
 
@@ -144,11 +152,11 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
 template <typename Op, int VEC, typename index_t>
 __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
     reduce_nhwc_kernel(Op op, index_t c_total, Divider<index_t> hw, index_t rows, index_t chunk,
-                       float* __restrict__ part_a, float* __restrict__ part_b) {
+                       double* __restrict__ part_a, double* __restrict__ part_b) {
   constexpr int U = Op::kUnroll;
   using Frag = typename Op::template Frag<VEC>;
-  __shared__ float sh_a[kThreads * VEC];
-  __shared__ float sh_b[kThreads * VEC];
+  __shared__ double sh_a[kThreads * VEC];  // 32 KiB for 16-bit types (VEC 8)
+  __shared__ double sh_b[kThreads * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tdx = blockDim.x, tdy = blockDim.y;
   const index_t c0 = (static_cast<index_t>(blockIdx.x) * tdx + tx) * VEC;
@@ -200,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
   }
   __syncthreads();
   for (int col = ty * tdx + tx; col < width; col += kThreads) {
-    float a = 0.f, b = 0.f;
+    double a = 0.0, b = 0.0;
     for (int r = 0; r < tdy; ++r) {
       a += sh_a[r * width + col];
       b += sh_b[r * width + col];
@@ -213,22 +221,23 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
   }
 }
 
-// Level 2: channel ch gets the sums of its `splits` partials. Block (32, 32), grid
-// ceil(C / 32): lane (tx, ty) adds splits ty, ty + 32, ... of channel blockIdx.x*32 + tx in
-// order, then row ty == 0 adds the 32 lane sums in order: a fixed tree, so deterministic,
-// and 32 times shorter than one thread walking all splits (C = 64 has ~500 of them).
+// Level 2: fin(ch, a, b) gets channel ch's two sums (doubles) over its `splits` partials.
+// Block (32, 32), grid ceil(C / 32): lane (tx, ty) adds splits ty, ty + 32, ... of channel
+// blockIdx.x*32 + tx in order, then row ty == 0 adds the 32 lane sums in order: a fixed
+// tree, so deterministic, and 32 times shorter than one thread walking all splits (C = 64
+// has ~500 of them).
 constexpr int kFinX = 32;
 constexpr int kFinY = 32;
 
 template <typename Fin>
 __global__ void __launch_bounds__(kFinX * kFinY)
-    finalize_kernel(Fin fin, int64_t c_total, int splits, const float* __restrict__ part_a,
-                    const float* __restrict__ part_b) {
-  __shared__ float sh_a[kFinY][kFinX + 1];
-  __shared__ float sh_b[kFinY][kFinX + 1];
+    finalize_kernel(Fin fin, int64_t c_total, int splits, const double* __restrict__ part_a,
+                    const double* __restrict__ part_b) {
+  __shared__ double sh_a[kFinY][kFinX + 1];
+  __shared__ double sh_b[kFinY][kFinX + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t ch = static_cast<int64_t>(blockIdx.x) * kFinX + tx;
-  float a = 0.f, b = 0.f;
+  double a = 0.0, b = 0.0;
   if (ch < c_total) {
 #pragma unroll 4
     for (int s = ty; s < splits; s += kFinY) {
@@ -250,7 +259,7 @@ __global__ void __launch_bounds__(kFinX * kFinY)
   }
 }
 
-// How a reduction is cut into blocks. The caller allocates 2 * splits * C floats.
+// How a reduction is cut into blocks. The caller allocates 2 * splits * C doubles.
 struct ReducePlan {
   int vec;     // elements per vector access (1, or 16 bytes' worth)
   int splits;  // blocks along (N, H, W) per channel tile
@@ -306,7 +315,7 @@ inline ReducePlan plan_reduce(const Shape& s, int vec, int num_sms, int blocks_p
 
 template <typename Op, int VEC, typename index_t>
 inline void launch_reduce_typed(const Op& op, const Shape& s, const ReducePlan& p,
-                                float* part_a, float* part_b, cudaStream_t stream) {
+                                double* part_a, double* part_b, cudaStream_t stream) {
   if (s.nhwc) {
     dim3 grid(static_cast<unsigned>(p.channel_tiles), static_cast<unsigned>(p.splits));
     dim3 block(static_cast<unsigned>(p.tx), static_cast<unsigned>(p.ty));
@@ -322,13 +331,13 @@ inline void launch_reduce_typed(const Op& op, const Shape& s, const ReducePlan& 
   }
 }
 
-// Level 1 + level 2. `workspace` holds 2 * p.splits * s.c floats.
+// Level 1 + level 2. `workspace` holds 2 * p.splits * s.c doubles.
 template <typename Op, typename Fin, int VEC_MAX>
 inline cudaError_t launch_channel_reduce(const Op& op, const Fin& fin, const Shape& s,
-                                         const ReducePlan& p, float* workspace,
+                                         const ReducePlan& p, double* workspace,
                                          const LaunchConfig& cfg) {
-  float* part_a = workspace;
-  float* part_b = workspace + static_cast<int64_t>(p.splits) * s.c;
+  double* part_a = workspace;
+  double* part_b = workspace + static_cast<int64_t>(p.splits) * s.c;
   const bool small = fits_int32(s.numel());
   if (p.vec == VEC_MAX && VEC_MAX > 1) {
     if (small) launch_reduce_typed<Op, VEC_MAX, uint32_t>(op, s, p, part_a, part_b, cfg.stream);

@@ -9,7 +9,7 @@ namespace frk {
 
 #define FRK_INSTANTIATE(T)                                                                  \
   template cudaError_t launch_channel_stats<T>(const ChannelStatsArgs<T>&, const Shape&,    \
-                                               const ReducePlan&, float*,                   \
+                                               const ReducePlan&, double*,                   \
                                                const LaunchConfig&);                        \
   template cudaError_t launch_stats_backward<T>(const StatsBackwardOp<T>&, const Shape&,    \
                                                 const LaunchConfig&);                       \
@@ -17,7 +17,7 @@ namespace frk {
                                                   const Shape&, const LaunchConfig&);       \
   template cudaError_t launch_epilogue_backward<T>(const EpilogueBackwardOp<T>&,            \
                                                    const SumsFinalize&, const Shape&,       \
-                                                   const ReducePlan&, float*,               \
+                                                   const ReducePlan&, double*,               \
                                                    const LaunchConfig&);
 
 FRK_INSTANTIATE(float)

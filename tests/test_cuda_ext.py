@@ -87,6 +87,42 @@ def test_channel_stats_survive_a_large_mean(C, fmt):
     _check(var, ref_var, 1e-4, "var")
 
 
+def _far_first_element(shape, fmt, g, outlier):
+    """Zero-mean data whose every channel starts with `outlier` (the kernels' shift)."""
+    x = torch.randn(*shape, dtype=D, generator=g)
+    x[0, :, 0, 0] = outlier
+    return x.float().contiguous(memory_format=FORMATS[fmt])
+
+
+@pytest.mark.parametrize("outlier", [None, 30.0])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_channel_stats_keep_fp32_accuracy_far_from_the_shift(C, fmt, outlier):
+    """A zero-mean channel (None: its first element is typical) and one whose first element,
+    the shift, sits 30 std out: with float running sums the CPU kernel lost 2e-5 of the first
+    mean and 1.4e-4 of the second variance, past fp32's 1e-5 (the reference: 3e-8)."""
+    for seed in range(4):  # (the float sums' error varies with the draw: 1e-6 to 1.5e-4)
+        g = torch.Generator().manual_seed(seed)
+        x = _far_first_element((64, 2, 32, 32), fmt, g, outlier or 0.0)
+        if outlier is None:
+            x[0, :, 0, 0] = x[1, :, 0, 0]
+        mean, var = C.channel_stats(x)
+        ref_mean, ref_var = REF.channel_stats_forward(x.double())
+        _check(mean, ref_mean, TOLERANCES[torch.float32], f"mean (seed {seed})")
+        _check(var, ref_var, TOLERANCES[torch.float32], f"var (seed {seed})")
+
+
+def test_channel_stats_of_a_channel_that_starts_with_inf(C):
+    """An inf anywhere in a channel makes its mean inf (as x.mean()) and its variance NaN,
+    the first element included: an inf shift made the mean NaN there only."""
+    for pos in [(0, 1, 0, 0), (1, 1, 2, 3)]:
+        x = torch.randn(2, 3, 4, 5)
+        x[pos] = float("inf")
+        for fmt in FORMATS.values():
+            mean, var = C.channel_stats(x.contiguous(memory_format=fmt))
+            assert mean[1].item() == float("inf") and var[1].isnan(), (pos, fmt)
+            assert torch.isfinite(mean[[0, 2]]).all() and torch.isfinite(var[[0, 2]]).all()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_batch(C, fmt):
     x = torch.empty(0, 6, 5, 3).contiguous(memory_format=FORMATS[fmt])

@@ -3,8 +3,10 @@
 // Every op walks "rows": an (n, c) plane of HW elements (NCHW) or a pixel of C channels
 // (NHWC). Rows are split across threads with at::parallel_for; inside a row the work runs
 // on fp32 chunks of kChunk elements in plain loops that the compiler vectorizes (the fp16 /
-// bf16 conversions are done chunk-wise on the way in and out). Reductions are two-level:
-// per-row (NCHW) or per-block-of-rows (NHWC) partials in double, combined in a fixed order,
+// bf16 conversions are done chunk-wise on the way in and out). Reductions accumulate in
+// double from the first element (a float running sum over a few thousand elements lost
+// 1e-4 of a variance whose shift was far from the mean: fp32's budget is 1e-5) and are
+// two-level: per-row (NCHW) or per-block-of-rows (NHWC) partials combined in a fixed order,
 // so results do not depend on the thread count.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -53,9 +55,13 @@ inline int64_t nhwc_block_rows(int64_t c) { return std::max<int64_t>(1, 8192 / s
 template <typename T>
 void channel_stats_kernel(const T* x, const Layout& L, float* mean, float* var) {
   const int64_t C = L.c, HW = L.hw, m = L.n * L.hw;
-  // Shift K_c = the channel's first element (see kernels/bn_stats.cuh).
+  // Shift K_c = the channel's first element, 0 when it is not finite (see
+  // kernels/bn_stats.cuh).
   std::vector<float> K(C);
-  for (int64_t c = 0; c < C; ++c) K[c] = static_cast<float>(x[L.nhwc ? c : c * HW]);
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = static_cast<float>(x[L.nhwc ? c : c * HW]);
+    K[c] = std::isfinite(v) ? v : 0.f;
+  }
   std::vector<double> S, SS;
   if (!L.nhwc) {
     const int64_t rows = L.n * C;
@@ -70,14 +76,11 @@ void channel_stats_kernel(const T* x, const Layout& L, float* mean, float* var) 
         for (int64_t j0 = 0; j0 < HW; j0 += kChunk) {
           const int64_t len = std::min(kChunk, HW - j0);
           to_float(row + j0, buf, len);
-          float cs = 0.f, css = 0.f;
           for (int64_t j = 0; j < len; ++j) {
-            const float d = buf[j] - k;
-            cs += d;
-            css += d * d;
+            const double d = static_cast<double>(buf[j]) - k;
+            s += d;
+            ss += d * d;
           }
-          s += cs;
-          ss += css;
         }
         S[r] = s;
         SS[r] = ss;
@@ -100,14 +103,15 @@ void channel_stats_kernel(const T* x, const Layout& L, float* mean, float* var) 
   S.assign(blocks * C, 0.0);
   SS.assign(blocks * C, 0.0);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> buf(C), cs(C), css(C);
+    std::vector<float> buf(C);
+    std::vector<double> cs(C), css(C);
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(cs.begin(), cs.end(), 0.f);
-      std::fill(css.begin(), css.end(), 0.f);
+      std::fill(cs.begin(), cs.end(), 0.0);
+      std::fill(css.begin(), css.end(), 0.0);
       for (int64_t r = b * br; r < std::min(rows, (b + 1) * br); ++r) {
         to_float(x + r * C, buf.data(), C);
         for (int64_t c = 0; c < C; ++c) {
-          const float d = buf[c] - K[c];
+          const double d = static_cast<double>(buf[c]) - K[c];
           cs[c] += d;
           css[c] += d * d;
         }
@@ -223,8 +227,8 @@ void epilogue_kernel(const T* z, const T* res, T* y, const ChannelConsts& k, con
 // Σ gu, Σ gu·(z - center) per element into sa, sb (per-element slots; stride 0 for NCHW).
 inline void backward_chunk(float* g, const float* zz, const float* yy, float* gr_out,
                            int64_t len, const float* ce, const float* sc, const float* sh,
-                           int64_t cstride, float d, const Tail& t, bool has_z, float* sa,
-                           float* sb) {
+                           int64_t cstride, float d, const Tail& t, bool has_z, double* sa,
+                           double* sb) {
   for (int64_t j = 0; j < len; ++j) {
     const int64_t k = j * cstride;
     float gw = g[j];
@@ -259,7 +263,7 @@ void epilogue_backward_kernel(const T* gy, const T* z, const T* y, T* gz, T* gr,
           to_float(gy + off, g, len);
           if (has_z) to_float(z + off, zz, len);
           if (t.relu_out) to_float(y + off, yy, len);
-          float sa = 0.f, sb = 0.f;
+          double sa = 0.0, sb = 0.0;
           backward_chunk(g, zz, yy, gr ? gro : nullptr, len, &k.center[c], &k.scale[c],
                          &k.shift[c], 0, d, t, has_z, &sa, &sb);
           s += sa;
@@ -288,10 +292,11 @@ void epilogue_backward_kernel(const T* gy, const T* z, const T* y, T* gz, T* gr,
   const int64_t blocks = (rows + br - 1) / br;
   std::vector<double> S(blocks * C), SS(blocks * C);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> g(C), zz(C), yy(C), gro(C), sa(C), sb(C);
+    std::vector<float> g(C), zz(C), yy(C), gro(C);
+    std::vector<double> sa(C), sb(C);
     for (int64_t b = b0; b < b1; ++b) {
-      std::fill(sa.begin(), sa.end(), 0.f);
-      std::fill(sb.begin(), sb.end(), 0.f);
+      std::fill(sa.begin(), sa.end(), 0.0);
+      std::fill(sb.begin(), sb.end(), 0.0);
       for (int64_t r = b * br; r < std::min(rows, (b + 1) * br); ++r) {
         const float d = t.branch_scale ? t.branch_scale[r / HW] : 1.f;
         const int64_t off = r * C;

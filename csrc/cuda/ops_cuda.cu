@@ -71,8 +71,8 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_in) {
     const frk::ChannelStatsArgs<T> args{dptr<scalar_t>(x), mean.data_ptr<float>(),
                                         var.data_ptr<float>()};
     const auto plan = frk::plan_channel_stats(args, s, cfg.num_sms);
-    at::Tensor ws = at::empty({2 * plan.splits * L.c}, mean.options());
-    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<float>(), cfg),
+    at::Tensor ws = at::empty({2 * plan.splits * L.c}, mean.options().dtype(at::kDouble));
+    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<double>(), cfg),
                  "channel_stats");
   });
   return {mean, var};
@@ -166,8 +166,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
       const frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>(), fptr(in.scale),
                                   need_center_grad ? gc.data_ptr<float>() : nullptr};
       const auto plan = frk::plan_epilogue_backward(op, s, cfg.num_sms);
-      at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt);
-      check_launch(frk::launch_epilogue_backward(op, fin, s, plan, ws.data_ptr<float>(), cfg),
+      at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt.dtype(at::kDouble));
+      check_launch(frk::launch_epilogue_backward(op, fin, s, plan, ws.data_ptr<double>(), cfg),
                    "epilogue_backward");
     });
   }
