@@ -8,10 +8,11 @@
 //
 // Each thread accumulates its own elements in fp32 (the hot loop: a few dozen elements per
 // thread at ResNet shapes); everything after it, the block's sum over its threads, the
-// partials and the finalize, is in double. In fp32 throughout, an emulation of these kernels'
-// summation order lost 5e-5 of a zero-mean channel's mean and 7e-5 of a variance whose shift
-// sat 30 std from the mean (fp32's budget is 1e-5); with the cross-thread sums in double,
-// 3e-7 and 1.5e-6. The extra cost is a few hundred double adds per block.
+// partials and the finalize, is in double. In fp32 throughout, these kernels' summation order
+// (emulated on the CPU by kernels/emulate_stats_order.py) lost 4e-5 of a zero-mean channel's
+// mean and 9e-5 of a variance whose shift sat 30 std from the mean (fp32's budget is 1e-5);
+// with the cross-thread sums in double, 2e-6 and 1.3e-6. The extra cost is a few hundred
+// double adds per block and twice the shared memory of the NHWC block sum.
 //
 // An Op supplies the per-element work, split into a load phase and a compute phase so that
 // the kernels issue kUnroll independent 16-byte loads per thread before using any of them,
