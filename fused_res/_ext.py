@@ -283,6 +283,15 @@ def _register_fakes() -> None:
     def like(t):
         return torch.empty_like(t, memory_format=memory_format_of(t))
 
+    def one_device(primary, **others):
+        """The C++ ops' device check, which never runs once one argument is on `meta`: the
+        dispatcher then sends the whole call to these fakes, and a CPU op given a meta
+        vector returned uninitialised memory and skipped its in-place updates."""
+        for name, t in others.items():
+            if isinstance(t, torch.Tensor) and t.device != primary.device:
+                raise RuntimeError(f"fused_res_C: {name} is on {t.device}; accepted: the main "
+                                   f"input's device {primary.device}")
+
     def vec(t, n):
         return t.new_empty((n,), dtype=torch.float32)
 
@@ -292,15 +301,20 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fused_res_C::stats_backward")
     def _(gz, gmean, gvar, z, mean):
+        one_device(z, gz=gz, gmean=gmean, gvar=gvar, mean=mean)
         return like(z)
 
     @torch.library.register_fake("fused_res_C::epilogue")
     def _(z, center, scale, shift, relu_mid, residual, res_scale, branch_scale, relu_out):
+        one_device(z, center=center, scale=scale, shift=shift, residual=residual,
+                   branch_scale=branch_scale)
         return like(z)
 
     @torch.library.register_fake("fused_res_C::epilogue_backward")
     def _(gy, z, y, center, scale, shift, relu_mid, res_scale, branch_scale, relu_out,
           need_gz, need_gr, need_sums, need_center_grad=False):
+        one_device(gy, z=z, y=y, center=center, scale=scale, shift=shift,
+                   branch_scale=branch_scale)
         c = gy.shape[1]
         return (like(gy) if need_gz else gy.new_empty((0,)),
                 like(gy) if need_gr else gy.new_empty((0,)),
@@ -311,14 +325,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_res_C::bn_finalize")
     def _(mean, var, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
           eps, count):
+        one_device(mean, var=var, weight=weight, bias=bias, running_mean=running_mean,
+                   running_var=running_var, num_batches_tracked=num_batches_tracked)
         return torch.empty_like(mean), torch.empty_like(mean)
 
     @torch.library.register_fake("fused_res_C::bn_scale")
     def _(var, weight, eps):
+        one_device(var, weight=weight)
         return torch.empty_like(var)
 
     @torch.library.register_fake("fused_res_C::bn_scale_backward")
     def _(grad, var, weight, eps, need_var, need_weight):
+        one_device(var, grad=grad, weight=weight)
         need_weight = need_weight and weight is not None
         return (torch.empty_like(var) if need_var else vec(var, 0),
                 torch.empty_like(weight) if need_weight else vec(var, 0))

@@ -32,6 +32,33 @@ def test_bn_ops_update_half_precision_buffers(backend):
     check_bn_ops_match_batchnorm(backend, 0.1, True, dtype=torch.float16)
 
 
+def test_a_running_statistics_update_the_kernel_cannot_make_says_so_once(backend):
+    """fp16 buffers (model.half()) and strided views: the cuda kernel updates float32
+    contiguous buffers in place, and the update falls back to the reference, with one warning
+    (there was none) and the reference's values."""
+    import warnings
+
+    from fused_res.backends import registry
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    for rm, rv, what in ((torch.zeros(4).half(), torch.ones(4).half(), "float16"),
+                         (torch.zeros(8)[::2], torch.ones(8)[::2], "not contiguous")):
+        registry._warned.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                ops.bn_scale(mean, var, torch.ones(4), running_mean=rm, running_var=rv,
+                             num_batches_tracked=torch.tensor(0), count=10, backend=backend)
+        msgs = [str(w.message) for w in caught if "running-statistics" in str(w.message)]
+        if backend == "reference":
+            assert msgs == []
+            continue
+        assert len(msgs) == 1 and what in msgs[0] and "running_mean" in msgs[0], msgs
+        want = torch.zeros(4)
+        for _ in range(2):
+            want = want * 0.9 + mean * 0.1
+        assert torch.allclose(rm.float(), want, atol=1e-3)
+
+
 def test_bn_scale_gradients(backend):
     check_bn_scale_gradients(backend)
 

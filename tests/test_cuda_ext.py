@@ -303,6 +303,27 @@ def test_bn_finalize_empty_batch_only_counts_and_rejects_one_value(C):
 
 # ---- argument checks ----------------------------------------------------------------------
 
+def test_an_argument_on_meta_is_refused_by_name(C):
+    """A meta tensor routes the whole call to the fake kernels, past the C++ device checks:
+    those returned uninitialised CPU memory and skipped the in-place updates."""
+    z, meta = torch.randn(2, 3, 4, 5), torch.ones(3, device="meta")
+    calls = {
+        "scale": lambda: C.epilogue(z, None, meta, None, False, None, 1.0, None, False),
+        "gz": lambda: C.stats_backward(torch.randn(2, 3, 4, 5, device="meta"), None, None, z,
+                                       torch.zeros(3)),
+        "num_batches_tracked": lambda: C.bn_finalize(
+            torch.full((3,), 5.0), torch.full((3,), 4.0), None, None, torch.zeros(3),
+            torch.ones(3), torch.tensor(0, device="meta"), 0.5, 1e-5, 10),
+        "grad": lambda: C.bn_scale_backward(meta, torch.ones(3), None, 1e-5, True, False),
+        "center": lambda: C.epilogue_backward(z, z, None, meta, None, None, False, 1.0, None,
+                                              False, True, False, True, True),
+        "weight": lambda: C.bn_scale(torch.ones(3), meta, 1e-5),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"{name} is on meta; accepted"):
+            call()
+
+
 def test_bad_arguments_name_the_argument_and_what_is_accepted(C):
     z = torch.randn(2, 4, 3, 3)
     with pytest.raises(RuntimeError, match="z has shape .*accepted: a 4-D"):

@@ -102,3 +102,18 @@ class Backend:
     def prologue_fused(self) -> contextlib.AbstractContextManager[None]:
         """train_prologue(True): the bench's fused-<backend>-prologue contender."""
         return self.train_prologue(True)
+
+
+def in_place_reason(var: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                    float32_only: bool) -> str | None:
+    """Why a kernel cannot update these running statistics in place through their pointers
+    (contiguous, on var's device, float32 where float32_only), or None. A backend that then
+    leaves the update to the reference says so once (registry.warn_once)."""
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if float32_only and t.dtype != torch.float32:
+            return f"{name} is {t.dtype} (its kernel updates float32 statistics in place)"
+        if not t.is_contiguous():
+            return f"{name} is not contiguous (its kernel updates it in place)"
+        if t.device != var.device:
+            return f"{name} is on {t.device} and the batch statistics on {var.device}"
+    return None

@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from .. import _ext
 from . import registry
-from .base import BackendStatus
+from .base import BackendStatus, in_place_reason
 from .cudnn_backend import CudnnBackend
 from .reference import (
     ReferenceBackend,
@@ -108,11 +108,14 @@ class CudaBackend(ReferenceBackend):
         return (gv if need_var else None), (gw if need_weight and weight is not None else None)
 
     def _finalizes(self, var, running_mean, running_var, momentum, num_batches_tracked):
-        # The finalize kernel updates float32 contiguous buffers in place.
-        return (self.unsupported_reason(var, None, 1, (1, 1)) is None
-                and not (momentum is None and num_batches_tracked is None)
-                and all(t.dtype == torch.float32 and t.is_contiguous()
-                        and t.device == var.device for t in (running_mean, running_var)))
+        if (self.unsupported_reason(var, None, 1, (1, 1)) is not None
+                or (momentum is None and num_batches_tracked is None)):
+            return False  # (the op's resolution warned, or there is nothing to update)
+        reason = in_place_reason(var, running_mean, running_var, float32_only=True)
+        if reason is not None:
+            registry.warn_once(f"the cuda backend's running-statistics update: {reason}")
+            return False
+        return True
 
     def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
                           momentum, count):

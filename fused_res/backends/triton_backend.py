@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from ..triton import configs
-from .base import BackendStatus
+from .base import BackendStatus, in_place_reason
 from .constants import is_constant
 from .reference import (
     ReferenceBackend,
@@ -36,6 +36,7 @@ from .reference import (
     memory_format_of,
     needs_pre_act,
 )
+from .registry import warn_once
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Whether bf16 CPU tensors may take the kernels under TRITON_INTERPRET=1, whose bf16 arithmetic
@@ -326,8 +327,13 @@ class TritonBackend(ReferenceBackend):
 
     def _updates_in_place(self, var, running_mean, running_var) -> bool:
         # The kernel updates the buffers through their pointers: contiguous, on var's device.
-        return self._runs(var) and all(t.is_contiguous() and t.device == var.device
-                                       for t in (running_mean, running_var))
+        if not self._runs(var):
+            return False  # (the op's resolution warned)
+        reason = in_place_reason(var, running_mean, running_var, float32_only=False)
+        if reason is not None:
+            warn_once(f"the triton backend's running-statistics update: {reason}")
+            return False
+        return True
 
     def bn_update_running(self, mean, var, running_mean, running_var, num_batches_tracked,
                           momentum, count):
