@@ -21,8 +21,9 @@ from torch import nn
 from . import models
 from .backends import NAMES as BACKEND_NAMES
 from .nn import blocks as fblocks
+from .nn.hooks import has_hooks, hooked_child
 from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
-from .nn.stem import AppliedBatchNorm2d, FusedStemConv
+from .nn.stem import AppliedBatchNorm2d, FusedStemConv, unfuse_stem
 
 Recognized = tuple[type, BlockPlan]
 
@@ -167,16 +168,6 @@ def _recognizers() -> dict[type, Callable[[nn.Module], Recognized | str]]:
     return table
 
 
-def _hooked_child(block: nn.Module) -> str | None:
-    """The first child module that carries hooks: inside a fused block its forward never runs,
-    so its hooks would silently not fire."""
-    for name, m in block.named_modules():
-        if name and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or
-                     getattr(m, "_backward_pre_hooks", None)):
-            return name
-    return None
-
-
 def recognize(module: nn.Module) -> Recognized | str | None:
     """(fused class, plan) for a block we can fuse; a reason string for a residual block we
     leave alone; None for a module that is not a residual block we know."""
@@ -189,7 +180,7 @@ def recognize(module: nn.Module) -> Recognized | str | None:
             return None
         return (f"a subclass of {base.__module__}.{base.__qualname__}, whose forward may "
                 "differ: only the recognised classes themselves are fused")
-    hooked = _hooked_child(module)
+    hooked = hooked_child(module)
     if hooked is not None:
         return f"hooks on {hooked} would not fire inside a fused block"
     return fn(module)
@@ -217,22 +208,15 @@ def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
         return False
     conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
     if (conv_reason(conv) or norm_reason(bn, "none") or relu_reason(act)
-            or any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                   or getattr(m, "_backward_pre_hooks", None) for m in (conv, bn, act))):
+            or any(has_hooks(m) for m in (conv, bn, act))):
         return False
     applied = AppliedBatchNorm2d.from_batchnorm(bn)
+    placeholder = nn.Identity()
     model._modules["bn1"] = applied
-    model._modules[act_name] = nn.Identity()
-    model._modules["conv1"] = FusedStemConv.from_modules(conv, applied, ("bn1", act_name),
-                                                         act.inplace, backend)
+    model._modules[act_name] = placeholder
+    model._modules["conv1"] = FusedStemConv.from_modules(
+        conv, applied, ("bn1", act_name), act.inplace, backend, parent=model, act=placeholder)
     return True
-
-
-def _unfuse_stem(parent: nn.Module, fused: FusedStemConv) -> None:
-    (bn_name, act_name), inplace = fused.__dict__["_stem"]
-    parent._modules[bn_name] = parent._modules[bn_name].as_batchnorm()
-    parent._modules[act_name] = nn.ReLU(inplace=inplace)
-    parent._modules["conv1"] = fused.as_conv()
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
@@ -294,7 +278,7 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
         if isinstance(module._modules.get("conv1"), FusedStemConv):
-            _unfuse_stem(module, module._modules["conv1"])
+            unfuse_stem(module, module._modules["conv1"])
     for name, module in list(model.named_modules()):
         if isinstance(module, fblocks.FusedResidualBlock):
             original = module.original()

@@ -236,6 +236,120 @@ def test_hooks_on_a_block_itself_fire_on_the_fused_block():
     assert seen == []
 
 
+def _f64_resnet18(seed=0):
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=10).double()
+    randomize_bn(model)
+    return model
+
+
+def test_hooks_added_to_a_child_after_convert_fire_and_prune_trains_alike():
+    """torch.nn.utils.prune (a forward pre-hook that recomputes the weight) and feature hooks
+    on a child added after convert(): the fused block runs its original modules while they
+    are there, with one warning. Before, the hooks never fired: the pruned weight stayed the
+    one computed at pruning, and the second step failed (a backward through a freed graph)."""
+    import warnings
+
+    import torch.nn.utils.prune as prune
+
+    from fused_res.nn import blocks
+    base = _f64_resnet18()
+    fused = fused_res.convert(base, backend="reference")
+    seen = []
+    handle = fused.layer1[0].conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    blocks._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+        fused.eval()(x)
+        fused(x)
+    assert len(seen) == 2 and seen[0] == (2, 64, 8, 8)
+    assert sum("hooks on conv2 of a fused BasicBlock" in str(w.message) for w in caught) == 1
+    handle.remove()
+    for m in (base, fused):
+        prune.l1_unstructured(m.layer2[0].conv1, "weight", amount=0.5)
+    opts = [torch.optim.SGD(m.parameters(), lr=1e-3) for m in (base, fused)]
+    # (4 x 64 x 64: layer4's BatchNorms see 16 values per channel; with 2 values at 32 x 32
+    # a step amplifies float64 rounding ten-thousandfold, fused or not)
+    x, target = torch.randn(4, 3, 64, 64, dtype=torch.float64), torch.tensor([1, 2, 3, 4])
+    for _ in range(3):
+        for m, opt in zip((base, fused), opts, strict=True):
+            m.train()
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), target).backward()
+            opt.step()
+    with torch.no_grad():
+        assert rel_err(fused.eval()(x), base.eval()(x)) < 1e-10
+    assert {e.name: e for e in fused_res.report(fused)}["layer1.0"].fused
+
+
+def test_a_fused_block_built_directly_says_its_childrens_hooks_do_not_fire():
+    import warnings
+
+    from fused_res.nn import blocks
+    block = fused_res.nn.BasicBlock(8, 8, backend="reference")
+    block.conv1.register_forward_hook(lambda m, i, o: None)
+    blocks._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        block(torch.randn(2, 8, 6, 6))
+    assert any("do not fire" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("change", ["sync_batchnorm", "assign_bn1", "hook_conv1", "hook_relu"])
+def test_the_stem_follows_what_changed_after_convert(change):
+    """The fused stem applied the BatchNorm it was fused with: a bn1 replaced afterwards
+    (SyncBatchNorm.convert_sync_batchnorm, an assignment) normalized twice, and hooks on conv1
+    saw relu(bn(conv)). It now puts the plain modules back on its first call after a change
+    (one warning), keeping the new BatchNorm and the hooks; revert() works after it too."""
+    import warnings
+
+    base = _f64_resnet18().eval()
+    fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False).eval()
+    ref = copy.deepcopy(base)
+    seen = {}
+    if change == "sync_batchnorm":
+        fused = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
+        ref = nn.SyncBatchNorm.convert_sync_batchnorm(ref).eval()
+    elif change == "assign_bn1":
+        new = nn.BatchNorm2d(64).double().eval()
+        with torch.no_grad():
+            new.running_var.fill_(4.0)
+        fused.bn1, ref.bn1 = copy.deepcopy(new), copy.deepcopy(new)
+    elif change == "hook_conv1":
+        fused.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("fused", o))
+        ref.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("ref", o))
+    else:
+        fused.relu.register_forward_hook(lambda m, i, o: seen.setdefault("fused", o))
+        ref.relu.register_forward_hook(lambda m, i, o: seen.setdefault("ref", o))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        y, want = fused(x), ref(x)
+        fused(x)
+    assert sum("fused stem" in str(w.message) for w in caught) == 1
+    assert rel_err(y, want) < 1e-12
+    if seen:
+        assert rel_err(seen["fused"], seen["ref"]) < 1e-12
+    assert type(fused.conv1) is nn.Conv2d and type(fused.relu) is nn.ReLU
+    fused_res.revert(fused)
+    with torch.no_grad():
+        assert rel_err(fused(x), want) < 1e-12
+
+
+def test_revert_after_convert_sync_batchnorm():
+    """The blocks' error names revert() as the way out of a SyncBatchNorm conversion: it
+    raised AttributeError on the stem's SyncBatchNorm."""
+    base = _f64_resnet18().eval()
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(fused_res.convert(base)).eval()
+    fused_res.revert(model)
+    ref = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base)).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(model(x), ref(x)) < 1e-12
+    assert type(model.bn1) is nn.SyncBatchNorm and type(model.relu) is nn.ReLU
+
+
 def test_a_subclass_of_a_recognised_block_is_left_alone_and_reported():
     class Plain(models.BasicBlock):
         pass

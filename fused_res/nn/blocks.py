@@ -2,7 +2,8 @@
 
 Each block owns plain nn.Conv2d / nn.BatchNorm2d children under torchvision's names, so
 state_dicts, optimizers, hooks, DDP and checkpoints are those of the unfused block. Its forward
-runs the BlockPlan through the conv-unit ops:
+runs the BlockPlan through the conv-unit ops (a converted block whose children have hooks runs
+its original forward instead, so that they fire):
 
 - eval (running statistics): one conv_unit per conv, BN folded, the residual add and final
   ReLU in the last conv's epilogue; under no_grad, where the backend has the kernel, the last
@@ -14,6 +15,8 @@ runs the BlockPlan through the conv-unit ops:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -22,8 +25,17 @@ from .. import ops
 from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
+from .hooks import any_child_hooked, hooked_child
 from .plan import BlockPlan, ShortcutPlan, shortcut_plan
 from .unit import RELU_ONLY, Pending, materialize, run_unit
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"fused_res: {message}", stacklevel=3)
 
 
 class DropPath(nn.Module):
@@ -178,7 +190,27 @@ class FusedResidualBlock(nn.Module):
                                       act_out="relu" if plan.act_out else "none",
                                       backend=self.backend)
 
+    def _children_hooked(self, x: Tensor) -> Tensor | None:
+        """With hooks on a child (added after convert(): torch.nn.utils.prune, the old
+        weight_norm, a feature hook), the original block's forward, whose calls of its children
+        fire them; None where they cannot fire (a block built directly has no original), after
+        one warning. The original is run through .forward: its hook dicts are this block's,
+        which the caller's __call__ has already run."""
+        name = hooked_child(self)
+        orig = self.original()
+        if orig is None:
+            _warn_once(f"hooks on {name} of a {type(self).__name__} built as a fused_res "
+                       "block do not fire: it never calls its children's forward")
+            return None
+        _warn_once(f"hooks on {name} of a fused {type(orig).__name__}: the block runs its "
+                   "original modules, unfused, while a child has hooks")
+        return orig.forward(x)
+
     def forward(self, x: Tensor) -> Tensor:
+        if any_child_hooked(self):
+            y = self._children_hooked(x)
+            if y is not None:
+                return y
         plan, backend = self.plan, self.backend
         pending: Pending | None = None
         if plan.pre_norm is not None:
