@@ -81,8 +81,7 @@ def _cifar(block: models.CifarBlock) -> Recognized | str:
     if reason:
         return reason
     preact = v in ("relu_only_preact", "full_preact")
-    sc = shortcut_plan(block, reads_preact=preact and isinstance(block.downsample,
-                                                                    nn.Sequential))
+    sc = shortcut_plan(block, reads_preact=preact and block.shortcut_reads_preact())
     common = {"shortcut": sc}
     if v == "original":
         plan = BlockPlan(v, convs, norms[:-1], norms[-1], **common)
@@ -131,7 +130,8 @@ def _timm_v2_preact(block: nn.Module) -> Recognized | str:
     dp = getattr(block, "drop_path", None)
     plan = BlockPlan("full_preact", convs, norms[1:], None, pre_norm=norms[0], pre_act=True,
                      drop_path=None if _is_identity(dp) else "drop_path",
-                     shortcut=shortcut_plan(block, reads_preact=True), act_out=False)
+                     shortcut=shortcut_plan(block, reads_preact=block.downsample is not None),
+                     act_out=False)
     return _shortcut_reason(plan.shortcut, block) or (_fused_class(plan), plan)
 
 

@@ -97,8 +97,44 @@ def test_residual_blocks_order_is_forward_order():
     assert order == blocks and len(blocks) == 8
 
 
-@pytest.mark.parametrize("drop,exc", [([9], ValueError), ([-10], ValueError), (["0"], TypeError)])
+@pytest.mark.parametrize("drop,exc", [([9], ValueError), ([-10], ValueError), (["0"], TypeError),
+                                      (3, TypeError), (None, TypeError), ([True], TypeError),
+                                      ([torch.tensor(1.5)], TypeError)])
 def test_lesion_bad_index(drop, exc):
     model = models.cifar_resnet(20)
     with pytest.raises(exc, match="accepted"), lesion(model, drop=drop):
         pass
+
+
+def test_lesion_takes_numpy_and_torch_integers_and_needs_blocks():
+    import numpy as np
+    model = models.cifar_resnet(8).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        with lesion(model, [1]):
+            want = model(x)
+        for i in (np.int64(1), torch.tensor(1)):
+            with lesion(model, [i]):
+                assert torch.equal(model(x), want)
+    with pytest.raises(ValueError, match="no residual blocks"), lesion(torch.nn.Linear(2, 2),
+                                                                        [0]):
+        pass
+
+
+def test_a_lesioned_block_never_writes_its_input():
+    """A lesioned block returns a new tensor, as the whole block does: timm's in-place SiLU
+    overwrote the caller's tensor, and our ReLU-only pre-activation unit returned it, which
+    the net's in-place final ReLU then wrote (what a hook had captured changed)."""
+    m = timm.create_model("resnet18", act_layer="silu").eval()
+    x = torch.randn(1, 64, 8, 8)
+    x0 = x.clone()
+    with torch.no_grad(), lesion(m, [1]):
+        y = residual_blocks(m)[1](x)
+    assert torch.equal(x, x0) and y.data_ptr() != x.data_ptr()
+
+    net = models.cifar_resnet(14, variant="relu_only_preact").eval()
+    seen = []
+    net.layer3[0].register_forward_hook(lambda mod, i, o: seen.append((o, o.clone())))
+    with torch.no_grad(), lesion(net, [-1]):
+        net(torch.randn(2, 3, 16, 16))
+    assert torch.equal(*seen[0])

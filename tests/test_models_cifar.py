@@ -69,7 +69,7 @@ def _bn(x, bn):
                         bn.eps)
 
 
-def _expected_block(b, x):
+def _expected_block(b, x, first=False):
     """The units of He et al. 2016 Fig. 4 written out independently of CifarBlock."""
     c1 = lambda t: F.conv2d(t, b.conv1.weight, stride=b.stride, padding=1)
     c2 = lambda t: F.conv2d(t, b.conv2.weight, padding=1)
@@ -97,27 +97,42 @@ def _expected_block(b, x):
         return relu(_bn(c2(relu(_bn(c1(x), b.bn1))) + shortcut(x), b.bn2))
     if v == "relu_before_add":
         return relu(_bn(c2(relu(_bn(c1(x), b.bn1))), b.bn2)) + shortcut(x)
+    # A pre-activation unit's projection reads the activated input; so does any shortcut of
+    # the net's first unit (He et al. 2016 §4.1: "we adopt the first activation right after
+    # conv1 and before splitting into two paths").
+    shared = isinstance(b.downsample, torch.nn.Sequential) or first
     if v == "relu_only_preact":
         p = relu(x)
-        r = shortcut(p) if isinstance(b.downsample, torch.nn.Sequential) else shortcut(x)
+        r = shortcut(p) if shared else shortcut(x)
         return _bn(c2(relu(_bn(c1(p), b.bn1))), b.bn2) + r
     p = relu(_bn(x, b.bn1))
-    r = shortcut(p) if isinstance(b.downsample, torch.nn.Sequential) else shortcut(x)
+    r = shortcut(p) if shared else shortcut(x)
     return c2(relu(_bn(c1(p), b.bn2))) + r
 
 
 @pytest.mark.parametrize("variant,shortcut", list(itertools.product(models.VARIANTS,
                                                                     models.SHORTCUTS)))
-@pytest.mark.parametrize("stride,cin,cout", [(1, 8, 8), (2, 8, 16)])
-def test_block_matches_written_out_unit(variant, shortcut, stride, cin, cout):
+@pytest.mark.parametrize("stride,cin,cout,first", [(1, 8, 8, False), (2, 8, 16, False),
+                                                   (1, 8, 8, True), (1, 8, 16, True)])
+def test_block_matches_written_out_unit(variant, shortcut, stride, cin, cout, first):
     torch.manual_seed(1)
-    b = models.CifarBlock(cin, cout, stride, variant, shortcut, shortcut_scale=0.7).eval()
+    b = models.CifarBlock(cin, cout, stride, variant, shortcut, shortcut_scale=0.7,
+                          shares_preact=first).eval()
     from helpers import randomize_bn
     randomize_bn(b)
     x = torch.randn(2, cin, 9, 9, dtype=torch.float64)
     b.double()
     with torch.no_grad():
-        assert rel_err(b(x), _expected_block(b, x)) < 1e-12
+        assert rel_err(b(x), _expected_block(b, x, first)) < 1e-12
+
+
+@pytest.mark.parametrize("variant", ["relu_only_preact", "full_preact"])
+def test_only_the_first_unit_of_a_preact_net_shares_its_activation(variant):
+    m = models.cifar_resnet(14, variant=variant, shortcut="A")
+    shared = [b.shares_preact for b in models.residual_blocks(m)]
+    assert shared == [True] + [False] * (len(shared) - 1)
+    assert not any(b.shares_preact for b in models.residual_blocks(
+        models.cifar_resnet(14, variant="original")))
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -126,6 +141,12 @@ def test_block_matches_written_out_unit(variant, shortcut, stride, cin, cout):
     (dict(depth=20, variant="preact"), "full_preact"), (dict(depth=20, shortcut="D"), "'A'"),
     (dict(depth=20, block="wide"), "bottleneck"), (dict(depth=20, num_classes=0), "positive"),
     (dict(depth=20.0), "6n\\+2"),
+    (dict(depth=8, shortcut_scale="x"), "shortcut_scale='x'; accepted"),
+    (dict(depth=8, shortcut_scale=True), "shortcut_scale=True; accepted"),
+    (dict(depth=8, shortcut_scale=float("nan")), "shortcut_scale=nan; accepted"),
+    (dict(depth=8, num_classes=10.5), "num_classes=10.5; accepted"),
+    (dict(depth=8, widths=(16.5, 32, 64)), "widths=.*; accepted"),
+    (dict(depth=8, widths=5), "widths=5; accepted"),
 ])
 def test_bad_arguments_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -74,7 +74,11 @@ def test_backward_reaches_every_parameter():
 
 
 @pytest.mark.parametrize("kwargs", [dict(layers=[2, 2, 2]), dict(layers=[2, 2, 0, 2]),
-                                    dict(layers=[2, 2, 2, 2], num_classes=0)])
+                                    dict(layers=[2, 2, 2, 2], num_classes=0),
+                                    dict(layers=[2, 2, 2, "a"]),
+                                    dict(layers=[2, 2, 2, 2], num_classes=10.5),
+                                    dict(layers=[2, 2, 2, 2], width_per_group=0),
+                                    dict(layers=[2, 2, 2, 2], replace_stride_with_dilation=True)])
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="accepted"):
         models.ResNet(models.BasicBlock, **kwargs)

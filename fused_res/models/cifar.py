@@ -9,13 +9,17 @@ One constructor covers the whole family of the source notes:
   B (1x1-conv projection only where the shape changes), C (projection everywhere);
 - a constant shortcut scale λ (He et al. 2016 §3.1, "constant scaling").
 
-Pre-activation nets follow the paper's boundary rules: the stem is a bare conv (full
-pre-activation) or conv+BN (ReLU-only pre-activation), a projection shortcut reads the
-pre-activated input (as timm's resnetv2 does), and an extra BN+ReLU (or ReLU) follows the last
-unit, before pooling.
+Pre-activation nets follow the paper's boundary rules (§4.1): the stem is a bare conv (full
+pre-activation) or conv+BN (ReLU-only pre-activation); the first unit's activation comes
+"right after conv1 and before splitting into two paths", so its shortcut reads the
+pre-activated input whatever its kind (`shares_preact`); elsewhere a projection shortcut reads
+the pre-activated input (as timm's resnetv2 does) and an identity or option-A one the unit's
+input; an extra BN+ReLU (or ReLU) follows the last unit, before pooling.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -58,21 +62,29 @@ class CifarBlock(nn.Module):
 
     Children: conv1, bn1, conv2, bn2 (+ conv3, bn3 for bottlenecks) and `downsample` (None for
     an identity shortcut, PadShortcut for option A, Sequential(conv, [bn]) for a projection).
-    In pre-activation variants bn_k normalizes the input of conv_k; elsewhere its output,
-    except that in "bn_after_add" the last BN normalizes the sum.
+    In "full_preact" bn_k normalizes the input of conv_k; elsewhere its output, except that in
+    "bn_after_add" the last BN normalizes the sum. shares_preact (pre-activation variants; the
+    net's first unit): the shortcut reads the pre-activated input whatever its kind; without
+    it, only a projection does.
     Input (N, in_channels, H, W) -> (N, out_channels, H/stride, W/stride).
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
                  variant: str = "original", shortcut: str = "A", block: str = "basic",
-                 shortcut_scale: float = 1.0, norm_layer=None) -> None:
+                 shortcut_scale: float = 1.0, norm_layer=None,
+                 shares_preact: bool = False) -> None:
         super().__init__()
         _check_choice("variant", variant, VARIANTS)
         _check_choice("shortcut", shortcut, SHORTCUTS)
         _check_choice("block", block, BLOCKS)
+        if (isinstance(shortcut_scale, bool) or not isinstance(shortcut_scale, (int, float))
+                or not math.isfinite(shortcut_scale)):
+            raise ValueError(f"shortcut_scale={shortcut_scale!r}; accepted: a finite float "
+                             "(the shortcut's constant scale λ)")
         norm_layer = norm_layer or nn.BatchNorm2d
         self.variant, self.block, self.shortcut_scale = variant, block, float(shortcut_scale)
         self.in_channels, self.out_channels, self.stride = in_channels, out_channels, stride
+        self.shares_preact = bool(shares_preact) and variant in PREACT_VARIANTS
         preact = variant == "full_preact"
         if block == "basic":
             chans = [in_channels, out_channels, out_channels]
@@ -109,8 +121,10 @@ class CifarBlock(nn.Module):
         return [(getattr(self, f"conv{k}"), getattr(self, f"bn{k}"))
                 for k in range(1, self.num_convs + 1)]
 
-    def _projection_reads_preact(self) -> bool:
-        return self.variant in PREACT_VARIANTS and isinstance(self.downsample, nn.Sequential)
+    def shortcut_reads_preact(self) -> bool:
+        """Whether the shortcut takes the pre-activated input rather than the unit's input."""
+        return self.variant in PREACT_VARIANTS and (
+            self.shares_preact or isinstance(self.downsample, nn.Sequential))
 
     def _preact(self, x: torch.Tensor) -> torch.Tensor:
         if self.variant == "full_preact":
@@ -118,7 +132,7 @@ class CifarBlock(nn.Module):
         return F.relu(x)
 
     def _shortcut(self, x: torch.Tensor, preact: torch.Tensor | None) -> torch.Tensor:
-        src = preact if self._projection_reads_preact() else x
+        src = preact if self.shortcut_reads_preact() else x
         r = src if self.downsample is None else self.downsample(src)
         return r if self.shortcut_scale == 1.0 else r * self.shortcut_scale
 
@@ -154,14 +168,17 @@ class CifarBlock(nn.Module):
         if v == "plain":
             raise ValueError("a plain block has no shortcut to fall back to")
         if v in PREACT_VARIANTS:
-            p = self._preact(x) if self._projection_reads_preact() else None
-            return self._shortcut(x, p)
-        r = self._shortcut(x, None)
-        if v == "original":
-            return F.relu(r)
-        if v == "bn_after_add":
-            return F.relu(self._convs()[-1][1](r))
-        return r
+            p = self._preact(x) if self.shortcut_reads_preact() else None
+            r = self._shortcut(x, p)
+        else:
+            r = self._shortcut(x, None)
+            if v == "original":
+                return F.relu(r)
+            if v == "bn_after_add":
+                return F.relu(self._convs()[-1][1](r))
+        # A new tensor, as the whole unit returns: the caller's x may be someone else's
+        # output (a hook's capture) and the net's next in-place ReLU would write it.
+        return r.clone() if r is x else r
 
     def extra_repr(self) -> str:
         return (f"variant={self.variant!r}, block={self.block!r}, stride={self.stride}, "
@@ -180,10 +197,12 @@ class CifarResNet(nn.Module):
         _check_choice("shortcut", shortcut, SHORTCUTS)
         _check_choice("block", block, BLOCKS)
         n = blocks_per_stage(depth, block)
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes}; accepted: a positive integer")
-        if len(widths) != 3 or any(int(w) < 1 for w in widths):
-            raise ValueError(f"widths={widths}; accepted: three positive channel counts")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes={num_classes!r}; accepted: a positive integer")
+        if (not isinstance(widths, (list, tuple)) or len(widths) != 3
+                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
+                           for w in widths)):
+            raise ValueError(f"widths={widths!r}; accepted: three positive channel counts")
         norm_layer = norm_layer or nn.BatchNorm2d
         self.depth, self.variant, self.block_type = depth, variant, block
         expansion = 4 if block == "bottleneck" else 1
@@ -197,8 +216,10 @@ class CifarResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
+                # (He et al. 2016 §4.1: the first unit's activation is shared by both paths)
                 blocks.append(CifarBlock(in_ch, out_ch, stride, variant, shortcut, block,
-                                         shortcut_scale, norm_layer))
+                                         shortcut_scale, norm_layer,
+                                         shares_preact=(i, j) == (0, 0)))
                 in_ch = out_ch
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         # The extra activation after the last pre-activation unit (He et al. 2016 §4).

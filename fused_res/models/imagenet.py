@@ -92,6 +92,12 @@ class Bottleneck(nn.Module):
         return torch.relu(x if self.downsample is None else self.downsample(x))
 
 
+
+def _positive_int(value) -> bool:
+    """Whether value is an int >= 1 (not a bool): the models' count arguments."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class ResNet(nn.Module):
     """ImageNet ResNet. Input (N, 3, H, W) float; output (N, num_classes) logits."""
 
@@ -101,15 +107,19 @@ class ResNet(nn.Module):
                  replace_stride_with_dilation: list[bool] | None = None,
                  norm_layer: NormLayer | None = None) -> None:
         super().__init__()
-        if len(layers) != 4 or any(n < 1 for n in layers):
-            raise ValueError(f"layers={layers}; accepted: four positive block counts")
-        if num_classes < 1:
-            raise ValueError(f"num_classes={num_classes}; accepted: a positive integer")
+        if (not isinstance(layers, (list, tuple)) or len(layers) != 4
+                or not all(_positive_int(n) for n in layers)):
+            raise ValueError(f"layers={layers!r}; accepted: four positive block counts")
+        for name, value in (("num_classes", num_classes), ("groups", groups),
+                            ("width_per_group", width_per_group)):
+            if not _positive_int(value):
+                raise ValueError(f"{name}={value!r}; accepted: a positive integer")
         self._norm_layer = norm_layer or nn.BatchNorm2d
         self.inplanes = 64
         self.dilation = 1
         replace_stride_with_dilation = replace_stride_with_dilation or [False, False, False]
-        if len(replace_stride_with_dilation) != 3:
+        if (not isinstance(replace_stride_with_dilation, (list, tuple))
+                or len(replace_stride_with_dilation) != 3):
             raise ValueError(f"replace_stride_with_dilation={replace_stride_with_dilation}; "
                              "accepted: None or a 3-element list of bools")
         self.groups = groups

@@ -8,6 +8,7 @@ class and never import torchvision or timm themselves, so `import fused_res` sta
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 from collections.abc import Callable, Iterable, Iterator
 
@@ -22,8 +23,11 @@ def _post_act_shortcut_only(act_attr: str) -> ShortcutOnly:
     def run(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         r = x if block.downsample is None else block.downsample(x)
         act = getattr(block, act_attr)
-        # The block's own ReLU may be inplace, and r may be the caller's tensor.
-        return F.relu(r) if isinstance(act, nn.ReLU) else act(r)
+        if isinstance(act, nn.ReLU):
+            return F.relu(r)
+        # The block's own activation may work in place (timm's SiLU(inplace=True), ...), and r
+        # may be the caller's tensor, which the unlesioned block never writes.
+        return act(r.clone() if r is x and getattr(act, "inplace", False) else r)
     return run
 
 
@@ -74,11 +78,21 @@ def lesion(model: nn.Module, drop: Iterable[int]) -> Iterator[nn.Module]:
     restored on exit, also on error. Negative indices count from the end."""
     adapters = _foreign_adapters()
     blocks = residual_blocks(model)
-    drop = list(drop)
+    try:
+        drop = list(drop)
+    except TypeError:
+        raise TypeError(f"drop={drop!r}; accepted: an iterable of integer block indices "
+                        "(e.g. [3] or range(2, 5))") from None
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no residual blocks to lesion")
     chosen: dict[int, nn.Module] = {}
     for i in drop:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise TypeError(f"drop contains {i!r}; accepted: integer block indices")
+        try:
+            if isinstance(i, bool):
+                raise TypeError
+            i = operator.index(i)  # (numpy and 0-dim torch integers too)
+        except TypeError:
+            raise TypeError(f"drop contains {i!r}; accepted: integer block indices") from None
         if not -len(blocks) <= i < len(blocks):
             raise ValueError(f"drop contains {i}; accepted: -{len(blocks)} <= i < "
                              f"{len(blocks)} (the model has {len(blocks)} residual blocks)")

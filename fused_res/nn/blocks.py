@@ -221,9 +221,7 @@ class FusedResidualBlock(nn.Module):
         # A backend may prefer training BatchNorms applied in their own pass rather than in
         # the next conv's prologue (Backend.fuse_train_prologue).
         fuse = ops.fuses_train_prologue(backend)
-        # (An identity shortcut adds x itself, whatever the plan says it reads.)
-        shared = (pending is not None and plan.residual and plan.shortcut.reads_preact
-                  and plan.shortcut.kind != "identity")
+        shared = pending is not None and plan.residual and plan.shortcut.reads_preact
         h, r = x, None
         if shared or (pending is not None and not fuse and plan.pre_norm is not None
                       and uses_batch_stats(self._get(plan.pre_norm))):
@@ -275,7 +273,7 @@ class FusedResidualBlock(nn.Module):
         if not plan.residual:
             raise ValueError("a plain block has no shortcut to fall back to")
         preact = None
-        if plan.shortcut.reads_preact and plan.shortcut.kind != "identity":
+        if plan.shortcut.reads_preact:
             preact = F.relu(self._get(plan.pre_norm)(x)) if plan.pre_norm else F.relu(x)
         r = self._shortcut(x, preact) * float(self.shortcut_scale)
         if plan.post_norm is not None:
@@ -343,7 +341,8 @@ def _preact_plan(block: nn.Module, n_convs: int) -> BlockPlan:
     norms = tuple(f"bn{k}" for k in range(1, n_convs + 1))
     return BlockPlan("full_preact", convs, norms[1:], None, pre_norm=norms[0], pre_act=True,
                      drop_path="drop_path" if hasattr(block, "drop_path") else None,
-                     shortcut=shortcut_plan(block, reads_preact=True), act_out=False)
+                     shortcut=shortcut_plan(block, reads_preact=block.downsample is not None),
+                     act_out=False)
 
 
 class _PreActBase(FusedResidualBlock):

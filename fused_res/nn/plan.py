@@ -17,7 +17,8 @@ class ShortcutPlan:
 
     kind: "identity" (r = input), "unit" (optional pool, then conv, then optional BN, run
     through the ops) or "module" (call the module as it is, e.g. option A's PadShortcut).
-    reads_preact: the shortcut takes the pre-activated input (pre-activation blocks).
+    reads_preact: the shortcut takes the pre-activated input (pre-activation blocks), whatever
+    its kind (an identity shortcut then adds the pre-activated input itself).
     """
 
     kind: str = "identity"
