@@ -23,7 +23,7 @@ from .backends import NAMES as BACKEND_NAMES
 from .nn import blocks as fblocks
 from .nn.hooks import has_hooks, hooked_child
 from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
-from .nn.stem import AppliedBatchNorm2d, FusedStemConv, unfuse_stem
+from .nn.stem import AppliedBatchNorm2d, AppliedReLU, FusedStemConv, StemState, unfuse_stem
 
 Recognized = tuple[type, BlockPlan]
 
@@ -182,7 +182,8 @@ def recognize(module: nn.Module) -> Recognized | str | None:
                 "differ: only the recognised classes themselves are fused")
     hooked = hooked_child(module)
     if hooked is not None:
-        return f"hooks on {hooked} would not fire inside a fused block"
+        return (f"hooks on {hooked}: left unfused (a fused block runs its original "
+                "forward while a child has hooks)")
     return fn(module)
 
 
@@ -210,12 +211,13 @@ def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
     if (conv_reason(conv) or norm_reason(bn, "none") or relu_reason(act)
             or any(has_hooks(m) for m in (conv, bn, act))):
         return False
-    applied = AppliedBatchNorm2d.from_batchnorm(bn)
-    placeholder = nn.Identity()
+    state = StemState()
+    applied = AppliedBatchNorm2d.from_batchnorm(bn, state)
+    relu = AppliedReLU(act.inplace, state)
     model._modules["bn1"] = applied
-    model._modules[act_name] = placeholder
-    model._modules["conv1"] = FusedStemConv.from_modules(
-        conv, applied, ("bn1", act_name), act.inplace, backend, parent=model, act=placeholder)
+    model._modules[act_name] = relu
+    model._modules["conv1"] = FusedStemConv.from_modules(conv, applied, ("bn1", act_name),
+                                                         act.inplace, backend, act=relu)
     return True
 
 

@@ -296,45 +296,66 @@ def test_a_fused_block_built_directly_says_its_childrens_hooks_do_not_fire():
     assert any("do not fire" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("change", ["sync_batchnorm", "assign_bn1", "hook_conv1", "hook_relu"])
-def test_the_stem_follows_what_changed_after_convert(change):
-    """The fused stem applied the BatchNorm it was fused with: a bn1 replaced afterwards
-    (SyncBatchNorm.convert_sync_batchnorm, an assignment) normalized twice, and hooks on conv1
-    saw relu(bn(conv)). It now puts the plain modules back on its first call after a change
-    (one warning), keeping the new BatchNorm and the hooks; revert() works after it too."""
+@pytest.mark.parametrize("hooked", ["conv1", "bn1", "relu"])
+def test_hooks_on_the_fused_stem_see_what_they_would_unfused(hooked):
+    """A hook on the stem's conv1 saw relu(bn(conv)), one on bn1 or the ReLU its fused
+    placeholder's input. While any of the three has hooks, conv1 computes the plain conv and
+    bn1 and the ReLU apply themselves (one warning); without them the stem is fused again.
+    No module is swapped: references held to them, a Sequential of the model's children and
+    copies stay valid."""
     import warnings
 
+    from fused_res.nn import stem
     base = _f64_resnet18().eval()
     fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False).eval()
-    ref = copy.deepcopy(base)
     seen = {}
-    if change == "sync_batchnorm":
-        fused = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
-        ref = nn.SyncBatchNorm.convert_sync_batchnorm(ref).eval()
-    elif change == "assign_bn1":
-        new = nn.BatchNorm2d(64).double().eval()
-        with torch.no_grad():
-            new.running_var.fill_(4.0)
-        fused.bn1, ref.bn1 = copy.deepcopy(new), copy.deepcopy(new)
-    elif change == "hook_conv1":
-        fused.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("fused", o))
-        ref.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("ref", o))
-    else:
-        fused.relu.register_forward_hook(lambda m, i, o: seen.setdefault("fused", o))
-        ref.relu.register_forward_hook(lambda m, i, o: seen.setdefault("ref", o))
+    handles = [getattr(m, hooked).register_forward_hook(
+        lambda mod, i, o, k=k: seen.setdefault(k, o)) for k, m in (("fused", fused),
+                                                                    ("ref", base))]
+    # The torchvision feature-extractor idiom: the model's children in a Sequential.
+    trunk = nn.Sequential(*list(fused.children())[:-2])
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    stem._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        y, want = fused(x), ref(x)
-        fused(x)
+        y, want = fused(x), base(x)
+        feats = trunk(x)
     assert sum("fused stem" in str(w.message) for w in caught) == 1
-    assert rel_err(y, want) < 1e-12
-    if seen:
-        assert rel_err(seen["fused"], seen["ref"]) < 1e-12
-    assert type(fused.conv1) is nn.Conv2d and type(fused.relu) is nn.ReLU
-    fused_res.revert(fused)
+    assert rel_err(y, want) < 1e-12 and rel_err(seen["fused"], seen["ref"]) < 1e-12
+    with torch.no_grad():
+        ref_trunk = nn.Sequential(*list(base.children())[:-2])
+        assert rel_err(feats, ref_trunk(x)) < 1e-12
+    assert type(fused.conv1).__name__ == "FusedStemConv"
+    for h in handles:
+        h.remove()
     with torch.no_grad():
         assert rel_err(fused(x), want) < 1e-12
+    assert fused.conv1.__dict__["_state"].fused
+    copied = pickle.loads(pickle.dumps(copy.deepcopy(fused)))
+    with torch.no_grad():
+        assert rel_err(copied(x), want) < 1e-12
+
+
+def test_a_stem_whose_batchnorm_was_replaced_says_so():
+    """convert_sync_batchnorm after convert() leaves the fused stem normalizing and a new
+    SyncBatchNorm normalizing again; the stem sees it on its next call (its own BatchNorm did
+    not run) and warns. A model used as converted never warns."""
+    import warnings
+
+    from fused_res.nn import stem
+    base = _f64_resnet18().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    stem._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False)
+        fused.eval()(x)
+        fused(x)
+        assert not [w for w in caught if "fused stem" in str(w.message)]
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
+        synced(x)
+        synced(x)
+    assert sum("did not run after its previous call" in str(w.message) for w in caught) == 1
 
 
 def test_revert_after_convert_sync_batchnorm():

@@ -33,7 +33,8 @@ _WARNED: set[str] = set()
 
 
 def _warn_once(message: str) -> None:
-    if message not in _WARNED:
+    # (not while torch.compile traces: warnings.warn breaks the graph)
+    if message not in _WARNED and not torch.compiler.is_compiling():
         _WARNED.add(message)
         warnings.warn(f"fused_res: {message}", stacklevel=3)
 
