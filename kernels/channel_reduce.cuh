@@ -12,7 +12,8 @@
 // (emulated on the CPU by kernels/emulate_stats_order.py) lost 4e-5 of a zero-mean channel's
 // mean and 9e-5 of a variance whose shift sat 30 std from the mean (fp32's budget is 1e-5);
 // with the cross-thread sums in double, 2e-6 and 1.3e-6. The extra cost is a few hundred
-// double adds per block and twice the shared memory of the NHWC block sum.
+// double adds per block, and the NHWC block sum's two sums going through shared memory one
+// after the other (the same 16 KiB as two float arrays).
 //
 // An Op supplies the per-element work, split into a load phase and a compute phase so that
 // the kernels issue kUnroll independent 16-byte loads per thread before using any of them,
@@ -156,8 +157,9 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
                        double* __restrict__ part_a, double* __restrict__ part_b) {
   constexpr int U = Op::kUnroll;
   using Frag = typename Op::template Frag<VEC>;
-  __shared__ double sh_a[kThreads * VEC];  // 32 KiB for 16-bit types (VEC 8)
-  __shared__ double sh_b[kThreads * VEC];
+  // One array for both sums, one after the other: 16 KiB for 16-bit types (VEC 8), so that
+  // kMinBlocks = 4 blocks fit an SM of sm_86/89 (100 KiB) as well.
+  __shared__ double sh[kThreads * VEC];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int tdx = blockDim.x, tdy = blockDim.y;
   const index_t c0 = (static_cast<index_t>(blockIdx.x) * tdx + tx) * VEC;
@@ -201,24 +203,24 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
       }
     }
   }
+  // width = tdx * VEC <= 32 * 8 = kThreads: thread col sums column col, if any.
   const int width = tdx * VEC;
+  const int col = ty * tdx + tx;
+  double sums[2] = {0.0, 0.0};
 #pragma unroll
-  for (int l = 0; l < VEC; ++l) {
-    sh_a[ty * width + tx * VEC + l] = acc_a[l];
-    sh_b[ty * width + tx * VEC + l] = acc_b[l];
+  for (int pass = 0; pass < 2; ++pass) {
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) sh[ty * width + tx * VEC + l] = pass ? acc_b[l] : acc_a[l];
+    __syncthreads();
+    if (col < width) {
+      for (int r = 0; r < tdy; ++r) sums[pass] += sh[r * width + col];
+    }
+    __syncthreads();  // (before the next pass overwrites sh)
   }
-  __syncthreads();
-  for (int col = ty * tdx + tx; col < width; col += kThreads) {
-    double a = 0.0, b = 0.0;
-    for (int r = 0; r < tdy; ++r) {
-      a += sh_a[r * width + col];
-      b += sh_b[r * width + col];
-    }
-    const int64_t ch = static_cast<int64_t>(blockIdx.x) * width + col;
-    if (ch < static_cast<int64_t>(c_total)) {
-      part_a[static_cast<int64_t>(blockIdx.y) * c_total + ch] = a;
-      part_b[static_cast<int64_t>(blockIdx.y) * c_total + ch] = b;
-    }
+  const int64_t ch = static_cast<int64_t>(blockIdx.x) * width + col;
+  if (col < width && ch < static_cast<int64_t>(c_total)) {
+    part_a[static_cast<int64_t>(blockIdx.y) * c_total + ch] = sums[0];
+    part_b[static_cast<int64_t>(blockIdx.y) * c_total + ch] = sums[1];
   }
 }
 
