@@ -315,6 +315,9 @@ def _describe(module: fblocks.FusedResidualBlock) -> str:
         parts.append("drop_path")
     if module.shortcut_scale != 1.0:
         parts.append(f"shortcut_scale={module.shortcut_scale:g}")
+    hooked = hooked_child(module)
+    if hooked is not None:
+        parts.append(f"running unfused while {hooked} has hooks")
     return ", ".join(parts)
 
 

@@ -280,7 +280,10 @@ def test_hooks_added_to_a_child_after_convert_fire_and_prune_trains_alike():
             opt.step()
     with torch.no_grad():
         assert rel_err(fused.eval()(x), base.eval()(x)) < 1e-10
-    assert {e.name: e for e in fused_res.report(fused)}["layer1.0"].fused
+    entries = {e.name: e for e in fused_res.report(fused)}
+    assert entries["layer1.0"].fused and "unfused" not in entries["layer1.0"].detail
+    assert entries["layer2.0"].fused
+    assert "running unfused while conv1 has hooks" in entries["layer2.0"].detail
 
 
 def test_a_fused_block_built_directly_says_its_childrens_hooks_do_not_fire():
