@@ -203,7 +203,8 @@ __global__ void __launch_bounds__(kThreads, Op::kMinBlocks)
       }
     }
   }
-  // width = tdx * VEC <= 32 * 8 = kThreads: thread col sums column col, if any.
+  // width = tdx * VEC <= 32 * VEC <= kThreads: thread col sums column col, if any.
+  static_assert(32 * VEC <= kThreads, "a column per thread needs tdx * VEC <= kThreads");
   const int width = tdx * VEC;
   const int col = ty * tdx + tx;
   double sums[2] = {0.0, 0.0};
