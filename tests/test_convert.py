@@ -252,12 +252,12 @@ def test_hooks_added_to_a_child_after_convert_fire_and_prune_trains_alike():
 
     import torch.nn.utils.prune as prune
 
-    from fused_res.nn import blocks
+    from fused_res.nn import hooks
     base = _f64_resnet18()
     fused = fused_res.convert(base, backend="reference")
     seen = []
     handle = fused.layer1[0].conv2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
-    blocks._WARNED.clear()
+    hooks._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -289,10 +289,10 @@ def test_hooks_added_to_a_child_after_convert_fire_and_prune_trains_alike():
 def test_a_fused_block_built_directly_says_its_childrens_hooks_do_not_fire():
     import warnings
 
-    from fused_res.nn import blocks
+    from fused_res.nn import hooks
     block = fused_res.nn.BasicBlock(8, 8, backend="reference")
     block.conv1.register_forward_hook(lambda m, i, o: None)
-    blocks._WARNED.clear()
+    hooks._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         block(torch.randn(2, 8, 6, 6))
@@ -308,7 +308,7 @@ def test_hooks_on_the_fused_stem_see_what_they_would_unfused(hooked):
     copies stay valid."""
     import warnings
 
-    from fused_res.nn import stem
+    from fused_res.nn import hooks
     base = _f64_resnet18().eval()
     fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False).eval()
     seen = {}
@@ -318,7 +318,7 @@ def test_hooks_on_the_fused_stem_see_what_they_would_unfused(hooked):
     # The torchvision feature-extractor idiom: the model's children in a Sequential.
     trunk = nn.Sequential(*list(fused.children())[:-2])
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    stem._WARNED.clear()
+    hooks._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         y, want = fused(x), base(x)
@@ -345,10 +345,10 @@ def test_a_stem_whose_batchnorm_was_replaced_says_so():
     not run) and warns. A model used as converted never warns."""
     import warnings
 
-    from fused_res.nn import stem
+    from fused_res.nn import hooks
     base = _f64_resnet18().eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    stem._WARNED.clear()
+    hooks._WARNED.clear()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False)

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .imagenet import positive_int
+
 VARIANTS = ("original", "plain", "bn_after_add", "relu_before_add", "relu_only_preact",
             "full_preact")
 SHORTCUTS = ("A", "B", "C")
@@ -197,11 +199,10 @@ class CifarResNet(nn.Module):
         _check_choice("shortcut", shortcut, SHORTCUTS)
         _check_choice("block", block, BLOCKS)
         n = blocks_per_stage(depth, block)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if not positive_int(num_classes):
             raise ValueError(f"num_classes={num_classes!r}; accepted: a positive integer")
         if (not isinstance(widths, (list, tuple)) or len(widths) != 3
-                or not all(isinstance(w, int) and not isinstance(w, bool) and w >= 1
-                           for w in widths)):
+                or not all(positive_int(w) for w in widths)):
             raise ValueError(f"widths={widths!r}; accepted: three positive channel counts")
         norm_layer = norm_layer or nn.BatchNorm2d
         self.depth, self.variant, self.block_type = depth, variant, block

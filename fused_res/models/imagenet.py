@@ -92,8 +92,7 @@ class Bottleneck(nn.Module):
         return torch.relu(x if self.downsample is None else self.downsample(x))
 
 
-
-def _positive_int(value) -> bool:
+def positive_int(value) -> bool:
     """Whether value is an int >= 1 (not a bool): the models' count arguments."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -108,11 +107,11 @@ class ResNet(nn.Module):
                  norm_layer: NormLayer | None = None) -> None:
         super().__init__()
         if (not isinstance(layers, (list, tuple)) or len(layers) != 4
-                or not all(_positive_int(n) for n in layers)):
+                or not all(positive_int(n) for n in layers)):
             raise ValueError(f"layers={layers!r}; accepted: four positive block counts")
         for name, value in (("num_classes", num_classes), ("groups", groups),
                             ("width_per_group", width_per_group)):
-            if not _positive_int(value):
+            if not positive_int(value):
                 raise ValueError(f"{name}={value!r}; accepted: a positive integer")
         self._norm_layer = norm_layer or nn.BatchNorm2d
         self.inplanes = 64

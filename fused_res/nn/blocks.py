@@ -15,8 +15,6 @@ its original forward instead, so that they fire):
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -25,18 +23,9 @@ from .. import ops
 from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
-from .hooks import any_child_hooked, hooked_child
+from .hooks import any_child_hooked, hooked_child, share_hooks, warn_once
 from .plan import BlockPlan, ShortcutPlan, shortcut_plan
 from .unit import RELU_ONLY, Pending, materialize, run_unit
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    # (not while torch.compile traces: warnings.warn breaks the graph)
-    if message not in _WARNED and not torch.compiler.is_compiling():
-        _WARNED.add(message)
-        warnings.warn(f"fused_res: {message}", stacklevel=3)
 
 
 class DropPath(nn.Module):
@@ -103,11 +92,7 @@ class FusedResidualBlock(nn.Module):
         for key, value in block.__dict__.items():
             if not key.startswith("_") and key != "training":
                 new.__dict__[key] = value
-            elif "hook" in key:
-                # The block's own hooks (forward, backward, state-dict): the very dicts, so
-                # that they fire on the fused block and the handles that registered them
-                # still remove them.
-                new.__dict__[key] = value
+        share_hooks(block, new)  # (the block's own hooks fire on the fused block)
         for name, child in block._modules.items():
             new._modules[name] = child
         new.training = block.training
@@ -200,10 +185,10 @@ class FusedResidualBlock(nn.Module):
         name = hooked_child(self)
         orig = self.original()
         if orig is None:
-            _warn_once(f"hooks on {name} of a {type(self).__name__} built as a fused_res "
+            warn_once(f"hooks on {name} of a {type(self).__name__} built as a fused_res "
                        "block do not fire: it never calls its children's forward")
             return None
-        _warn_once(f"hooks on {name} of a fused {type(orig).__name__}: the block runs its "
+        warn_once(f"hooks on {name} of a fused {type(orig).__name__}: the block runs its "
                    "original modules, unfused, while a child has hooks")
         return orig.forward(x)
 

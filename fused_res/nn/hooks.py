@@ -5,6 +5,9 @@ original modules instead."""
 
 from __future__ import annotations
 
+import warnings
+
+import torch
 from torch import nn
 
 
@@ -31,23 +34,28 @@ def any_child_hooked(module: nn.Module) -> bool:
         m = stack.pop()
         if m is None:
             continue
-        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None)):
+        if has_hooks(m):
             return True
         if m._modules:
             stack.extend(m._modules.values())
     return False
 
 
-# The hook dicts a module keeps (torch >= 2.0); those a torch lacks are skipped.
-HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-              "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-              "_backward_pre_hooks", "_is_full_backward_hook")
-
-
 def share_hooks(src: nn.Module, dst: nn.Module) -> None:
-    """dst takes src's very hook dicts: hooks registered on src fire on dst, and their
-    handles still remove them (a module swapped for another on unfusing)."""
-    for key in HOOK_DICTS:
-        if key in src.__dict__:
-            dst.__dict__[key] = src.__dict__[key]
+    """dst takes src's very hook dicts (forward, backward, state-dict: every attribute whose
+    name says hook): hooks registered on src fire on dst, and the handles that registered
+    them still remove them (a block converted, a stem's module put back by revert())."""
+    for key, value in src.__dict__.items():
+        if "hook" in key:
+            dst.__dict__[key] = value
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """One warning per message for the fused modules' fallbacks; none while torch.compile
+    traces (warnings.warn breaks the graph)."""
+    if message not in _WARNED and not torch.compiler.is_compiling():
+        _WARNED.add(message)
+        warnings.warn(f"fused_res: {message}", stacklevel=3)

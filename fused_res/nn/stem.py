@@ -13,14 +13,12 @@ BatchNorm + ReLU were two or three eager passes over the network's largest activ
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import prepare_backend
-from .hooks import has_hooks, share_hooks
+from .hooks import has_hooks, share_hooks, warn_once
 from .unit import run_unit
 
 
@@ -124,7 +122,7 @@ class FusedStemConv(nn.Conv2d):
         if state is not None and state.fused != (hooked is None):
             state.fused = hooked is None  # (written only on a change: nothing for a trace)
         if hooked is not None:
-            _warn_once(f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run "
+            warn_once(f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run "
                        "unfused while they are there")
             return super().forward(x)
         if state is not None and not torch.compiler.is_compiling():
@@ -132,7 +130,7 @@ class FusedStemConv(nn.Conv2d):
             # (convert_sync_batchnorm) and normalizes the output again, or conv1 is called
             # alone and returns more than its conv. Seen a call late; said at least.
             if state.awaiting_bn:
-                _warn_once("the fused stem's bn1 did not run after its previous call: "
+                warn_once("the fused stem's bn1 did not run after its previous call: "
                            "replaced after convert() (SyncBatchNorm.convert_sync_batchnorm)? "
                            "Then the stem normalizes twice; revert() the model and "
                            "convert() it again")
@@ -150,16 +148,6 @@ class FusedStemConv(nn.Conv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr()
                 + f", fused with its BatchNorm and ReLU, backend={self.backend!r}")
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    # (not while torch.compile traces: warnings.warn breaks the graph)
-    if message not in _WARNED and not torch.compiler.is_compiling():
-        _WARNED.add(message)
-        warnings.warn(f"fused_res: {message}", stacklevel=3)
 
 
 def unfuse_stem(parent: nn.Module, fused: FusedStemConv) -> nn.Conv2d:
