@@ -120,8 +120,9 @@ def _recorded_unit_calls():
         conv.conv_launch(x, wt, None, (1, 1), (0, 0), None, None, None, "none", stats=True,
                          memory_format=cl, config=cfg, tma=False)
         z = torch.randn(n, c, hw, hw, dtype=dt).contiguous(memory_format=cl)
-        parts = (torch.rand(3136, c), torch.rand(3136, c), torch.rand(3136) + 1)
-        elementwise.stats_finalize(*parts, c)
+        parts = conv.TileStats(torch.rand(3136, c), torch.zeros(3136, c),
+                               torch.rand(3136, c), torch.rand(3136) + 1)
+        elementwise.stats_finalize(parts, c)
         res = torch.randn_like(z)
         y = elementwise._epilogue_forward(z, vec(), vec(), vec(), "relu", res, 1.0, None,
                                           "relu", cl)

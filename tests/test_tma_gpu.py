@@ -47,7 +47,7 @@ def test_tma_tiles_on_gpu(tile, shape):
         z, parts = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
                                "none", stats=True, memory_format=torch.channels_last,
                                config=cfg)
-        mean, var = stats_finalize(*parts, z.shape[1])
+        mean, var = stats_finalize(parts, z.shape[1])
         z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], backend="reference")
         y, u = conv_launch(a["x"], a["w"], a["bias"], (1, 1), (0, 0), None, None, None,
                            "none", out_scale=a["a_out"], out_shift=a["b_out"],
@@ -193,7 +193,7 @@ def test_autotuned_tma_on_gpu(kind, monkeypatch):
         z, parts = conv.conv_launch(a["x"], a["w"], a["bias"], (1, 1), (pad, pad), None, None,
                                     None, "none", stats=True,
                                     memory_format=torch.channels_last, tma=True)
-        mean, var = stats_finalize(*parts, z.shape[1])
+        mean, var = stats_finalize(parts, z.shape[1])
         z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], padding=pad,
                                         backend="reference")
     assert rel_err(z, z_ref) <= TOLERANCES[torch.bfloat16]

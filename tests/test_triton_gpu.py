@@ -234,7 +234,7 @@ def test_autotuned_tile_is_reused_on_gpu(monkeypatch):
     def run():
         z, parts = conv.conv_launch(x, w, None, (1, 1), (1, 1), None, None, None, "none",
                                     stats=True, memory_format=torch.channels_last, tma=False)
-        return (z, *stats_finalize(*parts, 32))
+        return (z, *stats_finalize(parts, 32))
 
     try:
         first = run()
@@ -357,7 +357,7 @@ def check_tile_with_prologue_on_gpu(cfg, stride: int, cin: int, cout: int, n: in
         z, parts = conv_launch(a["x"], a["w"], a["bias"], st, (1, 1), a["c_in"], a["a_in"],
                                a["b_in"], "relu", stats=True,
                                memory_format=torch.channels_last, config=cfg)
-        mean, var = stats_finalize(*parts, z.shape[1])
+        mean, var = stats_finalize(parts, z.shape[1])
         z_ref, _, _ = ops.conv_bn_stats(r["x"], r["w"], r["bias"], stride=stride, padding=1,
                                         in_center=r["c_in"], in_scale=r["a_in"],
                                         in_shift=r["b_in"], act_in="relu", backend="reference")

@@ -220,7 +220,7 @@ else:
             z, parts = conv_launch(a["x"], a["w"], a["bias"], (2, 2), (1, 1), a["c_in"],
                                    a["a_in"], a["b_in"], "relu", stats=True,
                                    memory_format=torch.channels_last, config=tile)
-            mean, var = stats_finalize(*parts, z.shape[1])
+            mean, var = stats_finalize(parts, z.shape[1])
         for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
             _check(o, r, torch.float32, f"{tile} {what}")
 
@@ -270,7 +270,7 @@ else:
             z_ref, mean_ref, var_ref = ops.conv_bn_stats(ref["x"], ref["w"], ref["bias"],
                                                          backend="reference")
             z, parts = _launch_1x1(a, tile, stats=True)
-            mean, var = stats_finalize(*parts, z.shape[1])
+            mean, var = stats_finalize(parts, z.shape[1])
         for o, r, what in ((z, z_ref, "z"), (mean, mean_ref, "mean"), (var, var_ref, "var")):
             _check(o, r, dtype, f"{tile} {what}")
 
@@ -488,7 +488,7 @@ else:
                     z, parts = conv.conv_launch(x, w, b, (1, 1), (pad, pad), None, None, None,
                                                 "none", stats=True,
                                                 memory_format=torch.channels_last, tma=True)
-                    mean, var = stats_finalize(*parts, 80)
+                    mean, var = stats_finalize(parts, 80)
                 ref = torch.nn.functional.conv2d(x.double(), w.double(), b.double(),
                                                  padding=pad)
                 _check(z, ref, torch.float32, f"{kind} trial {trial} z")
@@ -542,7 +542,7 @@ else:
                                             stats=kind == "stats",
                                             memory_format=torch.channels_last, tma=False)
                 ref = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-                return y, ref, stats_finalize(*parts, 48) if kind == "stats" else None
+                return y, ref, stats_finalize(parts, 48) if kind == "stats" else None
 
         conv.TUNED.clear()
         tuner.cache.clear()
@@ -752,6 +752,29 @@ else:
         naive = ((x * x).sum((0, 2, 3)) / x[:, 0].numel() - x.mean((0, 2, 3)) ** 2)
         assert rel_err(naive, xd.var((0, 2, 3), unbiased=False)) > TOLERANCES[torch.float32]
 
+    @pytest.mark.parametrize("offset", [3e3, 1e4])
+    @pytest.mark.parametrize("op", ["conv_bn_stats", "channel_stats"])
+    def test_statistics_keep_fp32_accuracy_far_from_zero(op, offset):
+        """|mean| / std = offset. Tile means rounded to float32 are a few ulp of |mean| off,
+        which the finalize's Σ n_t (mean_t − mean)² took for spread: the conv epilogue's
+        lost 1e-4 of the variance at 3000 and 2e-4 at 1e4, channel_stats's 5e-6 and 3e-5.
+        Measured against float64 statistics of the very z the conv stored, so that only the
+        statistics are judged (z's own float32 rounding at |z| = 1e4 is eager's too)."""
+        g = torch.Generator().manual_seed(int(offset))
+        cl = torch.channels_last
+        if op == "conv_bn_stats":
+            x = torch.randn(4, 16, 12, 12, dtype=D, generator=g).float()
+            w = (torch.randn(8, 16, 3, 3, dtype=D, generator=g) / 12).float()
+            b = (torch.randn(8, dtype=D, generator=g) + offset).float()
+            z, mean, var = ops.conv_bn_stats(x.contiguous(memory_format=cl), w, b, padding=1,
+                                             backend="triton")
+        else:
+            z = (torch.randn(16, 8, 16, 16, dtype=D, generator=g) + offset).float()
+            mean, var = ops.channel_stats(z.contiguous(memory_format=cl), backend="triton")
+        zd = z.double()
+        _check(var, zd.var((0, 2, 3), unbiased=False), torch.float32, "var")
+        _check(mean, zd.mean((0, 2, 3)), torch.float32, "mean")
+
     @pytest.mark.parametrize("sub", [1, 3])
     def test_channel_stats_over_many_programs(sub, monkeypatch):
         """Several reduction programs (`sub` row tiles each, the last one partial) over more
@@ -782,6 +805,7 @@ else:
         """The conv's stats buffers are sized for the smallest BLOCK_M; a larger tile leaves
         rows with count 0 and uninitialised values (NaN on a GPU, seen on an H100). They
         must not reach the mean or variance: 0 * NaN is NaN."""
+        from fused_res.triton.conv import TileStats
         from fused_res.triton.elementwise import stats_finalize
         g = torch.Generator().manual_seed(8)
         c, used = 5, 3
@@ -794,26 +818,33 @@ else:
             st_mean[t] = rows.mean(0).float()
             st_m2[t] = ((rows - rows.mean(0)) ** 2).sum(0).float()
             st_cnt[t] = 4
-        mean, var = stats_finalize(st_mean, st_m2, st_cnt, c)
+        mean, var = stats_finalize(TileStats(st_mean, torch.zeros_like(st_mean), st_m2, st_cnt),
+                                   c)
         _check(mean, x.mean(0), torch.float32, "mean")
         _check(var, x.var(0, unbiased=False), torch.float32, "var")
 
-    def test_finalize_merges_many_tiles_in_parallel_groups():
+    @pytest.mark.parametrize("offset, std", [(500.0, 2.0), (2e4, 0.25)])
+    def test_finalize_merges_many_tiles_in_parallel_groups(offset, std):
         """More partials than one finalize program merges (FINALIZE_GROUP): two levels of
         parallel groups, then the final combine, with unwritten (NaN, count 0) rows among
-        them and a mean that dwarfs the spread."""
+        them and a mean that dwarfs the spread. Each tile's mean comes as a float32 pair
+        (mean, mean_lo), as the kernels write it; at 8e4 std the groups' means must stay
+        pairs too (rounded to one float32 they lose some 3e-5 of the variance)."""
         from fused_res.triton import configs
+        from fused_res.triton.conv import TileStats
         from fused_res.triton.elementwise import stats_finalize
         g = torch.Generator().manual_seed(9)
         c, rows = 3, 3
         t = configs.FINALIZE_GROUP ** 2 + 37
-        x = torch.randn(t, rows, c, dtype=D, generator=g) * 2 + 500.0
+        x = torch.randn(t, rows, c, dtype=D, generator=g) * std + offset
         written = torch.rand(t, generator=g) > 0.1
         st_mean = x.mean(1).float()
+        st_lo = (x.mean(1) - st_mean.double()).float()
         st_m2 = ((x - x.mean(1, keepdim=True)) ** 2).sum(1).float()
         st_cnt = torch.full((t,), float(rows))
         st_mean[~written], st_m2[~written], st_cnt[~written] = float("nan"), float("inf"), 0.0
-        mean, var = stats_finalize(st_mean, st_m2, st_cnt, c)
+        st_lo[~written] = float("nan")
+        mean, var = stats_finalize(TileStats(st_mean, st_lo, st_m2, st_cnt), c)
         kept = x[written].reshape(-1, c)
         _check(mean, kept.mean(0), torch.float32, "mean")
         _check(var, kept.var(0, unbiased=False), torch.float32, "var")

@@ -268,10 +268,10 @@ class TritonBackend(ReferenceBackend):
                                     memory_format=fmt)
             mean, var = ew.channel_stats(z)
             return z, mean, var
-        z, (st_mean, st_m2, st_cnt) = conv.conv_launch(
+        z, parts = conv.conv_launch(
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
             stats=True, memory_format=memory_format_of(x), tma=self._tma)
-        mean, var = ew.stats_finalize(st_mean, st_m2, st_cnt, weight.shape[0])
+        mean, var = ew.stats_finalize(parts, weight.shape[0])
         return z, mean, var
 
     # ---- channel_stats --------------------------------------------------------------------

@@ -53,9 +53,10 @@ class Result:
 # The conv kernel's runtime arguments and their types; pointers take the compute dtype
 # except the float32 vectors and statistics.
 _CONV_PTRS = ("x_ptr", "w_ptr", "bias_ptr", "ic_ptr", "ia_ptr", "ib_ptr", "oa_ptr", "ob_ptr",
-              "res_ptr", "bs_ptr", "y_ptr", "u_ptr", "st_mean_ptr", "st_m2_ptr", "st_cnt_ptr")
+              "res_ptr", "bs_ptr", "y_ptr", "u_ptr", "st_mean_ptr", "st_lo_ptr", "st_m2_ptr",
+              "st_cnt_ptr")
 _F32_PTRS = {"ic_ptr", "ia_ptr", "ib_ptr", "oa_ptr", "ob_ptr", "bs_ptr", "st_mean_ptr",
-             "st_m2_ptr", "st_cnt_ptr"}
+             "st_lo_ptr", "st_m2_ptr", "st_cnt_ptr"}
 # Each variant compiles for one representative ResNet-50 problem (N, C_in, H, W, C_out, k,
 # stride, pad), channels_last, so that its integer arguments specialise exactly as the JIT
 # specialises them at that shape: == 1 becomes a constant, a multiple of 16 is marked

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 import triton
@@ -130,8 +131,8 @@ def _tap_loop(acc, x_ptr, w_ptr, n_idx, ih0, iw0, mask_m, offs_n, mask_n, C_in, 
 
 @triton.jit
 def _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
-                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
-                   C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
+                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_lo_ptr, st_m2_ptr,
+                   st_cnt_ptr, C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
                    HAS_BIAS: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
                    ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
                    HAS_BRANCH: tl.constexpr, ACT_OUT: tl.constexpr, STORE_U: tl.constexpr,
@@ -152,11 +153,18 @@ def _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bi
         # Statistics of the stored z (as BatchNorm sees it), about the tile's own mean.
         zf = tl.where(mask2, z.to(tl.float32), 0.0)
         cnt = tl.sum(mask_m.to(tl.float32), axis=0)
-        t_mean = tl.sum(zf, axis=0) / tl.maximum(cnt, 1.0)
+        inv = 1.0 / tl.maximum(cnt, 1.0)
+        t_mean = tl.sum(zf, axis=0) * inv
         dev = tl.where(mask2, zf - t_mean[None, :], 0.0)
-        t_m2 = tl.sum(dev * dev, axis=0)
+        # t_mean is a float32 sum's rounding, some ulp of |mean| off, and the finalize weighs
+        # each tile's mean against the others': at |mean| = 3000 std that rounding cost 1e-4
+        # of the variance. Σ dev / n is what it lost (z - t_mean is exact near |mean|, where
+        # it matters), kept beside it: the pair holds the tile mean to ~eps·std.
+        t_lo = tl.sum(dev, axis=0) * inv
+        t_m2 = tl.sum(dev * dev, axis=0) - cnt * t_lo * t_lo
         st_off = pid_m.to(tl.int64) * C_out + offs_n
         tl.store(st_mean_ptr + st_off, t_mean, mask=mask_n)
+        tl.store(st_lo_ptr + st_off, t_lo, mask=mask_n)
         tl.store(st_m2_ptr + st_off, t_m2, mask=mask_n)
         tl.store(st_cnt_ptr + pid_m, cnt)
     else:
@@ -173,7 +181,7 @@ def _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bi
 @triton.jit
 def conv_unit_kernel(
         x_ptr, w_ptr, w_desc, bias_ptr, ic_ptr, ia_ptr, ib_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr,
-        y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
+        y_ptr, u_ptr, st_mean_ptr, st_lo_ptr, st_m2_ptr, st_cnt_ptr,
         M, C_in, H, W, C_out, OH, OW,
         sxn, sxc, sxh, sxw, syn, syc, syh, syw, srn, src, srh, srw,
         stride_h, stride_w, pad_h, pad_w, res_scale,
@@ -189,8 +197,8 @@ def conv_unit_kernel(
     """y = tail(conv(prologue(x)) + bias) (STATS=False) or z = conv(prologue(x)) + bias with
     per-tile statistics (STATS=True). x (N, C_in, H, W) with strides sx*; w (KH*KW*C_in, C_out)
     contiguous (B_TMA: read through w_desc, a tensor descriptor over it; else None); y, u
-    (N, C_out, OH, OW) with strides sy*; residual with strides sr*; st_mean/st_m2 (tiles_m,
-    C_out) float32, st_cnt (tiles_m,) float32, zero-initialised."""
+    (N, C_out, OH, OW) with strides sy*; residual with strides sr*; st_* a TileStats's arrays
+    (one row per M tile)."""
     pid_m, pid_n, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow = _tile_coords(
         M, C_out, OH, OW, BLOCK_M, BLOCK_N, GROUP_M, INDEX_64)
     ih0 = oh * stride_h - pad_h
@@ -218,9 +226,10 @@ def conv_unit_kernel(
                         pid_n * BLOCK_N, B_TMA)
 
     _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
-                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
-                   C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale, HAS_BIAS, HAS_OA,
-                   HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH, ACT_OUT, STORE_U, STATS)
+                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_lo_ptr, st_m2_ptr,
+                   st_cnt_ptr, C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
+                   HAS_BIAS, HAS_OA, HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH, ACT_OUT,
+                   STORE_U, STATS)
 
 
 # triton decides at decoration time whether kernels are interpreted (TRITON_INTERPRET=1).
@@ -496,6 +505,25 @@ def _weight_descriptor(config, cfg, tma: bool, x, weight, w_mat, flat: bool):
                                       else configs.DOT_MIN)
 
 
+class TileStats(NamedTuple):
+    """Per-channel statistics of row tiles, float32: tile t's rows have mean
+    mean[t] + mean_lo[t] (C,) (mean_lo the rounding mean[t] lost, so that tiles far from
+    zero still compare finely), M2 m2[t] (C,) about it, and count[t] rows (0: never
+    written; its other rows hold garbage)."""
+
+    mean: torch.Tensor
+    mean_lo: torch.Tensor
+    m2: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, tiles: int, c: int, device, zero_counts: bool = False) -> TileStats:
+        mean = torch.empty((tiles, c), dtype=torch.float32, device=device)
+        make = torch.zeros if zero_counts else torch.empty
+        return cls(mean, torch.empty_like(mean), torch.empty_like(mean),
+                   make((tiles,), dtype=torch.float32, device=device))
+
+
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
@@ -504,8 +532,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     """Run the fused conv. x (N, C_in, H, W) float32/float16/bfloat16, weight (C_out, C_in,
     KH, KW) same dtype; vectors (C,) any float dtype; residual (N, C_out, OH, OW).
 
-    stats=False: returns (y, u) (u None unless store_u). stats=True: returns (z, partials)
-    with partials = (tile_mean (T, C_out), tile_m2 (T, C_out), tile_count (T,)) float32.
+    stats=False: returns (y, u) (u None unless store_u). stats=True: returns (z, TileStats)
+    with one row per M tile (elementwise.stats_finalize makes mean and variance of it).
     config: a configs.ConvConfig to run instead of the autotuned choice (benchmarks, tests).
     tma: whether operands come by TMA where they can (sm_90): a 1x1 stride-1 conv without a
     prologue through conv_tma, the weight tiles of the others; None: FUSED_RES_TRITON_TMA
@@ -538,13 +566,9 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
         # smallest tile and the counts zeroed, so that rows a larger tile leaves unwritten
         # have count 0 and the finalize skips them; a known tile writes every row.
         bm = cfg.block_m if cfg is not None else configs.CONV_MIN_BLOCK_M
-        tiles = cdiv(max(m, 1), bm)
-        st_mean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
-        st_m2 = torch.empty_like(st_mean)
-        st_cnt = (torch.zeros if cfg is None else torch.empty)((tiles,), dtype=torch.float32,
-                                                               device=x.device)
+        st = TileStats.empty(cdiv(max(m, 1), bm), c_out, x.device, zero_counts=cfg is None)
     if m == 0:
-        return (y, (st_mean[:0], st_m2[:0], st_cnt[:0])) if stats else (y, u)
+        return (y, TileStats(*(a[:0] for a in st))) if stats else (y, u)
     if weight.numel() >= 2 ** 31:
         raise ValueError(f"weight has {weight.numel()} elements; accepted: < 2**31")
     w_mat = weight_matrix_cached(weight) if cache_weight else weight_matrix(weight)
@@ -563,8 +587,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             out_shift if out_shift is not None else dummy,
             r, branch_scale if branch_scale is not None else dummy,
             y, u if u is not None else dummy,
-            st_mean if stats else dummy, st_m2 if stats else dummy,
-            st_cnt if stats else dummy)
+            *(st if stats else (dummy,) * len(TileStats._fields)))
     tile = _tma_tile(config, cfg, tma, x, weight, stride, padding, prologue)
     if tile is not False:
         from . import conv_tma
@@ -591,5 +614,5 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                 TUNED.remember(tuned_key, kernel, configs.conv_configs_for(
                     x.element_size(), kh * kw, c_in, c_out, flat))
     if stats:
-        return y, (st_mean, st_m2, st_cnt)
+        return y, st
     return y, u

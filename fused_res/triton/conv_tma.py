@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover - older Triton: the pointer kernel runs
 @triton.jit
 def conv1x1_tma_kernel(
         x_desc, w_desc, bias_ptr, oa_ptr, ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr,
-        st_m2_ptr, st_cnt_ptr,
+        st_lo_ptr, st_m2_ptr, st_cnt_ptr,
         M, C_in, C_out, OH, OW, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
         HAS_BIAS: tl.constexpr, HAS_OA: tl.constexpr, HAS_OB: tl.constexpr,
         ACT_MID: tl.constexpr, HAS_RES: tl.constexpr, RES_SCALED: tl.constexpr,
@@ -62,9 +62,10 @@ def conv1x1_tma_kernel(
         b = w_desc.load([k0, n0])
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bias_ptr, oa_ptr,
-                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr,
-                   C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale, HAS_BIAS, HAS_OA,
-                   HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH, ACT_OUT, STORE_U, STATS)
+                   ob_ptr, res_ptr, bs_ptr, y_ptr, u_ptr, st_mean_ptr, st_lo_ptr, st_m2_ptr,
+                   st_cnt_ptr, C_out, syn, syc, syh, syw, srn, src, srh, srw, res_scale,
+                   HAS_BIAS, HAS_OA, HAS_OB, ACT_MID, HAS_RES, RES_SCALED, HAS_BRANCH, ACT_OUT,
+                   STORE_U, STATS)
 
 
 _INTERPRET = not isinstance(conv1x1_tma_kernel, triton.runtime.jit.JITFunction)
@@ -171,7 +172,7 @@ def launch(x: torch.Tensor, w_mat: torch.Tensor, ptrs: tuple, y: torch.Tensor,
            cfg: configs.ConvConfig | None) -> None:
     """Run the kernel. x (N, C_in, H, W) dense channels_last; w_mat (C_in, C_out) contiguous;
     ptrs conv_unit_kernel's tensor arguments from bias_ptr to st_cnt_ptr without the input
-    prologue's three (bias, oa, ob, res, bs, y, u, st_mean, st_m2, st_cnt; dummies where
+    prologue's three (bias, oa, ob, res, bs, y, u, st_mean, st_lo, st_m2, st_cnt; dummies where
     unused); y the output and r the residual (or y) for their strides; flags
     conv_unit_kernel's constexprs; cfg the tile, or None to autotune over CONV_CONFIGS as TMA
     tiles. The caller has checked unsupported_reason."""

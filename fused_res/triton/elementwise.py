@@ -27,7 +27,7 @@ import triton.language as tl
 from .._eager import plain_eager
 from . import configs
 from .common import channel_affine, last_to_arrive, unit_tail
-from .conv import cdiv, needs_int64, sm_count, vec
+from .conv import TileStats, cdiv, needs_int64, sm_count, vec
 from .launch import launch
 
 
@@ -186,7 +186,7 @@ def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def stats_partial_kernel(x_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
+def stats_partial_kernel(x_ptr, st_mean_ptr, st_lo_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
                          sn, sc, sh, sw, sub, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                          INDEX_64: tl.constexpr):
     """Per program (`sub` consecutive [BLOCK_M, BLOCK_C] row tiles, channel block): the count
@@ -226,29 +226,50 @@ def stats_partial_kernel(x_ptr, st_mean_ptr, st_m2_ptr, st_cnt_ptr, M, C, HW, W,
     n = tl.broadcast_to(n_r[:, None], (BLOCK_M, BLOCK_C))
     n_t, mean_t, m2_t = tl.reduce((n, mean, m2), 0, _chan_merge)
     p_off = tl.program_id(0).to(tl.int64) * C + offs_c
-    tl.store(st_mean_ptr + p_off, mean_t + k, mask=mask_c)
+    # The mean as (k, mean_t), not rounded into one float32 (TileStats).
+    tl.store(st_mean_ptr + p_off, k, mask=mask_c)
+    tl.store(st_lo_ptr + p_off, mean_t, mask=mask_c)
     tl.store(st_m2_ptr + p_off, m2_t, mask=mask_c)
     tl.store(st_cnt_ptr + tl.program_id(0), tl.max(n_t, axis=0))
 
 
 @triton.jit
-def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, out_mean_ptr, out_m2_ptr,
-                          out_cnt_ptr, T, C, GROUP,
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and s + e = a + b exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
+def stats_finalize_kernel(st_mean_ptr, st_lo_ptr, st_m2_ptr, st_cnt_ptr, out_mean_ptr,
+                          out_lo_ptr, out_m2_ptr, out_cnt_ptr, T, C, GROUP,
                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr):
-    """Combine tiles [g * GROUP, (g + 1) * GROUP) of T (count, mean, M2) partials, g the
-    program's first grid index: into one partial per group (FINAL=False: out_* are (groups, C)
-    and (groups,)), or, with one group, into the mean and biased variance (FINAL=True: out_mean
+    """Combine tiles [g * GROUP, (g + 1) * GROUP) of T partials (a TileStats), g the
+    program's first grid index: into one partial per group (FINAL=False: out_* a TileStats of
+    `groups` rows), or, with one group, into the mean and biased variance (FINAL=True: out_mean
     and out_m2 (C,) receive mean and var). A block of tiles is merged exactly (M2 = Σ M2_i +
     Σ n_i (mean_i - mean)^2), blocks by Chan's pairwise update: no catastrophic cancellation
-    when |mean| >> std."""
+    when |mean| >> std. Every mean is taken about k, near the group's first tiles' means, as
+    (mean_i - k) + lo_i: near k that difference is exact, so the tiles' offsets from each
+    other, which the M2 weighs, keep float32's precision at any |mean| / std."""
     g = tl.program_id(0)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    start = g * GROUP
+    end = tl.minimum(start + GROUP, T)
+    # k: the mean of the first BLOCK_T tiles' float32 means. Any k is right; one near the
+    # tiles' means keeps their differences exact. (The first tile alone may be one nobody
+    # wrote; k = 0 then lost the precision again.)
+    offs_t = start + tl.arange(0, BLOCK_T)
+    cnt = tl.load(st_cnt_ptr + offs_t, mask=offs_t < end, other=0.0)
+    mask2 = ((offs_t < end) & (cnt > 0.0))[:, None] & mask_c[None, :]
+    mean = tl.load(st_mean_ptr + offs_t.to(tl.int64)[:, None] * C + offs_c[None, :],
+                   mask=mask2, other=0.0)
+    k = tl.sum(cnt[:, None] * mean, axis=0) / tl.maximum(tl.sum(cnt, axis=0), 1.0)
     n_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     mean_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
     m2_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    start = g * GROUP
-    end = tl.minimum(start + GROUP, T)
     for t0 in range(start, end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
         mask_t = offs_t < end
@@ -258,18 +279,22 @@ def stats_finalize_kernel(st_mean_ptr, st_m2_ptr, st_cnt_ptr, out_mean_ptr, out_
         mask2 = (mask_t & (cnt > 0.0))[:, None] & mask_c[None, :]
         off = offs_t.to(tl.int64)[:, None] * C + offs_c[None, :]
         mean = tl.load(st_mean_ptr + off, mask=mask2, other=0.0)
+        lo = tl.load(st_lo_ptr + off, mask=mask2, other=0.0)
         m2 = tl.load(st_m2_ptr + off, mask=mask2, other=0.0)
+        rel = tl.where(mask2, (mean - k[None, :]) + lo, 0.0)
         n_b = tl.sum(cnt, axis=0)
-        mean_b = tl.sum(cnt[:, None] * mean, axis=0) / tl.maximum(n_b, 1.0)
-        d = tl.where(mask2, mean - mean_b[None, :], 0.0)
+        mean_b = tl.sum(cnt[:, None] * rel, axis=0) / tl.maximum(n_b, 1.0)
+        d = tl.where(mask2, rel - mean_b[None, :], 0.0)
         m2_b = tl.sum(m2 + cnt[:, None] * d * d, axis=0)
         n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
+    hi, lo_out = _two_sum(k, mean_a)
     if FINAL:
-        tl.store(out_mean_ptr + offs_c, mean_a, mask=mask_c)
+        tl.store(out_mean_ptr + offs_c, hi, mask=mask_c)
         tl.store(out_m2_ptr + offs_c, m2_a / tl.maximum(n_a, 1.0), mask=mask_c)
     else:
         out_off = g.to(tl.int64) * C + offs_c
-        tl.store(out_mean_ptr + out_off, mean_a, mask=mask_c)
+        tl.store(out_mean_ptr + out_off, hi, mask=mask_c)
+        tl.store(out_lo_ptr + out_off, lo_out, mask=mask_c)
         tl.store(out_m2_ptr + out_off, m2_a, mask=mask_c)
         # Every channel block of a group computes the same count; one of them stores it.
         tl.store(out_cnt_ptr + g, tl.max(n_a, axis=0), mask=tl.program_id(1) == 0)
@@ -433,32 +458,32 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     return (gt, gr, *sums)
 
 
-def stats_finalize(st_mean, st_m2, st_cnt, c):
-    """(mean, biased var) (C,) float32 from per-tile partials; zeros when there are none.
-    More than FINALIZE_GROUP tiles are first merged in parallel, FINALIZE_GROUP at a time,
-    until one group is left: a single program walking every tile of a large activation (one
-    per 32 rows) took ~1 ms on an H100 (benchmarks/results/2026-11-26-h100-run1, stats)."""
-    t = st_cnt.shape[0]
+def stats_finalize(parts: TileStats, c: int):
+    """(mean, biased var) (C,) float32 from per-tile partials (a TileStats with C columns);
+    zeros when there are none. More than FINALIZE_GROUP tiles are first merged in parallel,
+    FINALIZE_GROUP at a time, until one group is left: a single program walking every tile of
+    a large activation (one per 32 rows) took ~1 ms on an H100
+    (benchmarks/results/2026-11-26-h100-run1, stats)."""
+    t = parts.count.shape[0]
+    device = parts.count.device
     if t == 0 or c == 0:
-        zeros = torch.zeros((c,), dtype=torch.float32, device=st_cnt.device)
+        zeros = torch.zeros((c,), dtype=torch.float32, device=device)
         return zeros, zeros.clone()
     # The final combine writes every channel: no fill launches.
-    mean = torch.empty((c,), dtype=torch.float32, device=st_cnt.device)
+    mean = torch.empty((c,), dtype=torch.float32, device=device)
     var = torch.empty_like(mean)
     cfg = configs.FINALIZE_CONFIG
     group = configs.FINALIZE_GROUP
     c_blocks = cdiv(c, cfg.block_c)
     while t > group:
         groups = cdiv(t, group)
-        nxt = (torch.empty((groups, c), dtype=torch.float32, device=st_cnt.device),
-               torch.empty((groups, c), dtype=torch.float32, device=st_cnt.device),
-               torch.empty((groups,), dtype=torch.float32, device=st_cnt.device))
+        nxt = TileStats.empty(groups, c, device)
         launch(stats_finalize_kernel, (groups, c_blocks),
-            st_mean, st_m2, st_cnt, *nxt, t, c, group, BLOCK_T=cfg.block_m,
-            BLOCK_C=cfg.block_c, FINAL=False, num_warps=cfg.num_warps)
-        (st_mean, st_m2, st_cnt), t = nxt, groups
+            *parts, *nxt, t, c, group, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c, FINAL=False,
+            num_warps=cfg.num_warps)
+        parts, t = nxt, groups
     launch(stats_finalize_kernel, (1, c_blocks),
-        st_mean, st_m2, st_cnt, mean, var, st_cnt, t, c, t, BLOCK_T=cfg.block_m,
+        *parts, mean, mean, var, parts.count, t, c, t, BLOCK_T=cfg.block_m,
         BLOCK_C=cfg.block_c, FINAL=True, num_warps=cfg.num_warps)
     return mean, var
 
@@ -471,14 +496,12 @@ def channel_stats(x):
         return zeros, zeros.clone()
     cfg = _cfg(c)
     sub, tiles = _reduction_programs(m, c, cfg, x.device)
-    st_mean = torch.empty((tiles, c), dtype=torch.float32, device=x.device)
-    st_m2 = torch.empty_like(st_mean)
-    st_cnt = torch.empty((tiles,), dtype=torch.float32, device=x.device)
+    parts = TileStats.empty(tiles, c, x.device)
     launch(stats_partial_kernel, (tiles, cdiv(c, cfg.block_c)),
-        x, st_mean, st_m2, st_cnt, m, c, hw, w, *x.stride(), sub, BLOCK_M=cfg.block_m,
+        x, *parts, m, c, hw, w, *x.stride(), sub, BLOCK_M=cfg.block_m,
         BLOCK_C=cfg.block_c, INDEX_64=_index_64(tiles * sub * cfg.block_m, x),
         num_warps=cfg.num_warps)
-    return stats_finalize(st_mean, st_m2, st_cnt, c)
+    return stats_finalize(parts, c)
 
 
 def _stats_backward(gz, gmean, gvar, z, mean, out_dtype, fmt):
