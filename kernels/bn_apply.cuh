@@ -86,8 +86,8 @@ cudaError_t launch_epilogue_forward(const EpilogueForwardOp<T>& op, const Shape&
   return launch_elementwise<EpilogueForwardOp<T>, vec_width<T>()>(op, s, cfg);
 }
 
-// Backward. With gw = relu_out ? gy * (y > 0) : gy:
-//   dL/dr = res_scale * gw;   gu = d[n] * gw, masked by (u > 0) when relu_mid;
+// Backward. With gw = relu_out ? relu_grad(gy, y) : gy (0 where y <= 0, else gy):
+//   dL/dr = res_scale * gw;   gu = d[n] * gw, through relu_grad(., u) when relu_mid;
 //   dL/dz = gu * scale;  sums: Σ gu (-> shift; center gets -scale Σ gu), Σ gu·(z - center).
 template <typename T>
 struct EpilogueBackwardOp {

@@ -107,10 +107,9 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[V
 // torch.relu keeps NaN (fmaxf would turn it into 0, hiding a bad input).
 __device__ __forceinline__ float relu(float v) { return v < 0.f ? 0.f : v; }
 
-// torch's relu backward is g * (out > 0): a NaN/Inf gradient under a zero mask stays NaN.
-__device__ __forceinline__ float relu_grad(float g, float out) {
-  return g * (out > 0.f ? 1.f : 0.f);
-}
+// torch.relu's backward (threshold_backward): 0 where out <= 0, else g -- a NaN gradient
+// where the unit was off is dropped, one where out is NaN passes.
+__device__ __forceinline__ float relu_grad(float g, float out) { return out <= 0.f ? 0.f : g; }
 
 // Division by a runtime constant as a multiply-high and a shift (Granlund & Montgomery):
 // integer division is a long instruction sequence on the GPU, 64-bit division a called

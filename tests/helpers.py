@@ -202,3 +202,46 @@ def record_fixed_tiles(monkeypatch, module) -> list[str]:
         return real(kernel, grid, *args, **kw)
     monkeypatch.setattr(module, "launch", recording_launch)
     return tiles
+
+
+def check_relu_backward_matches_eager(backend: str, device: str = "cpu") -> None:
+    """ReLU's gradient where the unit is off, on, at 0 and NaN, under NaN and ±inf upstream
+    gradients, through ops.epilogue's act_mid and act_out (with the residual's gradient) and
+    the conv prologue's act_in, against eager autograd of the same expression. torch.relu's
+    backward is 0 where out <= 0 (a NaN gradient there is dropped) and g elsewhere (a NaN
+    output passes it); g * (out > 0) got both wrong."""
+    from fused_res import ops
+
+    nan, inf = float("nan"), float("inf")
+    u = torch.tensor([-1.0, 2.0, nan, 0.5, 0.0, -0.0, 3.0, -2.0], device=device)
+    gy = torch.tensor([nan, 1.0, 1.5, inf, nan, -inf, -2.0, inf], device=device)
+    u, gy = u.view(1, 1, 2, 4), gy.view(1, 1, 2, 4)
+    r0 = torch.tensor([0.5, -3.0, 1.0, -0.25, 2.0, 0.0, -4.0, 1.0], device=device).view_as(u)
+    one = torch.ones(1, device=device)
+
+    def grads(fn, *inputs):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        return torch.autograd.grad(fn(*leaves), leaves, gy)
+
+    def same(got, want, what):
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(torch.isnan(g), torch.isnan(w)), f"{what}: {g} vs eager {w}"
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=0, equal_nan=True,
+                                       msg=lambda m: f"{what}: {m}")
+
+    cases = {
+        "act_mid": (lambda z: ops.epilogue(z, one, act_mid="relu", backend=backend),
+                    lambda z: torch.relu(z * one.view(1, -1, 1, 1))),
+        "act_out": (lambda z, r: ops.epilogue(z, one, residual=r, act_out="relu",
+                                              backend=backend),
+                    lambda z, r: torch.relu(z * one.view(1, -1, 1, 1) + r)),
+        "both": (lambda z, r: ops.epilogue(z, one, act_mid="relu", residual=r,
+                                           act_out="relu", backend=backend),
+                 lambda z, r: torch.relu(torch.relu(z * one.view(1, -1, 1, 1)) + r)),
+    }
+    for what, (ours, eager) in cases.items():
+        inputs = (u,) if what == "act_mid" else (u, r0)
+        same(grads(ours, *inputs), grads(eager, *inputs), what)
+    w = torch.ones(1, 1, 1, 1, device=device)
+    same(grads(lambda x: ops.conv_unit(x, w, act_in="relu", backend=backend), u),
+         grads(lambda x: torch.nn.functional.conv2d(torch.relu(x), w), u), "act_in")

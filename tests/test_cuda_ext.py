@@ -664,3 +664,10 @@ def test_non_strict_export_may_load_the_extension(C):
     exported = torch.export.export(Unit(), (x, w), strict=False)
     assert _ext.loaded()
     torch.testing.assert_close(exported.module()(x, w), Unit()(x, w))
+
+
+def test_relu_backward_is_eagers(C):
+    """The CPU kernels' act_mid / act_out gradients (and the prologue's, which the backend
+    shares with the reference) where ReLU is off, on or NaN, under NaN and inf gradients."""
+    from tests.helpers import check_relu_backward_matches_eager
+    check_relu_backward_matches_eager("cuda")

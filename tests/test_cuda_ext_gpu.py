@@ -345,3 +345,8 @@ def test_bn_ops_on_gpu(C, backend, momentum):
     check_bn_scale_gradients(backend, device="cuda")
     check_bn_update_edge_cases(backend, device="cuda")
     check_scale_and_update_is_the_two_ops(backend, device="cuda")
+
+
+def test_relu_backward_is_eagers_on_gpu(C):
+    from tests.helpers import check_relu_backward_matches_eager
+    check_relu_backward_matches_eager("cuda", device="cuda")

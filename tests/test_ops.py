@@ -217,6 +217,11 @@ def test_nan_and_inf_propagate_like_the_reference():
     assert torch.equal(torch.isinf(y), torch.isinf(ref))
 
 
+def test_relu_backward_is_eagers():
+    from tests.helpers import check_relu_backward_matches_eager
+    check_relu_backward_matches_eager("reference")
+
+
 def test_autocast_computes_in_the_autocast_dtype():
     a = _make(CONFIGS[1])
     f32 = {k: (v.detach().float() if isinstance(v, torch.Tensor) else v) for k, v in a.items()}

@@ -438,3 +438,8 @@ def test_cifar_resnet_converges_like_unfused_in_bf16(bn_pass):
     worst = int(excess.argmax())
     assert excess[worst] <= 0, (f"loss curves diverge at window {worst}: fused "
                                 f"{s_fused[worst]:.3f} vs unfused {s_ref[worst]:.3f}")
+
+
+def test_relu_backward_is_eagers_on_gpu():
+    from tests.helpers import check_relu_backward_matches_eager
+    check_relu_backward_matches_eager("triton", device="cuda")

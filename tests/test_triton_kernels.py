@@ -993,6 +993,10 @@ else:
         assert torch.isnan(y).any()
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
 
+    def test_relu_backward_is_eagers():
+        from tests.helpers import check_relu_backward_matches_eager
+        check_relu_backward_matches_eager("triton")
+
     def test_channel_sums_over_many_partials():
         """The backward's per-channel sums (Σ gu, Σ gu·(t - c)) and the center's gradient
         when the partial rows span several steps of the sums kernel, the last one partial:

@@ -33,7 +33,9 @@ inline void from_float(const float* src, T* dst, int64_t len) {
 }
 
 inline float relu(float v) { return v < 0.f ? 0.f : v; }  // keeps NaN, like torch.relu
-inline float relu_mask(float out) { return out > 0.f ? 1.f : 0.f; }
+// torch.relu's backward (threshold_backward): 0 where out <= 0, else g -- a NaN gradient
+// where the unit was off is dropped, one where out is NaN passes.
+inline float relu_grad(float g, float out) { return out <= 0.f ? 0.f : g; }
 
 // Per-channel constants expanded to full length (defaults 0 / 1 / 0), so the inner loops
 // have no per-element branches on whether a vector was given.
@@ -232,11 +234,11 @@ inline void backward_chunk(float* g, const float* zz, const float* yy, float* gr
   for (int64_t j = 0; j < len; ++j) {
     const int64_t k = j * cstride;
     float gw = g[j];
-    if (t.relu_out) gw = gw * relu_mask(yy[j]);
+    if (t.relu_out) gw = relu_grad(gw, yy[j]);
     if (gr_out) gr_out[j] = t.res_scale == 1.f ? gw : gw * t.res_scale;
     const float zc = has_z ? zz[j] - ce[k] : 0.f;
     float gu = t.branch_scale ? gw * d : gw;
-    if (t.relu_mid) gu = gu * relu_mask(zc * sc[k] + sh[k]);
+    if (t.relu_mid) gu = relu_grad(gu, zc * sc[k] + sh[k]);
     sa[k] += gu;
     sb[k] += gu * zc;
     g[j] = gu * sc[k];

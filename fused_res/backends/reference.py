@@ -39,8 +39,15 @@ def _act(t: torch.Tensor, act: str) -> torch.Tensor:
 
 
 def _act_grad(g: torch.Tensor, out: torch.Tensor | None, act: str) -> torch.Tensor:
-    """Gradient through `act` given its output (for relu, out > 0 iff in > 0)."""
-    return g * (out > 0) if act == "relu" else g
+    """Gradient through `act` given its output, or its input (for relu the same test)."""
+    return _relu_grad(g, out) if act == "relu" else g
+
+
+def _relu_grad(g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """torch.relu's backward (threshold_backward): 0 where out <= 0, else g. Not g * (out > 0):
+    that keeps a NaN gradient where the unit was off and drops the gradient where out is NaN,
+    both unlike eager."""
+    return g.masked_fill(out <= 0, 0)
 
 
 def _affine(t, center, scale, shift):
@@ -122,7 +129,7 @@ def _tail_backward(gy, acc, u, y, act_mid, res_scale, branch_scale, act_out, res
         gr = (gw if res_scale == 1.0 else gw * res_scale).to(residual_dtype)
     gv = gw * branch_scale.to(gw.dtype).view(-1, 1, 1, 1) if branch_scale is not None else gw
     if act_mid == "relu":
-        gv = gv * (u > 0)
+        gv = _relu_grad(gv, u)
     return gv, gr
 
 

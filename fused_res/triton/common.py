@@ -18,6 +18,13 @@ def relu(t):
 
 
 @triton.jit
+def relu_grad(g, out):
+    """torch.relu's backward (threshold_backward): 0 where out <= 0, else g. A NaN gradient
+    where the unit was off is dropped, one where out is NaN passes, as in eager."""
+    return tl.where(out <= 0, 0.0, g)
+
+
+@triton.jit
 def channel_affine(t, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C: tl.constexpr,
                    HAS_S: tl.constexpr, HAS_B: tl.constexpr):
     """(t - c) * s + b with per-column vectors; t float32 [BM, BC], offs_c [BC]."""

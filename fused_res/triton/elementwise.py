@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .._eager import plain_eager
 from . import configs
-from .common import channel_affine, last_to_arrive, unit_tail
+from .common import channel_affine, last_to_arrive, relu_grad, unit_tail
 from .conv import TileStats, cdiv, needs_int64, sm_count, vec
 from .launch import launch
 
@@ -99,8 +99,7 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
         mask2 = mask_m[:, None] & mask_c[None, :]
         g = tl.load(gy_ptr + off, mask=mask2, other=0.0).to(tl.float32)
         if ACT_OUT:
-            # Multiply (not where) so a NaN gradient stays NaN, as in the reference.
-            g = g * (tl.load(y_ptr + off, mask=mask2, other=0.0) > 0).to(tl.float32)
+            g = relu_grad(g, tl.load(y_ptr + off, mask=mask2, other=0.0))
         if NEED_GR:
             gr = g * res_scale if RES_SCALED else g
             tl.store(gr_ptr + off, gr.to(gr_ptr.dtype.element_ty), mask=mask2)
@@ -110,7 +109,7 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
             t = tl.load(t_ptr + off, mask=mask2, other=0.0).to(tl.float32)
             if ACT_MID:
                 u = channel_affine(t, offs_c, mask_c, c_ptr, s_ptr, b_ptr, HAS_C, HAS_S, HAS_B)
-                g = g * (u > 0).to(tl.float32)
+                g = relu_grad(g, u)
         if NEED_GT:
             gt = g
             if HAS_S:
