@@ -405,3 +405,41 @@ def test_placement_contender_runs_the_backend_with_the_other_bn_placement(defaul
     built.forward = lambda x: seen.append(ops.fuses_train_prologue("triton"))
     C.call_with(built)(torch.zeros(1))
     assert seen == [not default] and ops.fuses_train_prologue("triton") is default
+
+
+def _git(cwd, *args):
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                   check=True, capture_output=True)
+
+
+def test_environment_records_no_commit_from_a_repository_that_is_not_fused_res(tmp_path,
+                                                                             monkeypatch):
+    """An installed copy's ROOT is site-packages, which may sit inside another repository."""
+    from fused_res.bench import env
+
+    site = tmp_path / "venv" / "site-packages"
+    site.mkdir(parents=True)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "commit", "-q", "--allow-empty", "-m", "other project")
+    monkeypatch.setattr(env, "ROOT", site)
+    doc = env.environment("cpu")
+    assert doc["git_commit"] is None and doc["git_dirty"] is None
+    # The same repository's top level is still not a fused_res checkout.
+    monkeypatch.setattr(env, "ROOT", tmp_path)
+    assert env.environment("cpu")["git_commit"] is None
+
+
+def test_environment_records_the_commit_of_a_fused_res_checkout(tmp_path, monkeypatch):
+    from fused_res.bench import env
+
+    (tmp_path / "fused_res").mkdir()
+    (tmp_path / "fused_res" / "__init__.py").write_text("")
+    (tmp_path / "setup.py").write_text("")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    monkeypatch.setattr(env, "ROOT", tmp_path)
+    doc = env.environment("cpu")
+    assert doc["git_commit"] == head and doc["git_dirty"] is False

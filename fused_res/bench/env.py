@@ -23,6 +23,19 @@ def _run(cmd: list[str], cwd: pathlib.Path | None = None) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _checkout_commit() -> tuple[str | None, str | None]:
+    """(commit, `git status --porcelain`) of the fused_res checkout this module runs from; both
+    None for an installed copy, whose ROOT (site-packages) may sit inside some other repository
+    whose commit would otherwise be recorded as fused_res's."""
+    if not ((ROOT / "fused_res" / "__init__.py").is_file() and (ROOT / "setup.py").is_file()):
+        return None, None
+    top = _run(["git", "rev-parse", "--show-toplevel"], ROOT)
+    if top is None or pathlib.Path(top).resolve() != ROOT.resolve():
+        return None, None
+    return (_run(["git", "rev-parse", "HEAD"], ROOT),
+            _run(["git", "status", "--porcelain", "--untracked-files=no"], ROOT))
+
+
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)
@@ -51,8 +64,7 @@ def environment(device: str) -> dict:
     if cuda:
         smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         driver = smi.splitlines()[0].strip() if smi else None
-    commit = _run(["git", "rev-parse", "HEAD"], ROOT)
-    status = _run(["git", "status", "--porcelain", "--untracked-files=no"], ROOT)
+    commit, status = _checkout_commit()
     return {
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if cuda else _cpu_name(),
