@@ -10,7 +10,8 @@ build isolation:
 - FUSED_RES_BUILD_CUDA=0: build the CPU kernels only. FUSED_RES_BUILD_EXT=0: pure Python.
 - MAX_JOBS is honoured; unset, it is capped by CPU count and free memory.
 - Without torch (an isolated build) the package is pure Python; the first use of the `cuda`
-  backend then JIT-builds the extension (fused_res/_ext.py).
+  backend then JIT-builds the extension (fused_res/_ext.py) from the copy of csrc/ and
+  kernels/ that every built package carries in fused_res/_sources/.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 ARCH_DEFAULT = "8.0;9.0"
+# What the JIT build reads (fused_res/_ext.py), relative to HERE.
+SOURCE_GLOBS = ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "kernels/*.cuh", "kernels/*.h")
 
 
 def _helpers():
@@ -50,6 +54,22 @@ def _default_jobs() -> int:
     except (OSError, StopIteration, ValueError):
         by_mem = cpus
     return max(1, min(cpus, by_mem))
+
+
+class BuildPyWithSources(build_py):
+    """build_py that also copies the extension's sources into the built package, so that an
+    installed copy (no checkout beside it) can JIT-build the extension."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # the package is the checkout, which has csrc/ itself
+            return
+        dest = Path(self.build_lib) / "fused_res" / "_sources"
+        for pattern in SOURCE_GLOBS:
+            for src in sorted(HERE.glob(pattern)):
+                out = dest / src.relative_to(HERE)
+                self.mkpath(str(out.parent))
+                self.copy_file(str(src), str(out))
 
 
 def _ext_modules():
@@ -98,4 +118,4 @@ def _ext_modules():
 
 
 _exts, _cmds = _ext_modules()
-setup(ext_modules=_exts, cmdclass=_cmds)
+setup(ext_modules=_exts, cmdclass={"build_py": BuildPyWithSources, **_cmds})

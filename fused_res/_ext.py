@@ -2,10 +2,11 @@
 
 `load()` returns the op namespace or None. It tries, in order: a prebuilt `fused_res._C`
 (built by setup.py), then a JIT build of csrc/ (+ kernels/) with ninja into a cache
-($FUSED_RES_CACHE, default ~/.cache/fused_res). CUDA sources are compiled when torch has CUDA
-and a CUDA toolkit (nvcc) is found -- whether a GPU is present does not matter. On any
-failure it warns once, remembers why (`reason()`), and the package runs on its other
-backends. FUSED_RES_NO_EXT=1 skips the extension entirely.
+($FUSED_RES_CACHE, default ~/.cache/fused_res). The sources are a checkout's csrc/ and
+kernels/ beside the package, else the copy a wheel carries in fused_res/_sources/. CUDA
+sources are compiled when torch has CUDA and a CUDA toolkit (nvcc) is found -- whether a GPU
+is present does not matter. On any failure it warns once, remembers why (`reason()`), and
+the package runs on its other backends. FUSED_RES_NO_EXT=1 skips the extension entirely.
 
 Importing fused_res does not import this module's heavy parts: nothing here runs before the
 first use of the `cuda` backend. Top-level imports are stdlib only, so setup.py can reuse
@@ -29,8 +30,21 @@ JIT_CUDA_ENV = "FUSED_RES_JIT_CUDA"  # "0": JIT-build the CPU kernels only
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
-KERNELS = ROOT / "kernels"
+# Where setup.py's build_py puts a copy of csrc/ and kernels/ in a built package: an installed
+# copy has no checkout beside it, and the JIT build needs them.
+PACKAGED_SOURCES = Path(__file__).resolve().parent / "_sources"
+
+
+def source_root() -> Path:
+    """The folder holding csrc/ and kernels/: the checkout when fused_res is imported from one
+    (its sources may be edited), else the package's _sources/."""
+    if (ROOT / "setup.py").is_file() and (ROOT / "csrc" / "ops.cpp").is_file():
+        return ROOT
+    return PACKAGED_SOURCES
+
+
+CSRC = source_root() / "csrc"
+KERNELS = source_root() / "kernels"
 
 _lock = threading.Lock()
 _state: dict = {"done": False, "ops": None, "reason": "not loaded yet", "source": None,
@@ -159,6 +173,8 @@ def _load():
         prebuilt_error = str(e)
     try:
         _jit_build()
+    except _NoBuild as e:  # nothing was compiled: say what is missing, not "build failed"
+        return None, f"no prebuilt extension, and it cannot be JIT-built: {e}", None
     except Exception as e:  # compiler missing, compile error, ...: say why, keep working
         why = _first_error(e)
         extra = f"; prebuilt: {prebuilt_error}" if prebuilt_error and "No module" not in \
@@ -200,14 +216,19 @@ def jit_with_cuda() -> tuple[bool, str | None]:
     return home is not None, home
 
 
+class _NoBuild(RuntimeError):
+    """A JIT build that was not attempted (sources or tools missing)."""
+
+
 def _sources(cuda: bool) -> list[str]:
     srcs = [CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp"]
     if cuda:
         srcs.append(CSRC / "cuda" / "ops_cuda.cu")
     missing = [str(s) for s in srcs if not s.is_file()]
     if missing:
-        raise FileNotFoundError(f"extension sources not found: {', '.join(missing)} (an "
-                                "installed copy without csrc/; build with setup.py instead)")
+        raise _NoBuild(f"its sources are missing ({', '.join(missing)}); install fused_res from "
+                       "its sdist or a wheel built by its setup.py (they carry the sources), "
+                       "or build it in a checkout: pip install --no-build-isolation .")
     return [str(s) for s in srcs]
 
 
@@ -233,10 +254,10 @@ def _jit_build() -> None:
             try:
                 import ninja  # noqa: F401
             except ImportError:
-                raise RuntimeError("ninja is not installed (pip install ninja)") from None
+                raise _NoBuild("ninja is not installed (pip install ninja)") from None
         cxx = os.environ.get("CXX", "c++")
         if shutil.which(cxx) is None:
-            raise RuntimeError(f"no C++ compiler ({cxx!r} not found)")
+            raise _NoBuild(f"no C++ compiler ({cxx!r} not found)")
     build_dir.mkdir(parents=True, exist_ok=True)
 
     from torch.utils import cpp_extension

@@ -536,6 +536,7 @@ with warnings.catch_warnings(record=True) as w:
     y = ops.epilogue(x, torch.ones(3), None, act_mid='relu', backend='cuda')
 assert torch.equal(y, x.relu())
 print('STATUS', st)
+print('SOURCES', _ext.CSRC.joinpath('ops.cpp').is_file())
 for m in w:
     print('WARN', m.message)
 """
@@ -546,7 +547,11 @@ def test_no_compiler_falls_back_with_one_clear_warning(tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     status = [ln for ln in lines if ln.startswith("STATUS")]
-    assert status and "unavailable" in status[0] and "no C++ compiler" in status[0], lines
+    # A checkout, or an installed copy with its packaged sources, gets as far as the compiler;
+    # a copy without sources (installed some other way) stops before it and says so.
+    why = "no C++ compiler" if "SOURCES True" in lines else "sources are missing"
+    assert status and "unavailable" in status[0] and why in status[0], lines
+    assert "JIT build failed" not in status[0], lines
     ext_warnings = [ln for ln in lines if "extension is unavailable" in ln]
     assert len(ext_warnings) == 1, lines
     fallback = [ln for ln in lines if "using the reference backend" in ln]

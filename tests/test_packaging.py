@@ -1,0 +1,49 @@
+"""What an installed copy needs: the built package carries the extension's sources for the JIT
+build, and a missing source or tool is reported as such."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fused_res import _ext
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not (ROOT / "setup.py").is_file(), reason="not a source checkout")
+def test_built_package_carries_the_extension_sources(tmp_path):
+    lib = tmp_path / "lib"
+    env = dict(os.environ, FUSED_RES_BUILD_EXT="0")
+    out = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(lib)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    sources = lib / "fused_res" / "_sources"
+    for rel in ("csrc/ops.cpp", "csrc/ops.h", "csrc/cpu/ops_cpu.cpp", "csrc/cuda/ops_cuda.cu"):
+        assert (sources / rel).read_bytes() == (ROOT / rel).read_bytes(), rel
+    cuh = sorted(p.name for p in (ROOT / "kernels").glob("*.cuh"))
+    assert cuh and sorted(p.name for p in (sources / "kernels").glob("*.cuh")) == cuh
+    assert not (ROOT / "fused_res" / "_sources").exists()  # the build dir only
+    # Imported from there (no checkout beside it), the loader finds the copy.
+    code = ("from fused_res import _ext; print(_ext.source_root()); "
+            "print(len(_ext._sources(True)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(lib)))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(sources), "3"]
+
+
+def test_missing_sources_are_reported_as_missing_not_as_a_failed_build(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ext, "CSRC", tmp_path / "csrc")
+    monkeypatch.setattr(_ext, "KERNELS", tmp_path / "kernels")
+    monkeypatch.setattr(_ext, "_has_ops", lambda torch: False)
+    monkeypatch.setitem(sys.modules, "fused_res._C", None)
+    monkeypatch.setenv(_ext.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(_ext.NO_EXT_ENV, raising=False)
+    ops, reason, _ = _ext._load()
+    assert ops is None
+    assert "sources are missing" in reason and "JIT build failed" not in reason, reason
+    assert "pip install" in reason
+
