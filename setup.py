@@ -12,6 +12,7 @@ build isolation:
 - Without torch (an isolated build) the package is pure Python; the first use of the `cuda`
   backend then JIT-builds the extension (fused_res/_ext.py) from the copy of csrc/ and
   kernels/ that every built package carries in fused_res/_sources/.
+- A failed extension build stays fatal, and says how to install without it.
 """
 
 from __future__ import annotations
@@ -114,7 +115,12 @@ def _ext_modules():
         ext = cpp_extension.CppExtension("fused_res._C", sources, include_dirs=include_dirs,
                                          **kwargs)
         _log(f"building fused_res._C, CPU kernels only (MAX_JOBS={os.environ['MAX_JOBS']})")
-    return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+    class BuildExtWithHint(cpp_extension.BuildExtension):
+        def run(self):
+            helpers.with_build_hint(super().run, _log)
+
+    return [ext], {"build_ext": BuildExtWithHint}
 
 
 _exts, _cmds = _ext_modules()

@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # Where setup.py's build_py puts a copy of csrc/ and kernels/ in a built package: an installed
 # copy has no checkout beside it, and the JIT build needs them.
 PACKAGED_SOURCES = Path(__file__).resolve().parent / "_sources"
+BUILD_HINT = (
+    "FUSED_RES_BUILD_EXT=0 installs the pure-Python package (the 'cuda' backend then JIT-builds "
+    "the extension on first use); FUSED_RES_BUILD_CUDA=0 builds the CPU kernels only")
 
 
 def source_root() -> Path:
@@ -105,6 +108,20 @@ def pip_cuda_include_dirs(cuda_home: str | None) -> list[str]:
             if inc.is_dir() and str(inc) not in out:
                 out.append(str(inc))
     return out
+
+
+def with_build_hint(build, log) -> None:
+    """Run setup.py's extension build; a failure stays fatal but ends with the switches that
+    avoid it, which a failed `pip install` would otherwise never mention."""
+    try:
+        build()
+    except Exception as e:
+        hint = (f"building the extension failed ({type(e).__name__}). To install without it: "
+                f"{BUILD_HINT}.")
+        log(hint)
+        if hasattr(e, "add_note"):  # Python 3.11+: also after the traceback that pip shows
+            e.add_note(f"fused_res: {hint}")
+        raise
 
 
 # ---- loading ------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """What an installed copy needs: the built package carries the extension's sources for the JIT
-build, and a missing source or tool is reported as such."""
+build, a missing source or tool is reported as such, a failed extension build names the
+switches that avoid it."""
 
 import os
 import subprocess
@@ -47,3 +48,19 @@ def test_missing_sources_are_reported_as_missing_not_as_a_failed_build(tmp_path,
     assert "sources are missing" in reason and "JIT build failed" not in reason, reason
     assert "pip install" in reason
 
+
+def test_a_failed_extension_build_logs_the_switches_and_stays_fatal():
+    logged = []
+
+    def failing():
+        raise RuntimeError("compiler exploded")
+
+    with pytest.raises(RuntimeError, match="compiler exploded") as info:
+        _ext.with_build_hint(failing, logged.append)
+    assert len(logged) == 1
+    assert "FUSED_RES_BUILD_EXT=0" in logged[0] and "FUSED_RES_BUILD_CUDA=0" in logged[0]
+    if sys.version_info >= (3, 11):
+        assert info.value.__notes__ == [f"fused_res: {logged[0]}"]
+    calls = []
+    _ext.with_build_hint(lambda: calls.append(1), logged.append)
+    assert calls == [1] and len(logged) == 1
