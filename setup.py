@@ -6,7 +6,8 @@ build isolation:
 
 - CUDA sources are compiled when torch has CUDA and a CUDA toolkit is found ($CUDA_HOME, or
   the toolkit behind the nvcc on PATH, wrapper scripts included) -- never decided from
-  whether a GPU is present. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+  whether a GPU is present. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0+PTX" (the PTX lets
+  newer GPUs JIT-compile the kernels).
 - FUSED_RES_BUILD_CUDA=0: build the CPU kernels only. FUSED_RES_BUILD_EXT=0: pure Python.
 - MAX_JOBS is honoured; unset, it is capped by CPU count and free memory.
 - Without torch (an isolated build) the package is pure Python; the first use of the `cuda`
@@ -26,7 +27,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-ARCH_DEFAULT = "8.0;9.0"
+ARCH_DEFAULT = "8.0;9.0+PTX"
 # What the JIT build reads (fused_res/_ext.py), relative to HERE.
 SOURCE_GLOBS = ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "kernels/*.cuh", "kernels/*.h")
 

@@ -149,9 +149,9 @@ if [ "$DRY" = 1 ]; then
   say "=== build: dry run, not run: $PY -m pip install --no-build-isolation --no-deps -e ."
   printf 'build\tskipped\t-\t0\t0\tdry run\n' >> "$STEPS"
 else
-  # Build for this GPU only (half the compile time of the default 8.0;9.0).
+  # Build for this GPU only (half the compile time of the default 8.0;9.0+PTX).
   ARCH=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" \
-         2>/dev/null || echo "8.0;9.0")
+         2>/dev/null || echo "8.0;9.0+PTX")
   run_step build 240 env TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}" \
     "$PY" -m pip install --no-build-isolation --no-deps -e .
 fi

@@ -27,7 +27,7 @@ from pathlib import Path
 NO_EXT_ENV = "FUSED_RES_NO_EXT"
 CACHE_ENV = "FUSED_RES_CACHE"
 JIT_CUDA_ENV = "FUSED_RES_JIT_CUDA"  # "0": JIT-build the CPU kernels only
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where setup.py's build_py puts a copy of csrc/ and kernels/ in a built package: an installed
