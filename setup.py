@@ -64,7 +64,7 @@ class BuildPyWithSources(build_py):
 
     def run(self):
         super().run()
-        if self.editable_mode:  # the package is the checkout, which has csrc/ itself
+        if getattr(self, "editable_mode", False):  # the package is the checkout: csrc/ is there
             return
         dest = Path(self.build_lib) / "fused_res" / "_sources"
         for pattern in SOURCE_GLOBS:
