@@ -186,16 +186,22 @@ def _load():
 
         _register_fakes()
         return torch.ops.fused_res_C, "", "prebuilt"
+    except ModuleNotFoundError as e:
+        if e.name != "fused_res._C":
+            prebuilt_error = str(e)
     except ImportError as e:
         prebuilt_error = str(e)
+    # A prebuilt that exists but does not import (built against another torch) is the cause
+    # worth reporting, whatever the JIT build then says.
+    no_prebuilt = prebuilt_error is None
+    extra = "" if no_prebuilt else f"; prebuilt: {prebuilt_error}"
     try:
         _jit_build()
     except _NoBuild as e:  # nothing was compiled: say what is missing, not "build failed"
-        return None, f"no prebuilt extension, and it cannot be JIT-built: {e}", None
+        head = "no prebuilt extension" if no_prebuilt else "the prebuilt extension did not load"
+        return None, f"{head}, and it cannot be JIT-built: {e}{extra}", None
     except Exception as e:  # compiler missing, compile error, ...: say why, keep working
         why = _first_error(e)
-        extra = f"; prebuilt: {prebuilt_error}" if prebuilt_error and "No module" not in \
-            prebuilt_error else ""
         return None, f"JIT build failed: {type(e).__name__}: {why[:300]}{extra}", None
     if not _has_ops(torch):
         return None, "the JIT-built library registered no fused_res_C ops", None

@@ -418,12 +418,16 @@ def test_environment_records_no_commit_from_a_repository_that_is_not_fused_res(t
     from fused_res.bench import env
 
     site = tmp_path / "venv" / "site-packages"
-    site.mkdir(parents=True)
+    (site / "fused_res").mkdir(parents=True)
+    (site / "fused_res" / "__init__.py").write_text("")
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "commit", "-q", "--allow-empty", "-m", "other project")
     monkeypatch.setattr(env, "ROOT", site)
     doc = env.environment("cpu")
     assert doc["git_commit"] is None and doc["git_dirty"] is None
+    # Even with a checkout's markers it is not the repository's top level.
+    (site / "setup.py").write_text("")
+    assert env.environment("cpu")["git_commit"] is None
     # The same repository's top level is still not a fused_res checkout.
     monkeypatch.setattr(env, "ROOT", tmp_path)
     assert env.environment("cpu")["git_commit"] is None

@@ -46,7 +46,31 @@ def test_missing_sources_are_reported_as_missing_not_as_a_failed_build(tmp_path,
     ops, reason, _ = _ext._load()
     assert ops is None
     assert "sources are missing" in reason and "JIT build failed" not in reason, reason
-    assert "pip install" in reason
+    assert "pip install" in reason and reason.startswith("no prebuilt extension"), reason
+
+
+def test_a_prebuilt_that_does_not_load_is_named_when_no_jit_build_can_follow(tmp_path,
+                                                                            monkeypatch):
+    """A wheel's _C built against another torch, on a machine without a compiler: the import
+    error is the cause to report (an earlier version said there was no prebuilt at all)."""
+    import importlib.abc
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "fused_res._C":
+                raise ImportError("_C.so: undefined symbol: _ZN3c104cuda9SetDeviceEi")
+            return None
+
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    monkeypatch.delitem(sys.modules, "fused_res._C", raising=False)
+    monkeypatch.setattr(_ext, "_has_ops", lambda torch: False)
+    monkeypatch.setenv("CXX", "no-such-c++")
+    monkeypatch.setenv(_ext.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(_ext.NO_EXT_ENV, raising=False)
+    ops, reason, _ = _ext._load()
+    assert ops is None
+    assert reason.startswith("the prebuilt extension did not load"), reason
+    assert "undefined symbol" in reason and "no C++ compiler" in reason, reason
 
 
 def test_a_failed_extension_build_logs_the_switches_and_stays_fatal():
