@@ -242,6 +242,15 @@ def check_relu_backward_matches_eager(backend: str, device: str = "cpu") -> None
     for what, (ours, eager) in cases.items():
         inputs = (u,) if what == "act_mid" else (u, r0)
         same(grads(ours, *inputs), grads(eager, *inputs), what)
+    # Without a scale or a tail after it, the mid ReLU's gradient is taken from y for u.
+    same(grads(lambda z: ops.epilogue(z, act_mid="relu", backend=backend), u),
+         grads(torch.relu, u), "act_mid from y")
     w = torch.ones(1, 1, 1, 1, device=device)
+    conv = torch.nn.functional.conv2d
     same(grads(lambda x: ops.conv_unit(x, w, act_in="relu", backend=backend), u),
-         grads(lambda x: torch.nn.functional.conv2d(torch.relu(x), w), u), "act_in")
+         grads(lambda x: conv(torch.relu(x), w), u), "act_in")
+    same(grads(lambda x: ops.conv_unit(x, w, act_mid="relu", backend=backend), u),
+         grads(lambda x: torch.relu(conv(x, w)), u), "conv act_mid")
+    same(grads(lambda x: ops.conv_unit(x, w, act_mid="relu", act_out="relu", backend=backend),
+               u),
+         grads(lambda x: torch.relu(torch.relu(conv(x, w))), u), "conv act_mid act_out")
