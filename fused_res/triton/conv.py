@@ -162,6 +162,9 @@ def _conv_epilogue(acc, pid_m, offs_m, offs_n, mask_m, mask_n, n_idx, oh, ow, bi
         # it matters), kept beside it: the pair holds the tile mean to ~eps·std.
         t_lo = tl.sum(dev, axis=0) * inv
         t_m2 = tl.sum(dev * dev, axis=0) - cnt * t_lo * t_lo
+        # ≥ 0 in exact arithmetic; a rounding below 0 (a constant channel) must not reach a
+        # variance. tl.where, not tl.maximum, so that NaN stays NaN.
+        t_m2 = tl.where(t_m2 < 0.0, 0.0, t_m2)
         st_off = pid_m.to(tl.int64) * C_out + offs_n
         tl.store(st_mean_ptr + st_off, t_mean, mask=mask_n)
         tl.store(st_lo_ptr + st_off, t_lo, mask=mask_n)
