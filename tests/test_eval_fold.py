@@ -45,6 +45,30 @@ def test_cached_fold_matches_eager_and_is_reused(backend):
     assert w1.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_parameters_stay_swappable_after_a_cached_fold():
+    """torch.utils.swap_tensors refuses a tensor with a weak reference; the cache once held
+    one on every parameter it folded, so after one eval forward load_state_dict and .to()
+    failed under set_swap_module_params_on_conversion ("Couldn't swap Conv2d.weight").
+    After the swaps the fold follows the new values."""
+    model, fused = _pair()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused(x)  # fill the cache
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        other = resnet18(num_classes=10).eval().state_dict()
+        for m in (model, fused):
+            m.load_state_dict(other)
+        with torch.no_grad():
+            assert rel_err(fused(x), model(x)) <= 1e-5
+        for m in (model, fused):
+            m.to(torch.bfloat16).float()
+        with torch.no_grad():
+            assert rel_err(fused(x), model(x)) <= 1e-5
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(False)
+
+
 def test_fold_follows_in_place_changes_and_state_dict_loads():
     model, fused = _pair()
     x = torch.randn(2, 3, 64, 64)

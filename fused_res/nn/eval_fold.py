@@ -12,7 +12,9 @@ inference_mode), never while torch.compile traces (the compiled graph folds on i
 never for float64.
 
 A write through `.data` (`conv.weight.data.copy_(w)`) bypasses the version counter, so no
-cache can see it: write under torch.no_grad() instead, or call clear() after such writes.
+cache can see it: write under torch.no_grad() instead, or call clear() after such writes. So
+does an in-place change of a vector whose slices torch.nn.utils.vector_to_parameters made
+the parameters (it assigns `.data`).
 """
 
 from __future__ import annotations
@@ -62,25 +64,26 @@ def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
 
 
 def _refs(tensors: tuple) -> tuple:
-    """Weak references to each tensor and to its storage, for _same."""
-    return tuple(None if t is None else (weakref.ref(t), weakref.ref(t.untyped_storage()))
-                 for t in tensors)
+    """Weak references to each tensor's storage, for _same. Not to the tensors: a tensor with
+    a weak reference cannot be swapped (torch.utils.swap_tensors, which nn.Module._apply and
+    load_state_dict use under set_swap_module_params_on_conversion, and for tensor
+    subclasses), and the parameters are the user's."""
+    return tuple(None if t is None else weakref.ref(t.untyped_storage()) for t in tensors)
 
 
 def _same(refs: tuple, tensors: tuple) -> bool:
-    """Whether `tensors` are the very objects `refs` point to, on the very storages.
-    Identity, not just address and version: a tensor or storage made after another was freed
-    may take its address with the same version (a weight computed per call; `p.data = ...`,
-    which model.half().float() does, keeps the Parameter and its version but swaps the
-    storage), and would pass for it."""
-    return all((r is None) if t is None else
-               (r is not None and r[0]() is t and r[1]() is t.untyped_storage())
+    """Whether `tensors` sit on the very storages `refs` point to. Identity, not just address
+    and version: a storage made after another was freed may take its address, with the same
+    version (a weight computed per call; `p.data = ...`, which model.half().float() does,
+    keeps the Parameter and its version but swaps the storage), and would pass for it. The
+    tensors' own identity is in the key (id) instead."""
+    return all((r is None) if t is None else (r is not None and r() is t.untyped_storage())
                for r, t in zip(refs, tensors, strict=True))
 
 
 def _key(tensors: tuple) -> tuple | None:
-    """The version counter, storage and dtype of each tensor, or None when one was created
-    under inference_mode (no version counter to key on)."""
+    """The identity, address, version counter and dtype of each tensor, or None when one was
+    created under inference_mode (no version counter to key on)."""
     key = []
     for t in tensors:
         if t is None:
@@ -88,7 +91,7 @@ def _key(tensors: tuple) -> tuple | None:
         elif t.is_inference():
             return None
         else:
-            key += (t.data_ptr(), t._version, t.dtype)
+            key += (id(t), t.data_ptr(), t._version, t.dtype)
     return tuple(key)
 
 
