@@ -361,6 +361,38 @@ def test_a_stem_whose_batchnorm_was_replaced_says_so():
     assert sum("did not run after its previous call" in str(w.message) for w in caught) == 1
 
 
+def test_a_stem_conv_checkpointed_alone_does_not_warn():
+    """torch.utils.checkpoint around conv1 alone recomputes it in the backward without bn1:
+    no sign of a replaced bn1, and the next call warned that the stem normalizes twice (a
+    probe). The values were and are right."""
+    import warnings
+
+    from torch.utils.checkpoint import checkpoint
+
+    from fused_res.nn import hooks
+    base = _f64_resnet18().train()
+    fused = fused_res.convert(copy.deepcopy(base), backend="reference").train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def run(m, reentrant):
+        h = checkpoint(m.conv1, x.requires_grad_(reentrant), use_reentrant=reentrant)
+        for name in ("bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                     "avgpool"):
+            h = getattr(m, name)(h)
+        out = m.fc(h.flatten(1))
+        out.sum().backward()
+        return out
+
+    hooks._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for reentrant in (False, True, False):
+            assert rel_err(run(fused, reentrant), run(base, reentrant)) < 1e-10
+    assert not [w for w in caught if "fused stem" in str(w.message)], caught
+    # (float64, but a BatchNorm over 2 values per channel in layer4 amplifies rounding)
+    assert rel_err(fused.conv1.weight.grad, base.conv1.weight.grad) < 1e-8
+
+
 def test_revert_after_convert_sync_batchnorm():
     """The blocks' error names revert() as the way out of a SyncBatchNorm conversion: it
     raised AttributeError on the stem's SyncBatchNorm."""

@@ -84,6 +84,13 @@ class AppliedReLU(nn.Module):
         return x if _fused(self) else F.relu(x, inplace=self.inplace)
 
 
+def _in_backward() -> bool:
+    """Whether this runs inside a backward pass: torch.utils.checkpoint recomputing a segment
+    that may hold conv1 without bn1, which is no sign of a replaced bn1."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 class FusedStemConv(nn.Conv2d):
     """conv -> BatchNorm (the AppliedBatchNorm2d it is given) -> ReLU through the conv-unit
     ops. Same parameters and state_dict keys as the nn.Conv2d it replaces. Input
@@ -125,7 +132,7 @@ class FusedStemConv(nn.Conv2d):
             warn_once(f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run "
                        "unfused while they are there")
             return super().forward(x)
-        if state is not None and not torch.compiler.is_compiling():
+        if state is not None and not torch.compiler.is_compiling() and not _in_backward():
             # Its AppliedBatchNorm2d not called since the last fused call: bn1 was replaced
             # (convert_sync_batchnorm) and normalizes the output again, or conv1 is called
             # alone and returns more than its conv. Seen a call late; said at least.
@@ -137,6 +144,7 @@ class FusedStemConv(nn.Conv2d):
             state.awaiting_bn = True
         y, _ = run_unit(x, None, self, self.__dict__["_norm"], "relu", self.backend)
         return y
+
 
     def as_conv(self) -> nn.Conv2d:
         """A plain nn.Conv2d over the same parameters, with this module's hooks (revert)."""
