@@ -142,6 +142,38 @@ def test_counting_from_shapes():
     assert flops_per_image(models.resnet50(), 224) == pytest.approx(8.18e9, rel=0.01)
 
 
+def test_counting_reads_only_the_pixels_a_strided_1x1_conv_uses():
+    """rn50-l2d's projection (1x1, stride 2, 256 -> 512 at 56x56) reads a quarter of the
+    block input: the pixels between its taps are never loaded (channels_last rows)."""
+    costs = trace_costs(get_workload("rn50-l2d").build(), (256, 56, 56))
+    out = 28 * 28
+    conv1 = 56 * 56 * 256 + 56 * 56 * 128      # 1x1 stride 1: reads all of x
+    conv2 = 56 * 56 * 128 + out * 128          # 3x3 stride 2: its taps cover the input
+    conv3 = out * 128 + out * 512
+    proj = out * 256 + out * 512                # 1x1 stride 2: a quarter of x
+    assert costs.activation_elems == conv1 + conv2 + conv3 + proj + out * 512  # + shortcut
+
+
+def test_counting_takes_pooling_as_fused_into_what_it_pools():
+    """The stem conv's 112x112 output is written pooled (56x56), the last block's 7x7 output
+    pooled to 1x1: the floor the module docstring promises."""
+    model = models.resnet50()
+    costs = trace_costs(model, (3, 224, 224))
+    plain = []
+    hooks = [m.register_forward_hook(lambda m, i, o: plain.append((m, i[0][0], o[0])))
+             for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, 224, 224))
+    for h in hooks:
+        h.remove()
+    per_layer = sum((x.shape[0] * y.shape[-2] * y.shape[-1]
+                     if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+                     else x.numel()) + y.numel() for m, x, y in plain)
+    shortcuts = 56 * 56 * 256 * 3 + 28 * 28 * 512 * 4 + 14 * 14 * 1024 * 6 + 7 * 7 * 2048 * 3
+    pooled = (112 * 112 - 56 * 56) * 64 + (7 * 7 - 1) * 2048
+    assert costs.activation_elems == per_layer + shortcuts - pooled
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet20", "rn50-l2d", "rn50-l3-3x3",
                                   "cifar-l2"])
 def test_cudnn_folding_matches_eager(name):

@@ -4,10 +4,15 @@ device's matmul rate and copy bandwidth measured in the same run.
 Fewest bytes, the approximation: every conv (and linear) reads its input and its weights once
 and writes its output once, and every residual block reads its shortcut once (output-sized).
 BatchNorm, ReLU, the add and pooling are assumed fused into those passes (that is the point of
-fused_res). Train: forward bytes x 3 (forward; data-gradient pass reads dy and W and writes dx;
+fused_res): a pooling layer's output replaces the write of what it pools. A 1x1 conv with
+stride s reads only the pixels it uses (1/s² of its input, channels_last).
+Train: forward bytes x 3 (forward; data-gradient pass reads dy and W and writes dx;
 weight-gradient pass reads the saved x and dy and writes dW) plus the SGD-momentum step (reads
 parameter, gradient and momentum, writes parameter and momentum, fp32: 20 bytes/parameter).
-Train FLOPs: forward x 3 (data and weight gradients each cost one forward).
+Train FLOPs: forward x 3 (data and weight gradients each cost one forward). This train floor
+is low: batch statistics keep each BatchNorm from folding, so at least the pass that applies
+it (and the block's add) and backward's read of z come on top (about +30% at ResNet-50 b128);
+the percentages of floor in train read low by as much.
 """
 
 from __future__ import annotations
@@ -45,8 +50,16 @@ def trace_costs(module: nn.Module, sample_shape: tuple[int, ...]) -> Costs:
     def conv_hook(m, inp, out):
         nonlocal flops, acts, weights
         flops += 2 * out[0].numel() * m.weight[0].numel()  # C_in/groups * KH * KW per output
-        acts += inp[0][0].numel() + out[0].numel()
+        x = inp[0][0]
+        # A strided 1x1 conv skips the pixels between its taps (C contiguous per pixel).
+        read = (x.shape[0] * out.shape[-2] * out.shape[-1]
+                if m.kernel_size == (1, 1) and m.padding == (0, 0) else x.numel())
+        acts += read + out[0].numel()
         weights += m.weight.numel()
+
+    def pool_hook(m, inp, out):
+        nonlocal acts
+        acts -= inp[0][0].numel() - out[0].numel()  # written pooled, never read back
 
     def fc_hook(m, inp, out):
         nonlocal flops, acts, weights
@@ -61,6 +74,9 @@ def trace_costs(module: nn.Module, sample_shape: tuple[int, ...]) -> Costs:
     hooks = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else fc_hook)
              for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     hooks += [b.register_forward_hook(block_hook) for b in residual_blocks(module)]
+    hooks += [m.register_forward_hook(pool_hook) for m in module.modules()
+              if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                                nn.AdaptiveMaxPool2d))]
     param = next(module.parameters())
     was_training = module.training
     try:
