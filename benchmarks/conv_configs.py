@@ -68,6 +68,7 @@ def main(argv=None) -> int:
     from fused_res.triton.conv import conv_launch, sm_count
 
     dtype = DTYPES[a.dtype]
+    torch.backends.cudnn.benchmark = True  # cuDNN's timed choice of algorithm, as in the bench
     # Against cuDNN's own rounded result: DESIGN.md §4's tolerance for the dtype (tf32 for
     # float32, which both take where torch allows it).
     tol = TOLERANCES["tf32" if dtype == torch.float32 else dtype]

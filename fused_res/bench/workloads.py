@@ -3,7 +3,8 @@
 Accepted names (the CLI's --model, comma-separated):
   * a model of fused_res.models.MODELS (resnet18..152, resnet20..1202 CIFAR, ...);
   * a preset: rn50-l1..rn50-l4 (ResNet-50 stage bottlenecks, identity shortcut),
-    rn50-l2d..rn50-l4d (first block of a stage: stride 2, projection), rn18-l1..rn18-l4
+    rn50-l1d..rn50-l4d (first block of a stage: a projection, stride 2 from layer2 on),
+    rn18-l1..rn18-l4
     (BasicBlocks), cifar-l1..cifar-l3 (CIFAR BasicBlocks), rn50-l1-1x1 .. rn50-l4-3x3 (conv
     units), or a group: rn50-blocks, rn18-blocks, cifar-blocks, rn50-units;
   * a spec: block:KIND:cin=C:planes=P:hw=H[:stride=S] with KIND basic | bottleneck | cifar, or
@@ -66,17 +67,18 @@ for _i, (_cin, _p, _hw) in _RN50.items():
     PRESETS[f"rn50-l{_i}"] = f"block:bottleneck:cin={_cin}:planes={_p}:hw={_hw}"
     PRESETS[f"rn50-l{_i}-1x1"] = f"unit:cin={_cin}:cout={_p}:hw={_hw}:k=1"
     PRESETS[f"rn50-l{_i}-3x3"] = f"unit:cin={_p}:cout={_p}:hw={_hw}:k=3"
-    if _i > 1:
-        PRESETS[f"rn50-l{_i}d"] = (f"block:bottleneck:cin={_cin // 2}:planes={_p}:"
-                                   f"hw={_hw * 2}:stride=2")
+    # A stage's first block: stride 2 and a projection; layer1's keeps stride 1 (64 -> 256).
+    PRESETS[f"rn50-l{_i}d"] = (f"block:bottleneck:cin={_cin // 2}:planes={_p}:"
+                               f"hw={_hw * 2}:stride=2" if _i > 1 else
+                               f"block:bottleneck:cin={_p}:planes={_p}:hw={_hw}")
 for _i, (_c, _hw) in _RN18.items():
     PRESETS[f"rn18-l{_i}"] = f"block:basic:cin={_c}:planes={_c}:hw={_hw}"
 for _i, (_c, _hw) in _CIFAR.items():
     PRESETS[f"cifar-l{_i}"] = f"block:cifar:cin={_c}:planes={_c}:hw={_hw}"
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "rn50-blocks": ("rn50-l1", "rn50-l2d", "rn50-l2", "rn50-l3d", "rn50-l3", "rn50-l4d",
-                    "rn50-l4"),
+    "rn50-blocks": ("rn50-l1d", "rn50-l1", "rn50-l2d", "rn50-l2", "rn50-l3d", "rn50-l3",
+                    "rn50-l4d", "rn50-l4"),
     "rn18-blocks": tuple(f"rn18-l{i}" for i in _RN18),
     "cifar-blocks": tuple(f"cifar-l{i}" for i in _CIFAR),
     "rn50-units": tuple(f"rn50-l{i}-{k}" for i in _RN50 for k in ("1x1", "3x3")),
