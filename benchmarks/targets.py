@@ -20,6 +20,12 @@ SPEEDUP_RN50_EVAL = 1.3  # issue 5: eval, ResNet-50 at batch 256 (and level with
 SPEEDUP_TRAIN = 1.15   # issues 5 and 6: ResNet-50 train step at batch 128
 CONV_VS_CUDNN = 1.15   # issue 5: the Triton conv alone within 15% of cuDNN's time
 BANDWIDTH = {"apply_fwd": 0.85, "apply_bn_relu": 0.85, "apply_bwd": 0.75, "stats": 0.80}
+# Every ResNet-50 block shape (fused_res.bench.workloads GROUPS["rn50-blocks"]; a test keeps
+# the two equal) and the number of its distinct convs (ops_bandwidth.CONVS): a target over
+# "every shape" is met only where every one was measured.
+RN50_BLOCKS = ("rn50-l1d", "rn50-l1", "rn50-l2d", "rn50-l2", "rn50-l3d", "rn50-l3", "rn50-l4d",
+               "rn50-l4")
+RN50_CONVS = 23
 
 
 def _ok_rows(doc: dict) -> list[dict]:
@@ -35,33 +41,54 @@ def _speedups(rows, contender, workload, mode, batch) -> dict[bool, float]:
 
 
 def _verdict(values: dict[bool, float], threshold: float) -> tuple[bool | None, str]:
-    """Met with CUDA graphs where measured (launch cost aside, what the kernels achieve),
-    with both variants in the text."""
+    """Met only where every variant measured meets it: CUDA-graph replays (what the kernels
+    achieve) and launched calls (what `model(x)` gets, which is what eager is). Both in the
+    text. (Until 2026-11-28 the graph row alone decided: a train step 1.19x with graphs and
+    0.62x launched read as met.)"""
     if not values:
         return None, "not measured"
     text = ", ".join(f"{'graph' if g else 'no graph'} {v:.2f}x"
                      for g, v in sorted(values.items(), reverse=True))
-    best = values.get(True, values.get(False))
-    return best >= threshold, text
+    return all(v >= threshold for v in values.values()), text
 
 
-def _blocks(rows, contender: str, batch: int) -> tuple[bool | None, str]:
-    per = {}
-    for r in rows:
-        if (r["contender"].removesuffix("+graph") == contender and r["mode"] == "eval"
-                and r["batch"] == batch and r.get("kind") == "block"
-                and r["workload"].startswith("rn50-")):
-            per.setdefault(r["workload"], {})[r["cuda_graph"]] = r["speedup"]
-    if not per:
+def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
+    """Every ResNet-50 block shape, each variant (graph, launched): its worst speedup over the
+    runs that measured it. Met only with all RN50_BLOCKS measured, none wrong or failed, every
+    value over the bar."""
+    per: dict[str, dict[bool, float]] = {}
+    bad = set()
+    for run in doc.get("runs", {}).values():
+        for r in run.get("results", []):
+            if not (r["contender"].removesuffix("+graph") == contender and r["mode"] == "eval"
+                    and r["batch"] == batch and r.get("kind") == "block"
+                    and r["workload"] in RN50_BLOCKS):
+                continue
+            if r.get("status") != "ok" or r.get("speedup") is None:
+                bad.add(r["workload"])
+                continue
+            v = per.setdefault(r["workload"], {})
+            v[r["cuda_graph"]] = min(v.get(r["cuda_graph"], r["speedup"]), r["speedup"])
+    if not per and not bad:
         return None, "not measured"
-    graph = all(True in v for v in per.values())
-    vals = {w: v[True] if graph else v[False] for w, v in per.items()}
-    worst = min(vals, key=vals.get)
-    below = sorted(w for w, v in vals.items() if v < SPEEDUP_BLOCKS)
-    text = (f"{'graph' if graph else 'no graph'}: {min(vals.values()):.2f}-"
-            f"{max(vals.values()):.2f}x over {len(vals)} blocks, worst {worst}"
-            + (f"; below: {', '.join(below)}" if below else ""))
-    return not below, text
+    missing = [w for w in RN50_BLOCKS if w not in per and w not in bad]
+    parts = []
+    below = set()
+    for graph in (True, False):
+        vals = {w: v[graph] for w, v in per.items() if graph in v}
+        if vals:
+            worst = min(vals, key=vals.get)
+            below |= {w for w, x in vals.items() if x < SPEEDUP_BLOCKS}
+            parts.append(f"{'graph' if graph else 'no graph'}: {min(vals.values()):.2f}-"
+                         f"{max(vals.values()):.2f}x over {len(vals)} blocks, worst {worst}")
+    text = "; ".join(parts)
+    if below:
+        text += f"; below: {', '.join(sorted(below))}"
+    if bad:
+        text += f"; wrong or failed: {', '.join(sorted(bad))}"
+    if missing:
+        text += f"; not measured: {', '.join(missing)}"
+    return not (below or bad or missing), text
 
 
 def _rn50_eval(doc: dict) -> tuple[bool | None, str]:
@@ -113,20 +140,23 @@ def _triton_train_placement(doc: dict) -> str:
 
 
 def _bandwidth(doc: dict, backend: str, op: str) -> tuple[bool | None, str]:
-    rows = [r for r in doc.get("extras", {}).get("ops-bandwidth", {}).get("apply", [])
-            if r["backend"] == backend and r["op"] == op]
+    every = [r for r in doc.get("extras", {}).get("ops-bandwidth", {}).get("apply", [])
+             if r["backend"] == backend and r["op"] == op]
+    rows = [r for r in every if "fraction_of_copy" in r]
+    failed = len(every) - len(rows)  # a row with an error instead of a time
     if not rows:
-        return None, "not measured"
+        return (None, "not measured") if not failed else (False, f"{failed} shapes failed")
     worst = min(rows, key=lambda r: r["fraction_of_copy"])
     met = sum(r["fraction_of_copy"] >= BANDWIDTH[op] for r in rows)
     shape = "x".join(map(str, worst["shape"]))
     # Small tensors cannot reach the copy peak at all: the same-size copy says how far off
     # that is (not the target's measure, shown beside it).
     same = [r["vs_same_size_copy"] for r in rows if r.get("vs_same_size_copy") is not None]
-    return met == len(rows), (
-        f"{met}/{len(rows)} shapes; worst {worst['fraction_of_copy']:.2f} at {shape}; best "
+    return met == len(every), (
+        f"{met}/{len(every)} shapes; worst {worst['fraction_of_copy']:.2f} at {shape}; best "
         f"{max(r['fraction_of_copy'] for r in rows):.2f}"
-        + (f"; vs a same-size copy {min(same):.2f}-{max(same):.2f}" if same else ""))
+        + (f"; vs a same-size copy {min(same):.2f}-{max(same):.2f}" if same else "")
+        + (f"; {failed} failed" if failed else ""))
 
 
 def _conv_name(conv: list[int]) -> str:
@@ -135,13 +165,17 @@ def _conv_name(conv: list[int]) -> str:
 
 
 def _conv(doc: dict) -> tuple[bool | None, str]:
-    rows = doc.get("extras", {}).get("ops-bandwidth", {}).get("conv", [])
+    every = doc.get("extras", {}).get("ops-bandwidth", {}).get("conv", [])
+    rows = [r for r in every if "ratio" in r]
     if not rows:
-        return None, "not measured"
+        return (None, "not measured") if not every else (False, f"{len(every)} shapes failed")
     worst = max(rows, key=lambda r: r["ratio"])
     over = sum(r["ratio"] > CONV_VS_CUDNN for r in rows)
+    unmeasured = RN50_CONVS - len(rows)  # failed rows and shapes the run's table lacked
     text = (f"untuned tile: {min(r['ratio'] for r in rows):.2f}-{worst['ratio']:.2f}x cuDNN's "
-            f"time, worst {_conv_name(worst['conv'])}; {over}/{len(rows)} over")
+            f"time, worst {_conv_name(worst['conv'])}; {over}/{len(rows)} over"
+            + (f"; {unmeasured} of {RN50_CONVS} ResNet-50 convs not measured"
+               if unmeasured > 0 else ""))
     sweep = doc.get("extras", {}).get("conv-configs", {}).get("rows", [])
     if sweep:
         best: dict[str, float] = {}
@@ -154,7 +188,7 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"
                  f"{max(best.values()):.2f}x" if best else "; no swept tile was correct")
         text += _tma_vs_pointer(sweep)
-    return over == 0, text
+    return over == 0 and unmeasured <= 0, text
 
 
 def _is_tma(row: dict) -> bool:
@@ -192,7 +226,7 @@ def targets(doc: dict) -> list[dict]:
                     "measured": verdict[1]})
     for batch in (64, 256):
         add(5, f"eval blocks b{batch}: fused-triton >= {SPEEDUP_BLOCKS}x eager",
-            _blocks(rows, "fused-triton", batch))
+            _blocks(doc, "fused-triton", batch))
     add(5, f"eval ResNet-50 b256: fused-triton >= {SPEEDUP_RN50_EVAL}x eager, >= "
            "compile-max-autotune", _rn50_eval(doc))
     met, text = _verdict(_speedups(rows, "fused-triton", "resnet50", "train", 128),
