@@ -373,7 +373,9 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
     if momentum is not None:
         factor = momentum
     elif num_batches_tracked is not None:
-        factor = 1.0 / num_batches_tracked.to(torch.float32)
+        # In double, as nn's 1.0 / float(num_batches_tracked): rounded to the buffers' dtype
+        # once below (a float32 quotient was 3e-8 off for float64 buffers).
+        factor = 1.0 / num_batches_tracked.to(torch.float64)
     else:
         factor = 0.0
     running = [running_mean, running_var]
