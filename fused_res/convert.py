@@ -342,10 +342,19 @@ def report(model: nn.Module) -> list[BlockReport]:
     return entries
 
 
+def _stem_line(name: str, stem: FusedStemConv) -> str:
+    (bn_name, act_name), _ = stem.__dict__["_stem"]
+    hooked = stem.hooked()
+    return (f"{name}: stem conv -> {bn_name} -> {act_name} fused, backend={stem.backend}"
+            + (f"; running unfused while {hooked} has hooks" if hooked else ""))
+
+
 def format_report(model: nn.Module) -> str:
-    """report(model) as text: one line per block and a summary line."""
+    """report(model) as text: a line per fused stem, one per block and a summary line."""
     entries = report(model)
     fused = sum(e.fused for e in entries)
-    lines = [str(e) for e in entries]
+    lines = [_stem_line(name, m) for name, m in model.named_modules()
+             if isinstance(m, FusedStemConv)]
+    lines += [str(e) for e in entries]
     lines.append(f"{fused}/{len(entries)} residual blocks fused")
     return "\n".join(lines)

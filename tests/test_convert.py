@@ -157,6 +157,7 @@ def test_filter_and_unrecognised_modules():
 def test_report_is_pinned_for_torchvision_resnet18():
     fused = fused_res.convert(torchvision.models.resnet18(), filter=lambda n, m: n != "layer4.1")
     assert fused_res.format_report(fused) == "\n".join([
+        "conv1: stem conv -> bn1 -> relu fused, backend=auto",
         "layer1.0: torchvision.models.resnet.BasicBlock -> fused: original as BasicBlock, "
         "backend=auto, shortcut=identity",
         "layer1.1: torchvision.models.resnet.BasicBlock -> fused: original as BasicBlock, "
@@ -189,9 +190,17 @@ def test_report_is_pinned_for_timm_resnetv2_and_seresnet():
                         "shortcut=fused conv, drop_path")
     assert lines[-1] == "8/8 residual blocks fused"
     se = fused_res.convert(timm.create_model("seresnet18"))
-    assert fused_res.format_report(se).splitlines()[2] == (
+    lines = fused_res.format_report(se).splitlines()
+    assert lines[3] == (
         "layer2.0: timm.models.resnet.BasicBlock -> fused: original as BasicBlock, "
         "backend=auto, shortcut=fused conv+bn, se unfused")
+    # The stem is listed too (it was not, though fused), and says when hooks unfuse it.
+    assert lines[0] == "conv1: stem conv -> bn1 -> act1 fused, backend=auto"
+    handle = se.bn1.register_forward_hook(lambda *args: None)
+    assert fused_res.format_report(se).splitlines()[0] == (
+        "conv1: stem conv -> bn1 -> act1 fused, backend=auto; running unfused while bn1 has "
+        "hooks")
+    handle.remove()
 
 
 def test_sync_batchnorm_is_left_unfused_with_a_reason():
