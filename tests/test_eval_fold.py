@@ -69,6 +69,30 @@ def test_parameters_stay_swappable_after_a_cached_fold():
         torch.__future__.set_swap_module_params_on_conversion(False)
 
 
+def test_functional_call_with_views_of_one_storage_is_never_served_a_stale_fold():
+    """torch.func.functional_call puts each given tensor in the module's parameter dict. Views
+    of one storage (a transpose, a plain view) share its address and version; freed between
+    calls, a new one took the old one's id, and a key on (id, address, version) served the
+    transpose's fold to the plain view (a review: max |diff| 14.5)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.running_mean.uniform_(-0.5, 0.5)
+    ref = nn.Sequential(conv, bn, nn.ReLU()).eval()
+    unit = fused_res.nn.ConvBNAct2d.from_modules(copy.deepcopy(conv), copy.deepcopy(bn), "relu",
+                                                backend="reference").eval()
+    x, base = torch.randn(1, 4, 8, 8), torch.randn(4, 4, 3, 3)
+    for i in range(8):
+        with torch.no_grad():
+            w = base.transpose(2, 3) if i % 2 == 0 else base.view_as(base)
+            got = functional_call(unit, {"conv.weight": w}, (x,))
+            want = functional_call(ref, {"0.weight": w}, (x,))
+            del w
+        assert rel_err(got, want) <= 1e-5, i
+
+
 def test_fold_follows_in_place_changes_and_state_dict_loads():
     model, fused = _pair()
     x = torch.randn(2, 3, 64, 64)

@@ -64,25 +64,28 @@ def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
 
 
 def _refs(tensors: tuple) -> tuple:
-    """Weak references to each tensor's storage, for _same. Not to the tensors: a tensor with
-    a weak reference cannot be swapped (torch.utils.swap_tensors, which nn.Module._apply and
-    load_state_dict use under set_swap_module_params_on_conversion, and for tensor
-    subclasses), and the parameters are the user's."""
-    return tuple(None if t is None else weakref.ref(t.untyped_storage()) for t in tensors)
+    """Each tensor itself and a weak reference to its storage, for _same. The tensors are held
+    strongly: a weak reference on a tensor makes torch.utils.swap_tensors refuse it (which
+    nn.Module._apply and load_state_dict use under set_swap_module_params_on_conversion, and
+    for tensor subclasses), and an id without the object can be reused by another tensor
+    (functional_call's). Held, a replaced tensor stays alive until this conv folds again or
+    clear(): one set of its inputs per conv at most."""
+    return tuple(None if t is None else (t, weakref.ref(t.untyped_storage())) for t in tensors)
 
 
 def _same(refs: tuple, tensors: tuple) -> bool:
-    """Whether `tensors` sit on the very storages `refs` point to. Identity, not just address
-    and version: a storage made after another was freed may take its address, with the same
-    version (a weight computed per call; `p.data = ...`, which model.half().float() does,
-    keeps the Parameter and its version but swaps the storage), and would pass for it. The
-    tensors' own identity is in the key (id) instead."""
-    return all((r is None) if t is None else (r is not None and r() is t.untyped_storage())
+    """Whether `tensors` are the very objects `refs` hold, on the very storages. Identity, not
+    just address and version: a storage made after another was freed may take its address,
+    with the same version (a weight computed per call; `p.data = ...`, which
+    model.half().float() does, keeps the Parameter and its version but swaps the storage),
+    and would pass for it."""
+    return all((r is None) if t is None else
+               (r is not None and r[0] is t and r[1]() is t.untyped_storage())
                for r, t in zip(refs, tensors, strict=True))
 
 
 def _key(tensors: tuple) -> tuple | None:
-    """The identity, address, version counter and dtype of each tensor, or None when one was
+    """The address, version counter, dtype and geometry of each tensor, or None when one was
     created under inference_mode (no version counter to key on)."""
     key = []
     for t in tensors:
@@ -91,7 +94,7 @@ def _key(tensors: tuple) -> tuple | None:
         elif t.is_inference():
             return None
         else:
-            key += (id(t), t.data_ptr(), t._version, t.dtype)
+            key += (t.data_ptr(), t._version, t.dtype, t.shape, t.stride())
     return tuple(key)
 
 
