@@ -24,8 +24,9 @@ from .unit import run_unit
 
 class StemState:
     """Whether the stem's last call ran fused, and whether its BatchNorm has been called
-    since; shared by its three modules (and no module: deepcopy and pickle copy it with them,
-    and it makes no reference cycle)."""
+    since (awaiting_bn: False, True, or "recomputed" when that call was a recompute in a
+    backward pass); shared by its three modules (and no module: deepcopy and pickle copy it
+    with them, and it makes no reference cycle)."""
 
     __slots__ = ("fused", "awaiting_bn")
 
@@ -84,6 +85,10 @@ class AppliedReLU(nn.Module):
         return x if _fused(self) else F.relu(x, inplace=self.inplace)
 
 
+# StemState.awaiting_bn after a fused call made inside a backward pass.
+_RECOMPUTED = "recomputed"
+
+
 def _in_backward() -> bool:
     """Whether this runs inside a backward pass: torch.utils.checkpoint recomputing a segment
     that may hold conv1 without bn1, which is no sign of a replaced bn1."""
@@ -132,16 +137,26 @@ class FusedStemConv(nn.Conv2d):
             warn_once(f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run "
                        "unfused while they are there")
             return super().forward(x)
-        if state is not None and not torch.compiler.is_compiling() and not _in_backward():
+        if state is not None and not torch.compiler.is_compiling():
             # Its AppliedBatchNorm2d not called since the last fused call: bn1 was replaced
             # (convert_sync_batchnorm) and normalizes the output again, or conv1 is called
             # alone and returns more than its conv. Seen a call late; said at least.
-            if state.awaiting_bn:
+            if state.awaiting_bn == _RECOMPUTED:
+                warn_once("torch.utils.checkpoint recomputed the fused stem's conv1, which "
+                          "applies bn1: the recompute updated bn1's running statistics a "
+                          "second time, as eager does with bn1 inside the checkpointed "
+                          "segment but not with conv1 checkpointed alone (values and "
+                          "gradients are right either way); for eager's count there, "
+                          "convert(..., stem=False)")
+            elif state.awaiting_bn and not _in_backward():
                 warn_once("the fused stem's bn1 did not run after its previous call: "
                            "replaced after convert() (SyncBatchNorm.convert_sync_batchnorm)? "
                            "Then the stem normalizes twice; revert() the model and "
                            "convert() it again")
-            state.awaiting_bn = True
+            # A recompute in the backward (checkpoint) is told apart: its early stop skips
+            # bn1 (which saves nothing) even inside the segment, and no replacement explains
+            # it.
+            state.awaiting_bn = _RECOMPUTED if _in_backward() else True
         y, _ = run_unit(x, None, self, self.__dict__["_norm"], "relu", self.backend)
         return y
 
