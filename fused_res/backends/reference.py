@@ -370,17 +370,18 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
         num_batches_tracked.add_(1)
     if count == 0:
         return
-    if momentum is not None:
-        factor = momentum
-    elif num_batches_tracked is not None:
-        # In double, as nn's 1.0 / float(num_batches_tracked): rounded to the buffers' dtype
-        # once below (a float32 quotient was 3e-8 off for float64 buffers).
-        factor = 1.0 / num_batches_tracked.to(torch.float64)
-    else:
-        factor = 0.0
     running = [running_mean, running_var]
     narrow = running_mean.dtype in (torch.float16, torch.bfloat16)
     acc = [r.float() for r in running] if narrow else running
+    if momentum is not None:
+        factor = momentum
+    elif num_batches_tracked is not None:
+        # In the buffers' own precision, as nn's 1.0 / float(num_batches_tracked) is once
+        # rounded to them: a float32 quotient put float64 buffers 3e-8 off, and float64
+        # does not exist on every device (MPS).
+        factor = 1.0 / num_batches_tracked.to(acc[0].dtype)
+    else:
+        factor = 0.0
     batch = [mean.detach().to(acc[0].dtype),
              var.detach().to(acc[1].dtype) * (count / (count - 1))]
     # Two multi-tensor launches for both buffers rather than six elementwise ones.
