@@ -28,16 +28,26 @@ RN50_BLOCKS = ("rn50-l1d", "rn50-l1", "rn50-l2d", "rn50-l2", "rn50-l3d", "rn50-l
 RN50_CONVS = 23
 
 
-def _ok_rows(doc: dict) -> list[dict]:
-    return [r for run in doc.get("runs", {}).values() for r in run.get("results", [])
-            if r.get("status") == "ok" and r.get("speedup") is not None]
+def _all_rows(doc: dict) -> list[dict]:
+    return [r for run in doc.get("runs", {}).values() for r in run.get("results", [])]
 
 
-def _speedups(rows, contender, workload, mode, batch) -> dict[bool, float]:
-    """{cuda_graph: speedup} of `contender` on one workload (both variants where measured)."""
-    return {r["cuda_graph"]: r["speedup"] for r in rows
-            if r["contender"].removesuffix("+graph") == contender and r["workload"] == workload
-            and r["mode"] == mode and r["batch"] == batch}
+def _speedups(rows, contender, workload, mode, batch) -> dict[bool, float | None]:
+    """{cuda_graph: speedup} of `contender` on one workload (both variants where measured;
+    the worst over runs that measured it twice; None where a row was wrong). Skipped rows
+    (contender unavailable) measure nothing."""
+    out: dict[bool, float | None] = {}
+    for r in rows:
+        if not (r["contender"].removesuffix("+graph") == contender and r["workload"] == workload
+                and r["mode"] == mode and r["batch"] == batch):
+            continue
+        g = r["cuda_graph"]
+        if r.get("status") == "wrong":
+            out[g] = None
+        elif r.get("status") == "ok" and r.get("speedup") is not None and (
+                g not in out or out[g] is not None):
+            out[g] = min(out.get(g, r["speedup"]), r["speedup"])
+    return out
 
 
 def _verdict(values: dict[bool, float], threshold: float) -> tuple[bool | None, str]:
@@ -47,9 +57,10 @@ def _verdict(values: dict[bool, float], threshold: float) -> tuple[bool | None, 
     0.62x launched read as met.)"""
     if not values:
         return None, "not measured"
-    text = ", ".join(f"{'graph' if g else 'no graph'} {v:.2f}x"
+    text = ", ".join(f"{'graph' if g else 'no graph'} "
+                     + ("wrong (failed the correctness gate)" if v is None else f"{v:.2f}x")
                      for g, v in sorted(values.items(), reverse=True))
-    return all(v >= threshold for v in values.values()), text
+    return all(v is not None and v >= threshold for v in values.values()), text
 
 
 def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
@@ -64,9 +75,11 @@ def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
                     and r["batch"] == batch and r.get("kind") == "block"
                     and r["workload"] in RN50_BLOCKS):
                 continue
-            if r.get("status") != "ok" or r.get("speedup") is None:
+            if r.get("status") == "wrong":
                 bad.add(r["workload"])
                 continue
+            if r.get("status") != "ok" or r.get("speedup") is None:
+                continue  # skipped: the contender was unavailable, nothing measured
             v = per.setdefault(r["workload"], {})
             v[r["cuda_graph"]] = min(v.get(r["cuda_graph"], r["speedup"]), r["speedup"])
     if not per and not bad:
@@ -81,19 +94,17 @@ def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
             below |= {w for w, x in vals.items() if x < SPEEDUP_BLOCKS}
             parts.append(f"{'graph' if graph else 'no graph'}: {min(vals.values()):.2f}-"
                          f"{max(vals.values()):.2f}x over {len(vals)} blocks, worst {worst}")
-    text = "; ".join(parts)
     if below:
-        text += f"; below: {', '.join(sorted(below))}"
+        parts.append(f"below: {', '.join(sorted(below))}")
     if bad:
-        text += f"; wrong or failed: {', '.join(sorted(bad))}"
+        parts.append(f"wrong: {', '.join(sorted(bad))}")
     if missing:
-        text += f"; not measured: {', '.join(missing)}"
-    return not (below or bad or missing), text
+        parts.append(f"not measured: {', '.join(missing)}")
+    return not (below or bad or missing), "; ".join(parts)
 
 
 def _rn50_eval(doc: dict) -> tuple[bool | None, str]:
-    rows = _ok_rows(doc)
-    ours = _speedups(rows, "fused-triton", "resnet50", "eval", 256)
+    ours = _speedups(_all_rows(doc), "fused-triton", "resnet50", "eval", 256)
     met, text = _verdict(ours, SPEEDUP_RN50_EVAL)
     if met is None:
         return met, text
@@ -166,15 +177,20 @@ def _conv_name(conv: list[int]) -> str:
 
 def _conv(doc: dict) -> tuple[bool | None, str]:
     every = doc.get("extras", {}).get("ops-bandwidth", {}).get("conv", [])
-    rows = [r for r in every if "ratio" in r]
+    # A row is timed when it has a ratio, right unless ops_bandwidth flagged it wrong (its
+    # rel_err over the dtype's tolerance; runs before 2026-11-28 carry no flag).
+    wrong = {tuple(r["conv"]) for r in every if r.get("wrong")}
+    rows = [r for r in every if "ratio" in r and not r.get("wrong")]
     if not rows:
         return (None, "not measured") if not every else (False, f"{len(every)} shapes failed")
     worst = max(rows, key=lambda r: r["ratio"])
     over = sum(r["ratio"] > CONV_VS_CUDNN for r in rows)
-    unmeasured = RN50_CONVS - len(rows)  # failed rows and shapes the run's table lacked
+    unmeasured = RN50_CONVS - len({tuple(r["conv"]) for r in rows})
     text = (f"untuned tile: {min(r['ratio'] for r in rows):.2f}-{worst['ratio']:.2f}x cuDNN's "
             f"time, worst {_conv_name(worst['conv'])}; {over}/{len(rows)} over"
-            + (f"; {unmeasured} of {RN50_CONVS} ResNet-50 convs not measured"
+            + (f"; wrong: {', '.join(_conv_name(list(c)) for c in sorted(wrong))}"
+               if wrong else "")
+            + (f"; {unmeasured} of {RN50_CONVS} ResNet-50 convs not measured right"
                if unmeasured > 0 else ""))
     sweep = doc.get("extras", {}).get("conv-configs", {}).get("rows", [])
     if sweep:
@@ -188,7 +204,7 @@ def _conv(doc: dict) -> tuple[bool | None, str]:
         text += (f"; best swept tile per shape: {min(best.values()):.2f}-"
                  f"{max(best.values()):.2f}x" if best else "; no swept tile was correct")
         text += _tma_vs_pointer(sweep)
-    return over == 0 and unmeasured <= 0, text
+    return over == 0 and unmeasured <= 0 and not wrong, text
 
 
 def _is_tma(row: dict) -> bool:
@@ -218,7 +234,7 @@ def _tma_vs_pointer(sweep: list[dict]) -> str:
 
 def targets(doc: dict) -> list[dict]:
     """Rows {issue, target, met, measured} of a gpu_check bench.json document."""
-    rows = _ok_rows(doc)
+    rows = _all_rows(doc)
     out = []
 
     def add(issue, target, verdict):

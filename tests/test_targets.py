@@ -119,7 +119,7 @@ def test_run5_lists_the_other_bn_placement_beside_the_default():
     train = got["train ResNet-50 b128: fused-triton >= 1.15x eager"]["measured"]
     assert "graph 1.07x" in train and "in the next conv's prologue" in train
     bnpass = got["train ResNet-50 b128: fused-triton-bnpass >= 1.15x eager"]
-    assert "graph 1.19x" in bnpass["measured"]
+    assert bnpass["met"] is False and "graph 1.19x" in bnpass["measured"]
     assert not any("fused-triton-prologue" in t for t in got)  # not in that run
 
 
@@ -184,7 +184,13 @@ def test_blocks_are_met_only_with_every_shape_measured_and_right():
     wrong = {**_row("fused-triton", None, True, "rn50-l4d", "eval", 64, kind="block"),
              "status": "wrong"}
     got = _by_target(_blocks_doc(some, [wrong]))[target]
-    assert got["met"] is False and "wrong or failed: rn50-l4d" in got["measured"]
+    assert got["met"] is False and "; wrong: rn50-l4d" in got["measured"]
+    # A skipped row (the contender unavailable) measured nothing: not measured, not wrong.
+    skipped = {**_row("fused-triton", None, True, "rn50-l4d", "eval", 64, kind="block"),
+               "status": "skipped"}
+    got = _by_target(_blocks_doc(some, [skipped]))[target]
+    assert "not measured: rn50-l4d" in got["measured"] and "wrong" not in got["measured"]
+    assert _by_target(_blocks_doc({}, [skipped]))[target]["met"] is None
     # Two runs of one shape: the worse counts.
     again = _row("fused-triton", 1.2, True, "rn50-l1", "eval", 64, kind="block")
     got = _by_target({"runs": {**_blocks_doc(every)["runs"], "y": {"results": [again]}},
@@ -214,3 +220,21 @@ def test_failed_bandwidth_and_conv_rows_count_against_the_target():
         stats["measured"]
     row = next(v for k, v in got.items() if "cuDNN" in k)
     assert row["met"] is False and f"{T.RN50_CONVS - 1} of 23" in row["measured"]
+
+
+def test_a_wrong_model_row_fails_the_target_and_conv_rows_are_gated():
+    wrong = {**_row("fused-triton", None, True), "status": "wrong"}
+    got = _by_target({"runs": {"x": {"results": [wrong, _row("fused-triton", 1.2, False)]}},
+                      "extras": {}})
+    train = got["train ResNet-50 b128: fused-triton >= 1.15x eager"]
+    assert train["met"] is False and "graph wrong" in train["measured"]
+    # Every conv timed, but one over its tolerance and one shape twice: not met.
+    conv = [{"conv": [i, 64, 56, 1, 1], "ratio": 1.0, "wrong": i == 1}
+            for i in range(1, T.RN50_CONVS + 1)]
+    doc = {"runs": {}, "extras": {"ops-bandwidth": {"conv": conv}}}
+    row = next(v for k, v in _by_target(doc).items() if "cuDNN" in k)
+    assert row["met"] is False and "wrong: 1->64" in row["measured"]
+    conv[0] = {**conv[1], "wrong": False}
+    conv[1] = dict(conv[0])
+    row = next(v for k, v in _by_target(doc).items() if "cuDNN" in k)
+    assert row["met"] is False and "1 of 23 ResNet-50 convs not measured" in row["measured"]
