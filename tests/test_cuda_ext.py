@@ -676,3 +676,21 @@ def test_relu_backward_is_eagers(C):
     shares with the reference) where ReLU is off, on or NaN, under NaN and inf gradients."""
     from tests.helpers import check_relu_backward_matches_eager
     check_relu_backward_matches_eager("cuda")
+
+
+def test_gpus_older_than_sm80_are_declined_with_a_reason(monkeypatch):
+    """The CUDA kernels are built for sm_80+ (and sm_90 PTX): on a T4 or V100 CUDA found no
+    image only at the first launch, mid-model; now the backend declines such a device (the
+    op falls back to the reference with one warning, as for any unsupported case)."""
+    from types import SimpleNamespace
+
+    from fused_res.backends import cuda_backend
+    monkeypatch.setattr(_ext, "has_cuda_kernels", lambda: True)
+    x = SimpleNamespace(dtype=torch.float16, device=torch.device("cuda", 0))
+    for cap, declined in (((7, 5), True), ((7, 0), True), ((8, 0), False), ((8, 6), False),
+                          ((9, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(cuda_backend, "_capability", lambda device, c=cap: c)
+        reason = CudaBackend().unsupported_reason(x, None, 1, (1, 1))
+        assert (reason is not None) == declined, (cap, reason)
+        if declined:
+            assert f"compute capability {cap[0]}.{cap[1]}" in reason and "sm_80" in reason

@@ -37,6 +37,18 @@ from .reference import (
 )
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The CUDA kernels are built for sm_80 and sm_90 with sm_90 PTX (setup.py): older GPUs have
+# no image to run, and CUDA would only say so at the first launch, mid-model.
+MIN_CAPABILITY = (8, 0)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return cap
 
 
 def _ops():
@@ -91,8 +103,13 @@ class CudaBackend(ReferenceBackend):
             return f"dtype {x.dtype} (the kernels take float32, float16, bfloat16)"
         if x.device.type not in ("cpu", "cuda"):
             return f"device {x.device.type!r} (the extension has CPU and CUDA kernels)"
-        if x.device.type == "cuda" and not _ext.has_cuda_kernels():
-            return "CUDA tensors (the extension was built without its CUDA kernels)"
+        if x.device.type == "cuda":
+            if not _ext.has_cuda_kernels():
+                return "CUDA tensors (the extension was built without its CUDA kernels)"
+            cap = _capability(x.device)
+            if cap < MIN_CAPABILITY:
+                return (f"a GPU of compute capability {cap[0]}.{cap[1]} (the CUDA kernels are "
+                        f"built for sm_80 and newer)")
         return None
 
     # ---- a train-mode BatchNorm's scale and running statistics: one kernel each -----------
