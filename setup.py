@@ -27,9 +27,6 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
-ARCH_DEFAULT = "8.0;9.0+PTX"
-# What the JIT build reads (fused_res/_ext.py), relative to HERE.
-SOURCE_GLOBS = ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "kernels/*.cuh", "kernels/*.h")
 
 
 def _helpers():
@@ -67,7 +64,7 @@ class BuildPyWithSources(build_py):
         if getattr(self, "editable_mode", False):  # the package is the checkout: csrc/ is there
             return
         dest = Path(self.build_lib) / "fused_res" / "_sources"
-        for pattern in SOURCE_GLOBS:
+        for pattern in _helpers().SOURCE_GLOBS:
             for src in sorted(HERE.glob(pattern)):
                 out = dest / src.relative_to(HERE)
                 self.mkpath(str(out.parent))
@@ -95,7 +92,7 @@ def _ext_modules():
         # torch.utils.cpp_extension reads CUDA_HOME when it is imported; its own guess from
         # a wrapper nvcc (e.g. /usr/local/bin/nvcc) points at a folder without headers.
         os.environ["CUDA_HOME"] = cuda_home
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", ARCH_DEFAULT)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", helpers.DEFAULT_ARCH_LIST)
     os.environ.setdefault("MAX_JOBS", str(_default_jobs()))
     from torch.utils import cpp_extension
 

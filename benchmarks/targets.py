@@ -65,30 +65,18 @@ def _verdict(values: dict[bool, float], threshold: float) -> tuple[bool | None, 
 
 def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
     """Every ResNet-50 block shape, each variant (graph, launched): its worst speedup over the
-    runs that measured it. Met only with all RN50_BLOCKS measured, none wrong or failed, every
-    value over the bar."""
-    per: dict[str, dict[bool, float]] = {}
-    bad = set()
-    for run in doc.get("runs", {}).values():
-        for r in run.get("results", []):
-            if not (r["contender"].removesuffix("+graph") == contender and r["mode"] == "eval"
-                    and r["batch"] == batch and r.get("kind") == "block"
-                    and r["workload"] in RN50_BLOCKS):
-                continue
-            if r.get("status") == "wrong":
-                bad.add(r["workload"])
-                continue
-            if r.get("status") != "ok" or r.get("speedup") is None:
-                continue  # skipped: the contender was unavailable, nothing measured
-            v = per.setdefault(r["workload"], {})
-            v[r["cuda_graph"]] = min(v.get(r["cuda_graph"], r["speedup"]), r["speedup"])
-    if not per and not bad:
+    runs that measured it (_speedups). Met only with all RN50_BLOCKS measured, none wrong,
+    every value over the bar."""
+    rows = _all_rows(doc)
+    per = {w: _speedups(rows, contender, w, "eval", batch) for w in RN50_BLOCKS}
+    missing = [w for w, v in per.items() if not v]
+    if len(missing) == len(per):
         return None, "not measured"
-    missing = [w for w in RN50_BLOCKS if w not in per and w not in bad]
+    bad = sorted(w for w, v in per.items() if None in v.values())
     parts = []
     below = set()
     for graph in (True, False):
-        vals = {w: v[graph] for w, v in per.items() if graph in v}
+        vals = {w: v[graph] for w, v in per.items() if v.get(graph) is not None}
         if vals:
             worst = min(vals, key=vals.get)
             below |= {w for w, x in vals.items() if x < SPEEDUP_BLOCKS}
@@ -97,7 +85,7 @@ def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
     if below:
         parts.append(f"below: {', '.join(sorted(below))}")
     if bad:
-        parts.append(f"wrong: {', '.join(sorted(bad))}")
+        parts.append(f"wrong: {', '.join(bad)}")
     if missing:
         parts.append(f"not measured: {', '.join(missing)}")
     return not (below or bad or missing), "; ".join(parts)

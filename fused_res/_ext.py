@@ -38,6 +38,10 @@ BUILD_HINT = (
     "the extension on first use); FUSED_RES_BUILD_CUDA=0 builds the CPU kernels only")
 
 
+# What a built package carries there (setup.py's build_py), relative to the checkout.
+SOURCE_GLOBS = ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "kernels/*.cuh", "kernels/*.h")
+
+
 def source_root() -> Path:
     """The folder holding csrc/ and kernels/: the checkout when fused_res is imported from one
     (its sources may be edited), else the package's _sources/."""
@@ -46,8 +50,9 @@ def source_root() -> Path:
     return PACKAGED_SOURCES
 
 
-CSRC = source_root() / "csrc"
-KERNELS = source_root() / "kernels"
+_SOURCE_ROOT = source_root()
+CSRC = _SOURCE_ROOT / "csrc"
+KERNELS = _SOURCE_ROOT / "kernels"
 
 _lock = threading.Lock()
 _state: dict = {"done": False, "ops": None, "reason": "not loaded yet", "source": None,

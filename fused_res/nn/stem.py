@@ -138,6 +138,7 @@ class FusedStemConv(nn.Conv2d):
                        "unfused while they are there")
             return super().forward(x)
         if state is not None and not torch.compiler.is_compiling():
+            recompute = _in_backward()
             # Its AppliedBatchNorm2d not called since the last fused call: bn1 was replaced
             # (convert_sync_batchnorm) and normalizes the output again, or conv1 is called
             # alone and returns more than its conv. Seen a call late; said at least.
@@ -148,7 +149,7 @@ class FusedStemConv(nn.Conv2d):
                           "segment but not with conv1 checkpointed alone (values and "
                           "gradients are right either way); for eager's count there, "
                           "convert(..., stem=False)")
-            elif state.awaiting_bn and not _in_backward():
+            elif state.awaiting_bn and not recompute:
                 warn_once("the fused stem's bn1 did not run after its previous call: "
                            "replaced after convert() (SyncBatchNorm.convert_sync_batchnorm)? "
                            "Then the stem normalizes twice; revert() the model and "
@@ -156,7 +157,7 @@ class FusedStemConv(nn.Conv2d):
             # A recompute in the backward (checkpoint) is told apart: its early stop skips
             # bn1 (which saves nothing) even inside the segment, and no replacement explains
             # it.
-            state.awaiting_bn = _RECOMPUTED if _in_backward() else True
+            state.awaiting_bn = _RECOMPUTED if recompute else True
         y, _ = run_unit(x, None, self, self.__dict__["_norm"], "relu", self.backend)
         return y
 
