@@ -217,7 +217,8 @@ def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
     model._modules["bn1"] = applied
     model._modules[act_name] = relu
     model._modules["conv1"] = FusedStemConv.from_modules(conv, applied, ("bn1", act_name),
-                                                         act.inplace, backend, act=relu)
+                                                         act.inplace, backend, act=relu,
+                                                         parent=model)
     return True
 
 
@@ -344,9 +345,11 @@ def report(model: nn.Module) -> list[BlockReport]:
 
 def _stem_line(name: str, stem: FusedStemConv) -> str:
     (bn_name, act_name), _ = stem.__dict__["_stem"]
-    hooked = stem.hooked()
+    hooked, replaced = stem.hooked(), stem.replaced()
     return (f"{name}: stem conv -> {bn_name} -> {act_name} fused, backend={stem.backend}"
-            + (f"; running unfused while {hooked} has hooks" if hooked else ""))
+            + (f"; running unfused while {hooked} has hooks" if hooked else "")
+            + (f"; running unfused: {replaced} was replaced after convert()"
+               if replaced and not hooked else ""))
 
 
 def format_report(model: nn.Module) -> str:

@@ -348,10 +348,13 @@ def test_hooks_on_the_fused_stem_see_what_they_would_unfused(hooked):
         assert rel_err(copied(x), want) < 1e-12
 
 
-def test_a_stem_whose_batchnorm_was_replaced_says_so():
-    """convert_sync_batchnorm after convert() leaves the fused stem normalizing and a new
-    SyncBatchNorm normalizing again; the stem sees it on its next call (its own BatchNorm did
-    not run) and warns. A model used as converted never warns."""
+def test_a_stem_whose_batchnorm_was_replaced_runs_unfused_from_the_first_call():
+    """convert_sync_batchnorm after convert() puts a new SyncBatchNorm where the stem's bn1
+    was: the stem sees it in its model before its next call and runs conv1 plain, the new
+    BatchNorm and the ReLU as themselves, so that even the first call is eager's (it used to
+    normalize twice on that call and only warn on the next). It warns once, the report says
+    so, and a deepcopy and a pickle of the model keep seeing it. A model used as converted
+    never warns."""
     import warnings
 
     from fused_res.nn import hooks
@@ -364,10 +367,41 @@ def test_a_stem_whose_batchnorm_was_replaced_says_so():
         fused.eval()(x)
         fused(x)
         assert not [w for w in caught if "fused stem" in str(w.message)]
+        assert "running unfused" not in fused_res.format_report(fused)
+        want = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base)).eval()(x)
         synced = nn.SyncBatchNorm.convert_sync_batchnorm(fused).eval()
-        synced(x)
-        synced(x)
-    assert sum("did not run after its previous call" in str(w.message) for w in caught) == 1
+        assert rel_err(synced(x), want) < 1e-12
+        assert rel_err(synced(x), want) < 1e-12
+        for other in (copy.deepcopy(synced), pickle.loads(pickle.dumps(synced))):
+            assert rel_err(other(x), want) < 1e-12
+    told = [str(w.message) for w in caught if "fused stem" in str(w.message)]
+    assert len(told) == 1 and "bn1 was replaced after convert()" in told[0], told
+    assert "running unfused: bn1 was replaced" in fused_res.format_report(synced)
+
+
+def test_a_stem_whose_relu_was_replaced_runs_unfused():
+    """A module put in the stem ReLU's place (here a GELU) is the model's activation from
+    then on: the stem stops applying its ReLU rather than apply both."""
+    base = _f64_resnet18().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False).eval()
+    base.relu = nn.GELU()
+    fused.relu = nn.GELU()
+    with pytest.warns(UserWarning, match="relu was replaced"), torch.no_grad():
+        assert rel_err(fused(x), base(x)) < 1e-12
+
+
+def test_a_stem_copied_alone_knows_no_model():
+    """A deepcopy of the stem conv alone holds no model (not the original's, whose bn1 it
+    would then find replaced by nothing it knows): it computes conv -> BN -> ReLU as
+    before."""
+    base = _f64_resnet18().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False).eval()
+    alone = copy.deepcopy(fused.conv1)
+    assert alone.replaced() is None
+    with torch.no_grad():
+        assert rel_err(alone(x), base.relu(base.bn1(base.conv1(x)))) < 1e-12
 
 
 def test_a_stem_conv_checkpointed_alone_says_what_the_recompute_did():

@@ -13,6 +13,8 @@ BatchNorm + ReLU were two or three eager passes over the network's largest activ
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -38,6 +40,30 @@ class StemState:
 
     def __setstate__(self, state) -> None:
         self.fused, self.awaiting_bn = state
+
+
+class ParentRef:
+    """The model a fused stem sits in, held weakly (no reference cycle through the model's
+    own conv1). A deepcopy of the model maps it to the copy; a copy of the stem alone holds
+    none (it then cannot see a replaced bn1 before its next call). Pickle keeps it."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, parent: nn.Module | None) -> None:
+        self._ref = None if parent is None else weakref.ref(parent)
+
+    def __call__(self) -> nn.Module | None:
+        return None if self._ref is None else self._ref()
+
+    def __deepcopy__(self, memo) -> ParentRef:
+        parent = self()
+        return ParentRef(None if parent is None else memo.get(id(parent)))
+
+    def __getstate__(self):
+        return (self(),)
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state[0])
 
 
 def _fused(module: nn.Module) -> bool:
@@ -105,9 +131,11 @@ class FusedStemConv(nn.Conv2d):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: AppliedBatchNorm2d, names: tuple[str, str],
                      relu_inplace: bool, backend: str | None,
-                     act: nn.Module | None = None) -> FusedStemConv:
+                     act: nn.Module | None = None,
+                     parent: nn.Module | None = None) -> FusedStemConv:
         """names: the parent's attribute names of the BatchNorm and the ReLU (for revert);
-        act: the AppliedReLU in the ReLU's place."""
+        act: the AppliedReLU in the ReLU's place; parent: the model holding all three (for
+        seeing either replaced before a call)."""
         new = cls.__new__(cls)
         new.__dict__.update(conv.__dict__)
         # Not registered children: they stay where the model keeps them (their keys, their
@@ -116,6 +144,7 @@ class FusedStemConv(nn.Conv2d):
         new.__dict__["_act"] = act
         new.__dict__["_stem"] = (names, relu_inplace)
         new.__dict__["_state"] = bn.__dict__.get("_state")
+        new.__dict__["_parent"] = ParentRef(parent)
         new.backend = prepare_backend(backend)
         return new
 
@@ -128,20 +157,51 @@ class FusedStemConv(nn.Conv2d):
                 return name
         return None
 
+    def replaced(self) -> str | None:
+        """The attribute name of the stem's BatchNorm or ReLU where its model now holds
+        another module there (SyncBatchNorm.convert_sync_batchnorm after convert()), or None
+        (also when the model is unknown: a stem copied alone)."""
+        d = self.__dict__
+        ref = d.get("_parent")
+        parent = ref() if ref is not None else None
+        if parent is None:
+            return None
+        (bn_name, act_name), _ = d["_stem"]
+        modules = parent._modules
+        if modules.get(bn_name) is not d["_norm"]:
+            return bn_name
+        act = d.get("_act")
+        return act_name if act is not None and modules.get(act_name) is not act else None
+
+    def unfused_reason(self) -> str | None:
+        """Why the stem runs unfused now (hooks on one of its modules, or one replaced), or
+        None while it runs fused."""
+        hooked = self.hooked()
+        if hooked is not None:
+            return (f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run unfused "
+                    "while they are there")
+        replaced = self.replaced()
+        if replaced is not None:
+            return (f"the fused stem's {replaced} was replaced after convert() "
+                    "(SyncBatchNorm.convert_sync_batchnorm?): conv1 runs as a plain conv and "
+                    "the stem's BatchNorm and ReLU as themselves; revert() the model and "
+                    "convert() it again to fuse them")
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         state = self.__dict__.get("_state")
-        hooked = self.hooked() if state is not None else None
-        if state is not None and state.fused != (hooked is None):
-            state.fused = hooked is None  # (written only on a change: nothing for a trace)
-        if hooked is not None:
-            warn_once(f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run "
-                       "unfused while they are there")
+        why = self.unfused_reason() if state is not None else None
+        if state is not None and state.fused != (why is None):
+            state.fused = why is None  # (written only on a change: nothing for a trace)
+        if why is not None:
+            warn_once(why)
             return super().forward(x)
         if state is not None and not torch.compiler.is_compiling():
             recompute = _in_backward()
-            # Its AppliedBatchNorm2d not called since the last fused call: bn1 was replaced
-            # (convert_sync_batchnorm) and normalizes the output again, or conv1 is called
-            # alone and returns more than its conv. Seen a call late; said at least.
+            # Its AppliedBatchNorm2d not called since the last fused call, where no model is
+            # known to look in (a stem copied alone): bn1 was replaced and normalizes the
+            # output again, or conv1 is called alone and returns more than its conv. Seen a
+            # call late; said at least.
             if state.awaiting_bn == _RECOMPUTED:
                 warn_once("torch.utils.checkpoint recomputed the fused stem's conv1, which "
                           "applies bn1: the recompute updated bn1's running statistics a "
@@ -166,7 +226,8 @@ class FusedStemConv(nn.Conv2d):
         """A plain nn.Conv2d over the same parameters, with this module's hooks (revert)."""
         conv = nn.Conv2d.__new__(nn.Conv2d)
         conv.__dict__.update({k: v for k, v in self.__dict__.items()
-                              if k not in ("_norm", "_act", "_state", "_stem", "backend")})
+                              if k not in ("_norm", "_act", "_state", "_stem", "_parent",
+                                           "backend")})
         return conv
 
     def extra_repr(self) -> str:
