@@ -42,7 +42,15 @@ import sys
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from ops_bandwidth import CONVS, DTYPES, conv_cases, graph_ms, rel_err  # noqa: E402
+from ops_bandwidth import (  # noqa: E402
+    CONVS,
+    DTYPES,
+    conv_cases,
+    conv_floor_ms,
+    conv_peaks,
+    graph_ms,
+    rel_err,
+)
 
 # Run 5's six, then the two 1x1 shapes furthest from cuDNN in its conv-alone table (1.58x and
 # 1.50x), where the TMA tiles are most worth measuring.
@@ -75,6 +83,7 @@ def main(argv=None) -> int:
     elt = torch.tensor([], dtype=dtype).element_size()
     shapes = CONVS if a.shapes == "all" else FEW
     rows, best = [], []
+    peaks = conv_peaks(dtype, torch.device("cuda"))
 
     def save():
         """The rows so far (after every shape: a step that runs out of time keeps them)."""
@@ -83,7 +92,7 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps(
                 {"schema": "fused_res.conv_configs/1", "device": torch.cuda.get_device_name(),
                  "variant": a.variant, "torch": torch.__version__, "dtype": a.dtype,
-                 "batch": a.batch, "rows": rows}, indent=1) + "\n")
+                 "batch": a.batch, "peaks": peaks.to_dict(), "rows": rows}, indent=1) + "\n")
             tmp.replace(a.json)
     print(f"{torch.cuda.get_device_name()}, batch {a.batch}, {a.dtype}, channels_last, "
           f"{a.variant} conv; ratio = Triton graph time / cuDNN graph time (plain conv)",
@@ -167,14 +176,20 @@ def main(argv=None) -> int:
             best.append(((cin, cout, hw, k, s), t_c, t, cfg, untuned, u_ms, tma_best,
                          tma_b_best))
         save()
-    print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | best config | "
-          "untuned config | its ratio | best TMA tile's ratio | best TMA-B tile's ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nfloor = max(FLOPs / {peaks.matmul_flops_per_s / 1e12:.0f} TFLOP/s "
+          f"({peaks.matmul_dtype} matmul), fewest bytes / {peaks.copy_bytes_per_s / 1e9:.0f} "
+          "GB/s), measured in this run; the plain conv's (the train variants move more)")
+    print("\n| conv (cin,cout,hw,k,s) | cuDNN ms | best Triton ms | ratio | floor ms | "
+          "cuDNN % floor | best Triton % floor | best config | untuned config | its ratio | "
+          "best TMA tile's ratio | best TMA-B tile's ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, t_c, t, cfg, untuned, u_ms, tma_best, tma_b_best in best:
         u_ratio = ("-" if u_ms is None else u_ms if isinstance(u_ms, str)
                    else f"{u_ms / t_c:.2f}")
         kinds = ["-" if v is None else f"{v / t_c:.2f}" for v in (tma_best, tma_b_best)]
-        print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {cfg} | {untuned} | "
+        floor = conv_floor_ms(peaks, a.batch, *shape, dtype)
+        print(f"| {shape} | {t_c:.4f} | {t:.4f} | {t / t_c:.2f} | {floor:.4f} | "
+              f"{100 * floor / t_c:.0f} | {100 * floor / t:.0f} | {cfg} | {untuned} | "
               f"{u_ratio} | {kinds[0]} | {kinds[1]} |")
     if best:
         g = math.exp(sum(math.log(r[2] / r[1]) for r in best) / len(best))

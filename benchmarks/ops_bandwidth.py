@@ -174,6 +174,7 @@ def apply_cases(backend, n, c, hw, dtype, device):
 
 
 def conv_cases(n, cin, cout, hw, k, stride, dtype, device):
+    from fused_res.bench.roofline import conv_work
     from fused_res.triton.conv import conv_launch
 
     pad = k // 2
@@ -191,9 +192,27 @@ def conv_cases(n, cin, cout, hw, k, stride, dtype, device):
         return conv_launch(x, w, None, (stride, stride), (pad, pad), None, None, None, "none",
                            memory_format=torch.channels_last)[0]
 
-    oh = (hw + 2 * pad - k) // stride + 1
-    flops = 2 * n * oh * oh * cout * cin * k * k
+    flops, _ = conv_work(n, cin, cout, hw, k, stride, elem)
     return cudnn, triton_conv, x_sets, flops, w
+
+
+def conv_peaks(dtype: torch.dtype, device):
+    """The matmul rate and copy bandwidth of this device (roofline.measure_peaks, quick) in
+    the precision cuDNN's convs take: TF32 for float32 where torch allows it there."""
+    from fused_res.bench.roofline import measure_peaks
+
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype)
+    if name is None:
+        name = "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    return measure_peaks(device.type, name, quick=True)
+
+
+def conv_floor_ms(peaks, n, cin, cout, hw, k, stride, dtype) -> float:
+    """The conv's roofline floor: max(FLOPs / matmul rate, fewest bytes / copy bandwidth)."""
+    from fused_res.bench.roofline import conv_work
+
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 1e3 * peaks.floor_s(*conv_work(n, cin, cout, hw, k, stride, elem))
 
 
 def rel_err(a, b) -> float:
@@ -285,16 +304,21 @@ def main(argv=None) -> int:
                 summary.append(f"| {name} | {op} | {g:.2f} | {min(fr):.2f} | {max(fr):.2f} | "
                                f"{gc:.2f} |")
     lines += summary
-    conv_rows = []
+    conv_rows, peaks = [], None
     from fused_res.testing import TOLERANCES
     # Against cuDNN's own rounded result, DESIGN.md §4's tolerance (tf32 for float32, which
     # both take where torch allows it), as conv_configs.py judges its tiles.
     conv_tol = TOLERANCES["tf32" if dtype == torch.float32 else dtype]
     if not a.no_conv and "triton" in avail and avail["triton"].available:
+        peaks = conv_peaks(dtype, device)
         lines += ["", "conv alone, Triton vs cuDNN (F.conv2d); ratio = Triton time / cuDNN time; "
-                  f"FUSED_RES_TRITON_AUTOTUNE={os.environ.get('FUSED_RES_TRITON_AUTOTUNE', '1')}",
+                  f"FUSED_RES_TRITON_AUTOTUNE={os.environ.get('FUSED_RES_TRITON_AUTOTUNE', '1')}"
+                  f"; floor = max(FLOPs / {peaks.matmul_flops_per_s / 1e12:.0f} TFLOP/s "
+                  f"({peaks.matmul_dtype} matmul), fewest bytes / "
+                  f"{peaks.copy_bytes_per_s / 1e9:.0f} GB/s), measured in this run",
                   "", "| conv (cin,cout,hw,k,s) | cuDNN ms | Triton ms | Triton eager ms | "
-                  "ratio | cuDNN TFLOP/s | rel err |", "|---|---|---|---|---|---|---|"]
+                  "ratio | floor ms | cuDNN % floor | Triton % floor | cuDNN TFLOP/s | rel err |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for cin, cout, hw, k, s in CONVS:
             try:
                 cudnn, tri, sets, flops, _ = conv_cases(a.batch, cin, cout, hw, k, s, dtype, device)
@@ -306,11 +330,13 @@ def main(argv=None) -> int:
                 print(f"conv {(cin, cout, hw, k, s)}: FAILED: {e!r}", flush=True)
                 conv_rows.append({"conv": [cin, cout, hw, k, s], "error": repr(e)})
                 continue
+            floor = conv_floor_ms(peaks, a.batch, cin, cout, hw, k, s, dtype)
             conv_rows.append({"conv": [cin, cout, hw, k, s], "cudnn_ms": t_c, "triton_ms": t_t,
                               "triton_eager_ms": t_e, "ratio": t_t / t_c, "flops": flops,
-                              "rel_err": err, "wrong": err > conv_tol})
+                              "floor_ms": floor, "rel_err": err, "wrong": err > conv_tol})
             lines.append(f"| {(cin, cout, hw, k, s)} | {t_c:.4f} | {t_t:.4f} | {t_e:.4f} | "
-                         f"{t_t / t_c:.2f} "
+                         f"{t_t / t_c:.2f} | {floor:.4f} | {100 * floor / t_c:.0f} | "
+                         f"{100 * floor / t_t:.0f} "
                          f"| {flops / (t_c / 1e3) / 1e12:.0f} | {err:.1e} |")
         ok = [r["ratio"] for r in conv_rows if "ratio" in r]
         if ok:
@@ -327,7 +353,8 @@ def main(argv=None) -> int:
             json.dump({"schema": "fused_res.ops_bandwidth/1",
                        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "dtype": a.dtype, "batch": a.batch,
-                       "copy_bytes_per_s": bw, "apply": rows, "conv": conv_rows}, f, indent=1)
+                       "copy_bytes_per_s": bw, "apply": rows, "conv": conv_rows,
+                       "conv_peaks": peaks.to_dict() if peaks is not None else None}, f, indent=1)
     return 0
 
 

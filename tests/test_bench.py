@@ -15,7 +15,7 @@ from fused_res.__main__ import main
 from fused_res.bench import BenchConfig, run_bench, validate
 from fused_res.bench import contenders as C
 from fused_res.bench.cudnn_fused import cudnn_fuse, emulated_ops
-from fused_res.bench.roofline import flops_per_image, trace_costs, work
+from fused_res.bench.roofline import conv_work, flops_per_image, trace_costs, work
 from fused_res.bench.timing import summarize, time_loop
 from fused_res.bench.workloads import calibrate_bn, get_workload
 
@@ -152,6 +152,23 @@ def test_counting_reads_only_the_pixels_a_strided_1x1_conv_uses():
     conv3 = out * 128 + out * 512
     proj = out * 256 + out * 512                # 1x1 stride 2: a quarter of x
     assert costs.activation_elems == conv1 + conv2 + conv3 + proj + out * 512  # + shortcut
+
+
+def test_the_conv_alone_floor_counts_a_conv_as_the_model_floor_does():
+    """conv_work (the conv tables' floor) on rn50-l2d's strided projection and a 3x3 conv,
+    by hand, and equal to what trace_costs counts for the same conv in a module."""
+    flops, nbytes = conv_work(2, 256, 512, 56, 1, 2, 2)
+    assert flops == 2 * 2 * 28 * 28 * 512 * 256
+    assert nbytes == 2 * (2 * (28 * 28 * 256 + 28 * 28 * 512) + 512 * 256)
+    flops, nbytes = conv_work(3, 64, 64, 56, 3, 1, 4)
+    assert flops == 2 * 3 * 56 * 56 * 64 * 64 * 9
+    assert nbytes == 4 * (3 * (56 * 56 * 64 * 2) + 64 * 64 * 9)
+    for cin, cout, hw, k, s in ((3, 64, 224, 7, 2), (256, 512, 56, 1, 2), (128, 128, 56, 3, 2),
+                                (64, 256, 56, 1, 1)):
+        conv = torch.nn.Conv2d(cin, cout, k, s, k // 2, bias=False)
+        costs = trace_costs(conv, (cin, hw, hw))
+        assert conv_work(5, cin, cout, hw, k, s, 2) == (
+            5 * costs.flops, 2 * (5 * costs.activation_elems + costs.weight_elems))
 
 
 def test_counting_takes_pooling_as_fused_into_what_it_pools():

@@ -40,6 +40,27 @@ class Costs:
     param_count: int
 
 
+def conv_activation_elems(c_in: int, h: int, w: int, c_out: int, oh: int, ow: int,
+                          kernel_size: tuple[int, int], padding: tuple[int, int]) -> int:
+    """Elements of one sample a conv must read and write: its input once (a 1x1 conv without
+    padding only the OH x OW pixels its taps use: with stride s the others are never loaded,
+    channels_last) and its output once."""
+    one_by_one = tuple(kernel_size) == (1, 1) and tuple(padding) == (0, 0)
+    return (c_in * oh * ow if one_by_one else c_in * h * w) + c_out * oh * ow
+
+
+def conv_work(n: int, c_in: int, c_out: int, hw: int, k: int, stride: int,
+              element_bytes: int) -> tuple[float, float]:
+    """(FLOPs, fewest bytes) of one square k x k conv (padding k // 2, one group) on an
+    (n, c_in, hw, hw) input, counted as trace_costs counts a conv: the floor of the
+    conv-alone tables (benchmarks/ops_bandwidth.py, conv_configs.py)."""
+    pad = k // 2
+    o = (hw + 2 * pad - k) // stride + 1
+    flops = 2 * n * o * o * c_out * c_in * k * k
+    elems = n * conv_activation_elems(c_in, hw, hw, c_out, o, o, (k, k), (pad, pad))
+    return float(flops), float((elems + c_out * c_in * k * k) * element_bytes)
+
+
 def trace_costs(module: nn.Module, sample_shape: tuple[int, ...]) -> Costs:
     """Run one eval forward on a zero sample of `sample_shape` (C, H, W) and count, per sample,
     conv/linear FLOPs and the elements the fused data flow must move (module docstring)."""
@@ -50,11 +71,8 @@ def trace_costs(module: nn.Module, sample_shape: tuple[int, ...]) -> Costs:
     def conv_hook(m, inp, out):
         nonlocal flops, acts, weights
         flops += 2 * out[0].numel() * m.weight[0].numel()  # C_in/groups * KH * KW per output
-        x = inp[0][0]
-        # A strided 1x1 conv skips the pixels between its taps (C contiguous per pixel).
-        read = (x.shape[0] * out.shape[-2] * out.shape[-1]
-                if m.kernel_size == (1, 1) and m.padding == (0, 0) else x.numel())
-        acts += read + out[0].numel()
+        x, y = inp[0][0], out[0]
+        acts += conv_activation_elems(*x.shape, *y.shape, m.kernel_size, m.padding)
         weights += m.weight.numel()
 
     def pool_hook(m, inp, out):
