@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -257,19 +258,31 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
     _check_backend(backend)
     if not inplace:
         model = copy.deepcopy(model)
+    fused = unfusable = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, fblocks.FusedResidualBlock):
+            fused += 1
             continue
         found = recognize(module)
+        unfusable += isinstance(found, str)
         if found is None or isinstance(found, str):
             continue
         if filter is not None and not filter(name, module):
             continue
         cls, plan = found
         model = _replace(model, name, cls.from_block(module, plan, backend))
+        fused += 1
     if stem:
         for module in list(model.modules()):
-            _fuse_stem(module, backend)
+            fused += isinstance(module, FusedStemConv) or _fuse_stem(module, backend)
+    if not fused and filter is None and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        # A model of another family (timm's byobnet, regnet, res2net, ...) computes as before;
+        # without a word the caller would take it for fused.
+        why = (f"its {unfusable} recognised residual blocks cannot be (fused_res."
+               "format_report(model) says why)" if unfusable else
+               "it has no residual block of a recognised class and no recognised ResNet stem")
+        warnings.warn(f"fused_res.convert: nothing in this {type(model).__name__} was fused: "
+                      f"{why}; it computes as before", stacklevel=2)
     return model
 
 

@@ -629,3 +629,25 @@ def test_default_backend_model_compiles_fullgraph_on_its_first_call(cache, tmp_p
             assert rel_err(y, model(x)) <= 1e-5
     finally:
         auto.reset()
+
+
+def test_a_model_with_nothing_to_fuse_says_so():
+    """A family convert() does not know (here a plain conv stack, as timm's byobnet or regnet
+    are to it) comes back computing as before, and convert says so once per call rather than
+    let the caller take it for fused; a recognised model, a model already converted and a
+    filtered call do not warn."""
+    import warnings
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    with pytest.warns(UserWarning, match="nothing in this Sequential was fused"):
+        out = fused_res.convert(plain)
+    assert type(out[0]) is nn.Conv2d
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18())
+    with pytest.warns(UserWarning, match="its 8 recognised residual blocks cannot be"):
+        fused_res.convert(synced)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = fused_res.convert(torchvision.models.resnet18(), backend="reference")
+        fused_res.convert(fused, backend="reference")
+        fused_res.convert(torchvision.models.resnet18(), backend="reference",
+                          filter=lambda n, m: False, stem=False)
