@@ -217,6 +217,28 @@ def test_torch_func_grad_and_vmap(backend):
     assert rel_err(got, want) <= TOL
 
 
+def test_vmap_of_a_train_mode_model_says_why_it_cannot_and_works_as_eager_does(backend):
+    """vmap over a train-mode converted model: a per-sample batch statistic cannot go into
+    one unbatched running buffer (eager refuses too). It said "Batching rule not implemented
+    for aten::_foreach_add_"; it now names the buffers and the ways out, and the usual way
+    out (torch.func.replace_all_batch_norm_modules_) gives eager's values."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(11)
+    # (a torchvision ResNet: its stem's BatchNorm is fused too, so none runs as nn's)
+    model = randomize_bn(torchvision.models.resnet18(num_classes=3)).double().train()
+    fused = convert(copy.deepcopy(model), backend=backend)
+    x = torch.randn(2, 2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="running_mean and running_var, which it "
+                           "updates in place, are not batched"):
+            torch.func.vmap(fused)(x)
+        torch.func.replace_all_batch_norm_modules_(fused)
+        got = torch.func.vmap(fused)(x)
+    torch.func.replace_all_batch_norm_modules_(model)
+    assert rel_err(got, torch.func.vmap(model)(x)) <= 1e-10
+
+
 def test_a_gradient_penalty_through_a_fused_resnet(backend):
     """A gradient penalty (‖∂loss/∂x‖², as in WGAN-GP) through a converted train-mode ResNet:
     the parameters' gradients of it agree with the unfused model's."""

@@ -385,12 +385,23 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
     batch = [mean.detach().to(acc[0].dtype),
              var.detach().to(acc[1].dtype) * (count / (count - 1))]
     # Two multi-tensor launches for both buffers rather than six elementwise ones.
-    if isinstance(factor, torch.Tensor):
-        torch._foreach_mul_(acc, 1 - factor.to(acc[0].dtype))
-        torch._foreach_add_(acc, torch._foreach_mul(batch, factor.to(acc[0].dtype)))
-    else:
-        torch._foreach_mul_(acc, 1 - factor)
-        torch._foreach_add_(acc, batch, alpha=factor)
+    try:
+        if isinstance(factor, torch.Tensor):
+            torch._foreach_mul_(acc, 1 - factor.to(acc[0].dtype))
+            torch._foreach_add_(acc, torch._foreach_mul(batch, factor.to(acc[0].dtype)))
+        else:
+            torch._foreach_mul_(acc, 1 - factor)
+            torch._foreach_add_(acc, batch, alpha=factor)
+    except RuntimeError as e:
+        if torch._C._functorch.maybe_current_level() is None or "atching rule" not in str(e):
+            raise
+        # vmap: a per-sample statistic cannot go into one unbatched buffer (nn.BatchNorm2d
+        # refuses it too); the foreach ops' own error named none of that.
+        raise RuntimeError(
+            "a train-mode BatchNorm under vmap got batched statistics, but its running_mean "
+            "and running_var, which it updates in place, are not batched; accepted: eval "
+            "mode, track_running_stats=False, or torch.func.replace_all_batch_norm_modules_ "
+            "(as for nn.BatchNorm2d)") from e
     if narrow:
         torch._foreach_copy_(running, acc)
 
