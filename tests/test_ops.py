@@ -416,3 +416,18 @@ def test_an_epilogue_with_nothing_to_do_returns_a_new_tensor():
         ).data_ptr()
         (gz,) = torch.autograd.grad(y.sum(), z)
         assert torch.equal(gz, torch.ones_like(z))
+
+
+def test_an_epilogue_names_z_in_its_device_errors():
+    """ops.epilogue's input is z: its device errors said "x" (a probe)."""
+    z = torch.randn(2, 3, 4, 4)
+    v = torch.randn(3)
+    meta = dict(device="meta")
+    cases = [(dict(center=v.to(**meta)), "center is on meta but z is on cpu"),
+             (dict(residual=torch.empty(2, 3, 4, 4, **meta)), "residual is on meta but z is on"),
+             (dict(branch_scale=torch.empty(2, **meta)), "branch_scale is on meta but z is on")]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            ops.epilogue(z, backend="reference", **kwargs)
+    with pytest.raises(ValueError, match="scale is on cpu but z is on meta"):
+        ops.epilogue(z.to(**meta), scale=v, backend="reference")

@@ -149,7 +149,7 @@ def _prepare_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
 
 
 def _prepare_tail(out_shape, n, device, dtype, residual, res_scale, branch_scale, act_mid,
-                  act_out):
+                  act_out, x_name: str = "x"):
     _check_act("act_mid", act_mid)
     _check_act("act_out", act_out)
     if isinstance(res_scale, bool) or not isinstance(res_scale, (int, float)):
@@ -160,15 +160,15 @@ def _prepare_tail(out_shape, n, device, dtype, residual, res_scale, branch_scale
             raise ValueError(f"residual has shape {tuple(residual.shape)}; accepted: the "
                              f"output shape {tuple(out_shape)}")
         if residual.device != device:
-            raise ValueError(f"residual is on {residual.device} but x is on {device}; "
+            raise ValueError(f"residual is on {residual.device} but {x_name} is on {device}; "
                              "accepted: all tensors on one device")
         if residual.dtype != dtype:
             residual = residual.to(dtype)
     if branch_scale is not None:
         _check_vector("branch_scale", branch_scale, n, "sample")
         if branch_scale.device != device:
-            raise ValueError(f"branch_scale is on {branch_scale.device} but x is on {device}; "
-                             "accepted: all tensors on one device")
+            raise ValueError(f"branch_scale is on {branch_scale.device} but {x_name} is on "
+                             f"{device}; accepted: all tensors on one device")
         if branch_scale.requires_grad and torch.is_grad_enabled():
             # The ops give it no gradient: a silent None would freeze what the caller trains.
             raise ValueError("branch_scale requires grad; accepted: a tensor that needs no "
@@ -341,11 +341,11 @@ def epilogue(z: Tensor, scale: Tensor | None = None, shift: Tensor | None = None
     _check_vector("center", center, c, "channel")
     _check_vector("scale", scale, c, "channel")
     _check_vector("shift", shift, c, "channel")
-    _check_same_device(z, center=center, scale=scale, shift=shift)
+    _check_same_device(z, "z", center=center, scale=scale, shift=shift)
     dt = _autocast_dtype(z)
     z = _cast(z, dt)
     residual, res_scale = _prepare_tail(z.shape, z.shape[0], z.device, z.dtype, residual,
-                                        res_scale, branch_scale, act_mid, act_out)
+                                        res_scale, branch_scale, act_mid, act_out, "z")
     def run(name):
         return library.call("epilogue", z, center, scale, shift, act_mid, residual,
                             res_scale, branch_scale, act_out, name)
