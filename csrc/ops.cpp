@@ -3,7 +3,12 @@
 // fused_res/_ext.py. The ops are non-differentiable primitives (forward and backward
 // kernels); autograd lives in the fused_res::* custom ops that call them.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <optional>
+#include <tuple>
 
 extern "C" {
 // `import fused_res._C` only needs to load this library so that the TORCH_LIBRARY static
@@ -42,4 +47,44 @@ TORCH_LIBRARY(fused_res_C, m) {
   m.def("bn_scale(Tensor var, Tensor? weight, float eps) -> Tensor");
   m.def("bn_scale_backward(Tensor grad, Tensor var, Tensor? weight, float eps, bool need_var, "
         "bool need_weight) -> (Tensor grad_var, Tensor grad_weight)");
+}
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+using BnFinalize = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, std::optional<double>, double, int64_t);
+
+// The kernels write bn_finalize's buffers through pointers, which autograd's version counters
+// do not see: a graph that saved running_var before the update would then run its backward on
+// the new values without a word. As aten's in-place ops do, this kernel bumps the counters of
+// what the schema says the op mutates, so that such a backward raises instead. (Inference
+// tensors have no counter; in inference mode this key is not dispatched to at all.)
+std::tuple<at::Tensor, at::Tensor> bn_finalize_bump_versions(
+    c10::DispatchKeySet ks, const at::Tensor& mean, const at::Tensor& var,
+    const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+    const OptTensor& running_var, const OptTensor& num_batches_tracked,
+    std::optional<double> momentum, double eps, int64_t count) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_res_C::bn_finalize", "")
+                             .typed<BnFinalize>();
+  std::tuple<at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, mean, var, weight, bias,
+                        running_mean, running_var, num_batches_tracked, momentum, eps, count);
+  }
+  for (const OptTensor* t : {&running_mean, &running_var, &num_batches_tracked}) {
+    if (t->has_value() && (*t)->defined() && !(*t)->is_inference()) {
+      torch::autograd::impl::bump_version(**t);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fused_res_C, ADInplaceOrView, m) {
+  m.impl("bn_finalize", TORCH_FN(bn_finalize_bump_versions));
 }

@@ -301,6 +301,28 @@ def test_bn_finalize_empty_batch_only_counts_and_rejects_one_value(C):
         C.bn_finalize(torch.zeros(3), torch.zeros(3), None, None, rm, rv, nbt, 0.1, 1e-5, 1)
 
 
+def test_bn_finalize_bumps_the_version_of_what_it_updates(C):
+    """The kernels write the running statistics through pointers; without the op's
+    ADInplaceOrView kernel their version counters stayed put, so a backward that had saved
+    running_var read the updated values (a gradient of 10 for 1) instead of raising, as aten's
+    in-place ops make it (a probe). Inference tensors, which have no counter, still update."""
+    rm, rv, nbt = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    C.bn_finalize(torch.randn(4), torch.rand(4), None, None, rm, rv, nbt, 0.5, 1e-5, 10)
+    assert rm._version > 0 and rv._version > 0 and nbt._version > 0
+    x = torch.randn(4, requires_grad=True)
+    saved = torch.ones(4)
+    y = (x * saved).sum()
+    C.bn_finalize(torch.zeros(4), torch.full((4,), 9.0), None, None, torch.zeros(4), saved,
+                  None, 1.0, 1e-5, 10)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    with torch.inference_mode():
+        rm, rv = torch.zeros(4), torch.ones(4)
+        C.bn_finalize(torch.ones(4), torch.ones(4), None, None, rm, rv, None, 1.0, 1e-5, 2)
+    C.bn_finalize(torch.ones(4), torch.ones(4), None, None, rm, rv, None, 1.0, 1e-5, 2)
+    assert (rm == 1).all() and (rv == 2).all()
+
+
 # ---- argument checks ----------------------------------------------------------------------
 
 def test_an_argument_on_meta_is_refused_by_name(C):
