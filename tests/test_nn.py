@@ -162,6 +162,52 @@ def test_constructor_validation():
         fnn.BasicBlock(8, 8, shortcut_scale="1")
 
 
+def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():
+    """Probes: from_modules ran a reflect-padded conv zero-padded and skipped a BatchNorm
+    subclass's own forward (both silently wrong); a GroupNorm norm_layer, a tuple kernel and
+    padding='same' failed later with internal errors; a pre-activation block given the
+    wrong channels named its BN's weight."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(6)
+
+    class MyBN(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    for conv, norm, match in (
+            (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), bn,
+             "conv: padding .* with padding_mode 'reflect'"),
+            (nn.Conv2d(4, 6, 3, padding="same"), bn, "conv: padding 'same'"),
+            (nn.Linear(4, 6), bn, "conv: Linear is not an nn.Conv2d"),
+            (nn.Conv2d(4, 6, 3), MyBN(6), "bn .*MyBN is not a BatchNorm2d"),
+            (nn.Conv2d(4, 6, 3), nn.GroupNorm(2, 6), "bn .*GroupNorm is not a BatchNorm2d")):
+        with pytest.raises(ValueError, match=match):
+            fnn.ConvBNAct2d.from_modules(conv, norm)
+    with pytest.raises(ValueError, match="act='gelu'"):
+        fnn.ConvBNAct2d.from_modules(nn.Conv2d(4, 6, 3), bn, act="gelu")
+    gn = lambda c: nn.GroupNorm(1, c)  # noqa: E731
+    with pytest.raises(ValueError, match="GroupNorm is not a BatchNorm2d"):
+        fnn.ConvBNAct2d(4, 6, norm_layer=gn)
+    for cls, planes in ((fnn.BasicBlock, 8), (fnn.Bottleneck, 2), (fnn.PreActBasicBlock, 8),
+                        (fnn.PreActBottleneck, 2)):
+        with pytest.raises(ValueError, match="norm_layer built bn. as GroupNorm"):
+            cls(8, planes, norm_layer=gn)
+    with pytest.raises(ValueError, match=r"x has shape \(2, 6, 8, 8\); accepted: 8 channels"):
+        fnn.PreActBasicBlock(8, 8)(torch.randn(2, 6, 8, 8))
+    # What nn.Conv2d takes and the unit can run: tuple kernels, 'same' and 'valid' padding.
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    for kw in (dict(kernel_size=(3, 1)), dict(kernel_size=(5, 3), padding="same"),
+               dict(kernel_size=3, padding="valid"), dict(kernel_size=3, dilation=2)):
+        unit = fnn.ConvBNAct2d(4, 6, backend="reference", **kw).double().eval()
+        # (nn.Conv2d given the same padding string, where there is one)
+        twin = nn.Conv2d(4, 6, **kw, bias=False).double() if "padding" in kw else unit.conv
+        twin.load_state_dict(unit.conv.state_dict())
+        with torch.no_grad():
+            assert rel_err(unit(x), torch.relu(unit.bn(twin(x)))) < 1e-12, kw
+    with pytest.raises(ValueError, match="padding='same' with kernel_size=2"):
+        fnn.ConvBNAct2d(4, 6, kernel_size=2, padding="same")
+
+
 def test_sync_batchnorm_swapped_in_after_construction_is_refused():
     block = nn.SyncBatchNorm.convert_sync_batchnorm(fnn.BasicBlock(8, 8)).eval()
     with pytest.raises(TypeError, match="SyncBatchNorm"):

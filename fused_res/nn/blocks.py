@@ -24,7 +24,7 @@ from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .hooks import any_child_hooked, hooked_child, share_hooks, warn_once
-from .plan import BlockPlan, ShortcutPlan, shortcut_plan
+from .plan import BlockPlan, ShortcutPlan, norm_reason, shortcut_plan
 from .unit import RELU_ONLY, Pending, materialize, run_unit
 
 
@@ -101,6 +101,17 @@ class FusedResidualBlock(nn.Module):
         new.shortcut_scale = float(getattr(block, "shortcut_scale", 1.0))
         new.__dict__["_original"] = block
         return new
+
+    def _check_norm_layer(self) -> None:
+        """A block built directly: every norm its plan runs must be a BatchNorm2d (the ops
+        compute nothing else; a GroupNorm failed in the forward with an AttributeError)."""
+        plan = self.plan
+        for name in (*plan.mid_norms, plan.last_norm, plan.pre_norm, plan.post_norm,
+                     plan.shortcut.norm):
+            why = None if name is None else norm_reason(self._get(name), "none")
+            if why is not None:
+                raise ValueError(f"norm_layer built {name} as {type(self._get(name)).__name__}: "
+                                 f"{why}; accepted: nn.BatchNorm2d")
 
     def original(self) -> nn.Module | None:
         """The unfused block this one was converted from (None if built directly), with its
@@ -200,7 +211,12 @@ class FusedResidualBlock(nn.Module):
         plan, backend = self.plan, self.backend
         pending: Pending | None = None
         if plan.pre_norm is not None:
-            pending = Pending(input_affine(self._get(plan.pre_norm), x, backend), "relu")
+            pre_norm = self._get(plan.pre_norm)
+            if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != pre_norm.num_features:
+                # (else the BN's weight was named as the one of the wrong length)
+                raise ValueError(f"x has shape {tuple(x.shape)}; accepted: "
+                                 f"{pre_norm.num_features} channels, the block's input")
+            pending = Pending(input_affine(pre_norm, x, backend), "relu")
         elif plan.pre_act:
             pending = Pending(RELU_ONLY, "relu")
 
@@ -300,6 +316,7 @@ class BasicBlock(FusedResidualBlock, imagenet.BasicBlock):
             self.drop_path = DropPath(drop_path)
         self.shortcut_scale, self.backend = float(shortcut_scale), ops.prepare_backend(backend)
         self.plan = _post_act_plan(self, 2)
+        self._check_norm_layer()
 
     forward = FusedResidualBlock.forward
     forward_shortcut_only = FusedResidualBlock.forward_shortcut_only
@@ -317,6 +334,7 @@ class Bottleneck(FusedResidualBlock, imagenet.Bottleneck):
             self.drop_path = DropPath(drop_path)
         self.shortcut_scale, self.backend = float(shortcut_scale), ops.prepare_backend(backend)
         self.plan = _post_act_plan(self, 3)
+        self._check_norm_layer()
 
     forward = FusedResidualBlock.forward
     forward_shortcut_only = FusedResidualBlock.forward_shortcut_only
@@ -358,6 +376,7 @@ class _PreActBase(FusedResidualBlock):
         self.stride = stride
         self.shortcut_scale, self.backend = float(shortcut_scale), ops.prepare_backend(backend)
         self.plan = _preact_plan(self, self.n_convs)
+        self._check_norm_layer()
 
 
 class PreActBasicBlock(_PreActBase):

@@ -3,9 +3,63 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from ..ops import ACTS, prepare_backend
+from .plan import norm_reason
 from .unit import run_unit
+
+
+def _same_padding(kernel_size, dilation) -> tuple[int, int]:
+    """nn.Conv2d's padding="same" as the symmetric padding the fused ops take (odd spans
+    only: an even one pads one side more, which they cannot)."""
+    pads = []
+    for k, d in zip(_pair(kernel_size), _pair(dilation), strict=True):
+        if d * (k - 1) % 2:
+            raise ValueError(f"padding='same' with kernel_size={kernel_size!r} and "
+                             f"dilation={dilation!r} pads one side more than the other; "
+                             "accepted: an odd dilation * (kernel_size - 1) + 1 span, or "
+                             "explicit int padding")
+        pads.append(d * (k - 1) // 2)
+    return pads[0], pads[1]
+
+
+def _forward_is(m: nn.Module, base: type) -> bool:
+    """m is a `base` whose class computes base's forward (a subclass that only adds, as
+    torch.nn.utils.parametrize's ParametrizedConv2d does, but no override)."""
+    return isinstance(m, base) and type(m).forward is base.forward
+
+
+def _conv_problem(conv) -> str | None:
+    if not (_forward_is(conv, nn.Conv2d)
+            and type(conv)._conv_forward is nn.Conv2d._conv_forward):
+        return f"{type(conv).__name__} is not an nn.Conv2d computing nn.Conv2d's forward"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return f"padding {conv.padding!r} with padding_mode {conv.padding_mode!r}"
+    return None
+
+
+def _norm_problem(bn) -> str | None:
+    why = norm_reason(bn, "none")
+    if why is not None and _forward_is(bn, nn.BatchNorm2d) and not isinstance(
+            bn, nn.SyncBatchNorm):
+        return None  # (a parametrized BatchNorm2d)
+    return why
+
+
+def _check_modules(conv, bn, act: str) -> None:
+    """What ConvBNAct2d can compute exactly: a zero-padded nn.Conv2d, then a BatchNorm2d,
+    then act. A subclass overriding either's forward would have its override skipped, a
+    reflect-padded conv would run zero-padded: both silently wrong."""
+    if act not in ACTS:
+        raise ValueError(f"act={act!r}; accepted: {', '.join(map(repr, ACTS))}")
+    why = _conv_problem(conv)
+    if why is not None:
+        raise ValueError(f"conv: {why}; accepted: an nn.Conv2d with padding_mode='zeros' "
+                         "and int padding")
+    why = _norm_problem(bn)
+    if why is not None:
+        raise ValueError(f"bn (norm_layer's module): {why}; accepted: an nn.BatchNorm2d")
 
 
 class ConvBNAct2d(nn.Module):
@@ -21,18 +75,25 @@ class ConvBNAct2d(nn.Module):
                  groups: int = 1, bias: bool = False, act: str = "relu",
                  norm_layer=None, backend: str | None = None) -> None:
         super().__init__()
-        if act not in ACTS:
-            raise ValueError(f"act={act!r}; accepted: {', '.join(map(repr, ACTS))}")
-        padding = dilation * (kernel_size // 2) if padding is None else padding
+        if padding is None:
+            padding = tuple(d * (k // 2) for k, d in zip(_pair(kernel_size), _pair(dilation),
+                                                         strict=True))
+        elif padding == "same":
+            padding = _same_padding(kernel_size, dilation)
+        elif padding == "valid":
+            padding = 0
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
                               dilation, groups, bias=bias)
         self.bn = (norm_layer or nn.BatchNorm2d)(out_channels)
+        _check_modules(self.conv, self.bn, act)
         self.act, self.backend = act, prepare_backend(backend)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu",
                      backend: str | None = None) -> ConvBNAct2d:
-        """Wrap existing modules (their parameters are shared, not copied)."""
+        """Wrap existing modules (their parameters are shared, not copied): a plain
+        zero-padded nn.Conv2d and a plain nn.BatchNorm2d (anything else raises ValueError)."""
+        _check_modules(conv, bn, act)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.conv, new.bn, new.act = conv, bn, act
