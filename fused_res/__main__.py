@@ -2,7 +2,7 @@
 
 With no subcommand (or only options), runs `bench --quick`: the default model (ResNet-50),
 every contender that runs here, on the GPU if present; on the CPU a small batch and few
-repeats, so it takes about a minute.
+repeats (a few minutes on a two-core machine).
 """
 
 from __future__ import annotations

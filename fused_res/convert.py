@@ -238,6 +238,17 @@ def _check_backend(backend: str | None) -> None:
                          f"{', '.join(map(repr, BACKEND_NAMES))}")
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+
+
+def _check_flag(name: str, value) -> None:
+    # A string is truthy: inplace="no" converted the caller's own model.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r}; accepted: True or False")
+
+
 def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = False,
             filter: Callable[[str, nn.Module], bool] | None = None,
             stem: bool = True) -> nn.Module:
@@ -251,8 +262,9 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
     are converted. Parameters, buffers, state_dict keys
     and what the model computes are unchanged. Returns the converted model.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    _check_model(model)
+    _check_flag("inplace", inplace)
+    _check_flag("stem", stem)
     if filter is not None and not callable(filter):
         raise TypeError(f"filter={filter!r}; accepted: None or a callable (name, block) -> bool")
     _check_backend(backend)
@@ -290,6 +302,8 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
     """Put back the original block of every block that convert() fused, and a fused stem's
     plain conv, BatchNorm and ReLU. Blocks built directly as fused_res.nn modules have no
     original and stay. Returns the model."""
+    _check_model(model)
+    _check_flag("inplace", inplace)
     if not inplace:
         model = copy.deepcopy(model)
     for module in list(model.modules()):
@@ -338,6 +352,7 @@ def _describe(module: fblocks.FusedResidualBlock) -> str:
 def report(model: nn.Module) -> list[BlockReport]:
     """Per residual block, in forward order: fused as which variant and backend, or left alone
     and why. str() of each entry is one readable line; see also format_report()."""
+    _check_model(model)
     entries = []
     for name, module in model.named_modules():
         if isinstance(module, fblocks.FusedResidualBlock):

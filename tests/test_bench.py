@@ -104,6 +104,19 @@ def test_an_output_path_that_cannot_be_written_is_a_usage_error_before_the_run(
     assert not ran
 
 
+def test_a_chart_path_matplotlib_cannot_write_is_a_usage_error_before_the_run(
+        capsys, tmp_path, monkeypatch):
+    """--plot out.txt ran the whole benchmark, then ended in matplotlib's ValueError."""
+    ran = []
+    monkeypatch.setattr("fused_res.bench.runner.run_bench", lambda *a, **k: ran.append(1))
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "cifar-l1", "--device", "cpu", "--plot",
+              str(tmp_path / "out.txt")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "suffix '.txt'; accepted" in err and ".png" in err, err
+    assert not ran
+
+
 def test_reports_are_written_through_links_with_the_usual_mode(tmp_path):
     from fused_res.bench import output
     target = tmp_path / "target.json"

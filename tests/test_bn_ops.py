@@ -87,6 +87,7 @@ def test_bad_arguments_name_the_argument_and_what_is_accepted():
         (dict(mean=m, var=v, weight=torch.ones(5), count=4), "weight has shape"),
         (dict(mean=m, var=v, running_mean=rm, count=4), "given together"),
         (dict(mean=m, var=v, eps=-1.0, count=4), "eps=-1.0"),
+        (dict(mean=m, var=v, eps=float("nan"), count=4), "eps=nan"),  # (made the scale NaN)
         (dict(mean=m, var=v, running_mean=torch.zeros(1).expand(4), running_var=rv, count=4),
          "running_mean is an expanded view"),
         (dict(mean=m, var=v, running_mean=rm, running_var=rv, count=4, momentum=None,

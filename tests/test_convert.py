@@ -547,6 +547,22 @@ def test_autocast_matches_the_unconverted_model(name):
         assert bn_a.dtype == bn_b.dtype
 
 
+def test_the_model_functions_refuse_what_is_not_a_model_or_a_flag():
+    """Probes: revert/report/format_report/residual_blocks(None) raised AttributeError deep
+    inside, and convert(m, inplace="no") converted the caller's own model (a truthy
+    string)."""
+    for fn in (fused_res.revert, fused_res.report, fused_res.format_report,
+               models.residual_blocks):
+        with pytest.raises(TypeError, match="model must be an nn.Module; got NoneType"):
+            fn(None)
+    m = models.resnet18()
+    for kwargs in (dict(inplace="no"), dict(stem="no")):
+        with pytest.raises(TypeError, match=f"{next(iter(kwargs))}='no'; accepted: True"):
+            fused_res.convert(m, **kwargs)
+    with pytest.raises(TypeError, match="inplace=1; accepted"):
+        fused_res.revert(m, inplace=1)
+
+
 def test_model_level_bad_input():
     fused = fused_res.convert(models.resnet18())
     with pytest.raises(TypeError, match="dtype"):

@@ -78,10 +78,23 @@ def test_backward_reaches_every_parameter():
                                     dict(layers=[2, 2, 2, "a"]),
                                     dict(layers=[2, 2, 2, 2], num_classes=10.5),
                                     dict(layers=[2, 2, 2, 2], width_per_group=0),
-                                    dict(layers=[2, 2, 2, 2], replace_stride_with_dilation=True)])
+                                    dict(layers=[2, 2, 2, 2], replace_stride_with_dilation=True),
+                                    # (strings are truthy: these built a dilated network)
+                                    dict(layers=[2, 2, 2, 2],
+                                         replace_stride_with_dilation=["no", "no", "no"])])
 def test_bad_arguments_raise(kwargs):
     with pytest.raises(ValueError, match="accepted"):
         models.ResNet(models.BasicBlock, **kwargs)
+
+
+def test_bad_block_norm_layer_and_name_say_what_is_accepted():
+    """Probes: these raised AttributeError / 'str' object is not callable / unhashable."""
+    with pytest.raises(TypeError, match="block='bottleneck'; accepted"):
+        models.ResNet("bottleneck", [1, 1, 1, 1])
+    with pytest.raises(TypeError, match="norm_layer='bn'; accepted"):
+        models.ResNet(models.BasicBlock, [1, 1, 1, 1], norm_layer="bn")
+    with pytest.raises(ValueError, match=r"model=\['resnet18'\]; accepted"):
+        models.get_model(["resnet18"])
 
 
 def test_unknown_model_name():

@@ -102,12 +102,21 @@ def markdown(result: dict) -> str:
     return "\n".join(out)
 
 
+# The chart formats matplotlib's Agg backend writes whatever else is installed.
+PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
 def output_path_problem(option: str, path: str | os.PathLike) -> str | None:
     """Why `path` cannot receive an output file, for a usage error before the run (creating
     its missing folders), or None."""
     p = pathlib.Path(path)
     if p.is_dir():
         return f"{option} {str(path)!r}: a directory; accepted: a file path"
+    if option == "--plot" and p.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        # (matplotlib picks the format by the suffix and refused an unknown one only after
+        # the whole run)
+        return (f"{option} {str(path)!r}: suffix {p.suffix!r}; accepted: a file name ending "
+                f"in one of {', '.join('.' + f for f in PLOT_FORMATS)}")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

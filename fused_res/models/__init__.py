@@ -44,7 +44,7 @@ MODELS = {**IMAGENET_MODELS, **CIFAR_MODELS}
 
 def get_model(name: str, **kwargs):
     """Build a reference model by name (see MODELS)."""
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise ValueError(f"model={name!r}; accepted: {', '.join(sorted(MODELS))}")
     return MODELS[name](**kwargs)
 

@@ -106,6 +106,12 @@ class ResNet(nn.Module):
                  replace_stride_with_dilation: list[bool] | None = None,
                  norm_layer: NormLayer | None = None) -> None:
         super().__init__()
+        if not (isinstance(block, type) and hasattr(block, "expansion")):
+            raise TypeError(f"block={block!r}; accepted: a block class with an `expansion` "
+                            "(BasicBlock, Bottleneck, or a subclass)")
+        if norm_layer is not None and not callable(norm_layer):
+            raise TypeError(f"norm_layer={norm_layer!r}; accepted: None or a callable "
+                            "channels -> norm module (nn.BatchNorm2d)")
         if (not isinstance(layers, (list, tuple)) or len(layers) != 4
                 or not all(positive_int(n) for n in layers)):
             raise ValueError(f"layers={layers!r}; accepted: four positive block counts")
@@ -118,7 +124,8 @@ class ResNet(nn.Module):
         self.dilation = 1
         replace_stride_with_dilation = replace_stride_with_dilation or [False, False, False]
         if (not isinstance(replace_stride_with_dilation, (list, tuple))
-                or len(replace_stride_with_dilation) != 3):
+                or len(replace_stride_with_dilation) != 3
+                or not all(isinstance(v, bool) for v in replace_stride_with_dilation)):
             raise ValueError(f"replace_stride_with_dilation={replace_stride_with_dilation}; "
                              "accepted: None or a 3-element list of bools")
         self.groups = groups

@@ -67,6 +67,8 @@ def _shortcut_only_fn(module: nn.Module, adapters: dict[type, ShortcutOnly]):
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
     """The residual blocks of `model` in forward order (registration order, which is the
     order in which every supported ResNet calls them)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
     adapters = _foreign_adapters()
     return [m for m in model.modules() if _shortcut_only_fn(m, adapters) is not None]
 
