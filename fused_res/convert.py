@@ -22,9 +22,18 @@ from torch import nn
 from . import models
 from .backends import NAMES as BACKEND_NAMES
 from .nn import blocks as fblocks
+from .nn.conv_bn_act import ConvBNAct2d
 from .nn.hooks import has_hooks, hooked_child
 from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
-from .nn.stem import AppliedBatchNorm2d, AppliedReLU, FusedStemConv, StemState, unfuse_stem
+from .nn.stem import (
+    LINK_ATTR,
+    AppliedBatchNorm2d,
+    AppliedReLU,
+    FusedStemConv,
+    StemLink,
+    StemState,
+    unfuse_stem,
+)
 
 Recognized = tuple[type, BlockPlan]
 
@@ -217,9 +226,10 @@ def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
     relu = AppliedReLU(act.inplace, state)
     model._modules["bn1"] = applied
     model._modules[act_name] = relu
-    model._modules["conv1"] = FusedStemConv.from_modules(conv, applied, ("bn1", act_name),
-                                                         act.inplace, backend, act=relu,
-                                                         parent=model)
+    stem = FusedStemConv.from_modules(conv, applied, ("bn1", act_name), act.inplace, backend,
+                                      act=relu)
+    model._modules["conv1"] = stem
+    model.__dict__[LINK_ATTR] = StemLink(model, stem)  # (and the stem's ParentRef)
     return True
 
 
@@ -272,8 +282,8 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
         model = copy.deepcopy(model)
     fused = unfusable = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, fblocks.FusedResidualBlock):
-            fused += 1
+        if isinstance(module, (fblocks.FusedResidualBlock, ConvBNAct2d)):
+            fused += 1  # (built fused: a model of fused_res's own units has nothing to add)
             continue
         found = recognize(module)
         unfusable += isinstance(found, str)
@@ -290,8 +300,8 @@ def convert(model: nn.Module, backend: str | None = "auto", inplace: bool = Fals
     if not fused and filter is None and any(isinstance(m, nn.Conv2d) for m in model.modules()):
         # A model of another family (timm's byobnet, regnet, res2net, ...) computes as before;
         # without a word the caller would take it for fused.
-        why = (f"its {unfusable} recognised residual blocks cannot be (fused_res."
-               "format_report(model) says why)" if unfusable else
+        why = (f"its {unfusable} recognised residual block{'s' * (unfusable > 1)} cannot be "
+               "(fused_res.format_report(model) says why)" if unfusable else
                "it has no residual block of a recognised class and no recognised ResNet stem")
         warnings.warn(f"fused_res.convert: nothing in this {type(model).__name__} was fused: "
                       f"{why}; it computes as before", stacklevel=2)
@@ -309,6 +319,7 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module._modules.get("conv1"), FusedStemConv):
             unfuse_stem(module, module._modules["conv1"])
+            module.__dict__.pop(LINK_ATTR, None)
     for name, module in list(model.named_modules()):
         if isinstance(module, fblocks.FusedResidualBlock):
             original = module.original()

@@ -379,6 +379,32 @@ def test_a_stem_whose_batchnorm_was_replaced_runs_unfused_from_the_first_call():
     assert "running unfused: bn1 was replaced" in fused_res.format_report(synced)
 
 
+def test_a_pickled_model_keeps_its_stem_watching_and_a_pickled_stem_is_only_the_stem():
+    """The stem holds its model weakly; a pickle of the model (torch.save) links the loaded
+    stem to the loaded model, so a bn1 replaced after loading is seen on the first call too;
+    a pickle of the stem alone carries no model (a review: it carried every weight of
+    ResNet-50, then dropped the model on load)."""
+    base = _f64_resnet18().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    fused = fused_res.convert(base, backend="reference", filter=lambda n, m: False).eval()
+    hooks_warned_clear()
+    for loaded in (pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused)):
+        assert loaded.conv1.__dict__["_parent"]() is loaded
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(loaded).eval()
+        want = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(base)).eval()
+        with pytest.warns(UserWarning, match="bn1 was replaced"), torch.no_grad():
+            assert rel_err(synced(x), want(x)) < 1e-12
+        hooks_warned_clear()
+    alone = pickle.dumps(fused.conv1)
+    assert len(alone) < 2 * len(pickle.dumps(base.conv1)) + 4096
+    assert pickle.loads(alone).__dict__["_parent"]() is None
+
+
+def hooks_warned_clear():
+    from fused_res.nn import hooks
+    hooks._WARNED.clear()
+
+
 def test_a_stem_whose_relu_was_replaced_runs_unfused():
     """A module put in the stem ReLU's place (here a GELU) is the model's activation from
     then on: the stem stops applying its ReLU rather than apply both."""
@@ -658,6 +684,10 @@ def test_a_model_with_nothing_to_fuse_says_so():
     with pytest.warns(UserWarning, match="nothing in this Sequential was fused"):
         out = fused_res.convert(plain)
     assert type(out[0]) is nn.Conv2d
+    import fused_res.nn as fnn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (built of fused_res's own units: nothing to say)
+        fused_res.convert(nn.Sequential(fnn.ConvBNAct2d(3, 8), fnn.ConvBNAct2d(8, 8)))
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(torchvision.models.resnet18())
     with pytest.warns(UserWarning, match="its 8 recognised residual blocks cannot be"):
         fused_res.convert(synced)

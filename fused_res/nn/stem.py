@@ -44,8 +44,10 @@ class StemState:
 
 class ParentRef:
     """The model a fused stem sits in, held weakly (no reference cycle through the model's
-    own conv1). A deepcopy of the model maps it to the copy; a copy of the stem alone holds
-    none (it then cannot see a replaced bn1 before its next call). Pickle keeps it."""
+    own conv1). A deepcopy of the model maps it to the copy; a copy or a pickle of the stem
+    alone holds none (it then cannot see a replaced bn1 before its next call; a pickled
+    reference would drag the whole model into the stem's file). An unpickled model gets its
+    stem's reference back from its StemLink."""
 
     __slots__ = ("_ref",)
 
@@ -60,10 +62,35 @@ class ParentRef:
         return ParentRef(None if parent is None else memo.get(id(parent)))
 
     def __getstate__(self):
-        return (self(),)
+        return (None,)
 
     def __setstate__(self, state) -> None:
         self.__init__(state[0])
+
+
+class StemLink:
+    """Kept in the model's own __dict__ (LINK_ATTR) by convert(): pickled with the model, and
+    only with it, it points the unpickled stem's ParentRef at the unpickled model. Holds the
+    model weakly, the stem strongly (the model holds it anyway)."""
+
+    __slots__ = ("_model", "_stem")
+
+    def __init__(self, model: nn.Module, stem: nn.Module) -> None:
+        self._model, self._stem = weakref.ref(model), stem
+        stem.__dict__["_parent"] = ParentRef(model)
+
+    def __getstate__(self):
+        return self._model(), self._stem
+
+    def __setstate__(self, state) -> None:
+        model, stem = state
+        if model is None:  # (pickled after its model was freed: nothing to point at)
+            self._model, self._stem = (lambda: None), stem
+            return
+        self.__init__(model, stem)
+
+
+LINK_ATTR = "_fused_res_stem_link"
 
 
 def _fused(module: nn.Module) -> bool:
