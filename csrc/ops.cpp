@@ -60,7 +60,7 @@ using BnFinalize = std::tuple<at::Tensor, at::Tensor>(
 // do not see: a graph that saved running_var before the update would then run its backward on
 // the new values without a word. As aten's in-place ops do, this kernel bumps the counters of
 // what the schema says the op mutates, so that such a backward raises instead. (Inference
-// tensors have no counter; in inference mode this key is not dispatched to at all.)
+// tensors have no counter, and lack this key.)
 std::tuple<at::Tensor, at::Tensor> bn_finalize_bump_versions(
     c10::DispatchKeySet ks, const at::Tensor& mean, const at::Tensor& var,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,

@@ -239,6 +239,34 @@ def test_vmap_of_a_train_mode_model_says_why_it_cannot_and_works_as_eager_does(b
     assert rel_err(got, torch.func.vmap(model)(x)) <= 1e-10
 
 
+def test_vmap_over_an_ensemble_updates_its_stacked_running_statistics(backend):
+    """Model ensembling (torch.func.stack_module_state): the running buffers are batched as
+    the statistics are, which nn.BatchNorm2d supports; the fused update had no vmap rule
+    (foreach ops) and now matches nn's outputs and buffers (a review)."""
+    torchvision = pytest.importorskip("torchvision")
+    from torch.func import functional_call, stack_module_state
+
+    torch.manual_seed(12)
+    nets = [randomize_bn(torchvision.models.resnet18(num_classes=3)).double().train()
+            for _ in range(2)]
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+
+    def run(ms):
+        params, buffers = stack_module_state(ms)
+        shell = copy.deepcopy(ms[0]).to("meta")
+        out = torch.func.vmap(lambda p, b, x: functional_call(shell, (p, b), (x,)),
+                              in_dims=(0, 0, None))(params, buffers, x)
+        return out, buffers
+
+    want, want_buffers = run(nets)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, got_buffers = run([convert(m, backend=backend) for m in nets])
+    assert rel_err(got, want) <= 1e-10
+    for name in ("bn1.running_var", "layer4.1.bn2.running_mean"):
+        assert rel_err(got_buffers[name], want_buffers[name]) <= 1e-12
+
+
 def test_a_gradient_penalty_through_a_fused_resnet(backend):
     """A gradient penalty (‖∂loss/∂x‖², as in WGAN-GP) through a converted train-mode ResNet:
     the parameters' gradients of it agree with the unfused model's."""

@@ -179,7 +179,8 @@ def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():
              "conv: padding .* with padding_mode 'reflect'"),
             (nn.Conv2d(4, 6, 3, padding="same"), bn, "conv: padding 'same'"),
             (nn.Linear(4, 6), bn, "conv: Linear is not an nn.Conv2d"),
-            (nn.Conv2d(4, 6, 3), MyBN(6), "bn .*MyBN is not a BatchNorm2d"),
+            (nn.Conv2d(4, 6, 3), MyBN(6), "bn .*MyBN is a subclass of nn.BatchNorm2d, "
+             "whose forward may differ"),
             (nn.Conv2d(4, 6, 3), nn.GroupNorm(2, 6), "bn .*GroupNorm is not a BatchNorm2d")):
         with pytest.raises(ValueError, match=match):
             fnn.ConvBNAct2d.from_modules(conv, norm)
@@ -206,6 +207,26 @@ def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():
             assert rel_err(unit(x), torch.relu(unit.bn(twin(x)))) < 1e-12, kw
     with pytest.raises(ValueError, match="padding='same' with kernel_size=2"):
         fnn.ConvBNAct2d(4, 6, kernel_size=2, padding="same")
+    with pytest.raises(ValueError, match="padding='same' with stride=2; accepted: stride 1"):
+        fnn.ConvBNAct2d(4, 6, stride=2, padding="same")
+
+
+def test_a_batchnorm_subclass_that_only_changes_defaults_still_builds_and_matches():
+    """A norm_layer class that keeps BatchNorm2d's forward (here other default momentum) is
+    what the fused ops compute: blocks and units built with it work as they did before the
+    norm_layer check (a review caught the check refusing it)."""
+    class SlowBN(nn.BatchNorm2d):
+        def __init__(self, c):
+            super().__init__(c, momentum=0.01)
+
+    torch.manual_seed(3)
+    block = fnn.BasicBlock(8, 8, norm_layer=SlowBN, backend="reference").double().train()
+    twin = models.BasicBlock(8, 8, norm_layer=SlowBN).double().train()
+    twin.load_state_dict(block.state_dict())
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64)
+    assert rel_err(block(x), twin(x)) < 1e-12
+    assert rel_err(block.bn1.running_var, twin.bn1.running_var) < 1e-12
+    fnn.ConvBNAct2d(4, 6, norm_layer=SlowBN)
 
 
 def test_sync_batchnorm_swapped_in_after_construction_is_refused():

@@ -395,15 +395,28 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
     except RuntimeError as e:
         if torch._C._functorch.maybe_current_level() is None or "atching rule" not in str(e):
             raise
-        # vmap: a per-sample statistic cannot go into one unbatched buffer (nn.BatchNorm2d
-        # refuses it too); the foreach ops' own error named none of that.
-        raise RuntimeError(
-            "a train-mode BatchNorm under vmap got batched statistics, but its running_mean "
-            "and running_var, which it updates in place, are not batched; accepted: eval "
-            "mode, track_running_stats=False, or torch.func.replace_all_batch_norm_modules_ "
-            "(as for nn.BatchNorm2d)") from e
-    if narrow:
-        torch._foreach_copy_(running, acc)
+        # vmap has no rule for the foreach ops: the same update one tensor at a time, which
+        # it batches where the buffers are batched too (an ensemble's stacked buffers, as
+        # nn.BatchNorm2d allows)...
+        try:
+            for a, b in zip(acc, batch, strict=True):
+                if isinstance(factor, torch.Tensor):
+                    f = factor.to(a.dtype)
+                    a.mul_(1 - f).add_(b * f)
+                else:
+                    a.mul_(1 - factor).add_(b, alpha=factor)
+        except RuntimeError as e2:
+            # ... and a per-sample statistic cannot go into one unbatched buffer (nn refuses
+            # it too; the foreach ops' own error named none of that).
+            raise RuntimeError(
+                "a train-mode BatchNorm under vmap got batched statistics, but its "
+                "running_mean and running_var, which it updates in place, are not batched; "
+                "accepted: eval mode, track_running_stats=False, "
+                "torch.func.replace_all_batch_norm_modules_, or buffers batched as the "
+                "statistics are (as for nn.BatchNorm2d)") from e2
+    if narrow:  # (one tensor at a time: vmap has no rule for _foreach_copy_ either)
+        for r, a in zip(running, acc, strict=True):
+            r.copy_(a)
 
 
 def _stats_backward_into(gz, gmean, gvar, z, mean):

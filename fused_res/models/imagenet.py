@@ -125,9 +125,9 @@ class ResNet(nn.Module):
         replace_stride_with_dilation = replace_stride_with_dilation or [False, False, False]
         if (not isinstance(replace_stride_with_dilation, (list, tuple))
                 or len(replace_stride_with_dilation) != 3
-                or not all(isinstance(v, bool) for v in replace_stride_with_dilation)):
+                or not all(isinstance(v, (bool, int)) for v in replace_stride_with_dilation)):
             raise ValueError(f"replace_stride_with_dilation={replace_stride_with_dilation}; "
-                             "accepted: None or a 3-element list of bools")
+                             "accepted: None or a 3-element list of bools (or 0/1)")
         self.groups = groups
         self.base_width = width_per_group
         self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)

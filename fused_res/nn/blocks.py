@@ -24,7 +24,7 @@ from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .hooks import any_child_hooked, hooked_child, share_hooks, warn_once
-from .plan import BlockPlan, ShortcutPlan, norm_reason, shortcut_plan
+from .plan import BlockPlan, ShortcutPlan, built_norm_reason, shortcut_plan
 from .unit import RELU_ONLY, Pending, materialize, run_unit
 
 
@@ -108,7 +108,7 @@ class FusedResidualBlock(nn.Module):
         plan = self.plan
         for name in (*plan.mid_norms, plan.last_norm, plan.pre_norm, plan.post_norm,
                      plan.shortcut.norm):
-            why = None if name is None else norm_reason(self._get(name), "none")
+            why = None if name is None else built_norm_reason(self._get(name))
             if why is not None:
                 raise ValueError(f"norm_layer built {name} as {type(self._get(name)).__name__}: "
                                  f"{why}; accepted: nn.BatchNorm2d")

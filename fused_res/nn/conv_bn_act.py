@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..ops import ACTS, prepare_backend
-from .plan import norm_reason
+from .plan import built_conv_reason, built_norm_reason
 from .unit import run_unit
 
 
@@ -24,40 +24,17 @@ def _same_padding(kernel_size, dilation) -> tuple[int, int]:
     return pads[0], pads[1]
 
 
-def _forward_is(m: nn.Module, base: type) -> bool:
-    """m is a `base` whose class computes base's forward (a subclass that only adds, as
-    torch.nn.utils.parametrize's ParametrizedConv2d does, but no override)."""
-    return isinstance(m, base) and type(m).forward is base.forward
-
-
-def _conv_problem(conv) -> str | None:
-    if not (_forward_is(conv, nn.Conv2d)
-            and type(conv)._conv_forward is nn.Conv2d._conv_forward):
-        return f"{type(conv).__name__} is not an nn.Conv2d computing nn.Conv2d's forward"
-    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-        return f"padding {conv.padding!r} with padding_mode {conv.padding_mode!r}"
-    return None
-
-
-def _norm_problem(bn) -> str | None:
-    why = norm_reason(bn, "none")
-    if why is not None and _forward_is(bn, nn.BatchNorm2d) and not isinstance(
-            bn, nn.SyncBatchNorm):
-        return None  # (a parametrized BatchNorm2d)
-    return why
-
-
 def _check_modules(conv, bn, act: str) -> None:
     """What ConvBNAct2d can compute exactly: a zero-padded nn.Conv2d, then a BatchNorm2d,
     then act. A subclass overriding either's forward would have its override skipped, a
     reflect-padded conv would run zero-padded: both silently wrong."""
     if act not in ACTS:
         raise ValueError(f"act={act!r}; accepted: {', '.join(map(repr, ACTS))}")
-    why = _conv_problem(conv)
+    why = built_conv_reason(conv)
     if why is not None:
         raise ValueError(f"conv: {why}; accepted: an nn.Conv2d with padding_mode='zeros' "
                          "and int padding")
-    why = _norm_problem(bn)
+    why = built_norm_reason(bn)
     if why is not None:
         raise ValueError(f"bn (norm_layer's module): {why}; accepted: an nn.BatchNorm2d")
 
@@ -79,6 +56,9 @@ class ConvBNAct2d(nn.Module):
             padding = tuple(d * (k // 2) for k, d in zip(_pair(kernel_size), _pair(dilation),
                                                          strict=True))
         elif padding == "same":
+            if _pair(stride) != (1, 1):
+                raise ValueError(f"padding='same' with stride={stride!r}; accepted: stride 1 "
+                                 "(as nn.Conv2d: 'same' is not defined for strided convs)")
             padding = _same_padding(kernel_size, dilation)
         elif padding == "valid":
             padding = 0

@@ -121,6 +121,9 @@ def norm_reason(m: nn.Module | None, act: str) -> str | None:
                                                                isinstance(a, nn.Identity)) \
             else type(a).__name__
         return None if kind == act else f"norm activation is {kind}, fused kernels do {act}"
+    if isinstance(m, nn.BatchNorm2d):
+        return (f"{type(m).__name__} is a subclass of nn.BatchNorm2d, whose forward may "
+                "differ")
     return f"{type(m).__name__} is not a BatchNorm2d"
 
 
@@ -131,6 +134,35 @@ def conv_reason(m: nn.Module | None) -> str | None:
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
         return f"conv padding {m.padding!r} / mode {m.padding_mode!r}"
     return None
+
+
+def _computes_forward_of(m: nn.Module, base: type) -> bool:
+    """m is a `base` whose class computes base's forward: the class itself, or a subclass
+    that only adds (a norm_layer with other defaults, torch.nn.utils.parametrize's
+    Parametrized* classes) and overrides nothing the forward calls."""
+    return isinstance(m, base) and type(m).forward is base.forward
+
+
+def built_conv_reason(m: nn.Module | None) -> str | None:
+    """None if the fused ops compute `m` exactly as its own forward does (a zero-padded
+    nn.Conv2d, or a subclass that leaves the forward alone), for modules a fused unit is
+    built from directly; else why not. (convert() is stricter: conv_reason.)"""
+    if not (_computes_forward_of(m, nn.Conv2d)
+            and type(m)._conv_forward is nn.Conv2d._conv_forward):
+        return f"{type(m).__name__} is not an nn.Conv2d computing nn.Conv2d's forward"
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return f"padding {m.padding!r} with padding_mode {m.padding_mode!r}"
+    return None
+
+
+def built_norm_reason(m: nn.Module | None) -> str | None:
+    """norm_reason(m, "none"), but a BatchNorm2d subclass that leaves the forward alone
+    passes (not SyncBatchNorm: its statistics are all-reduced)."""
+    why = norm_reason(m, "none")
+    if why is not None and _computes_forward_of(m, nn.BatchNorm2d) and not isinstance(
+            m, nn.SyncBatchNorm):
+        return None
+    return why
 
 
 def relu_reason(m: nn.Module | None) -> str | None:
