@@ -71,8 +71,9 @@ class ConvBNAct2d(nn.Module):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, act: str = "relu",
                      backend: str | None = None) -> ConvBNAct2d:
-        """Wrap existing modules (their parameters are shared, not copied): a plain
-        zero-padded nn.Conv2d and a plain nn.BatchNorm2d (anything else raises ValueError)."""
+        """Wrap existing modules (their parameters are shared, not copied): a zero-padded
+        nn.Conv2d and a BatchNorm2d, each computing nn's own forward (a subclass that
+        overrides it, or another padding mode, raises ValueError)."""
         _check_modules(conv, bn, act)
         new = cls.__new__(cls)
         nn.Module.__init__(new)

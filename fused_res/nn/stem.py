@@ -75,19 +75,17 @@ class StemLink:
 
     __slots__ = ("_model", "_stem")
 
-    def __init__(self, model: nn.Module, stem: nn.Module) -> None:
-        self._model, self._stem = weakref.ref(model), stem
+    def __init__(self, model: nn.Module | None, stem: nn.Module) -> None:
+        # (None: pickled after its model was freed, nothing to point at)
+        self._model = None if model is None else weakref.ref(model)
+        self._stem = stem
         stem.__dict__["_parent"] = ParentRef(model)
 
     def __getstate__(self):
-        return self._model(), self._stem
+        return (None if self._model is None else self._model()), self._stem
 
     def __setstate__(self, state) -> None:
-        model, stem = state
-        if model is None:  # (pickled after its model was freed: nothing to point at)
-            self._model, self._stem = (lambda: None), stem
-            return
-        self.__init__(model, stem)
+        self.__init__(*state)
 
 
 LINK_ATTR = "_fused_res_stem_link"
@@ -158,11 +156,10 @@ class FusedStemConv(nn.Conv2d):
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: AppliedBatchNorm2d, names: tuple[str, str],
                      relu_inplace: bool, backend: str | None,
-                     act: nn.Module | None = None,
-                     parent: nn.Module | None = None) -> FusedStemConv:
+                     act: nn.Module | None = None) -> FusedStemConv:
         """names: the parent's attribute names of the BatchNorm and the ReLU (for revert);
-        act: the AppliedReLU in the ReLU's place; parent: the model holding all three (for
-        seeing either replaced before a call)."""
+        act: the AppliedReLU in the ReLU's place. The model holding all three is made known
+        by a StemLink (for seeing either replaced before a call)."""
         new = cls.__new__(cls)
         new.__dict__.update(conv.__dict__)
         # Not registered children: they stay where the model keeps them (their keys, their
@@ -171,7 +168,7 @@ class FusedStemConv(nn.Conv2d):
         new.__dict__["_act"] = act
         new.__dict__["_stem"] = (names, relu_inplace)
         new.__dict__["_state"] = bn.__dict__.get("_state")
-        new.__dict__["_parent"] = ParentRef(parent)
+        new.__dict__["_parent"] = ParentRef(None)
         new.backend = prepare_backend(backend)
         return new
 
