@@ -211,6 +211,36 @@ def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():
         fnn.ConvBNAct2d(4, 6, stride=2, padding="same")
 
 
+def test_a_unit_whose_conv_has_hooks_runs_them():
+    """torch.nn.utils.prune recomputes the weight in a forward pre-hook of the conv, which
+    the fused unit never called: after an optimizer step it ran the stale weight (a review).
+    While a child has hooks, the unit runs its modules unfused (one warning)."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1).double(), nn.BatchNorm2d(6).double()
+    twin = nn.Module()
+    twin.conv, twin.bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    for c in (conv, twin.conv):
+        prune.l1_unstructured(c, "weight", amount=0.5)  # (deterministic: the same mask)
+    unit = fnn.ConvBNAct2d.from_modules(conv, bn, backend="reference").train()
+    twin.forward = lambda x: torch.relu(twin.bn(twin.conv(x)))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    import warnings
+
+    from fused_res.nn import hooks
+    hooks._WARNED.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for m in (unit, twin):
+            opt = torch.optim.SGD(m.parameters(), lr=0.5)
+            m(x).sum().backward()
+            opt.step()
+        got = unit(x)
+    assert rel_err(got, twin(x)) < 1e-12
+    assert [w for w in caught if "hooks on the conv of a ConvBNAct2d" in str(w.message)]
+
+
 def test_a_batchnorm_subclass_that_only_changes_defaults_still_builds_and_matches():
     """A norm_layer class that keeps BatchNorm2d's forward (here other default momentum) is
     what the fused ops compute: blocks and units built with it work as they did before the

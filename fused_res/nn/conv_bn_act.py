@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from ..ops import ACTS, prepare_backend
+from .hooks import has_hooks, warn_once
 from .plan import built_conv_reason, built_norm_reason
 from .unit import run_unit
 
@@ -82,6 +84,14 @@ class ConvBNAct2d(nn.Module):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
+        for name, child in (("conv", self.conv), ("bn", self.bn)):
+            if has_hooks(child):
+                # A hook (torch.nn.utils.prune's weight recompute, a feature hook) fires only
+                # when the child's own forward runs: the unit runs unfused while it is there.
+                warn_once(f"hooks on the {name} of a ConvBNAct2d: its conv, BatchNorm and "
+                          "activation run unfused while they are there")
+                y = self.bn(self.conv(x))
+                return F.relu(y) if self.act == "relu" else y
         y, _ = run_unit(x, None, self.conv, self.bn, self.act, self.backend)
         return y
 
