@@ -319,7 +319,8 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module._modules.get("conv1"), FusedStemConv):
             unfuse_stem(module, module._modules["conv1"])
-            module.__dict__.pop(LINK_ATTR, None)
+        # (also where conv1 was replaced since: the link would keep the old stem alive)
+        module.__dict__.pop(LINK_ATTR, None)
     for name, module in list(model.named_modules()):
         if isinstance(module, fblocks.FusedResidualBlock):
             original = module.original()

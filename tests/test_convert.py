@@ -395,6 +395,10 @@ def test_a_pickled_model_keeps_its_stem_watching_and_a_pickled_stem_is_only_the_
         with pytest.warns(UserWarning, match="bn1 was replaced"), torch.no_grad():
             assert rel_err(synced(x), want(x)) < 1e-12
         hooks_warned_clear()
+    replaced = copy.deepcopy(fused)
+    replaced.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    fused_res.revert(replaced)  # (the link held the old stem alive and in every pickle)
+    assert "_fused_res_stem_link" not in replaced.__dict__
     alone = pickle.dumps(fused.conv1)
     assert len(alone) < 2 * len(pickle.dumps(base.conv1)) + 4096
     assert pickle.loads(alone).__dict__["_parent"]() is None

@@ -230,9 +230,13 @@ def test_vmap_of_a_train_mode_model_says_why_it_cannot_and_works_as_eager_does(b
     x = torch.randn(2, 2, 3, 32, 32, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        before = {k: v.clone() for k, v in fused.state_dict().items() if "running" in k}
         with pytest.raises(RuntimeError, match="running_mean and running_var, which it "
                            "updates in place, are not batched"):
             torch.func.vmap(fused)(x)
+        # (a review: the refused update had already scaled running_mean by 1 - momentum
+        # twice; nn leaves it as it was)
+        assert all(torch.equal(fused.state_dict()[k], v) for k, v in before.items())
         torch.func.replace_all_batch_norm_modules_(fused)
         got = torch.func.vmap(fused)(x)
     torch.func.replace_all_batch_norm_modules_(model)

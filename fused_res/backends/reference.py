@@ -384,36 +384,31 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
         factor = 0.0
     batch = [mean.detach().to(acc[0].dtype),
              var.detach().to(acc[1].dtype) * (count / (count - 1))]
-    # Two multi-tensor launches for both buffers rather than six elementwise ones.
-    try:
-        if isinstance(factor, torch.Tensor):
-            torch._foreach_mul_(acc, 1 - factor.to(acc[0].dtype))
-            torch._foreach_add_(acc, torch._foreach_mul(batch, factor.to(acc[0].dtype)))
-        else:
-            torch._foreach_mul_(acc, 1 - factor)
-            torch._foreach_add_(acc, batch, alpha=factor)
-    except RuntimeError as e:
-        if torch._C._functorch.maybe_current_level() is None or "atching rule" not in str(e):
-            raise
-        # vmap has no rule for the foreach ops: the same update one tensor at a time, which
-        # it batches where the buffers are batched too (an ensemble's stacked buffers, as
-        # nn.BatchNorm2d allows)...
+    if torch._C._functorch.maybe_current_level() is not None:
+        # vmap has no rule for the foreach ops: one tensor at a time, which it batches where
+        # the buffers are batched too (an ensemble's stacked buffers, as nn.BatchNorm2d
+        # allows); computed out of place first, so that a refused write changes nothing.
         try:
             for a, b in zip(acc, batch, strict=True):
-                if isinstance(factor, torch.Tensor):
-                    f = factor.to(a.dtype)
-                    a.mul_(1 - f).add_(b * f)
-                else:
-                    a.mul_(1 - factor).add_(b, alpha=factor)
-        except RuntimeError as e2:
-            # ... and a per-sample statistic cannot go into one unbatched buffer (nn refuses
-            # it too; the foreach ops' own error named none of that).
+                f = factor.to(a.dtype) if isinstance(factor, torch.Tensor) else factor
+                a.copy_(a * (1 - f) + b * f)
+        except RuntimeError as e:
+            if "vmap" not in str(e) and "atch" not in str(e):
+                raise
+            # A per-sample statistic cannot go into one unbatched buffer (nn refuses it too).
             raise RuntimeError(
                 "a train-mode BatchNorm under vmap got batched statistics, but its "
                 "running_mean and running_var, which it updates in place, are not batched; "
                 "accepted: eval mode, track_running_stats=False, "
                 "torch.func.replace_all_batch_norm_modules_, or buffers batched as the "
-                "statistics are (as for nn.BatchNorm2d)") from e2
+                "statistics are (as for nn.BatchNorm2d)") from e
+    # Two multi-tensor launches for both buffers rather than six elementwise ones.
+    elif isinstance(factor, torch.Tensor):
+        torch._foreach_mul_(acc, 1 - factor.to(acc[0].dtype))
+        torch._foreach_add_(acc, torch._foreach_mul(batch, factor.to(acc[0].dtype)))
+    else:
+        torch._foreach_mul_(acc, 1 - factor)
+        torch._foreach_add_(acc, batch, alpha=factor)
     if narrow:  # (one tensor at a time: vmap has no rule for _foreach_copy_ either)
         for r, a in zip(running, acc, strict=True):
             r.copy_(a)
