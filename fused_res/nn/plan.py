@@ -131,8 +131,13 @@ def conv_reason(m: nn.Module | None) -> str | None:
     """None if `m` is a plain zero-padded nn.Conv2d; else why not."""
     if type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a plain nn.Conv2d"
+    return _padding_reason(m)
+
+
+def _padding_reason(m: nn.Conv2d) -> str | None:
+    """None where the ops can pad as m does (zeros, explicit ints), else why not."""
     if m.padding_mode != "zeros" or isinstance(m.padding, str):
-        return f"conv padding {m.padding!r} / mode {m.padding_mode!r}"
+        return f"padding {m.padding!r} with padding_mode {m.padding_mode!r}"
     return None
 
 
@@ -150,9 +155,7 @@ def built_conv_reason(m: nn.Module | None) -> str | None:
     if not (_computes_forward_of(m, nn.Conv2d)
             and type(m)._conv_forward is nn.Conv2d._conv_forward):
         return f"{type(m).__name__} is not an nn.Conv2d computing nn.Conv2d's forward"
-    if m.padding_mode != "zeros" or isinstance(m.padding, str):
-        return f"padding {m.padding!r} with padding_mode {m.padding_mode!r}"
-    return None
+    return _padding_reason(m)
 
 
 def built_norm_reason(m: nn.Module | None) -> str | None:

@@ -44,10 +44,10 @@ class StemState:
 
 class ParentRef:
     """The model a fused stem sits in, held weakly (no reference cycle through the model's
-    own conv1). A deepcopy of the model maps it to the copy; a copy or a pickle of the stem
-    alone holds none (it then cannot see a replaced bn1 before its next call; a pickled
-    reference would drag the whole model into the stem's file). An unpickled model gets its
-    stem's reference back from its StemLink."""
+    own conv1). A copy or a pickle of it holds none: the model's StemLink, copied and pickled
+    with the model and only with it, sets the copy's (a stem copied alone then cannot see a
+    replaced bn1 before its next call; a pickled reference would drag the whole model into
+    the stem's file)."""
 
     __slots__ = ("_ref",)
 
@@ -57,20 +57,13 @@ class ParentRef:
     def __call__(self) -> nn.Module | None:
         return None if self._ref is None else self._ref()
 
-    def __deepcopy__(self, memo) -> ParentRef:
-        parent = self()
-        return ParentRef(None if parent is None else memo.get(id(parent)))
-
-    def __getstate__(self):
-        return (None,)
-
-    def __setstate__(self, state) -> None:
-        self.__init__(state[0])
+    def __reduce__(self):
+        return ParentRef, (None,)
 
 
 class StemLink:
-    """Kept in the model's own __dict__ (LINK_ATTR) by convert(): pickled with the model, and
-    only with it, it points the unpickled stem's ParentRef at the unpickled model. Holds the
+    """Kept in the model's own __dict__ (LINK_ATTR) by convert(): copied or pickled with the
+    model, and only with it, it points the new stem's ParentRef at the new model. Holds the
     model weakly, the stem strongly (the model holds it anyway)."""
 
     __slots__ = ("_model", "_stem")
