@@ -701,3 +701,34 @@ def test_a_model_with_nothing_to_fuse_says_so():
         fused_res.convert(fused, backend="reference")
         fused_res.convert(torchvision.models.resnet18(), backend="reference",
                           filter=lambda n, m: False, stem=False)
+
+
+def test_blocks_whose_convs_pad_by_name_are_fused_and_compute_the_same():
+    """nn.Conv2d's padding='same' (odd span) and 'valid' are zero paddings the ops can take:
+    convert() fuses such blocks (it left them unfused, shortcut convs included); 'same' of an
+    even span pads one side more and stays unfused, saying so."""
+    def named(conv, padding):
+        new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                        padding, bias=False)
+        new.weight = conv.weight
+        return new
+
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.resnet18()).double()
+    for layer in (model.layer1, model.layer3):
+        layer[1].conv1 = named(layer[1].conv1, "same")
+    model.layer3[0].downsample[0] = named(model.layer3[0].downsample[0], "valid")
+    fused = fused_res.convert(model, backend="reference")
+    assert "unfused" not in fused_res.format_report(fused), fused_res.format_report(fused)
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    model.eval(), fused.eval()
+    with torch.no_grad():
+        assert rel_err(fused(x), model(x)) < 1e-12
+    for _, outs in _train_steps([model, fused], x):
+        assert rel_err(outs[1], outs[0]) < 1e-10
+        assert max(_param_errors(model, fused, "grad").values()) < 1e-9
+    _assert_states_match(model, fused, 1e-10)
+    model.layer2[1].conv2 = nn.Conv2d(128, 128, 2, padding="same", bias=False)
+    report = fused_res.format_report(fused_res.convert(model, backend="reference"))
+    assert "layer2.1: torchvision.models.resnet.BasicBlock -> unfused: padding 'same' with " \
+        "kernel_size (2, 2) and dilation (1, 1) pads one side more" in report, report

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import randomize_bn
 from torch import nn
+from torch.nn import functional as F
 
 import fused_res.nn as fnn
 from fused_res import models
@@ -177,7 +178,7 @@ def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():
     for conv, norm, match in (
             (nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), bn,
              "conv: padding .* with padding_mode 'reflect'"),
-            (nn.Conv2d(4, 6, 3, padding="same"), bn, "conv: padding 'same'"),
+            (nn.Conv2d(4, 6, 2, padding="same"), bn, "conv: padding 'same' .* pads one side more"),
             (nn.Linear(4, 6), bn, "conv: Linear is not an nn.Conv2d"),
             (nn.Conv2d(4, 6, 3), MyBN(6), "bn .*MyBN is a subclass of nn.BatchNorm2d, "
              "whose forward may differ"),
@@ -207,6 +208,18 @@ def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():
             assert rel_err(unit(x), torch.relu(unit.bn(twin(x)))) < 1e-12, kw
     with pytest.raises(ValueError, match="padding='same' with kernel_size=2"):
         fnn.ConvBNAct2d(4, 6, kernel_size=2, padding="same")
+    # ... and from_modules of such convs (it refused 'valid' and any 'same').
+    for kw in (dict(kernel_size=3, padding="valid"), dict(kernel_size=(5, 3), padding="same"),
+               dict(kernel_size=3, padding="same", dilation=2)):
+        conv = nn.Conv2d(4, 6, **kw).double()
+        unit = fnn.ConvBNAct2d.from_modules(conv, nn.BatchNorm2d(6).double(),
+                                            backend="reference")
+        for train in (True, False):
+            unit.train(train)
+            want = torch.relu(F.batch_norm(conv(x), unit.bn.running_mean.clone(),
+                                           unit.bn.running_var.clone(), unit.bn.weight,
+                                           unit.bn.bias, train))
+            assert rel_err(unit(x), want) < 1e-12, (kw, train)
     with pytest.raises(ValueError, match="padding='same' with stride=2; accepted: stride 1"):
         fnn.ConvBNAct2d(4, 6, stride=2, padding="same")
 

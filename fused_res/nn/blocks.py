@@ -24,7 +24,7 @@ from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .hooks import any_child_hooked, hooked_child, share_hooks, warn_once
-from .plan import BlockPlan, ShortcutPlan, built_norm_reason, shortcut_plan
+from .plan import BlockPlan, ShortcutPlan, built_norm_reason, explicit_padding, shortcut_plan
 from .unit import RELU_ONLY, Pending, materialize, run_unit
 
 
@@ -53,7 +53,7 @@ class DropPath(nn.Module):
 def _plain_conv(conv: nn.Module) -> bool:
     """An nn.Conv2d with one group, no dilation and zero padding: what the pair kernel runs."""
     return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+            and conv.padding_mode == "zeros" and explicit_padding(conv) is not None)
 
 
 def _drop_path_draws(module: nn.Module | None) -> bool:
@@ -172,7 +172,7 @@ class FusedResidualBlock(nn.Module):
         if (uses_batch_stats(norm) or uses_batch_stats(self._get(plan.last_norm))
                 or _drop_path_draws(self._get(plan.drop_path))
                 or not _plain_conv(conv) or tuple(conv.kernel_size) != (1, 1)
-                or tuple(conv.padding) != (0, 0) or not _plain_conv(self._get(plan.convs[-1]))):
+                or explicit_padding(conv) != (0, 0) or not _plain_conv(self._get(plan.convs[-1]))):
             return None
         return conv, norm
 
@@ -183,7 +183,8 @@ class FusedResidualBlock(nn.Module):
         w, b = eval_fold.folded_conv(last, self._get(plan.last_norm), h)
         w2, b2 = eval_fold.folded_conv(pair[0], pair[1], x)
         return ops.conv_shortcut_pair(h, w, b, x, w2, b2, stride=list(last.stride),
-                                      padding=list(last.padding), stride2=list(pair[0].stride),
+                                      padding=list(explicit_padding(last)),
+                                      stride2=list(pair[0].stride),
                                       act_out="relu" if plan.act_out else "none",
                                       backend=self.backend)
 

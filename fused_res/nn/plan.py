@@ -77,8 +77,7 @@ def shortcut_plan(block: nn.Module, name: str = "downsample",
         if children and isinstance(children[0][1], _POOLS) and len(children) > 1:
             pool = None if isinstance(children[0][1], nn.Identity) else f"{name}.{children[0][0]}"
             children = children[1:]
-        if 1 <= len(children) <= 2 and type(children[0][1]) is nn.Conv2d and \
-                children[0][1].padding_mode == "zeros":
+        if 1 <= len(children) <= 2 and conv_reason(children[0][1]) is None:
             norm = None
             if len(children) == 2:
                 if norm_reason(children[1][1], "none") is not None:
@@ -87,7 +86,7 @@ def shortcut_plan(block: nn.Module, name: str = "downsample",
             return ShortcutPlan("unit", module=name, pool=pool, conv=f"{name}.{children[0][0]}",
                                 norm=norm, reads_preact=reads_preact)
     if type(module).__name__ in ("DownsampleConv", "DownsampleAvg") and \
-            type(getattr(module, "conv", None)) is nn.Conv2d:
+            conv_reason(getattr(module, "conv", None)) is None:
         pool = getattr(module, "pool", None)
         norm = getattr(module, "norm", None)
         if norm is not None and not isinstance(norm, nn.Identity) and \
@@ -134,10 +133,29 @@ def conv_reason(m: nn.Module | None) -> str | None:
     return _padding_reason(m)
 
 
+def explicit_padding(m: nn.Conv2d) -> tuple[int, int] | None:
+    """m's zero padding as the (top/bottom, left/right) ints the ops take: its own ints,
+    'valid' as 0, 'same' as half the span where the span is odd; None where no symmetric
+    padding is the same (an even span under 'same' pads one side more)."""
+    p = m.padding
+    if type(p) is not str:
+        return p
+    if p == "valid":
+        return 0, 0
+    spans = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation, strict=True)]
+    if any(s % 2 for s in spans):
+        return None
+    return spans[0] // 2, spans[1] // 2
+
+
 def _padding_reason(m: nn.Conv2d) -> str | None:
-    """None where the ops can pad as m does (zeros, explicit ints), else why not."""
-    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+    """None where the ops can pad as m does (zeros: ints, 'valid', 'same' of an odd span),
+    else why not."""
+    if m.padding_mode != "zeros":
         return f"padding {m.padding!r} with padding_mode {m.padding_mode!r}"
+    if explicit_padding(m) is None:
+        return (f"padding {m.padding!r} with kernel_size {tuple(m.kernel_size)} and dilation "
+                f"{tuple(m.dilation)} pads one side more than the other")
     return None
 
 

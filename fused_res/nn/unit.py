@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .. import ops
 from . import eval_fold
 from .batchnorm import ChannelAffine, batch_affine, running_affine, uses_batch_stats
+from .plan import explicit_padding
 
 
 @dataclass
@@ -32,7 +33,9 @@ RELU_ONLY = ChannelAffine(None, None, None)
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:
-    return {"stride": list(conv.stride), "padding": list(conv.padding),
+    """The conv's geometry as the ops take it (its padding as ints: plan.explicit_padding;
+    the modules reach here only where it has some)."""
+    return {"stride": list(conv.stride), "padding": list(explicit_padding(conv)),
             "dilation": list(conv.dilation), "groups": conv.groups}
 
 
