@@ -549,6 +549,37 @@ def test_converted_model_compiles_without_graph_breaks(train):
     assert all(p.grad is not None for p in fused.parameters())
 
 
+def test_a_model_whose_backend_falls_back_compiles_fullgraph_before_any_eager_call():
+    """A probe: the fallback's warning (float64 on the cuda backend) raised inside dynamo's
+    trace, so torch.compile(fullgraph=True) failed, every time, until an eager call had
+    warned; inside a compiled checkpoint the write to the warned set failed it too. The
+    trace now warns nothing; the eager call still warns once."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fused_res.backends import registry
+
+    torch.manual_seed(0)
+    model = randomize_bn(models.resnet20()).double()
+    fused = fused_res.convert(model, backend="cuda")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    registry._warned.clear()
+    torch._dynamo.reset()
+    for m in (model, fused):
+        m.eval()
+    with torch.no_grad():
+        assert rel_err(torch.compile(fused, backend="eager", fullgraph=True)(x),
+                       model(x)) < 1e-12
+    for m in (model, fused):
+        m.train()
+    torch._dynamo.reset()
+    y = torch.compile(lambda t: checkpoint(fused, t, use_reentrant=False), backend="aot_eager",
+                      fullgraph=True)(x)
+    assert rel_err(y, model(x)) < 1e-10
+    fused.eval()
+    with pytest.warns(UserWarning, match="backend 'cuda' .*using the reference backend"):
+        fused(x)
+
+
 def test_converted_model_compiles_with_inductor():
     model, fused = _pair("cifar_original_A_basic")
     model.eval()

@@ -118,7 +118,11 @@ def use_backend(name: str) -> Iterator[str]:
 
 
 def warn_once(reason: str) -> None:
-    if reason not in _warned:
+    """One warning per reason that a call falls back to the reference. None while dynamo
+    traces: it cannot trace warnings.warn (torch.compile(fullgraph=True) of a model whose
+    backend falls back failed until an eager call had warned), nor a write to _warned inside
+    a higher-order op (checkpoint). The compiled graph runs the same fallback, unannounced."""
+    if reason not in _warned and not tracing():
         _warned.add(reason)
         warnings.warn(f"fused_res: {reason}; using the reference backend", stacklevel=3)
 
