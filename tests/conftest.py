@@ -20,3 +20,14 @@ def pytest_collection_modifyitems(config, items):
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallback_warnings():
+    """Each test sees the fallback warnings as a fresh process would: registry.warn_once
+    warns once per reason per process, so a test that asserts a warning must not depend on
+    whether an earlier test (in whatever order pytest ran them) already used its reason."""
+    from fused_res.backends import registry
+
+    registry._warned.clear()
+    yield
