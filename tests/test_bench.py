@@ -404,6 +404,74 @@ def test_train_gate_catches_one_wrong_parameter_gradient_end_to_end(monkeypatch)
     assert wrong["status"] == "wrong" and "gradient of " in wrong["reason"], wrong["reason"]
 
 
+def test_train_gate_holds_the_running_statistics_to_eager_error():
+    """A probe: the train gate never looked at the BatchNorm running statistics, so a
+    contender that updated them wrongly (or twice) was timed as correct."""
+    g = torch.Generator().manual_seed(1)
+    ref = {"bn.running_mean": torch.randn(8, generator=g, dtype=torch.float64),
+           "bn.running_var": torch.rand(8, generator=g, dtype=torch.float64) + 0.5,
+           "bn.num_batches_tracked": torch.tensor([2.0], dtype=torch.float64)}
+    grads = {"w": torch.randn(6, generator=g, dtype=torch.float64)}
+    case = _train_case(grads)
+    case.ref_stats = ref
+    out = torch.ones(4)
+    near = {n: v * (1 + 1e-3) if "running" in n else v for n, v in ref.items()}
+    base = case.check("eager-cl", out, grads, near)
+    assert base["status"] == "ok" and base["rel_err_stats"] > 0
+    assert case.check("fused-x", out, grads, near)["status"] == "ok"
+    off = {**ref, "bn.running_var": ref["bn.running_var"] * 1.1}
+    got = case.check("fused-x", out, grads, off)
+    assert got["status"] == "wrong" and "running_var" in got["reason"], got
+    assert got["rel_err_stats"] > got["tolerance_stats"]
+    twice = {**ref, "bn.num_batches_tracked": torch.tensor([3.0], dtype=torch.float64)}
+    got = case.check("fused-x", out, grads, twice)
+    assert got["status"] == "wrong" and "num_batches_tracked" in got["reason"], got
+    missing = {n: v for n, v in ref.items() if "var" not in n}
+    got = case.check("fused-x", out, grads, missing)
+    assert got["status"] == "wrong" and "running statistic names" in got["reason"], got
+
+
+def test_a_wrong_shaped_output_is_wrong_not_a_crash_of_the_gate():
+    """A probe: rel_err raised on a shape mismatch, so the row read 'skipped' (failed) and
+    counted as a crash, not as a wrong answer."""
+    case = _train_case({"w": torch.ones(6, dtype=torch.float64)})
+    case.check("eager-cl", torch.ones(4), {"w": torch.ones(6, dtype=torch.float64)})
+    got = case.check("fused-x", torch.ones(2, 2), {"w": torch.ones(6, dtype=torch.float64)})
+    assert got["status"] == "wrong" and "output shape (2, 2)" in got["reason"], got
+    got = case.check("fused-x", torch.ones(4), {"w": torch.ones(5, dtype=torch.float64)})
+    assert got["status"] == "wrong" and "parameter w has 5 elements" in got["reason"], got
+
+
+def test_train_gate_catches_wrong_running_statistics_end_to_end(monkeypatch):
+    real = C.build
+
+    def sabotaged(name, module, workload, config):
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            fwd = built.forward
+            var = next(v for k, v in sorted(built.module.state_dict().items())
+                       if k.endswith("running_var"))
+
+            def forward(x):
+                y = fwd(x)
+                with torch.no_grad():
+                    var.mul_(1.05)
+                return y
+            built.forward = forward
+        return built
+
+    monkeypatch.setattr(C, "build", sabotaged)
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", mode="train",
+                      warmup=1, repeats=2, contenders=("eager-cl", "fused-reference"),
+                      quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert rows["eager-cl"]["status"] == "ok" and rows["eager-cl"]["rel_err_stats"] < 1e-5
+    wrong = rows["fused-reference"]
+    assert wrong["status"] == "wrong" and "running_var" in wrong["reason"], wrong["reason"]
+
+
 def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     from fused_res.bench.runner import set_speedups
 
@@ -419,6 +487,21 @@ def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     lone = [row("eager-cl", 10.0), row("fused-x+graph", 4.0)]
     set_speedups(lone)
     assert lone[1]["speedup"] is None  # no eager-cl+graph row: no graph speedup to claim
+
+
+def test_each_written_snapshot_has_the_speedups_of_the_contenders_done():
+    """A probe: speedups were set only after a group's last contender, so a step killed by
+    its time limit left the finished contenders' rows without one."""
+    seen = []
+
+    def on_row(result):
+        seen.append({r["contender"]: r["speedup"] for r in result["results"]})
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1, repeats=2,
+                      contenders=("eager-cl", "fused-reference", "fused-cuda"), quick=True)
+    run_bench(cfg, on_row=on_row)
+    first_fused = next(s for s in seen if "fused-reference" in s)
+    assert "fused-cuda" not in first_fused
+    assert first_fused["eager-cl"] == 1.0 and first_fused["fused-reference"] > 0
 
 
 def test_tma_contender_runs_the_triton_backend_with_tma_loads():

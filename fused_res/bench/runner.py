@@ -79,19 +79,32 @@ def _cat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
+_STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _running_stats(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every BatchNorm running statistic, flattened float64 on the CPU, by state-dict name
+    (names survive conversion, as checkpoints do)."""
+    return {k: v.detach().double().flatten().cpu() for k, v in module.state_dict().items()
+            if k.rsplit(".", 1)[-1] in _STAT_NAMES}
+
+
 def _gate_outputs(forward: Callable, module: nn.Module, x: torch.Tensor, mode: str,
                   dtype: str, device: str
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None,
+                             dict[str, torch.Tensor] | None]:
+    """(output, parameter gradients, running statistics after the step); the last two None
+    in eval."""
     if mode == "eval":
         with torch.no_grad(), autocast_for(dtype, device):
-            return forward(x).detach(), None
+            return forward(x).detach(), None, None
     module.zero_grad(set_to_none=True)
     with autocast_for(dtype, device):
         out = forward(x)
     loss_of(out).backward()
     grads = _grads(module)
     module.zero_grad(set_to_none=True)
-    return out.detach(), grads
+    return out.detach(), grads, _running_stats(module)
 
 
 def make_step(forward: Callable, module: nn.Module, mode: str, dtype: str,
@@ -182,13 +195,15 @@ class _Case:
                                                  "float32" else torch.float64)
         x0 = self.inputs[torch.contiguous_format][0]
         with math_mode("fp32"):
-            self.ref_out, self.ref_grads = _gate_outputs(
+            self.ref_out, self.ref_grads, self.ref_stats = _gate_outputs(
                 ref_model, ref_model, x0.to(next(ref_model.parameters()).dtype), config.mode,
                 "fp32", dev)
         del ref_model
         self.baseline_out: float | None = None
         self.baseline_grad: float | None = None
         self.baseline_params: dict[str, float] = {}
+        self.baseline_stats: float | None = None
+        self.baseline_stat_errs: dict[str, float] = {}
 
     def common(self) -> dict:
         w, c = self.workload, self.config
@@ -198,19 +213,20 @@ class _Case:
                 "flops": self.flops, "bytes_min": self.bytes_min, "floor_s": self.floor_s,
                 "reference": self.reference}
 
-    def check(self, name: str, out: torch.Tensor,
-              grads: dict[str, torch.Tensor] | None) -> dict:
+    def check(self, name: str, out: torch.Tensor, grads: dict[str, torch.Tensor] | None,
+              stats: dict[str, torch.Tensor] | None = None) -> dict:
         """The gate's verdict on one contender's output (and, in train mode, its parameter
-        gradients by name): the fields of its result row. eager-cl, checked first, only has
-        to be finite; its errors set the others' budgets."""
+        gradients and the BatchNorm running statistics after its step, by name): the fields of
+        its result row. eager-cl, checked first, only has to be finite; its errors set the
+        others' budgets."""
+        shapes = _shape_problems(out, self.ref_out, grads, self.ref_grads, stats,
+                                 getattr(self, "ref_stats", None))
+        if shapes:
+            # A wrong shape or a renamed parameter (which would break checkpoints) is a
+            # failure, not a crash of the gate or a comparison of unrelated tensors.
+            return self._verdict(math.inf, math.inf, None, math.inf, None, None, shapes)
         err_out = rel_err(out, self.ref_out)
         err_grad, params = None, {}
-        if grads is not None and grads.keys() != self.ref_grads.keys():
-            # A converter that renamed a parameter would break checkpoints: a failure, not a
-            # KeyError or a comparison of unrelated tensors.
-            diff = sorted(grads.keys() ^ self.ref_grads.keys())
-            return self._verdict(err_out, err_out, None, math.inf, None, None,
-                                 [f"parameter names differ from the reference's: {diff[:4]}"])
         if grads is not None:
             err_grad = rel_err(_cat(grads), _cat(self.ref_grads))
             # A parameter whose reference gradient is exactly zero (unused, behind a zero
@@ -218,45 +234,61 @@ class _Case:
             # held only by the total.
             params = {n: rel_err(g, self.ref_grads[n]) for n, g in grads.items()
                       if bool(self.ref_grads[n].any())}
-        err = max(err_out, err_grad if err_grad is not None else 0.0)
+        err_stats, stat_errs, counts = None, {}, []
+        if stats is not None and self.ref_stats:
+            floats = [n for n in sorted(stats) if not n.endswith("num_batches_tracked")]
+            err_stats = rel_err(_cat({n: stats[n] for n in floats}),
+                                _cat({n: self.ref_stats[n] for n in floats}))
+            stat_errs = {n: rel_err(stats[n], self.ref_stats[n]) for n in floats
+                         if bool(self.ref_stats[n].any())}
+            counts = [n for n in sorted(stats) if n.endswith("num_batches_tracked")
+                      and not torch.equal(stats[n], self.ref_stats[n])]
+        err = max([err_out] + [e for e in (err_grad, err_stats) if e is not None])
         gated = None
+        extra = {}
         if name == C.BASELINE:
             self.baseline_out, self.baseline_grad = err_out, err_grad
             self.baseline_params = params
-            tol = tol_grad = math.inf  # NaN still fails: NaN <= inf is False
+            self.baseline_stats, self.baseline_stat_errs = err_stats, stat_errs
+            tol = tol_grad = tol_stats = math.inf  # NaN still fails: NaN <= inf is False
             problems = [] if math.isfinite(err) else [f"relative error {err:.3e} is not finite"]
         else:
             dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
                                    else TORCH_DTYPE[self.config.dtype]]
-            tol, tol_grad = (_loosened(dtype_tol, 2, b)
-                             for b in (self.baseline_out, self.baseline_grad))
+            tol, tol_grad, tol_stats = (_loosened(dtype_tol, 2, b) for b in (
+                self.baseline_out, self.baseline_grad, getattr(self, "baseline_stats", None)))
             problems = [] if err_out <= tol else [
                 f"output: relative error {err_out:.3e} > tolerance {tol:.1e}"]
             if err_grad is not None and not err_grad <= tol_grad:
                 problems.append(f"gradients: relative error {err_grad:.3e} > tolerance "
                                 f"{tol_grad:.1e}")
             if params:
+                problems += _per_tensor("gradient", params, self.baseline_params, dtype_tol)
                 budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, self.baseline_params.get(n))
                            for n in params}
-                over = sorted(((e / budgets[n] if math.isfinite(e) else math.inf, n)
-                               for n, e in params.items()
-                               if not (math.isfinite(e) and e <= budgets[n])), reverse=True)
-                if over:
-                    n = over[0][1]
-                    problems.append(f"gradient of {n}: relative error {params[n]:.3e} > "
-                                    f"{budgets[n]:.1e} ({len(over)} parameters over budget)")
                 gated = f"{sum(b < 1 for b in budgets.values())}/{len(budgets)}"
+            if err_stats is not None and not err_stats <= tol_stats:
+                problems.append(f"running statistics: relative error {err_stats:.3e} > "
+                                f"tolerance {tol_stats:.1e}")
+            if stat_errs:
+                problems += _per_tensor("running statistic", stat_errs,
+                                        getattr(self, "baseline_stat_errs", {}), dtype_tol)
             if not math.isfinite(err):
                 problems.append(f"relative error {err:.3e} is not finite")
-        return self._verdict(err, err_out, err_grad, tol, tol_grad, gated, problems)
+        if counts:
+            problems.append(f"num_batches_tracked differs from the reference's at {counts[0]} "
+                            f"({len(counts)} BatchNorms)")
+        if err_stats is not None:
+            extra = {"rel_err_stats": err_stats, "tolerance_stats": _finite(tol_stats)}
+        return {**self._verdict(err, err_out, err_grad, tol, tol_grad, gated, problems),
+                **extra}
 
     @staticmethod
     def _verdict(err, err_out, err_grad, tol, tol_grad, gated, problems) -> dict:
         ok = not problems  # NaN and inf never pass
-        finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731
         return {"rel_err": err, "rel_err_output": err_out, "rel_err_grad": err_grad,
-                "tolerance": finite(tol),
-                "tolerance_grad": finite(tol_grad) if err_grad is not None else None,
+                "tolerance": _finite(tol),
+                "tolerance_grad": _finite(tol_grad) if err_grad is not None else None,
                 "grads_gated": gated, "status": "ok" if ok else "wrong",
                 "reason": None if ok else "; ".join(problems)}
 
@@ -276,6 +308,47 @@ class _Case:
             notes.append(f"{tight}/{len(params)} parameter gradients gated (eager-cl is "
                          f"{1 / PARAM_FACTOR:.2g}+ off on the rest)")
         return "; ".join(notes)
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _shape_problems(out, ref_out, grads, ref_grads, stats, ref_stats) -> list[str]:
+    """What makes a contender's results incomparable with the reference's: a different
+    output shape, parameter or statistic names, or tensor sizes."""
+    problems = []
+    if out.shape != ref_out.shape:
+        problems.append(f"output shape {tuple(out.shape)}, the reference's "
+                        f"{tuple(ref_out.shape)}")
+    for what, got, want in (("parameter", grads, ref_grads),
+                            ("running statistic", stats, ref_stats)):
+        if got is None or want is None:
+            continue
+        if got.keys() != want.keys():
+            diff = sorted(got.keys() ^ want.keys())
+            problems.append(f"{what} names differ from the reference's: {diff[:4]}")
+            continue
+        sizes = [n for n in got if got[n].numel() != want[n].numel()]
+        if sizes:
+            problems.append(f"{what} {sizes[0]} has {got[sizes[0]].numel()} elements, the "
+                            f"reference's {want[sizes[0]].numel()} ({len(sizes)} differ)")
+    return problems
+
+
+def _per_tensor(what: str, errs: dict[str, float], baseline: dict[str, float],
+                dtype_tol: float) -> list[str]:
+    """One problem naming the tensor furthest over its budget (PARAM_FACTOR x eager's error
+    on it, at least the dtype's tolerance), or none."""
+    budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, baseline.get(n)) for n in errs}
+    over = sorted(((e / budgets[n] if math.isfinite(e) else math.inf, n)
+                   for n, e in errs.items() if not (math.isfinite(e) and e <= budgets[n])),
+                  reverse=True)
+    if not over:
+        return []
+    n = over[0][1]
+    return [f"{what} of {n}: relative error {errs[n]:.3e} > {budgets[n]:.1e} ({len(over)} over "
+            "budget)"]
 
 
 def _loosened(dtype_tol: float, factor: float, baseline: float | None) -> float:
@@ -333,16 +406,16 @@ def _measure(case: _Case, name: str, flush: L2Flush) -> list[dict]:
             # (outside the timed loop) is that measurement.
             tuning = autotune() if name == "fused-auto" else contextlib.nullcontext()
             with tuning as choices, recording_uses() as used:
-                out, grads = _gate_outputs(fwd, built.module, inputs[0], cfg.mode, cfg.dtype,
-                                           dev)
+                out, grads, stats = _gate_outputs(fwd, built.module, inputs[0], cfg.mode,
+                                                  cfg.dtype, dev)
             build_s = time.perf_counter() - t0  # includes compilation (first call)
             if choices is not None:  # (this workload's signatures, not the whole cache's)
                 built.note += "; auto: " + _auto_summary(
                     {k: choices[k] for k in used if k in choices})
-            gate = case.check(name, out, grads)
+            gate = case.check(name, out, grads, stats)
             if case.gate_note():
                 built.note = "; ".join(n for n in (built.note, case.gate_note()) if n)
-            del out, grads
+            del out, grads, stats
             mf = ("channels_last" if built.memory_format == torch.channels_last
                   else "contiguous")
             variants = [False] + ([True] if cfg.cuda_graphs else [])
@@ -414,12 +487,14 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
                 new = ([_row(case, name, False, reason=left_out)] if left_out
                        else _measure(case, name, flush))
                 rows += new
+                # Before on_row writes the file: a step killed by its time limit keeps the
+                # speedups of the contenders that finished.
+                set_speedups(rows)
                 result["results"] += new
                 for r in new:
                     progress.done(r)
                 if on_row is not None:
                     on_row(result)
-            set_speedups(rows)
             del case
             _free(config.device)
     result["complete"] = True
