@@ -133,12 +133,8 @@ def _sums_apart(fn):
 VARIANTS = {"triton-sums-apart": ("triton", "apply_bwd", _sums_apart)}
 
 
-def apply_cases(backend, n, c, hw, dtype, device):
-    """(name, fn, sets, bytes) for the memory-bound passes of `backend` at one shape."""
-    elem = torch.tensor([], dtype=dtype).element_size()
-    numel = n * c * hw * hw
-    center, scale, shift = _vec(c, device) - 1.0, _vec(c, device), _vec(c, device) - 1.0
-
+def _passes(backend, center, scale, shift, dtype) -> dict:
+    """The memory-bound passes of `backend` on the given per-channel vectors: op -> fn."""
     def fwd(z, r):
         return backend.epilogue_forward(z, center, scale, shift, "relu", r, 1.0, None, "relu")
 
@@ -157,7 +153,19 @@ def apply_cases(backend, n, c, hw, dtype, device):
 
     def stats(x):
         return backend.channel_stats_forward(x)
+    return {"apply_fwd": fwd, "apply_bn_relu": fwd_bn_relu, "apply_bwd": bwd, "stats": stats}
 
+
+def apply_cases(backend, n, c, hw, dtype, device):
+    """(name, fn, reference fn, sets, bytes) for the memory-bound passes of `backend` at one
+    shape; the reference fn is the reference backend's same pass on the same vectors."""
+    from fused_res.backends import get_backend_object
+
+    elem = torch.tensor([], dtype=dtype).element_size()
+    numel = n * c * hw * hw
+    center, scale, shift = _vec(c, device) - 1.0, _vec(c, device), _vec(c, device) - 1.0
+    mine = _passes(backend, center, scale, shift, dtype)
+    ref = _passes(get_backend_object("reference"), center, scale, shift, dtype)
     k3 = n_sets(3 * numel * elem)
     k5 = n_sets(5 * numel * elem)
     pairs = [(_activation(n, c, hw, dtype, device), _activation(n, c, hw, dtype, device))
@@ -165,12 +173,31 @@ def apply_cases(backend, n, c, hw, dtype, device):
     triples = []
     for _ in range(k5):
         z = _activation(n, c, hw, dtype, device)
-        triples.append((_activation(n, c, hw, dtype, device), z, fwd(z, z)))
+        triples.append((_activation(n, c, hw, dtype, device), z, ref["apply_fwd"](z, z)))
     singles = [(_activation(n, c, hw, dtype, device),) for _ in range(n_sets(numel * elem))]
-    return [("apply_fwd", fwd, pairs, 3 * numel * elem),
-            ("apply_bn_relu", fwd_bn_relu, pairs, 2 * numel * elem),
-            ("apply_bwd", bwd, triples, 5 * numel * elem),
-            ("stats", stats, singles, numel * elem)]
+    sets = {"apply_fwd": pairs, "apply_bn_relu": pairs, "apply_bwd": triples, "stats": singles}
+    nbytes = {"apply_fwd": 3, "apply_bn_relu": 2, "apply_bwd": 5, "stats": 1}
+    return [(op, mine[op], ref[op], sets[op], nbytes[op] * numel * elem) for op in mine]
+
+
+def _tensors(out) -> list:
+    """A pass's result as a flat list of tensors (a dict in key order; None left out)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = [out[k] for k in sorted(out)]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in _tensors(o)]
+    return []
+
+
+def pass_error(fn, ref_fn, args) -> float:
+    """The worst relative error of `fn`'s results against `ref_fn`'s on the same inputs (inf
+    where their number or shapes differ, NaN where a result is NaN)."""
+    got, want = _tensors(fn(*args)), _tensors(ref_fn(*args))
+    if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=True)):
+        return math.inf
+    return max((rel_err(g, w) for g, w in zip(got, want, strict=True)), default=0.0)
 
 
 def conv_cases(n, cin, cout, hw, k, stride, dtype, device):
@@ -215,6 +242,11 @@ def conv_floor_ms(peaks, n, cin, cout, hw, k, stride, dtype) -> float:
     return 1e3 * peaks.floor_s(*conv_work(n, cin, cout, hw, k, stride, elem))
 
 
+def _json_num(v: float) -> float | str:
+    """v, or its repr where JSON has no number for it (NaN, inf)."""
+    return v if math.isfinite(v) else repr(v)
+
+
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -251,8 +283,10 @@ def main(argv=None) -> int:
     lines.append(f"copy bandwidth {bw / 1e9:.0f} GB/s; fraction = fewest bytes / time / copy "
                  "bandwidth\n")
     lines.append("| backend | pass | shape (N,C,H,W) | eager ms | graph ms | GB/s | "
-                 "fraction of copy | vs same-size copy |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 "fraction of copy | vs same-size copy | rel err vs reference |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    from fused_res.testing import TOLERANCES
+    apply_tol = TOLERANCES[dtype]
     copy_cache: dict[int, float] = {}
     for name in a.backends.split(","):
         base, only, wrap = VARIANTS.get(name, (name, None, None))
@@ -266,12 +300,15 @@ def main(argv=None) -> int:
             except Exception as e:  # record and go on: one failure must not end the run
                 print(f"{name} {c}x{hw}: FAILED to set up: {e!r}", flush=True)
                 continue
-            for op, fn, sets, nbytes in cases:
+            for op, fn, ref_fn, sets, nbytes in cases:
                 if only is not None and op != only:
                     continue
                 if wrap is not None:
                     fn = wrap(fn)
                 try:
+                    # Against the reference backend's same pass: a fast wrong pass is no
+                    # bandwidth (these rows were timed unchecked until 2026-11-28).
+                    err = pass_error(fn, ref_fn, sets[0])
                     eager = time_ms(fn, sets)
                     ms = graph_ms(fn, sets)
                 except Exception as e:
@@ -284,19 +321,23 @@ def main(argv=None) -> int:
                     copy_cache[nbytes] = same_size_copy_ms(nbytes, device)
                 vs_copy = copy_cache[nbytes] / ms
                 shape = [a.batch, c, hw, hw]
+                wrong = not err <= apply_tol  # NaN is wrong
                 rows.append({"backend": name, "op": op, "shape": shape, "ms": ms,
                              "eager_ms": eager, "bytes": nbytes, "fraction_of_copy": frac,
                              "same_size_copy_ms": copy_cache[nbytes],
-                             "vs_same_size_copy": vs_copy})
+                             "vs_same_size_copy": vs_copy, "rel_err": _json_num(err),
+                             "wrong": wrong})
                 lines.append(f"| {name} | {op} | {tuple(shape)} | {eager:.4f} | {ms:.4f} | "
-                             f"{nbytes / (ms / 1e3) / 1e9:.0f} | {frac:.2f} | {vs_copy:.2f} |")
+                             f"{nbytes / (ms / 1e3) / 1e9:.0f} | {frac:.2f} | {vs_copy:.2f} | "
+                             f"{err:.1e}{' WRONG' if wrong else ''} |")
             del cases
             torch.cuda.empty_cache()
     summary = ["", "| backend | pass | geomean fraction of copy | min | max | "
                "geomean vs same-size copy |", "|---|---|---|---|---|---|"]
     for name in a.backends.split(","):
         for op in ("apply_fwd", "apply_bn_relu", "apply_bwd", "stats"):
-            mine = [r for r in rows if r["backend"] == name and r["op"] == op and "ms" in r]
+            mine = [r for r in rows if r["backend"] == name and r["op"] == op and "ms" in r
+                    and not r["wrong"]]
             if mine:
                 fr = [r["fraction_of_copy"] for r in mine]
                 g = math.exp(sum(math.log(f) for f in fr) / len(fr))
@@ -305,7 +346,6 @@ def main(argv=None) -> int:
                                f"{gc:.2f} |")
     lines += summary
     conv_rows, peaks = [], None
-    from fused_res.testing import TOLERANCES
     # Against cuDNN's own rounded result, DESIGN.md §4's tolerance (tf32 for float32, which
     # both take where torch allows it), as conv_configs.py judges its tiles.
     conv_tol = TOLERANCES["tf32" if dtype == torch.float32 else dtype]
@@ -333,12 +373,13 @@ def main(argv=None) -> int:
             floor = conv_floor_ms(peaks, a.batch, cin, cout, hw, k, s, dtype)
             conv_rows.append({"conv": [cin, cout, hw, k, s], "cudnn_ms": t_c, "triton_ms": t_t,
                               "triton_eager_ms": t_e, "ratio": t_t / t_c, "flops": flops,
-                              "floor_ms": floor, "rel_err": err, "wrong": err > conv_tol})
+                              "floor_ms": floor, "rel_err": _json_num(err),
+                              "wrong": not err <= conv_tol})  # NaN is wrong
             lines.append(f"| {(cin, cout, hw, k, s)} | {t_c:.4f} | {t_t:.4f} | {t_e:.4f} | "
                          f"{t_t / t_c:.2f} | {floor:.4f} | {100 * floor / t_c:.0f} | "
                          f"{100 * floor / t_t:.0f} "
                          f"| {flops / (t_c / 1e3) / 1e12:.0f} | {err:.1e} |")
-        ok = [r["ratio"] for r in conv_rows if "ratio" in r]
+        ok = [r["ratio"] for r in conv_rows if "ratio" in r and not r["wrong"]]
         if ok:
             g = math.exp(sum(math.log(x) for x in ok) / len(ok))
             lines.append(f"\nTriton/cuDNN time, geomean over {len(ok)} convs: {g:.2f} "

@@ -32,35 +32,49 @@ def _all_rows(doc: dict) -> list[dict]:
     return [r for run in doc.get("runs", {}).values() for r in run.get("results", [])]
 
 
-def _speedups(rows, contender, workload, mode, batch) -> dict[bool, float | None]:
+WRONG = "wrong (failed the correctness gate)"
+
+
+def _failed(row: dict) -> bool:
+    """A row whose contender crashed (build, gate or timing), not one left out because it
+    cannot run here: the runner writes the exception as "failed: <type>: <message>"."""
+    return row.get("status") == "skipped" and str(row.get("reason") or "").startswith("failed:")
+
+
+def _speedups(rows, contender, workload, mode, batch) -> dict[bool, float | str]:
     """{cuda_graph: speedup} of `contender` on one workload (both variants where measured;
-    the worst over runs that measured it twice; None where a row was wrong). Skipped rows
-    (contender unavailable) measure nothing."""
-    out: dict[bool, float | None] = {}
+    the worst over runs that measured it twice): a float, or why there is none (WRONG, or
+    the crash) where a row was wrong or crashed. Skipped rows (contender unavailable here)
+    measure nothing."""
+    out: dict[bool, float | str] = {}
     for r in rows:
         if not (r["contender"].removesuffix("+graph") == contender and r["workload"] == workload
                 and r["mode"] == mode and r["batch"] == batch):
             continue
         g = r["cuda_graph"]
         if r.get("status") == "wrong":
-            out[g] = None
+            out[g] = WRONG
+        elif _failed(r):
+            if not isinstance(out.get(g), str):
+                out[g] = r["reason"][:80]
         elif r.get("status") == "ok" and r.get("speedup") is not None and (
-                g not in out or out[g] is not None):
+                not isinstance(out.get(g), str)):
             out[g] = min(out.get(g, r["speedup"]), r["speedup"])
     return out
 
 
-def _verdict(values: dict[bool, float], threshold: float) -> tuple[bool | None, str]:
+def _verdict(values: dict[bool, float | str], threshold: float) -> tuple[bool | None, str]:
     """Met only where every variant measured meets it: CUDA-graph replays (what the kernels
     achieve) and launched calls (what `model(x)` gets, which is what eager is). Both in the
-    text. (Until 2026-11-28 the graph row alone decided: a train step 1.19x with graphs and
-    0.62x launched read as met.)"""
+    text. A wrong or crashed variant is not met. (Until 2026-11-28 the graph row alone
+    decided: a train step 1.19x with graphs and 0.62x launched read as met; and a crashed
+    variant was ignored, so the other alone could meet it.)"""
     if not values:
         return None, "not measured"
     text = ", ".join(f"{'graph' if g else 'no graph'} "
-                     + ("wrong (failed the correctness gate)" if v is None else f"{v:.2f}x")
+                     + (v if isinstance(v, str) else f"{v:.2f}x")
                      for g, v in sorted(values.items(), reverse=True))
-    return all(v is not None and v >= threshold for v in values.values()), text
+    return all(not isinstance(v, str) and v >= threshold for v in values.values()), text
 
 
 def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
@@ -72,11 +86,14 @@ def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
     missing = [w for w, v in per.items() if not v]
     if len(missing) == len(per):
         return None, "not measured"
-    bad = sorted(w for w, v in per.items() if None in v.values())
+    bad = sorted(w for w, v in per.items() if WRONG in v.values())
+    failed = sorted(w for w, v in per.items() if w not in bad
+                    and any(isinstance(x, str) for x in v.values()))
     parts = []
     below = set()
     for graph in (True, False):
-        vals = {w: v[graph] for w, v in per.items() if v.get(graph) is not None}
+        vals = {w: v[graph] for w, v in per.items()
+                if graph in v and not isinstance(v[graph], str)}
         if vals:
             worst = min(vals, key=vals.get)
             below |= {w for w, x in vals.items() if x < SPEEDUP_BLOCKS}
@@ -86,9 +103,11 @@ def _blocks(doc: dict, contender: str, batch: int) -> tuple[bool | None, str]:
         parts.append(f"below: {', '.join(sorted(below))}")
     if bad:
         parts.append(f"wrong: {', '.join(bad)}")
+    if failed:
+        parts.append(f"failed: {', '.join(failed)}")
     if missing:
         parts.append(f"not measured: {', '.join(missing)}")
-    return not (below or bad or missing), "; ".join(parts)
+    return not (below or bad or failed or missing), "; ".join(parts)
 
 
 def _rn50_eval(doc: dict) -> tuple[bool | None, str]:
@@ -113,14 +132,18 @@ def _rn50_eval(doc: dict) -> tuple[bool | None, str]:
             rank = ("compile-max-autotune" in compiled, graph)
             if chosen is None or rank > chosen[0]:
                 chosen = (rank, mine, compiled)
+    # Below the bar against eager is not met whatever compile did (it was "unmeasured" when
+    # compile or its max-autotune mode had not run, until a probe of 2026-11-28).
     if chosen is None:
-        return None, text + "; torch.compile not measured"
+        return (None if met else False), text + "; torch.compile not measured"
     (max_autotune, graph), mine, compiled = chosen
     best = max(compiled, key=compiled.get)
     ratio = mine / compiled[best]
     text += (f"; vs {best}{'+graph' if graph else ''} {ratio:.2f}x"
              + ("" if max_autotune else " (compile-max-autotune not measured)"))
-    return (met and ratio >= 1.0) if max_autotune or ratio < 1.0 else None, text
+    if not met or ratio < 1.0:
+        return False, text
+    return (True if max_autotune else None), text
 
 
 def _triton_train_placement(doc: dict) -> str:
@@ -141,10 +164,15 @@ def _triton_train_placement(doc: dict) -> str:
 def _bandwidth(doc: dict, backend: str, op: str) -> tuple[bool | None, str]:
     every = [r for r in doc.get("extras", {}).get("ops-bandwidth", {}).get("apply", [])
              if r["backend"] == backend and r["op"] == op]
-    rows = [r for r in every if "fraction_of_copy" in r]
-    failed = len(every) - len(rows)  # a row with an error instead of a time
+    # A row with an error instead of a time failed; one ops_bandwidth flagged wrong (its
+    # result off the reference backend's; runs before 2026-11-28 carry no flag) was timed but
+    # counts as failed too.
+    wrong = [r for r in every if r.get("wrong")]
+    rows = [r for r in every if "fraction_of_copy" in r and not r.get("wrong")]
+    failed = len(every) - len(rows) - len(wrong)
     if not rows:
-        return (None, "not measured") if not failed else (False, f"{failed} shapes failed")
+        return (None, "not measured") if not every else (
+            False, f"{failed} shapes failed, {len(wrong)} wrong")
     worst = min(rows, key=lambda r: r["fraction_of_copy"])
     met = sum(r["fraction_of_copy"] >= BANDWIDTH[op] for r in rows)
     shape = "x".join(map(str, worst["shape"]))
@@ -155,7 +183,9 @@ def _bandwidth(doc: dict, backend: str, op: str) -> tuple[bool | None, str]:
         f"{met}/{len(every)} shapes; worst {worst['fraction_of_copy']:.2f} at {shape}; best "
         f"{max(r['fraction_of_copy'] for r in rows):.2f}"
         + (f"; vs a same-size copy {min(same):.2f}-{max(same):.2f}" if same else "")
-        + (f"; {failed} failed" if failed else ""))
+        + (f"; {failed} failed" if failed else "")
+        + (f"; wrong at {', '.join('x'.join(map(str, r['shape'])) for r in wrong)}"
+           if wrong else ""))
 
 
 def _conv_name(conv: list[int]) -> str:
