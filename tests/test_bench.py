@@ -504,6 +504,24 @@ def test_each_written_snapshot_has_the_speedups_of_the_contenders_done():
     assert first_fused["eager-cl"] == 1.0 and first_fused["fused-reference"] > 0
 
 
+def test_graph_rows_flush_l2_after_copying_the_input_in(monkeypatch):
+    """A probe: the CUDA-graph rows flushed L2 and then copied the input into the static
+    buffer, so their input was warm in L2 while eager's was cold."""
+    from fused_res.bench import runner
+
+    events = []
+
+    def fake_capture(step, example):
+        return (lambda x: events.append("copy")), (lambda x: events.append("replay"))
+
+    case = runner._Case.__new__(runner._Case)
+    case.config = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1,
+                              repeats=2)
+    monkeypatch.setattr(runner, "capture_graph", fake_capture)
+    runner._time(case, None, [torch.ones(1)], lambda x: events.append("flush"), True)
+    assert events == ["copy", "flush", "replay"] * 3
+
+
 def test_tma_contender_runs_the_triton_backend_with_tma_loads():
     """fused-triton-tma: the Triton backend with its 1x1 stride-1 convs on TMA loads, inside
     the call only; no other backend gets one."""

@@ -381,8 +381,10 @@ def _time(case: _Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict,
         put, step = capture_graph(step, inputs[0])
 
         def before(x):
-            flush(x)
+            # The copy into the static input first: it would leave the input in L2 after
+            # the flush (the graph rows' input was warm, eager's cold, until 2026-11-28).
             put(x)
+            flush(x)
     samples = time_loop(step, inputs, device=dev, warmup=cfg.warmup, repeats=cfg.repeats,
                         before=before)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
