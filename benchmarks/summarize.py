@@ -57,40 +57,49 @@ def _fmt(v, spec: str) -> str:
 
 
 def summary_rows(runs: dict[str, dict]) -> list[list[str]]:
-    """One row per (step, workload, batch): eager-cl, best compile, cuDNN and the fastest
-    correct fused contender (name, img/s, speedup over eager-cl, % of the roofline floor)."""
+    """One row per (step, workload, batch, basis): eager-cl, best compile, cuDNN and the
+    fastest correct fused contender (name, img/s, speedup over eager-cl, % of the roofline
+    floor), all launched calls or all CUDA-graph replays (a graph row's speedup is over
+    eager-cl's graph row; the two bases side by side in one row read as one speedup)."""
     rows = []
     for step, run in runs.items():
         results = run.get("results", [])
         groups: dict[tuple, list[dict]] = {}
         for r in results:
             groups.setdefault((r["workload"], r["batch"]), []).append(r)
-        for (workload, batch), rs in groups.items():
-            ok = {r["contender"]: r for r in rs if r["status"] == "ok"}
-
-            def ips(name, ok=ok):
-                return ok[name]["images_per_s"] if name in ok else None
-            comp = max((r["images_per_s"] for n, r in ok.items() if n.startswith("compile")),
-                       default=None)
-            fused = [(n, r) for n, r in ok.items() if n.startswith("fused-")]
-            best_name, best = max(fused, key=lambda nr: nr[1]["images_per_s"],
-                                  default=(None, None))
-            wrong = sum(r["status"] == "wrong" for r in rs)
-            failed = sum(r["status"] == "skipped" and (r["reason"] or "").startswith("failed")
-                         for r in rs)
-            cfg = run.get("config", {})
-            rows.append([step, workload, cfg.get("mode", "?"), cfg.get("dtype", "?"), str(batch),
-                         _fmt(ips("eager-cl"), ",.0f"), _fmt(comp, ",.0f"),
-                         _fmt(ips("cudnn-fused"), ",.0f"), best_name or "-",
-                         _fmt(best and best["images_per_s"], ",.0f"),
-                         _fmt(best and best["speedup"], ".2f"),
-                         _fmt(best and best["roofline_pct"], ".1f"), str(wrong), str(failed)])
+        for (workload, batch), every in groups.items():
+            for graph in (False, True):
+                rs = [r for r in every if bool(r.get("cuda_graph")) == graph]
+                if rs:
+                    rows.append(_summary_row(step, run, workload, batch, graph, rs))
     return rows
 
 
-HEADER = ["step", "workload", "mode", "dtype", "batch", "eager-cl img/s", "best compile",
-          "cudnn-fused", "best fused", "its img/s", "its speedup", "its % floor", "wrong",
-          "failed"]
+def _summary_row(step: str, run: dict, workload: str, batch: int, graph: bool,
+                 rs: list[dict]) -> list[str]:
+    ok = {r["contender"].removesuffix("+graph"): r for r in rs if r["status"] == "ok"}
+
+    def ips(name):
+        return ok[name]["images_per_s"] if name in ok else None
+    comp = max((r["images_per_s"] for n, r in ok.items() if n.startswith("compile")),
+               default=None)
+    fused = [(n, r) for n, r in ok.items() if n.startswith("fused-")]
+    best_name, best = max(fused, key=lambda nr: nr[1]["images_per_s"], default=(None, None))
+    wrong = sum(r["status"] == "wrong" for r in rs)
+    failed = sum(r["status"] == "skipped" and (r["reason"] or "").startswith("failed")
+                 for r in rs)
+    cfg = run.get("config", {})
+    return [step, workload, cfg.get("mode", "?"), cfg.get("dtype", "?"), str(batch),
+            "graph" if graph else "launched", _fmt(ips("eager-cl"), ",.0f"),
+            _fmt(comp, ",.0f"), _fmt(ips("cudnn-fused"), ",.0f"), best_name or "-",
+            _fmt(best and best["images_per_s"], ",.0f"), _fmt(best and best["speedup"], ".2f"),
+            _fmt(best and best["roofline_pct"], ".1f"), str(wrong), str(failed)]
+
+
+HEADER = ["step", "workload", "mode", "dtype", "batch", "basis", "eager-cl img/s",
+          "best compile", "cudnn-fused", "best fused", "its img/s", "its speedup",
+          "its % floor", "wrong", "failed"]
+
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:

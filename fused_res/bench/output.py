@@ -158,6 +158,20 @@ def write_markdown(result: dict, path) -> None:
     _atomic_write(path, markdown(result))
 
 
+def plot_labels(result: dict, rows: list[dict]) -> tuple[str, list[str]]:
+    """The chart's title and one label per bar. Rows of several runs (gpu_check merges its
+    steps) name their own mode and dtype, and the title names no one run's settings (it took
+    the first step's, and eval and train bars of one workload read alike, until 2026-11-28)."""
+    kinds = {(r["mode"], r["dtype"]) for r in rows}
+    if len(kinds) == 1:
+        return title(result), [f"{r['workload']} b{r['batch']} {r['contender']}" for r in rows]
+    e = result["environment"]
+    return (f"fused_res bench: {len(kinds)} runs merged, mode and dtype per bar - "
+            f"{e['device_name']}",
+            [f"{r['workload']} b{r['batch']} {r['mode']} {r['dtype']} {r['contender']}"
+             for r in rows])
+
+
 def write_plot(result: dict, path) -> str | None:
     """Horizontal bars of images/s per (workload, batch, contender). Returns a note when the
     chart cannot be drawn (matplotlib missing, nothing timed), else None."""
@@ -170,7 +184,7 @@ def write_plot(result: dict, path) -> str | None:
     rows = [r for r in result["results"] if r["status"] == "ok"]
     if not rows:
         return "nothing was timed; no chart written"
-    labels = [f"{r['workload']} b{r['batch']} {r['contender']}" for r in rows]
+    chart_title, labels = plot_labels(result, rows)
     values = [r["images_per_s"] for r in rows]
     colors = ["tab:orange" if r["contender"].startswith("fused-") else
               "tab:gray" if r["contender"].startswith("eager") else "tab:blue" for r in rows]
@@ -179,7 +193,7 @@ def write_plot(result: dict, path) -> str | None:
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("images / s (higher is better)")
-    ax.set_title(title(result), fontsize=8)
+    ax.set_title(chart_title, fontsize=8)
     fig.tight_layout()
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
