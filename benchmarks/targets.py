@@ -2,10 +2,11 @@
 run measured, and whether it is met (None where the run did not measure it).
 
     python benchmarks/targets.py OUTDIR/bench.json     # or benchmarks/results/<run>/bench.json
+    python benchmarks/targets.py benchmarks/results/<run>   # a folder; or one bench step's JSON
 
 Standard library only, like summarize.py (which appends the same table to summary.md). Every
-number is read from the run's own rows: speedups are the bench's, over eager-cl in the same
-run (a CUDA-graph row over eager-cl's graph row), fractions are ops_bandwidth's, over the copy
+number is read from the run's own rows: speedups are the bench's times over eager-cl's in the
+same run (a CUDA-graph row over eager-cl's graph row), fractions are ops_bandwidth's, over the copy
 bandwidth measured in the same run.
 """
 
@@ -29,7 +30,54 @@ RN50_CONVS = 23
 
 
 def _all_rows(doc: dict) -> list[dict]:
-    return [r for run in doc.get("runs", {}).values() for r in run.get("results", [])]
+    """Every bench row of every run, its speedup recomputed like with like (launched over
+    eager-cl launched, graph over eager-cl+graph, within its run, workload, batch and mode):
+    the runs of 2026-11-26 stored a graph row's speedup over eager's launched time."""
+    out = []
+    for run in doc.get("runs", {}).values():
+        rows = run.get("results", [])
+        base = {(r["workload"], r["batch"], r["mode"], bool(r.get("cuda_graph"))):
+                r["time_s"]["median"] for r in rows
+                if r["contender"].removesuffix("+graph") == "eager-cl"
+                and r.get("status") == "ok" and r.get("time_s")}
+        for r in rows:
+            key = (r["workload"], r["batch"], r["mode"], bool(r.get("cuda_graph")))
+            timed = key in base and r.get("time_s") and r.get("status") == "ok"
+            speedup = base[key] / r["time_s"]["median"] if timed else r.get("speedup")
+            out.append({**r, "speedup": speedup})
+    return out
+
+
+def load(path: pathlib.Path) -> dict:
+    """A gpu_check document from a run folder (its bench.json, or where a run has none, the
+    step files it holds), a gpu_check bench.json, or one bench step's JSON. Documents of
+    other scripts found among the runs (run 1 merged ops_bandwidth's there) go to extras."""
+    if path.is_dir():
+        merged = path / "bench.json"
+        if merged.exists():
+            return load(merged)
+        docs = {}
+        for f in sorted([*path.glob("*.json"), *path.glob("steps/*.json")]):
+            try:
+                docs[f.stem] = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+        if not docs:
+            raise FileNotFoundError(f"{path}: no bench.json and no step JSON files")
+        return _sorted({"runs": docs, "extras": {}})
+    doc = json.loads(path.read_text())
+    if str(doc.get("schema", "")).startswith("fused_res.bench/"):
+        return {"runs": {path.stem: doc}, "extras": {}}
+    return _sorted(doc)
+
+
+def _sorted(doc: dict) -> dict:
+    runs, extras = {}, dict(doc.get("extras", {}))
+    for name, run in doc.get("runs", {}).items():
+        other = "results" not in run or not str(run.get("schema", "fused_res.bench/")
+                                                    ).startswith("fused_res.bench/")
+        (extras if other else runs)[name] = run
+    return {**doc, "runs": runs, "extras": extras}
 
 
 WRONG = "wrong (failed the correctness gate)"
@@ -252,6 +300,7 @@ def _tma_vs_pointer(sweep: list[dict]) -> str:
 
 def targets(doc: dict) -> list[dict]:
     """Rows {issue, target, met, measured} of a gpu_check bench.json document."""
+    doc = _sorted(doc)
     rows = _all_rows(doc)
     out = []
 
@@ -301,6 +350,7 @@ def conv_variants(doc: dict) -> str:
     in the same step) for each conv_configs variant the run has: what the statistics
     epilogue and the prologue each add to a training step's conv (TMA tiles, which take no
     prologue, would compare unlike with like). '' if none was run."""
+    doc = _sorted(doc)
     steps = [(step, label) for step, label in CONV_VARIANT_STEPS
              if doc.get("extras", {}).get(step, {}).get("rows")]
     if not steps:
@@ -332,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)
         return 2
-    path = pathlib.Path(args[0])
-    if path.is_dir():
-        path = path / "bench.json"
-    doc = json.loads(path.read_text())
+    try:
+        doc = load(pathlib.Path(args[0]))
+    except (OSError, ValueError) as e:
+        print(f"targets: {args[0]}: {e}", file=sys.stderr)
+        return 2
     print(markdown(targets(doc)))
     variants = conv_variants(doc)
     if variants:

@@ -316,3 +316,35 @@ def test_a_wrong_bandwidth_row_counts_against_the_target():
     row = got["cuda apply_fwd >= 0.85 of copy bandwidth"]
     assert row["met"] is False and "1/2 shapes" in row["measured"], row
     assert "wrong at 64x64x56x56" in row["measured"] and "best 0.90" in row["measured"]
+
+
+def _timed(contender, ms, workload="rn50-l1", batch=64, mode="eval", speedup=None):
+    graph = contender.endswith("+graph")
+    return {**_row(contender.removesuffix("+graph"), speedup, graph, workload, mode, batch,
+                   kind="block"), "contender": contender, "time_s": {"median": ms / 1e3}}
+
+
+def test_old_layouts_are_read_as_what_they_hold(tmp_path):
+    """A probe: run 1 stored a graph row's speedup over eager's launched time and merged
+    ops_bandwidth's document among the bench runs (its conv and bandwidth rows read 'not
+    measured'); a folder without bench.json (run 4) crashed; one step's JSON read as empty."""
+    # Run 1 itself: the bandwidth and conv targets are measured there.
+    run1 = _by_target(T.load(ROOT / "benchmarks" / "results" / "2026-11-26-h100-run1"))
+    assert run1["cuda stats >= 0.8 of copy bandwidth"]["met"] is False
+    assert "graph: 0.71-1.58x" in run1["eval blocks b64: fused-triton >= 1.3x eager"][
+        "measured"]
+    # A graph row's stored speedup over launched eager is recomputed over eager's graph row.
+    rows = [_timed("eager-cl", 10.0, speedup=1.0), _timed("eager-cl+graph", 5.0, speedup=2.0),
+            _timed("fused-triton", 5.0, speedup=2.0),
+            _timed("fused-triton+graph", 4.0, speedup=2.5)]
+    got = {(r["contender"]): r["speedup"] for r in T._all_rows({"runs": {"x": {
+        "results": rows}}})}
+    assert got["fused-triton+graph"] == 1.25 and got["fused-triton"] == 2.0
+    # One bench step's JSON, and a folder of step files without bench.json.
+    step = {"schema": "fused_res.bench/1", "results": rows}
+    (tmp_path / "blocks-eval-b64.json").write_text(json.dumps(step))
+    for doc in (T.load(tmp_path / "blocks-eval-b64.json"), T.load(tmp_path)):
+        assert [r["contender"] for r in T._all_rows(doc)] == [r["contender"] for r in rows]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert T.main([str(empty)]) == 2
