@@ -55,6 +55,9 @@ export FUSED_RES_AUTO_CACHE="$STEPS_DIR/auto/auto.json"
 # minutes for a ResNet-50. The matrix runs one tile config; bench-blocks-eval-tuned (last)
 # measures what tuning adds.
 export FUSED_RES_TRITON_AUTOTUNE=0
+# What a step sets beyond this (FUSED_RES_TRITON_AUTOTUNE=1 bench ...) is written before its
+# command in steps.tsv: the command alone would read as the untuned run.
+BASE_ENV=$(env | grep '^FUSED_RES_' | sort)
 
 say() { echo "$*" | tee -a "$LOG"; }
 
@@ -62,7 +65,8 @@ say() { echo "$*" | tee -a "$LOG"; }
 run_step() {
   local name=$1 limit=$2 left start rc status secs cmd
   shift 2
-  cmd=$(printf '%s ' "$@" | tr '\n\t' '  ' | tr -s ' ' | cut -c1-400)
+  cmd=$( { comm -13 <(echo "$BASE_ENV") <(env | grep '^FUSED_RES_' | sort); printf '%s ' "$@"; } \
+        | tr '\n\t' '  ' | tr -s ' ' | cut -c1-400)
   if [ -n "${FUSED_RES_GPU_CHECK_ONLY:-}" ] && [[ ",$FUSED_RES_GPU_CHECK_ONLY," != *",$name,"* ]]; then
     say "=== $name: skipped (not in FUSED_RES_GPU_CHECK_ONLY)"
     printf '%s\tskipped\t-\t0\t0\t%s\n' "$name" "$cmd" >> "$STEPS"

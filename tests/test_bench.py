@@ -522,6 +522,15 @@ def test_graph_rows_flush_l2_after_copying_the_input_in(monkeypatch):
     assert events == ["copy", "flush", "replay"] * 3
 
 
+def test_the_run_records_the_fused_res_switches_it_ran_under(monkeypatch):
+    monkeypatch.setenv("FUSED_RES_TRITON_AUTOTUNE", "0")
+    cfg = BenchConfig(models=("unit:cin=4:cout=4:hw=4",), batches=(2,), device="cpu",
+                      warmup=1, repeats=2, contenders=("eager-cl",), quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    assert doc["environment"]["fused_res_env"]["FUSED_RES_TRITON_AUTOTUNE"] == "0"
+
+
 def test_tma_contender_runs_the_triton_backend_with_tma_loads():
     """fused-triton-tma: the Triton backend with its 1x1 stride-1 convs on TMA loads, inside
     the call only; no other backend gets one."""

@@ -57,6 +57,10 @@ def test_dry_run_end_to_end(tmp_path):
     assert merged["schema"] == "fused_res.gpu_check/1"
     status = {s["step"]: s["status"] for s in merged["steps"]}
     assert list(status) == STEPS
+    # A step's own FUSED_RES_* settings lead its command (the tuned step read as untuned).
+    command = {s["step"]: s["command"] for s in merged["steps"]}
+    assert command["bench-blocks-eval-tuned"].startswith("FUSED_RES_TRITON_AUTOTUNE=1 ")
+    assert "FUSED_RES_" not in command["bench-rn50-eval-b64"].split(" -m ")[0]
     assert status["build"] == "skipped" and status["pytest-gpu"] == "ok"
     assert status["pytest-gpu-triton"] == "ok"  # collected, skipped without CUDA
     assert status["bench-rn50-eval-b64"] == "ok" and status["bench-rn50-eval-b256"] == "skipped"
@@ -64,6 +68,7 @@ def test_dry_run_end_to_end(tmp_path):
     assert set(merged["runs"]) == {"rn50-eval-b64", "blocks-train-b64"}
     for run in merged["runs"].values():
         assert validate(run) == [] and run["config"]["device"] == "cpu"
+        assert run["environment"]["fused_res_env"]["FUSED_RES_TRITON_AUTOTUNE"] == "0"
         assert not run["config"]["cuda_graphs"]
     assert merged["runs"]["blocks-train-b64"]["config"]["mode"] == "train"
     profile = merged["extras"]["profile-train-b128"]

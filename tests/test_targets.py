@@ -348,3 +348,21 @@ def test_old_layouts_are_read_as_what_they_hold(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert T.main([str(empty)]) == 2
+
+
+def test_autotuned_runs_are_judged_apart_from_the_untuned_matrix():
+    """A probe: gpu_check's tuned step (autotuner on) and its untuned matrix were pooled, the
+    worst of either deciding the blocks target."""
+    def run(speedup, env):
+        rows = [_row("fused-triton", speedup, g, w, "eval", 64, kind="block")
+                for w in T.RN50_BLOCKS for g in (True, False)]
+        return {"results": rows, "environment": {} if env is None else {"fused_res_env": env}}
+    doc = {"runs": {"blocks-eval-b64": run(1.5, {"FUSED_RES_TRITON_AUTOTUNE": "0"}),
+                    "blocks-eval-tuned": run(1.1, None)}, "extras": {}}
+    got = _by_target(doc)
+    assert got["eval blocks b64: fused-triton >= 1.3x eager"]["met"] is True
+    tuned = got["eval blocks b64, Triton autotuned: fused-triton >= 1.3x eager"]
+    assert tuned["met"] is False and "1.10-1.10x" in tuned["measured"]
+    assert "eval blocks b256, Triton autotuned: fused-triton >= 1.3x eager" not in got
+    assert T.tuned("mine", {"environment": {"fused_res_env": {}}})  # the package's default
+    assert not T.tuned("blocks-eval-b64", {})

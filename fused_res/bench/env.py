@@ -85,5 +85,9 @@ def environment(device: str) -> dict:
         "git_commit": commit,
         "git_dirty": None if status is None else bool(status),
         "argv": list(sys.argv),
+        # The package's switches (Triton autotuning, BN placement, ...) decide what a number
+        # measures as much as the versions do.
+        "fused_res_env": {k: v for k, v in sorted(os.environ.items())
+                          if k.startswith("FUSED_RES_")},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

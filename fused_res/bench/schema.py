@@ -35,6 +35,8 @@ CONFIG = {
     "device": str, "contenders": (list, type(None)), "cuda_graphs": bool, "warmup": int,
     "repeats": int, "rotate": int, "flush_l2": bool, "seed": int, "quick": bool, "extra": dict,
 }
+# Added 2026-11-28 (absent before): the FUSED_RES_* environment variables of the run.
+ENVIRONMENT_OPTIONAL = {"fused_res_env": dict}
 PEAKS = {
     "matmul_flops_per_s": NUM, "matmul_dtype": str, "matmul_n": int,
     "copy_bytes_per_s": NUM, "copy_bytes": int,
@@ -93,7 +95,7 @@ def validate(obj) -> list[str]:
         return problems
     if obj["schema"] != SCHEMA:
         problems.append(f"$.schema: {obj['schema']!r} is not {SCHEMA!r}")
-    _check(obj["environment"], ENVIRONMENT, "$.environment", problems)
+    _check(obj["environment"], ENVIRONMENT, "$.environment", problems, ENVIRONMENT_OPTIONAL)
     _check(obj["config"], CONFIG, "$.config", problems)
     if obj["peaks"] is not None:
         _check(obj["peaks"], PEAKS, "$.peaks", problems)
