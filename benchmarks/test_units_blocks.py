@@ -3,7 +3,7 @@ through the same builders, precision and correctness gate as `python -m fused_re
 
 from __future__ import annotations
 
-import copy
+import functools
 import itertools
 import os
 
@@ -12,11 +12,10 @@ import torch
 
 from fused_res.bench import contenders as C
 from fused_res.bench.config import BenchConfig
-from fused_res.bench.roofline import trace_costs, work
-from fused_res.bench.runner import make_step
-from fused_res.bench.timing import L2Flush, autocast_for, math_mode
-from fused_res.bench.workloads import GROUPS, calibrate_bn, get_workload
-from fused_res.testing import rel_err
+from fused_res.bench.roofline import measure_peaks
+from fused_res.bench.runner import Case, build_and_gate, make_step
+from fused_res.bench.timing import L2Flush, math_mode
+from fused_res.bench.workloads import GROUPS, get_workload
 
 DEVICE = os.environ.get("FUSED_RES_BENCH_DEVICE") or (
     "cuda" if torch.cuda.is_available() else "cpu")
@@ -31,6 +30,24 @@ CASES = [(w, m, c) for w, m, c in itertools.product(WORKLOADS, ("eval", "train")
          if not (m == "train" and c == "cudnn-fused")]
 
 
+@functools.cache
+def _peaks():
+    return measure_peaks(DEVICE, DTYPE, quick=True)
+
+
+@functools.lru_cache(maxsize=1)  # the cases run workload by workload, contender innermost
+def _case(workload: str, mode: str) -> Case:
+    """The bench's case (model, inputs in the dtype a block receives, float64 reference),
+    its gate calibrated on eager-cl as in a bench run."""
+    cfg = BenchConfig(models=(workload,), batches=(BATCH,), dtype=DTYPE, mode=mode,
+                      device=DEVICE, contenders=("eager-cl",))
+    case = Case(get_workload(workload), BATCH, cfg, _peaks())
+    with math_mode(DTYPE):
+        gate = build_and_gate(case, "eager-cl")[2]
+    assert gate["status"] == "ok", f"eager-cl: {gate['reason']}"
+    return case
+
+
 @pytest.mark.parametrize("workload,mode,contender", CASES,
                          ids=[f"{w}-{m}-{c}" for w, m, c in CASES])
 def test_bench(benchmark, workload, mode, contender):
@@ -40,27 +57,15 @@ def test_bench(benchmark, workload, mode, contender):
     why = C.unavailable(contender, wl, cfg)
     if why:
         pytest.skip(why)
-    torch.manual_seed(0)
-    model = wl.build().to(DEVICE)
-    shape = wl.input_shape(BATCH)
-    calibrate_bn(model, torch.randn(max(2, min(BATCH, 8)), *shape[1:], device=DEVICE))
-    model.train(mode == "train")
-    flops, nbytes = work(trace_costs(model, wl.sample_shape), BATCH, mode, cfg.element_bytes)
-    inputs = [torch.randn(shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
-              for _ in range(3)]
+    case = _case(workload, mode)
     flush = L2Flush(DEVICE)
     with math_mode(DTYPE):
-        eager = C.build("eager-cl", model, wl, cfg)  # the model itself, for the gate
-        with torch.no_grad(), autocast_for(DTYPE, DEVICE):
-            ref = eager.forward(inputs[0]).float()
-        built = C.build(contender, copy.deepcopy(model), wl, cfg)
-        fwd = C.call_with(built)
-        with torch.no_grad(), autocast_for(DTYPE, DEVICE):
-            out = fwd(inputs[0]).float()
-        # A loose gate (both sides at the run's precision): a wrong contender is not timed.
-        assert rel_err(out, ref) <= 5e-2, f"{contender} disagrees with eager"
+        # The bench's gate, against the float64 reference: output, and in train every
+        # parameter gradient and running statistic. A wrong contender is not timed.
+        built, fwd, gate = build_and_gate(case, contender)
+        assert gate["status"] == "ok", f"{contender}: {gate['reason']}"
         step = make_step(fwd, built.module, mode, DTYPE, DEVICE)
-        rotation = itertools.cycle(inputs)
+        rotation = itertools.cycle(case.inputs[built.memory_format])
 
         def setup():
             x = next(rotation)
@@ -73,7 +78,9 @@ def test_bench(benchmark, workload, mode, contender):
                 torch.cuda.synchronize()
 
         benchmark.group = f"{workload} {mode} {DTYPE} b{BATCH}"
-        benchmark.extra_info.update({"flops": flops, "bytes_min": nbytes, "device": DEVICE,
-                                     "dtype": DTYPE, "batch": BATCH, "note": built.note})
+        benchmark.extra_info.update({"flops": case.flops, "bytes_min": case.bytes_min,
+                                     "floor_s": case.floor_s, "device": DEVICE,
+                                     "dtype": DTYPE, "batch": BATCH, "note": built.note,
+                                     "rel_err": gate["rel_err"]})
         benchmark.pedantic(timed, setup=setup, rounds=20 if DEVICE == "cuda" else 3,
                            warmup_rounds=2, iterations=1)

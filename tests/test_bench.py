@@ -300,10 +300,50 @@ def test_benchmark_suites_are_not_collected_by_default_and_run_when_asked():
     assert ran.returncode == 0 and " passed" in ran.stdout, ran.stdout
 
 
+def test_benchmark_suite_holds_contenders_to_the_bench_gate(monkeypatch):
+    """A probe: benchmarks/test_units_blocks.py claimed the bench's gate but compared one
+    no-grad forward with eager at 5e-2. Now a contender whose train step leaves a wrong
+    running statistic fails it, as in a bench run."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import test_units_blocks as suite
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    real = C.build
+
+    def sabotaged(name, module, workload, config):
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            fwd = built.forward
+            var = next(v for k, v in sorted(built.module.state_dict().items())
+                       if k.endswith("running_var"))
+
+            def forward(x):
+                with torch.no_grad():
+                    var.mul_(1.05)
+                return fwd(x)
+            built.forward = forward
+        return built
+
+    class Bench:
+        group, extra_info = None, {}
+
+        def pedantic(self, fn, setup, rounds, warmup_rounds, iterations):
+            fn(*setup()[0])
+    monkeypatch.setattr(C, "build", sabotaged)
+    monkeypatch.setattr(suite, "DEVICE", "cpu")
+    monkeypatch.setattr(suite, "DTYPE", "fp32")
+    suite._case.cache_clear()
+    suite.test_bench(Bench(), "cifar-l1", "train", "eager-cl")
+    with pytest.raises(AssertionError, match="running statistic"):
+        suite.test_bench(Bench(), "cifar-l1", "train", "fused-reference")
+    suite._case.cache_clear()
+
+
 def test_gate_baseline_is_judged_only_for_finiteness_and_calibrates_the_rest():
     from fused_res.bench import runner
 
-    case = runner._Case.__new__(runner._Case)
+    case = runner.Case.__new__(runner.Case)
     case.config = type("Cfg", (), {"dtype": "bf16"})()
     case.ref_out, case.ref_grads = torch.ones(4), None
     case.baseline_out = case.baseline_grad = None
@@ -325,7 +365,7 @@ def test_gate_baseline_is_judged_only_for_finiteness_and_calibrates_the_rest():
 def _train_case(ref_grads):
     from fused_res.bench import runner
 
-    case = runner._Case.__new__(runner._Case)
+    case = runner.Case.__new__(runner.Case)
     case.config = type("Cfg", (), {"dtype": "bf16"})()
     case.ref_out, case.ref_grads = torch.ones(4), ref_grads
     case.baseline_out = case.baseline_grad = None
@@ -514,7 +554,7 @@ def test_graph_rows_flush_l2_after_copying_the_input_in(monkeypatch):
     def fake_capture(step, example):
         return (lambda x: events.append("copy")), (lambda x: events.append("replay"))
 
-    case = runner._Case.__new__(runner._Case)
+    case = runner.Case.__new__(runner.Case)
     case.config = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1,
                               repeats=2)
     monkeypatch.setattr(runner, "capture_graph", fake_capture)

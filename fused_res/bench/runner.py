@@ -162,7 +162,7 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-class _Case:
+class Case:
     """One workload at one batch: shared model, inputs, reference and roofline numbers."""
 
     def __init__(self, workload: Workload, batch: int, config: BenchConfig, peaks) -> None:
@@ -359,7 +359,7 @@ def _loosened(dtype_tol: float, factor: float, baseline: float | None) -> float:
     return max(dtype_tol, factor * baseline)
 
 
-def _row(case: _Case, name: str, graph: bool, **kw) -> dict:
+def _row(case: Case, name: str, graph: bool, **kw) -> dict:
     row = {**case.common(), "contender": name + ("+graph" if graph else ""), "cuda_graph": graph,
            "memory_format": None, "status": "skipped", "reason": None, "note": "",
            "rel_err": None, "rel_err_output": None, "rel_err_grad": None, "tolerance": None,
@@ -370,7 +370,7 @@ def _row(case: _Case, name: str, graph: bool, **kw) -> dict:
     return row
 
 
-def _time(case: _Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict, int | None]:
+def _time(case: Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict, int | None]:
     """Timing stats of `step` (captured first when `graph`) and the peak bytes allocated."""
     cfg, dev = case.config, case.config.device
     if dev == "cuda":
@@ -391,7 +391,28 @@ def _time(case: _Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict,
     return summarize(samples), peak
 
 
-def _measure(case: _Case, name: str, flush: L2Flush) -> list[dict]:
+def build_and_gate(case: Case, name: str) -> tuple[C.Built, Callable, dict]:
+    """Contender `name` built from a copy of the case's model, and the gate's verdict on its
+    first call (Case.check's fields): (built, its forward, verdict). The caller holds the
+    run's math_mode; eager-cl goes first, as its errors set the others' budgets."""
+    cfg, dev = case.config, case.config.device
+    built = C.build(name, copy.deepcopy(case.model), case.workload, cfg)
+    fwd = C.call_with(built)
+    # 'auto' picks per op among backends it has measured and verified: the gate's run
+    # (outside the timed loop) is that measurement.
+    tuning = autotune() if name == "fused-auto" else contextlib.nullcontext()
+    with tuning as choices, recording_uses() as used:
+        out, grads, stats = _gate_outputs(fwd, built.module, case.inputs[built.memory_format][0],
+                                          cfg.mode, cfg.dtype, dev)
+    if choices is not None:  # (this workload's signatures, not the whole cache's)
+        built.note += "; auto: " + _auto_summary({k: choices[k] for k in used if k in choices})
+    gate = case.check(name, out, grads, stats)
+    if case.gate_note():
+        built.note = "; ".join(n for n in (built.note, case.gate_note()) if n)
+    return built, fwd, gate
+
+
+def _measure(case: Case, name: str, flush: L2Flush) -> list[dict]:
     """Rows for contender `name` (and its +graph twin): build, gate, time."""
     cfg, dev = case.config, case.config.device
     rows: list[dict] = []
@@ -401,23 +422,9 @@ def _measure(case: _Case, name: str, flush: L2Flush) -> list[dict]:
     try:
         with math_mode(cfg.dtype):
             t0 = time.perf_counter()
-            built = C.build(name, copy.deepcopy(case.model), case.workload, cfg)
-            fwd = C.call_with(built)
-            inputs = case.inputs[built.memory_format]
-            # 'auto' picks per op among backends it has measured and verified: the gate's run
-            # (outside the timed loop) is that measurement.
-            tuning = autotune() if name == "fused-auto" else contextlib.nullcontext()
-            with tuning as choices, recording_uses() as used:
-                out, grads, stats = _gate_outputs(fwd, built.module, inputs[0], cfg.mode,
-                                                  cfg.dtype, dev)
+            built, fwd, gate = build_and_gate(case, name)
             build_s = time.perf_counter() - t0  # includes compilation (first call)
-            if choices is not None:  # (this workload's signatures, not the whole cache's)
-                built.note += "; auto: " + _auto_summary(
-                    {k: choices[k] for k in used if k in choices})
-            gate = case.check(name, out, grads, stats)
-            if case.gate_note():
-                built.note = "; ".join(n for n in (built.note, case.gate_note()) if n)
-            del out, grads, stats
+            inputs = case.inputs[built.memory_format]
             mf = ("channels_last" if built.memory_format == torch.channels_last
                   else "contiguous")
             variants = [False] + ([True] if cfg.cuda_graphs else [])
@@ -475,7 +482,7 @@ def run_bench(config: BenchConfig, progress: Progress | None = None,
     for workload in workloads:
         for batch in config.batches:
             try:
-                case = _Case(workload, batch, config, peaks)
+                case = Case(workload, batch, config, peaks)
             except ValueError as e:  # BatchNorm in training with 1 value per channel
                 raise ConfigError(f"--batch {batch} with --model {workload.name!r} in "
                                   f"{config.mode} mode: {e}; accepted: a batch and input "
