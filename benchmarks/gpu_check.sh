@@ -34,6 +34,22 @@ for arg in "$@"; do
 done
 if [ -z "$OUT" ]; then usage >&2; exit 2; fi
 
+# Every step, in the order they run (run_step refuses a name not listed here).
+ALL_STEPS=(env build import pytest-gpu pytest-gpu-triton bench-rn50-train-b128
+  profile-train-b128 ops-bandwidth host-profile bench-blocks-eval-b256 bench-rn50-eval-b256
+  bench-rn50-eval-b64 pair-ab pytest-gpu-tma conv-configs conv-configs-stats conv-configs-train
+  bench-blocks-eval-b64 bench-rn50-train-auto bench-blocks-train-b64 bench-units-eval
+  bench-blocks-compile bench-blocks-eval-tuned bench-rn50-eval-b256-max-autotune)
+# A misspelt FUSED_RES_GPU_CHECK_ONLY name would skip its step silently and exit 0.
+ONLY=${FUSED_RES_GPU_CHECK_ONLY:-}
+for name in ${ONLY//,/ }; do
+  if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
+    echo "gpu_check.sh: FUSED_RES_GPU_CHECK_ONLY names '$name', no step of that name;" \
+         "accepted: a comma-separated list of ${ALL_STEPS[*]}" >&2
+    exit 2
+  fi
+done
+
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.." || exit 2
@@ -47,6 +63,11 @@ STEPS="$STEPS_DIR/steps.tsv"
 : > "$LOG"
 printf 'step\tstatus\trc\tseconds\tlimit\tcommand\n' > "$STEPS"
 T0=$(date +%s)
+# The last step may run its limit plus KILL_AFTER; then the summary (which writes bench.json
+# and summary.md before it draws the chart) gets SUMMARY_LIMIT, the packing a few seconds:
+# RESERVE keeps all of that inside the budget (a 20 s reserve let a run end ~50 s late).
+KILL_AFTER=5 SUMMARY_LIMIT=25
+RESERVE=$((KILL_AFTER + SUMMARY_LIMIT + 5))
 # Offline machine: pip must never wait on an index.
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
 # What 'auto' measured and chose per op signature on this GPU travels back in steps.tar.gz.
@@ -65,6 +86,9 @@ say() { echo "$*" | tee -a "$LOG"; }
 run_step() {
   local name=$1 limit=$2 left start rc status secs cmd
   shift 2
+  if [[ " ${ALL_STEPS[*]} " != *" $name "* ]]; then
+    say "gpu_check.sh: step $name is not in ALL_STEPS"; exit 2
+  fi
   cmd=$( { comm -13 <(echo "$BASE_ENV") <(env | grep '^FUSED_RES_' | sort); printf '%s ' "$@"; } \
         | tr '\n\t' '  ' | tr -s ' ' | cut -c1-400)
   if [ -n "${FUSED_RES_GPU_CHECK_ONLY:-}" ] && [[ ",$FUSED_RES_GPU_CHECK_ONLY," != *",$name,"* ]]; then
@@ -72,7 +96,7 @@ run_step() {
     printf '%s\tskipped\t-\t0\t0\t%s\n' "$name" "$cmd" >> "$STEPS"
     return 0
   fi
-  left=$((BUDGET - ($(date +%s) - T0) - 20))  # 20 s kept for the summary
+  left=$((BUDGET - ($(date +%s) - T0) - RESERVE))
   if [ "$left" -lt 10 ]; then
     say "=== $name: out of time (the ${BUDGET}s budget is spent)"
     printf '%s\tout-of-time\t-\t0\t0\t%s\n' "$name" "$cmd" >> "$STEPS"
@@ -81,7 +105,7 @@ run_step() {
   if [ "$limit" -gt "$left" ]; then limit=$left; fi
   say "=== $name (limit ${limit}s): $cmd"
   start=$(date +%s)
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  timeout --kill-after=$KILL_AFTER "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
   secs=$(($(date +%s) - start))
   case $rc in
@@ -289,7 +313,7 @@ bench rn50-eval-b256-max-autotune 420 --model resnet50 --mode eval --dtype bf16 
 
 # 5. Merge, pack, summarize (the summary table is the last thing printed).
 tar -czf "$OUT/steps.tar.gz" -C "$OUT" steps 2>>"$LOG"
-timeout 60 "$PY" benchmarks/summarize.py "$OUT" --steps-dir "$STEPS_DIR" 2>>"$LOG" \
+timeout "$SUMMARY_LIMIT" "$PY" benchmarks/summarize.py "$OUT" --steps-dir "$STEPS_DIR" 2>>"$LOG" \
   | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 rm -rf "$STEPS_DIR"

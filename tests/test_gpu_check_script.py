@@ -37,6 +37,17 @@ def test_syntax_and_usage(tmp_path):
     assert none.returncode == 2 and "OUTDIR" in none.stderr
     bad = _run([str(tmp_path), "--fast"])
     assert bad.returncode == 2 and "--fast" in bad.stderr and "accepted" in bad.stderr
+    # A probe: a misspelt step name was skipped silently and the run exited 0.
+    typo = _run([str(tmp_path), "--dry-run"], FUSED_RES_GPU_CHECK_ONLY="env,bench-rn50-eval")
+    assert typo.returncode == 2 and "'bench-rn50-eval'" in typo.stderr, typo.stderr
+    assert "accepted" in typo.stderr and "bench-rn50-eval-b64" in typo.stderr
+    assert not (tmp_path / "gpu_check.log").exists()
+
+
+def test_every_step_is_listed_in_order():
+    text = SCRIPT.read_text()
+    listed = text[text.index("ALL_STEPS=(") + 11:text.index(")", text.index("ALL_STEPS=("))]
+    assert listed.split() == STEPS
 
 
 def test_dry_run_end_to_end(tmp_path):
@@ -96,6 +107,24 @@ def test_budget_bounds_every_step(tmp_path):
     assert states.pop("pair-ab") == "skipped"  # (the CUDA-only steps are not run dry)
     assert set(states.values()) == {"out-of-time"}
     assert "problems: env" in proc.stdout
+
+
+def test_the_run_ends_within_its_budget_when_steps_and_summary_hang(tmp_path):
+    """A probe: the last step could run its limit plus the kill delay, then the summary 60 s,
+    against a 20 s reserve: a run ended ~50 s past its budget. Here every python call
+    hangs (the env step's and the summary's)."""
+    import time
+
+    hang = tmp_path / "python"
+    hang.write_text("#!/bin/sh\nexec sleep 300\n")
+    hang.chmod(0o755)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    proc = _run([str(out), "--dry-run"], timeout=150, PYTHON=str(hang),
+                FUSED_RES_GPU_CHECK_BUDGET_S="50", FUSED_RES_GPU_CHECK_ONLY="env")
+    assert time.monotonic() - t0 <= 52, proc.stdout[-2000:]
+    log = (out / "gpu_check.log").read_text()
+    assert "=== env (limit 15s)" in log or "=== env (limit 14s)" in log, log[:500]
 
 
 def test_profile_step_sorts_kernel_names_into_families():
