@@ -151,3 +151,10 @@ def test_profile_step_sorts_kernel_names_into_families():
     }
     for name, fam in cases.items():
         assert profile_step.family(name) == fam, name
+    # Every launched Triton kernel of the package (a @triton.jit function named *_kernel).
+    import re
+    kernels = {m for f in (ROOT / "fused_res" / "triton").glob("*.py")
+               for m in re.findall(r"@triton\.jit[^\n]*\ndef (\w+_kernel)\(", f.read_text())}
+    assert {"conv_unit_kernel", "channel_sums_kernel", "bn_scale_kernel"} <= kernels
+    for name in kernels:
+        assert profile_step.family(name).startswith("triton "), name
