@@ -242,9 +242,9 @@ def conv_floor_ms(peaks, n, cin, cout, hw, k, stride, dtype) -> float:
     return 1e3 * peaks.floor_s(*conv_work(n, cin, cout, hw, k, stride, elem))
 
 
-def _json_num(v: float) -> float | str:
-    """v, or its repr where JSON has no number for it (NaN, inf)."""
-    return v if math.isfinite(v) else repr(v)
+def _json_num(v: float) -> float | None:
+    """v, or None where JSON has no number for it (NaN, inf: the row is flagged wrong)."""
+    return v if math.isfinite(v) else None
 
 
 def rel_err(a, b) -> float:

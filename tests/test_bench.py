@@ -571,6 +571,35 @@ def test_the_run_records_the_fused_res_switches_it_ran_under(monkeypatch):
     assert doc["environment"]["fused_res_env"]["FUSED_RES_TRITON_AUTOTUNE"] == "0"
 
 
+def test_json_has_no_bare_nan_or_infinity(monkeypatch, tmp_path):
+    """A probe: a NaN output gave rel_err inf, written as a bare Infinity (not JSON)."""
+    from fused_res.bench.output import write_json
+
+    real = C.build
+
+    def nan_out(name, module, workload, config):
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            fwd = built.forward
+            built.forward = lambda x: fwd(x) * float("nan")
+        return built
+
+    monkeypatch.setattr(C, "build", nan_out)
+    cfg = BenchConfig(models=("unit:cin=4:cout=4:hw=4",), batches=(2,), device="cpu",
+                      warmup=1, repeats=2, contenders=("eager-cl", "fused-reference"),
+                      quick=True)
+    doc = run_bench(cfg)
+    assert {r["contender"]: r["status"] for r in doc["results"]}["fused-reference"] == "wrong"
+    write_json(doc, tmp_path / "r.json")
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in the JSON")
+    back = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)
+    assert validate(back) == []
+    wrong = next(r for r in back["results"] if r["contender"] == "fused-reference")
+    assert wrong["rel_err"] is None and "not finite" in wrong["reason"]
+
+
 def test_tma_contender_runs_the_triton_backend_with_tma_loads():
     """fused-triton-tma: the Triton backend with its 1x1 stride-1 convs on TMA loads, inside
     the call only; no other backend gets one."""

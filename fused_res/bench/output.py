@@ -4,6 +4,7 @@ JSON, a PNG chart (matplotlib, skipped with a note where it is missing), and pro
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -149,9 +150,21 @@ def _atomic_write(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def _finite(obj):
+    """obj with every NaN or infinite float replaced by None: JSON has no such numbers (a
+    bare NaN or Infinity breaks strict readers); a wrong row's reason says what it was."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(result: dict, path) -> None:
     """Write atomically, so a run killed mid-write leaves the previous complete file."""
-    _atomic_write(path, json.dumps(result, indent=1, allow_nan=True) + "\n")
+    _atomic_write(path, json.dumps(_finite(result), indent=1, allow_nan=False) + "\n")
 
 
 def write_markdown(result: dict, path) -> None:
