@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fused_res import _ext, convert, models, ops
 from fused_res.backends import registry
+from fused_res.nn import ConvBNAct2d
 from fused_res.testing import TOLERANCES, rel_err
 from tests.helpers import randomize_bn
 
@@ -269,6 +270,34 @@ def test_vmap_over_an_ensemble_updates_its_stacked_running_statistics(backend):
     assert rel_err(got, want) <= 1e-10
     for name in ("bn1.running_var", "layer4.1.bn2.running_mean"):
         assert rel_err(got_buffers[name], want_buffers[name]) <= 1e-12
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_vmap_over_an_eval_model_and_an_eval_ensemble(backend, grad):
+    """A probe: vmap over a converted eval model raised "NYI: querying is_contiguous inside
+    of vmap" (memory_format_of asked a batched tensor for its layout), and the ensembling
+    recipe under no_grad raised in the eval-fold cache (it keyed on the batched parameters'
+    data pointers)."""
+    from torch.func import functional_call, stack_module_state
+
+    torch.manual_seed(13)
+    model = randomize_bn(models.resnet20()).eval()
+    fused = convert(model, backend=backend).eval()
+    xs = torch.randn(3, 2, 3, 16, 16)
+    units = [randomize_bn(ConvBNAct2d(3, 4, 3, padding=1, backend=backend))
+             .eval() for _ in range(2)]
+    params, buffers = stack_module_state(units)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = torch.func.vmap(fused)(xs)
+        got_t = torch.func.vmap(fused, in_dims=1)(xs.transpose(0, 1))
+        ens = torch.func.vmap(lambda p, b: functional_call(units[0], (p, b), (x,)))(
+            params, buffers)
+    want = torch.func.vmap(model)(xs)
+    assert rel_err(got, want) <= 1e-5 and rel_err(got_t, want) <= 1e-5
+    want_ens = torch.stack([torch.relu(u.bn(u.conv(x))) for u in units])
+    assert rel_err(ens, want_ens) <= 1e-5
 
 
 def test_a_gradient_penalty_through_a_fused_resnet(backend):

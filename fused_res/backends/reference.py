@@ -22,9 +22,14 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_is_batched = getattr(torch._C._functorch, "is_batchedtensor", lambda x: False)
+
+
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is laid out NHWC (and not also NCHW), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+    """channels_last when x is laid out NHWC (and not also NCHW), else contiguous. Inside
+    vmap, contiguous: a batched tensor cannot say whether it is channels_last (torch raises),
+    and its layout is vmap's own."""
+    if x.dim() == 4 and not x.is_contiguous() and not _is_batched(x) and x.is_contiguous(
             memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format

@@ -24,6 +24,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
+from .._eager import transformed
 from ..backends.constants import mark_constant
 from ..backends.reference import memory_format_of
 from ..ops import functional
@@ -38,9 +39,11 @@ def clear() -> None:
 
 
 def applies(h: Tensor) -> bool:
-    """Whether the fold may be cached for a call on input h."""
+    """Whether the fold may be cached for a call on input h. Not under a torch.func
+    transform: vmap's batched parameters (model ensembling) have no storage to key on."""
     return (not torch.is_grad_enabled() and h.dtype != torch.float64
-            and h.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling())
+            and h.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+            and not transformed())
 
 
 def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
