@@ -197,7 +197,9 @@ def pass_error(fn, ref_fn, args) -> float:
     got, want = _tensors(fn(*args)), _tensors(ref_fn(*args))
     if len(got) != len(want) or any(g.shape != w.shape for g, w in zip(got, want, strict=True)):
         return math.inf
-    return max((rel_err(g, w) for g, w in zip(got, want, strict=True)), default=0.0)
+    errs = [rel_err(g, w) for g, w in zip(got, want, strict=True)]
+    # max() drops a NaN that is not first: any NaN makes the whole pass NaN (wrong).
+    return math.nan if any(math.isnan(e) for e in errs) else max(errs, default=0.0)
 
 
 def conv_cases(n, cin, cout, hw, k, stride, dtype, device):

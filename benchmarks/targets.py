@@ -116,8 +116,8 @@ def _speedups(rows, contender, workload, mode, batch) -> dict[bool, float | str]
         if r.get("status") == "wrong":
             out[g] = WRONG
         elif _failed(r):
-            if not isinstance(out.get(g), str):
-                out[g] = r["reason"][:80]
+            if not isinstance(out.get(g), str):  # (a '|' would split the table's row)
+                out[g] = r["reason"][:80].replace("|", "/")
         elif r.get("status") == "ok" and r.get("speedup") is not None and (
                 not isinstance(out.get(g), str)):
             out[g] = min(out.get(g, r["speedup"]), r["speedup"])

@@ -18,6 +18,7 @@ from fused_res.bench.cudnn_fused import cudnn_fuse, emulated_ops
 from fused_res.bench.roofline import conv_work, flops_per_image, trace_costs, work
 from fused_res.bench.timing import summarize, time_loop
 from fused_res.bench.workloads import calibrate_bn, get_workload
+from fused_res.testing import rel_err
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -469,6 +470,30 @@ def test_train_gate_holds_the_running_statistics_to_eager_error():
     missing = {n: v for n, v in ref.items() if "var" not in n}
     got = case.check("fused-x", out, grads, missing)
     assert got["status"] == "wrong" and "running statistic names" in got["reason"], got
+
+
+def test_train_gate_sees_a_running_statistic_that_was_never_updated_in_bf16():
+    """A probe: held on the statistics themselves, a bf16 gate (tolerance 2e-2) passed a BN
+    that never updated them (momentum 0): one update moves them by a tenth of their distance
+    to the batch's. The gate compares the updates (after - before)."""
+    g = torch.Generator().manual_seed(2)
+    before = {"bn.running_mean": torch.randn(8, generator=g, dtype=torch.float64),
+              "bn.num_batches_tracked": torch.tensor([1.0], dtype=torch.float64)}
+    batch = before["bn.running_mean"] * 1.05
+    ref = {"bn.running_mean": 0.9 * before["bn.running_mean"] + 0.1 * batch,
+           "bn.num_batches_tracked": torch.tensor([2.0], dtype=torch.float64)}
+    grads = {"w": torch.randn(6, generator=g, dtype=torch.float64)}
+    case = _train_case(grads)
+    case.ref_stats, case.stats_before = ref, before
+    out = torch.ones(4)
+    step = ref["bn.running_mean"] - before["bn.running_mean"]
+    eager = {**ref, "bn.running_mean": ref["bn.running_mean"] + 1e-3 * step}
+    assert case.check("eager-cl", out, grads, eager)["status"] == "ok"
+    assert case.check("fused-x", out, grads, eager)["status"] == "ok"
+    stale = {**ref, "bn.running_mean": before["bn.running_mean"]}
+    assert rel_err(stale["bn.running_mean"], ref["bn.running_mean"]) < 2e-2  # (the old check)
+    got = case.check("fused-x", out, grads, stale)
+    assert got["status"] == "wrong" and "running_mean" in got["reason"], got
 
 
 def test_a_wrong_shaped_output_is_wrong_not_a_crash_of_the_gate():

@@ -267,6 +267,10 @@ def test_a_crashed_variant_fails_the_target():
     one = [_row("fused-triton", 1.3, False), _crashed("fused-triton", True)]
     got = _by_target({"runs": {"x": {"results": one}}, "extras": {}})[target]
     assert got["met"] is False and "graph failed: RuntimeError" in got["measured"], got
+    piped = [_row("fused-triton", 1.3, False),
+             {**_crashed("fused-triton", True), "reason": "failed: RuntimeError: a | b"}]
+    table = T.markdown(T.targets({"runs": {"x": {"results": piped}}, "extras": {}}))
+    assert all(line.count("|") == 5 for line in table.splitlines()), table
     both = [_crashed("fused-triton", False), _crashed("fused-triton", True)]
     assert _by_target({"runs": {"x": {"results": both}}, "extras": {}})[target]["met"] is False
     # Left out because it cannot run here: measures nothing, as before.
@@ -305,6 +309,11 @@ def test_ops_bandwidth_checks_each_pass_against_the_reference_backend():
                             ref_fn, sets[0])
         assert not nan <= 1.0, op
         assert OB.pass_error(lambda *a: [], ref_fn, sets[0]) == math.inf
+        # A NaN in any result, not only the first (max() dropped the others' NaN).
+        last_nan = OB.pass_error(
+            lambda *a, f=fn: [*OB._tensors(f(*a))[:-1], OB._tensors(f(*a))[-1] * math.nan],
+            ref_fn, sets[0])
+        assert not last_nan <= 1.0, op
 
 
 def test_a_wrong_bandwidth_row_counts_against_the_target():

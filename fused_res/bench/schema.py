@@ -58,7 +58,8 @@ RESULT = {
 # tolerance_grad bounds rel_err_grad and grads_gated says how many parameter gradients had a
 # budget tight enough to reject a zeroed gradient ("10/161"); tolerance bounds rel_err_output.
 # Since 2026-11-28 a train row gates the BatchNorm running statistics after its step too:
-# rel_err_stats over all running means and variances, bounded by tolerance_stats.
+# rel_err_stats over the update (after - before) of all running means and variances,
+# bounded by tolerance_stats.
 RESULT_OPTIONAL = {"tolerance_grad": OPT_NUM, "grads_gated": OPT_STR, "rel_err_stats": OPT_NUM,
                    "tolerance_stats": OPT_NUM}
 STATUSES = ("ok", "wrong", "skipped")
