@@ -310,28 +310,12 @@ def test_benchmark_suite_holds_contenders_to_the_bench_gate(monkeypatch):
         import test_units_blocks as suite
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    real = C.build
-
-    def sabotaged(name, module, workload, config):
-        built = real(name, module, workload, config)
-        if name == "fused-reference":
-            fwd = built.forward
-            var = next(v for k, v in sorted(built.module.state_dict().items())
-                       if k.endswith("running_var"))
-
-            def forward(x):
-                with torch.no_grad():
-                    var.mul_(1.05)
-                return fwd(x)
-            built.forward = forward
-        return built
-
     class Bench:
         group, extra_info = None, {}
 
         def pedantic(self, fn, setup, rounds, warmup_rounds, iterations):
             fn(*setup()[0])
-    monkeypatch.setattr(C, "build", sabotaged)
+    monkeypatch.setattr(C, "build", _scaling_a_running_var(C.build))
     monkeypatch.setattr(suite, "DEVICE", "cpu")
     monkeypatch.setattr(suite, "DTYPE", "fp32")
     suite._case.cache_clear()
@@ -423,6 +407,16 @@ def test_train_gate_holds_each_parameter_to_its_own_eager_error():
     assert renamed["status"] == "wrong" and "names differ" in renamed["reason"]
 
 
+def _cifar_train_rows() -> dict:
+    """A CPU train run of cifar-l1 with eager-cl and fused-reference: rows by contender."""
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", mode="train",
+                      warmup=1, repeats=2, contenders=("eager-cl", "fused-reference"),
+                      quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    return {r["contender"]: r for r in doc["results"]}
+
+
 def test_train_gate_catches_one_wrong_parameter_gradient_end_to_end(monkeypatch):
     real = C.build
 
@@ -434,12 +428,7 @@ def test_train_gate_catches_one_wrong_parameter_gradient_end_to_end(monkeypatch)
         return built
 
     monkeypatch.setattr(C, "build", sabotaged)
-    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", mode="train",
-                      warmup=1, repeats=2, contenders=("eager-cl", "fused-reference"),
-                      quick=True)
-    doc = run_bench(cfg)
-    assert validate(doc) == []
-    rows = {r["contender"]: r for r in doc["results"]}
+    rows = _cifar_train_rows()
     assert rows["eager-cl"]["status"] == "ok" and rows["eager-cl"]["grads_gated"] is None
     wrong = rows["fused-reference"]
     assert wrong["status"] == "wrong" and "gradient of " in wrong["reason"], wrong["reason"]
@@ -507,31 +496,27 @@ def test_a_wrong_shaped_output_is_wrong_not_a_crash_of_the_gate():
     assert got["status"] == "wrong" and "parameter w has 5 elements" in got["reason"], got
 
 
-def test_train_gate_catches_wrong_running_statistics_end_to_end(monkeypatch):
-    real = C.build
-
+def _scaling_a_running_var(build):
+    """C.build, but fused-reference scales its first running_var by 1.05 on every call."""
     def sabotaged(name, module, workload, config):
-        built = real(name, module, workload, config)
+        built = build(name, module, workload, config)
         if name == "fused-reference":
             fwd = built.forward
             var = next(v for k, v in sorted(built.module.state_dict().items())
                        if k.endswith("running_var"))
 
             def forward(x):
-                y = fwd(x)
                 with torch.no_grad():
                     var.mul_(1.05)
-                return y
+                return fwd(x)
             built.forward = forward
         return built
+    return sabotaged
 
-    monkeypatch.setattr(C, "build", sabotaged)
-    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", mode="train",
-                      warmup=1, repeats=2, contenders=("eager-cl", "fused-reference"),
-                      quick=True)
-    doc = run_bench(cfg)
-    assert validate(doc) == []
-    rows = {r["contender"]: r for r in doc["results"]}
+
+def test_train_gate_catches_wrong_running_statistics_end_to_end(monkeypatch):
+    monkeypatch.setattr(C, "build", _scaling_a_running_var(C.build))
+    rows = _cifar_train_rows()
     assert rows["eager-cl"]["status"] == "ok" and rows["eager-cl"]["rel_err_stats"] < 1e-5
     wrong = rows["fused-reference"]
     assert wrong["status"] == "wrong" and "running_var" in wrong["reason"], wrong["reason"]
