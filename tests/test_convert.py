@@ -763,3 +763,61 @@ def test_blocks_whose_convs_pad_by_name_are_fused_and_compute_the_same():
     report = fused_res.format_report(fused_res.convert(model, backend="reference"))
     assert "layer2.1: torchvision.models.resnet.BasicBlock -> unfused: padding 'same' with " \
         "kernel_size (2, 2) and dilation (1, 1) pads one side more" in report, report
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet26t", "resnetv2_18", "resnetv2_50"])
+def test_timm_init_weights_reaches_the_fused_blocks_zero_init_last(name):
+    """timm's init_weights(zero_init_last=True) calls zero_init_last() on every module that
+    has one; a fused block answers for its original (it skipped them without a word)."""
+    model = randomize_bn(timm.create_model(name, num_classes=10))
+    fused = fused_res.convert(model, backend="reference")
+    for m in (model, fused):
+        torch.manual_seed(3)
+        m.init_weights(zero_init_last=True)
+    ref, got = model.state_dict(), fused.state_dict()
+    assert list(got) == list(ref)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    blocks = [m for m in fused.modules() if isinstance(m, fused_res.nn.FusedResidualBlock)]
+    last = {"resnet18": "bn2", "resnet26t": "bn3", "resnetv2_18": "conv2",
+            "resnetv2_50": "conv3"}[name]
+    assert blocks and all(not b.get_submodule(last).weight.any() for b in blocks)
+    with pytest.raises(AttributeError, match="no_such_method"):
+        blocks[0].no_such_method  # noqa: B018
+
+
+def test_a_block_built_fused_delegates_nothing():
+    block = fused_res.nn.BasicBlock(8, 8)
+    with pytest.raises(AttributeError, match="zero_init_last"):
+        block.zero_init_last  # noqa: B018
+
+
+def test_torch_jit_script_refuses_a_fused_model_by_name_and_scripts_the_reverted_one():
+    model, fused = _pair("resnet18")
+    x = torch.randn(2, 3, 32, 32)
+    for m in (fused, fused_res.nn.ConvBNAct2d(3, 8)):
+        with pytest.raises(RuntimeError, match=r"cannot compile fused_res's \w+.*revert"):
+            torch.jit.script(m)
+    assert isinstance(fused.layer1[0], fused_res.nn.FusedResidualBlock)  # (left as it was)
+    scripted = torch.jit.script(fused_res.revert(fused).eval())
+    assert rel_err(scripted(x), model.eval()(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_torch_jit_trace_of_a_converted_model_in_train_and_eval(dtype):
+    """torch.jit.trace (with its check that two traces agree) of a converted model computes
+    what the unconverted one does, running statistics included. Train tracing failed on the
+    batch count a trace records as a tensor; eval tracing on the fold cache, whose hit and
+    miss traced different graphs."""
+    model, fused = _pair("resnet18")
+    model, fused = model.to(dtype), fused.to(dtype)
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    for train in (True, False):
+        model.train(train)
+        fused.train(train)
+        traced = torch.jit.trace(fused, x)
+        model.load_state_dict(fused.state_dict())
+        x2 = torch.randn_like(x)
+        assert rel_err(traced(x2), model(x2)) <= tol
+        for a, b in zip(traced.buffers(), model.buffers(), strict=True):
+            assert rel_err(a.double(), b.double()) <= tol

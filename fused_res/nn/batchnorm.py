@@ -84,6 +84,8 @@ def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape,
     op, where the composite took about a dozen C-sized launches per BatchNorm per step)."""
     check_norm(bn)
     count = shape[0] * shape[2] * shape[3]
+    if isinstance(count, Tensor):  # torch.jit.trace records sizes as tensors
+        count = int(count)
     check_batch_size(bn, count, shape)
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     acc = _acc(bn, mean)

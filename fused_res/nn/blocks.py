@@ -25,6 +25,7 @@ from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .hooks import any_child_hooked, hooked_child, share_hooks, warn_once
 from .plan import BlockPlan, ShortcutPlan, built_norm_reason, explicit_padding, shortcut_plan
+from .scripting import NotScriptable
 from .unit import RELU_ONLY, Pending, materialize, run_unit
 
 
@@ -70,7 +71,18 @@ def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
     return module(ones).reshape(x.shape[0])
 
 
-class FusedResidualBlock(nn.Module):
+def _block_class_defines(block: nn.Module, name: str) -> bool:
+    """Whether `name` is defined by block's class or a base below nn.Module (not by
+    nn.Module, whose attributes the fused block has itself)."""
+    for klass in type(block).__mro__:
+        if klass is nn.Module:
+            return False
+        if name in vars(klass):
+            return True
+    return False
+
+
+class FusedResidualBlock(NotScriptable, nn.Module):
     """A residual block executed through fused_res.ops according to `self.plan`.
 
     Attributes: plan (BlockPlan), backend (None: the current default, see
@@ -123,6 +135,19 @@ class FusedResidualBlock(nn.Module):
             orig._modules[name] = self._modules.get(name)
         orig.training = self.training
         return orig
+
+    def __getattr__(self, name: str):
+        """What nn.Module finds (parameters, buffers, children), else a method or class
+        attribute of the original block's own class, on the original: timm's
+        init_weights(zero_init_last=True) calls zero_init_last() on every module that has
+        one, and skipped fused blocks without a word."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            orig = self.__dict__.get("_original")
+            if orig is None or name.startswith("__") or not _block_class_defines(orig, name):
+                raise
+        return getattr(self.original(), name)
 
     @property
     def is_residual(self) -> bool:

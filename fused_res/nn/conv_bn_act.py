@@ -9,6 +9,7 @@ from torch.nn.modules.utils import _pair
 from ..ops import ACTS, prepare_backend
 from .hooks import has_hooks, warn_once
 from .plan import built_conv_reason, built_norm_reason
+from .scripting import NotScriptable
 from .unit import run_unit
 
 
@@ -41,7 +42,7 @@ def _check_modules(conv, bn, act: str) -> None:
         raise ValueError(f"bn (norm_layer's module): {why}; accepted: an nn.BatchNorm2d")
 
 
-class ConvBNAct2d(nn.Module):
+class ConvBNAct2d(NotScriptable, nn.Module):
     """conv2d -> BatchNorm2d -> act ("relu" or "none") through the conv-unit ops.
 
     Children `conv` (nn.Conv2d) and `bn` (nn.BatchNorm2d). Eval folds BN into the conv (one

@@ -43,7 +43,7 @@ def applies(h: Tensor) -> bool:
     transform: vmap's batched parameters (model ensembling) have no storage to key on."""
     return (not torch.is_grad_enabled() and h.dtype != torch.float64
             and h.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
-            and not transformed())
+            and not torch.jit.is_tracing() and not transformed())
 
 
 def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ..ops import prepare_backend
 from .hooks import has_hooks, share_hooks, warn_once
+from .scripting import NotScriptable
 from .unit import run_unit
 
 
@@ -89,7 +90,7 @@ def _fused(module: nn.Module) -> bool:
     return state is None or state.fused
 
 
-class AppliedBatchNorm2d(nn.BatchNorm2d):
+class AppliedBatchNorm2d(NotScriptable, nn.BatchNorm2d):
     """A BatchNorm2d whose normalization the preceding FusedStemConv applies: its forward is
     the identity (the BatchNorm itself when the stem ran unfused). Parameters, buffers,
     train/eval state and state_dict keys are the original module's."""
@@ -116,7 +117,7 @@ class AppliedBatchNorm2d(nn.BatchNorm2d):
         return bn
 
 
-class AppliedReLU(nn.Module):
+class AppliedReLU(NotScriptable, nn.Module):
     """The stem's ReLU, which the preceding FusedStemConv applies: the identity (a ReLU when
     the stem ran unfused)."""
 
@@ -140,7 +141,7 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-class FusedStemConv(nn.Conv2d):
+class FusedStemConv(NotScriptable, nn.Conv2d):
     """conv -> BatchNorm (the AppliedBatchNorm2d it is given) -> ReLU through the conv-unit
     ops. Same parameters and state_dict keys as the nn.Conv2d it replaces. Input
     (N, C_in, H, W) -> (N, C_out, H', W') after the ReLU; the plain conv's output while the
