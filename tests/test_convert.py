@@ -785,6 +785,30 @@ def test_timm_init_weights_reaches_the_fused_blocks_zero_init_last(name):
         blocks[0].no_such_method  # noqa: B018
 
 
+def test_a_method_of_the_original_that_replaces_a_child_replaces_the_fused_blocks(
+        monkeypatch):
+    """A delegated method runs on the original; a child or attribute it assigns is the fused
+    block's too (the fused block kept running the old child, and the next original() call
+    undid the new one)."""
+    def reset_last_norm(self):
+        self.bn2 = nn.BatchNorm2d(self.bn2.num_features)
+        nn.init.zeros_(self.bn2.weight)
+        self.tag = "reset"
+    monkeypatch.setattr(torchvision.models.resnet.BasicBlock, "reset_last_norm",
+                        reset_last_norm, raising=False)
+    model, fused = _pair("resnet18")
+    model.eval()
+    fused.eval()
+    for m in (model, fused):
+        m.layer1[0].reset_last_norm()
+    block = fused.layer1[0]
+    assert block.tag == "reset" and not block.bn2.weight.any()
+    assert block.original().bn2 is block.bn2
+    assert not fused.state_dict()["layer1.0.bn2.weight"].any()
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(fused(x), model(x)) <= 1e-5
+
+
 def test_a_block_built_fused_delegates_nothing():
     block = fused_res.nn.BasicBlock(8, 8)
     with pytest.raises(AttributeError, match="zero_init_last"):
@@ -821,3 +845,42 @@ def test_torch_jit_trace_of_a_converted_model_in_train_and_eval(dtype):
         assert rel_err(traced(x2), model(x2)) <= tol
         for a, b in zip(traced.buffers(), model.buffers(), strict=True):
             assert rel_err(a.double(), b.double()) <= tol
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_a_train_mode_trace_updates_the_running_statistics_at_another_batch_size(momentum):
+    """The unbiased variance's n / (n - 1) follows the batch a trace is run at (through the
+    op, the traced batch's count was a constant of the trace: 0.7% off at N=4 for N=2)."""
+    model, fused = _pair("resnet18")
+    model, fused = model.double().train(), fused.double().train()
+    for m in (model, fused):
+        for bn in m.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                bn.momentum = momentum
+    traced = torch.jit.trace(fused, torch.randn(2, 3, 64, 64, dtype=torch.double),
+                             check_trace=False)
+    model.load_state_dict(fused.state_dict())
+    for n in (4, 3):
+        x = torch.randn(n, 3, 64, 64, dtype=torch.double)
+        assert rel_err(traced(x), model(x)) <= 1e-10
+    got, ref = dict(traced.named_buffers()), dict(model.named_buffers())
+    assert list(got) == list(ref)
+    for k in ref:
+        assert rel_err(got[k].double(), ref[k].double()) <= 1e-12, k
+
+
+def test_torch_export_with_a_dynamic_batch_in_train_mode():
+    """The batch count is symbolic under torch.export with a dynamic batch (it was refused:
+    'count=256*s77; accepted: an int')."""
+    model, fused = _pair("resnet18")
+    model.train()
+    fused.train()
+    ep = torch.export.export(fused, (torch.randn(4, 3, 32, 32),),
+                             dynamic_shapes=({0: torch.export.Dim("n", min=2, max=64)},))
+    exported = ep.module()
+    model.load_state_dict(exported.state_dict())
+    x = torch.randn(6, 3, 32, 32)
+    assert rel_err(exported(x), model(x)) <= 1e-4
+    got, ref = dict(exported.named_buffers()), dict(model.named_buffers())
+    for k in ref:
+        assert rel_err(got[k].double(), ref[k].double()) <= 1e-5, k

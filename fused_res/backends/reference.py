@@ -362,7 +362,7 @@ class ReferenceBackend(Backend):
 
 @torch.no_grad()
 def update_running_stats(mean, var, running_mean, running_var, num_batches_tracked, momentum,
-                         count: int) -> None:
+                         count: int | torch.Tensor) -> None:
     """nn.BatchNorm2d's running-statistics update in training, for batch statistics of `count`
     values per channel: num_batches_tracked += 1; running = (1 - f) * running + f * batch,
     f = momentum, or 1 / num_batches_tracked when momentum is None (0 without a count, as nn
@@ -387,6 +387,8 @@ def update_running_stats(mean, var, running_mean, running_var, num_batches_track
         factor = 1.0 / num_batches_tracked.to(acc[0].dtype)
     else:
         factor = 0.0
+    if isinstance(count, torch.Tensor):  # (a size recorded by torch.jit.trace)
+        count = count.double()
     batch = [mean.detach().to(acc[0].dtype),
              var.detach().to(acc[1].dtype) * (count / (count - 1))]
     if torch._C._functorch.maybe_current_level() is not None:

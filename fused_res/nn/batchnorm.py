@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..backends.reference import update_running_stats
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
@@ -84,17 +85,24 @@ def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape,
     op, where the composite took about a dozen C-sized launches per BatchNorm per step)."""
     check_norm(bn)
     count = shape[0] * shape[2] * shape[3]
-    if isinstance(count, Tensor):  # torch.jit.trace records sizes as tensors
-        count = int(count)
     check_batch_size(bn, count, shape)
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     acc = _acc(bn, mean)
+    mean, var = _as(mean, acc), _as(var, acc)
+    # torch.jit.trace records sizes as tensors. Through the op the count would be a constant
+    # of the trace (the unbiased variance wrong at any other batch size): under a trace the
+    # update is aten ops, which it records with the count as a tensor.
+    traced = isinstance(count, Tensor)
+    through_op = update and not traced
     scale = ops.bn_scale(
-        _as(mean, acc), _as(var, acc), bn.weight,
-        running_mean=bn.running_mean if update else None,
-        running_var=bn.running_var if update else None,
-        num_batches_tracked=bn.num_batches_tracked if update else None,
-        momentum=bn.momentum, eps=bn.eps, count=count, backend=backend)
+        mean, var, bn.weight,
+        running_mean=bn.running_mean if through_op else None,
+        running_var=bn.running_var if through_op else None,
+        num_batches_tracked=bn.num_batches_tracked if through_op else None,
+        momentum=bn.momentum, eps=bn.eps, count=0 if traced else count, backend=backend)
+    if update and traced:
+        update_running_stats(mean, var, bn.running_mean, bn.running_var,
+                             bn.num_batches_tracked, bn.momentum, count)
     shift = _as(bn.bias, acc) if bn.bias is not None else None
     return ChannelAffine(_as(mean, acc), scale, shift)
 

@@ -15,6 +15,8 @@ its original forward instead, so that they fire):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -140,14 +142,36 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         """What nn.Module finds (parameters, buffers, children), else a method or class
         attribute of the original block's own class, on the original: timm's
         init_weights(zero_init_last=True) calls zero_init_last() on every module that has
-        one, and skipped fused blocks without a word."""
+        one, and skipped fused blocks without a word. Children and public attributes such a
+        method assigns are taken back into this block (parameters it registers are not)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
             orig = self.__dict__.get("_original")
             if orig is None or name.startswith("__") or not _block_class_defines(orig, name):
                 raise
-        return getattr(self.original(), name)
+        value = getattr(self.original(), name)
+        if not callable(value) or isinstance(value, type):
+            return value
+
+        @functools.wraps(value)
+        def through_original(*args, **kwargs):
+            out = value(*args, **kwargs)
+            self._take_from_original()
+            return out
+        return through_original
+
+    def _take_from_original(self) -> None:
+        """What from_block shares, read again from the original after one of its methods ran
+        (else the next original() call would undo a child it replaced)."""
+        orig = self.__dict__["_original"]
+        for key, value in orig.__dict__.items():
+            if not key.startswith("_") and key != "training":
+                self.__dict__[key] = value
+        mods = self._modules
+        for key in [k for k in mods if k not in orig._modules]:
+            del mods[key]
+        mods.update(orig._modules)
 
     @property
     def is_residual(self) -> bool:

@@ -19,5 +19,6 @@ class NotScriptable:
         raise RuntimeError(
             f"torch.jit.script cannot compile fused_res's {type(self).__name__}: the fused "
             "ops are Python, not TorchScript; accepted: torch.compile, torch.export or "
-            "torch.jit.trace of the fused model, or torch.jit.script of fused_res.revert("
-            "model) (the unfused model, same parameters)")
+            "torch.jit.trace of it, or, for a model fused_res.convert() made, "
+            "torch.jit.script of fused_res.revert(model) (the unfused model, same "
+            "parameters)")

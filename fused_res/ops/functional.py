@@ -402,7 +402,7 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
                         "nn.BatchNorm2d's), or None")
     _check_same_device(mean, "mean", var=var, weight=weight, running_mean=running_mean,
                        running_var=running_var, num_batches_tracked=num_batches_tracked)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)) or count < 0:
         raise ValueError(f"count={count!r}; accepted: an int >= 0 (values per channel)")
     if running_mean is not None and count == 1:
         raise ValueError(f"count=1: expected more than 1 value per channel when training "
