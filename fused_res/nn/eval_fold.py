@@ -11,6 +11,11 @@ dtype, device and layout. It is used only where no gradient can flow (no_grad /
 inference_mode), never while torch.compile traces (the compiled graph folds on its own), and
 never for float64.
 
+The fused optimizers (`torch.optim.SGD/Adam/AdamW(fused=True)`) write the parameters without
+bumping their version counters: every optimizer step, of any optimizer, starts a new
+generation of the cache (a global step hook), or fine-tuning with frozen BatchNorms would have
+validated with the weights from before training.
+
 A write through `.data` (`conv.weight.data.copy_(w)`) bypasses the version counter, so no
 cache can see it: write under torch.no_grad() instead, or call clear() after such writes. So
 does an in-place change of a vector whose slices torch.nn.utils.vector_to_parameters made
@@ -23,6 +28,7 @@ import weakref
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .._eager import transformed
 from ..backends.constants import mark_constant
@@ -31,6 +37,15 @@ from ..ops import functional
 from .batchnorm import running_affine
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_generation = 0
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    global _generation
+    _generation += 1
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def clear() -> None:
@@ -101,11 +116,14 @@ def _key(tensors: tuple) -> tuple | None:
     return tuple(key)
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
+def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
           fmt: torch.memory_format) -> tuple[Tensor, Tensor]:
+    # The conv's weight and bias as _inputs read them: read again, a parametrized weight is
+    # computed again (spectral_norm's power iteration ran twice per forward).
+    weight, bias = tensors[0], tensors[1]
     scale, shift = running_affine(bn, h).folded()
-    w = (conv.weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)
-    b = shift if conv.bias is None else shift + conv.bias.detach().float() * scale
+    w = (weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)
+    b = shift if bias is None else shift + bias.detach().float() * scale
     # Fresh tensors no one else holds: the backends may cache what they derive from them.
     return (mark_constant(w.contiguous(memory_format=fmt)),
             mark_constant(b.detach().float().contiguous()))
@@ -120,8 +138,8 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor,
     fmt = memory_format_of(h)
     state = _key(tensors)
     if state is None:
-        return _fold(conv, bn, h, dtype, fmt)
-    key = (dtype, h.device, fmt, bn.eps, state)
+        return _fold(tensors, bn, h, dtype, fmt)
+    key = (dtype, h.device, fmt, bn.eps, _generation, state)
     hit = _CACHE.get(conv)
     if hit is not None and hit[0] == key and _same(hit[1], tensors):
         return hit[2], hit[3]
@@ -130,6 +148,6 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor,
     # cast) could not key on it, and raised reading it.
     # (inference_mode(False) also turns grad mode back on: no_grad keeps the fold a leaf.)
     with torch.inference_mode(False), torch.no_grad():
-        w, b = _fold(conv, bn, h, dtype, fmt)
+        w, b = _fold(tensors, bn, h, dtype, fmt)
     _CACHE[conv] = (key, _refs(tensors), w, b)
     return w, b
