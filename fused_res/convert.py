@@ -32,6 +32,7 @@ from .nn.stem import (
     FusedStemConv,
     StemLink,
     StemState,
+    unapply,
     unfuse_stem,
 )
 
@@ -319,6 +320,8 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module._modules.get("conv1"), FusedStemConv):
             unfuse_stem(module, module._modules["conv1"])
+        else:
+            unapply(module)
         # (also where conv1 was replaced since: the link would keep the old stem alive)
         module.__dict__.pop(LINK_ATTR, None)
     for name, module in list(model.named_modules()):
@@ -398,6 +401,11 @@ def format_report(model: nn.Module) -> str:
     fused = sum(e.fused for e in entries)
     lines = [_stem_line(name, m) for name, m in model.named_modules()
              if isinstance(m, FusedStemConv)]
+    lines += [f"{name + '.' if name else ''}conv1: the fused stem's conv was replaced after "
+              "convert(); its BatchNorm and ReLU run unfused"
+              for name, m in model.named_modules()
+              if not isinstance(m._modules.get("conv1"), FusedStemConv)
+              and any(isinstance(c, AppliedBatchNorm2d) for c in m._modules.values())]
     lines += [str(e) for e in entries]
     lines.append(f"{fused}/{len(entries)} residual blocks fused")
     return "\n".join(lines)

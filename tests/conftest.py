@@ -21,13 +21,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-
 @pytest.fixture(autouse=True)
 def _fresh_fallback_warnings():
     """Each test sees the fallback warnings as a fresh process would: registry.warn_once
     warns once per reason per process, so a test that asserts a warning must not depend on
-    whether an earlier test (in whatever order pytest ran them) already used its reason."""
+    whether an earlier test (in whatever order pytest ran them) already used its reason;
+    likewise the fused modules' warn_once."""
     from fused_res.backends import registry
+    from fused_res.nn import hooks
 
     registry._warned.clear()
+    hooks._WARNED.clear()
     yield

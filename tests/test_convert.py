@@ -13,6 +13,7 @@ from torch import nn
 
 import fused_res
 from fused_res import models
+from fused_res.nn import hooks
 from fused_res.testing import rel_err
 
 TV = {n: (lambda n=n: getattr(torchvision.models, n)(num_classes=10))
@@ -419,6 +420,40 @@ def test_a_stem_whose_relu_was_replaced_runs_unfused():
     fused.relu = nn.GELU()
     with pytest.warns(UserWarning, match="relu was replaced"), torch.no_grad():
         assert rel_err(fused(x), base(x)) < 1e-12
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("stem", ["grayscale", "cifar"])
+def test_a_stem_whose_conv_was_replaced_applies_its_batchnorm_and_relu(stem, train):
+    """The usual transfer-learning stem edit: a new conv1 after convert(). The stem's
+    BatchNorm and ReLU apply themselves (they passed the new conv's output through: 1.1 off,
+    no gradient for bn1, running statistics frozen); deep copies and pickles too; revert()
+    puts plain modules back."""
+    base = _f64_resnet18().train(train)
+    fused = fused_res.convert(base, backend="reference").train(train)
+    c_in = 1 if stem == "grayscale" else 3
+    for m in (base, fused):
+        torch.manual_seed(5)
+        m.conv1 = nn.Conv2d(c_in, 64, 7 if stem == "grayscale" else 3, 2 if stem ==
+                            "grayscale" else 1, 3 if stem == "grayscale" else 1,
+                            bias=False).double()
+    assert "conv1: the fused stem's conv was replaced" in fused_res.format_report(fused)
+    x = torch.randn(4, c_in, 32, 32, dtype=torch.float64)
+    for model in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        ref = copy.deepcopy(base)
+        hooks._WARNED.clear()
+        with pytest.warns(UserWarning, match="conv1 was replaced"):
+            y = model(x)
+        want = ref(x)
+        assert rel_err(y, want) < 1e-12
+        if train:
+            y.square().mean().backward()
+            want.square().mean().backward()
+            assert rel_err(model.bn1.weight.grad, ref.bn1.weight.grad) < 1e-10
+            for k, v in ref.bn1.state_dict().items():
+                assert rel_err(model.bn1.state_dict()[k].double(), v.double()) < 1e-12, k
+    fused_res.revert(fused)
+    assert type(fused.bn1) is nn.BatchNorm2d and type(fused.relu) is nn.ReLU
 
 
 def test_a_stem_copied_alone_knows_no_model():

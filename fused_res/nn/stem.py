@@ -29,18 +29,19 @@ class StemState:
     """Whether the stem's last call ran fused, and whether its BatchNorm has been called
     since (awaiting_bn: False, True, or "recomputed" when that call was a recompute in a
     backward pass); shared by its three modules (and no module: deepcopy and pickle copy it
-    with them, and it makes no reference cycle)."""
+    with them, and it makes no reference cycle). parent: the model, as the stem's ParentRef
+    (set by the model's StemLink), for the BatchNorm and ReLU to see conv1 replaced."""
 
-    __slots__ = ("fused", "awaiting_bn")
+    __slots__ = ("fused", "awaiting_bn", "parent")
 
     def __init__(self) -> None:
-        self.fused, self.awaiting_bn = True, False
+        self.fused, self.awaiting_bn, self.parent = True, False, None
 
     def __getstate__(self):
         return self.fused, self.awaiting_bn
 
     def __setstate__(self, state) -> None:
-        self.fused, self.awaiting_bn = state
+        (self.fused, self.awaiting_bn), self.parent = state, None
 
 
 class ParentRef:
@@ -73,7 +74,11 @@ class StemLink:
         # (None: pickled after its model was freed, nothing to point at)
         self._model = None if model is None else weakref.ref(model)
         self._stem = stem
-        stem.__dict__["_parent"] = ParentRef(model)
+        ref = ParentRef(model)
+        stem.__dict__["_parent"] = ref
+        state = stem.__dict__.get("_state")
+        if state is not None:
+            state.parent = ref
 
     def __getstate__(self):
         return (None if self._model is None else self._model()), self._stem
@@ -86,8 +91,22 @@ LINK_ATTR = "_fused_res_stem_link"
 
 
 def _fused(module: nn.Module) -> bool:
+    """Whether the stem's BatchNorm or ReLU is applied by its conv: the stem's last call ran
+    fused, and its model (where known) still holds the fused conv1. A conv1 replaced after
+    convert() (a grayscale or CIFAR stem) never runs fused again: the BatchNorm and ReLU
+    passed its output through, unnormalized, without a word."""
     state = module.__dict__.get("_state")
-    return state is None or state.fused
+    if state is None:
+        return True
+    if not state.fused:
+        return False
+    parent = state.parent() if state.parent is not None else None
+    if parent is not None and not isinstance(parent._modules.get("conv1"), FusedStemConv):
+        warn_once("the fused stem's conv1 was replaced after convert(): its BatchNorm and "
+                  "ReLU apply themselves, unfused; revert() the model and convert() it "
+                  "again to fuse the new stem")
+        return False
+    return True
 
 
 class AppliedBatchNorm2d(NotScriptable, nn.BatchNorm2d):
@@ -251,6 +270,18 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
     def extra_repr(self) -> str:
         return (super().extra_repr()
                 + f", fused with its BatchNorm and ReLU, backend={self.backend!r}")
+
+
+def unapply(parent: nn.Module) -> None:
+    """Plain modules in place of parent's AppliedBatchNorm2d and AppliedReLU children whose
+    fused conv1 is gone (replaced after convert()), for revert()."""
+    for name, child in list(parent._modules.items()):
+        if isinstance(child, AppliedBatchNorm2d):
+            parent._modules[name] = child.as_batchnorm()
+        elif isinstance(child, AppliedReLU):
+            relu = nn.ReLU(inplace=child.inplace)
+            share_hooks(child, relu)
+            parent._modules[name] = relu
 
 
 def unfuse_stem(parent: nn.Module, fused: FusedStemConv) -> nn.Conv2d:
