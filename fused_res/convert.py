@@ -358,8 +358,11 @@ def _describe(module: fblocks.FusedResidualBlock) -> str:
         parts.append("drop_path")
     if module.shortcut_scale != 1.0:
         parts.append(f"shortcut_scale={module.shortcut_scale:g}")
+    replaced = module.replaced_reason()
     hooked = hooked_child(module)
-    if hooked is not None:
+    if replaced is not None:
+        parts.append(f"running unfused: {replaced}")
+    elif hooked is not None:
         parts.append(f"running unfused while {hooked} has hooks")
     return ", ".join(parts)
 

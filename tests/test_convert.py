@@ -3,6 +3,7 @@
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import timm
@@ -842,6 +843,100 @@ def test_a_method_of_the_original_that_replaces_a_child_replaces_the_fused_block
     assert not fused.state_dict()["layer1.0.bn2.weight"].any()
     x = torch.randn(2, 3, 32, 32)
     assert rel_err(fused(x), model(x)) <= 1e-5
+
+
+class _LoRAConv2d(nn.Conv2d):
+    """A conv with a low-rank update of its own forward (as LoRA libraries do)."""
+
+    def __init__(self, conv: nn.Conv2d, rank: int = 2) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                         conv.padding, bias=False)
+        self.weight = conv.weight
+        self.down = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride,
+                              conv.padding, bias=False)
+        self.up = nn.Conv2d(rank, conv.out_channels, 1, bias=False)
+
+    def forward(self, x):
+        return super().forward(x) + self.up(self.down(x))
+
+
+def _reflect(conv: nn.Conv2d) -> nn.Conv2d:
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, bias=False, padding_mode="reflect")
+    new.weight = conv.weight
+    return new
+
+
+_SURGERY = {
+    "relu_to_gelu": lambda b: setattr(b, "relu", nn.GELU()),
+    "reflect_padded_conv": lambda b: setattr(b, "conv1", _reflect(b.conv1)),
+    "lora_conv": lambda b: setattr(b, "conv2", _LoRAConv2d(b.conv2)),
+    "groupnorm": lambda b: setattr(b, "bn1", nn.GroupNorm(4, b.bn1.num_features)),
+    "frozen_bn": lambda b: setattr(b, "bn2", torchvision.ops.misc.FrozenBatchNorm2d(
+        b.bn2.num_features)),
+    "shortcut_appended": lambda b: b.downsample.append(nn.Dropout(0.0)),
+    "projection_on_identity": lambda b: setattr(b, "downsample", nn.Sequential(
+        nn.Conv2d(b.bn2.num_features, b.bn2.num_features, 1, bias=False),
+        nn.BatchNorm2d(b.bn2.num_features))),
+}
+
+
+@pytest.mark.parametrize("surgery", sorted(_SURGERY))
+def test_a_child_replaced_after_convert_by_what_the_block_cannot_compute(surgery):
+    """The block runs its original forward, which calls the new child, with one warning
+    naming it, and report() says so (the fused block computed the old child: a GELU as a
+    ReLU, a reflect-padded or LoRA conv as a plain one, a GroupNorm's or an appended shortcut
+    module's work dropped; 0.05 to 0.7 off)."""
+    model, fused = _pair("resnet18")
+    name = "layer2.0" if surgery == "shortcut_appended" else "layer1.1"
+    for m in (model, fused):
+        torch.manual_seed(7)
+        _SURGERY[surgery](m.get_submodule(name))
+        m.double()  # (batch 2 at 1x1 in layer4: float32 rounding is amplified there)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        fused.train(train)
+        hooks._WARNED.clear()
+        with pytest.warns(UserWarning, match="runs its original forward, unfused"):
+            y = fused(x)
+        want = model(x)
+        assert rel_err(y, want) <= 1e-10
+        if train:
+            y.square().mean().backward()
+            want.square().mean().backward()
+            errs = _param_errors(model, fused, "grad")
+            assert max(errs.values()) <= 1e-8, max(errs, key=errs.get)
+    line = next(e for e in fused_res.report(fused) if e.name == name)
+    assert "running unfused: " in line.detail and "replaced" in line.detail or \
+        "added to" in line.detail
+
+
+def test_a_child_replaced_like_for_like_keeps_the_block_fused():
+    """A fresh BatchNorm2d or plain conv in a child's place (a re-initialisation) is
+    computed fused, without a warning: the block reads each child's parameters per call."""
+    model, fused = _pair("resnet18")
+    for m in (model, fused):
+        torch.manual_seed(7)
+        block = m.layer1[0]
+        block.bn2 = randomize_bn(nn.BatchNorm2d(64), seed=3)
+        block.conv1 = nn.Conv2d(64, 64, 3, 1, 1, bias=False)
+        m.double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for train in (True, False):
+            model.train(train)
+            fused.train(train)
+            assert rel_err(fused(x), model(x)) <= 1e-10
+    assert "running unfused" not in fused_res.format_report(fused)
+
+
+def test_a_block_built_fused_refuses_a_child_it_cannot_compute():
+    block = fused_res.nn.BasicBlock(8, 8)
+    block.relu = nn.GELU()
+    with pytest.raises(TypeError, match="relu was replaced by GELU.*accepted"):
+        block(torch.randn(2, 8, 4, 4))
 
 
 def test_a_block_built_fused_delegates_nothing():

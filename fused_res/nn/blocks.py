@@ -25,7 +25,8 @@ from .. import ops
 from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
-from .hooks import any_child_hooked, hooked_child, share_hooks, warn_once
+from .hooks import hooked_child, share_hooks, warn_once
+from .layout import Layout, misfit, walk
 from .plan import BlockPlan, ShortcutPlan, built_norm_reason, explicit_padding, shortcut_plan
 from .scripting import NotScriptable
 from .unit import RELU_ONLY, Pending, materialize, run_unit
@@ -114,11 +115,13 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         new.backend = ops.prepare_backend(backend)
         new.shortcut_scale = float(getattr(block, "shortcut_scale", 1.0))
         new.__dict__["_original"] = block
+        new.__dict__["_layout"] = walk(new)[0]
         return new
 
     def _check_norm_layer(self) -> None:
         """A block built directly: every norm its plan runs must be a BatchNorm2d (the ops
-        compute nothing else; a GroupNorm failed in the forward with an AttributeError)."""
+        compute nothing else; a GroupNorm failed in the forward with an AttributeError).
+        Then records the children that later calls are held to."""
         plan = self.plan
         for name in (*plan.mid_norms, plan.last_norm, plan.pre_norm, plan.post_norm,
                      plan.shortcut.norm):
@@ -126,6 +129,7 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             if why is not None:
                 raise ValueError(f"norm_layer built {name} as {type(self._get(name)).__name__}: "
                                  f"{why}; accepted: nn.BatchNorm2d")
+        self.__dict__["_layout"] = walk(self)[0]  # (what later calls hold the children to)
 
     def original(self) -> nn.Module | None:
         """The unfused block this one was converted from (None if built directly), with its
@@ -135,6 +139,12 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             return None
         for name in list(orig._modules):
             orig._modules[name] = self._modules.get(name)
+        for name, child in self._modules.items():
+            if orig._modules.get(name) is not child:
+                # A child set since in a slot the original keeps as a plain attribute
+                # (torchvision's downsample, timm's drop_path: None, not registered).
+                orig.__dict__.pop(name, None)
+                orig._modules[name] = child
         orig.training = self.training
         return orig
 
@@ -253,8 +263,50 @@ class FusedResidualBlock(NotScriptable, nn.Module):
                    "original modules, unfused, while a child has hooks")
         return orig.forward(x)
 
+    def _misfit(self, layout: Layout) -> str | None:
+        """None where the block's descendants (`layout`, now) fit its plan: the ones it was
+        fused with, or like-for-like replacements (taken in); else what changed."""
+        d = self.__dict__
+        before = d.get("_layout")
+        if before is None:  # (unpickled from before layouts were kept)
+            d["_layout"] = layout
+            return None
+        bad = d.get("_misfit_seen")
+        if bad is not None and bad[0] == layout:
+            return bad[1]
+        why = misfit(self, before, layout)
+        if why is None:
+            d["_layout"] = layout
+            d.pop("_misfit_seen", None)
+        else:
+            d["_misfit_seen"] = (layout, why)
+        return why
+
+    def replaced_reason(self) -> str | None:
+        """Which child was replaced by one the block cannot compute (it then runs unfused),
+        or None."""
+        layout, _ = walk(self)
+        return None if layout == self.__dict__.get("_layout") else self._misfit(layout)
+
+    def _replaced_child(self, x: Tensor, why: str) -> Tensor:
+        """A converted block whose child was replaced by one it cannot compute runs its
+        original forward, which calls the new child; a block built directly has none."""
+        orig = self.original()
+        if orig is None:
+            raise TypeError(f"{why}: a {type(self).__name__} built as a fused_res block "
+                             "computes only its own kinds of modules; accepted: a plain "
+                             "zero-padded nn.Conv2d, nn.BatchNorm2d or nn.ReLU in each place")
+        warn_once(f"{why} after convert(): the fused {type(orig).__name__} runs its original "
+                  "forward, unfused; revert() and convert() the model to fuse what it can")
+        return orig.forward(x)
+
     def forward(self, x: Tensor) -> Tensor:
-        if any_child_hooked(self):
+        layout, hooked = walk(self)
+        if layout != self.__dict__.get("_layout"):
+            why = self._misfit(layout)
+            if why is not None:
+                return self._replaced_child(x, why)
+        if hooked:
             y = self._children_hooked(x)
             if y is not None:
                 return y

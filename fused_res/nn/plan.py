@@ -130,7 +130,7 @@ def conv_reason(m: nn.Module | None) -> str | None:
     """None if `m` is a plain zero-padded nn.Conv2d; else why not."""
     if type(m) is not nn.Conv2d:
         return f"{type(m).__name__} is not a plain nn.Conv2d"
-    return _padding_reason(m)
+    return padding_reason(m)
 
 
 def explicit_padding(m: nn.Conv2d) -> tuple[int, int] | None:
@@ -148,7 +148,7 @@ def explicit_padding(m: nn.Conv2d) -> tuple[int, int] | None:
     return spans[0] // 2, spans[1] // 2
 
 
-def _padding_reason(m: nn.Conv2d) -> str | None:
+def padding_reason(m: nn.Conv2d) -> str | None:
     """None where the ops can pad as m does (zeros: ints, 'valid', 'same' of an odd span),
     else why not."""
     if m.padding_mode != "zeros":
@@ -173,7 +173,7 @@ def built_conv_reason(m: nn.Module | None) -> str | None:
     if not (_computes_forward_of(m, nn.Conv2d)
             and type(m)._conv_forward is nn.Conv2d._conv_forward):
         return f"{type(m).__name__} is not an nn.Conv2d computing nn.Conv2d's forward"
-    return _padding_reason(m)
+    return padding_reason(m)
 
 
 def built_norm_reason(m: nn.Module | None) -> str | None:
