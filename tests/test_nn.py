@@ -1,6 +1,7 @@
 """Fused modules against nn.Conv2d + nn.BatchNorm2d, with every BatchNorm option."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.nn import functional as F
 
 import fused_res.nn as fnn
 from fused_res import models
+from fused_res.nn import hooks
 from fused_res.testing import rel_err
 
 D = torch.float64
@@ -321,3 +323,34 @@ def test_saved_for_backward_is_no_larger_than_eager(make, shape, bn_pass):
     with apart() if bn_pass else contextlib.nullcontext():
         ours = _saved_bytes(fused, x)
     assert ours <= eager, f"fused saves {ours} bytes, eager {eager}"
+
+
+@pytest.mark.parametrize("swap", ["reflect_conv", "conv_subclass", "groupnorm"])
+def test_conv_bn_act_with_a_child_swapped_after_construction_runs_it_unfused(swap):
+    """A child set since construction that the constructor would have refused runs as
+    itself, unfused, with one warning (a reflect-padded conv ran zero-padded and a conv
+    subclass's own forward was skipped: 0.9 and 1.8 off; a GroupNorm raised a TypeError)."""
+    class Doubled(nn.Conv2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    unit = fnn.ConvBNAct2d(4, 8, 3, backend="reference")
+    if swap == "reflect_conv":
+        unit.conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect", bias=False)
+    elif swap == "conv_subclass":
+        unit.conv = Doubled(4, 8, 3, padding=1, bias=False)
+    else:
+        unit.bn = nn.GroupNorm(2, 8)
+    x = torch.randn(2, 4, 9, 9)
+    for train in (True, False):
+        unit.train(train)
+        hooks._WARNED.clear()
+        with pytest.warns(UserWarning, match="replaced since it was built"):
+            y = unit(x)
+        assert rel_err(y, torch.relu(unit.bn(unit.conv(x)))) <= 1e-6
+    unit.conv = nn.Conv2d(4, 8, 3, padding=1, bias=False)  # fits again: fused, no warning
+    unit.bn = nn.BatchNorm2d(8).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rel_err(unit(x), torch.relu(unit.bn(unit.conv(x)))) <= 1e-6

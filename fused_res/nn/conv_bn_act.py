@@ -84,16 +84,40 @@ class ConvBNAct2d(NotScriptable, nn.Module):
         new.backend = prepare_backend(backend)
         return new
 
+    def _unfused(self, x: Tensor) -> Tensor:
+        y = self.bn(self.conv(x))
+        return F.relu(y) if self.act == "relu" else y
+
+    def _misfit(self, conv: nn.Module, bn: nn.Module) -> str | None:
+        """None where the conv and BatchNorm held now are the ones checked last (or pass the
+        constructor's checks: then they are the ones checked); else why they cannot run
+        fused (a child replaced since by a reflect-padded conv or a subclass with its own
+        forward ran as a plain conv, silently)."""
+        d = self.__dict__
+        if d.get("_checked") == (conv, bn):
+            return None
+        try:
+            _check_modules(conv, bn, self.act)
+        except ValueError as e:
+            return str(e)
+        d["_checked"] = (conv, bn)
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
-        for name, child in (("conv", self.conv), ("bn", self.bn)):
+        conv, bn = self.conv, self.bn
+        why = self._misfit(conv, bn)
+        if why is not None:
+            warn_once(f"a ConvBNAct2d's child replaced since it was built: {why}; its conv, "
+                      "BatchNorm and activation run unfused while it is there")
+            return self._unfused(x)
+        for name, child in (("conv", conv), ("bn", bn)):
             if has_hooks(child):
                 # A hook (torch.nn.utils.prune's weight recompute, a feature hook) fires only
                 # when the child's own forward runs: the unit runs unfused while it is there.
                 warn_once(f"hooks on the {name} of a ConvBNAct2d: its conv, BatchNorm and "
                           "activation run unfused while they are there")
-                y = self.bn(self.conv(x))
-                return F.relu(y) if self.act == "relu" else y
-        y, _ = run_unit(x, None, self.conv, self.bn, self.act, self.backend)
+                return self._unfused(x)
+        y, _ = run_unit(x, None, conv, bn, self.act, self.backend)
         return y
 
     def extra_repr(self) -> str:
