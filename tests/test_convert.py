@@ -932,6 +932,23 @@ def test_a_child_replaced_like_for_like_keeps_the_block_fused():
     assert "running unfused" not in fused_res.format_report(fused)
 
 
+def test_a_conv_parametrized_after_convert_keeps_the_block_fused():
+    """weight_norm / spectral_norm add a `parametrizations` container under the conv: how
+    its weight is computed, which the fused ops read; not a change of what the block
+    computes (the layout check first took it for an added module and ran unfused)."""
+    from torch.nn.utils import parametrizations
+    model, fused = _pair("resnet18")
+    for m in (model, fused):
+        parametrizations.weight_norm(m.layer1[0].conv1)
+        m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert rel_err(fused(x), model(x)) <= 1e-5
+    assert "running unfused" not in fused_res.format_report(fused)
+
+
 def test_a_block_built_fused_refuses_a_child_it_cannot_compute():
     block = fused_res.nn.BasicBlock(8, 8)
     block.relu = nn.GELU()

@@ -20,12 +20,29 @@ from .plan import padding_reason
 Layout = tuple
 
 
+def _children(m: nn.Module) -> list:
+    """m's (name, child) slots, but a parametrized module's `parametrizations` container: how
+    its weight is computed (weight_norm, spectral_norm: the fused ops read the computed
+    weight) is not what the block computes."""
+    mods = m._modules
+    return [(k, v) for k, v in mods.items()
+            if k != "parametrizations" or not isinstance(v, nn.ModuleDict)]
+
+
+def _child_modules(m: nn.Module):
+    """_children's modules, reversed (for the walk's stack); no list of pairs where there is
+    no parametrization (the walk runs on every call of every block)."""
+    mods = m._modules
+    if "parametrizations" not in mods:
+        return reversed(mods.values())
+    return (child for _, child in reversed(_children(m)))
+
+
 def walk(module: nn.Module) -> tuple[Layout, bool]:
     """module's descendants (None where a child slot holds None), depth first, and whether any
     of them has hooks."""
     out, hooked = [], False
-    stack = list(module._modules.values())
-    stack.reverse()
+    stack = list(_child_modules(module))
     while stack:
         m = stack.pop()
         out.append(m)
@@ -34,9 +51,7 @@ def walk(module: nn.Module) -> tuple[Layout, bool]:
         if not hooked and has_hooks(m):
             hooked = True
         if m._modules:
-            children = list(m._modules.values())
-            children.reverse()
-            stack.extend(children)
+            stack.extend(_child_modules(m))
     return tuple(out), hooked
 
 
@@ -46,7 +61,7 @@ def _name_of(root: nn.Module, position: int) -> str:
 
 
 def _named_walk(module: nn.Module, prefix: str = ""):
-    for name, child in module._modules.items():
+    for name, child in _children(module):
         full = f"{prefix}{name}"
         yield full, child
         if child is not None:
