@@ -1031,3 +1031,17 @@ def test_torch_export_with_a_dynamic_batch_in_train_mode():
     got, ref = dict(exported.named_buffers()), dict(model.named_buffers())
     for k in ref:
         assert rel_err(got[k].double(), ref[k].double()) <= 1e-5, k
+
+
+def test_fx_symbolic_tracing_of_a_converted_model_says_what_to_use_instead():
+    """torchvision's create_feature_extractor (torch.fx symbolic tracing) cannot trace the
+    fused ops; the error says so (it was 'x must be a torch.Tensor; got Proxy'), and the
+    reverted model traces."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    model, fused = _pair("resnet18")
+    with pytest.raises(TypeError, match="torch.fx symbolic tracing.*revert"):
+        create_feature_extractor(fused, {"layer2": "f"})
+    x = torch.randn(2, 3, 32, 32)
+    got = create_feature_extractor(fused_res.revert(fused).eval(), {"layer2": "f"})(x)["f"]
+    want = create_feature_extractor(model.eval(), {"layer2": "f"})(x)["f"]
+    assert rel_err(got, want) <= 1e-6

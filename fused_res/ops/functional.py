@@ -42,6 +42,12 @@ def _check_act(name: str, act: str) -> str:
 
 def _check_feature_map(name: str, t, what: str = "(N, C, H, W)") -> Tensor:
     if not isinstance(t, Tensor):
+        if isinstance(t, torch.fx.Proxy):
+            raise TypeError(f"{name} is a torch.fx Proxy: torch.fx symbolic tracing (as "
+                            "torchvision's create_feature_extractor does) cannot trace the "
+                            "fused ops' argument checks; accepted: torch.export or "
+                            "torch.compile of the fused model, or symbolic tracing of "
+                            "fused_res.revert(model)")
         raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; accepted: a 4-D tensor {what}")
