@@ -361,7 +361,8 @@ def _describe(module: fblocks.FusedResidualBlock) -> str:
     replaced = module.replaced_reason()
     hooked = hooked_child(module)
     if replaced is not None:
-        parts.append(f"running unfused: {replaced}")
+        built = module.__dict__.get("_original") is None
+        parts.append(f"{'cannot run' if built else 'running unfused'}: {replaced}")
     elif hooked is not None:
         parts.append(f"running unfused while {hooked} has hooks")
     return ", ".join(parts)

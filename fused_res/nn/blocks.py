@@ -26,8 +26,16 @@ from ..models import imagenet
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .hooks import hooked_child, share_hooks, warn_once
-from .layout import Layout, misfit, walk
-from .plan import BlockPlan, ShortcutPlan, built_norm_reason, explicit_padding, shortcut_plan
+from .layout import Layout, misfit, named, walk
+from .plan import (
+    BlockPlan,
+    ShortcutPlan,
+    built_conv_reason,
+    built_norm_reason,
+    explicit_padding,
+    relu_reason,
+    shortcut_plan,
+)
 from .scripting import NotScriptable
 from .unit import RELU_ONLY, Pending, materialize, run_unit
 
@@ -74,6 +82,9 @@ def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
     return module(ones).reshape(x.shape[0])
 
 
+_NO_SKIP: frozenset = frozenset()
+
+
 def _block_class_defines(block: nn.Module, name: str) -> bool:
     """Whether `name` is defined by block's class or a base below nn.Module (not by
     nn.Module, whose attributes the fused block has itself)."""
@@ -115,13 +126,12 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         new.backend = ops.prepare_backend(backend)
         new.shortcut_scale = float(getattr(block, "shortcut_scale", 1.0))
         new.__dict__["_original"] = block
-        new.__dict__["_layout"] = walk(new)[0]
+        new._record_layout()
         return new
 
     def _check_norm_layer(self) -> None:
         """A block built directly: every norm its plan runs must be a BatchNorm2d (the ops
-        compute nothing else; a GroupNorm failed in the forward with an AttributeError).
-        Then records the children that later calls are held to."""
+        compute nothing else; a GroupNorm failed in the forward with an AttributeError)."""
         plan = self.plan
         for name in (*plan.mid_norms, plan.last_norm, plan.pre_norm, plan.post_norm,
                      plan.shortcut.norm):
@@ -129,7 +139,23 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             if why is not None:
                 raise ValueError(f"norm_layer built {name} as {type(self._get(name)).__name__}: "
                                  f"{why}; accepted: nn.BatchNorm2d")
-        self.__dict__["_layout"] = walk(self)[0]  # (what later calls hold the children to)
+
+    def _check_slots(self) -> None:
+        """A block built directly, at its first call: each conv, BatchNorm and ReLU slot holds
+        one the ops compute (set since construction, a GELU ran as a ReLU)."""
+        plan = self.plan
+        checks = [(n, built_conv_reason) for n in (*plan.convs, plan.shortcut.conv) if n]
+        checks += [(n, built_norm_reason) for n in (*plan.mid_norms, plan.last_norm,
+                                                     plan.pre_norm, plan.post_norm,
+                                                     plan.shortcut.norm) if n]
+        if "relu" in self._modules:
+            checks.append(("relu", relu_reason))
+        for name, reason in checks:
+            why = reason(self._get(name))
+            if why is not None:
+                raise TypeError(f"{name} of a {type(self).__name__} built as a fused_res block: "
+                                f"{why}; accepted: a plain zero-padded nn.Conv2d, "
+                                "nn.BatchNorm2d or nn.ReLU in each place")
 
     def original(self) -> nn.Module | None:
         """The unfused block this one was converted from (None if built directly), with its
@@ -263,30 +289,47 @@ class FusedResidualBlock(NotScriptable, nn.Module):
                    "original modules, unfused, while a child has hooks")
         return orig.forward(x)
 
+    def _record_layout(self) -> None:
+        """Hold later calls to the descendants the block has now, but those in the slots it
+        calls as modules (attention, drop path, a module shortcut: a replacement there is
+        computed as itself)."""
+        sc = self.plan.shortcut
+        slots = (self.plan.attention, self.plan.drop_path,
+                 sc.module if sc.kind == "module" else None)
+        skip = frozenset(n for n in slots if n and "." not in n)
+        d = self.__dict__
+        d["_layout_skip"] = skip
+        d["_layout"] = walk(self, skip)[0]
+        d["_layout_named"] = named(self, skip)
+        d.pop("_misfit_seen", None)
+
     def _misfit(self, layout: Layout) -> str | None:
         """None where the block's descendants (`layout`, now) fit its plan: the ones it was
-        fused with, or like-for-like replacements (taken in); else what changed."""
+        fused with, or like-for-like replacements (taken in); else what changed. A block
+        built directly is held to what it has at its first call (a subclass may add
+        modules after the constructor), as is one unpickled from before layouts."""
         d = self.__dict__
-        before = d.get("_layout")
-        if before is None:  # (unpickled from before layouts were kept)
-            d["_layout"] = layout
+        if d.get("_layout_named") is None:
+            if d.get("_original") is None:
+                self._check_slots()
+            self._record_layout()
             return None
         bad = d.get("_misfit_seen")
         if bad is not None and bad[0] == layout:
             return bad[1]
-        why = misfit(self, before, layout)
+        why = misfit(d["_layout_named"], named(self, d["_layout_skip"]))
         if why is None:
-            d["_layout"] = layout
-            d.pop("_misfit_seen", None)
+            self._record_layout()
         else:
             d["_misfit_seen"] = (layout, why)
         return why
 
     def replaced_reason(self) -> str | None:
-        """Which child was replaced by one the block cannot compute (it then runs unfused),
-        or None."""
-        layout, _ = walk(self)
-        return None if layout == self.__dict__.get("_layout") else self._misfit(layout)
+        """Which child was replaced by one the block cannot compute (it then runs unfused,
+        or raises where it was built directly), or None."""
+        d = self.__dict__
+        layout, _ = walk(self, d.get("_layout_skip", _NO_SKIP))
+        return None if layout == d.get("_layout") else self._misfit(layout)
 
     def _replaced_child(self, x: Tensor, why: str) -> Tensor:
         """A converted block whose child was replaced by one it cannot compute runs its
@@ -301,8 +344,9 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         return orig.forward(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        layout, hooked = walk(self)
-        if layout != self.__dict__.get("_layout"):
+        d = self.__dict__
+        layout, hooked = walk(self, d.get("_layout_skip", _NO_SKIP))
+        if layout != d.get("_layout"):
             why = self._misfit(layout)
             if why is not None:
                 return self._replaced_child(x, why)

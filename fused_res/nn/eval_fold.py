@@ -45,7 +45,10 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     _generation += 1
 
 
-register_optimizer_step_post_hook(_after_optimizer_step)
+_previous = globals().get("_STEP_HOOK")
+if _previous is not None:  # (importlib.reload: one hook, not two)
+    _previous.remove()
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def clear() -> None:

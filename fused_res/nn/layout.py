@@ -13,6 +13,7 @@ the ops can do) is taken in; anything else makes the block run unfused.
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .hooks import has_hooks
 from .plan import padding_reason
@@ -38,11 +39,15 @@ def _child_modules(m: nn.Module):
     return (child for _, child in reversed(_children(m)))
 
 
-def walk(module: nn.Module) -> tuple[Layout, bool]:
-    """module's descendants (None where a child slot holds None), depth first, and whether any
-    of them has hooks."""
+def walk(module: nn.Module, skip: frozenset = frozenset()) -> tuple[Layout, bool]:
+    """module's descendants (None where a child slot holds None), depth first, leaving out
+    the top-level slots named in `skip` with everything under them, and whether any of the
+    rest has hooks."""
     out, hooked = [], False
-    stack = list(_child_modules(module))
+    if skip:
+        stack = [m for k, m in reversed(_children(module)) if k not in skip]
+    else:
+        stack = list(_child_modules(module))
     while stack:
         m = stack.pop()
         out.append(m)
@@ -55,35 +60,46 @@ def walk(module: nn.Module) -> tuple[Layout, bool]:
     return tuple(out), hooked
 
 
-def _name_of(root: nn.Module, position: int) -> str:
-    names = [name for name, _ in _named_walk(root)]
-    return names[position] if position < len(names) else f"descendant #{position}"
+def named(module: nn.Module, skip: frozenset = frozenset()) -> dict[str, nn.Module | None]:
+    """walk(module, skip)'s modules by dotted name (for saying what changed)."""
+    out = {}
+
+    def visit(m: nn.Module, prefix: str, top: bool) -> None:
+        for name, child in _children(m):
+            if top and name in skip:
+                continue
+            out[prefix + name] = child
+            if child is not None:
+                visit(child, f"{prefix}{name}.", False)
+    visit(module, "", True)
+    return out
 
 
-def _named_walk(module: nn.Module, prefix: str = ""):
-    for name, child in _children(module):
-        full = f"{prefix}{name}"
-        yield full, child
-        if child is not None:
-            yield from _named_walk(child, full + ".")
+def _kind(m: nn.Module | None) -> type:
+    """m's class, that before a parametrization (weight_norm makes a ParametrizedConv2d)."""
+    return type(m) if m is None else parametrize.type_before_parametrizations(m)
 
 
-def misfit(root: nn.Module, before: Layout, now: Layout) -> str | None:
-    """None where `now` differs from `before` only by like-for-like replacements: a module
-    of the very same class (for a conv, with a padding the ops can do); else what changed,
-    naming the module."""
-    for i, (old, new) in enumerate(zip(before, now, strict=False)):  # (the first change)
-        if old is new:
+def misfit(before: dict[str, nn.Module | None],
+           now: dict[str, nn.Module | None]) -> str | None:
+    """None where `now` (named(), the block's modules now) differs from `before` (those it
+    was fused with, by name) only by like-for-like replacements: a module of the very same
+    class (for a conv, with a padding the ops can do); else what changed, naming it."""
+    for name, old in before.items():
+        if name not in now:
+            return f"{name} was removed"
+        new = now[name]
+        if new is old:
             continue
-        name = _name_of(root, i)
-        if type(old) is not type(new):
-            return (f"{name} was replaced by {type(new).__name__} (was "
-                    f"{type(old).__name__})")
+        if new is None:
+            return f"{name} was set to None"
+        if _kind(new) is not _kind(old):
+            return f"{name} was replaced by {type(new).__name__} (was {type(old).__name__})"
         if isinstance(new, nn.Conv2d):
             why = padding_reason(new)
             if why is not None:
                 return f"{name} was replaced by a conv with {why}"
-    if len(before) != len(now):
-        where = _name_of(root, min(len(before), len(now)) - 1) if before and now else "it"
-        return f"a module was added to or removed from the block (after {where})"
+    added = [name for name in now if name not in before]
+    if added:
+        return f"{added[0]} was added"
     return None

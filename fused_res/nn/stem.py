@@ -195,9 +195,9 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
         return None
 
     def replaced(self) -> str | None:
-        """The attribute name of the stem's BatchNorm or ReLU where its model now holds
-        another module there (SyncBatchNorm.convert_sync_batchnorm after convert()), or None
-        (also when the model is unknown: a stem copied alone)."""
+        """The attribute name of the stem's conv, BatchNorm or ReLU where its model now holds
+        another module there (a wrapped conv1, SyncBatchNorm.convert_sync_batchnorm after
+        convert()), or None (also when the model is unknown: a stem copied alone)."""
         d = self.__dict__
         ref = d.get("_parent")
         parent = ref() if ref is not None else None
@@ -205,6 +205,8 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
             return None
         (bn_name, act_name), _ = d["_stem"]
         modules = parent._modules
+        if modules.get("conv1") is not self:
+            return "conv1"  # (wrapped: nn.Sequential(adapter, conv1), checkpoint_wrapper)
         if modules.get(bn_name) is not d["_norm"]:
             return bn_name
         act = d.get("_act")
@@ -218,6 +220,10 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
             return (f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run unfused "
                     "while they are there")
         replaced = self.replaced()
+        if replaced == "conv1":
+            return ("the fused stem's conv1 is no longer its model's conv1 (wrapped after "
+                    "convert()?): it runs as a plain conv and the stem's BatchNorm and ReLU "
+                    "as themselves; revert() the model and convert() it again to fuse them")
         if replaced is not None:
             return (f"the fused stem's {replaced} was replaced after convert() "
                     "(SyncBatchNorm.convert_sync_batchnorm?): conv1 runs as a plain conv and "
