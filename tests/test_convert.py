@@ -974,17 +974,14 @@ def test_a_conv_parametrized_after_convert_keeps_the_block_fused():
     assert "running unfused" not in fused_res.format_report(fused)
 
 
-@pytest.mark.parametrize("change", ["se_inner_act", "se_removed", "drop_path_off",
-                                    "weight_normed_conv"])
+@pytest.mark.parametrize("change", ["se_inner_act", "se_removed", "weight_normed_conv"])
 def test_changes_the_fused_block_computes_as_they_are_keep_it_fused(change):
-    """The block calls its attention and drop-path modules itself, so their replacement is
-    computed as it is; a conv replaced by a weight-normed one is a plain conv to the ops. All
-    stay fused, without a warning (the layout check first ran such blocks unfused)."""
+    """The block calls its attention module itself, so its replacement is computed as it
+    is; a conv replaced by a weight-normed one is a plain conv to the ops. All stay fused,
+    without a warning (the layout check first ran such blocks unfused)."""
     from torch.nn.utils import parametrizations
-    make = {"se_inner_act": "seresnet18", "se_removed": "seresnet18",
-            "drop_path_off": "resnet18", "weight_normed_conv": "resnet18"}[change]
-    kw = {"drop_path_rate": 0.1} if change == "drop_path_off" else {}
-    model = randomize_bn(timm.create_model(make, num_classes=10, **kw))
+    make = "resnet18" if change == "weight_normed_conv" else "seresnet18"
+    model = randomize_bn(timm.create_model(make, num_classes=10))
     fused = fused_res.convert(model, backend="reference")
     for m in (model, fused):
         torch.manual_seed(2)
@@ -993,8 +990,6 @@ def test_changes_the_fused_block_computes_as_they_are_keep_it_fused(change):
             block.se.act = nn.SiLU()
         elif change == "se_removed":
             block.se = nn.Identity()
-        elif change == "drop_path_off":
-            block.drop_path = nn.Identity()
         else:
             block.conv2 = parametrizations.weight_norm(nn.Conv2d(128, 128, 3, 1, 1, bias=False))
         m.double()
@@ -1012,6 +1007,90 @@ def test_a_subclass_of_a_built_block_may_add_modules_after_the_constructor():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         block(x)
+
+
+def _surgery_case(make, name, change):
+    """(model, fused) in float64 after the same change to block `name` of both."""
+    model = randomize_bn(make())
+    fused = fused_res.convert(model, backend="reference")
+    for m in (model, fused):
+        torch.manual_seed(2)
+        change(m.get_submodule(name))
+        m.double()
+    return model, fused
+
+
+class _ChannelScale(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.gamma.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("case", ["preact_option_a_wrapped", "drop_path_to_layer_scale",
+                                  "se_set_to_none", "drop_path_set_to_none",
+                                  "shortcut_scale_with_a_misfit"])
+def test_slot_changes_the_plan_depends_on_run_the_original(case):
+    """Changes the fused forward would get wrong or crash on: a full-preact option-A
+    shortcut wrapped in a Sequential (which makes it read the pre-activation: 0.51 off), a
+    drop path replaced by a per-channel scale (0.24 off), an SE or drop path set to None
+    (AttributeError), a shortcut_scale set on the block before it falls back (the original
+    kept the old one: 0.08 off)."""
+    if case == "preact_option_a_wrapped":
+        model, fused = _surgery_case(
+            lambda: models.cifar_resnet(20, variant="full_preact", shortcut="A"), "layer2.0",
+            lambda b: setattr(b, "downsample", nn.Sequential(b.downsample)))
+    elif case == "drop_path_to_layer_scale":
+        model, fused = _surgery_case(
+            lambda: timm.create_model("resnet18", num_classes=10, drop_path_rate=0.1),
+            "layer2.1", lambda b: setattr(b, "drop_path", _ChannelScale(128)))
+    elif case == "se_set_to_none":
+        model, fused = _surgery_case(lambda: timm.create_model("seresnet18", num_classes=10),
+                                     "layer1.0", lambda b: setattr(b, "se", None))
+    elif case == "drop_path_set_to_none":
+        model, fused = _surgery_case(
+            lambda: timm.create_model("resnet18", num_classes=10, drop_path_rate=0.1),
+            "layer2.0", lambda b: setattr(b, "drop_path", None))
+    else:
+        def change(b):
+            b.shortcut_scale = 0.5
+            b.conv2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False, padding_mode="circular")
+        model, fused = _surgery_case(lambda: models.cifar_resnet(20), "layer1.1", change)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        fused.train(train)
+        torch.manual_seed(4)
+        want = model(x)
+        torch.manual_seed(4)
+        hooks._WARNED.clear()
+        with pytest.warns(UserWarning, match="runs its original forward"):
+            y = fused(x)
+        assert rel_err(y, want) <= 1e-10
+
+
+def test_a_block_pickled_before_layouts_is_held_to_its_original_children():
+    """A block without the layout keys (pickled by an earlier version) takes the children
+    its original holds as the baseline, not whatever it holds at its first call."""
+    model, fused = _pair("resnet18")
+    block = fused.layer1[0]
+    for key in ("_layout", "_layout_named", "_layout_skip"):
+        block.__dict__.pop(key)
+    block.relu = nn.GELU()
+    model.layer1[0].relu = nn.GELU()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match="relu was replaced by GELU"):
+        assert rel_err(fused.eval()(x), model.eval()(x)) <= 1e-5
+
+
+def test_report_of_a_built_block_that_cannot_run_says_so():
+    block = fused_res.nn.BasicBlock(8, 8)
+    block.relu = nn.GELU()
+    wrapper = nn.Sequential(block)
+    (entry,) = fused_res.report(wrapper)
+    assert "cannot run: relu of a BasicBlock built" in entry.detail
 
 
 def test_a_block_built_fused_refuses_a_child_it_cannot_compute():

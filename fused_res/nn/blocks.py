@@ -163,6 +163,10 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         orig = self.__dict__.get("_original")
         if orig is None:
             return None
+        for key, value in self.__dict__.items():
+            # Public attributes set since (shortcut_scale), as from_block shared them.
+            if not key.startswith("_") and key != "training" and key in orig.__dict__:
+                orig.__dict__[key] = value
         for name in list(orig._modules):
             orig._modules[name] = self._modules.get(name)
         for name, child in self._modules.items():
@@ -289,14 +293,17 @@ class FusedResidualBlock(NotScriptable, nn.Module):
                    "original modules, unfused, while a child has hooks")
         return orig.forward(x)
 
+    def _skipped_slots(self) -> frozenset:
+        """The attention slot (SE, ECA): the block calls it as a module, so a replacement
+        there is computed as itself, and only whether it holds one counts. (Not the drop
+        path, which the block asks for a per-sample scale, nor a module shortcut, whose
+        kind decides what input it reads: either replaced is checked.)"""
+        name = self.plan.attention
+        return frozenset((name,)) if name and "." not in name else _NO_SKIP
+
     def _record_layout(self) -> None:
-        """Hold later calls to the descendants the block has now, but those in the slots it
-        calls as modules (attention, drop path, a module shortcut: a replacement there is
-        computed as itself)."""
-        sc = self.plan.shortcut
-        slots = (self.plan.attention, self.plan.drop_path,
-                 sc.module if sc.kind == "module" else None)
-        skip = frozenset(n for n in slots if n and "." not in n)
+        """Hold later calls to the descendants the block has now (_skipped_slots aside)."""
+        skip = self._skipped_slots()
         d = self.__dict__
         d["_layout_skip"] = skip
         d["_layout"] = walk(self, skip)[0]
@@ -310,10 +317,15 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         modules after the constructor), as is one unpickled from before layouts."""
         d = self.__dict__
         if d.get("_layout_named") is None:
-            if d.get("_original") is None:
+            orig = d.get("_original")
+            if orig is None:
                 self._check_slots()
-            self._record_layout()
-            return None
+                self._record_layout()
+                return None
+            # Unpickled from before: the original still holds the children it was fused with
+            # (as of its last original() call).
+            d["_layout_skip"] = self._skipped_slots()
+            d["_layout_named"] = named(orig, d["_layout_skip"])
         bad = d.get("_misfit_seen")
         if bad is not None and bad[0] == layout:
             return bad[1]
@@ -329,7 +341,12 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         or raises where it was built directly), or None."""
         d = self.__dict__
         layout, _ = walk(self, d.get("_layout_skip", _NO_SKIP))
-        return None if layout == d.get("_layout") else self._misfit(layout)
+        if layout == d.get("_layout"):
+            return None
+        try:
+            return self._misfit(layout)
+        except TypeError as e:  # (a block built directly: its forward raises this)
+            return str(e)
 
     def _replaced_child(self, x: Tensor, why: str) -> Tensor:
         """A converted block whose child was replaced by one it cannot compute runs its

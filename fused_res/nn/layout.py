@@ -39,19 +39,30 @@ def _child_modules(m: nn.Module):
     return (child for _, child in reversed(_children(m)))
 
 
+class _Held:
+    """A skipped slot that holds a module (which one, and what is under it, does not count)."""
+
+    def __repr__(self) -> str:
+        return "HELD"
+
+
+HELD = _Held()
+
+
 def walk(module: nn.Module, skip: frozenset = frozenset()) -> tuple[Layout, bool]:
-    """module's descendants (None where a child slot holds None), depth first, leaving out
-    the top-level slots named in `skip` with everything under them, and whether any of the
-    rest has hooks."""
+    """module's descendants (None where a child slot holds None), depth first, with HELD
+    for a top-level slot named in `skip` that holds a module (nothing under it), and whether
+    any of the rest has hooks."""
     out, hooked = [], False
     if skip:
-        stack = [m for k, m in reversed(_children(module)) if k not in skip]
+        stack = [(m if k not in skip else None if m is None else HELD)
+                 for k, m in reversed(_children(module))]
     else:
         stack = list(_child_modules(module))
     while stack:
         m = stack.pop()
         out.append(m)
-        if m is None:
+        if m is None or m is HELD:
             continue
         if not hooked and has_hooks(m):
             hooked = True
@@ -67,6 +78,7 @@ def named(module: nn.Module, skip: frozenset = frozenset()) -> dict[str, nn.Modu
     def visit(m: nn.Module, prefix: str, top: bool) -> None:
         for name, child in _children(m):
             if top and name in skip:
+                out[name] = None if child is None else HELD
                 continue
             out[prefix + name] = child
             if child is not None:
@@ -93,6 +105,8 @@ def misfit(before: dict[str, nn.Module | None],
             continue
         if new is None:
             return f"{name} was set to None"
+        if old is None:
+            return f"{name} was added"
         if _kind(new) is not _kind(old):
             return f"{name} was replaced by {type(new).__name__} (was {type(old).__name__})"
         if isinstance(new, nn.Conv2d):
