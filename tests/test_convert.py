@@ -928,18 +928,25 @@ def test_a_child_replaced_after_convert_by_what_the_block_cannot_compute(surgery
     assert "running unfused: " in line.detail and want in line.detail
 
 
-def _assert_still_fused_and_equal(model, fused):
-    """float64 models: fused computes as model in train and eval, without a warning, and
-    report() says nothing runs unfused. Each call from one seed (drop paths draw)."""
+def _train_then_eval(model, fused):
+    """Yields (x, model's output) in train, then in eval (float64), fused set alike and the
+    seed reset for its call (drop paths draw)."""
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        fused.train(train)
+        torch.manual_seed(4)
+        want = model(x)
+        torch.manual_seed(4)
+        yield x, want
+
+
+def _assert_still_fused_and_equal(model, fused):
+    """fused computes as model in train and eval, without a warning, and report() says
+    nothing runs unfused."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for train in (True, False):
-            model.train(train)
-            fused.train(train)
-            torch.manual_seed(4)
-            want = model(x)
-            torch.manual_seed(4)
+        for x, want in _train_then_eval(model, fused):
             assert rel_err(fused(x), want) <= 1e-10
     assert "running unfused" not in fused_res.format_report(fused)
 
@@ -1058,13 +1065,7 @@ def test_slot_changes_the_plan_depends_on_run_the_original(case):
             b.shortcut_scale = 0.5
             b.conv2 = nn.Conv2d(16, 16, 3, 1, 1, bias=False, padding_mode="circular")
         model, fused = _surgery_case(lambda: models.cifar_resnet(20), "layer1.1", change)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for train in (True, False):
-        model.train(train)
-        fused.train(train)
-        torch.manual_seed(4)
-        want = model(x)
-        torch.manual_seed(4)
+    for x, want in _train_then_eval(model, fused):
         hooks._WARNED.clear()
         with pytest.warns(UserWarning, match="runs its original forward"):
             y = fused(x)
