@@ -1190,3 +1190,23 @@ def test_fx_symbolic_tracing_of_a_converted_model_says_what_to_use_instead():
     got = create_feature_extractor(fused_res.revert(fused).eval(), {"layer2": "f"})(x)["f"]
     want = create_feature_extractor(model.eval(), {"layer2": "f"})(x)["f"]
     assert rel_err(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("surgery", ["shortcut_appended", "relu_to_gelu"])
+def test_lesion_of_a_block_changed_after_convert_uses_the_original(surgery):
+    """forward_shortcut_only follows the same layout check as the forward (a module appended
+    to the shortcut was dropped from the lesioned block: 0.39 off)."""
+    model, fused = _pair("resnet18")
+    name = "layer2.0" if surgery == "shortcut_appended" else "layer1.1"
+    for m in (model, fused):
+        _SURGERY[surgery](m.get_submodule(name))
+        if surgery == "shortcut_appended":
+            m.get_submodule(name).downsample[-1] = nn.Hardtanh()
+        m.double().eval()
+    drop = [fused_res.residual_blocks(fused).index(fused.get_submodule(name))]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with fused_res.lesion(model, drop=drop):
+        want = model(x)
+    with fused_res.lesion(fused, drop=drop), pytest.warns(UserWarning):
+        got = fused(x)
+    assert rel_err(got, want) <= 1e-10

@@ -64,6 +64,12 @@ def _shortcut_only_fn(module: nn.Module, adapters: dict[type, ShortcutOnly]):
     return adapters.get(type(module))
 
 
+def shortcut_only_fn(module: nn.Module) -> ShortcutOnly | None:
+    """f(module, x): module without its residual branch, or None where module is no
+    residual block this module knows."""
+    return _shortcut_only_fn(module, _foreign_adapters())
+
+
 def residual_blocks(model: nn.Module) -> list[nn.Module]:
     """The residual blocks of `model` in forward order (registration order, which is the
     order in which every supported ResNet calls them)."""

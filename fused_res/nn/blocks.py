@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from .. import ops
 from ..models import imagenet
+from ..models.lesion import shortcut_only_fn
 from . import eval_fold
 from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
 from .hooks import hooked_child, share_hooks, warn_once
@@ -437,6 +438,14 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         plan = self.plan
         if not plan.residual:
             raise ValueError("a plain block has no shortcut to fall back to")
+        why = self.replaced_reason()
+        orig = self.original() if why is not None else None
+        fn = shortcut_only_fn(orig) if orig is not None else None
+        if fn is not None:
+            # (the plan's shortcut may no longer be the block's: an appended module)
+            warn_once(f"{why} after convert(): the lesioned {type(orig).__name__} runs its "
+                      "original's shortcut")
+            return fn(orig, x)
         preact = None
         if plan.shortcut.reads_preact:
             preact = F.relu(self._get(plan.pre_norm)(x)) if plan.pre_norm else F.relu(x)
