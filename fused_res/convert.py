@@ -411,5 +411,8 @@ def format_report(model: nn.Module) -> str:
               if not isinstance(m._modules.get("conv1"), FusedStemConv)
               and any(isinstance(c, AppliedBatchNorm2d) for c in m._modules.values())]
     lines += [str(e) for e in entries]
-    lines.append(f"{fused}/{len(entries)} residual blocks fused")
+    unfused_now = sum(e.fused and ("running unfused" in e.detail or "cannot run" in e.detail)
+                      for e in entries)
+    lines.append(f"{fused}/{len(entries)} residual blocks fused"
+                 + (f", {unfused_now} of them running unfused now" if unfused_now else ""))
     return "\n".join(lines)

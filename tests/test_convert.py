@@ -922,6 +922,8 @@ def test_a_child_replaced_after_convert_by_what_the_block_cannot_compute(surgery
             want.square().mean().backward()
             errs = _param_errors(model, fused, "grad")
             assert max(errs.values()) <= 1e-8, max(errs, key=errs.get)
+    assert fused_res.format_report(fused).endswith(
+        "8/8 residual blocks fused, 1 of them running unfused now")
     line = next(e for e in fused_res.report(fused) if e.name == name)
     want = {"shortcut_appended": "downsample.2 was added",
             "projection_on_identity": "downsample was added"}.get(surgery, "was replaced by")
