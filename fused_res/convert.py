@@ -340,13 +340,15 @@ class BlockReport:
     block_type: str
     fused: bool
     detail: str
+    unfused_now: bool = False  # (fused, but running unfused: hooks or a changed child)
 
     def __str__(self) -> str:
         status = "fused" if self.fused else "unfused"
         return f"{self.name or '<root>'}: {self.block_type} -> {status}: {self.detail}"
 
 
-def _describe(module: fblocks.FusedResidualBlock) -> str:
+def _describe(module: fblocks.FusedResidualBlock) -> tuple[str, bool]:
+    """The report's detail for a fused block, and whether it runs unfused now."""
     plan = module.plan
     parts = [f"{plan.variant} as {type(module).__name__}", f"backend={module.backend or 'default'}"]
     sc = plan.shortcut
@@ -365,7 +367,7 @@ def _describe(module: fblocks.FusedResidualBlock) -> str:
         parts.append(f"{'cannot run' if built else 'running unfused'}: {replaced}")
     elif hooked is not None:
         parts.append(f"running unfused while {hooked} has hooks")
-    return ", ".join(parts)
+    return ", ".join(parts), replaced is not None or hooked is not None
 
 
 def report(model: nn.Module) -> list[BlockReport]:
@@ -377,8 +379,9 @@ def report(model: nn.Module) -> list[BlockReport]:
         if isinstance(module, fblocks.FusedResidualBlock):
             orig = module.__dict__.get("_original")
             kind = type(orig if orig is not None else module)
+            detail, unfused_now = _describe(module)
             entries.append(BlockReport(name, f"{kind.__module__}.{kind.__qualname__}", True,
-                                       _describe(module)))
+                                       detail, unfused_now))
             continue
         found = recognize(module)
         if found is None:
@@ -411,8 +414,7 @@ def format_report(model: nn.Module) -> str:
               if not isinstance(m._modules.get("conv1"), FusedStemConv)
               and any(isinstance(c, AppliedBatchNorm2d) for c in m._modules.values())]
     lines += [str(e) for e in entries]
-    unfused_now = sum(e.fused and ("running unfused" in e.detail or "cannot run" in e.detail)
-                      for e in entries)
+    unfused_now = sum(e.unfused_now for e in entries)
     lines.append(f"{fused}/{len(entries)} residual blocks fused"
                  + (f", {unfused_now} of them running unfused now" if unfused_now else ""))
     return "\n".join(lines)

@@ -104,7 +104,7 @@ def batch_affine(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, shape,
         update_running_stats(mean, var, bn.running_mean, bn.running_var,
                              bn.num_batches_tracked, bn.momentum, count)
     shift = _as(bn.bias, acc) if bn.bias is not None else None
-    return ChannelAffine(_as(mean, acc), scale, shift)
+    return ChannelAffine(mean, scale, shift)
 
 
 def input_affine(bn: nn.BatchNorm2d, x: Tensor, backend: str | None) -> ChannelAffine:

@@ -86,6 +86,12 @@ def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
 _NO_SKIP: frozenset = frozenset()
 
 
+def _shared_attr(key: str) -> bool:
+    """A public attribute a converted block and its original hold alike (shortcut_scale,
+    a slot kept as a plain None), as from_block copies them."""
+    return not key.startswith("_") and key != "training"
+
+
 def _block_class_defines(block: nn.Module, name: str) -> bool:
     """Whether `name` is defined by block's class or a base below nn.Module (not by
     nn.Module, whose attributes the fused block has itself)."""
@@ -117,7 +123,7 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for key, value in block.__dict__.items():
-            if not key.startswith("_") and key != "training":
+            if _shared_attr(key):
                 new.__dict__[key] = value
         share_hooks(block, new)  # (the block's own hooks fire on the fused block)
         for name, child in block._modules.items():
@@ -165,8 +171,8 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         if orig is None:
             return None
         for key, value in self.__dict__.items():
-            # Public attributes set since (shortcut_scale), as from_block shared them.
-            if not key.startswith("_") and key != "training" and key in orig.__dict__:
+            # Set since (shortcut_scale); not the fused block's own (plan, backend).
+            if _shared_attr(key) and key in orig.__dict__:
                 orig.__dict__[key] = value
         for name in list(orig._modules):
             orig._modules[name] = self._modules.get(name)
@@ -207,7 +213,7 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         (else the next original() call would undo a child it replaced)."""
         orig = self.__dict__["_original"]
         for key, value in orig.__dict__.items():
-            if not key.startswith("_") and key != "training":
+            if _shared_attr(key):
                 self.__dict__[key] = value
         mods = self._modules
         for key in [k for k in mods if k not in orig._modules]:

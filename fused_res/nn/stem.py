@@ -148,6 +148,12 @@ class AppliedReLU(NotScriptable, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x if _fused(self) else F.relu(x, inplace=self.inplace)
 
+    def as_relu(self) -> nn.ReLU:
+        """A plain nn.ReLU with this module's hooks (revert)."""
+        relu = nn.ReLU(inplace=self.inplace)
+        share_hooks(self, relu)
+        return relu
+
 
 # StemState.awaiting_bn after a fused call made inside a backward pass.
 _RECOMPUTED = "recomputed"
@@ -285,9 +291,7 @@ def unapply(parent: nn.Module) -> None:
         if isinstance(child, AppliedBatchNorm2d):
             parent._modules[name] = child.as_batchnorm()
         elif isinstance(child, AppliedReLU):
-            relu = nn.ReLU(inplace=child.inplace)
-            share_hooks(child, relu)
-            parent._modules[name] = relu
+            parent._modules[name] = child.as_relu()
 
 
 def unfuse_stem(parent: nn.Module, fused: FusedStemConv) -> nn.Conv2d:
@@ -299,8 +303,9 @@ def unfuse_stem(parent: nn.Module, fused: FusedStemConv) -> nn.Conv2d:
     if isinstance(bn, AppliedBatchNorm2d):
         parent._modules[bn_name] = bn.as_batchnorm()
     act = parent._modules.get(act_name)
-    # (a stem fused before AppliedReLU: the nn.Identity in its place is ours)
-    if isinstance(act, AppliedReLU) or type(act) is nn.Identity:
+    if isinstance(act, AppliedReLU):
+        parent._modules[act_name] = act.as_relu()
+    elif type(act) is nn.Identity:  # (a stem fused before AppliedReLU: the Identity is ours)
         relu = nn.ReLU(inplace=inplace)
         share_hooks(act, relu)
         parent._modules[act_name] = relu
