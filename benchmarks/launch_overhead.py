@@ -199,6 +199,14 @@ def check(stub, log=print) -> list[str]:
                 problems.append(f"{name} ({attempt}): a different compiled kernel")
             if not _same_launch(CALLS[-1], jit_call):
                 problems.append(f"{name} ({attempt}): the launcher got a different call")
+        # The bound launch an inference plan makes (launch.bind): the same call again.
+        bound = fast.bind(kernel, grid, args, kwargs)
+        if bound is None:
+            problems.append(f"{name}: no bound launch after a cached one")
+        else:
+            bound(args)
+            if not _same_launch(CALLS[-1], jit_call):
+                problems.append(f"{name} (bound): the launcher got a different call")
         del kernel.run
         if jit_runs != [1]:
             problems.append(f"{name}: {jit_runs[0]} JIT runs in two launches (1 expected: "
@@ -334,19 +342,24 @@ def time_paths(repeats: int, log=print) -> None:
     from fused_res.triton import launch as fast
 
     calls = _recorded_unit_calls()
-    log(f"{'kernel':24s} {'args':>4s} {'JIT us':>8s} {'launch() us':>12s} {'ratio':>6s}")
-    tot_jit = tot_fast = 0.0
+    log(f"{'kernel':24s} {'args':>4s} {'JIT us':>8s} {'launch() us':>12s} {'ratio':>6s} "
+        f"{'bound us':>9s}")
+    tot_jit = tot_fast = tot_bound = 0.0
     for kernel, grid, args, kwargs in calls:
         jit = functools.partial(kernel[grid], *args, **kwargs)
         direct = functools.partial(fast.launch, kernel, grid, *args, **kwargs)
         jit(), direct()
+        # What an inference plan launches with (ops/plans.py): the key not computed again.
+        bound = functools.partial(fast.bind(kernel, grid, args, kwargs), args)
         t_jit, t_fast = _per_call_us(jit, repeats), _per_call_us(direct, repeats)
+        t_bound = _per_call_us(bound, repeats)
         tot_jit += t_jit
         tot_fast += t_fast
+        tot_bound += t_bound
         log(f"{kernel.fn.__name__:24s} {len(args) + len(kwargs):4d} {t_jit:8.1f} "
-            f"{t_fast:12.1f} {t_fast / t_jit:6.2f}")
+            f"{t_fast:12.1f} {t_fast / t_jit:6.2f} {t_bound:9.1f}")
     log(f"{'one unit (' + str(len(calls)) + ' launches)':24s} {'':4s} {tot_jit:8.1f} "
-        f"{tot_fast:12.1f} {tot_fast / tot_jit:6.2f}")
+        f"{tot_fast:12.1f} {tot_fast / tot_jit:6.2f} {tot_bound:9.1f}")
     _time_autotuned_conv(calls[0], repeats, log)
     log(f"host path to the launcher, fastest of 5 rounds of {repeats}; Triton "
         f"{triton.__version__}, torch {torch.__version__}, stub driver (nothing launched)")

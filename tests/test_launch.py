@@ -211,3 +211,66 @@ def test_objects_that_are_not_jit_functions_launch_as_they_are():
 
     launch(Stub(), (3,), 1, 2, FLAG=True)
     assert seen == [((3,), (1, 2), {"FLAG": True})]
+
+
+def test_bound_launch_hands_the_launcher_the_call_with_new_tensors(jit_kernel):
+    """launch.bind: after one cached launch, the same call with other tensors of the same
+    dtype, without the JIT and without computing the key again."""
+    from fused_res.triton import launch as fast
+
+    kernel, runs, launched = jit_kernel
+    x = torch.zeros(64)
+    assert fast.bind(kernel, (2,), (x, 16, 0.5), {"FLAG": True}) is None  # never launched
+    fast.launch(kernel, (2,), x, 16, 0.5, FLAG=True)  # the JIT: compiled and cached
+    bound = fast.bind(kernel, (2,), (x, 16, 0.5), {"FLAG": True}, varying=(0,))
+    assert bound is not None
+    y = torch.ones(64)
+    bound((y, 16, 0.5))
+    assert len(runs) == 1 and len(launched) == 1
+    grid_x, grid_y, grid_z, stream, fn, meta, _, _, _, *args = launched[0]
+    assert (grid_x, grid_y, grid_z, stream, fn, meta) == (2, 1, 1, 5, "f", "m")
+    assert args[0] is y and args[1:] == [16, 0.5, True]
+
+
+@pytest.mark.parametrize("change", ["alignment", "disabled", "debug", "pre_run_hook",
+                                    "device"])
+def test_bound_launch_goes_through_launch_where_its_key_changed(jit_kernel, change,
+                                                                monkeypatch):
+    """What a bound launch checks per call (a varying tensor's alignment, the direct path
+    turned off, Triton's switches, pre-run hooks, the current device): on a change it
+    launches through launch(), which takes the JIT for what it has not seen."""
+    import triton
+    from triton.runtime.driver import driver
+
+    from fused_res.triton import launch as fast
+
+    kernel, runs, launched = jit_kernel
+    base = torch.zeros(64)
+    fast.launch(kernel, (1,), base, 16, 0.5, FLAG=True)
+    bound = fast.bind(kernel, (1,), (base, 16, 0.5), {"FLAG": True}, varying=(0,))
+    arg = base
+    if change == "alignment":
+        arg = base[1:]
+    elif change == "disabled":
+        monkeypatch.setitem(fast._STATE, "on", False)
+    elif change == "debug":
+        monkeypatch.setattr(triton.knobs.runtime, "debug", True)
+    elif change == "pre_run_hook":
+        monkeypatch.setattr(kernel, "pre_run_hooks", [lambda *a, **k: None])
+    elif change == "device":
+        monkeypatch.setattr(driver.active, "get_current_device", lambda: 1)
+    bound((arg, 16, 0.5))
+    assert len(runs) == 2 and not launched
+    assert runs[-1][1][0] is arg
+
+
+def test_bind_is_none_where_the_direct_path_does_not_launch(jit_kernel, monkeypatch):
+    from fused_res.triton import launch as fast
+
+    kernel, runs, launched = jit_kernel
+    x = torch.zeros(64)
+    fast.launch(kernel, (1,), x, 16, 0.5, FLAG=True)
+    assert fast.bind(kernel, (1,), (x, 16, 0.5), {"FLAG": False}) is None  # another key
+    assert fast.bind(kernel, lambda meta: (1,), (x, 16, 0.5), {"FLAG": True}) is None
+    monkeypatch.setitem(fast._STATE, "compatible", False)
+    assert fast.bind(kernel, (1,), (x, 16, 0.5), {"FLAG": True}) is None

@@ -60,6 +60,19 @@ class Backend:
     #: before the conv either way.
     prologue_in_conv: bool = False
 
+    def conv_unit_plan(self, *args) -> tuple[torch.Tensor, object | None]:
+        """conv_unit_forward(*args)'s output y, and a plan where this backend can run calls
+        like this one again without the layers above its kernel: a callable (x, residual)
+        -> y for a new input and residual, returning None where they are not like this
+        call's (fused_res.ops.plans says what else must stay the same). For inference
+        calls only (nothing records a backward). The base class has no plans."""
+        return self.conv_unit_forward(*args)[0], None
+
+    def plan_switches(self, dtype: torch.dtype) -> tuple:
+        """This backend's settings that a plan for inputs of `dtype` depends on beyond its
+        call's arguments: a plan runs only while they are what they were when it was made."""
+        return ()
+
     def fuses_shortcut_conv(self) -> bool:
         """Whether, in inference, a block's last conv and its 1x1 projection shortcut should
         run as one op (conv_pair_forward: one GEMM over both convs' K) rather than two conv

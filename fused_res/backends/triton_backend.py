@@ -198,8 +198,8 @@ class TritonBackend(ReferenceBackend):
                 in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
                 branch_scale, act_out)
         conv, ew = _kernels()
-        fmt = memory_format_of(x)
         if self._unfused:
+            fmt = memory_format_of(x)
             # Same kernels, one job each: prologue pass, plain conv, affine pass, tail pass.
             p = self._prologue(x, in_center, in_scale, in_shift, act_in, fmt)
             z, _ = conv.conv_launch(p, weight, bias, stride, padding, None, None, None, "none",
@@ -209,14 +209,51 @@ class TritonBackend(ReferenceBackend):
             y = ew.epilogue_forward(u, None, None, None, act_mid, residual, res_scale,
                                     branch_scale, act_out, fmt)
             return y, (u if act_mid == "relu" else None)
+        return self._fused_unit(x, weight, bias, stride, padding, in_center, in_scale,
+                                in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                                res_scale, branch_scale, act_out)
+
+    def _fused_unit(self, x, weight, bias, stride, padding, in_center, in_scale, in_shift,
+                    act_in, out_scale, out_shift, act_mid, residual, res_scale, branch_scale,
+                    act_out, plan_out=None):
+        conv, _ = _kernels()
+        # (A call being planned is an inference call: no backward reads u.)
         y, u = conv.conv_launch(
             x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
             out_scale=out_scale, out_shift=out_shift, act_mid=act_mid, residual=residual,
             res_scale=res_scale, branch_scale=branch_scale, act_out=act_out,
-            store_u=needs_pre_act(act_mid, residual, branch_scale, act_out),
-            memory_format=fmt, tma=self._tma, cache_weight=is_constant(weight))
+            store_u=plan_out is None and needs_pre_act(act_mid, residual, branch_scale,
+                                                       act_out),
+            memory_format=memory_format_of(x), tma=self._tma,
+            cache_weight=is_constant(weight), plan_out=plan_out)
         # u is only read by a backward that needs_pre_act (it is stored then), else None.
         return y, u
+
+    def plan_switches(self, dtype: torch.dtype) -> tuple:
+        conv, _ = _kernels()
+        return (self._unfused, self._tma, conv.tma_requested(), conv.autotune_enabled(),
+                conv.dot_precision(dtype))
+
+    def conv_unit_plan(self, x, weight, bias, stride, padding, dilation, groups, in_center,
+                       in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                       res_scale, branch_scale, act_out):
+        # Plans for one fused launch whose tensors, the input and residual aside, are
+        # fused_res's constants (the eval fold's): nobody writes them, so what the launch
+        # derived from them (the weight matrix, contiguous vectors) stays right.
+        if (self._unfused or branch_scale is not None
+                or not self._runs(x, weight, groups, dilation)
+                or not all(t is None or is_constant(t)
+                           for t in (weight, bias, in_center, in_scale, in_shift, out_scale,
+                                     out_shift))):
+            return super().conv_unit_plan(
+                x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
+                branch_scale, act_out)
+        plans: list = []
+        y, _ = self._fused_unit(x, weight, bias, stride, padding, in_center, in_scale,
+                                in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                                res_scale, branch_scale, act_out, plans)
+        return y, (plans[0] if plans else None)
 
     def conv_unit_backward(self, gy, saved, needs):
         s = saved

@@ -201,6 +201,17 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1
     Returns y (N, C_out, OH, OW) in x's dtype and memory format. Differentiable in every
     tensor argument but branch_scale.
     """
+    args = conv_unit_args(x, weight, bias, stride, padding, dilation, groups, in_center,
+                          in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
+                          res_scale, branch_scale, act_out)
+    return run_conv_unit(args, backend)
+
+
+def conv_unit_args(x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                   in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,
+                   branch_scale, act_out) -> tuple:
+    """conv_unit's arguments checked and cast (autocast), in the op's order (backend aside).
+    """
     x, weight, bias, stride, padding, dilation = _prepare_conv(
         x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
         act_in)
@@ -212,11 +223,17 @@ def conv_unit(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1
     residual, res_scale = _prepare_tail((x.shape[0], c_out, oh, ow), x.shape[0], x.device,
                                         x.dtype, residual, res_scale, branch_scale, act_mid,
                                         act_out)
-    def run(name):
-        return library.call("conv_unit", x, weight, bias, stride, padding, dilation, groups,
-                            in_center, in_scale, in_shift, act_in, out_scale, out_shift,
-                            act_mid, residual, res_scale, branch_scale, act_out, name)
+    return (x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift,
+            act_in, out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out)
 
+
+def run_conv_unit(args: tuple, backend: str | None) -> Tensor:
+    """The conv_unit op on conv_unit_args' output, on the backend chosen for it."""
+    def run(name):
+        return library.call("conv_unit", *args, name)
+
+    (x, weight, bias, stride, padding, dilation, groups, in_center, in_scale, in_shift, act_in,
+     out_scale, out_shift, act_mid, residual, res_scale, branch_scale, act_out) = args
     tensors = {"x": x, "weight": weight, "bias": bias, "in_center": in_center,
                "in_scale": in_scale, "in_shift": in_shift, "out_scale": out_scale,
                "out_shift": out_shift, "residual": residual, "branch_scale": branch_scale}

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import configs
 from .common import channel_affine, relu, unit_tail
-from .launch import launch
+from .launch import bind, launch
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -527,11 +527,67 @@ class TileStats(NamedTuple):
                    make((tiles,), dtype=torch.float32, device=device))
 
 
+class ConvPlan:
+    """One conv_launch call's launch, made again for a new input x and residual of the same
+    shape, strides, dtype and device as the call's (and the residual no more or less the
+    input than it was): a new output, the same kernel, grid and every other argument (the
+    weight matrix and the vectors the call had: the caller passes those same tensors, which
+    nobody writes). Made by conv_launch(plan_out=...) for an inference call without
+    statistics on a constant weight, with 32-bit indexing and its tile known."""
+
+    __slots__ = ("kernel", "grid", "kwargs", "template", "x_at", "y_at", "r_at", "x_sig",
+                 "r_sig", "aliased", "y_shape", "fmt", "bound")
+
+    @classmethod
+    def make(cls, kernel, grid, args: tuple, kwargs: dict, x, residual, y, fmt) -> ConvPlan:
+        p = cls()
+        p.kernel, p.grid, p.kwargs, p.fmt, p.y_shape = kernel, grid, dict(kwargs), fmt, y.shape
+        # The call's own x, y and residual are not kept: their places are filled per call.
+        p.y_at = tuple(i for i, a in enumerate(args) if a is y)
+        p.x_at = tuple(i for i, a in enumerate(args) if a is x)
+        p.r_at = (() if residual is None else
+                  tuple(i for i, a in enumerate(args) if a is residual and a is not x))
+        # Bound now (the launch just made cached this key); the alignment that can change is
+        # that of the tensors filled per call (one place of each is enough).
+        p.bound = bind(kernel, grid, args, kwargs,
+                       varying=tuple(at[0] for at in (p.x_at, p.y_at, p.r_at) if at))
+        filled = set(p.x_at + p.y_at + p.r_at)
+        p.template = tuple(None if i in filled else a for i, a in enumerate(args))
+        p.aliased = residual is x
+        p.x_sig = (x.shape, x.stride(), x.dtype, x.device)
+        p.r_sig = None if residual is None else (residual.shape, residual.stride(),
+                                                 residual.dtype, residual.device)
+        return p
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """The output (y) for this x and residual, or None where they are not like the
+        planned call's (the caller then runs conv_launch)."""
+        if ((x.shape, x.stride(), x.dtype, x.device) != self.x_sig
+                or (residual is x) != self.aliased
+                or (None if residual is None else (residual.shape, residual.stride(),
+                                                   residual.dtype, residual.device))
+                != self.r_sig or needs_int64(x, residual)):
+            return None
+        y = torch.empty(self.y_shape, dtype=x.dtype, device=x.device, memory_format=self.fmt)
+        args = list(self.template)
+        for i in self.x_at:
+            args[i] = x
+        for i in self.y_at:
+            args[i] = y
+        for i in self.r_at:
+            args[i] = residual
+        if self.bound is not None:
+            self.bound(tuple(args))
+        else:
+            launch(self.kernel, self.grid, *args, **self.kwargs)
+        return y
+
+
 def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in, *,
                 out_scale=None, out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                 branch_scale=None, act_out="none", store_u=False, stats=False,
                 memory_format=torch.contiguous_format, config=None, tma=None,
-                cache_weight=False):
+                cache_weight=False, plan_out: list | None = None):
     """Run the fused conv. x (N, C_in, H, W) float32/float16/bfloat16, weight (C_out, C_in,
     KH, KW) same dtype; vectors (C,) any float dtype; residual (N, C_out, OH, OW).
 
@@ -541,7 +597,9 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
     tma: whether operands come by TMA where they can (sm_90): a 1x1 stride-1 conv without a
     prologue through conv_tma, the weight tiles of the others; None: FUSED_RES_TRITON_TMA
     decides (off unless "1"). cache_weight: the weight's GEMM layout may be kept and reused
-    (weight_matrix_cached; only for a weight nobody writes, backends.constants)."""
+    (weight_matrix_cached; only for a weight nobody writes, backends.constants).
+    plan_out: a list to which a ConvPlan of this call is appended where there can be one
+    (cache_weight, no statistics, no u, 32-bit indexing, a known tile, no TMA)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     bias, in_center, in_scale, in_shift = vec(bias), vec(in_center), vec(in_scale), vec(in_shift)
@@ -606,8 +664,13 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
                 stride[0], stride[1], padding[0], padding[1], float(res_scale))
         if cfg is not None:
             grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
-            launch(conv_unit_kernel, grid, *args, **flags, **cfg.meta, GROUP_M=8,
-                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            kwargs = dict(flags, **cfg.meta, GROUP_M=8, num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages)
+            launch(conv_unit_kernel, grid, *args, **kwargs)
+            if (plan_out is not None and cache_weight and not (stats or store_u or index_64)
+                    and w_desc is None):
+                plan_out.append(ConvPlan.make(conv_unit_kernel, grid, args, kwargs, x,
+                                              residual, y, memory_format))
         else:
             grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
                                  cdiv(c_out, meta["BLOCK_N"]),)

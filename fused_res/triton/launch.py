@@ -147,30 +147,58 @@ def _tail(kernel, args: tuple, kwargs: dict):
     return tuple(out)
 
 
+def _switches(runtime) -> tuple:
+    """Triton's switches that select a compiled kernel: its debug flag and instrumentation
+    mode (None where this Triton has no such switch)."""
+    return (getattr(runtime, "debug", None),
+            getattr(triton.knobs.compilation, "instrumentation_mode", None))
+
+
+def _direct(kernel, grid) -> bool:
+    """Whether a launch of kernel on grid may take the direct path at all."""
+    return (_STATE["on"] and type(kernel) is _JIT and type(grid) is tuple
+            and not kernel.pre_run_hooks and _compatible()
+            and getattr(triton.knobs.runtime, "add_stages_inspection_hook", None) is None)
+
+
+def _key(kernel, args, kwargs, device) -> tuple | None:
+    """The direct path's cache key of this call (see the module docstring), or None where it
+    cannot describe it (unhashable where a keyword value is: _entry)."""
+    keys = _arg_keys(args)
+    if keys is None:
+        return None
+    keys.append(device)
+    keys.append(kernel)
+    keys.extend(_switches(triton.knobs.runtime))
+    keys.extend(kwargs.values())  # call sites pass their keywords in a fixed order ...
+    keys.extend(kwargs)  # ... but the names go in too, for any that does not,
+    keys.extend(map(type, kwargs.values()))  # and the types (True == 1 == 1.0)
+    return tuple(keys)
+
+
+def _entry(key: tuple | None):
+    """The cached launch of this key (None: none yet, or no key), or False where the key
+    cannot be hashed (an unhashable keyword value: only the JIT knows what it means)."""
+    if key is None:
+        return False
+    try:
+        return _CACHE.get(key)
+    except TypeError:
+        return False
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs): a Triton kernel launch, with the JIT's binding skipped
     once the kernel has been compiled for this key. `grid` is a tuple of 1-3 ints. Returns
     what the JIT returns (the compiled kernel)."""
-    if (not _STATE["on"] or type(kernel) is not _JIT or type(grid) is not tuple
-            or kernel.pre_run_hooks or not _compatible()):
+    if not _direct(kernel, grid):
         return kernel[grid](*args, **kwargs)
-    keys = _arg_keys(args)
     runtime = triton.knobs.runtime
-    if keys is None or getattr(runtime, "add_stages_inspection_hook", None) is not None:
-        return kernel[grid](*args, **kwargs)
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
-    keys.append(device)
-    keys.append(kernel)
-    keys.append(getattr(runtime, "debug", None))
-    keys.append(getattr(triton.knobs.compilation, "instrumentation_mode", None))
-    keys.extend(kwargs.values())  # call sites pass their keywords in a fixed order ...
-    keys.extend(kwargs)  # ... but the names go in too, for any that does not,
-    keys.extend(map(type, kwargs.values()))  # and the types (True == 1 == 1.0)
-    try:
-        key = tuple(keys)
-        entry = _CACHE.get(key)
-    except TypeError:  # an unhashable keyword value: only the JIT knows what it means
+    key = _key(kernel, args, kwargs, device)
+    entry = _entry(key)
+    if entry is False:
         return kernel[grid](*args, **kwargs)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)
@@ -189,3 +217,66 @@ def launch(kernel, grid, *args, **kwargs):
         compiled.launch_metadata(grid, stream, *full), runtime.launch_enter_hook,
         runtime.launch_exit_hook, *full)
     return compiled
+
+
+def _aligned(t) -> bool:
+    """Whether a tensor's address is 16-byte aligned (what Triton specializes on)."""
+    return not t.data_ptr() & 15
+
+
+class Bound:
+    """A launch of one compiled kernel on a fixed grid with fixed keywords, for positional
+    arguments that keep the bound call's key: launch() without computing the key again.
+    Made by bind(); see there for what the caller keeps the same."""
+
+    __slots__ = ("kernel", "grid", "kwargs", "entry", "device", "switches", "tensors",
+                 "aligned")
+
+    def __call__(self, args: tuple) -> None:
+        """Launch with `args` (a tuple). Where anything the call's key holds and this checks
+        has changed (the alignment of a tensor, the current device, Triton's switches, the
+        direct path turned off), it launches through launch() instead, which decides
+        afresh."""
+        kernel, grid = self.kernel, self.grid
+        runtime = triton.knobs.runtime
+        driver = triton.runtime.driver.active
+        device = driver.get_current_device()
+        if (device != self.device or not _STATE["on"] or kernel.pre_run_hooks
+                or _switches(runtime) != self.switches
+                or getattr(runtime, "add_stages_inspection_hook", None) is not None
+                or any(_aligned(args[i]) != a
+                       for i, a in zip(self.tensors, self.aligned, strict=True))):
+            launch(kernel, grid, *args, **self.kwargs)
+            return
+        run, function, metadata, compiled, tail = self.entry
+        stream = driver.get_current_stream(device)
+        full = args + tail
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function,
+            metadata, compiled.launch_metadata(grid, stream, *full), runtime.launch_enter_hook,
+            runtime.launch_exit_hook, *full)
+
+
+def bind(kernel, grid, args: tuple, kwargs: dict, varying: tuple | None = None
+         ) -> Bound | None:
+    """The launch of a call launch() has made (and cached) before, for calls whose positional
+    arguments differ from `args` only in which tensors they are: each of the same dtype, and
+    every int, float type and bool the same. The caller keeps that promise; the returned
+    Bound checks the rest per call: the current device, Triton's switches, and the 16-byte
+    alignment of the tensors at the positions `varying` (None: every tensor's; a caller
+    that passes the same tensor objects elsewhere on every call, tensors nobody re-points,
+    names only the others). None where the direct path does not hold this call (turned off,
+    an incompatible Triton, the interpreter, not yet launched with this key)."""
+    if not _direct(kernel, grid):
+        return None
+    device = triton.runtime.driver.active.get_current_device()
+    entry = _entry(_key(kernel, args, kwargs, device))
+    if not entry:
+        return None
+    b = Bound()
+    b.kernel, b.grid, b.kwargs, b.entry, b.device = kernel, grid, dict(kwargs), entry, device
+    b.switches = _switches(triton.knobs.runtime)
+    b.tensors = tuple(i for i, a in enumerate(args) if isinstance(a, _TENSOR)
+                      and (varying is None or i in varying))
+    b.aligned = tuple(_aligned(args[i]) for i in b.tensors)
+    return b

@@ -1,0 +1,108 @@
+"""Inference plans: a conv_unit call that came down to one kernel launch, launched again for the
+next calls like it without the layers above the launch.
+
+Without CUDA graphs, inference at small batches is bound by the host: on H100 run 8 the
+ResNet-50 blocks at batch 64 ran 0.85-1.43x eager's speed as launched calls against 1.52-1.76x
+as graph replays (benchmarks/results/2026-11-27-h100-run8-bandwidth-train-configs), the
+difference being the host path of each conv unit: argument checks, the backend's choice, the
+op's dispatch, the launcher's own argument handling. A plan keeps what the first call worked
+out (the kernel, its grid, every argument but the input, the residual and the output) and
+launches it again.
+
+A plan runs a call only where that call would do exactly what the planned one did; otherwise
+it returns None and the caller runs conv_unit (conv_unit_planned, which plans again). Checked
+on every call:
+- the same weight, bias and vector tensors (the very objects; the backends plan only for
+  fused_res's own constants, which nobody writes: the eval fold's) and the same settings,
+  compared by type and value;
+- an input and a residual of the planned shape, strides, dtype and device, with 32-bit
+  offsets (the backend's plan checks those);
+- grad mode off, plain eager mode (no torch.compile, trace, dispatch or function mode, torch.func
+  transform or forward AD), and no autocast cast (a float32 input under autocast);
+- the backend in force the same where the call names none, and that backend's switches as they
+  were (Backend.plan_switches: the Triton backend's unfused and TMA modes,
+  FUSED_RES_TRITON_TMA and FUSED_RES_TRITON_AUTOTUNE, the float32 dot precision).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import current_backend, get_backend_object, resolve
+from . import functional, library
+
+
+def _same(a, b) -> bool:
+    """Whether two argument values are the same: tensors by identity, the rest by type and
+    value (True is not 1: the checks that refuse a bool must not be skipped)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or isinstance(a, Tensor):
+        return False
+    if type(a) in (list, tuple):  # (stride, padding: flat lists of ints)
+        return len(a) == len(b) and all(type(u) is type(v) and type(u) not in (list, tuple)
+                                        and u == v for u, v in zip(a, b, strict=True))
+    return a == b
+
+
+class ConvUnitPlan:
+    """A planned conv_unit call (see the module docstring). Called with conv_unit's own
+    arguments, it returns the output y, or None where this call is not one it covers."""
+
+    __slots__ = ("fixed", "current", "backend", "switches", "launch")
+
+    def __call__(self, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
+                 in_center=None, in_scale=None, in_shift=None, act_in="none", out_scale=None,
+                 out_shift=None, act_mid="none", residual=None, res_scale=1.0,
+                 branch_scale=None, act_out="none", backend=None) -> Tensor | None:
+        if torch.is_grad_enabled() or type(x) is not Tensor:
+            return None
+        fixed = (weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                 in_shift, act_in, out_scale, out_shift, act_mid, res_scale, branch_scale,
+                 act_out, backend)
+        for u, v in zip(fixed, self.fixed, strict=True):
+            if u is not v and not _same(u, v):
+                return None
+        if ((residual is not None and type(residual) is not Tensor)
+                or (backend is None and current_backend() != self.current)
+                or not library.runs_eagerly(x, residual)
+                or (x.dtype == torch.float32 and functional._autocast_dtype(x) is not None)
+                or self.backend.plan_switches(x.dtype) != self.switches):
+            return None
+        return self.launch(x, residual)
+
+
+def conv_unit_planned(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1,
+                      padding=0, dilation=1, groups: int = 1, in_center: Tensor | None = None,
+                      in_scale: Tensor | None = None, in_shift: Tensor | None = None,
+                      act_in: str = "none", out_scale: Tensor | None = None,
+                      out_shift: Tensor | None = None, act_mid: str = "none",
+                      residual: Tensor | None = None, res_scale: float = 1.0,
+                      branch_scale: Tensor | None = None, act_out: str = "none",
+                      backend: str | None = None) -> tuple[Tensor, ConvUnitPlan | None]:
+    """fused_res.ops.conv_unit(...) (same arguments, same y), and a ConvUnitPlan for the next
+    calls like this one where the backend has one for it (an inference call, no gradient,
+    of a backend that plans: the Triton backend, on constant tensors), else None."""
+    args = functional.conv_unit_args(x, weight, bias, stride, padding, dilation, groups,
+                                     in_center, in_scale, in_shift, act_in, out_scale,
+                                     out_shift, act_mid, residual, res_scale, branch_scale,
+                                     act_out)
+    requested = backend if backend is not None else current_backend()
+    # (args[0], args[14]: the input and residual as the op gets them; not the caller's when
+    # autocast or the residual's dtype made a cast, which a plan would not repeat.)
+    if (torch.is_grad_enabled() or requested == "auto" or args[0] is not x
+            or args[14] is not residual or not library.runs_eagerly(x, residual)):
+        return functional.run_conv_unit(args, backend), None
+    name = resolve(requested, args[0], args[1], args[6], tuple(args[5]))
+    obj = get_backend_object(name)
+    y, launch = obj.conv_unit_plan(*args)
+    if launch is None:
+        return y, None
+    plan = ConvUnitPlan()
+    plan.fixed = (weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                  in_shift, act_in, out_scale, out_shift, act_mid, res_scale, branch_scale,
+                  act_out, backend)
+    plan.current = requested if backend is None else None
+    plan.backend, plan.switches, plan.launch = obj, obj.plan_switches(x.dtype), launch
+    return y, plan

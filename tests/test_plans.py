@@ -1,0 +1,292 @@
+"""Inference plans (fused_res/ops/plans.py): after one eval call of a conv unit, the Triton
+backend launches the same kernel again without the layers above it, for as long as nothing
+the first call worked out could have changed. Run in Triton's CPU interpreter, in a child
+process as tests/test_triton_kernels.py does (fp32 and fp16; the kernels really run): the
+planned call returns exactly what the unplanned path returns, and steps aside for every change
+that would make it wrong."""
+
+import contextlib
+import copy
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fused_res import ops
+from fused_res.backends import registry
+from fused_res.testing import TOLERANCES, rel_err
+
+CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+if not CHILD:
+    @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+    def test_plan_cases_in_a_child_process():
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        tail = (proc.stdout + proc.stderr)[-6000:]
+        assert proc.returncode == 0, f"plan cases failed:\n{tail}"
+        assert " passed" in proc.stdout, tail
+
+    def test_backends_without_plans_return_none_and_the_same_output():
+        """The reference backend has no plans: conv_unit_planned is conv_unit there."""
+        from fused_res.backends.constants import mark_constant
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 5, 5, generator=g)
+        w = mark_constant(torch.randn(6, 4, 3, 3, generator=g))
+        b = mark_constant(torch.randn(6, generator=g))
+        with torch.no_grad():
+            y, plan = ops.conv_unit_planned(x, w, padding=1, out_shift=b, act_mid="relu",
+                                            backend="reference")
+            ref = ops.conv_unit(x, w, padding=1, out_shift=b, act_mid="relu",
+                                backend="reference")
+        assert plan is None and torch.equal(y, ref)
+
+    def test_same_compares_by_type():
+        from fused_res.ops.plans import _same
+        t = torch.zeros(1)
+        assert _same(t, t) and not _same(t, t.clone())
+        assert _same([1, 2], [1, 2]) and not _same([1, 2], (1, 2))
+        assert not _same([True, 1], [1, 1]) and not _same(True, 1) and not _same(1.0, 1)
+        assert not _same(float("nan"), float("nan"))  # (a NaN plans nothing)
+
+else:
+    from fused_res import nn as fnn
+    from fused_res.backends.constants import mark_constant
+    from fused_res.backends.triton_backend import TritonBackend
+    from fused_res.nn import unit
+    from fused_res.triton import conv as tconv
+
+    @pytest.fixture(autouse=True)
+    def triton_backend():
+        old = registry._factories["triton"]
+        registry.register_backend("triton", TritonBackend)
+        unit._PLANS.clear()
+        yield
+        registry.register_backend("triton", old)
+
+    @pytest.fixture
+    def launches(monkeypatch):
+        """A one-element list counting conv_launch calls (the unplanned path's)."""
+        count = [0]
+        real = tconv.conv_launch
+
+        def counted(*args, **kwargs):
+            count[0] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tconv, "conv_launch", counted)
+        return count
+
+    def _randomize_bn(model, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                with torch.no_grad():
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+        return model
+
+    def _block(kind, dtype):
+        torch.manual_seed(0)
+        if kind == "bottleneck":
+            b = fnn.Bottleneck(16, 4, backend="triton")
+        elif kind == "basic":
+            b = fnn.BasicBlock(16, 16, backend="triton")
+        else:  # a downsampling basic block: its last conv and projection run as one op
+            down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
+            b = fnn.BasicBlock(8, 16, stride=2, downsample=down, backend="triton")
+        return _randomize_bn(b).eval().to(dtype)
+
+    def _input(block, dtype, fmt=torch.channels_last, n=2, hw=7, seed=1):
+        c = block.conv1.in_channels
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, c, hw, hw, generator=g).to(dtype).contiguous(memory_format=fmt)
+
+    def _unplanned(block, x):
+        """What the block computes with no plan (each unit through conv_unit)."""
+        unit._PLANS.clear()
+        with torch.no_grad():
+            y = block(x)
+        unit._PLANS.clear()
+        return y
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+    @pytest.mark.parametrize("kind", ["bottleneck", "basic", "downsample"])
+    @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
+    def test_planned_call_returns_what_the_unplanned_one_does(kind, dtype, fmt, launches):
+        block = _block(kind, dtype)
+        x = _input(block, dtype, fmt)
+        expect = _unplanned(block, x)
+        with torch.no_grad():
+            first = block(x)  # plans
+            n_first = launches[0]
+            second = block(x)  # runs them
+        planned_units = len(unit._PLANS)
+        assert planned_units == {"bottleneck": 3, "basic": 2, "downsample": 1}[kind]
+        assert launches[0] - n_first == 0 if kind != "downsample" else True
+        assert torch.equal(first, expect) and torch.equal(second, expect)
+        # ... and that is the block's value (the float64 reference of the unfused block).
+        ref = copy.deepcopy(block).double()
+        ref.backend = None
+        with torch.no_grad(), ops_backend("reference"):
+            want = ref(x.double())
+        assert rel_err(second, want) < TOLERANCES[dtype]
+
+    @contextlib.contextmanager
+    def ops_backend(name):
+        with registry.use_backend(name):
+            yield
+
+    CHANGES = ["weight_in_place", "running_stats", "batch_size", "memory_format", "strided_view",
+               "autocast", "reference_backend", "unfused", "tma_env", "grad_mode"]
+
+    @pytest.mark.parametrize("change", CHANGES)
+    def test_plan_steps_aside_where_the_call_changed(change, launches, monkeypatch):
+        """After a planned call, each change makes the next call what the unplanned path
+        computes (a new fold, shape or layout plans anew; a mode or switch the plan cannot
+        honour runs the ordinary path)."""
+        dtype = torch.float32
+        block = _block("bottleneck", dtype)
+        # (strided_view: an NCHW view of a larger map, whose layout the fold sees as the
+        # planned NCHW input's: only the plan's own check of the strides tells them apart.)
+        fmt = torch.contiguous_format if change == "strided_view" else torch.channels_last
+        x = _input(block, dtype, fmt)
+        with torch.no_grad():
+            block(x)
+            block(x)
+        assert len(unit._PLANS) == 3
+        ctx = contextlib.nullcontext()
+        if change == "weight_in_place":
+            with torch.no_grad():
+                block.conv2.weight.mul_(-1.5)
+        elif change == "running_stats":
+            with torch.no_grad():
+                block.bn3.running_var.mul_(4.0)
+        elif change == "batch_size":
+            x = _input(block, dtype, n=3)
+        elif change == "memory_format":
+            x = x.contiguous()
+        elif change == "strided_view":
+            x = _input(block, dtype, fmt, hw=9)[:, :, 1:-1, 1:-1]
+        elif change == "autocast":
+            ctx = torch.autocast("cpu", dtype=torch.float16)
+        elif change == "reference_backend":
+            block.backend = None
+            ctx = registry.use_backend("reference")
+        elif change == "unfused":
+            ctx = registry.get_backend_object("triton").unfused()
+        elif change == "tma_env":
+            monkeypatch.setenv("FUSED_RES_TRITON_TMA", "1")
+        with ctx:
+            # The same block, never planned, computes what the call must return.
+            with (torch.enable_grad() if change == "grad_mode" else torch.no_grad()):
+                expect = copy.deepcopy(block)(x)
+            before = launches[0]
+            with torch.no_grad(), (torch.enable_grad() if change == "grad_mode"
+                                   else contextlib.nullcontext()):
+                got = block(x)  # with the plans of before the change at hand
+            first = launches[0] - before
+            with torch.no_grad():
+                expect_again = copy.deepcopy(block)(x) if change == "grad_mode" else expect
+                block(x)
+                before = launches[0]
+                again = block(x)
+        assert torch.equal(got, expect) and torch.equal(again, expect_again)
+        # The units whose plan the change voids take conv_launch: only conv2 (its weight),
+        # bn3 (its statistics), the first and last units (their input and residual are the
+        # strided block input, the middle one's its own output); the reference backend none.
+        assert first == {"weight_in_place": 1, "running_stats": 1, "strided_view": 2,
+                         "reference_backend": 0}.get(change, 3)
+        # Then a change a plan covers is planned anew and runs without conv_launch, and a
+        # mode the plans do not cover takes it on every call. (Under autocast the middle unit
+        # plans: its input is already float16; the first unit's float32 input and the last
+        # one's float32 residual are cast per call. With FUSED_RES_TRITON_TMA=1 the kernels
+        # plan under the new switch where TMA does not apply, as in the interpreter: how
+        # many depends on the device.)
+        if change != "tma_env":
+            assert launches[0] - before == {"autocast": 2, "unfused": 3}.get(change, 0)
+
+    def test_the_fused_stem_plans_too():
+        """A converted ResNet's stem (FusedStemConv: conv1, bn1, relu as the model calls them)
+        takes its plan on the second call, with the unplanned call's result."""
+        import fused_res
+        from fused_res.models.imagenet import BasicBlock, ResNet
+
+        model = _randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
+        fused = fused_res.convert(copy.deepcopy(model), backend="triton").eval()
+        x = _input(fused, torch.float32, hw=12)
+
+        def stem(m):
+            with torch.no_grad():
+                return m.relu(m.bn1(m.conv1(x)))
+
+        expect = stem(copy.deepcopy(fused))
+        first, second = stem(fused), stem(fused)
+        assert fused.conv1 in unit._PLANS
+        assert torch.equal(first, expect) and torch.equal(second, expect)
+        assert rel_err(second, stem(model)) < TOLERANCES[torch.float32]
+
+    def test_ops_level_plan_checks_every_argument():
+        """ConvUnitPlan returns None (the caller then runs conv_unit, which validates) for
+        any argument that is not the planned call's: other tensors, a bool for a float, a
+        residual that aliases the input where the planned one did not."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+        r = torch.randn(2, 6, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+        w = mark_constant(torch.randn(6, 4, 3, 3, generator=g))
+        b = mark_constant(torch.randn(6, generator=g))
+        kw = dict(padding=[1, 1], out_shift=b, act_mid="relu", residual=r, res_scale=0.5,
+                  act_out="relu", backend="triton")
+        with torch.no_grad():
+            y, plan = ops.conv_unit_planned(x, w, **kw)
+            assert plan is not None
+            assert torch.equal(plan(x, w, **kw), y)
+            x2 = torch.randn_like(x)
+            assert torch.equal(plan(x2, w, **kw), ops.conv_unit(x2, w, **kw))
+            assert plan(x, w.clone(), **kw) is None
+            assert plan(x, w, **{**kw, "res_scale": True}) is None
+            assert plan(x, w, **{**kw, "padding": [True, True]}) is None
+            assert plan(x, w, **{**kw, "act_out": "none"}) is None
+            assert plan(x, w, **{**kw, "out_shift": b.clone()}) is None
+            assert plan(x, w, **{**kw, "residual": r.half()}) is None
+            assert plan(x, w, **{**kw, "backend": None}) is None
+            with torch.enable_grad():
+                assert plan(x, w, **kw) is None
+            with torch.autocast("cpu", dtype=torch.float16):  # (conv_unit would cast x, w)
+                assert plan(x, w, **kw) is None
+            sq = torch.randn(2, 6, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+            w6 = mark_constant(torch.randn(6, 6, 3, 3, generator=g))
+            kw6 = {**kw, "residual": sq}
+            _, plan6 = ops.conv_unit_planned(sq, w6, **kw6)
+            assert plan6 is not None and plan6(sq, w6, **kw6) is not None
+            assert plan6(sq, w6, **{**kw6, "residual": sq.clone()}) is None  # aliasing
+        with pytest.raises(TypeError, match="res_scale"):
+            ops.conv_unit(x, w, **{**kw, "res_scale": True})
+
+    def test_no_plan_for_tensors_that_are_not_fused_res_constants():
+        """A weight nobody marked constant may be written behind the plan's back (its weight
+        matrix would go stale): the Triton backend plans only for the eval fold's."""
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(2, 4, 6, 6, generator=g)
+        w = torch.randn(6, 4, 3, 3, generator=g)
+        with torch.no_grad():
+            _, plan = ops.conv_unit_planned(x, w, padding=1, backend="triton")
+            assert plan is None
+            _, plan = ops.conv_unit_planned(x, mark_constant(w.clone()), padding=1,
+                                            backend="triton")
+            assert plan is not None
+            _, plan = ops.conv_unit_planned(x, mark_constant(w.clone()), padding=1,
+                                            out_scale=torch.rand(6) + 1, backend="triton")
+            assert plan is None
+        _, plan = ops.conv_unit_planned(x, mark_constant(w.clone()), padding=1,
+                                        backend="triton")
+        assert plan is None  # grad mode on: nothing is planned
