@@ -277,11 +277,57 @@ def check(stub, log=print) -> list[str]:
             problems.append(f"an incompatible JIT: {jit_runs[0]} JIT runs in 2 launches")
     finally:
         fast._STATE["compatible"] = None
+    # 6. Inference plans (conv.ConvPlan, ops/plans.py): a planned launch with a new input and
+    # residual (or pair input) hands the launcher what conv_launch (conv_pair_launch) hands
+    # it for them, the output aside (each makes its own).
+    problems += _check_plans()
     if not fast.enabled():
         problems.append(f"Triton {triton.__version__}'s JIT does not call the launcher as "
                         "fused_res.triton.launch expects: the direct path is off")
     log(f"checked {tried} specialization calls, the unit's launches, twin kernels, a second "
-        f"device and an incompatible JIT: {len(problems)} problems")
+        f"device, an incompatible JIT and two inference plans: {len(problems)} problems")
+    return problems
+
+
+def _check_plans() -> list[str]:
+    from fused_res.backends.constants import mark_constant
+    from fused_res.triton import configs, conv, conv_pair
+
+    problems = []
+    cl = torch.channels_last
+    g = torch.Generator().manual_seed(0)
+
+    def fmap(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16).contiguous(memory_format=cl)
+
+    w = mark_constant(fmap(64, 64, 3, 3))
+    w2 = mark_constant(fmap(64, 32, 1, 1))
+    b, b2 = mark_constant(torch.randn(64, generator=g)), mark_constant(torch.randn(64))
+    cfg = configs.ConvConfig(64, 64, 32, 4, 3)
+    unit = lambda x, r, plans=None: conv.conv_launch(  # noqa: E731
+        x, w, None, (1, 1), (1, 1), None, None, None, "none", out_shift=b, act_mid="relu",
+        residual=r, act_out="relu", memory_format=cl, config=cfg, tma=False,
+        cache_weight=True, plan_out=plans)[0]
+    pair = lambda x, x2, plans=None: conv_pair.conv_pair_launch(  # noqa: E731
+        x, w, b, (1, 1), (1, 1), x2, w2, b2, (2, 2), "relu", memory_format=cl, config=cfg,
+        cache_weights=True, plan_out=plans)
+    cases = (("conv_unit", unit, lambda: fmap(2, 64, 8, 8)),
+             ("conv_pair", pair, lambda: fmap(2, 32, 16, 16)))
+    for name, run, second in cases:
+        plans: list = []
+        run(fmap(2, 64, 8, 8), second(), plans)
+        if not plans or plans[0].bound is None:
+            problems.append(f"{name}: no plan with a bound launch")
+            continue
+        x, x2 = fmap(2, 64, 8, 8), second()
+        y_plan = plans[0](x, x2)
+        planned = CALLS[-1]
+        y_direct = run(x, x2)
+        direct = CALLS[-1]
+        swapped = tuple(y_direct if a is y_plan else a for a in planned)
+        if y_plan is None or not _same_launch(swapped, direct):
+            problems.append(f"{name}: the plan handed the launcher another call than "
+                            "conv_launch / conv_pair_launch")
     return problems
 
 

@@ -73,15 +73,18 @@ else:
 
     @pytest.fixture
     def launches(monkeypatch):
-        """A one-element list counting conv_launch calls (the unplanned path's)."""
+        """A one-element list counting conv_launch and conv_pair_launch calls (the unplanned
+        path's)."""
+        from fused_res.triton import conv_pair
         count = [0]
-        real = tconv.conv_launch
+        for module, name in ((tconv, "conv_launch"), (conv_pair, "conv_pair_launch")):
+            real = getattr(module, name)
 
-        def counted(*args, **kwargs):
-            count[0] += 1
-            return real(*args, **kwargs)
+            def counted(*args, _real=real, **kwargs):
+                count[0] += 1
+                return _real(*args, **kwargs)
 
-        monkeypatch.setattr(tconv, "conv_launch", counted)
+            monkeypatch.setattr(module, name, counted)
         return count
 
     def _randomize_bn(model, seed=0):
@@ -99,11 +102,15 @@ else:
         torch.manual_seed(0)
         if kind == "bottleneck":
             b = fnn.Bottleneck(16, 4, backend="triton")
+        elif kind == "bottleneck_down":
+            down = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
+            b = fnn.Bottleneck(32, 16, stride=2, downsample=down, backend="triton")
         elif kind == "basic":
             b = fnn.BasicBlock(16, 16, backend="triton")
         else:  # a downsampling basic block: its last conv and projection run as one op
-            down = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
-            b = fnn.BasicBlock(8, 16, stride=2, downsample=down, backend="triton")
+            # (the pair kernel takes 16 input channels and more, its own and the shortcut's)
+            down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
+            b = fnn.BasicBlock(16, 32, stride=2, downsample=down, backend="triton")
         return _randomize_bn(b).eval().to(dtype)
 
     def _input(block, dtype, fmt=torch.channels_last, n=2, hw=7, seed=1):
@@ -130,9 +137,11 @@ else:
             first = block(x)  # plans
             n_first = launches[0]
             second = block(x)  # runs them
-        planned_units = len(unit._PLANS)
-        assert planned_units == {"bottleneck": 3, "basic": 2, "downsample": 1}[kind]
-        assert launches[0] - n_first == 0 if kind != "downsample" else True
+        # Every conv planned: the downsampling block's last conv and projection as one pair.
+        from fused_res.nn.blocks import _PAIR_PLANS
+        assert len(unit._PLANS) == {"bottleneck": 3, "basic": 2, "downsample": 1}[kind]
+        assert len(_PAIR_PLANS) == (kind == "downsample")
+        assert launches[0] == n_first
         assert torch.equal(first, expect) and torch.equal(second, expect)
         # ... and that is the block's value (the float64 reference of the unfused block).
         ref = copy.deepcopy(block).double()
@@ -149,13 +158,15 @@ else:
     CHANGES = ["weight_in_place", "running_stats", "batch_size", "memory_format", "strided_view",
                "autocast", "reference_backend", "unfused", "tma_env", "grad_mode"]
 
+    @pytest.mark.parametrize("kind", ["bottleneck", "bottleneck_down"])
     @pytest.mark.parametrize("change", CHANGES)
-    def test_plan_steps_aside_where_the_call_changed(change, launches, monkeypatch):
+    def test_plan_steps_aside_where_the_call_changed(kind, change, launches, monkeypatch):
         """After a planned call, each change makes the next call what the unplanned path
         computes (a new fold, shape or layout plans anew; a mode or switch the plan cannot
-        honour runs the ordinary path)."""
+        honour runs the ordinary path). bottleneck_down: conv1, conv2 and the pair (conv3
+        with the projection) are its three launches."""
         dtype = torch.float32
-        block = _block("bottleneck", dtype)
+        block = _block(kind, dtype)
         # (strided_view: an NCHW view of a larger map, whose layout the fold sees as the
         # planned NCHW input's: only the plan's own check of the strides tells them apart.)
         fmt = torch.contiguous_format if change == "strided_view" else torch.channels_last
@@ -163,7 +174,6 @@ else:
         with torch.no_grad():
             block(x)
             block(x)
-        assert len(unit._PLANS) == 3
         ctx = contextlib.nullcontext()
         if change == "weight_in_place":
             with torch.no_grad():
@@ -204,8 +214,12 @@ else:
         # The units whose plan the change voids take conv_launch: only conv2 (its weight),
         # bn3 (its statistics), the first and last units (their input and residual are the
         # strided block input, the middle one's its own output); the reference backend none.
+        # (Unfused, or with gradients, the downsampling block runs its shortcut as a unit
+        # of its own: four launches.)
+        down = kind == "bottleneck_down"
         assert first == {"weight_in_place": 1, "running_stats": 1, "strided_view": 2,
-                         "reference_backend": 0}.get(change, 3)
+                         "reference_backend": 0, "unfused": 4 if down else 3,
+                         "grad_mode": 4 if down else 3}.get(change, 3)
         # Then a change a plan covers is planned anew and runs without conv_launch, and a
         # mode the plans do not cover takes it on every call. (Under autocast the middle unit
         # plans: its input is already float16; the first unit's float32 input and the last
@@ -213,7 +227,8 @@ else:
         # plan under the new switch where TMA does not apply, as in the interpreter: how
         # many depends on the device.)
         if change != "tma_env":
-            assert launches[0] - before == {"autocast": 2, "unfused": 3}.get(change, 0)
+            assert launches[0] - before == {"autocast": 2,
+                                            "unfused": 4 if down else 3}.get(change, 0)
 
     def test_the_fused_stem_plans_too():
         """A converted ResNet's stem (FusedStemConv: conv1, bn1, relu as the model calls them)

@@ -68,6 +68,10 @@ class Backend:
         calls only (nothing records a backward). The base class has no plans."""
         return self.conv_unit_forward(*args)[0], None
 
+    def conv_pair_plan(self, *args) -> tuple[torch.Tensor, object | None]:
+        """conv_pair_forward(*args), and a plan as conv_unit_plan's (its second input x2)."""
+        return self.conv_pair_forward(*args), None
+
     def plan_switches(self, dtype: torch.dtype) -> tuple:
         """This backend's settings that a plan for inputs of `dtype` depends on beyond its
         call's arguments: a plan runs only while they are what they were when it was made."""

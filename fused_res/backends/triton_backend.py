@@ -188,6 +188,22 @@ class TritonBackend(ReferenceBackend):
                                 act_out, memory_format=memory_format_of(x),
                                 cache_weights=is_constant(weight) and is_constant(weight2))
 
+    def conv_pair_plan(self, x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
+                       act_out):
+        # As conv_unit_plan: one launch on constants only (the eval fold's weights and shifts).
+        if (self._unfused or not self._runs(x, weight) or not self._runs(x2, weight2)
+                or weight2.shape[2:] != (1, 1)
+                or min(x.shape[1], x2.shape[1]) < configs.DOT_MIN
+                or not all(t is None or is_constant(t) for t in (weight, bias, weight2, bias2))):
+            return super().conv_pair_plan(x, weight, bias, stride, padding, x2, weight2, bias2,
+                                          stride2, act_out)
+        from ..triton.conv_pair import conv_pair_launch
+        plans: list = []
+        y = conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
+                             act_out, memory_format=memory_format_of(x), cache_weights=True,
+                             plan_out=plans)
+        return y, (plans[0] if plans else None)
+
     # ---- conv_unit ------------------------------------------------------------------------
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,

@@ -16,6 +16,7 @@ its original forward instead, so that they fire):
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +85,8 @@ def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
 
 
 _NO_SKIP: frozenset = frozenset()
+# block -> the ops.ConvPairPlan of its last inference call of conv_shortcut_pair.
+_PAIR_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _shared_attr(key: str) -> bool:
@@ -278,11 +281,19 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         last = self._get(plan.convs[-1])
         w, b = eval_fold.folded_conv(last, self._get(plan.last_norm), h)
         w2, b2 = eval_fold.folded_conv(pair[0], pair[1], x)
-        return ops.conv_shortcut_pair(h, w, b, x, w2, b2, stride=list(last.stride),
-                                      padding=list(explicit_padding(last)),
-                                      stride2=list(pair[0].stride),
-                                      act_out="relu" if plan.act_out else "none",
-                                      backend=self.backend)
+        kw = {"stride": list(last.stride), "padding": list(explicit_padding(last)),
+              "stride2": list(pair[0].stride), "act_out": "relu" if plan.act_out else "none",
+              "backend": self.backend}
+        # (As run_unit's plans: ops/plans.py. Kept per block, whose last conv the pair is.)
+        planned = _PAIR_PLANS.get(self)
+        y = None if planned is None else planned(h, w, b, x, w2, b2, **kw)
+        if y is None:
+            y, planned = ops.conv_shortcut_pair_planned(h, w, b, x, w2, b2, **kw)
+            if planned is not None:
+                _PAIR_PLANS[self] = planned
+            else:
+                _PAIR_PLANS.pop(self, None)
+        return y
 
     def _children_hooked(self, x: Tensor) -> Tensor | None:
         """With hooks on a child (added after convert(): torch.nn.utils.prune, the old

@@ -14,8 +14,9 @@ from .functional import (
     fuses_train_prologue,
     prepare_backend,
 )
-from .plans import ConvUnitPlan, conv_unit_planned
+from .plans import ConvPairPlan, ConvUnitPlan, conv_shortcut_pair_planned, conv_unit_planned
 
-__all__ = ["ACTS", "ConvUnitPlan", "bn_scale", "channel_stats", "conv_bn_stats",
-           "conv_shortcut_pair", "conv_unit", "conv_unit_planned", "epilogue",
+__all__ = ["ACTS", "ConvPairPlan", "ConvUnitPlan", "bn_scale", "channel_stats",
+           "conv_bn_stats", "conv_shortcut_pair", "conv_shortcut_pair_planned", "conv_unit",
+           "conv_unit_planned", "epilogue",
            "fuses_shortcut_conv", "fuses_train_prologue", "library", "prepare_backend"]

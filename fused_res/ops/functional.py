@@ -299,6 +299,16 @@ def conv_shortcut_pair(x: Tensor, weight: Tensor, bias: Tensor | None, x2: Tenso
     shortcut's output grid must be the conv's. Returns (N, C_out, OH, OW) in x's dtype and
     memory format. Inference only (no autograd, no torch.compile): the blocks call it under
     no_grad, and use two conv_unit calls otherwise."""
+    args = conv_shortcut_pair_args(x, weight, bias, x2, weight2, bias2, stride, padding,
+                                   stride2, act_out)
+    name = resolve(backend, args[0], args[1])
+    return get_backend_object(name).conv_pair_forward(*args)
+
+
+def conv_shortcut_pair_args(x, weight, bias, x2, weight2, bias2, stride, padding, stride2,
+                            act_out) -> tuple:
+    """conv_shortcut_pair's arguments checked and cast (autocast), in the order of
+    Backend.conv_pair_forward."""
     if torch.compiler.is_compiling():
         raise RuntimeError("conv_shortcut_pair runs eagerly only; under torch.compile use "
                            "conv_unit for the shortcut and pass it as the residual")
@@ -332,9 +342,7 @@ def conv_shortcut_pair(x: Tensor, weight: Tensor, bias: Tensor | None, x2: Tenso
                                        (x, weight, bias, x2, weight2, bias2)):
         raise RuntimeError("conv_shortcut_pair has no backward; accepted: inputs that need no "
                            "gradient, or torch.no_grad() / torch.inference_mode()")
-    name = resolve(backend, x, weight)
-    return get_backend_object(name).conv_pair_forward(x, weight, bias, stride, padding, x2,
-                                                      weight2, bias2, stride2, act_out)
+    return x, weight, bias, stride, padding, x2, weight2, bias2, stride2, act_out
 
 
 def channel_stats(x: Tensor, *, backend: str | None = None) -> tuple[Tensor, Tensor]:

@@ -9,9 +9,10 @@ op's dispatch, the launcher's own argument handling. A plan keeps what the first
 out (the kernel, its grid, every argument but the input, the residual and the output) and
 launches it again.
 
-A plan runs a call only where that call would do exactly what the planned one did; otherwise
-it returns None and the caller runs conv_unit (conv_unit_planned, which plans again). Checked
-on every call:
+The same for conv_shortcut_pair (a downsampling block's last conv and projection shortcut),
+whose second input x2 takes the residual's place below. A plan runs a call only where that call
+would do exactly what the planned one did; otherwise it returns None and the caller runs the op
+(conv_unit_planned, conv_shortcut_pair_planned: they plan again). Checked on every call:
 - the same weight, bias and vector tensors (the very objects; the backends plan only for
   fused_res's own constants, which nobody writes: the eval fold's) and the same settings,
   compared by type and value;
@@ -46,31 +47,62 @@ def _same(a, b) -> bool:
     return a == b
 
 
-class ConvUnitPlan:
+class _Plan:
+    """What the plans of both ops check (see the module docstring)."""
+
+    __slots__ = ("fixed", "current", "backend", "switches", "launch")
+
+    def _run(self, x, x2, fixed: tuple, backend) -> Tensor | None:
+        """launch(x, x2) where this call (x, x2: the tensors filled per call; fixed: the
+        rest, as planned) is one the plan covers, else None."""
+        if torch.is_grad_enabled() or type(x) is not Tensor:
+            return None
+        for u, v in zip(fixed, self.fixed, strict=True):
+            if u is not v and not _same(u, v):
+                return None
+        if ((x2 is not None and type(x2) is not Tensor)
+                or (backend is None and current_backend() != self.current)
+                or not library.runs_eagerly(x, x2)
+                or (x.dtype == torch.float32 and functional._autocast_dtype(x) is not None)
+                or self.backend.plan_switches(x.dtype) != self.switches):
+            return None
+        return self.launch(x, x2)
+
+    @classmethod
+    def _make(cls, obj, launch, x: Tensor, fixed: tuple, backend: str | None,
+              requested: str):
+        plan = cls()
+        plan.fixed, plan.current = fixed, requested if backend is None else None
+        plan.backend, plan.switches, plan.launch = obj, obj.plan_switches(x.dtype), launch
+        return plan
+
+
+class ConvUnitPlan(_Plan):
     """A planned conv_unit call (see the module docstring). Called with conv_unit's own
     arguments, it returns the output y, or None where this call is not one it covers."""
 
-    __slots__ = ("fixed", "current", "backend", "switches", "launch")
+    __slots__ = ()
 
     def __call__(self, x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1,
                  in_center=None, in_scale=None, in_shift=None, act_in="none", out_scale=None,
                  out_shift=None, act_mid="none", residual=None, res_scale=1.0,
                  branch_scale=None, act_out="none", backend=None) -> Tensor | None:
-        if torch.is_grad_enabled() or type(x) is not Tensor:
-            return None
-        fixed = (weight, bias, stride, padding, dilation, groups, in_center, in_scale,
-                 in_shift, act_in, out_scale, out_shift, act_mid, res_scale, branch_scale,
-                 act_out, backend)
-        for u, v in zip(fixed, self.fixed, strict=True):
-            if u is not v and not _same(u, v):
-                return None
-        if ((residual is not None and type(residual) is not Tensor)
-                or (backend is None and current_backend() != self.current)
-                or not library.runs_eagerly(x, residual)
-                or (x.dtype == torch.float32 and functional._autocast_dtype(x) is not None)
-                or self.backend.plan_switches(x.dtype) != self.switches):
-            return None
-        return self.launch(x, residual)
+        return self._run(x, residual, (weight, bias, stride, padding, dilation, groups,
+                                       in_center, in_scale, in_shift, act_in, out_scale,
+                                       out_shift, act_mid, res_scale, branch_scale, act_out,
+                                       backend), backend)
+
+
+class ConvPairPlan(_Plan):
+    """A planned conv_shortcut_pair call; called with that op's own arguments, it returns
+    the output, or None where this call is not one it covers."""
+
+    __slots__ = ()
+
+    def __call__(self, x, weight, bias, x2, weight2, bias2, *, stride=1, padding=0,
+                 stride2=1, act_out="none", backend=None) -> Tensor | None:
+        return self._run(x, x2, (weight, bias, weight2, bias2, stride, padding, stride2,
+                                 act_out, backend), backend)
 
 
 def conv_unit_planned(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, stride=1,
@@ -99,10 +131,31 @@ def conv_unit_planned(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     y, launch = obj.conv_unit_plan(*args)
     if launch is None:
         return y, None
-    plan = ConvUnitPlan()
-    plan.fixed = (weight, bias, stride, padding, dilation, groups, in_center, in_scale,
-                  in_shift, act_in, out_scale, out_shift, act_mid, res_scale, branch_scale,
-                  act_out, backend)
-    plan.current = requested if backend is None else None
-    plan.backend, plan.switches, plan.launch = obj, obj.plan_switches(x.dtype), launch
-    return y, plan
+    return y, ConvUnitPlan._make(obj, launch, x, (weight, bias, stride, padding, dilation,
+                                                  groups, in_center, in_scale, in_shift,
+                                                  act_in, out_scale, out_shift, act_mid,
+                                                  res_scale, branch_scale, act_out, backend),
+                                 backend, requested)
+
+
+def conv_shortcut_pair_planned(x: Tensor, weight: Tensor, bias: Tensor | None, x2: Tensor,
+                               weight2: Tensor, bias2: Tensor | None, *, stride=1, padding=0,
+                               stride2=1, act_out: str = "none", backend: str | None = None
+                               ) -> tuple[Tensor, ConvPairPlan | None]:
+    """fused_res.ops.conv_shortcut_pair(...) (same arguments, same output), and a
+    ConvPairPlan for the next calls like this one where the backend has one (as
+    conv_unit_planned), else None."""
+    args = functional.conv_shortcut_pair_args(x, weight, bias, x2, weight2, bias2, stride,
+                                              padding, stride2, act_out)
+    requested = backend if backend is not None else current_backend()
+    name = resolve(requested, args[0], args[1])
+    obj = get_backend_object(name)
+    if (torch.is_grad_enabled() or requested == "auto" or args[0] is not x
+            or args[5] is not x2 or not library.runs_eagerly(x, x2)):
+        return obj.conv_pair_forward(*args), None
+    y, launch = obj.conv_pair_plan(*args)
+    if launch is None:
+        return y, None
+    return y, ConvPairPlan._make(obj, launch, x, (weight, bias, weight2, bias2, stride,
+                                                  padding, stride2, act_out, backend),
+                                 backend, requested)

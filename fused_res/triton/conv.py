@@ -528,12 +528,13 @@ class TileStats(NamedTuple):
 
 
 class ConvPlan:
-    """One conv_launch call's launch, made again for a new input x and residual of the same
-    shape, strides, dtype and device as the call's (and the residual no more or less the
-    input than it was): a new output, the same kernel, grid and every other argument (the
-    weight matrix and the vectors the call had: the caller passes those same tensors, which
-    nobody writes). Made by conv_launch(plan_out=...) for an inference call without
-    statistics on a constant weight, with 32-bit indexing and its tile known."""
+    """One conv launch, made again for a new input x and second input (conv_launch's
+    residual, conv_pair_launch's x2) of the same shape, strides, dtype and device as the
+    call's (and the second input no more or less the input than it was): a new output, the
+    same kernel, grid and every other argument (the weight matrices and the vectors the call
+    had: the caller passes those same tensors, which nobody writes). Made by conv_launch and
+    conv_pair_launch (plan_out=...) for an inference call without statistics on constant
+    weights, with 32-bit indexing and its tile known."""
 
     __slots__ = ("kernel", "grid", "kwargs", "template", "x_at", "y_at", "r_at", "x_sig",
                  "r_sig", "aliased", "y_shape", "fmt", "bound")

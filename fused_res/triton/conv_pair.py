@@ -21,6 +21,7 @@ from . import configs
 from .common import relu
 from .conv import (
     TUNED,
+    ConvPlan,
     _tap_loop,
     _tile_coords,
     autotune_over_conv_configs,
@@ -86,13 +87,16 @@ def _autotuned_kernel():
 
 
 def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, stride2, act_out, *,
-                     memory_format=torch.contiguous_format, config=None, cache_weights=False):
+                     memory_format=torch.contiguous_format, config=None, cache_weights=False,
+                     plan_out: list | None = None):
     """y = act_out(conv(x, weight, stride, padding) + bias + conv(x2, weight2, stride2) +
     bias2). x (N, C_in, H, W), weight (C_out, C_in, KH, KW), x2 (N, C2, H2, W2), weight2
     (C_out, C2, 1, 1), all one dtype (float32, float16, bfloat16); bias, bias2 (C_out,) or
     None; the shortcut's output grid must be the conv's. config: a configs.ConvConfig to run
     instead of the autotuned choice (benchmarks, tests). cache_weights: the weights' GEMM
-    layouts may be kept and reused (only for weights nobody writes, backends.constants)."""
+    layouts may be kept and reused (only for weights nobody writes, backends.constants).
+    plan_out: a list to which a conv.ConvPlan of this call (x2 its second input) is appended
+    where there can be one (cache_weights, 32-bit indexing, a known tile)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     c2, h2, w2 = x2.shape[1:]
@@ -130,8 +134,12 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
                  INDEX_64=index_64)
     if cfg is not None:
         grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
-        launch(conv_pair_kernel, grid, *args, **flags, **cfg.meta, GROUP_M=8,
-               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        kwargs = dict(flags, **cfg.meta, GROUP_M=8, num_warps=cfg.num_warps,
+                      num_stages=cfg.num_stages)
+        launch(conv_pair_kernel, grid, *args, **kwargs)
+        if plan_out is not None and cache_weights and not index_64:
+            plan_out.append(ConvPlan.make(conv_pair_kernel, grid, args, kwargs, x, x2, y,
+                                          memory_format))
     else:
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
         kernel = _autotuned_kernel()
