@@ -246,6 +246,24 @@ def main(argv=None) -> int:
                 "stubbed")
     print(f"{a.model}: {ms:.2f} ms of host work per {what}, {units} convs, "
           f"{1e3 * ms / units:.0f} us per conv unit ({how})")
+    if a.mode == "eval":
+        # The same forward without inference plans (fused_res/ops/plans.py), side by side.
+        from fused_res.nn import blocks, unit
+        from fused_res.ops import plans
+
+        def unplanned():
+            unit._PLANS.clear()
+            blocks._PAIR_PLANS.clear()
+
+        was = plans.ENABLED
+        plans.ENABLED = not was
+        unplanned()
+        other = per_step_ms(step)
+        plans.ENABLED = was
+        unplanned()
+        on, off = (ms, other) if was else (other, ms)
+        print(f"{a.model}: {off:.2f} ms with inference plans off (FUSED_RES_PLANS=0), "
+              f"{on:.2f} ms on ({on / off:.2f}x)")
     if gpu and a.backend == "triton":
         # The same step with every Triton launch through the JIT (fused_res.triton.launch
         # off), side by side in this run: what the direct launch path saves.

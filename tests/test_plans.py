@@ -230,6 +230,22 @@ else:
             assert launches[0] - before == {"autocast": 2,
                                             "unfused": 4 if down else 3}.get(change, 0)
 
+    def test_plans_off_every_call_takes_the_op(launches, monkeypatch):
+        """FUSED_RES_PLANS=0 (plans.ENABLED): no plan is made, none made before is run."""
+        from fused_res.ops import plans
+        block = _block("bottleneck", torch.float32)
+        x = _input(block, torch.float32)
+        with torch.no_grad():
+            block(x)
+            monkeypatch.setattr(plans, "ENABLED", False)
+            before = launches[0]
+            y = block(x)
+            assert launches[0] - before == 3
+            unit._PLANS.clear()
+            block(x)
+            assert not unit._PLANS
+        assert torch.equal(y, _unplanned(block, x))
+
     def test_the_fused_stem_plans_too():
         """A converted ResNet's stem (FusedStemConv: conv1, bn1, relu as the model calls them)
         takes its plan on the second call, with the unplanned call's result."""

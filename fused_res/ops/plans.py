@@ -23,15 +23,22 @@ would do exactly what the planned one did; otherwise it returns None and the cal
 - the backend in force the same where the call names none, and that backend's switches as they
   were (Backend.plan_switches: the Triton backend's unfused and TMA modes,
   FUSED_RES_TRITON_TMA and FUSED_RES_TRITON_AUTOTUNE, the float32 dot precision).
+
+FUSED_RES_PLANS=0 (read at import; ENABLED at run time) turns plans off.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
 
 from ..backends import current_backend, get_backend_object, resolve
 from . import functional, library
+
+# FUSED_RES_PLANS=0 (read at import): no plans; every call through the op.
+ENABLED = os.environ.get("FUSED_RES_PLANS", "1") != "0"
 
 
 def _same(a, b) -> bool:
@@ -55,7 +62,7 @@ class _Plan:
     def _run(self, x, x2, fixed: tuple, backend) -> Tensor | None:
         """launch(x, x2) where this call (x, x2: the tensors filled per call; fixed: the
         rest, as planned) is one the plan covers, else None."""
-        if torch.is_grad_enabled() or type(x) is not Tensor:
+        if not ENABLED or torch.is_grad_enabled() or type(x) is not Tensor:
             return None
         for u, v in zip(fixed, self.fixed, strict=True):
             if u is not v and not _same(u, v):
@@ -123,7 +130,7 @@ def conv_unit_planned(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     requested = backend if backend is not None else current_backend()
     # (args[0], args[14]: the input and residual as the op gets them; not the caller's when
     # autocast or the residual's dtype made a cast, which a plan would not repeat.)
-    if (torch.is_grad_enabled() or requested == "auto" or args[0] is not x
+    if (not ENABLED or torch.is_grad_enabled() or requested == "auto" or args[0] is not x
             or args[14] is not residual or not library.runs_eagerly(x, residual)):
         return functional.run_conv_unit(args, backend), None
     name = resolve(requested, args[0], args[1], args[6], tuple(args[5]))
@@ -150,7 +157,7 @@ def conv_shortcut_pair_planned(x: Tensor, weight: Tensor, bias: Tensor | None, x
     requested = backend if backend is not None else current_backend()
     name = resolve(requested, args[0], args[1])
     obj = get_backend_object(name)
-    if (torch.is_grad_enabled() or requested == "auto" or args[0] is not x
+    if (not ENABLED or torch.is_grad_enabled() or requested == "auto" or args[0] is not x
             or args[5] is not x2 or not library.runs_eagerly(x, x2)):
         return obj.conv_pair_forward(*args), None
     y, launch = obj.conv_pair_plan(*args)
