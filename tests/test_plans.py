@@ -221,13 +221,13 @@ else:
                          "reference_backend": 0, "unfused": 4 if down else 3,
                          "grad_mode": 4 if down else 3}.get(change, 3)
         # Then a change a plan covers is planned anew and runs without conv_launch, and a
-        # mode the plans do not cover takes it on every call. (Under autocast the middle unit
-        # plans: its input is already float16; the first unit's float32 input and the last
-        # one's float32 residual are cast per call. With FUSED_RES_TRITON_TMA=1 the kernels
+        # mode the plans do not cover takes it on every call. (Under autocast the last unit
+        # does not plan: its float32 residual, the block input, is cast per call; the first
+        # unit repeats autocast's cast of that input. With FUSED_RES_TRITON_TMA=1 the kernels
         # plan under the new switch where TMA does not apply, as in the interpreter: how
         # many depends on the device.)
         if change != "tma_env":
-            assert launches[0] - before == {"autocast": 2,
+            assert launches[0] - before == {"autocast": 1,
                                             "unfused": 4 if down else 3}.get(change, 0)
 
     def test_plans_off_every_call_takes_the_op(launches, monkeypatch):
@@ -265,6 +265,13 @@ else:
         assert fused.conv1 in unit._PLANS
         assert torch.equal(first, expect) and torch.equal(second, expect)
         assert rel_err(second, stem(model)) < TOLERANCES[torch.float32]
+        # The model's float32 input under autocast: the plan repeats autocast's cast.
+        with torch.autocast("cpu", dtype=torch.float16):
+            expect = stem(copy.deepcopy(fused))
+            first, second = stem(fused), stem(fused)
+        assert fused.conv1 in unit._PLANS and unit._PLANS[fused.conv1].cast == torch.float16
+        assert second.dtype == torch.float16
+        assert torch.equal(first, expect) and torch.equal(second, expect)
 
     def test_ops_level_plan_checks_every_argument():
         """ConvUnitPlan returns None (the caller then runs conv_unit, which validates) for
@@ -294,6 +301,18 @@ else:
                 assert plan(x, w, **kw) is None
             with torch.autocast("cpu", dtype=torch.float16):  # (conv_unit would cast x, w)
                 assert plan(x, w, **kw) is None
+            # Planned under autocast, a float32 input is cast as the op casts it, and the
+            # plan serves no call without autocast, nor one under another dtype's.
+            w16 = mark_constant(w.half())
+            kw16 = {**kw, "residual": r.half()}
+            with torch.autocast("cpu", dtype=torch.float16):
+                y16, plan16 = ops.conv_unit_planned(x, w16, **kw16)
+                assert plan16 is not None and plan16.cast == torch.float16
+                assert torch.equal(plan16(x2, w16, **kw16), ops.conv_unit(x2, w16, **kw16))
+                assert plan16(x.half(), w16, **kw16) is None
+            assert plan16(x, w16, **kw16) is None
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert plan16(x, w16, **kw16) is None
             sq = torch.randn(2, 6, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
             w6 = mark_constant(torch.randn(6, 6, 3, 3, generator=g))
             kw6 = {**kw, "residual": sq}

@@ -443,3 +443,69 @@ def test_cifar_resnet_converges_like_unfused_in_bf16(bn_pass):
 def test_relu_backward_is_eagers_on_gpu():
     from tests.helpers import check_relu_backward_matches_eager
     check_relu_backward_matches_eager("triton", device="cuda")
+
+
+@pytest.mark.parametrize("kind", ["identity", "downsample"])
+def test_planned_eval_blocks_match_the_unplanned_on_gpu(kind, monkeypatch):
+    """Inference plans (fused_res/ops/plans.py) on the real launcher: a ResNet-50 block's
+    second and third eval calls run its plans (bound launches) and return, bit for bit, what
+    the unplanned path returns; float32 with cuDNN's tf32 switch flipped after planning runs
+    the other precision, as the unplanned path does."""
+    import copy
+
+    from torch import nn
+
+    from fused_res import nn as fnn
+    from fused_res.nn import blocks, unit
+    from fused_res.ops import plans
+
+    torch.manual_seed(0)
+    if kind == "identity":
+        block, c, hw = fnn.Bottleneck(256, 64, backend="triton"), 256, 28
+    else:
+        down = nn.Sequential(nn.Conv2d(256, 512, 1, 2, bias=False), nn.BatchNorm2d(512))
+        block = fnn.Bottleneck(256, 128, stride=2, downsample=down, backend="triton")
+        c, hw = 256, 28
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    block = block.cuda().eval()
+    cl = torch.channels_last
+    for dtype in (torch.bfloat16, torch.float32):
+        net = copy.deepcopy(block).to(dtype)
+        x = torch.randn(8, c, hw, hw, device="cuda").to(dtype).contiguous(memory_format=cl)
+        monkeypatch.setattr(plans, "ENABLED", False)
+        with torch.no_grad():
+            want = net(x)
+        monkeypatch.setattr(plans, "ENABLED", True)
+        with torch.no_grad():
+            got = [net(x) for _ in range(3)]
+        bound = [p.launch.bound for p in unit._PLANS.values()]
+        if kind == "downsample":
+            bound += [blocks._PAIR_PLANS[net].launch.bound]
+        assert bound and all(b is not None for b in bound), "no bound launch planned"
+        for y in got:
+            assert torch.equal(y, want)
+        ref = copy.deepcopy(block).double()
+        ref.backend = "reference"
+        with torch.no_grad():
+            err = rel_err(got[-1], ref(x.double()))
+        assert err <= TOLERANCES[dtype if dtype != torch.float32 else "tf32"], err
+        if dtype == torch.float32:
+            old = torch.backends.cudnn.allow_tf32
+            try:
+                torch.backends.cudnn.allow_tf32 = not old
+                monkeypatch.setattr(plans, "ENABLED", False)
+                with torch.no_grad():
+                    want = net(x)
+                monkeypatch.setattr(plans, "ENABLED", True)
+                with torch.no_grad():
+                    assert torch.equal(net(x), want)
+            finally:
+                torch.backends.cudnn.allow_tf32 = old
+        unit._PLANS.clear()
+        blocks._PAIR_PLANS.clear()

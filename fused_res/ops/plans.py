@@ -19,7 +19,8 @@ would do exactly what the planned one did; otherwise it returns None and the cal
 - an input and a residual of the planned shape, strides, dtype and device, with 32-bit
   offsets (the backend's plan checks those);
 - grad mode off, plain eager mode (no torch.compile, trace, dispatch or function mode, torch.func
-  transform or forward AD), and no autocast cast (a float32 input under autocast);
+  transform or forward AD), and autocast's cast of a float32 input as planned (the stem's:
+  a plan repeats that cast, and is made for no other);
 - the backend in force the same where the call names none, and that backend's switches as they
   were (Backend.plan_switches: the Triton backend's unfused and TMA modes,
   FUSED_RES_TRITON_TMA and FUSED_RES_TRITON_AUTOTUNE, the float32 dot precision).
@@ -57,7 +58,7 @@ def _same(a, b) -> bool:
 class _Plan:
     """What the plans of both ops check (see the module docstring)."""
 
-    __slots__ = ("fixed", "current", "backend", "switches", "launch")
+    __slots__ = ("fixed", "current", "backend", "switches", "launch", "cast")
 
     def _run(self, x, x2, fixed: tuple, backend) -> Tensor | None:
         """launch(x, x2) where this call (x, x2: the tensors filled per call; fixed: the
@@ -67,20 +68,25 @@ class _Plan:
         for u, v in zip(fixed, self.fixed, strict=True):
             if u is not v and not _same(u, v):
                 return None
+        cast = (functional._autocast_dtype(x) if x.dtype == torch.float32 else None)
         if ((x2 is not None and type(x2) is not Tensor)
+                or cast != self.cast
                 or (backend is None and current_backend() != self.current)
-                or not library.runs_eagerly(x, x2)
-                or (x.dtype == torch.float32 and functional._autocast_dtype(x) is not None)
-                or self.backend.plan_switches(x.dtype) != self.switches):
+                or not library.runs_eagerly(x, x2)):
+            return None
+        if cast is not None:  # (autocast's cast of a float32 input, as the op makes it)
+            x = x.to(cast)
+        if self.backend.plan_switches(x.dtype) != self.switches:
             return None
         return self.launch(x, x2)
 
     @classmethod
     def _make(cls, obj, launch, x: Tensor, fixed: tuple, backend: str | None,
-              requested: str):
+              requested: str, cast: torch.dtype | None = None):
         plan = cls()
         plan.fixed, plan.current = fixed, requested if backend is None else None
         plan.backend, plan.switches, plan.launch = obj, obj.plan_switches(x.dtype), launch
+        plan.cast = cast
         return plan
 
 
@@ -128,21 +134,26 @@ def conv_unit_planned(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
                                      out_shift, act_mid, residual, res_scale, branch_scale,
                                      act_out)
     requested = backend if backend is not None else current_backend()
-    # (args[0], args[14]: the input and residual as the op gets them; not the caller's when
-    # autocast or the residual's dtype made a cast, which a plan would not repeat.)
-    if (not ENABLED or torch.is_grad_enabled() or requested == "auto" or args[0] is not x
-            or args[14] is not residual or not library.runs_eagerly(x, residual)):
+    # (args[0], args[14]: the input and residual as the op gets them. A plan repeats
+    # autocast's cast of a float32 input (the model's input, at the stem), and no other:
+    # not a residual cast to the input's dtype, nor the weight's.)
+    cast = args[0].dtype if args[0] is not x and x.dtype == torch.float32 else None
+    if (not ENABLED or torch.is_grad_enabled() or requested == "auto"
+            or args[14] is not residual or (args[0] is not x and cast is None)
+            or (cast is not None and functional._autocast_dtype(x) != cast)
+            or args[1] is not weight or not library.runs_eagerly(x, residual)):
         return functional.run_conv_unit(args, backend), None
     name = resolve(requested, args[0], args[1], args[6], tuple(args[5]))
     obj = get_backend_object(name)
     y, launch = obj.conv_unit_plan(*args)
     if launch is None:
         return y, None
-    return y, ConvUnitPlan._make(obj, launch, x, (weight, bias, stride, padding, dilation,
-                                                  groups, in_center, in_scale, in_shift,
-                                                  act_in, out_scale, out_shift, act_mid,
-                                                  res_scale, branch_scale, act_out, backend),
-                                 backend, requested)
+    return y, ConvUnitPlan._make(obj, launch, args[0], (weight, bias, stride, padding,
+                                                        dilation, groups, in_center, in_scale,
+                                                        in_shift, act_in, out_scale, out_shift,
+                                                        act_mid, res_scale, branch_scale,
+                                                        act_out, backend),
+                                 backend, requested, cast)
 
 
 def conv_shortcut_pair_planned(x: Tensor, weight: Tensor, bias: Tensor | None, x2: Tensor,
@@ -158,7 +169,8 @@ def conv_shortcut_pair_planned(x: Tensor, weight: Tensor, bias: Tensor | None, x
     name = resolve(requested, args[0], args[1])
     obj = get_backend_object(name)
     if (not ENABLED or torch.is_grad_enabled() or requested == "auto" or args[0] is not x
-            or args[5] is not x2 or not library.runs_eagerly(x, x2)):
+            or args[5] is not x2 or args[1] is not weight or args[6] is not weight2
+            or not library.runs_eagerly(x, x2)):
         return obj.conv_pair_forward(*args), None
     y, launch = obj.conv_pair_plan(*args)
     if launch is None:
