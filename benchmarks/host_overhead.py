@@ -141,11 +141,13 @@ def _stub_kernels(conv_backward: bool) -> None:
 def launcher_stubbed():
     """Within the context, every launch on fused_res.triton.launch's direct path (a kernel
     already launched once with the same key) calls a no-op instead of the compiled kernel's
-    launcher, and counts the calls; the cache is restored on exit. What the launcher costs
-    on a host is the step's time without this less its time with it: Triton's Python
-    CudaLauncher.__call__, then in C the argument parsing, a data_ptr() call and a
-    cuPointerGetAttribute per pointer argument, and cuLaunchKernelEx. Nothing runs on the
-    device for those kernels (their outputs are left uninitialised)."""
+    launcher, and counts the calls; the cache is restored on exit. The entries are swapped
+    in place, so that the inference plans' bound launches (launch.Bound, which share them)
+    are stubbed too, and restored with them. What the launcher costs on a host is the step's
+    time without this less its time with it: Triton's Python CudaLauncher.__call__, then in
+    C the argument parsing, a data_ptr() call and a cuPointerGetAttribute per pointer
+    argument, and cuLaunchKernelEx. Nothing runs on the device for those kernels (their
+    outputs are left uninitialised)."""
     from fused_res.triton import launch as fast
 
     calls = [0]
@@ -153,14 +155,15 @@ def launcher_stubbed():
     def no_launch(*args):
         calls[0] += 1
 
-    saved = dict(fast._CACHE)
+    saved = {key: (entry, entry[0]) for key, entry in fast._CACHE.items()}
     try:
-        for key, entry in saved.items():
-            fast._CACHE[key] = (no_launch, *entry[1:])
+        for entry, _ in saved.values():
+            entry[0] = no_launch
         yield calls
     finally:
-        fast._CACHE.clear()
-        fast._CACHE.update(saved)
+        # (Entries made inside hold real launchers; the swapped ones get theirs back.)
+        for entry, run in saved.values():
+            entry[0] = run
 
 
 def main(argv=None) -> int:
@@ -248,12 +251,12 @@ def main(argv=None) -> int:
           f"{1e3 * ms / units:.0f} us per conv unit ({how})")
     if a.mode == "eval":
         # The same forward without inference plans (fused_res/ops/plans.py), side by side.
-        from fused_res.nn import blocks, unit
+        from fused_res.nn import eval_fold
         from fused_res.ops import plans
 
         def unplanned():
-            unit._PLANS.clear()
-            blocks._PAIR_PLANS.clear()
+            eval_fold.PLANS.clear()
+            eval_fold.PAIR_PLANS.clear()
 
         was = plans.ENABLED
         plans.ENABLED = not was

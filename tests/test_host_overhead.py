@@ -29,7 +29,8 @@ def test_eval_forward_stubs_every_kernel_and_counts_its_launches():
 
 def test_launcher_stub_replaces_every_direct_launch_and_restores_the_cache(monkeypatch):
     """The GPU-only launcher A/B (host_overhead --device cuda): inside launcher_stubbed()
-    every cached direct launch calls a counting no-op, and the cache is as it was after."""
+    every cached direct launch calls a counting no-op, a bound launch (an inference plan's,
+    which shares the cache's entry) too, and the cache is as it was after."""
     pytest.importorskip("triton")
     spec = importlib.util.spec_from_file_location("host_overhead", SCRIPT)
     host = importlib.util.module_from_spec(spec)
@@ -37,16 +38,19 @@ def test_launcher_stub_replaces_every_direct_launch_and_restores_the_cache(monke
     from fused_res.triton import launch as fast
 
     ran = []
-    entries = {("k", i): (lambda *a, i=i: ran.append(i), f"fn{i}", "meta", "compiled", ())
+    entries = {("k", i): [lambda *a, i=i: ran.append(i), f"fn{i}", "meta", "compiled", ()]
                for i in range(3)}
+    want = {key: list(entry) for key, entry in entries.items()}
     monkeypatch.setattr(fast, "_CACHE", dict(entries))
+    held = entries[("k", 0)]  # what a launch.Bound holds
     with host.launcher_stubbed() as calls:
         for key in entries:
             run, *rest = fast._CACHE[key]
-            assert rest == list(entries[key][1:])
+            assert rest == want[key][1:]
             run(1, 1, 1, "stream")
-        assert calls[0] == 3 and ran == []
-    assert fast._CACHE == entries
+        held[0](1, 1, 1, "stream")
+        assert calls[0] == 4 and ran == []
+    assert fast._CACHE == want and held[0] is want[("k", 0)][0]
     with pytest.raises(RuntimeError), host.launcher_stubbed():
         raise RuntimeError("the cache comes back after an error too")
-    assert fast._CACHE == entries
+    assert fast._CACHE == want

@@ -60,14 +60,14 @@ else:
     from fused_res import nn as fnn
     from fused_res.backends.constants import mark_constant
     from fused_res.backends.triton_backend import TritonBackend
-    from fused_res.nn import unit
+    from fused_res.nn import eval_fold
     from fused_res.triton import conv as tconv
 
     @pytest.fixture(autouse=True)
     def triton_backend():
         old = registry._factories["triton"]
         registry.register_backend("triton", TritonBackend)
-        unit._PLANS.clear()
+        eval_fold.clear()
         yield
         registry.register_backend("triton", old)
 
@@ -120,11 +120,15 @@ else:
 
     def _unplanned(block, x):
         """What the block computes with no plan (each unit through conv_unit)."""
-        unit._PLANS.clear()
+        _forget_plans()
         with torch.no_grad():
             y = block(x)
-        unit._PLANS.clear()
+        _forget_plans()
         return y
+
+    def _forget_plans():
+        eval_fold.PLANS.clear()
+        eval_fold.PAIR_PLANS.clear()
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     @pytest.mark.parametrize("kind", ["bottleneck", "basic", "downsample"])
@@ -138,9 +142,8 @@ else:
             n_first = launches[0]
             second = block(x)  # runs them
         # Every conv planned: the downsampling block's last conv and projection as one pair.
-        from fused_res.nn.blocks import _PAIR_PLANS
-        assert len(unit._PLANS) == {"bottleneck": 3, "basic": 2, "downsample": 1}[kind]
-        assert len(_PAIR_PLANS) == (kind == "downsample")
+        assert len(eval_fold.PLANS) == {"bottleneck": 3, "basic": 2, "downsample": 1}[kind]
+        assert len(eval_fold.PAIR_PLANS) == (kind == "downsample")
         assert launches[0] == n_first
         assert torch.equal(first, expect) and torch.equal(second, expect)
         # ... and that is the block's value (the float64 reference of the unfused block).
@@ -241,10 +244,53 @@ else:
             before = launches[0]
             y = block(x)
             assert launches[0] - before == 3
-            unit._PLANS.clear()
+            _forget_plans()
             block(x)
-            assert not unit._PLANS
+            assert not eval_fold.PLANS
         assert torch.equal(y, _unplanned(block, x))
+
+    def test_plans_are_dropped_with_the_folds_and_for_a_new_backend_object(launches):
+        """eval_fold.clear() forgets the plans with the folds (they hold the folds' tensors);
+        a backend registered anew under the plan's name is the one that runs (a plan of the
+        old object would launch its kernels, its switches unread)."""
+        block = _block("bottleneck", torch.float32)
+        x = _input(block, torch.float32)
+        with torch.no_grad():
+            block(x)
+            assert len(eval_fold.PLANS) == 3
+            eval_fold.clear()
+            assert not eval_fold.PLANS and not eval_fold.PAIR_PLANS
+            block(x)
+            registry.register_backend("triton", TritonBackend)
+            before = launches[0]
+            block(x)
+            assert launches[0] - before == 3
+            before = launches[0]
+            block(x)  # (planned again, with the new object)
+            assert launches[0] == before
+
+    def test_plan_with_tma_holds_to_the_input_alignment_it_was_made_with():
+        """With TMA asked for, a 1x1 conv of a 16-byte aligned input takes the TMA kernel; a
+        plan made from a misaligned input (the pointer kernel) serves no aligned one."""
+        g = torch.Generator().manual_seed(0)
+        cl = torch.channels_last
+        base = torch.randn(2 * 24 * 6 * 6 + 1, generator=g)
+        x_mis = base[1:].view(2, 6, 6, 24).permute(0, 3, 1, 2)  # NHWC, 4 bytes off
+        assert x_mis.is_contiguous(memory_format=cl) and x_mis.data_ptr() % 16
+        # (24 input channels: no TMA weight tiles either, so the pointer kernel plans.)
+        w = mark_constant(torch.randn(32, 24, 1, 1, generator=g))
+        plans = []
+        tconv.conv_launch(x_mis, w, None, (1, 1), (0, 0), None, None, None, "none",
+                          memory_format=cl, tma=True, cache_weight=True, plan_out=plans)
+        assert plans and plans[0].x_aligned is False
+        aligned = torch.randn(2, 24, 6, 6, generator=g).contiguous(memory_format=cl)
+        assert plans[0](aligned, None) is None
+        base2 = torch.randn(2 * 24 * 6 * 6 + 1, generator=g)
+        other_mis = base2[1:].view(2, 6, 6, 24).permute(0, 3, 1, 2)
+        assert torch.equal(plans[0](other_mis, None),
+                           tconv.conv_launch(other_mis, w, None, (1, 1), (0, 0), None, None,
+                                             None, "none", memory_format=cl, tma=True,
+                                             cache_weight=True)[0])
 
     def test_the_fused_stem_plans_too():
         """A converted ResNet's stem (FusedStemConv: conv1, bn1, relu as the model calls them)
@@ -262,14 +308,14 @@ else:
 
         expect = stem(copy.deepcopy(fused))
         first, second = stem(fused), stem(fused)
-        assert fused.conv1 in unit._PLANS
+        assert fused.conv1 in eval_fold.PLANS
         assert torch.equal(first, expect) and torch.equal(second, expect)
         assert rel_err(second, stem(model)) < TOLERANCES[torch.float32]
         # The model's float32 input under autocast: the plan repeats autocast's cast.
         with torch.autocast("cpu", dtype=torch.float16):
             expect = stem(copy.deepcopy(fused))
             first, second = stem(fused), stem(fused)
-        assert fused.conv1 in unit._PLANS and unit._PLANS[fused.conv1].cast == torch.float16
+        assert fused.conv1 in eval_fold.PLANS and eval_fold.PLANS[fused.conv1].cast == torch.float16
         assert second.dtype == torch.float16
         assert torch.equal(first, expect) and torch.equal(second, expect)
 
@@ -297,6 +343,11 @@ else:
             assert plan(x, w, **{**kw, "out_shift": b.clone()}) is None
             assert plan(x, w, **{**kw, "residual": r.half()}) is None
             assert plan(x, w, **{**kw, "backend": None}) is None
+            # A caller's list changed in place since: its new value counts.
+            pad = [1, 1]
+            _, plan_pad = ops.conv_unit_planned(x, w, **{**kw, "padding": pad})
+            pad[0] = 0
+            assert plan_pad(x, w, **{**kw, "padding": pad}) is None
             with torch.enable_grad():
                 assert plan(x, w, **kw) is None
             with torch.autocast("cpu", dtype=torch.float16):  # (conv_unit would cast x, w)

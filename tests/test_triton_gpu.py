@@ -456,7 +456,7 @@ def test_planned_eval_blocks_match_the_unplanned_on_gpu(kind, monkeypatch):
     from torch import nn
 
     from fused_res import nn as fnn
-    from fused_res.nn import blocks, unit
+    from fused_res.nn import eval_fold
     from fused_res.ops import plans
 
     torch.manual_seed(0)
@@ -484,9 +484,9 @@ def test_planned_eval_blocks_match_the_unplanned_on_gpu(kind, monkeypatch):
         monkeypatch.setattr(plans, "ENABLED", True)
         with torch.no_grad():
             got = [net(x) for _ in range(3)]
-        bound = [p.launch.bound for p in unit._PLANS.values()]
+        bound = [p.launch.bound for p in eval_fold.PLANS.values()]
         if kind == "downsample":
-            bound += [blocks._PAIR_PLANS[net].launch.bound]
+            bound += [eval_fold.PAIR_PLANS[net].launch.bound]
         assert bound and all(b is not None for b in bound), "no bound launch planned"
         for y in got:
             assert torch.equal(y, want)
@@ -507,5 +507,5 @@ def test_planned_eval_blocks_match_the_unplanned_on_gpu(kind, monkeypatch):
                     assert torch.equal(net(x), want)
             finally:
                 torch.backends.cudnn.allow_tf32 = old
-        unit._PLANS.clear()
-        blocks._PAIR_PLANS.clear()
+        eval_fold.PLANS.clear()
+        eval_fold.PAIR_PLANS.clear()

@@ -46,6 +46,12 @@ def get_backend_object(name: str) -> Backend:
     return _instances[name]
 
 
+def instance(name: str) -> Backend | None:
+    """The object registered as `name` now (None: none made yet); no checks, for callers
+    that ask per call whether an object they hold is still the one in use."""
+    return _instances.get(name)
+
+
 def available_backends() -> dict[str, BackendStatus]:
     """Every backend name with whether it can run here and, if not, why."""
     out = {n: get_backend_object(n).status() for n in NAMES if n != "auto"}

@@ -16,7 +16,6 @@ its original forward instead, so that they fire):
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -85,8 +84,6 @@ def _drop_path_scale(module: nn.Module | None, x: Tensor) -> Tensor | None:
 
 
 _NO_SKIP: frozenset = frozenset()
-# block -> the ops.ConvPairPlan of its last inference call of conv_shortcut_pair.
-_PAIR_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _shared_attr(key: str) -> bool:
@@ -285,14 +282,14 @@ class FusedResidualBlock(NotScriptable, nn.Module):
               "stride2": list(pair[0].stride), "act_out": "relu" if plan.act_out else "none",
               "backend": self.backend}
         # (As run_unit's plans: ops/plans.py. Kept per block, whose last conv the pair is.)
-        planned = _PAIR_PLANS.get(self)
+        planned = eval_fold.PAIR_PLANS.get(self)
         y = None if planned is None else planned(h, w, b, x, w2, b2, **kw)
         if y is None:
             y, planned = ops.conv_shortcut_pair_planned(h, w, b, x, w2, b2, **kw)
             if planned is not None:
-                _PAIR_PLANS[self] = planned
+                eval_fold.PAIR_PLANS[self] = planned
             else:
-                _PAIR_PLANS.pop(self, None)
+                eval_fold.PAIR_PLANS.pop(self, None)
         return y
 
     def _children_hooked(self, x: Tensor) -> Tensor | None:

@@ -38,6 +38,11 @@ from .batchnorm import running_affine
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _generation = 0
+# The inference plans made with the folds (fused_res/ops/plans.py), which hold a fold's
+# tensors while they live: conv -> its unit's last ops.ConvUnitPlan (nn/unit.py), block -> its
+# pair's last ops.ConvPairPlan (nn/blocks.py). One per module; clear() forgets them too.
+PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+PAIR_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
@@ -52,8 +57,11 @@ _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
 
 
 def clear() -> None:
-    """Forget every cached fold (after writes the version counters cannot see)."""
+    """Forget every cached fold (after writes the version counters cannot see), and the
+    inference plans made with them."""
     _CACHE.clear()
+    PLANS.clear()
+    PAIR_PLANS.clear()
 
 
 def applies(h: Tensor) -> bool:

@@ -3,7 +3,6 @@ the prologue) -> BN -> act -> optional residual tail. Shared by ConvBNAct2d and 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -31,10 +30,6 @@ class Pending:
 
 
 RELU_ONLY = ChannelAffine(None, None, None)
-
-# conv -> the ops.ConvUnitPlan of its last inference call (ops/plans.py): what the host did
-# to launch it, done once. One per conv; it holds the fold it was made with until the next.
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def conv_kwargs(conv: nn.Conv2d) -> dict:
@@ -81,16 +76,18 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
         # Inference: BN folded into the weight once (eval_fold.py); the shift stays a float32
         # per-channel vector so that backends applying it in their epilogue keep its precision.
         w, shift = eval_fold.folded_conv(conv, bn, h)
-        plan = _PLANS.get(conv)
+        # (The plan of the conv's last call, ops/plans.py: what the host did to launch it,
+        # done once.)
+        plan = eval_fold.PLANS.get(conv)
         y = None if plan is None else plan(h, w, None, **kw, **prologue, out_shift=shift,
                                            act_mid=act_mid, backend=backend, **tail)
         if y is None:
             y, plan = ops.conv_unit_planned(h, w, None, **kw, **prologue, out_shift=shift,
                                             act_mid=act_mid, backend=backend, **tail)
             if plan is not None:
-                _PLANS[conv] = plan
+                eval_fold.PLANS[conv] = plan
             else:
-                _PLANS.pop(conv, None)
+                eval_fold.PLANS.pop(conv, None)
         return y, None
     scale, shift = running_affine(bn, h).folded()
     y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, out_scale=scale,

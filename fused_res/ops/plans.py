@@ -21,9 +21,12 @@ would do exactly what the planned one did; otherwise it returns None and the cal
 - grad mode off, plain eager mode (no torch.compile, trace, dispatch or function mode, torch.func
   transform or forward AD), and autocast's cast of a float32 input as planned (the stem's:
   a plan repeats that cast, and is made for no other);
-- the backend in force the same where the call names none, and that backend's switches as they
-  were (Backend.plan_switches: the Triton backend's unfused and TMA modes,
-  FUSED_RES_TRITON_TMA and FUSED_RES_TRITON_AUTOTUNE, the float32 dot precision).
+- the backend in force the same where the call names none, the same object registered under
+  its name (register_backend makes a new one), and that backend's switches as they were
+  (Backend.plan_switches: the Triton backend's unfused and TMA modes, FUSED_RES_TRITON_TMA
+  and FUSED_RES_TRITON_AUTOTUNE, the float32 dot precision);
+- with TMA asked for, the input's 16-byte alignment (which decides whether a 1x1 conv takes
+  the TMA kernel).
 
 FUSED_RES_PLANS=0 (read at import; ENABLED at run time) turns plans off.
 """
@@ -36,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..backends import current_backend, get_backend_object, resolve
+from ..backends.registry import instance
 from . import functional, library
 
 # FUSED_RES_PLANS=0 (read at import): no plans; every call through the op.
@@ -58,7 +62,7 @@ def _same(a, b) -> bool:
 class _Plan:
     """What the plans of both ops check (see the module docstring)."""
 
-    __slots__ = ("fixed", "current", "backend", "switches", "launch", "cast")
+    __slots__ = ("fixed", "current", "name", "backend", "switches", "launch", "cast")
 
     def _run(self, x, x2, fixed: tuple, backend) -> Tensor | None:
         """launch(x, x2) where this call (x, x2: the tensors filled per call; fixed: the
@@ -72,6 +76,7 @@ class _Plan:
         if ((x2 is not None and type(x2) is not Tensor)
                 or cast != self.cast
                 or (backend is None and current_backend() != self.current)
+                or instance(self.name) is not self.backend  # (registered anew since)
                 or not library.runs_eagerly(x, x2)):
             return None
         if cast is not None:  # (autocast's cast of a float32 input, as the op makes it)
@@ -81,10 +86,13 @@ class _Plan:
         return self.launch(x, x2)
 
     @classmethod
-    def _make(cls, obj, launch, x: Tensor, fixed: tuple, backend: str | None,
+    def _make(cls, name: str, launch, x: Tensor, fixed: tuple, backend: str | None,
               requested: str, cast: torch.dtype | None = None):
         plan = cls()
-        plan.fixed, plan.current = fixed, requested if backend is None else None
+        obj = get_backend_object(name)
+        # Lists copied: a caller may change its own in place (its stride) between calls.
+        plan.fixed = tuple(list(v) if type(v) is list else v for v in fixed)
+        plan.current, plan.name = (requested if backend is None else None), name
         plan.backend, plan.switches, plan.launch = obj, obj.plan_switches(x.dtype), launch
         plan.cast = cast
         return plan
@@ -148,7 +156,7 @@ def conv_unit_planned(x: Tensor, weight: Tensor, bias: Tensor | None = None, *, 
     y, launch = obj.conv_unit_plan(*args)
     if launch is None:
         return y, None
-    return y, ConvUnitPlan._make(obj, launch, args[0], (weight, bias, stride, padding,
+    return y, ConvUnitPlan._make(name, launch, args[0], (weight, bias, stride, padding,
                                                         dilation, groups, in_center, in_scale,
                                                         in_shift, act_in, out_scale, out_shift,
                                                         act_mid, res_scale, branch_scale,
@@ -175,6 +183,6 @@ def conv_shortcut_pair_planned(x: Tensor, weight: Tensor, bias: Tensor | None, x
     y, launch = obj.conv_pair_plan(*args)
     if launch is None:
         return y, None
-    return y, ConvPairPlan._make(obj, launch, x, (weight, bias, weight2, bias2, stride,
+    return y, ConvPairPlan._make(name, launch, x, (weight, bias, weight2, bias2, stride,
                                                   padding, stride2, act_out, backend),
                                  backend, requested)

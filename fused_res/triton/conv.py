@@ -537,11 +537,15 @@ class ConvPlan:
     weights, with 32-bit indexing and its tile known."""
 
     __slots__ = ("kernel", "grid", "kwargs", "template", "x_at", "y_at", "r_at", "x_sig",
-                 "r_sig", "aliased", "y_shape", "fmt", "bound")
+                 "r_sig", "aliased", "y_shape", "fmt", "bound", "x_aligned")
 
     @classmethod
-    def make(cls, kernel, grid, args: tuple, kwargs: dict, x, residual, y, fmt) -> ConvPlan:
+    def make(cls, kernel, grid, args: tuple, kwargs: dict, x, residual, y, fmt,
+             tma: bool = False) -> ConvPlan:
+        """tma: TMA was asked for, and the input's alignment decided against it (a 1x1
+        conv takes conv_tma where the input is 16-byte aligned): the plan holds to it."""
         p = cls()
+        p.x_aligned = not x.data_ptr() % 16 if tma else None
         p.kernel, p.grid, p.kwargs, p.fmt, p.y_shape = kernel, grid, dict(kwargs), fmt, y.shape
         # The call's own x, y and residual are not kept: their places are filled per call.
         p.y_at = tuple(i for i, a in enumerate(args) if a is y)
@@ -567,7 +571,8 @@ class ConvPlan:
                 or (residual is x) != self.aliased
                 or (None if residual is None else (residual.shape, residual.stride(),
                                                    residual.dtype, residual.device))
-                != self.r_sig or needs_int64(x, residual)):
+                != self.r_sig or needs_int64(x, residual)
+                or (self.x_aligned is not None and self.x_aligned != (not x.data_ptr() % 16))):
             return None
         y = torch.empty(self.y_shape, dtype=x.dtype, device=x.device, memory_format=self.fmt)
         args = list(self.template)
@@ -671,7 +676,7 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             if (plan_out is not None and cache_weight and not (stats or store_u or index_64)
                     and w_desc is None):
                 plan_out.append(ConvPlan.make(conv_unit_kernel, grid, args, kwargs, x,
-                                              residual, y, memory_format))
+                                              residual, y, memory_format, tma))
         else:
             grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
                                  cdiv(c_out, meta["BLOCK_N"]),)
