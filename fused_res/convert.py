@@ -396,10 +396,13 @@ def report(model: nn.Module) -> list[BlockReport]:
 def _stem_line(name: str, stem: FusedStemConv) -> str:
     (bn_name, act_name), _ = stem.__dict__["_stem"]
     hooked, replaced = stem.hooked(), stem.replaced()
+    padding = None if stem.padding_mode == "zeros" else stem.padding_mode
     return (f"{name}: stem conv -> {bn_name} -> {act_name} fused, backend={stem.backend}"
-            + (f"; running unfused while {hooked} has hooks" if hooked else "")
+            + (f"; running unfused: conv1's padding_mode was set to {padding!r}"
+               if padding else "")
+            + (f"; running unfused while {hooked} has hooks" if hooked and not padding else "")
             + (f"; running unfused: {replaced} was replaced after convert()"
-               if replaced and not hooked else ""))
+               if replaced and not hooked and not padding else ""))
 
 
 def format_report(model: nn.Module) -> str:

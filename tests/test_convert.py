@@ -472,6 +472,28 @@ def test_a_stem_whose_conv_was_wrapped_normalizes_once(train):
         assert rel_err(fused(x), base(x)) < 1e-11
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_a_stem_conv_set_to_reflect_padding_runs_unfused(train):
+    """conv1.padding_mode = 'reflect' after convert(): the stem runs its conv as a plain conv
+    (which pads by reflection) and bn1 and the ReLU as themselves, with one warning, and
+    report() says so (the fused stem padded with zeros, silently: 0.035 off)."""
+    base = _f64_resnet18().train(train)
+    fused = fused_res.convert(base, backend="reference").train(train)
+    for m in (base, fused):
+        m.conv1.padding_mode = "reflect"
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ref = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match="conv1 was set to padding"):
+        y = fused(x)
+    want = ref(x)
+    assert rel_err(y, want) < 1e-10  # (train, batch 2: layer4's 1x1 maps amplify rounding)
+    if train:
+        for k, v in ref.bn1.state_dict().items():
+            assert rel_err(fused.bn1.state_dict()[k].double(), v.double()) < 1e-12, k
+    assert "running unfused: conv1's padding_mode was set to 'reflect'" in \
+        fused_res.format_report(fused)
+
+
 def test_a_stem_copied_alone_knows_no_model():
     """A deepcopy of the stem conv alone holds no model (not the original's, whose bn1 it
     would then find replaced by nothing it knows): it computes conv -> BN -> ReLU as
@@ -885,6 +907,7 @@ def _reflect(conv: nn.Conv2d) -> nn.Conv2d:
 _SURGERY = {
     "relu_to_gelu": lambda b: setattr(b, "relu", nn.GELU()),
     "reflect_padded_conv": lambda b: setattr(b, "conv1", _reflect(b.conv1)),
+    "reflect_in_place": lambda b: setattr(b.conv2, "padding_mode", "reflect"),
     "lora_conv": lambda b: setattr(b, "conv2", _LoRAConv2d(b.conv2)),
     "groupnorm": lambda b: setattr(b, "bn1", nn.GroupNorm(4, b.bn1.num_features)),
     "frozen_bn": lambda b: setattr(b, "bn2", torchvision.ops.misc.FrozenBatchNorm2d(
@@ -926,7 +949,9 @@ def test_a_child_replaced_after_convert_by_what_the_block_cannot_compute(surgery
         "8/8 residual blocks fused, 1 of them running unfused now")
     line = next(e for e in fused_res.report(fused) if e.name == name)
     want = {"shortcut_appended": "downsample.2 was added",
-            "projection_on_identity": "downsample was added"}.get(surgery, "was replaced by")
+            "projection_on_identity": "downsample was added",
+            "reflect_in_place": "conv2 was set to padding (1, 1) with padding_mode 'reflect'"
+            }.get(surgery, "was replaced by")
     assert "running unfused: " in line.detail and want in line.detail
 
 

@@ -325,7 +325,8 @@ def test_saved_for_backward_is_no_larger_than_eager(make, shape, bn_pass):
     assert ours <= eager, f"fused saves {ours} bytes, eager {eager}"
 
 
-@pytest.mark.parametrize("swap", ["reflect_conv", "conv_subclass", "groupnorm"])
+@pytest.mark.parametrize("swap", ["reflect_conv", "reflect_in_place", "conv_subclass",
+                                  "groupnorm"])
 def test_conv_bn_act_with_a_child_swapped_after_construction_runs_it_unfused(swap):
     """A child set since construction that the constructor would have refused runs as
     itself, unfused, with one warning (a reflect-padded conv ran zero-padded and a conv
@@ -338,6 +339,9 @@ def test_conv_bn_act_with_a_child_swapped_after_construction_runs_it_unfused(swa
     unit = fnn.ConvBNAct2d(4, 8, 3, backend="reference")
     if swap == "reflect_conv":
         unit.conv = nn.Conv2d(4, 8, 3, padding=1, padding_mode="reflect", bias=False)
+    elif swap == "reflect_in_place":
+        unit(torch.randn(2, 4, 9, 9))  # (checked once as built)
+        unit.conv.padding_mode = "reflect"
     elif swap == "conv_subclass":
         unit.conv = Doubled(4, 8, 3, padding=1, bias=False)
     else:

@@ -34,6 +34,7 @@ from .plan import (
     built_conv_reason,
     built_norm_reason,
     explicit_padding,
+    padding_reason,
     relu_reason,
     shortcut_plan,
 )
@@ -352,16 +353,30 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         return why
 
     def replaced_reason(self) -> str | None:
-        """Which child was replaced by one the block cannot compute (it then runs unfused,
-        or raises where it was built directly), or None."""
+        """Which child was replaced by one the block cannot compute, or changed in place so
+        (it then runs unfused, or raises where it was built directly), or None."""
         d = self.__dict__
         layout, _ = walk(self, d.get("_layout_skip", _NO_SKIP))
         if layout == d.get("_layout"):
-            return None
+            return self._changed_conv()
         try:
-            return self._misfit(layout)
+            return self._misfit(layout) or self._changed_conv()
         except TypeError as e:  # (a block built directly: its forward raises this)
             return str(e)
+
+    def _changed_conv(self) -> str | None:
+        """A conv of the plan whose padding was set since, in place, to one the ops cannot
+        do (padding_mode 'reflect': the ops pad with zeros, and computed it so, silently),
+        or None. The layout sees modules replaced, not a module's attributes changed."""
+        plan = self.plan
+        for name in (*plan.convs, plan.shortcut.conv):
+            if name is not None:
+                conv = self._get(name)
+                if conv.padding_mode != "zeros" or type(conv.padding) is str:
+                    why = padding_reason(conv)
+                    if why is not None:
+                        return f"{name} was set to {why}"
+        return None
 
     def _replaced_child(self, x: Tensor, why: str) -> Tensor:
         """A converted block whose child was replaced by one it cannot compute runs its
@@ -382,6 +397,9 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             why = self._misfit(layout)
             if why is not None:
                 return self._replaced_child(x, why)
+        why = self._changed_conv()
+        if why is not None:
+            return self._replaced_child(x, why)
         if hooked:
             y = self._children_hooked(x)
             if y is not None:

@@ -94,13 +94,16 @@ class ConvBNAct2d(NotScriptable, nn.Module):
         fused (a child replaced since by a reflect-padded conv or a subclass with its own
         forward ran as a plain conv, silently)."""
         d = self.__dict__
-        if d.get("_checked") == (conv, bn):
+        # (The padding too: set in place since to padding_mode 'reflect', it was computed
+        # as zeros.)
+        key = (conv, bn, getattr(conv, "padding_mode", None), getattr(conv, "padding", None))
+        if d.get("_checked") == key:
             return None
         try:
             _check_modules(conv, bn, self.act)
         except ValueError as e:
             return str(e)
-        d["_checked"] = (conv, bn)
+        d["_checked"] = key
         return None
 
     def forward(self, x: Tensor) -> Tensor:

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from ..ops import prepare_backend
 from .hooks import has_hooks, share_hooks, warn_once
+from .plan import padding_reason
 from .scripting import NotScriptable
 from .unit import run_unit
 
@@ -219,8 +220,13 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
         return act_name if act is not None and modules.get(act_name) is not act else None
 
     def unfused_reason(self) -> str | None:
-        """Why the stem runs unfused now (hooks on one of its modules, or one replaced), or
-        None while it runs fused."""
+        """Why the stem runs unfused now (hooks on one of its modules, one replaced, or its
+        conv's padding set to one the ops cannot do), or None while it runs fused."""
+        if self.padding_mode != "zeros" or type(self.padding) is str:
+            why = padding_reason(self)
+            if why is not None:
+                return (f"the fused stem's conv1 was set to {why} after convert(): it runs "
+                        "as a plain conv and the stem's BatchNorm and ReLU as themselves")
         hooked = self.hooked()
         if hooked is not None:
             return (f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run unfused "
