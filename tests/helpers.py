@@ -1,7 +1,26 @@
-"""Shared test utilities: deterministic random weights and statistics for any model."""
+"""Shared test utilities: deterministic random weights and statistics for any model; a test
+module's cases run again in Triton's interpreter."""
+
+import os
+import subprocess
+import sys
 
 import torch
 from torch import nn
+
+
+def run_cases_interpreted(test_file: str) -> None:
+    """Run test_file's cases in a child pytest with TRITON_INTERPRET=1 and assert they pass:
+    triton decides when a kernel is decorated whether it is interpreted, so the cases need a
+    process of their own (nothing leaks into other test files, and the AOT test sees real JIT
+    kernels)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
+    assert " passed" in proc.stdout, tail
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -9,11 +9,10 @@ import contextlib
 import copy
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from helpers import randomize_bn, run_cases_interpreted
 from torch import nn
 
 from fused_res import ops
@@ -26,13 +25,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if not CHILD:
     @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
     def test_plan_cases_in_a_child_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        assert proc.returncode == 0, f"plan cases failed:\n{tail}"
-        assert " passed" in proc.stdout, tail
+        run_cases_interpreted(__file__)
 
     def test_backends_without_plans_return_none_and_the_same_output():
         """The reference backend has no plans: conv_unit_planned is conv_unit there."""
@@ -87,17 +80,6 @@ else:
             monkeypatch.setattr(module, name, counted)
         return count
 
-    def _randomize_bn(model, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                with torch.no_grad():
-                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-        return model
-
     def _block(kind, dtype):
         torch.manual_seed(0)
         if kind == "bottleneck":
@@ -111,7 +93,7 @@ else:
             # (the pair kernel takes 16 input channels and more, its own and the shortcut's)
             down = nn.Sequential(nn.Conv2d(16, 32, 1, 2, bias=False), nn.BatchNorm2d(32))
             b = fnn.BasicBlock(16, 32, stride=2, downsample=down, backend="triton")
-        return _randomize_bn(b).eval().to(dtype)
+        return randomize_bn(b).eval().to(dtype)
 
     def _input(block, dtype, fmt=torch.channels_last, n=2, hw=7, seed=1):
         c = block.conv1.in_channels
@@ -298,7 +280,7 @@ else:
         import fused_res
         from fused_res.models.imagenet import BasicBlock, ResNet
 
-        model = _randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
+        model = randomize_bn(ResNet(BasicBlock, [1, 1, 1, 1], num_classes=4)).eval()
         fused = fused_res.convert(copy.deepcopy(model), backend="triton").eval()
         x = _input(fused, torch.float32, hw=12)
 

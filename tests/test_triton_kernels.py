@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import run_cases_interpreted
 
 from fused_res import ops
 from fused_res.backends import registry
@@ -30,13 +31,7 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 if not CHILD:
     @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
     def test_interpreter_cases_in_a_child_process():
-        env = {**os.environ, "TRITON_INTERPRET": "1"}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        tail = (proc.stdout + proc.stderr)[-6000:]
-        assert proc.returncode == 0, f"interpreter cases failed:\n{tail}"
-        assert " passed" in proc.stdout, tail
+        run_cases_interpreted(__file__)
 
     def test_status_without_interpreter_or_gpu():
         from fused_res.backends.triton_backend import TritonBackend
