@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import randomize_bn
 from torch import nn
 
 import fused_res
@@ -284,3 +285,56 @@ def test_identity_check_sees_a_swapped_storage():
     version = p._version
     p.data = torch.randn(5)
     assert p._version == version and not eval_fold._same(refs, (p, None))
+
+
+def test_a_preactivation_bns_affine_is_kept_and_follows_its_state():
+    """eval_fold.affine: a pre-activation block's first BN in eval, kept per state of its
+    statistics as the folds are (fresh constants, so the conv applying it can be planned),
+    and computed anew after an in-place change, an eps change, an optimizer step, clear()."""
+    from fused_res import nn as fnn
+    from fused_res.backends.constants import is_constant
+    from fused_res.nn.batchnorm import running_affine
+
+    torch.manual_seed(0)
+    block = randomize_bn(fnn.PreActBottleneck(16, 4, backend="reference")).eval()
+    ref = copy.deepcopy(block)
+    x = torch.randn(2, 16, 6, 6)
+    bn = block.bn1
+    with torch.no_grad():
+        a = eval_fold.affine(bn, x)
+        assert eval_fold.affine(bn, x) is a
+        assert all(is_constant(t) for t in (a.center, a.scale, a.shift))
+        assert a.center is not bn.running_mean and a.shift is not bn.bias
+
+        def check():
+            want = running_affine(bn, x)
+            got = eval_fold.affine(bn, x)
+            for u, v in ((got.center, want.center), (got.scale, want.scale),
+                         (got.shift, want.shift)):
+                assert torch.equal(u, v)
+            return got
+
+        for change in (lambda: bn.running_var.mul_(2.0), lambda: bn.weight.add_(0.5),
+                       lambda: setattr(bn, "eps", 0.25)):
+            change()
+            assert check() is not a
+            a = eval_fold.affine(bn, x)
+        opt = torch.optim.SGD(block.parameters(), lr=0.1)
+        opt.step()  # (no gradients: nothing moves, but a new generation)
+        assert eval_fold.affine(bn, x) is not a
+        a = eval_fold.affine(bn, x)
+        eval_fold.clear()
+        assert eval_fold.affine(bn, x) is not a
+        for m in (block, ref):
+            m.bn1.running_mean.add_(1.0)
+        ref.bn1.eps = block.bn1.eps
+        ref.bn1.weight.copy_(block.bn1.weight)
+        ref.bn1.running_var.copy_(block.bn1.running_var)
+        # The block computes with it exactly what it computes without the cache.
+        saved = eval_fold.affine
+        try:
+            y = block(x)
+            eval_fold.affine = lambda bn, h: running_affine(bn, h)
+            assert torch.equal(y, ref(x))
+        finally:
+            eval_fold.affine = saved

@@ -84,6 +84,8 @@ else:
         torch.manual_seed(0)
         if kind == "bottleneck":
             b = fnn.Bottleneck(16, 4, backend="triton")
+        elif kind == "preact":  # (its first BN's affine, kept constant: conv1 plans too)
+            b = fnn.PreActBottleneck(16, 4, backend="triton")
         elif kind == "bottleneck_down":
             down = nn.Sequential(nn.Conv2d(32, 64, 1, 2, bias=False), nn.BatchNorm2d(64))
             b = fnn.Bottleneck(32, 16, stride=2, downsample=down, backend="triton")
@@ -113,7 +115,7 @@ else:
         eval_fold.PAIR_PLANS.clear()
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-    @pytest.mark.parametrize("kind", ["bottleneck", "basic", "downsample"])
+    @pytest.mark.parametrize("kind", ["bottleneck", "basic", "downsample", "preact"])
     @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
     def test_planned_call_returns_what_the_unplanned_one_does(kind, dtype, fmt, launches):
         block = _block(kind, dtype)
@@ -124,7 +126,8 @@ else:
             n_first = launches[0]
             second = block(x)  # runs them
         # Every conv planned: the downsampling block's last conv and projection as one pair.
-        assert len(eval_fold.PLANS) == {"bottleneck": 3, "basic": 2, "downsample": 1}[kind]
+        assert len(eval_fold.PLANS) == {"bottleneck": 3, "basic": 2, "downsample": 1,
+                                        "preact": 3}[kind]
         assert len(eval_fold.PAIR_PLANS) == (kind == "downsample")
         assert launches[0] == n_first
         assert torch.equal(first, expect) and torch.equal(second, expect)

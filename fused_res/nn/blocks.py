@@ -412,7 +412,10 @@ class FusedResidualBlock(NotScriptable, nn.Module):
                 # (else the BN's weight was named as the one of the wrong length)
                 raise ValueError(f"x has shape {tuple(x.shape)}; accepted: "
                                  f"{pre_norm.num_features} channels, the block's input")
-            pending = Pending(input_affine(pre_norm, x, backend), "relu")
+            # (Inference: the BN's affine kept per state of its statistics, eval_fold.affine.)
+            pending = Pending(eval_fold.affine(pre_norm, x)
+                              if not uses_batch_stats(pre_norm) and eval_fold.applies(x)
+                              else input_affine(pre_norm, x, backend), "relu")
         elif plan.pre_act:
             pending = Pending(RELU_ONLY, "relu")
 
@@ -461,7 +464,7 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             mean, var = ops.channel_stats(w, backend=backend)
             aff = batch_affine(pn, mean, var, w.shape, backend)
         else:
-            aff = running_affine(pn, w)
+            aff = eval_fold.affine(pn, w) if eval_fold.applies(w) else running_affine(pn, w)
         return ops.epilogue(w, aff.scale, aff.shift, center=aff.center,
                             act_mid="relu" if plan.act_out else "none", backend=backend)
 

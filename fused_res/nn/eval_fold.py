@@ -34,7 +34,7 @@ from .._eager import transformed
 from ..backends.constants import mark_constant
 from ..backends.reference import memory_format_of
 from ..ops import functional
-from .batchnorm import running_affine
+from .batchnorm import ChannelAffine, running_affine
 
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _generation = 0
@@ -43,6 +43,9 @@ _generation = 0
 # pair's last ops.ConvPairPlan (nn/blocks.py). One per module; clear() forgets them too.
 PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 PAIR_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# bn -> (key, refs, its ChannelAffine): an eval-mode BatchNorm applied to a tensor itself
+# (a pre-activation block's first BN, a BN after the addition), kept as the folds are.
+_AFFINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
@@ -60,6 +63,7 @@ def clear() -> None:
     """Forget every cached fold (after writes the version counters cannot see), and the
     inference plans made with them."""
     _CACHE.clear()
+    _AFFINES.clear()
     PLANS.clear()
     PAIR_PLANS.clear()
 
@@ -78,12 +82,19 @@ def _compute_dtype(h: Tensor, weight: Tensor) -> torch.dtype:
     return dt if dt is not None and weight.dtype == torch.float32 else weight.dtype
 
 
-def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple:
+def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
     """What the fold reads: the conv's weight and bias, the BN's weight, bias and running
-    statistics. Read from the modules' own dicts: through nn.Module.__getattr__ these six
-    lookups cost more than the rest of a cache hit (this runs for every unit of every eval
-    call); a module whose weight is not a plain parameter (torch.nn.utils.parametrize) is
-    read through its attributes (a new tensor per read: never a cache hit)."""
+    statistics (none without a BN). Read from the modules' own dicts: through
+    nn.Module.__getattr__ these six lookups cost more than the rest of a cache hit (this runs
+    for every unit of every eval call); a module whose weight is not a plain parameter
+    (torch.nn.utils.parametrize) is read through its attributes (a new tensor per read:
+    never a cache hit)."""
+    if bn is None:
+        try:
+            pc = conv._parameters
+            return pc["weight"], pc["bias"]
+        except KeyError:
+            return conv.weight, conv.bias
     try:
         pc, pb, bb = conv._parameters, bn._parameters, bn._buffers
         return (pc["weight"], pc["bias"], pb["weight"], pb["bias"], bb["running_mean"],
@@ -132,6 +143,10 @@ def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
     # The conv's weight and bias as _inputs read them: read again, a parametrized weight is
     # computed again (spectral_norm's power iteration ran twice per forward).
     weight, bias = tensors[0], tensors[1]
+    if bn is None:  # (a conv without a BN: its weight and bias as constants of their own)
+        w = weight.detach().to(dtype, copy=True).contiguous(memory_format=fmt)
+        b = None if bias is None else mark_constant(bias.detach().float().clone())
+        return mark_constant(w), b
     scale, shift = running_affine(bn, h).folded()
     w = (weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)
     b = shift if bias is None else shift + bias.detach().float() * scale
@@ -140,17 +155,19 @@ def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
             mark_constant(b.detach().float().contiguous()))
 
 
-def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor, Tensor]:
+def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, h: Tensor
+                ) -> tuple[Tensor, Tensor | None]:
     """(W', b') with conv(h, W') + b' == bn(conv(h)) for eval-mode bn. W' (C_out, C_in, KH,
     KW) in the dtype the conv computes in (the autocast dtype under autocast), in h's memory
-    format; b' (C_out,) float32."""
+    format; b' (C_out,) float32. bn None (a conv without a BN, a pre-activation block's
+    last): the conv's own weight and bias, so kept (b' None where it has no bias)."""
     tensors = _inputs(conv, bn)
     dtype = _compute_dtype(h, tensors[0])
     fmt = memory_format_of(h)
     state = _key(tensors)
     if state is None:
         return _fold(tensors, bn, h, dtype, fmt)
-    key = (dtype, h.device, fmt, bn.eps, _generation, state)
+    key = (dtype, h.device, fmt, None if bn is None else bn.eps, _generation, state)
     hit = _CACHE.get(conv)
     if hit is not None and hit[0] == key and _same(hit[1], tensors):
         return hit[2], hit[3]
@@ -162,3 +179,34 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, h: Tensor) -> tuple[Tensor,
         w, b = _fold(tensors, bn, h, dtype, fmt)
     _CACHE[conv] = (key, _refs(tensors), w, b)
     return w, b
+
+
+def _bn_inputs(bn: nn.BatchNorm2d) -> tuple:
+    """What a BN's running affine reads, as _inputs reads a fold's."""
+    try:
+        pb, bb = bn._parameters, bn._buffers
+        return pb["weight"], pb["bias"], bb["running_mean"], bb["running_var"]
+    except KeyError:
+        return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def affine(bn: nn.BatchNorm2d, h: Tensor) -> ChannelAffine:
+    """batchnorm.running_affine(bn, h) (an eval-mode bn applied to h itself), computed once
+    per state of bn's parameters and running statistics and kept as folded_conv keeps a
+    fold: fresh float32 tensors marked constant, so that the conv whose prologue applies
+    them can be planned, and no per-call kernels compute them. For calls where applies(h)."""
+    tensors = _bn_inputs(bn)
+    state = _key(tensors)
+    if state is None:
+        return running_affine(bn, h)
+    key = (h.device, bn.eps, _generation, state)
+    hit = _AFFINES.get(bn)
+    if hit is not None and hit[0] == key and _same(hit[1], tensors):
+        return hit[2]
+    with torch.inference_mode(False), torch.no_grad():
+        a = running_affine(bn, h)
+        # (Copies: the center may be the running mean itself, the shift the bias.)
+        a = ChannelAffine(*(None if t is None else mark_constant(t.detach().clone())
+                            for t in (a.center, a.scale, a.shift)))
+    _AFFINES[bn] = (key, _refs(tensors), a)
+    return a

@@ -61,6 +61,9 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
     prologue = pending.as_prologue() if pending is not None else {}
     kw = conv_kwargs(conv)
     if bn is None:
+        if eval_fold.applies(h):  # (inference: the weight kept as a fold is, planned)
+            w, b = eval_fold.folded_conv(conv, None, h)
+            return _planned(conv, h, w, b, kw, prologue, act_mid, backend, tail), None
         y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, act_mid=act_mid,
                           backend=backend, **tail)
         return y, None
@@ -76,20 +79,26 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
         # Inference: BN folded into the weight once (eval_fold.py); the shift stays a float32
         # per-channel vector so that backends applying it in their epilogue keep its precision.
         w, shift = eval_fold.folded_conv(conv, bn, h)
-        # (The plan of the conv's last call, ops/plans.py: what the host did to launch it,
-        # done once.)
-        plan = eval_fold.PLANS.get(conv)
-        y = None if plan is None else plan(h, w, None, **kw, **prologue, out_shift=shift,
-                                           act_mid=act_mid, backend=backend, **tail)
-        if y is None:
-            y, plan = ops.conv_unit_planned(h, w, None, **kw, **prologue, out_shift=shift,
-                                            act_mid=act_mid, backend=backend, **tail)
-            if plan is not None:
-                eval_fold.PLANS[conv] = plan
-            else:
-                eval_fold.PLANS.pop(conv, None)
-        return y, None
+        return _planned(conv, h, w, shift, kw, prologue, act_mid, backend, tail), None
     scale, shift = running_affine(bn, h).folded()
     y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, out_scale=scale,
                       out_shift=shift, act_mid=act_mid, backend=backend, **tail)
     return y, None
+
+
+def _planned(conv: nn.Conv2d, h: Tensor, w: Tensor, shift: Tensor | None, kw: dict,
+             prologue: dict, act_mid: str, backend: str | None, tail: dict) -> Tensor:
+    """conv_unit(h, w, out_shift=shift, ...) on a fold's weight and shift, through the plan
+    of the conv's last call where it covers this one (ops/plans.py: what the host did to
+    launch it, done once), else through the op, planning it again."""
+    plan = eval_fold.PLANS.get(conv)
+    y = None if plan is None else plan(h, w, None, **kw, **prologue, out_shift=shift,
+                                       act_mid=act_mid, backend=backend, **tail)
+    if y is None:
+        y, plan = ops.conv_unit_planned(h, w, None, **kw, **prologue, out_shift=shift,
+                                        act_mid=act_mid, backend=backend, **tail)
+        if plan is not None:
+            eval_fold.PLANS[conv] = plan
+        else:
+            eval_fold.PLANS.pop(conv, None)
+    return y
