@@ -24,7 +24,15 @@ from .backends import NAMES as BACKEND_NAMES
 from .nn import blocks as fblocks
 from .nn.conv_bn_act import ConvBNAct2d
 from .nn.hooks import has_hooks, hooked_child
-from .nn.plan import BlockPlan, ShortcutPlan, conv_reason, norm_reason, relu_reason, shortcut_plan
+from .nn.plan import (
+    BlockPlan,
+    ShortcutPlan,
+    conv_reason,
+    norm_reason,
+    padding_reason,
+    relu_reason,
+    shortcut_plan,
+)
 from .nn.stem import (
     LINK_ATTR,
     AppliedBatchNorm2d,
@@ -396,10 +404,9 @@ def report(model: nn.Module) -> list[BlockReport]:
 def _stem_line(name: str, stem: FusedStemConv) -> str:
     (bn_name, act_name), _ = stem.__dict__["_stem"]
     hooked, replaced = stem.hooked(), stem.replaced()
-    padding = None if stem.padding_mode == "zeros" else stem.padding_mode
+    padding = padding_reason(stem)
     return (f"{name}: stem conv -> {bn_name} -> {act_name} fused, backend={stem.backend}"
-            + (f"; running unfused: conv1's padding_mode was set to {padding!r}"
-               if padding else "")
+            + (f"; running unfused: conv1 was set to {padding}" if padding else "")
             + (f"; running unfused while {hooked} has hooks" if hooked and not padding else "")
             + (f"; running unfused: {replaced} was replaced after convert()"
                if replaced and not hooked and not padding else ""))

@@ -490,8 +490,8 @@ def test_a_stem_conv_set_to_reflect_padding_runs_unfused(train):
     if train:
         for k, v in ref.bn1.state_dict().items():
             assert rel_err(fused.bn1.state_dict()[k].double(), v.double()) < 1e-12, k
-    assert "running unfused: conv1's padding_mode was set to 'reflect'" in \
-        fused_res.format_report(fused)
+    assert ("running unfused: conv1 was set to padding (3, 3) with padding_mode 'reflect'"
+            in fused_res.format_report(fused))
 
 
 def test_a_stem_copied_alone_knows_no_model():

@@ -77,6 +77,11 @@ def _bn_kernels():
     return _imported()[2]
 
 
+def _constants(*tensors) -> bool:
+    """Whether each tensor is None or one of fused_res's constants (what plans are made on)."""
+    return all(t is None or is_constant(t) for t in tensors)
+
+
 class TritonBackend(ReferenceBackend):
     """Triton kernels for the conv unit; what is not overridden here is the reference."""
 
@@ -175,12 +180,15 @@ class TritonBackend(ReferenceBackend):
         return not self._unfused
 
     # ---- a block's last conv and its projection shortcut (inference) ----------------------
+    def _pair_runs(self, x, weight, x2, weight2) -> bool:
+        """Whether the pair kernel takes this pair (fewer than 16 input channels: the conv
+        kernel's flattened-K path, not here)."""
+        return (not self._unfused and self._runs(x, weight) and self._runs(x2, weight2)
+                and weight2.shape[2:] == (1, 1) and min(x.shape[1], x2.shape[1]) >= configs.DOT_MIN)
+
     def conv_pair_forward(self, x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
                           act_out):
-        if (self._unfused or not self._runs(x, weight) or not self._runs(x2, weight2)
-                or weight2.shape[2:] != (1, 1)
-                or min(x.shape[1], x2.shape[1]) < configs.DOT_MIN):
-            # (Fewer than 16 input channels: the conv kernel's flattened-K path, not here.)
+        if not self._pair_runs(x, weight, x2, weight2):
             return super().conv_pair_forward(x, weight, bias, stride, padding, x2, weight2,
                                               bias2, stride2, act_out)
         from ..triton.conv_pair import conv_pair_launch
@@ -191,10 +199,8 @@ class TritonBackend(ReferenceBackend):
     def conv_pair_plan(self, x, weight, bias, stride, padding, x2, weight2, bias2, stride2,
                        act_out):
         # As conv_unit_plan: one launch on constants only (the eval fold's weights and shifts).
-        if (self._unfused or not self._runs(x, weight) or not self._runs(x2, weight2)
-                or weight2.shape[2:] != (1, 1)
-                or min(x.shape[1], x2.shape[1]) < configs.DOT_MIN
-                or not all(t is None or is_constant(t) for t in (weight, bias, weight2, bias2))):
+        if (not self._pair_runs(x, weight, x2, weight2)
+                or not _constants(weight, bias, weight2, bias2)):
             return super().conv_pair_plan(x, weight, bias, stride, padding, x2, weight2, bias2,
                                           stride2, act_out)
         from ..triton.conv_pair import conv_pair_launch
@@ -258,9 +264,8 @@ class TritonBackend(ReferenceBackend):
         # derived from them (the weight matrix, contiguous vectors) stays right.
         if (self._unfused or branch_scale is not None
                 or not self._runs(x, weight, groups, dilation)
-                or not all(t is None or is_constant(t)
-                           for t in (weight, bias, in_center, in_scale, in_shift, out_scale,
-                                     out_shift))):
+                or not _constants(weight, bias, in_center, in_scale, in_shift, out_scale,
+                                  out_shift)):
             return super().conv_unit_plan(
                 x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
                 in_shift, act_in, out_scale, out_shift, act_mid, residual, res_scale,

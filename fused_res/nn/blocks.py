@@ -283,15 +283,8 @@ class FusedResidualBlock(NotScriptable, nn.Module):
               "stride2": list(pair[0].stride), "act_out": "relu" if plan.act_out else "none",
               "backend": self.backend}
         # (As run_unit's plans: ops/plans.py. Kept per block, whose last conv the pair is.)
-        planned = eval_fold.PAIR_PLANS.get(self)
-        y = None if planned is None else planned(h, w, b, x, w2, b2, **kw)
-        if y is None:
-            y, planned = ops.conv_shortcut_pair_planned(h, w, b, x, w2, b2, **kw)
-            if planned is not None:
-                eval_fold.PAIR_PLANS[self] = planned
-            else:
-                eval_fold.PAIR_PLANS.pop(self, None)
-        return y
+        return ops.plans.run(eval_fold.PAIR_PLANS, self, ops.conv_shortcut_pair_planned,
+                             h, w, b, x, w2, b2, **kw)
 
     def _children_hooked(self, x: Tensor) -> Tensor | None:
         """With hooks on a child (added after convert(): torch.nn.utils.prune, the old
@@ -370,12 +363,9 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         or None. The layout sees modules replaced, not a module's attributes changed."""
         plan = self.plan
         for name in (*plan.convs, plan.shortcut.conv):
-            if name is not None:
-                conv = self._get(name)
-                if conv.padding_mode != "zeros" or type(conv.padding) is str:
-                    why = padding_reason(conv)
-                    if why is not None:
-                        return f"{name} was set to {why}"
+            why = None if name is None else padding_reason(self._get(name))
+            if why is not None:
+                return f"{name} was set to {why}"
         return None
 
     def _replaced_child(self, x: Tensor, why: str) -> Tensor:

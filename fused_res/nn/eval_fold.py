@@ -36,6 +36,7 @@ from ..backends.reference import memory_format_of
 from ..ops import functional
 from .batchnorm import ChannelAffine, running_affine
 
+# conv -> (key, refs, (W', b')): its fold (_kept).
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _generation = 0
 # The inference plans made with the folds (fused_res/ops/plans.py), which hold a fold's
@@ -89,18 +90,12 @@ def _inputs(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple:
     for every unit of every eval call); a module whose weight is not a plain parameter
     (torch.nn.utils.parametrize) is read through its attributes (a new tensor per read:
     never a cache hit)."""
-    if bn is None:
-        try:
-            pc = conv._parameters
-            return pc["weight"], pc["bias"]
-        except KeyError:
-            return conv.weight, conv.bias
     try:
-        pc, pb, bb = conv._parameters, bn._parameters, bn._buffers
-        return (pc["weight"], pc["bias"], pb["weight"], pb["bias"], bb["running_mean"],
-                bb["running_var"])
+        pc = conv._parameters
+        own = pc["weight"], pc["bias"]
     except KeyError:
-        return (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        own = conv.weight, conv.bias
+    return own if bn is None else own + _bn_inputs(bn)
 
 
 def _refs(tensors: tuple) -> tuple:
@@ -168,17 +163,22 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, h: Tensor
     if state is None:
         return _fold(tensors, bn, h, dtype, fmt)
     key = (dtype, h.device, fmt, None if bn is None else bn.eps, _generation, state)
-    hit = _CACHE.get(conv)
+    return _kept(_CACHE, conv, key, tensors, lambda: _fold(tensors, bn, h, dtype, fmt))
+
+
+def _kept(store, owner, key: tuple, tensors: tuple, compute):
+    """store[owner]'s value where it was computed for this key from these very tensors,
+    else compute() kept there in its place. Computed as ordinary tensors even under
+    inference_mode: an inference tensor has no version counter, so the caches downstream
+    (the Triton weight matrix, the cuDNN bias cast) could not key on it, and raised reading
+    it. (inference_mode(False) also turns grad mode back on: no_grad keeps it a leaf.)"""
+    hit = store.get(owner)
     if hit is not None and hit[0] == key and _same(hit[1], tensors):
-        return hit[2], hit[3]
-    # Computed as ordinary tensors even under inference_mode: an inference tensor has no
-    # version counter, so the caches downstream (the Triton weight matrix, the cuDNN bias
-    # cast) could not key on it, and raised reading it.
-    # (inference_mode(False) also turns grad mode back on: no_grad keeps the fold a leaf.)
+        return hit[2]
     with torch.inference_mode(False), torch.no_grad():
-        w, b = _fold(tensors, bn, h, dtype, fmt)
-    _CACHE[conv] = (key, _refs(tensors), w, b)
-    return w, b
+        value = compute()
+    store[owner] = (key, _refs(tensors), value)
+    return value
 
 
 def _bn_inputs(bn: nn.BatchNorm2d) -> tuple:
@@ -199,14 +199,9 @@ def affine(bn: nn.BatchNorm2d, h: Tensor) -> ChannelAffine:
     state = _key(tensors)
     if state is None:
         return running_affine(bn, h)
-    key = (h.device, bn.eps, _generation, state)
-    hit = _AFFINES.get(bn)
-    if hit is not None and hit[0] == key and _same(hit[1], tensors):
-        return hit[2]
-    with torch.inference_mode(False), torch.no_grad():
+    def compute() -> ChannelAffine:
         a = running_affine(bn, h)
         # (Copies: the center may be the running mean itself, the shift the bias.)
-        a = ChannelAffine(*(None if t is None else mark_constant(t.detach().clone())
-                            for t in (a.center, a.scale, a.shift)))
-    _AFFINES[bn] = (key, _refs(tensors), a)
-    return a
+        return ChannelAffine(*(None if t is None else mark_constant(t.detach().clone())
+                               for t in (a.center, a.scale, a.shift)))
+    return _kept(_AFFINES, bn, (h.device, bn.eps, _generation, state), tensors, compute)

@@ -222,11 +222,10 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
     def unfused_reason(self) -> str | None:
         """Why the stem runs unfused now (hooks on one of its modules, one replaced, or its
         conv's padding set to one the ops cannot do), or None while it runs fused."""
-        if self.padding_mode != "zeros" or type(self.padding) is str:
-            why = padding_reason(self)
-            if why is not None:
-                return (f"the fused stem's conv1 was set to {why} after convert(): it runs "
-                        "as a plain conv and the stem's BatchNorm and ReLU as themselves")
+        why = padding_reason(self)
+        if why is not None:
+            return (f"the fused stem's conv1 was set to {why} after convert(): it runs as a "
+                    "plain conv and the stem's BatchNorm and ReLU as themselves")
         hooked = self.hooked()
         if hooked is not None:
             return (f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run unfused "

@@ -91,14 +91,5 @@ def _planned(conv: nn.Conv2d, h: Tensor, w: Tensor, shift: Tensor | None, kw: di
     """conv_unit(h, w, out_shift=shift, ...) on a fold's weight and shift, through the plan
     of the conv's last call where it covers this one (ops/plans.py: what the host did to
     launch it, done once), else through the op, planning it again."""
-    plan = eval_fold.PLANS.get(conv)
-    y = None if plan is None else plan(h, w, None, **kw, **prologue, out_shift=shift,
-                                       act_mid=act_mid, backend=backend, **tail)
-    if y is None:
-        y, plan = ops.conv_unit_planned(h, w, None, **kw, **prologue, out_shift=shift,
-                                        act_mid=act_mid, backend=backend, **tail)
-        if plan is not None:
-            eval_fold.PLANS[conv] = plan
-        else:
-            eval_fold.PLANS.pop(conv, None)
-    return y
+    return ops.plans.run(eval_fold.PLANS, conv, ops.conv_unit_planned, h, w, None, **kw,
+                         **prologue, out_shift=shift, act_mid=act_mid, backend=backend, **tail)

@@ -186,3 +186,18 @@ def conv_shortcut_pair_planned(x: Tensor, weight: Tensor, bias: Tensor | None, x
     return y, ConvPairPlan._make(name, launch, x, (weight, bias, weight2, bias2, stride,
                                                   padding, stride2, act_out, backend),
                                  backend, requested)
+
+
+def run(store, owner, planned, *args, **kwargs) -> Tensor:
+    """The op call `planned` plans (conv_unit_planned, conv_shortcut_pair_planned), through
+    the plan store[owner] holds where it covers this call, else through the op, keeping the
+    plan it makes in store (a weak mapping: one per module) or dropping the old one."""
+    plan = store.get(owner)
+    y = None if plan is None else plan(*args, **kwargs)
+    if y is None:
+        y, plan = planned(*args, **kwargs)
+        if plan is not None:
+            store[owner] = plan
+        else:
+            store.pop(owner, None)
+    return y

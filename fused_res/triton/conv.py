@@ -527,6 +527,11 @@ class TileStats(NamedTuple):
                    make((tiles,), dtype=torch.float32, device=device))
 
 
+def _signature(t: torch.Tensor | None) -> tuple | None:
+    """What of a tensor a launch's integer arguments and kernel choice follow from."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
 class ConvPlan:
     """One conv launch, made again for a new input x and second input (conv_launch's
     residual, conv_pair_launch's x2) of the same shape, strides, dtype and device as the
@@ -559,19 +564,14 @@ class ConvPlan:
         filled = set(p.x_at + p.y_at + p.r_at)
         p.template = tuple(None if i in filled else a for i, a in enumerate(args))
         p.aliased = residual is x
-        p.x_sig = (x.shape, x.stride(), x.dtype, x.device)
-        p.r_sig = None if residual is None else (residual.shape, residual.stride(),
-                                                 residual.dtype, residual.device)
+        p.x_sig, p.r_sig = _signature(x), _signature(residual)
         return p
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
         """The output (y) for this x and residual, or None where they are not like the
         planned call's (the caller then runs conv_launch)."""
-        if ((x.shape, x.stride(), x.dtype, x.device) != self.x_sig
-                or (residual is x) != self.aliased
-                or (None if residual is None else (residual.shape, residual.stride(),
-                                                   residual.dtype, residual.device))
-                != self.r_sig or needs_int64(x, residual)
+        if (_signature(x) != self.x_sig or (residual is x) != self.aliased
+                or _signature(residual) != self.r_sig or needs_int64(x, residual)
                 or (self.x_aligned is not None and self.x_aligned != (not x.data_ptr() % 16))):
             return None
         y = torch.empty(self.y_shape, dtype=x.dtype, device=x.device, memory_format=self.fmt)

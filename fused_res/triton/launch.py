@@ -211,6 +211,11 @@ def launch(kernel, grid, *args, **kwargs):
             _CACHE[key] = [compiled.run, compiled.function, compiled.packed_metadata, compiled,
                            tail]
         return compiled
+    return _run(entry, grid, args, driver, device, runtime)
+
+
+def _run(entry, grid: tuple, args: tuple, driver, device, runtime):
+    """A cached entry's launcher call, as JITFunction.run ends (the module docstring)."""
     run, function, metadata, compiled, tail = entry
     stream = driver.get_current_stream(device)
     full = args + tail
@@ -243,20 +248,13 @@ class Bound:
         runtime = triton.knobs.runtime
         driver = triton.runtime.driver.active
         device = driver.get_current_device()
-        if (device != self.device or not _STATE["on"] or kernel.pre_run_hooks
+        if (device != self.device or not _direct(kernel, grid)
                 or _switches(runtime) != self.switches
-                or getattr(runtime, "add_stages_inspection_hook", None) is not None
                 or any(_aligned(args[i]) != a
                        for i, a in zip(self.tensors, self.aligned, strict=True))):
             launch(kernel, grid, *args, **self.kwargs)
             return
-        run, function, metadata, compiled, tail = self.entry
-        stream = driver.get_current_stream(device)
-        full = args + tail
-        n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function,
-            metadata, compiled.launch_metadata(grid, stream, *full), runtime.launch_enter_hook,
-            runtime.launch_exit_hook, *full)
+        _run(self.entry, grid, args, driver, device, runtime)
 
 
 def bind(kernel, grid, args: tuple, kwargs: dict, varying: tuple | None = None
