@@ -68,6 +68,7 @@ def count_launches(step) -> tuple[int, int, dict]:
 
     import fused_res._eager as eager
     import fused_res.ops.library as library
+    import fused_res.ops.train_unit as train_unit
     import fused_res.triton.batchnorm as tbn
     import fused_res.triton.elementwise as tew
 
@@ -87,7 +88,7 @@ def count_launches(step) -> tuple[int, int, dict]:
             return func(*args, **(kwargs or {}))
 
     _NoLaunch.launches = _NoLaunch.stubbed_aten = 0
-    patched = (library, tew, tbn)
+    patched = (library, train_unit, tew, tbn)
     for m in patched:
         m.plain_eager = plain_ignoring_modes
     try:
@@ -166,6 +167,32 @@ def launcher_stubbed():
             entry[0] = run
 
 
+def narrowed(model, k: int):
+    """model with every conv, BatchNorm and the classifier's input k times narrower (the
+    3-channel image input kept): the same modules, units and spatial shapes, so the same host
+    path, with the weight-sized work on the CPU (weight copies, autocast casts, the optimizer)
+    k^2 times smaller, where on a GPU it is a few kernels and here it would swamp the host
+    path being timed."""
+    import torch.nn as nn
+
+    def c(n):
+        return n if n == 3 else max(1, n // k)
+
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            if type(m) is nn.Conv2d:
+                new = nn.Conv2d(c(m.in_channels), c(m.out_channels), m.kernel_size, m.stride,
+                                m.padding, bias=m.bias is not None)
+            elif type(m) is nn.BatchNorm2d:
+                new = nn.BatchNorm2d(c(m.num_features))
+            elif type(m) is nn.Linear:
+                new = nn.Linear(c(m.in_features), m.out_features)
+            else:
+                continue
+            setattr(parent, name, new)
+    return model
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50")
@@ -182,6 +209,9 @@ def main(argv=None) -> int:
                    help="cpu: kernels stubbed out; cuda: real kernels on a tiny input")
     p.add_argument("--backend", default="triton", help="the fused model's backend")
     p.add_argument("--size", type=int, default=32, help="input height and width (batch 2)")
+    p.add_argument("--narrow", type=int, default=1, metavar="K",
+                   help="every layer K times narrower (the same host path, K^2 less "
+                   "weight-sized work: a train step's host path on the CPU, e.g. 16)")
     a = p.parse_args(argv)
     gpu = a.device == "cuda"
     if gpu and a.launches:
@@ -202,7 +232,11 @@ def main(argv=None) -> int:
         _stub_kernels(conv_backward=a.backend == "triton")
         torch.set_num_threads(1)
     dev = a.device
-    model = getattr(models, a.model)().to(dev, memory_format=torch.channels_last)
+    if a.narrow < 1:
+        p.error(f"--narrow {a.narrow}: accepted: an integer >= 1")
+    model = narrowed(getattr(models, a.model)(), a.narrow) if a.narrow > 1 else \
+        getattr(models, a.model)()
+    model = model.to(dev, memory_format=torch.channels_last)
     fused = fused_res.convert(copy.deepcopy(model), backend=a.backend)
     fused.train(a.mode == "train")
     units = sum(1 for m in fused.modules() if isinstance(m, torch.nn.Conv2d))

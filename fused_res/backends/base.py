@@ -60,6 +60,12 @@ class Backend:
     #: before the conv either way.
     prologue_in_conv: bool = False
 
+    #: Whether ops.train_unit may run a training unit (conv_bn_stats, bn_scale, epilogue) as
+    #: one autograd node on this backend: only where its choice for the conv decides its choice
+    #: for the statistics and the epilogue (unsupported_reason reads no more than the input's
+    #: dtype and device, groups and dilation), so that one resolution stands for the three.
+    fused_train_unit: bool = False
+
     def conv_unit_plan(self, *args) -> tuple[torch.Tensor, object | None]:
         """conv_unit_forward(*args)'s output y, and a plan where this backend can run calls
         like this one again without the layers above its kernel: a callable (x, residual)

@@ -84,6 +84,7 @@ class CudaBackend(ReferenceBackend):
     # Its prologue is an apply pass before cuDNN's conv either way; run as its own op in
     # training, the backward reuses that pass's output instead of running it again.
     fuse_train_prologue = False
+    fused_train_unit = True  # (base.Backend.fused_train_unit)
 
     def status(self) -> BackendStatus:
         if not _ext.loaded() and registry.tracing():

@@ -290,6 +290,18 @@ class ReferenceBackend(Backend):
                                                        s["in_shift"], s["act_in"], needs)
         return grads
 
+    def conv_bn_train_forward(self, x, weight, bias, stride, padding, dilation, groups,
+                              in_center, in_scale, in_shift, act_in, bn_weight, eps,
+                              running_mean, running_var, num_batches_tracked, momentum, count):
+        """conv_bn_stats_forward, then bn_scale_and_update on its statistics: returns (z, mean,
+        var, scale) with the running statistics updated (what ops.train_unit's node runs; a
+        backend may do the second part in the launch that ends the first)."""
+        z, mean, var = self.conv_bn_stats_forward(x, weight, bias, stride, padding, dilation,
+                                                  groups, in_center, in_scale, in_shift, act_in)
+        scale = self.bn_scale_and_update(var, bn_weight, eps, mean, running_mean, running_var,
+                                         num_batches_tracked, momentum, count)
+        return z, mean, var, scale
+
     # ---- channel_stats: per-channel mean and biased variance ------------------------------
     def channel_stats_forward(self, x):
         acc = acc_dtype(x.dtype)

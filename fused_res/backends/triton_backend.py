@@ -94,6 +94,7 @@ class TritonBackend(ReferenceBackend):
     # statistics conv 5.73 ms, and the separate passes cost less than that difference.
     # The prologue stays one train_prologue(True) away (the bench's fused-triton-prologue).
     fuse_train_prologue = False
+    fused_train_unit = True  # (base.Backend.fused_train_unit)
 
     def status(self) -> BackendStatus:
         # Asked on every call (twice per unit); the answer changes only with the interpreter
@@ -331,6 +332,29 @@ class TritonBackend(ReferenceBackend):
             stats=True, memory_format=memory_format_of(x), tma=self._tma)
         mean, var = ew.stats_finalize(parts, weight.shape[0])
         return z, mean, var
+
+    def conv_bn_train_forward(self, x, weight, bias, stride, padding, dilation, groups,
+                              in_center, in_scale, in_shift, act_in, bn_weight, eps,
+                              running_mean, running_var, num_batches_tracked, momentum, count):
+        # The BatchNorm's scale and running update in the statistics' last launch, where that
+        # launch exists (a fused conv of a non-empty batch) and its kernel takes the update (a
+        # momentum, buffers it can write in place); else the two steps.
+        if (self._unfused or momentum is None or count == 0
+                or not self._runs(x, weight, groups, dilation)
+                or in_place_reason(x, running_mean, running_var, float32_only=False)
+                is not None):
+            return super().conv_bn_train_forward(
+                x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                in_shift, act_in, bn_weight, eps, running_mean, running_var,
+                num_batches_tracked, momentum, count)
+        conv, ew = _kernels()
+        z, parts = conv.conv_launch(
+            x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
+            stats=True, memory_format=memory_format_of(x), tma=self._tma)
+        mean, var, scale = ew.stats_finalize(
+            parts, weight.shape[0], bn=(bn_weight, eps, running_mean, running_var,
+                                        num_batches_tracked, momentum, count))
+        return z, mean, var, scale
 
     # ---- channel_stats --------------------------------------------------------------------
     def channel_stats_forward(self, x):

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from . import eval_fold
-from .batchnorm import ChannelAffine, batch_affine, running_affine, uses_batch_stats
+from .batchnorm import ChannelAffine, batch_affine, check_norm, running_affine, uses_batch_stats
 from .plan import explicit_padding
 
 
@@ -68,6 +68,16 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
                           backend=backend, **tail)
         return y, None
     if uses_batch_stats(bn):
+        if not (defer and not tail) and bn.training and bn.track_running_stats:
+            # One autograd node for the three ops below where it covers the call (else None).
+            check_norm(bn)
+            y = ops.train_unit.conv_bn_act(
+                h, conv.weight, conv.bias, **kw, **prologue, bn_weight=bn.weight,
+                bn_bias=bn.bias, running_mean=bn.running_mean, running_var=bn.running_var,
+                num_batches_tracked=bn.num_batches_tracked, momentum=bn.momentum, eps=bn.eps,
+                act_mid=act_mid, backend=backend, **tail)
+            if y is not None:
+                return y, None
         z, mean, var = ops.conv_bn_stats(h, conv.weight, conv.bias, **kw, **prologue,
                                          backend=backend)
         aff = batch_affine(bn, mean, var, z.shape, backend)

@@ -242,8 +242,11 @@ def _two_sum(a, b):
 
 @triton.jit
 def stats_finalize_kernel(st_mean_ptr, st_lo_ptr, st_m2_ptr, st_cnt_ptr, out_mean_ptr,
-                          out_lo_ptr, out_m2_ptr, out_cnt_ptr, T, C, GROUP,
-                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr):
+                          out_lo_ptr, out_m2_ptr, out_cnt_ptr, w_ptr, scale_ptr, rm_ptr,
+                          rv_ptr, nbt_ptr, T, C, GROUP, momentum, unbias, eps,
+                          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr,
+                          BN: tl.constexpr = False, HAS_W: tl.constexpr = False,
+                          HAS_NBT: tl.constexpr = False):
     """Combine tiles [g * GROUP, (g + 1) * GROUP) of T partials (a TileStats), g the
     program's first grid index: into one partial per group (FINAL=False: out_* a TileStats of
     `groups` rows), or, with one group, into the mean and biased variance (FINAL=True: out_mean
@@ -288,8 +291,31 @@ def stats_finalize_kernel(st_mean_ptr, st_lo_ptr, st_m2_ptr, st_cnt_ptr, out_mea
         n_a, mean_a, m2_a = _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b)
     hi, lo_out = _two_sum(k, mean_a)
     if FINAL:
+        var = m2_a / tl.maximum(n_a, 1.0)
         tl.store(out_mean_ptr + offs_c, hi, mask=mask_c)
-        tl.store(out_m2_ptr + offs_c, m2_a / tl.maximum(n_a, 1.0), mask=mask_c)
+        tl.store(out_m2_ptr + offs_c, var, mask=mask_c)
+        if BN:
+            # A train-mode BatchNorm on these statistics, as batchnorm.bn_running_kernel
+            # (HAS_SCALE, a momentum) does it from the stored mean and var, in this launch.
+            s = 1.0 / tl.sqrt_rn(var + eps)
+            if HAS_W:
+                s = s * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            tl.store(scale_ptr + offs_c, s, mask=mask_c)
+            keep = 1.0 - momentum
+            rm = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            rv = tl.load(rv_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+            tl.store(rm_ptr + offs_c, (rm * keep + hi * momentum).to(rm_ptr.dtype.element_ty),
+                     mask=mask_c)
+            tl.store(rv_ptr + offs_c,
+                     (rv * keep + (var * unbias) * momentum).to(rv_ptr.dtype.element_ty),
+                     mask=mask_c)
+            if HAS_NBT:
+                if tl.program_id(1) == 0:
+                    n = tl.load(nbt_ptr) + 1
+                    # Every thread loads the count, one stores it (bn_running_kernel's
+                    # barrier, for the same reason).
+                    tl.debug_barrier()
+                    tl.store(nbt_ptr, n)
     else:
         out_off = g.to(tl.int64) * C + offs_c
         tl.store(out_mean_ptr + out_off, hi, mask=mask_c)
@@ -457,15 +483,22 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     return (gt, gr, *sums)
 
 
-def stats_finalize(parts: TileStats, c: int):
+def stats_finalize(parts: TileStats, c: int, bn: tuple | None = None):
     """(mean, biased var) (C,) float32 from per-tile partials (a TileStats with C columns);
     zeros when there are none. More than FINALIZE_GROUP tiles are first merged in parallel,
     FINALIZE_GROUP at a time, until one group is left: a single program walking every tile of
     a large activation (one per 32 rows) took ~1 ms on an H100
-    (benchmarks/results/2026-11-26-h100-run1, stats)."""
+    (benchmarks/results/2026-11-26-h100-run1, stats).
+
+    bn = (weight, eps, running_mean, running_var, num_batches_tracked, momentum, count): the
+    last launch also does a train-mode BatchNorm's work on them, as batchnorm.bn_update_running
+    with scale_of=(weight, eps) would (a momentum, running statistics contiguous on the
+    device, at least one tile: the caller sees to it), and returns (mean, var, scale)."""
     t = parts.count.shape[0]
     device = parts.count.device
     if t == 0 or c == 0:
+        if bn is not None:
+            raise ValueError("stats_finalize(bn=...) needs partials of at least one tile")
         zeros = torch.zeros((c,), dtype=torch.float32, device=device)
         return zeros, zeros.clone()
     # The final combine writes every channel: no fill launches.
@@ -478,13 +511,25 @@ def stats_finalize(parts: TileStats, c: int):
         groups = cdiv(t, group)
         nxt = TileStats.empty(groups, c, device)
         launch(stats_finalize_kernel, (groups, c_blocks),
-            *parts, *nxt, t, c, group, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c, FINAL=False,
-            num_warps=cfg.num_warps)
+            *parts, *nxt, mean, mean, mean, mean, mean, t, c, group, 0.0, 1.0, 0.0,
+            BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c, FINAL=False, num_warps=cfg.num_warps)
         parts, t = nxt, groups
+    if bn is None:
+        launch(stats_finalize_kernel, (1, c_blocks),
+            *parts, mean, mean, var, parts.count, mean, mean, mean, mean, mean, t, c, t, 0.0,
+            1.0, 0.0, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c, FINAL=True,
+            num_warps=cfg.num_warps)
+        return mean, var
+    weight, eps, running_mean, running_var, nbt, momentum, count = bn
+    weight = vec(weight)
+    scale = torch.empty_like(mean)
     launch(stats_finalize_kernel, (1, c_blocks),
-        *parts, mean, mean, var, parts.count, t, c, t, BLOCK_T=cfg.block_m,
-        BLOCK_C=cfg.block_c, FINAL=True, num_warps=cfg.num_warps)
-    return mean, var
+        *parts, mean, mean, var, parts.count, weight if weight is not None else mean, scale,
+        running_mean, running_var, nbt if nbt is not None else mean, t, c, t,
+        float(momentum), float(count / (count - 1) if count > 1 else 1.0), float(eps),
+        BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c, FINAL=True, BN=True,
+        HAS_W=weight is not None, HAS_NBT=nbt is not None, num_warps=cfg.num_warps)
+    return mean, var, scale
 
 
 def channel_stats(x):
