@@ -236,7 +236,7 @@ fi
 # train first. Its output is in the log.
 HOST_ARGS=(--device cuda --model resnet18 --repeats 10 --profile --sort both)
 if [ "$DRY" = 1 ]; then HOST_ARGS=(--model resnet18 --repeats 1); fi
-run_step host-profile 75 bash -c 'rc=0; for bm in triton:train cuda:train triton:eval; do
+run_step host-profile 90 bash -c 'rc=0; for bm in triton:train cuda:train triton:eval; do
   "$0" benchmarks/host_overhead.py "${@:1}" --backend ${bm%%:*} --mode ${bm##*:} || rc=1
   done; exit $rc' "$PY" "${HOST_ARGS[@]}"
 # The issue's eval targets at batch 256 (run 5: the blocks step's 60 s ran out after two

@@ -301,6 +301,18 @@ def main(argv=None) -> int:
         on, off = (ms, other) if was else (other, ms)
         print(f"{a.model}: {off:.2f} ms with inference plans off (FUSED_RES_PLANS=0), "
               f"{on:.2f} ms on ({on / off:.2f}x)")
+    if a.mode == "train":
+        # The same step with each training unit as the three ops (fused_res/ops/
+        # train_unit.py off), side by side.
+        from fused_res.ops import train_unit
+
+        was = train_unit.ENABLED
+        train_unit.ENABLED = not was
+        other = per_step_ms(step)
+        train_unit.ENABLED = was
+        on, off = (ms, other) if was else (other, ms)
+        print(f"{a.model}: {off:.2f} ms with each training unit as three ops "
+              f"(FUSED_RES_TRAIN_UNIT=0), {on:.2f} ms as one node ({on / off:.2f}x)")
     if gpu and a.backend == "triton":
         # The same step with every Triton launch through the JIT (fused_res.triton.launch
         # off), side by side in this run: what the direct launch path saves.

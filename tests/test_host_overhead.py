@@ -54,3 +54,19 @@ def test_launcher_stub_replaces_every_direct_launch_and_restores_the_cache(monke
     with pytest.raises(RuntimeError), host.launcher_stubbed():
         raise RuntimeError("the cache comes back after an error too")
     assert fast._CACHE == want
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_train_step_counts_five_launches_per_unit_and_times_the_three_ops_beside():
+    """A ResNet-50 train step (narrowed: the same units) launches five Triton kernels per
+    conv unit (conv with statistics, the statistics' last combine with the BatchNorm's scale
+    and running update, the apply pass, its backward with the scale's gradient, the
+    statistics' backward; ops/train_unit.py), and the step is timed with the units as three
+    ops beside."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet50", "--mode", "train",
+                           "--repeats", "1", "--rounds", "1", "--narrow", "16", "--launches"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"fused-triton (\d+) \((\d+) aten, (\d+) Triton\)", proc.stdout)
+    assert m and int(m[3]) == 5 * 53, proc.stdout
+    assert "as three ops (FUSED_RES_TRAIN_UNIT=0)" in proc.stdout, proc.stdout

@@ -51,14 +51,20 @@ def _model(kind: str, backend: str):
     elif kind == "conv_bias":  # a conv with a bias, a 5x5 kernel, stride 2, no activation
         return randomize_bn(fnn.ConvBNAct2d(6, 8, 5, stride=2, padding=2, bias=True,
                                             act="none", backend=backend))
-    elif kind == "cifar":  # small enough for the interpreter: a 3x3 stem, projections
+    elif kind in ("cifar", "cifar_frozen"):  # small enough for the interpreter: projections
         m = CifarResNet(8, shortcut="B", num_classes=5, widths=(8, 16, 16))
+        if kind == "cifar_frozen":  # (a fine-tune: the stem's conv and every BN scale frozen;
+            # with an input that needs no gradient, the stem's unit then needs none for z)
+            m.conv1.weight.requires_grad_(False)
+            for bn in m.modules():
+                if isinstance(bn, nn.BatchNorm2d):
+                    bn.weight.requires_grad_(False)
     else:
         raise ValueError(kind)
     return fused_res.convert(randomize_bn(m), backend=backend)
 
 
-def _steps(model, dtype, fmt, steps=2, autocast=None, hw=9, create_graph=False):
+def _steps(model, dtype, fmt, steps=2, autocast=None, hw=9, create_graph=False, x_grad=True):
     """Outputs, input and parameter gradients and every buffer after `steps` train steps."""
     model = model.to(dtype if autocast is None else torch.float32).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -68,16 +74,20 @@ def _steps(model, dtype, fmt, steps=2, autocast=None, hw=9, create_graph=False):
         c = next(m for m in model.modules() if isinstance(m, nn.Conv2d)).in_channels
         x = torch.randn(2, c, hw, hw, generator=g).to(
             dtype if autocast is None else torch.float32).contiguous(memory_format=fmt)
-        x.requires_grad_(True)
+        x.requires_grad_(x_grad)
         torch.manual_seed(s)  # (drop-path masks)
         with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
             y = model(x)
         w = torch.randn(y.shape, generator=g).to(y.dtype)
         loss = (y * w).float().sum()
-        grads = torch.autograd.grad(loss, [x, *params], create_graph=create_graph)
+        wrt = [x, *params] if x_grad else params
+        grads = torch.autograd.grad(loss, wrt, create_graph=create_graph)
         if create_graph:  # a second-order term through every node
-            grads = torch.autograd.grad(sum(gr.float().square().sum() for gr in grads[1:]),
-                                        [x, *params], allow_unused=True)
+            grads = torch.autograd.grad(
+                sum(gr.float().square().sum() for gr in grads[len(wrt) - len(params):]), wrt,
+                allow_unused=True)
+        if not x_grad:
+            grads = (None, *grads)
         record += [y.detach(), *[gr for gr in grads if gr is not None]]
         with torch.no_grad():  # a step, so the next one sees new weights
             for p, gr in zip(params, grads[1:], strict=True):
@@ -89,18 +99,19 @@ def _steps(model, dtype, fmt, steps=2, autocast=None, hw=9, create_graph=False):
 
 def _check_same_as_the_ops(kind, backend, dtype, nodes, fmt=torch.channels_last,
                            autocast=None, create_graph=False):
+    x_grad = kind != "cifar_frozen"
     base = _model(kind, backend)
     # Under autocast, an input large enough that no conv backward sees a 1x1 map under a 3x3
     # kernel: aten's CPU weight gradient of that in bf16 is garbage (NaN, 1e25) and differs
     # from call to call (torch 2.x, oneDNN), whichever path calls it.
     hw = 17 if autocast is not None else 9
     got = _steps(copy.deepcopy(base), dtype, fmt, autocast=autocast, create_graph=create_graph,
-                 hw=hw)
+                 hw=hw, x_grad=x_grad)
     fused_calls = nodes[0]
     train_unit.ENABLED = False
     try:
         want = _steps(copy.deepcopy(base), dtype, fmt, autocast=autocast,
-                      create_graph=create_graph, hw=hw)
+                      create_graph=create_graph, hw=hw, x_grad=x_grad)
     finally:
         train_unit.ENABLED = True
     assert fused_calls > 0 and nodes[0] == fused_calls  # used with it on, never with it off
@@ -161,7 +172,7 @@ if not CHILD:
 
     @pytest.mark.skipif(not _cuda_backend_runs(), reason="the extension is not built")
     @pytest.mark.parametrize("kind", ["resnet_basic", "resnet_bottleneck", "cifar",
-                                      "bottleneck_lambda", "conv_bias"])
+                                      "cifar_frozen", "bottleneck_lambda", "conv_bias"])
     @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
     def test_cuda_backend_train_unit_is_the_three_ops(kind, fmt, nodes):
         _check_same_as_the_ops(kind, "cuda", torch.float32, nodes, fmt)
@@ -225,7 +236,8 @@ else:
         yield
         registry.register_backend("triton", old)
 
-    @pytest.mark.parametrize("kind", ["cifar", "bottleneck_lambda", "conv_bias"])
+    @pytest.mark.parametrize("kind", ["cifar", "cifar_frozen", "bottleneck_lambda",
+                                      "conv_bias"])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
     def test_triton_train_unit_is_the_three_ops(kind, dtype, nodes):
         _check_same_as_the_ops(kind, "triton", dtype, nodes)
@@ -246,6 +258,37 @@ else:
         # 3e-2 off float64 whichever path computes it; float16 is held to the ops' path above,
         # bit for bit)
         _check_against_float64("triton", torch.float32, nodes)
+
+    def test_triton_backward_takes_the_scale_back_in_the_epilogue_pass(nodes, monkeypatch):
+        """The BatchNorm scale's gradient (to var and weight) is made by the epilogue
+        backward's last programs, not a launch of its own, with the ops' values bit for bit;
+        with the sums apart (FUSED_RES_TRITON_SUMS_APART) it is its own launch again."""
+        from fused_res.triton import batchnorm as tbn
+        from fused_res.triton import elementwise as ew
+
+        calls = [0]
+        real = tbn._bn_scale_backward
+
+        def counted(*args):
+            calls[0] += 1
+            return real(*args)
+
+        monkeypatch.setattr(tbn, "_bn_scale_backward", counted)
+        base = _model("bottleneck_lambda", "triton")
+        got = _steps(copy.deepcopy(base), torch.float32, torch.channels_last)
+        assert nodes[0] > 0 and calls[0] == 0
+        train_unit.ENABLED = False
+        try:
+            want = _steps(copy.deepcopy(base), torch.float32, torch.channels_last)
+        finally:
+            train_unit.ENABLED = True
+        assert calls[0] > 0
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        calls[0] = 0
+        monkeypatch.setattr(ew, "SUMS_IN_PASS", False)
+        apart = _steps(copy.deepcopy(base), torch.float32, torch.channels_last)
+        assert calls[0] > 0
+        assert all(torch.equal(a, b) for a, b in zip(apart, want, strict=True))
 
     def test_triton_finalize_does_the_batchnorm_in_its_last_launch(nodes, monkeypatch):
         """The statistics' last launch takes the BatchNorm's scale and running update (with a

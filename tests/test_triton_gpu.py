@@ -509,3 +509,56 @@ def test_planned_eval_blocks_match_the_unplanned_on_gpu(kind, monkeypatch):
                 torch.backends.cudnn.allow_tf32 = old
         eval_fold.PLANS.clear()
         eval_fold.PAIR_PLANS.clear()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_train_unit_matches_the_three_ops_on_gpu(backend, monkeypatch):
+    """A training unit as one node (fused_res/ops/train_unit.py) on the real kernels, bf16: a
+    ResNet-50 layer-2 Bottleneck at batch 32 (enough row tiles that the Triton statistics
+    combine in two levels, the BatchNorm's update in the last) takes three train steps as the
+    three ops do: outputs and gradients within a bf16 rounding (the combined kernels may
+    contract a multiply-add the separate ones did not), running statistics within float32's,
+    num_batches_tracked exactly."""
+    import copy
+
+    from torch import nn
+
+    from fused_res import nn as fnn
+    from fused_res.backends import get_backend_object
+    from fused_res.ops import train_unit
+
+    if not get_backend_object(backend).status().available:
+        pytest.skip(f"backend {backend!r} is unavailable here")
+    torch.manual_seed(0)
+    block = fnn.Bottleneck(512, 128, backend=backend)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    block = block.cuda().to(memory_format=torch.channels_last).train()
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(train_unit, "ENABLED", on)
+        net = copy.deepcopy(block)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        record = []
+        for step in range(3):
+            g = torch.Generator(device="cuda").manual_seed(step)
+            x = torch.randn(32, 512, 28, 28, device="cuda", generator=g).contiguous(
+                memory_format=torch.channels_last).requires_grad_()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = net(x)
+            (y.float() * torch.randn(y.shape, device="cuda", generator=g)).sum().backward()
+            record += [y.detach(), x.grad] + [p.grad.clone() for p in net.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        runs.append((record, [b.clone() for b in net.buffers()]))
+    (got, got_buf), (want, want_buf) = runs
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) <= 1e-2, rel_err(a, b)
+    for a, b in zip(got_buf, want_buf, strict=True):
+        if a.is_floating_point():
+            assert rel_err(a, b) <= 1e-5, rel_err(a, b)
+        else:
+            assert torch.equal(a, b)

@@ -346,6 +346,19 @@ class ReferenceBackend(Backend):
                                momentum, count)
         return self.bn_scale_forward(var, weight, eps)
 
+    def bn_epilogue_backward(self, gy, saved, needs, var, bn_weight, eps, need_var,
+                             need_weight):
+        """epilogue_backward where the scale is bn_scale_forward(var, bn_weight, eps), then
+        bn_scale_backward on its gradient: returns (epilogue_backward's grads, dL/dvar or
+        None, dL/dbn_weight or None). ops.train_unit's backward; a backend may do the second
+        part in the pass of the first."""
+        g = self.epilogue_backward(gy, saved, needs)
+        gv = gw = None
+        if needs["scale"]:
+            gv, gw = self.bn_scale_backward(g.get("scale"), var, bn_weight, eps, need_var,
+                                            need_weight)
+        return g, gv, gw
+
     # ---- epilogue: y = tail((z - center) * scale + shift) ---------------------------------
     def epilogue_forward(self, z, center, scale, shift, act_mid, residual, res_scale,
                          branch_scale, act_out):

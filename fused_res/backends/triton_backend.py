@@ -396,6 +396,28 @@ class TritonBackend(ReferenceBackend):
                                                          scale, shift, needs,
                                                          ("center", "scale", "shift"))}
 
+    def bn_epilogue_backward(self, gy, saved, needs, var, bn_weight, eps, need_var,
+                             need_weight):
+        s = saved
+        z, center, scale, shift = s["z"], s["center"], s["scale"], s["shift"]
+        if not (self._runs(z) and needs["scale"] and scale is not None):
+            return super().bn_epilogue_backward(gy, saved, needs, var, bn_weight, eps,
+                                                need_var, need_weight)
+        _, ew = _kernels()
+        # The BatchNorm's scale gradient in the programs that add up the pass's sums.
+        gz, gr, sum_g, sum_gt, g_center, gv, gw = ew.epilogue_backward(
+            gy, z, s["y"], center, scale, shift, s["branch_scale"], s["act_mid"], s["act_out"],
+            s["res_scale"], s["residual_dtype"], need_gt=needs["z"],
+            need_gr=needs["residual"],
+            need_sum=(needs["shift"] and shift is not None)
+            or (needs["center"] and center is not None),
+            need_sum_t=True, fmt=memory_format_of(z),
+            bn=(var, bn_weight, eps, need_var, need_weight))
+        return ({"residual": gr, "z": gz, **_affine_grads(sum_g, sum_gt, g_center, center,
+                                                          scale, shift, needs,
+                                                          ("center", "scale", "shift"))},
+                gv, gw)
+
     # ---- a train-mode BatchNorm's scale and running statistics: one launch each -----------
     def bn_scale_forward(self, var, weight, eps):
         if not self._runs(var):

@@ -149,19 +149,17 @@ class _TrainUnit(torch.autograd.Function):
             # out of autograd's sight, so the three ops' backwards would miss their second-
             # order terms; the reference's forward, recomputed from the saved inputs, has them.
             return _differentiable_backward(ctx, gy)
-        # epilogue: y from (z, center = mean, scale, shift, residual)
-        g = be.epilogue_backward(
+        # epilogue: y from (z, center = mean, scale, shift, residual); bn_scale: scale from
+        # (var, bn_weight)
+        g, g_var, g_bn_w = be.bn_epilogue_backward(
             gy, {"z": z, "center": mean, "scale": scale, "shift": shift,
                  "branch_scale": branch_scale, "y": y, "act_mid": act_mid,
                  "res_scale": res_scale, "act_out": act_out, "backend": name,
                  "residual_dtype": residual_dtype},
             {"z": conv_needs, "center": conv_needs, "scale": need_scale, "shift": need_shift,
              "residual": need_res, "branch_scale": False, "act_mid": False, "res_scale": False,
-             "act_out": False, "backend": False})
-        g_var = g_bn_w = None
-        if need_scale:  # bn_scale: scale from (var, bn_weight)
-            g_var, g_bn_w = be.bn_scale_backward(g.get("scale"), var, bn_weight, eps,
-                                                 conv_needs, need_bn_w)
+             "act_out": False, "backend": False},
+            var, bn_weight, eps, conv_needs, need_bn_w)
         grads = {}
         if conv_needs:  # conv_bn_stats: (z, mean, var) from x and the conv's tensors
             saved = {"x": x, "weight": weight, "bias": bias, "in_center": in_center,

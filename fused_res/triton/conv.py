@@ -521,10 +521,16 @@ class TileStats(NamedTuple):
 
     @classmethod
     def empty(cls, tiles: int, c: int, device, zero_counts: bool = False) -> TileStats:
-        mean = torch.empty((tiles, c), dtype=torch.float32, device=device)
-        make = torch.zeros if zero_counts else torch.empty
-        return cls(mean, torch.empty_like(mean), torch.empty_like(mean),
-                   make((tiles,), dtype=torch.float32, device=device))
+        # One allocation for the four (each an allocator call on the host, per conv unit and
+        # finalize level in training), each part starting 128-byte aligned as a tensor of
+        # its own would (Triton specializes on 16-byte alignment).
+        part = -(-tiles * c // 32) * 32
+        buf = torch.empty(3 * part + tiles, dtype=torch.float32, device=device)
+        mean, lo, m2 = (buf[i * part:i * part + tiles * c].view(tiles, c) for i in range(3))
+        count = buf[3 * part:]
+        if zero_counts:
+            count.zero_()
+        return cls(mean, lo, m2, count)
 
 
 def _signature(t: torch.Tensor | None) -> tuple | None:

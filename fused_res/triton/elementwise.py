@@ -72,14 +72,17 @@ def epilogue_fwd_kernel(z_ptr, c_ptr, s_ptr, b_ptr, res_ptr, bs_ptr, y_ptr,
 @triton.jit
 def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_ptr, gr_ptr,
                         psum_ptr, psum_t_ptr, cnt_ptr, sum_ptr, sum_t_ptr, gc_ptr,
-                        M, C, HW, W, sn, sc, sh, sw, res_scale, sub,
+                        var_ptr, w_ptr, gv_ptr, gw_ptr,
+                        M, C, HW, W, sn, sc, sh, sw, res_scale, sub, eps,
                         HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_B: tl.constexpr,
                         ACT_MID: tl.constexpr, ACT_OUT: tl.constexpr,
                         HAS_BRANCH: tl.constexpr, RES_SCALED: tl.constexpr,
                         NEED_GT: tl.constexpr, NEED_GR: tl.constexpr, NEED_SUM: tl.constexpr,
                         NEED_SUM_T: tl.constexpr, SUMS_HERE: tl.constexpr,
                         NEED_GC: tl.constexpr, FENCE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, INDEX_64: tl.constexpr,
+                        BN_BWD: tl.constexpr = False, HAS_W: tl.constexpr = False,
+                        NEED_GV: tl.constexpr = False, NEED_GW: tl.constexpr = False):
     """Backward of y = act_out(bs[n] * act_mid((t - c) * s + b) + λ r) given gy:
     gt = gu * s (t's dtype), gr = λ gw (r's dtype), and per program (`sub` row tiles, channel)
     the partial sums Σ gu and Σ gu (t - c) into psum / psum_t (programs_m, C) float32. The
@@ -89,7 +92,9 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
     0.70-0.87 for the CUDA kernel that reduces once per block).
     SUMS_HERE: the last program of each channel block to finish (cnt (channel blocks,) int32,
     zeroed) adds up the block's partials into sum / sum_t (C,) and writes gc (_sum_partials),
-    the pass channel_sums_kernel otherwise makes after this one."""
+    the pass channel_sums_kernel otherwise makes after this one; with BN_BWD it also takes
+    the scale s = w * rsqrt(var + eps) of a train-mode BatchNorm back to var and w (gv, gw:
+    batchnorm.bn_scale_bwd_kernel's work on the sum Σ gu (t - c), its dL/ds)."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc_gt = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for i in range(0, sub):
@@ -130,9 +135,22 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
         tl.store(psum_t_ptr + p_off, tl.sum(acc_gt, axis=0), mask=offs_c < C)
     if SUMS_HERE:
         if last_to_arrive(cnt_ptr, tl.program_id(1), tl.num_programs(0), FENCE):
-            _sum_partials(psum_ptr, psum_t_ptr, sum_ptr, sum_t_ptr, gc_ptr, s_ptr,
-                          tl.num_programs(0), C, offs_c, NEED_SUM, NEED_SUM_T, NEED_GC, HAS_S,
-                          BLOCK_M, BLOCK_C)
+            total_t = _sum_partials(psum_ptr, psum_t_ptr, sum_ptr, sum_t_ptr, gc_ptr, s_ptr,
+                                    tl.num_programs(0), C, offs_c, NEED_SUM, NEED_SUM_T,
+                                    NEED_GC, HAS_S, BLOCK_M, BLOCK_C)
+            if BN_BWD:
+                mask_c = offs_c < C
+                v = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
+                rstd = 1.0 / tl.sqrt_rn(v + eps)
+                if NEED_GW:
+                    tl.store(gw_ptr + offs_c, (total_t * rstd).to(gw_ptr.dtype.element_ty),
+                             mask=mask_c)
+                if NEED_GV:
+                    gs = total_t
+                    if HAS_W:
+                        gs = total_t * tl.load(w_ptr + offs_c, mask=mask_c,
+                                               other=0.0).to(tl.float32)
+                    tl.store(gv_ptr + offs_c, gs * (rstd * rstd * rstd) * -0.5, mask=mask_c)
 
 
 @triton.jit
@@ -151,7 +169,8 @@ def _sum_partials(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr, T, C,
                   HAS_SUM: tl.constexpr, HAS_SUM_T: tl.constexpr, NEED_GC: tl.constexpr,
                   HAS_S: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """channel_sums_kernel's work for the channels offs_c, in row order (the same bits
-    whichever program runs it). Loads bypass L1 (.cg): other programs wrote the partials."""
+    whichever program runs it); returns the Σ psum_t (zeros without HAS_SUM_T). Loads bypass
+    L1 (.cg): other programs wrote the partials."""
     mask_c = offs_c < C
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
@@ -171,8 +190,10 @@ def _sum_partials(psum_ptr, psum_t_ptr, s_ptr, s_t_ptr, gc_ptr, scale_ptr, T, C,
             if HAS_S:
                 gc = gc * tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
             tl.store(gc_ptr + offs_c, gc, mask=mask_c)
+    total_t = tl.sum(acc_t, axis=0)
     if HAS_SUM_T:
-        tl.store(s_t_ptr + offs_c, tl.sum(acc_t, axis=0), mask=mask_c)
+        tl.store(s_t_ptr + offs_c, total_t, mask=mask_c)
+    return total_t
 
 
 @triton.jit
@@ -418,11 +439,16 @@ def _epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, bra
 
 def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
                        res_scale, residual_dtype, need_gt, need_gr, need_sum, need_sum_t, fmt,
-                       gt_dtype=None):
+                       gt_dtype=None, bn=None):
     """Gradients of y = tail((t - center) * scale + shift) given gy (all (N, C, H, W)):
     returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
     None, Σ gu (t - center) (C,) or None, dL/dcenter = -scale Σ gu (C,) where need_sum and a
-    center is given, else None); sums in float32, gu = dL/d((t-c)*s+b)."""
+    center is given, else None); sums in float32, gu = dL/d((t-c)*s+b).
+    bn = (var, weight, eps, need_var, need_weight), with need_sum_t: scale is a train-mode
+    BatchNorm's weight * rsqrt(var + eps), and two more results follow, its gradients
+    (dL/dvar float32, dL/dweight in weight's dtype; None where not needed), as
+    batchnorm.bn_scale_backward gives them from Σ gu (t - center): in this pass's last
+    programs where the sums are made there, else in a launch of their own."""
     gy = like(gy, fmt)
     center, scale, shift, branch_scale = vec(center), vec(scale), vec(shift), vec(branch_scale)
     m, c, hw, w = _geometry(gy)
@@ -442,6 +468,13 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     # The last program per channel block adds up the partials (a fill of the counts before
     # the pass instead of channel_sums_kernel after it), unless FUSED_RES_TRITON_SUMS_APART=1.
     sums_here = launched and (need_sum or need_sum_t) and SUMS_IN_PASS
+    bn_here = bn is not None and sums_here and need_sum_t and (bn[3] or bn[4])
+    if bn_here:
+        var, bn_w, eps, need_gv, need_gw = bn
+        var, bn_w = vec(var), vec(bn_w)
+        need_gw = need_gw and bn_w is not None
+        gv = torch.empty_like(var) if need_gv else None
+        gw = torch.empty_like(bn_w) if need_gw else None
     if launched:
         need_t = act_mid == "relu" or need_sum_t
         t_in = like(t, fmt) if need_t else gy
@@ -458,7 +491,10 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             gt if gt is not None else d, gr if gr is not None else d,
             psum if psum is not None else d, psum_t if psum_t is not None else d,
             cnt, *(o if o is not None else d for o in sums),
+            *((var, bn_w if bn_w is not None else var, gv if gv is not None else var,
+               gw if gw is not None else var) if bn_here else (d, d, d, d)),
             m, c, hw, w, *gy.stride(), float(res_scale), sub,
+            float(eps) if bn_here else 0.0,
             HAS_C=center is not None, HAS_S=scale is not None, HAS_B=shift is not None,
             ACT_MID=act_mid == "relu", ACT_OUT=act_out == "relu",
             HAS_BRANCH=branch_scale is not None, RES_SCALED=float(res_scale) != 1.0,
@@ -466,7 +502,9 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             SUMS_HERE=sums_here, NEED_GC=need_gc and sums_here, FENCE=not _INTERPRET,
             BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
             INDEX_64=_index_64(tiles * sub * cfg.block_m, gy, t_in, y_in, gt, gr),
-            num_warps=cfg.num_warps)
+            num_warps=cfg.num_warps,
+            **(dict(BN_BWD=True, HAS_W=bn_w is not None, NEED_GV=bool(need_gv),
+                    NEED_GW=bool(need_gw)) if bn_here else {}))
     elif need_gt or need_gr:
         for out in (gt, gr):
             if out is not None:
@@ -480,7 +518,16 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             tiles, c, HAS_SUM=need_sum, HAS_SUM_T=need_sum_t, NEED_GC=need_gc,
             HAS_S=scale is not None, BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c,
             num_warps=cfg.num_warps)
-    return (gt, gr, *sums)
+    if bn is None:
+        return (gt, gr, *sums)
+    if not bn_here:
+        from .batchnorm import _bn_scale_backward
+        var, bn_w, eps, need_gv, need_gw = bn
+        gv, gw = _bn_scale_backward(sums[1], var, bn_w, eps, need_gv, need_gw) \
+            if need_sum_t else (None, None)
+        gv = gv if need_gv and need_sum_t else None
+        gw = gw if need_gw and need_sum_t and bn_w is not None else None
+    return (gt, gr, *sums, gv, gw)
 
 
 def stats_finalize(parts: TileStats, c: int, bn: tuple | None = None):
@@ -660,17 +707,22 @@ def epilogue_forward(z, center, scale, shift, act_mid, residual, res_scale, bran
 
 def epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
                       res_scale, residual_dtype, need_gt, need_gr, need_sum, need_sum_t, fmt,
-                      gt_dtype=None):
+                      gt_dtype=None, bn=None):
     """Gradients of y = tail((t - center) * scale + shift) given gy (all (N, C, H, W)):
     returns (gt in gt_dtype (default t's) or None, gr in residual_dtype or None, Σ gu (C,) or
     None, Σ gu (t - center) (C,) or None, dL/dcenter = -scale Σ gu (C,) or None (where
-    need_sum and a center is given)); sums in float32, gu = dL/d((t-c)*s+b)."""
+    need_sum and a center is given)); sums in float32, gu = dL/d((t-c)*s+b).
+    bn = (var, weight, eps, need_var, need_weight): scale is a train-mode BatchNorm's, and its
+    gradients to var and weight follow (_epilogue_backward), in eager mode only."""
     gt_dtype = gt_dtype or (t.dtype if t is not None else gy.dtype)
     if _direct((gy, t, y, center, scale, shift, branch_scale)):
         return _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid,
                                   act_out, float(res_scale), residual_dtype or gy.dtype,
                                   bool(need_gt), bool(need_gr), bool(need_sum),
-                                  bool(need_sum_t), fmt, gt_dtype)
+                                  bool(need_sum_t), fmt, gt_dtype, bn)
+    if bn is not None:
+        raise RuntimeError("epilogue_backward(bn=...) runs in plain eager mode with grad mode "
+                           "off only")
     outs = _epilogue_bwd_op(gy, t, y, center, scale, shift, branch_scale, act_mid, act_out,
                             float(res_scale), gt_dtype, residual_dtype or gy.dtype,
                             bool(need_gt), bool(need_gr), bool(need_sum), bool(need_sum_t),
