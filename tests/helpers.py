@@ -1,6 +1,7 @@
 """Shared test utilities: deterministic random weights and statistics for any model; a test
 module's cases run again in Triton's interpreter."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -273,3 +274,18 @@ def check_relu_backward_matches_eager(backend: str, device: str = "cpu") -> None
     same(grads(lambda x: ops.conv_unit(x, w, act_mid="relu", act_out="relu", backend=backend),
                u),
          grads(lambda x: torch.relu(torch.relu(conv(x, w))), u), "conv act_mid act_out")
+
+
+@contextlib.contextmanager
+def fresh_triton_backend():
+    """The triton backend registered anew for the enclosed code (the interpreter cases' own
+    object, whatever an earlier module left in the registry), the old one restored after."""
+    from fused_res.backends import registry
+    from fused_res.backends.triton_backend import TritonBackend
+
+    old = registry._factories["triton"]
+    registry.register_backend("triton", TritonBackend)
+    try:
+        yield
+    finally:
+        registry.register_backend("triton", old)

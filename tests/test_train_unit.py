@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import randomize_bn, run_cases_interpreted
+from helpers import fresh_triton_backend, randomize_bn, run_cases_interpreted
 from torch import nn
 
 import fused_res
@@ -127,6 +127,17 @@ def _check_same_as_the_ops(kind, backend, dtype, nodes, fmt=torch.channels_last,
     return got
 
 
+def _check_layouts_autocast_and_double_backward(backend, kind, autocast, nodes):
+    """NCHW inputs, autocast to `autocast`, and a create_graph backward: the ops' results."""
+    _check_same_as_the_ops(kind, backend, torch.float32, nodes, fmt=torch.contiguous_format)
+    nodes[0] = 0
+    _check_same_as_the_ops(kind, backend, torch.float32, nodes, autocast=autocast)
+    nodes[0] = 0
+    with pytest.warns(UserWarning, match="double backward"):
+        _check_same_as_the_ops("bottleneck_lambda", backend, torch.float32, nodes,
+                               create_graph=True)
+
+
 def _check_against_float64(backend, dtype, nodes):
     """Two train steps of a downsampling Bottleneck (λ = 0.5) and a BasicBlock, fused in
     `dtype`, against the plain blocks in float64: outputs, every gradient, the running
@@ -178,13 +189,9 @@ if not CHILD:
         _check_same_as_the_ops(kind, "cuda", torch.float32, nodes, fmt)
 
     @pytest.mark.skipif(not _cuda_backend_runs(), reason="the extension is not built")
-    def test_cuda_backend_train_unit_under_autocast_and_double_backward(nodes):
-        _check_same_as_the_ops("resnet_basic", "cuda", torch.float32, nodes,
-                               autocast=torch.bfloat16)
-        nodes[0] = 0
-        with pytest.warns(UserWarning, match="double backward"):
-            _check_same_as_the_ops("bottleneck_lambda", "cuda", torch.float32, nodes,
-                                   create_graph=True)
+    def test_cuda_backend_train_unit_nchw_autocast_double_backward(nodes):
+        _check_layouts_autocast_and_double_backward("cuda", "resnet_basic", torch.bfloat16,
+                                                    nodes)
 
     @pytest.mark.skipif(not _cuda_backend_runs(), reason="the extension is not built")
     def test_cuda_backend_train_unit_matches_the_float64_reference(nodes):
@@ -226,15 +233,10 @@ if not CHILD:
             block(torch.randn(1, 16, 1, 1))
 
 else:
-    from fused_res.backends import registry
-    from fused_res.backends.triton_backend import TritonBackend
-
     @pytest.fixture(autouse=True)
     def triton_backend():
-        old = registry._factories["triton"]
-        registry.register_backend("triton", TritonBackend)
-        yield
-        registry.register_backend("triton", old)
+        with fresh_triton_backend():
+            yield
 
     @pytest.mark.parametrize("kind", ["cifar", "cifar_frozen", "bottleneck_lambda",
                                       "conv_bias"])
@@ -243,15 +245,7 @@ else:
         _check_same_as_the_ops(kind, "triton", dtype, nodes)
 
     def test_triton_train_unit_nchw_autocast_double_backward(nodes):
-        _check_same_as_the_ops("cifar", "triton", torch.float32, nodes,
-                               fmt=torch.contiguous_format)
-        nodes[0] = 0
-        _check_same_as_the_ops("cifar", "triton", torch.float32, nodes,
-                               autocast=torch.float16)
-        nodes[0] = 0
-        with pytest.warns(UserWarning, match="double backward"):
-            _check_same_as_the_ops("bottleneck_lambda", "triton", torch.float32, nodes,
-                                   create_graph=True)
+        _check_layouts_autocast_and_double_backward("triton", "cifar", torch.float16, nodes)
 
     def test_triton_train_unit_matches_the_float64_reference(nodes):
         # (float32: in float16 the input gradient after two blocks' BatchNorm backwards is
