@@ -172,6 +172,31 @@ class _Scaled(nn.Module):
         return self.seq[1](b.relu(out + 0.5 * b.downsample(x)))
 
 
+def _check_backward_under_a_dispatch_mode(backend, nodes):
+    """A node made in plain eager mode whose backward runs under a dispatch mode (a flop
+    counter) gives the ops' gradients: its backend calls take the custom ops there."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    base = randomize_bn(fnn.ConvBNAct2d(3, 5, 3, padding=1, backend=backend)).train()
+    x = torch.randn(2, 3, 6, 6)
+    grads = []
+    for on in (True, False):
+        train_unit.ENABLED = on
+        try:
+            m = copy.deepcopy(base)
+            xi = x.clone().requires_grad_()
+            y = m(xi)
+            with FlopCounterMode(display=False):
+                y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+            grads.append([xi.grad, *(p.grad for p in m.parameters())])
+        finally:
+            train_unit.ENABLED = True
+    assert nodes[0] == 1
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def _cuda_backend_runs() -> bool:
     return get_backend_object("cuda").status().available
 
@@ -196,6 +221,10 @@ if not CHILD:
     @pytest.mark.skipif(not _cuda_backend_runs(), reason="the extension is not built")
     def test_cuda_backend_train_unit_matches_the_float64_reference(nodes):
         _check_against_float64("cuda", torch.float32, nodes)
+
+    @pytest.mark.skipif(not _cuda_backend_runs(), reason="the extension is not built")
+    def test_cuda_backend_backward_under_a_dispatch_mode(nodes):
+        _check_backward_under_a_dispatch_mode("cuda", nodes)
 
     def test_not_taken_where_it_does_not_apply(nodes):
         """The reference backend, 'auto', grad mode off, a BatchNorm without running
@@ -313,4 +342,35 @@ else:
         finally:
             train_unit.ENABLED = True
         assert nodes[0] > 0 and not any(calls)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+    def test_triton_backward_under_a_dispatch_mode(nodes):
+        _check_backward_under_a_dispatch_mode("triton", nodes)
+
+    def test_a_subclass_override_is_not_skipped_by_the_merged_launches(nodes):
+        """A TritonBackend subclass overriding bn_scale_and_update or bn_scale_backward has
+        its override run, as the ops' path runs it."""
+        from fused_res.backends import registry
+        from fused_res.backends.triton_backend import TritonBackend
+
+        ran = []
+
+        class Logged(TritonBackend):
+            def bn_scale_and_update(self, *args):
+                ran.append("update")
+                return super().bn_scale_and_update(*args)
+
+            def bn_scale_backward(self, *args):
+                ran.append("scale_backward")
+                return super().bn_scale_backward(*args)
+
+        registry.register_backend("triton", Logged)
+        base = _model("conv_bias", "triton")
+        got = _steps(copy.deepcopy(base), torch.float32, torch.channels_last, steps=1)
+        assert nodes[0] == 1 and ran == ["update", "scale_backward"]
+        train_unit.ENABLED = False
+        try:
+            want = _steps(copy.deepcopy(base), torch.float32, torch.channels_last, steps=1)
+        finally:
+            train_unit.ENABLED = True
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -516,10 +516,12 @@ def test_train_unit_matches_the_three_ops_on_gpu(backend, monkeypatch):
     """A training unit as one node (fused_res/ops/train_unit.py) on the real kernels, bf16: a
     ResNet-50 layer-2 Bottleneck at batch 32 (enough row tiles that the Triton statistics
     combine in two levels, the BatchNorm's update in the last) takes three train steps as the
-    three ops do: outputs and gradients within a bf16 rounding (the combined kernels may
-    contract a multiply-add the separate ones did not), running statistics within float32's,
-    num_batches_tracked exactly."""
+    three ops do: num_batches_tracked exactly, the rest bit for bit where the compiler made
+    the same float32 arithmetic of the merged launches' expressions (a warning names the
+    largest difference where not), and within a bf16 rounding (outputs, gradients) and a
+    float32 one (running statistics) in any case."""
     import copy
+    import warnings
 
     from torch import nn
 
@@ -555,10 +557,16 @@ def test_train_unit_matches_the_three_ops_on_gpu(backend, monkeypatch):
             opt.zero_grad(set_to_none=True)
         runs.append((record, [b.clone() for b in net.buffers()]))
     (got, got_buf), (want, want_buf) = runs
+    worst = 0.0
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) <= 1e-2, rel_err(a, b)
+        worst = max(worst, 0.0 if torch.equal(a, b) else rel_err(a, b))
     for a, b in zip(got_buf, want_buf, strict=True):
         if a.is_floating_point():
             assert rel_err(a, b) <= 1e-5, rel_err(a, b)
+            worst = max(worst, 0.0 if torch.equal(a, b) else rel_err(a, b))
         else:
             assert torch.equal(a, b)
+    if worst:
+        warnings.warn(f"{backend}: the train unit as one node is not bit for bit the three ops "
+                      f"on this GPU (largest relative difference {worst:.2e})", stacklevel=1)

@@ -82,6 +82,12 @@ def _constants(*tensors) -> bool:
     return all(t is None or is_constant(t) for t in tensors)
 
 
+def _own(backend, *methods: str) -> bool:
+    """Whether `backend` runs TritonBackend's own versions of these methods (a subclass's
+    override must not be skipped by a launch that merges them)."""
+    return all(getattr(type(backend), m) is getattr(TritonBackend, m) for m in methods)
+
+
 class TritonBackend(ReferenceBackend):
     """Triton kernels for the conv unit; what is not overridden here is the reference."""
 
@@ -338,8 +344,10 @@ class TritonBackend(ReferenceBackend):
                               running_mean, running_var, num_batches_tracked, momentum, count):
         # The BatchNorm's scale and running update in the statistics' last launch, where that
         # launch exists (a fused conv of a non-empty batch) and its kernel takes the update (a
-        # momentum, buffers it can write in place); else the two steps.
+        # momentum, buffers it can write in place); else the two steps (also where a subclass
+        # overrides either, whose override the merged launch would skip).
         if (self._unfused or momentum is None or count == 0
+                or not _own(self, "conv_bn_stats_forward", "bn_scale_and_update")
                 or not self._runs(x, weight, groups, dilation)
                 or in_place_reason(x, running_mean, running_var, float32_only=False)
                 is not None):
@@ -400,10 +408,15 @@ class TritonBackend(ReferenceBackend):
                              need_weight):
         s = saved
         z, center, scale, shift = s["z"], s["center"], s["scale"], s["shift"]
-        if not (self._runs(z) and needs["scale"] and scale is not None):
+        _, ew = _kernels()
+        # Merged only where the launch is direct: a backward under a dispatch mode (a flop
+        # counter) or compiled autograd takes the ops' custom ops, which have no merged form.
+        if not (self._runs(z) and needs["scale"] and scale is not None
+                and _own(self, "epilogue_backward", "bn_scale_backward")
+                and ew._direct((gy, z, s["y"], center, scale, shift, s["branch_scale"], var,
+                                bn_weight))):
             return super().bn_epilogue_backward(gy, saved, needs, var, bn_weight, eps,
                                                 need_var, need_weight)
-        _, ew = _kernels()
         # The BatchNorm's scale gradient in the programs that add up the pass's sums.
         gz, gr, sum_g, sum_gt, g_center, gv, gw = ew.epilogue_backward(
             gy, z, s["y"], center, scale, shift, s["branch_scale"], s["act_mid"], s["act_out"],
