@@ -333,11 +333,18 @@ class TritonBackend(ReferenceBackend):
                                     memory_format=fmt)
             mean, var = ew.channel_stats(z)
             return z, mean, var
-        z, parts = conv.conv_launch(
-            x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
-            stats=True, memory_format=memory_format_of(x), tma=self._tma)
+        z, parts = self._stats_conv(x, weight, bias, stride, padding, in_center, in_scale,
+                                    in_shift, act_in)
         mean, var = ew.stats_finalize(parts, weight.shape[0])
         return z, mean, var
+
+    def _stats_conv(self, x, weight, bias, stride, padding, in_center, in_scale, in_shift,
+                    act_in):
+        """The fused conv with its statistics epilogue: (z, its per-tile partials)."""
+        conv, _ = _kernels()
+        return conv.conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
+                                act_in, stats=True, memory_format=memory_format_of(x),
+                                tma=self._tma)
 
     def conv_bn_train_forward(self, x, weight, bias, stride, padding, dilation, groups,
                               in_center, in_scale, in_shift, act_in, bn_weight, eps,
@@ -355,10 +362,9 @@ class TritonBackend(ReferenceBackend):
                 x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
                 in_shift, act_in, bn_weight, eps, running_mean, running_var,
                 num_batches_tracked, momentum, count)
-        conv, ew = _kernels()
-        z, parts = conv.conv_launch(
-            x, weight, bias, stride, padding, in_center, in_scale, in_shift, act_in,
-            stats=True, memory_format=memory_format_of(x), tma=self._tma)
+        _, ew = _kernels()
+        z, parts = self._stats_conv(x, weight, bias, stride, padding, in_center, in_scale,
+                                    in_shift, act_in)
         mean, var, scale = ew.stats_finalize(
             parts, weight.shape[0], bn=(bn_weight, eps, running_mean, running_var,
                                         num_batches_tracked, momentum, count))

@@ -148,12 +148,13 @@ class _TrainUnit(torch.autograd.Function):
         conv_needs = any(needs[:6])  # z, the mean and the variance then need gradients
         need_bn_w, need_shift, need_res = needs[6], needs[7], needs[8]
         need_scale = conv_needs or need_bn_w
-        be = library._backward_backend(name)
         if torch.is_grad_enabled():
             # create_graph=True: z, the statistics and the scale were made inside this node,
             # out of autograd's sight, so the three ops' backwards would miss their second-
             # order terms; the reference's forward, recomputed from the saved inputs, has them.
+            library._backward_backend(name)  # (the ops' one warning that the reference runs)
             return _differentiable_backward(ctx, gy)
+        be = get_backend_object(name)
         # epilogue: y from (z, center = mean, scale, shift, residual); bn_scale: scale from
         # (var, bn_weight)
         g, g_var, g_bn_w = be.bn_epilogue_backward(

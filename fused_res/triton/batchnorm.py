@@ -24,10 +24,52 @@ BLOCK = 1024
 
 
 @triton.jit
-def _rstd(var_ptr, offs, mask, eps):
-    v = tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+def _rstd_of(v, eps):
     # 1 / sqrt, each correctly rounded, as torch.rsqrt computes it on the CPU.
     return 1.0 / tl.sqrt_rn(v + eps)
+
+
+@triton.jit
+def _rstd(var_ptr, offs, mask, eps):
+    return _rstd_of(tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32), eps)
+
+
+@triton.jit
+def store_scale(v, w_ptr, out_ptr, offs, mask, eps, HAS_W: tl.constexpr):
+    """out[offs] = w * rsqrt(v + eps) (w = 1 without HAS_W) for the channels offs, whose
+    float32 batch variance is v. (Also stats_finalize_kernel's, in its BN mode.)"""
+    s = _rstd_of(v, eps)
+    if HAS_W:
+        s = s * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, s, mask=mask)
+
+
+@triton.jit
+def update_running(rm_ptr, rv_ptr, offs, mask, m, v, f, unbias):
+    """running = (1 - f) running + f batch for the channels offs (batch mean m, biased var v,
+    float32; the running variance takes the unbiased one), in the buffers' dtype."""
+    keep = 1.0 - f
+    rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(rm_ptr + offs, (rm * keep + m * f).to(rm_ptr.dtype.element_ty), mask=mask)
+    tl.store(rv_ptr + offs, (rv * keep + (v * unbias) * f).to(rv_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def store_scale_grads(g, v, w_ptr, gv_ptr, gw_ptr, offs, mask, eps, HAS_W: tl.constexpr,
+                      NEED_V: tl.constexpr, NEED_W: tl.constexpr):
+    """The scale's gradient g (float32) back to the variance v and the weight, for the
+    channels offs: gv = -g * w * rstd^3 / 2 (float32), gw = g * rstd (w's dtype), rstd =
+    rsqrt(v + eps). (Also epilogue_bwd_kernel's, in its BN_BWD mode.)"""
+    rstd = _rstd_of(v, eps)
+    if NEED_W:
+        tl.store(gw_ptr + offs, (g * rstd).to(gw_ptr.dtype.element_ty), mask=mask)
+    if NEED_V:
+        gs = g
+        if HAS_W:
+            gs = g * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gv_ptr + offs, gs * (rstd * rstd * rstd) * -0.5, mask=mask)
 
 
 @triton.jit
@@ -36,10 +78,8 @@ def bn_scale_kernel(var_ptr, w_ptr, out_ptr, C, eps, HAS_W: tl.constexpr,
     """out (C,) float32 = w * rsqrt(var + eps) (w = 1 without HAS_W)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
-    s = _rstd(var_ptr, offs, mask, eps)
-    if HAS_W:
-        s = s * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, s, mask=mask)
+    v = tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    store_scale(v, w_ptr, out_ptr, offs, mask, eps, HAS_W)
 
 
 @triton.jit
@@ -48,15 +88,20 @@ def bn_scale_bwd_kernel(g_ptr, var_ptr, w_ptr, gv_ptr, gw_ptr, C, eps, HAS_W: tl
     """gv = -g * w * rstd^3 / 2 (float32), gw = g * rstd (w's dtype), rstd = rsqrt(var + eps)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < C
-    rstd = _rstd(var_ptr, offs, mask, eps)
+    v = tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if NEED_W:
-        tl.store(gw_ptr + offs, (g * rstd).to(gw_ptr.dtype.element_ty), mask=mask)
-    if NEED_V:
-        gs = g
-        if HAS_W:
-            gs = g * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gv_ptr + offs, gs * (rstd * rstd * rstd) * -0.5, mask=mask)
+    store_scale_grads(g, v, w_ptr, gv_ptr, gw_ptr, offs, mask, eps, HAS_W, NEED_V, NEED_W)
+
+
+@triton.jit
+def bump_count(nbt_ptr):
+    """num_batches_tracked += 1 by one program; returns the new count. Every thread loads
+    the count, one stores it: without the barrier a warp that loads after the store would
+    see the new count (1 / (n + 1) for its channels)."""
+    n = tl.load(nbt_ptr) + 1
+    tl.debug_barrier()
+    tl.store(nbt_ptr, n)
+    return n
 
 
 @triton.jit
@@ -69,32 +114,25 @@ def bn_running_kernel(mean_ptr, var_ptr, rm_ptr, rv_ptr, nbt_ptr, w_ptr, out_ptr
     program."""
     f = momentum
     if HAS_NBT:
-        n = tl.load(nbt_ptr) + 1
-        # Every thread loads the count, one stores it: without the barrier a warp that loads
-        # after the store would use 1 / (n + 1) for its channels.
-        tl.debug_barrier()
-        tl.store(nbt_ptr, n)
+        n = bump_count(nbt_ptr)
         if MOMENTUM_NONE:
             f = 1.0 / n.to(tl.float32)
     if UPDATE or HAS_SCALE:
-        keep = 1.0 - f
         for c0 in range(0, C, BLOCK):
             offs = c0 + tl.arange(0, BLOCK)
             mask = offs < C
+            v = tl.load(var_ptr + offs, mask=mask, other=1.0).to(tl.float32)
             if HAS_SCALE:
-                s = _rstd(var_ptr, offs, mask, eps)
-                if HAS_W:
-                    s = s * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(out_ptr + offs, s, mask=mask)
+                store_scale(v, w_ptr, out_ptr, offs, mask, eps, HAS_W)
             if UPDATE:
                 m = tl.load(mean_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                v = tl.load(var_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                rm = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                rv = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(rm_ptr + offs, (rm * keep + m * f).to(rm_ptr.dtype.element_ty),
-                         mask=mask)
-                tl.store(rv_ptr + offs,
-                         (rv * keep + (v * unbias) * f).to(rv_ptr.dtype.element_ty), mask=mask)
+                update_running(rm_ptr, rv_ptr, offs, mask, m, v, f, unbias)
+
+
+def unbiased_factor(count: int) -> float:
+    """count / (count - 1): the biased batch variance of `count` values to the unbiased one
+    the running variance takes (1 for a single value or none)."""
+    return count / (count - 1) if count > 1 else 1.0
 
 
 # ---- launchers ----------------------------------------------------------------------------
@@ -170,7 +208,7 @@ def bn_update_running(mean, var, running_mean, running_var, num_batches_tracked,
         return out
     weight, eps = scale_of if scale_of is not None else (None, 0.0)
     weight = vec(weight)
-    unbias = count / (count - 1) if count > 1 else 1.0
+    unbias = unbiased_factor(count)
     nbt = num_batches_tracked if has_nbt else mean
     launch(bn_running_kernel, (1,), mean, var, running_mean, running_var, nbt,
            weight if weight is not None else var, out if out is not None else var, c,

@@ -25,7 +25,14 @@ import triton
 import triton.language as tl
 
 from .._eager import plain_eager
-from . import configs
+from . import batchnorm, configs
+from .batchnorm import (
+    bump_count,
+    store_scale,
+    store_scale_grads,
+    unbiased_factor,
+    update_running,
+)
 from .common import channel_affine, last_to_arrive, relu_grad, unit_tail
 from .conv import TileStats, cdiv, needs_int64, sm_count, vec
 from .launch import launch
@@ -141,16 +148,8 @@ def epilogue_bwd_kernel(gy_ptr, t_ptr, y_ptr, c_ptr, s_ptr, b_ptr, bs_ptr, gt_pt
             if BN_BWD:
                 mask_c = offs_c < C
                 v = tl.load(var_ptr + offs_c, mask=mask_c, other=1.0).to(tl.float32)
-                rstd = 1.0 / tl.sqrt_rn(v + eps)
-                if NEED_GW:
-                    tl.store(gw_ptr + offs_c, (total_t * rstd).to(gw_ptr.dtype.element_ty),
-                             mask=mask_c)
-                if NEED_GV:
-                    gs = total_t
-                    if HAS_W:
-                        gs = total_t * tl.load(w_ptr + offs_c, mask=mask_c,
-                                               other=0.0).to(tl.float32)
-                    tl.store(gv_ptr + offs_c, gs * (rstd * rstd * rstd) * -0.5, mask=mask_c)
+                store_scale_grads(total_t, v, w_ptr, gv_ptr, gw_ptr, offs_c, mask_c, eps,
+                                  HAS_W, NEED_GV, NEED_GW)
 
 
 @triton.jit
@@ -318,25 +317,11 @@ def stats_finalize_kernel(st_mean_ptr, st_lo_ptr, st_m2_ptr, st_cnt_ptr, out_mea
         if BN:
             # A train-mode BatchNorm on these statistics, as batchnorm.bn_running_kernel
             # (HAS_SCALE, a momentum) does it from the stored mean and var, in this launch.
-            s = 1.0 / tl.sqrt_rn(var + eps)
-            if HAS_W:
-                s = s * tl.load(w_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(scale_ptr + offs_c, s, mask=mask_c)
-            keep = 1.0 - momentum
-            rm = tl.load(rm_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            rv = tl.load(rv_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(rm_ptr + offs_c, (rm * keep + hi * momentum).to(rm_ptr.dtype.element_ty),
-                     mask=mask_c)
-            tl.store(rv_ptr + offs_c,
-                     (rv * keep + (var * unbias) * momentum).to(rv_ptr.dtype.element_ty),
-                     mask=mask_c)
+            store_scale(var, w_ptr, scale_ptr, offs_c, mask_c, eps, HAS_W)
+            update_running(rm_ptr, rv_ptr, offs_c, mask_c, hi, var, momentum, unbias)
             if HAS_NBT:
                 if tl.program_id(1) == 0:
-                    n = tl.load(nbt_ptr) + 1
-                    # Every thread loads the count, one stores it (bn_running_kernel's
-                    # barrier, for the same reason).
-                    tl.debug_barrier()
-                    tl.store(nbt_ptr, n)
+                    bump_count(nbt_ptr)
     else:
         out_off = g.to(tl.int64) * C + offs_c
         tl.store(out_mean_ptr + out_off, hi, mask=mask_c)
@@ -468,13 +453,17 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
     # The last program per channel block adds up the partials (a fill of the counts before
     # the pass instead of channel_sums_kernel after it), unless FUSED_RES_TRITON_SUMS_APART=1.
     sums_here = launched and (need_sum or need_sum_t) and SUMS_IN_PASS
-    bn_here = bn is not None and sums_here and need_sum_t and (bn[3] or bn[4])
-    if bn_here:
+    bn_here = False
+    if bn is not None:
+        if not need_sum_t:
+            raise ValueError("_epilogue_backward(bn=...) needs need_sum_t: the BatchNorm's "
+                             "gradients are taken from Σ gu (t - center)")
         var, bn_w, eps, need_gv, need_gw = bn
         var, bn_w = vec(var), vec(bn_w)
         need_gw = need_gw and bn_w is not None
-        gv = torch.empty_like(var) if need_gv else None
-        gw = torch.empty_like(bn_w) if need_gw else None
+        bn_here = sums_here and (need_gv or need_gw)
+        gv = torch.empty_like(var) if bn_here and need_gv else None
+        gw = torch.empty_like(bn_w) if bn_here and need_gw else None
     if launched:
         need_t = act_mid == "relu" or need_sum_t
         t_in = like(t, fmt) if need_t else gy
@@ -520,13 +509,9 @@ def _epilogue_backward(gy, t, y, center, scale, shift, branch_scale, act_mid, ac
             num_warps=cfg.num_warps)
     if bn is None:
         return (gt, gr, *sums)
-    if not bn_here:
-        from .batchnorm import _bn_scale_backward
-        var, bn_w, eps, need_gv, need_gw = bn
-        gv, gw = _bn_scale_backward(sums[1], var, bn_w, eps, need_gv, need_gw) \
-            if need_sum_t else (None, None)
-        gv = gv if need_gv and need_sum_t else None
-        gw = gw if need_gw and need_sum_t and bn_w is not None else None
+    if not bn_here:  # (the sums made apart, or no rows: the scale's backward on its own)
+        gv, gw = batchnorm._bn_scale_backward(sums[1], var, bn_w, eps, need_gv, need_gw)
+        gv, gw = (gv if need_gv else None), (gw if need_gw else None)
     return (gt, gr, *sums, gv, gw)
 
 
@@ -573,7 +558,7 @@ def stats_finalize(parts: TileStats, c: int, bn: tuple | None = None):
     launch(stats_finalize_kernel, (1, c_blocks),
         *parts, mean, mean, var, parts.count, weight if weight is not None else mean, scale,
         running_mean, running_var, nbt if nbt is not None else mean, t, c, t,
-        float(momentum), float(count / (count - 1) if count > 1 else 1.0), float(eps),
+        float(momentum), float(unbiased_factor(count)), float(eps),
         BLOCK_T=cfg.block_m, BLOCK_C=cfg.block_c, FINAL=True, BN=True,
         HAS_W=weight is not None, HAS_NBT=nbt is not None, num_warps=cfg.num_warps)
     return mean, var, scale
