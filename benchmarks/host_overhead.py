@@ -59,9 +59,23 @@ _NO_KERNEL = ("view", "permute", "_unsafe_view", "as_strided", "expand", "t", "d
               "lift_fresh", "_record_function_enter_new", "_record_function_exit")
 
 
-def count_launches(step) -> tuple[int, int, dict]:
-    """(aten ops that would launch a device kernel, Triton launches, count per aten op) of one
-    call of step().
+# The CUDA kernels each fused_res_C op launches on a non-empty input (csrc/cuda/ops_cuda.cu;
+# a reduction is two: its passes and their finalize). What the op runs through aten inside
+# (a dtype conversion of a vector) is not seen; bn_finalize without a momentum adds one.
+_EXT_KERNELS = {"channel_stats": 2, "channel_stats_bn": 2, "stats_backward": 1, "epilogue": 1,
+                "epilogue_backward": 2, "bn_epilogue_backward": 2, "bn_finalize": 1,
+                "bn_scale": 1, "bn_scale_backward": 1}
+
+
+def _ext_kernels(name: str, args) -> int:
+    if name == "bn_finalize" and args[7] is None and args[6] is not None and args[4] is not None:
+        return 2  # (num_batches_tracked.add_ first: the kernel reads the count)
+    return _EXT_KERNELS[name]
+
+
+def count_launches(step) -> tuple[int, int, int, dict]:
+    """(aten ops that would launch a device kernel, Triton launches, the CUDA kernels the
+    extension's ops would launch, count per aten op) of one call of step().
     The fused ops take their eager path (twins, direct launches) as they do outside the
     counting dispatch mode, so that the mode sees every aten op they run inside."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,12 +93,15 @@ def count_launches(step) -> tuple[int, int, dict]:
     import torch
 
     per_op: dict[str, int] = {}
+    ext = [0]
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             ns, name = func.namespace, func._schema.name.split("::")[-1]
             if ns == "aten" and name not in _NO_KERNEL:
                 per_op[name] = per_op.get(name, 0) + 1
+            elif ns == "fused_res_C":
+                ext[0] += _ext_kernels(name, args)
             return func(*args, **(kwargs or {}))
 
     _NoLaunch.launches = _NoLaunch.stubbed_aten = 0
@@ -100,7 +117,7 @@ def count_launches(step) -> tuple[int, int, dict]:
     if _NoLaunch.stubbed_aten:
         per_op["convolution_backward"] = per_op.get("convolution_backward", 0) + \
             _NoLaunch.stubbed_aten
-    return sum(per_op.values()), _NoLaunch.launches, per_op
+    return sum(per_op.values()), _NoLaunch.launches, ext[0], per_op
 
 
 def _stub_kernels(conv_backward: bool) -> None:
@@ -353,11 +370,11 @@ def main(argv=None) -> int:
                                                       foreach=True))
         for _ in range(2):
             eager_step()
-        aten_n, triton_n, fused_ops = count_launches(step)
-        eager_n, _, eager_ops = count_launches(eager_step)
-        print(f"device kernels per {what}: fused-{a.backend} {aten_n + triton_n} ({aten_n} "
-              f"aten, {triton_n} Triton), eager {eager_n} (aten; cuDNN's own count per conv "
-              "aside)")
+        aten_n, triton_n, ext_n, fused_ops = count_launches(step)
+        eager_n, _, _, eager_ops = count_launches(eager_step)
+        print(f"device kernels per {what}: fused-{a.backend} {aten_n + triton_n + ext_n} "
+              f"({aten_n} aten, {triton_n} Triton, {ext_n} extension), eager {eager_n} (aten; "
+              "cuDNN's own count per conv aside)")
         for name, ops in ((f"fused-{a.backend}", fused_ops), ("eager", eager_ops)):
             top = sorted(ops.items(), key=lambda kv: -kv[1])
             print(f"  {name} aten: " + ", ".join(f"{k} {v}" for k, v in top))

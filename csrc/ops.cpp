@@ -7,6 +7,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -47,20 +48,42 @@ TORCH_LIBRARY(fused_res_C, m) {
   m.def("bn_scale(Tensor var, Tensor? weight, float eps) -> Tensor");
   m.def("bn_scale_backward(Tensor grad, Tensor var, Tensor? weight, float eps, bool need_var, "
         "bool need_weight) -> (Tensor grad_var, Tensor grad_weight)");
+  // A training conv unit's pairs in one launch where the CUDA kernels can (the CPU kernels
+  // run the pair): channel_stats then bn_finalize with a momentum, returning (mean, var,
+  // scale); epilogue_backward (need_sums) where scale = bn_scale(bn_var, bn_weight, bn_eps),
+  // then bn_scale_backward on dL/dscale, returning (dL/dz, dL/dresidual, Σ dL/du,
+  // dL/dcenter, dL/dbn_var, dL/dbn_weight).
+  m.def("channel_stats_bn(Tensor x, Tensor? weight, Tensor(a!) running_mean, "
+        "Tensor(b!) running_var, Tensor(c!)? num_batches_tracked, float momentum, float eps) "
+        "-> (Tensor mean, Tensor var, Tensor scale)");
+  m.def("bn_epilogue_backward(Tensor gy, Tensor z, Tensor? y, Tensor center, Tensor scale, "
+        "Tensor? shift, bool relu_mid, float res_scale, Tensor? branch_scale, bool relu_out, "
+        "bool need_gz, bool need_gr, bool need_center_grad, Tensor bn_var, Tensor? bn_weight, "
+        "float bn_eps, bool need_bn_var, bool need_bn_weight) -> (Tensor gz, Tensor gr, "
+        "Tensor sum_gu, Tensor grad_center, Tensor grad_bn_var, Tensor grad_bn_weight)");
 }
 
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+
+void bump_versions(std::initializer_list<const OptTensor*> mutated) {
+  for (const OptTensor* t : mutated) {
+    if (t->has_value() && (*t)->defined() && !(*t)->is_inference()) {
+      torch::autograd::impl::bump_version(**t);
+    }
+  }
+}
+
+// The kernels write the running statistics through pointers, which autograd's version
+// counters do not see: a graph that saved running_var before the update would then run its
+// backward on the new values without a word. As aten's in-place ops do, these kernels bump
+// the counters of what the schema says the op mutates, so that such a backward raises
+// instead. (Inference tensors have no counter, and lack this key.)
 using BnFinalize = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, std::optional<double>, double, int64_t);
 
-// The kernels write bn_finalize's buffers through pointers, which autograd's version counters
-// do not see: a graph that saved running_var before the update would then run its backward on
-// the new values without a word. As aten's in-place ops do, this kernel bumps the counters of
-// what the schema says the op mutates, so that such a backward raises instead. (Inference
-// tensors have no counter, and lack this key.)
 std::tuple<at::Tensor, at::Tensor> bn_finalize_bump_versions(
     c10::DispatchKeySet ks, const at::Tensor& mean, const at::Tensor& var,
     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
@@ -75,11 +98,29 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_bump_versions(
     out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, mean, var, weight, bias,
                         running_mean, running_var, num_batches_tracked, momentum, eps, count);
   }
-  for (const OptTensor* t : {&running_mean, &running_var, &num_batches_tracked}) {
-    if (t->has_value() && (*t)->defined() && !(*t)->is_inference()) {
-      torch::autograd::impl::bump_version(**t);
-    }
+  bump_versions({&running_mean, &running_var, &num_batches_tracked});
+  return out;
+}
+
+using StatsBn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
+    double, double);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_bn_bump_versions(
+    c10::DispatchKeySet ks, const at::Tensor& x, const OptTensor& weight,
+    const at::Tensor& running_mean, const at::Tensor& running_var,
+    const OptTensor& num_batches_tracked, double momentum, double eps) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fused_res_C::channel_stats_bn", "")
+                             .typed<StatsBn>();
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, weight, running_mean,
+                        running_var, num_batches_tracked, momentum, eps);
   }
+  const OptTensor rm = running_mean, rv = running_var;
+  bump_versions({&rm, &rv, &num_batches_tracked});
   return out;
 }
 
@@ -87,4 +128,5 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_bump_versions(
 
 TORCH_LIBRARY_IMPL(fused_res_C, ADInplaceOrView, m) {
   m.impl("bn_finalize", TORCH_FN(bn_finalize_bump_versions));
+  m.impl("channel_stats_bn", TORCH_FN(channel_stats_bn_bump_versions));
 }

@@ -105,7 +105,18 @@ inline at::Tensor empty_vec(const at::Tensor& like) {
   at::Tensor bn_scale_##dev(const at::Tensor& var, const OptTensor& weight, double eps);      \
   std::tuple<at::Tensor, at::Tensor> bn_scale_backward_##dev(                                 \
       const at::Tensor& grad, const at::Tensor& var, const OptTensor& weight, double eps,     \
-      bool need_var, bool need_weight);
+      bool need_var, bool need_weight);                                                     \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_bn_##dev(                      \
+      const at::Tensor& x, const OptTensor& weight, const at::Tensor& running_mean,           \
+      const at::Tensor& running_var, const OptTensor& num_batches_tracked, double momentum,   \
+      double eps);                                                                            \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>          \
+      bn_epilogue_backward_##dev(                                                             \
+          const at::Tensor& gy, const at::Tensor& z, const OptTensor& y,                      \
+          const at::Tensor& center, const at::Tensor& scale, const OptTensor& shift,          \
+          bool relu_mid, double res_scale, const OptTensor& branch_scale, bool relu_out,      \
+          bool need_gz, bool need_gr, bool need_center_grad, const at::Tensor& bn_var,        \
+          const OptTensor& bn_weight, double bn_eps, bool need_bn_var, bool need_bn_weight);
 
 FUSED_RES_DECLARE(cpu)
 FUSED_RES_DECLARE(cuda)
@@ -239,6 +250,19 @@ inline ScaleInputs prepare_scale(const at::Tensor& var, const OptTensor& weight,
   in.weight = vec_f32(weight, c, var, "weight", "channel");
   in.grad = vec_f32(grad, c, var, "grad", "channel");
   return in;
+}
+
+// bn_epilogue_backward's BatchNorm (bn_var float32 (C,) for the C channels of primary, gy;
+// bn_weight (C,) read as float32), checked before the pass runs.
+inline ScaleInputs prepare_bn_grad(const at::Tensor& var, const OptTensor& weight,
+                                   const at::Tensor& primary) {
+  const int64_t c = primary.size(1);
+  TORCH_CHECK(var.dim() == 1 && var.size(0) == c && var.scalar_type() == at::kFloat,
+              "fused_res_C: bn_var has shape ", var.sizes(), " and dtype ", var.scalar_type(),
+              "; accepted: a float32 vector (", c, ",), one value per channel");
+  TORCH_CHECK(var.device() == primary.device(), "fused_res_C: bn_var is on ", var.device(),
+              "; accepted: the main input's device ", primary.device());
+  return prepare_scale(var, weight, std::nullopt);
 }
 
 }  // namespace fused_res

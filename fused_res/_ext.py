@@ -378,6 +378,25 @@ def _register_fakes() -> None:
                    running_var=running_var, num_batches_tracked=num_batches_tracked)
         return torch.empty_like(mean), torch.empty_like(mean)
 
+    @torch.library.register_fake("fused_res_C::channel_stats_bn")
+    def _(x, weight, running_mean, running_var, num_batches_tracked, momentum, eps):
+        one_device(x, weight=weight, running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked)
+        return vec(x, x.shape[1]), vec(x, x.shape[1]), vec(x, x.shape[1])
+
+    @torch.library.register_fake("fused_res_C::bn_epilogue_backward")
+    def _(gy, z, y, center, scale, shift, relu_mid, res_scale, branch_scale, relu_out, need_gz,
+          need_gr, need_center_grad, bn_var, bn_weight, bn_eps, need_bn_var, need_bn_weight):
+        one_device(gy, z=z, y=y, center=center, scale=scale, shift=shift,
+                   branch_scale=branch_scale, bn_var=bn_var, bn_weight=bn_weight)
+        c = gy.shape[1]
+        need_w = need_bn_weight and bn_weight is not None
+        return (like(gy) if need_gz else gy.new_empty((0,)),
+                like(gy) if need_gr else gy.new_empty((0,)),
+                vec(gy, c), vec(gy, c) if need_center_grad else vec(gy, 0),
+                torch.empty_like(bn_var) if need_bn_var else vec(gy, 0),
+                torch.empty_like(bn_weight) if need_w else vec(gy, 0))
+
     @torch.library.register_fake("fused_res_C::bn_scale")
     def _(var, weight, eps):
         one_device(var, weight=weight)

@@ -8,6 +8,7 @@
 // gradients) through the two-level channel reduction; no atomics.
 #pragma once
 
+#include "bn_coeffs.cuh"
 #include "channel_reduce.cuh"
 
 namespace frk {
@@ -165,11 +166,23 @@ struct SumsFinalize {
   float* __restrict__ sum_gu_centered;  // (C,)
   const float* __restrict__ scale;      // (C,) or null (1)
   float* __restrict__ grad_center;      // (C,) -scale * Σ dL/du, or null (not wanted)
+  // Where scale = bn_weight * rsqrt(bn_var + bn_eps) is a train-mode BatchNorm's
+  // (bn_epilogue_backward): that function's gradient, from dL/dscale = Σ dL/du·(z - center),
+  // as bn_scale_backward computes it (both outputs null: not wanted).
+  const float* __restrict__ bn_var;
+  const float* __restrict__ bn_weight;  // may be null (affine=False)
+  float bn_eps;
+  float* __restrict__ grad_bn_var;
+  float* __restrict__ grad_bn_weight;
   __device__ __forceinline__ void operator()(int64_t c, double a, double b) const {
     const float s = static_cast<float>(a);
+    const float t = static_cast<float>(b);
     sum_gu[c] = s;
-    sum_gu_centered[c] = static_cast<float>(b);
+    sum_gu_centered[c] = t;
     if (grad_center) grad_center[c] = -(scale ? scale[c] : 1.f) * s;
+    if (grad_bn_var || grad_bn_weight) {
+      bn_scale_grads(t, bn_var[c], bn_weight, bn_eps, c, grad_bn_var, grad_bn_weight);
+    }
   }
 };
 

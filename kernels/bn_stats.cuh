@@ -9,6 +9,7 @@
 // (channel_reduce.cuh) for a first element far out in the tail.
 #pragma once
 
+#include "bn_coeffs.cuh"
 #include "channel_reduce.cuh"
 
 namespace frk {
@@ -60,12 +61,19 @@ struct StatsFinalize {
   double inv_count;
   float* __restrict__ mean;
   float* __restrict__ var;
+  // A train-mode BatchNorm finalized on these statistics in the same launch (channel_stats_bn:
+  // one launch fewer than channel_stats then bn_finalize), when has_bn.
+  FinalizeArgs bn;
+  bool has_bn;
   __device__ __forceinline__ void operator()(int64_t c, double sum, double sumsq) const {
     const double d = sum * inv_count;
-    mean[c] = static_cast<float>(stats_shift(to_f(x[c * first_stride])) + d);
+    const float m = static_cast<float>(stats_shift(to_f(x[c * first_stride])) + d);
     const double v = sumsq * inv_count - d * d;
     // Clamps rounding below 0; a NaN stays NaN, as in torch.var.
-    var[c] = static_cast<float>(v < 0.0 ? 0.0 : v);
+    const float vf = static_cast<float>(v < 0.0 ? 0.0 : v);
+    mean[c] = m;
+    var[c] = vf;
+    if (has_bn) bn_finalize_channel(bn, c, m, vf);
   }
 };
 
@@ -84,15 +92,16 @@ inline ReducePlan plan_channel_stats(const ChannelStatsArgs<T>& a, const Shape& 
   return plan_reduce(s, vec, num_sms, StatsOp<T>::kMinBlocks, StatsOp<T>::kUnroll);
 }
 
-// s.numel() > 0; workspace: 2 * plan.splits * C doubles.
+// s.numel() > 0; workspace: 2 * plan.splits * C doubles. bn: a BatchNorm to finalize in the
+// same launch (its mean and var fields are ignored: they are a.mean and a.var), or null.
 template <typename T>
 cudaError_t launch_channel_stats(const ChannelStatsArgs<T>& a, const Shape& s,
                                  const ReducePlan& p, double* workspace,
-                                 const LaunchConfig& cfg) {
+                                 const LaunchConfig& cfg, const FinalizeArgs* bn = nullptr) {
   const int64_t first_stride = s.nhwc ? 1 : s.hw;
   StatsOp<T> op{a.x, first_stride};
   StatsFinalize<T> fin{a.x, first_stride, 1.0 / static_cast<double>(s.n * s.hw), a.mean,
-                       a.var};
+                       a.var, bn ? *bn : FinalizeArgs{}, bn != nullptr};
   return launch_channel_reduce<StatsOp<T>, StatsFinalize<T>, vec_width<T>()>(op, fin, s, p,
                                                                             workspace, cfg);
 }
@@ -154,50 +163,11 @@ cudaError_t launch_stats_backward(const StatsBackwardOp<T>& op, const Shape& s,
   return launch_elementwise<StatsBackwardOp<T>, vec_width<T>()>(op, s, cfg);
 }
 
-// BatchNorm finalize, one thread per channel, exactly nn.BatchNorm2d's training update:
-//   scale = weight * rsqrt(var + eps), shift = bias - mean * scale
-//   f = momentum, or 1 / num_batches_tracked when momentum is None (the caller has already
-//   incremented num_batches_tracked on the same stream)
-//   running_mean = running_mean * (1 - f) + mean * f
-//   running_var  = running_var * (1 - f) + (var * count / (count - 1)) * f
-// Explicit _rn intrinsics keep nvcc from contracting into FMAs, so the update rounds like
-// the eager one.
-struct FinalizeArgs {
-  const float* mean;
-  const float* var;
-  const float* weight;  // may be null (affine=False)
-  const float* bias;    // may be null
-  float* running_mean;  // may be null (track_running_stats=False)
-  float* running_var;
-  const int64_t* num_batches_tracked;  // read only when momentum_none
-  float* scale;
-  float* shift;
-  int64_t c;
-  float momentum;
-  bool momentum_none;
-  float eps;
-  float unbias;  // count / (count - 1), rounded to fp32 as eager does
-  bool update;   // running statistics present and count > 0
-};
-
+// BatchNorm finalize (bn_coeffs.cuh), one thread per channel.
 __global__ void __launch_bounds__(kThreads) bn_finalize_kernel(FinalizeArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= a.c) return;
-  const float m = a.mean[c], v = a.var[c];
-  // 1 / sqrt, each correctly rounded, as the CPU kernel and eager BatchNorm compute it
-  // (rsqrtf is up to 2 ulp off).
-  float sc = __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(v, a.eps)));
-  if (a.weight) sc = __fmul_rn(sc, a.weight[c]);
-  a.scale[c] = sc;
-  a.shift[c] = __fsub_rn(a.bias ? a.bias[c] : 0.f, __fmul_rn(m, sc));
-  if (!a.update) return;
-  const float f = a.momentum_none
-                      ? __fdiv_rn(1.f, static_cast<float>(*a.num_batches_tracked))
-                      : a.momentum;
-  const float keep = __fsub_rn(1.f, f);
-  a.running_mean[c] = __fadd_rn(__fmul_rn(a.running_mean[c], keep), __fmul_rn(m, f));
-  a.running_var[c] =
-      __fadd_rn(__fmul_rn(a.running_var[c], keep), __fmul_rn(__fmul_rn(v, a.unbias), f));
+  bn_finalize_channel(a, c, a.mean[c], a.var[c]);
 }
 
 inline cudaError_t launch_bn_finalize(const FinalizeArgs& a, const LaunchConfig& cfg) {
@@ -222,10 +192,6 @@ struct ScaleArgs {
   float eps;
 };
 
-__device__ __forceinline__ float bn_rstd(float v, float eps) {
-  return __fdiv_rn(1.f, __fsqrt_rn(__fadd_rn(v, eps)));
-}
-
 __global__ void __launch_bounds__(kThreads) bn_scale_kernel(ScaleArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= a.c) return;
@@ -236,9 +202,7 @@ __global__ void __launch_bounds__(kThreads) bn_scale_kernel(ScaleArgs a) {
 __global__ void __launch_bounds__(kThreads) bn_scale_backward_kernel(ScaleArgs a) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (c >= a.c) return;
-  const float r = bn_rstd(a.var[c], a.eps), g = a.grad[c];
-  if (a.grad_weight) a.grad_weight[c] = g * r;
-  if (a.grad_var) a.grad_var[c] = (a.weight ? g * a.weight[c] : g) * (r * r * r) * -0.5f;
+  bn_scale_grads(a.grad[c], a.var[c], a.weight, a.eps, c, a.grad_var, a.grad_weight);
 }
 
 inline cudaError_t launch_bn_scale(const ScaleArgs& a, bool backward, const LaunchConfig& cfg) {

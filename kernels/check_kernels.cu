@@ -10,7 +10,7 @@ namespace frk {
 #define FRK_INSTANTIATE(T)                                                                  \
   template cudaError_t launch_channel_stats<T>(const ChannelStatsArgs<T>&, const Shape&,    \
                                                const ReducePlan&, double*,                   \
-                                               const LaunchConfig&);                        \
+                                               const LaunchConfig&, const FinalizeArgs*);   \
   template cudaError_t launch_stats_backward<T>(const StatsBackwardOp<T>&, const Shape&,    \
                                                 const LaunchConfig&);                       \
   template cudaError_t launch_epilogue_forward<T>(const EpilogueForwardOp<T>&,              \

@@ -19,7 +19,7 @@ def test_eval_forward_stubs_every_kernel_and_counts_its_launches():
                            "--repeats", "2", "--rounds", "1", "--launches"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = re.search(r"fused-triton (\d+) \((\d+) aten, (\d+) Triton\)", proc.stdout)
+    m = re.search(r"fused-triton (\d+) \((\d+) aten, (\d+) Triton, 0 extension\)", proc.stdout)
     assert m, proc.stdout
     # 53 convs: 49 kernels, the 4 downsampling blocks' last conv and projection shortcut in
     # one each; aten: the stem's autocast casts, max pool, mean, fc. An interpreted kernel
@@ -67,6 +67,23 @@ def test_train_step_counts_five_launches_per_unit_and_times_the_three_ops_beside
                            "--repeats", "1", "--rounds", "1", "--narrow", "16", "--launches"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    m = re.search(r"fused-triton (\d+) \((\d+) aten, (\d+) Triton\)", proc.stdout)
+    m = re.search(r"fused-triton (\d+) \((\d+) aten, (\d+) Triton, 0 extension\)", proc.stdout)
     assert m and int(m[3]) == 5 * 53, proc.stdout
     assert "as three ops (FUSED_RES_TRAIN_UNIT=0)" in proc.stdout, proc.stdout
+
+
+def test_cuda_backend_train_step_counts_six_extension_kernels_per_unit():
+    """With the cuda backend (its CPU kernels run here), a training unit's extension ops
+    would launch six CUDA kernels per step: the statistics pass and its finalize with the
+    BatchNorm's (channel_stats_bn), the apply pass, the apply backward and its finalize with
+    the scale's gradient (bn_epilogue_backward), the statistics' backward."""
+    from fused_res import _ext
+
+    if _ext.load() is None:
+        pytest.skip(f"extension unavailable: {_ext.reason()}")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet50", "--mode", "train",
+                           "--backend", "cuda", "--repeats", "1", "--rounds", "1", "--narrow",
+                           "16", "--launches"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"fused-cuda (\d+) \((\d+) aten, 0 Triton, (\d+) extension\)", proc.stdout)
+    assert m and int(m[3]) == 6 * 53, proc.stdout

@@ -525,6 +525,41 @@ std::tuple<at::Tensor, at::Tensor> bn_scale_backward_cpu(const at::Tensor& grad,
   return {gv, gw};
 }
 
+// The pairs the CUDA kernels run in one launch; here the two ops, one after the other (the
+// results are theirs by construction, and the CUDA ones are tested against them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_bn_cpu(
+    const at::Tensor& x, const OptTensor& weight, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const OptTensor& num_batches_tracked, double momentum,
+    double eps) {
+  check_feature_map(x, "x");
+  check_cpu(x, "x");
+  auto [mean, var] = channel_stats_cpu(x);
+  const int64_t count = x.size(0) * x.size(2) * x.size(3);
+  at::Tensor scale = std::get<0>(bn_finalize_cpu(mean, var, weight, std::nullopt, running_mean,
+                                                 running_var, num_batches_tracked, momentum,
+                                                 eps, count));
+  return {mean, var, scale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_epilogue_backward_cpu(const at::Tensor& gy, const at::Tensor& z, const OptTensor& y,
+                         const at::Tensor& center, const at::Tensor& scale,
+                         const OptTensor& shift, bool relu_mid, double res_scale,
+                         const OptTensor& branch_scale, bool relu_out, bool need_gz,
+                         bool need_gr, bool need_center_grad, const at::Tensor& bn_var,
+                         const OptTensor& bn_weight, double bn_eps, bool need_bn_var,
+                         bool need_bn_weight) {
+  check_cpu(gy, "gy");
+  check_feature_map(gy, "gy");
+  prepare_bn_grad(bn_var, bn_weight, gy);
+  auto [gz, gr, s1, s2, gc] = epilogue_backward_cpu(gy, z, y, center, scale, shift, relu_mid,
+                                                     res_scale, branch_scale, relu_out, need_gz,
+                                                     need_gr, true, need_center_grad);
+  auto [gv, gw] = bn_scale_backward_cpu(s2, bn_var, bn_weight, bn_eps, need_bn_var,
+                                        need_bn_weight);
+  return {gz, gr, s1, gc, gv, gw};
+}
+
 TORCH_LIBRARY_IMPL(fused_res_C, CPU, m) {
   m.impl("channel_stats", &channel_stats_cpu);
   m.impl("stats_backward", &stats_backward_cpu);
@@ -533,6 +568,8 @@ TORCH_LIBRARY_IMPL(fused_res_C, CPU, m) {
   m.impl("bn_finalize", &bn_finalize_cpu);
   m.impl("bn_scale", &bn_scale_cpu);
   m.impl("bn_scale_backward", &bn_scale_backward_cpu);
+  m.impl("channel_stats_bn", &channel_stats_bn_cpu);
+  m.impl("bn_epilogue_backward", &bn_epilogue_backward_cpu);
 }
 
 }  // namespace fused_res

@@ -127,15 +127,24 @@ at::Tensor epilogue_cuda(const at::Tensor& z_in, const OptTensor& center,
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_backward_cuda(
-    const at::Tensor& gy_in, const OptTensor& z, const OptTensor& y, const OptTensor& center,
-    const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,
-    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums,
-    bool need_center_grad) {
-  check_cuda(gy_in, "gy");
-  const c10::cuda::CUDAGuard guard(gy_in.device());
-  const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
-                                                      relu_mid, branch_scale, relu_out);
+namespace {
+
+// bn_epilogue_backward's BatchNorm: its scale's gradient, written by the pass's finalize.
+struct BnScaleGrad {
+  const float* var;
+  const float* weight;
+  float eps;
+  float* grad_var;     // null when not wanted
+  float* grad_weight;  // null when not wanted
+};
+
+using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// epilogue_backward on checked inputs (the stream's device set); with bn, the finalize also
+// writes the BatchNorm's scale gradient (numel > 0 only: the caller handles empty inputs).
+BackwardOut run_epilogue_backward(const BackwardInputs& in, double res_scale, bool relu_mid,
+                                  bool relu_out, bool need_gz, bool need_gr, bool need_sums,
+                                  bool need_center_grad, const BnScaleGrad* bn) {
   const Layout& L = in.layout;
   const auto fmt = L.format();
   const auto fopt = in.gy.options().dtype(at::kFloat);
@@ -163,8 +172,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
           dptr<scalar_t>(in.gy), dptr<scalar_t>(in.z), dptr<scalar_t>(in.y),
           need_gz ? dptr<scalar_t>(gz) : nullptr, need_gr ? dptr<scalar_t>(gr) : nullptr,
           p};
-      const frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>(), fptr(in.scale),
-                                  need_center_grad ? gc.data_ptr<float>() : nullptr};
+      frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>(), fptr(in.scale),
+                            need_center_grad ? gc.data_ptr<float>() : nullptr};
+      if (bn) {
+        fin.bn_var = bn->var;
+        fin.bn_weight = bn->weight;
+        fin.bn_eps = bn->eps;
+        fin.grad_bn_var = bn->grad_var;
+        fin.grad_bn_weight = bn->grad_weight;
+      }
       const auto plan = frk::plan_epilogue_backward(op, s, cfg.num_sms);
       at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt.dtype(at::kDouble));
       check_launch(frk::launch_epilogue_backward(op, fin, s, plan, ws.data_ptr<double>(), cfg),
@@ -174,6 +190,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_
   if (!need_sums) s1 = at::empty({0}, fopt);
   if (!need_sums || !in.z) s2 = at::empty({0}, fopt);
   return {gz, gr, s1, s2, gc};
+}
+
+}  // namespace
+
+BackwardOut epilogue_backward_cuda(
+    const at::Tensor& gy_in, const OptTensor& z, const OptTensor& y, const OptTensor& center,
+    const OptTensor& scale, const OptTensor& shift, bool relu_mid, double res_scale,
+    const OptTensor& branch_scale, bool relu_out, bool need_gz, bool need_gr, bool need_sums,
+    bool need_center_grad) {
+  check_cuda(gy_in, "gy");
+  const c10::cuda::CUDAGuard guard(gy_in.device());
+  const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
+                                                      relu_mid, branch_scale, relu_out);
+  return run_epilogue_backward(in, res_scale, relu_mid, relu_out, need_gz, need_gr, need_sums,
+                               need_center_grad, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_epilogue_backward_cuda(const at::Tensor& gy_in, const at::Tensor& z, const OptTensor& y,
+                          const at::Tensor& center, const at::Tensor& scale,
+                          const OptTensor& shift, bool relu_mid, double res_scale,
+                          const OptTensor& branch_scale, bool relu_out, bool need_gz,
+                          bool need_gr, bool need_center_grad, const at::Tensor& bn_var,
+                          const OptTensor& bn_weight, double bn_eps, bool need_bn_var,
+                          bool need_bn_weight) {
+  check_cuda(gy_in, "gy");
+  const c10::cuda::CUDAGuard guard(gy_in.device());
+  const BackwardInputs in = prepare_epilogue_backward(gy_in, z, y, center, scale, shift,
+                                                      relu_mid, branch_scale, relu_out);
+  const ScaleInputs bn_in = prepare_bn_grad(bn_var, bn_weight, gy_in);
+  if (in.layout.numel() == 0) {  // no pass: the two ops (the sums are zeros)
+    auto [gz, gr, s1, s2, gc] = run_epilogue_backward(in, res_scale, relu_mid, relu_out,
+                                                      need_gz, need_gr, true, need_center_grad,
+                                                      nullptr);
+    auto [gv, gw] = bn_scale_backward_cuda(s2, bn_var, bn_weight, bn_eps, need_bn_var,
+                                           need_bn_weight);
+    return {gz, gr, s1, gc, gv, gw};
+  }
+  const int64_t C = in.layout.c;
+  need_bn_weight = need_bn_weight && bn_weight.has_value();
+  at::Tensor gv = need_bn_var ? at::empty({C}, bn_in.var.options()) : empty_vec(bn_in.var);
+  at::Tensor gw = need_bn_weight ? at::empty({C}, bn_in.var.options()) : empty_vec(bn_in.var);
+  const BnScaleGrad bn{bn_in.var.data_ptr<float>(), fptr(bn_in.weight),
+                       static_cast<float>(bn_eps),
+                       need_bn_var ? gv.data_ptr<float>() : nullptr,
+                       need_bn_weight ? gw.data_ptr<float>() : nullptr};
+  auto [gz, gr, s1, s2, gc] = run_epilogue_backward(in, res_scale, relu_mid, relu_out, need_gz,
+                                                    need_gr, true, need_center_grad, &bn);
+  if (need_bn_weight) gw = gw.to(bn_weight->scalar_type());
+  return {gz, gr, s1, gc, gv, gw};
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(
@@ -188,8 +254,11 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(
   const int64_t C = in.mean.size(0);
   at::Tensor scale = at::empty({C}, in.mean.options());
   at::Tensor shift = at::empty({C}, in.mean.options());
-  // Same stream as the kernel below, which reads the incremented count (momentum=None).
-  if (running_mean.has_value() && num_batches_tracked.has_value()) num_batches_tracked->add_(1);
+  // The batch is counted by the kernel's channel 0 where it has a momentum (one launch less);
+  // without one the kernel reads the count, incremented first on the same stream.
+  const bool track = running_mean.has_value() && num_batches_tracked.has_value();
+  const bool bump_in_kernel = track && momentum.has_value() && C > 0;
+  if (track && !bump_in_kernel) num_batches_tracked->add_(1);
   frk::FinalizeArgs a{};
   a.mean = in.mean.data_ptr<float>();
   a.var = in.var.data_ptr<float>();
@@ -199,6 +268,7 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(
   a.running_var = in.update ? running_var->data_ptr<float>() : nullptr;
   a.num_batches_tracked =
       num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  a.bump_count = bump_in_kernel;
   a.scale = scale.data_ptr<float>();
   a.shift = shift.data_ptr<float>();
   a.c = C;
@@ -209,6 +279,60 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(
   a.update = in.update;
   check_launch(frk::launch_bn_finalize(a, launch_config()), "bn_finalize");
   return {scale, shift};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_bn_cuda(
+    const at::Tensor& x_in, const OptTensor& weight, const at::Tensor& running_mean,
+    const at::Tensor& running_var, const OptTensor& num_batches_tracked, double momentum,
+    double eps) {
+  check_feature_map(x_in, "x");
+  check_cuda(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  Layout L;
+  const at::Tensor x = canonical(x_in, &L);
+  const auto fopt = x.options().dtype(at::kFloat);
+  const int64_t count = L.n * L.hw;
+  if (L.numel() == 0) {  // no statistics pass: zeros, then the finalize's own kernel
+    at::Tensor mean = at::zeros({L.c}, fopt), var = at::zeros({L.c}, fopt);
+    at::Tensor scale = std::get<0>(bn_finalize_cuda(mean, var, weight, std::nullopt,
+                                                    running_mean, running_var,
+                                                    num_batches_tracked, momentum, eps, count));
+    return {mean, var, scale};
+  }
+  // The finalize writes every channel: no zero fill.
+  at::Tensor mean = at::empty({L.c}, fopt);
+  at::Tensor var = at::empty({L.c}, fopt);
+  const FinalizeInputs in = prepare_finalize(mean, var, weight, std::nullopt, running_mean,
+                                             running_var, num_batches_tracked, momentum, count);
+  at::Tensor scale = at::empty({L.c}, fopt);
+  frk::FinalizeArgs a{};
+  a.mean = mean.data_ptr<float>();
+  a.var = var.data_ptr<float>();
+  a.weight = fptr(in.weight);
+  a.running_mean = in.update ? running_mean.data_ptr<float>() : nullptr;
+  a.running_var = in.update ? running_var.data_ptr<float>() : nullptr;
+  // With a momentum nothing in the launch reads the count: channel 0 adds the batch.
+  a.num_batches_tracked =
+      num_batches_tracked.has_value() ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  a.bump_count = num_batches_tracked.has_value();
+  a.scale = scale.data_ptr<float>();
+  a.c = L.c;
+  a.momentum = static_cast<float>(momentum);
+  a.eps = static_cast<float>(eps);
+  a.unbias = in.unbias;
+  a.update = in.update;
+  const auto cfg = launch_config();
+  const auto s = shape_of(L);
+  FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats_bn", [&] {
+    using T = dev_t<scalar_t>;
+    const frk::ChannelStatsArgs<T> args{dptr<scalar_t>(x), mean.data_ptr<float>(),
+                                        var.data_ptr<float>()};
+    const auto plan = frk::plan_channel_stats(args, s, cfg.num_sms);
+    at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt.dtype(at::kDouble));
+    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<double>(), cfg, &a),
+                 "channel_stats_bn");
+  });
+  return {mean, var, scale};
 }
 
 at::Tensor bn_scale_cuda(const at::Tensor& var, const OptTensor& weight, double eps) {
@@ -260,6 +384,8 @@ TORCH_LIBRARY_IMPL(fused_res_C, CUDA, m) {
   m.impl("bn_finalize", &bn_finalize_cuda);
   m.impl("bn_scale", &bn_scale_cuda);
   m.impl("bn_scale_backward", &bn_scale_backward_cuda);
+  m.impl("channel_stats_bn", &channel_stats_bn_cuda);
+  m.impl("bn_epilogue_backward", &bn_epilogue_backward_cuda);
 }
 
 }  // namespace fused_res

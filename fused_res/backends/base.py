@@ -127,6 +127,12 @@ class Backend:
         return self.train_prologue(True)
 
 
+def runs_own(backend, cls: type, *methods: str) -> bool:
+    """Whether `backend` runs cls's own versions of these methods: a launch that merges them
+    must not skip a subclass's override."""
+    return all(getattr(type(backend), m) is getattr(cls, m) for m in methods)
+
+
 def in_place_reason(var: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
                     float32_only: bool) -> str | None:
     """Why a kernel cannot update these running statistics in place through their pointers

@@ -9,7 +9,9 @@ add kernels of the C++ extension (`fused_res._C`, ops `torch.ops.fused_res_C.*`)
   cuDNN fuses itself (conv + bias [+ λ·residual] + ReLU, see cudnn_backend.py) go to
   aten's cudnn_convolution_[add_]relu instead; FUSED_RES_CUDA_CUDNN_FUSED=0 turns that off.
 - conv_bn_stats (train): aten conv, then the statistics pass; backward: the statistics
-  gradient pass, aten's convolution_backward.
+  gradient pass, aten's convolution_backward. A training unit as one node (ops/train_unit.py)
+  finalizes its BatchNorm in the statistics pass's last launch (channel_stats_bn) and takes
+  the gradient of the BatchNorm's scale in the apply backward's (bn_epilogue_backward).
 - Prologues (a pending BN + ReLU of the conv input) run through the same apply kernel.
 
 The extension has CPU kernels too, so this backend runs (and is tested) on CPU tensors; it
@@ -26,7 +28,7 @@ from torch.nn import functional as F
 
 from .. import _ext
 from . import registry
-from .base import BackendStatus, in_place_reason
+from .base import BackendStatus, in_place_reason, runs_own
 from .cudnn_backend import CudnnBackend
 from .reference import (
     ReferenceBackend,
@@ -238,14 +240,70 @@ class CudaBackend(ReferenceBackend):
         return grads
 
     # ---- conv_bn_stats ------------------------------------------------------------------------
+    def _stats_conv(self, x, weight, bias, stride, padding, dilation, groups, in_center,
+                    in_scale, in_shift, act_in):
+        """z = conv2d(prologue(x)) in x's memory format, for the statistics pass."""
+        p = self._prologue(x, in_center, in_scale, in_shift, act_in)
+        return F.conv2d(p, weight, bias, stride, padding, dilation, groups).contiguous(
+            memory_format=memory_format_of(x))
+
     def conv_bn_stats_forward(self, x, weight, bias, stride, padding, dilation, groups,
                               in_center, in_scale, in_shift, act_in):
-        fmt = memory_format_of(x)
-        p = self._prologue(x, in_center, in_scale, in_shift, act_in)
-        z = F.conv2d(p, weight, bias, stride, padding, dilation, groups).contiguous(
-            memory_format=fmt)
+        z = self._stats_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
+                             in_scale, in_shift, act_in)
         mean, var = _ops().channel_stats(z)
         return z, mean, var
+
+    # ---- a training unit (ops.train_unit): each pair in one kernel launch on the GPU ------
+    def conv_bn_train_forward(self, x, weight, bias, stride, padding, dilation, groups,
+                              in_center, in_scale, in_shift, act_in, bn_weight, eps,
+                              running_mean, running_var, num_batches_tracked, momentum, count):
+        # The BatchNorm's finalize in the statistics pass's last launch (channel_stats_bn),
+        # where it has a momentum (without one the finalize reads the count, bumped by a launch
+        # of its own first) and can update the buffers in place; else the two steps, as where a
+        # subclass overrides either (the merged op would skip the override).
+        if (momentum is None
+                or not runs_own(self, CudaBackend, "conv_bn_stats_forward",
+                                "bn_scale_and_update")
+                or not self._finalizes(x, running_mean, running_var, momentum,
+                                       num_batches_tracked)):
+            return super().conv_bn_train_forward(
+                x, weight, bias, stride, padding, dilation, groups, in_center, in_scale,
+                in_shift, act_in, bn_weight, eps, running_mean, running_var,
+                num_batches_tracked, momentum, count)
+        z = self._stats_conv(x, weight, bias, stride, padding, dilation, groups, in_center,
+                             in_scale, in_shift, act_in)
+        mean, var, scale = _ops().channel_stats_bn(z, bn_weight, running_mean, running_var,
+                                                   num_batches_tracked, float(momentum),
+                                                   float(eps))
+        return z, mean, var, scale
+
+    def bn_epilogue_backward(self, gy, saved, needs, var, bn_weight, eps, need_var,
+                             need_weight):
+        s = saved
+        z, center, scale, shift = s["z"], s["center"], s["scale"], s["shift"]
+        # The BatchNorm's scale gradient in the apply backward's finalize
+        # (bn_epilogue_backward), where the pass reduces the centered sum it comes from.
+        if (not needs["scale"] or scale is None or center is None
+                or self.unsupported_reason(z, None, 1, (1, 1)) is not None
+                or not runs_own(self, CudaBackend, "epilogue_backward", "bn_scale_backward")):
+            return super().bn_epilogue_backward(gy, saved, needs, var, bn_weight, eps,
+                                                need_var, need_weight)
+        relu_mid, relu_out = _relu(s["act_mid"]), _relu(s["act_out"])
+        n_center = bool(needs["center"])
+        n_shift = needs["shift"] and shift is not None
+        gz, gr, s1, gc, gv, gw = _ops().bn_epilogue_backward(
+            gy.to(z.dtype), z, s["y"] if relu_out else None, center, scale, shift, relu_mid,
+            float(s["res_scale"]), s["branch_scale"], relu_out, bool(needs["z"]),
+            bool(needs["residual"]), n_center, var, bn_weight, float(eps), bool(need_var),
+            bool(need_weight))
+        grads = {"residual": gr.to(s["residual_dtype"]) if needs["residual"] else None,
+                 "z": gz if needs["z"] else None}
+        _affine_grads(grads, ("center", "scale", "shift"), center=center, scale=scale,
+                      shift=shift, n_center=n_center, n_scale=False, n_shift=n_shift,
+                      sum_gu=s1, sum_gu_centered=None, grad_center=gc)
+        return (grads, gv if need_var else None,
+                gw if need_weight and bn_weight is not None else None)
 
     # ---- channel_stats ------------------------------------------------------------------------
     def channel_stats_forward(self, x):

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 
 from ..triton import configs
-from .base import BackendStatus, in_place_reason
+from .base import BackendStatus, in_place_reason, runs_own
 from .constants import is_constant
 from .reference import (
     ReferenceBackend,
@@ -80,12 +80,6 @@ def _bn_kernels():
 def _constants(*tensors) -> bool:
     """Whether each tensor is None or one of fused_res's constants (what plans are made on)."""
     return all(t is None or is_constant(t) for t in tensors)
-
-
-def _own(backend, *methods: str) -> bool:
-    """Whether `backend` runs TritonBackend's own versions of these methods (a subclass's
-    override must not be skipped by a launch that merges them)."""
-    return all(getattr(type(backend), m) is getattr(TritonBackend, m) for m in methods)
 
 
 class TritonBackend(ReferenceBackend):
@@ -354,7 +348,8 @@ class TritonBackend(ReferenceBackend):
         # momentum, buffers it can write in place); else the two steps (also where a subclass
         # overrides either, whose override the merged launch would skip).
         if (self._unfused or momentum is None or count == 0
-                or not _own(self, "conv_bn_stats_forward", "bn_scale_and_update")
+                or not runs_own(self, TritonBackend, "conv_bn_stats_forward",
+                                 "bn_scale_and_update")
                 or not self._runs(x, weight, groups, dilation)
                 or in_place_reason(x, running_mean, running_var, float32_only=False)
                 is not None):
@@ -418,7 +413,7 @@ class TritonBackend(ReferenceBackend):
         # Merged only where the launch is direct: a backward under a dispatch mode (a flop
         # counter) or compiled autograd takes the ops' custom ops, which have no merged form.
         if not (self._runs(z) and needs["scale"] and scale is not None
-                and _own(self, "epilogue_backward", "bn_scale_backward")
+                and runs_own(self, TritonBackend, "epilogue_backward", "bn_scale_backward")
                 and ew._direct((gy, z, s["y"], center, scale, shift, s["branch_scale"], var,
                                 bn_weight))):
             return super().bn_epilogue_backward(gy, saved, needs, var, bn_weight, eps,
