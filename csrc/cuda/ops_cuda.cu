@@ -53,6 +53,27 @@ void check_cuda(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
+namespace {
+
+// The statistics pass of a non-empty canonical x into mean and var, (C,) float32; with bn,
+// that BatchNorm's finalize in the pass's finalize launch.
+void run_channel_stats(const at::Tensor& x, const Layout& L, at::Tensor& mean, at::Tensor& var,
+                       const frk::FinalizeArgs* bn) {
+  const auto cfg = launch_config();
+  const auto s = shape_of(L);
+  FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats", [&] {
+    using T = dev_t<scalar_t>;
+    const frk::ChannelStatsArgs<T> args{dptr<scalar_t>(x), mean.data_ptr<float>(),
+                                        var.data_ptr<float>()};
+    const auto plan = frk::plan_channel_stats(args, s, cfg.num_sms);
+    at::Tensor ws = at::empty({2 * plan.splits * L.c}, mean.options().dtype(at::kDouble));
+    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<double>(), cfg, bn),
+                 "channel_stats");
+  });
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_in) {
   check_feature_map(x_in, "x");
   check_cuda(x_in, "x");
@@ -64,17 +85,7 @@ std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_in) {
   if (L.numel() == 0) return {at::zeros({L.c}, fopt), at::zeros({L.c}, fopt)};
   at::Tensor mean = at::empty({L.c}, fopt);
   at::Tensor var = at::empty({L.c}, fopt);
-  const auto cfg = launch_config();
-  const auto s = shape_of(L);
-  FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats", [&] {
-    using T = dev_t<scalar_t>;
-    const frk::ChannelStatsArgs<T> args{dptr<scalar_t>(x), mean.data_ptr<float>(),
-                                        var.data_ptr<float>()};
-    const auto plan = frk::plan_channel_stats(args, s, cfg.num_sms);
-    at::Tensor ws = at::empty({2 * plan.splits * L.c}, mean.options().dtype(at::kDouble));
-    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<double>(), cfg),
-                 "channel_stats");
-  });
+  run_channel_stats(x, L, mean, var, nullptr);
   return {mean, var};
 }
 
@@ -306,8 +317,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_bn_cuda(
                                              running_var, num_batches_tracked, momentum, count);
   at::Tensor scale = at::empty({L.c}, fopt);
   frk::FinalizeArgs a{};
-  a.mean = mean.data_ptr<float>();
-  a.var = var.data_ptr<float>();
   a.weight = fptr(in.weight);
   a.running_mean = in.update ? running_mean.data_ptr<float>() : nullptr;
   a.running_var = in.update ? running_var.data_ptr<float>() : nullptr;
@@ -321,17 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats_bn_cuda(
   a.eps = static_cast<float>(eps);
   a.unbias = in.unbias;
   a.update = in.update;
-  const auto cfg = launch_config();
-  const auto s = shape_of(L);
-  FUSED_RES_DISPATCH(x.scalar_type(), "channel_stats_bn", [&] {
-    using T = dev_t<scalar_t>;
-    const frk::ChannelStatsArgs<T> args{dptr<scalar_t>(x), mean.data_ptr<float>(),
-                                        var.data_ptr<float>()};
-    const auto plan = frk::plan_channel_stats(args, s, cfg.num_sms);
-    at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt.dtype(at::kDouble));
-    check_launch(frk::launch_channel_stats(args, s, plan, ws.data_ptr<double>(), cfg, &a),
-                 "channel_stats_bn");
-  });
+  run_channel_stats(x, L, mean, var, &a);
   return {mean, var, scale};
 }
 
