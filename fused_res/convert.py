@@ -332,6 +332,10 @@ def revert(model: nn.Module, inplace: bool = True) -> nn.Module:
             unapply(module)
         # (also where conv1 was replaced since: the link would keep the old stem alive)
         module.__dict__.pop(LINK_ATTR, None)
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, FusedStemConv):  # (wrapped since convert(): not conv1)
+                module._modules[name] = child.as_conv()
     for name, module in list(model.named_modules()):
         if isinstance(module, fblocks.FusedResidualBlock):
             original = module.original()

@@ -470,6 +470,12 @@ def test_a_stem_whose_conv_was_wrapped_normalizes_once(train):
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     with pytest.warns(UserWarning, match="no longer its model's conv1"):
         assert rel_err(fused(x), base(x)) < 1e-11
+    # revert() puts a plain conv inside the wrapper too (the fused one stayed there: right
+    # values, but torch.jit.script refused the model)
+    fused_res.revert(fused)
+    assert type(fused.conv1[1]) is nn.Conv2d and type(fused.bn1) is nn.BatchNorm2d
+    assert not any(type(m).__module__.startswith("fused_res") for m in fused.modules())
+    assert rel_err(fused(x), base(x)) < 1e-11
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -492,6 +498,56 @@ def test_a_stem_conv_set_to_reflect_padding_runs_unfused(train):
             assert rel_err(fused.bn1.state_dict()[k].double(), v.double()) < 1e-12, k
     assert ("running unfused: conv1 was set to padding (3, 3) with padding_mode 'reflect'"
             in fused_res.format_report(fused))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_a_stem_moved_beside_a_new_conv_or_called_directly_normalizes(train):
+    """The stem's BatchNorm and ReLU pass through only what their own fused conv returned:
+    the model's children in a new Sequential with a new conv in front (the fused bn1 passed
+    the new conv's output through silently, as did a direct call of bn1 or the ReLU) now
+    compute as the plain modules, values, gradients and running statistics."""
+    base = _f64_resnet18().train(train)
+    fused = fused_res.convert(copy.deepcopy(base), backend="reference").train(train)
+    trunks = [nn.Sequential(*list(m.children())[:-2]) for m in (fused, base)]
+    for t in trunks:
+        torch.manual_seed(5)
+        t[0] = nn.Conv2d(3, 64, 3, 1, 1, bias=False).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    got, want = (t(x) for t in trunks)
+    # (train, batch 2: the BatchNorms of layer4's small maps amplify rounding; unfixed, O(1))
+    assert rel_err(got, want) < 1e-10
+    if train:
+        got.square().mean().backward()
+        want.square().mean().backward()
+        assert rel_err(fused.bn1.weight.grad, base.bn1.weight.grad) < 1e-9
+        assert rel_err(fused.bn1.running_var, base.bn1.running_var) < 1e-12
+    t = torch.randn(2, 64, 5, 5, dtype=torch.float64)
+    assert rel_err(fused.bn1(t), base.bn1(t)) < 1e-12
+    assert torch.equal(fused.relu(t), base.relu(t))
+    with torch.no_grad():  # (and the stem fused as before, in the model itself)
+        fused.eval(), base.eval()
+        assert rel_err(fused(x), base(x)) < 1e-12
+
+
+def test_a_fused_stem_conv_put_in_another_converted_model_is_refused_by_name():
+    """model_b.conv1 = model_a.conv1 between two converted models: the conv applies model a's
+    bn1 and ReLU, so model b's could only normalize again. It said nothing and ran 0.18 off
+    (then warned late that bn1 had not run); now model b's bn1 raises, naming the fix, which
+    computes as eager does."""
+    base_a, base_b = _f64_resnet18(0).eval(), _f64_resnet18(1).eval()
+    fa = fused_res.convert(base_a, backend="reference").eval()
+    fb = fused_res.convert(base_b, backend="reference").eval()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    fb.conv1 = fa.conv1
+    with pytest.raises(RuntimeError, match=r"another stem's fused conv .*model_a\.conv1\.as_conv"):
+        fb(x)
+    fb.conv1 = fa.conv1.as_conv()
+    want = copy.deepcopy(base_b)
+    want.conv1 = base_a.conv1
+    hooks_warned_clear()
+    with torch.no_grad(), pytest.warns(UserWarning, match="conv1 was replaced"):
+        assert rel_err(fb(x), want(x)) < 1e-12
+        assert rel_err(fa(x), base_a(x)) < 1e-12
 
 
 def test_a_stem_copied_alone_knows_no_model():

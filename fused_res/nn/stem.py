@@ -4,8 +4,9 @@ without touching the model's forward or its state_dict keys.
 The model still calls conv1, bn1 and relu in turn. After fusion conv1 is a `FusedStemConv`
 that computes relu(bn1(conv1(x))) through the conv-unit ops (eval: BN folded into the conv,
 one pass; train: the statistics in the conv's pass, BN + ReLU in one more), bn1 is an
-`AppliedBatchNorm2d` (the same parameters and buffers under the same names; it passes its
-input through, being already applied) and relu an `AppliedReLU` (the same). While any of the
+`AppliedBatchNorm2d` (the same parameters and buffers under the same names; it passes the
+tensor its fused conv returned through, being already applied, and normalizes anything else
+as the plain module would) and relu an `AppliedReLU` (the same). While any of the
 three has hooks (added after convert()), conv1 computes the plain conv and the other two
 their own BatchNorm and ReLU, so that the hooks see what they would see unfused. The stem's
 BatchNorm + ReLU were two or three eager passes over the network's largest activation.
@@ -91,6 +92,48 @@ class StemLink:
 LINK_ATTR = "_fused_res_stem_link"
 
 
+# The outputs of fused stem convs still alive, by id: (a weak reference to the tensor, its
+# stem's StemState). A stem's BatchNorm and ReLU pass through only the tensor their own fused
+# conv returned; anything else they compute on, as the plain modules would.
+_OUTPUTS: dict[int, tuple[weakref.ref, StemState]] = {}
+
+
+def _record_output(y: Tensor, state: StemState) -> None:
+    key = id(y)
+    _OUTPUTS[key] = (weakref.ref(y, lambda _, k=key: _OUTPUTS.pop(k, None)), state)
+
+
+def _maker(x: Tensor) -> StemState | None:
+    """The StemState of the fused stem conv whose output x is, or None."""
+    entry = _OUTPUTS.get(id(x))
+    return entry[1] if entry is not None and entry[0]() is x else None
+
+
+def _applied(module: nn.Module, x: Tensor) -> bool:
+    """Whether module (the stem's AppliedBatchNorm2d or AppliedReLU) may pass x through as
+    applied: x is what its own fused conv returned. In eager code that is known exactly; a
+    conv1 replaced, wrapped, moved into another container beside a new conv, or a direct call
+    of bn1 then gives a tensor the module computes on (each passed through unnormalized
+    before, the first with a warning, the others silently). Under torch.compile, where the
+    conv records nothing, the stem's flags decide as before."""
+    state = module.__dict__.get("_state")
+    if state is None or torch.compiler.is_compiling():
+        return _fused(module)
+    maker = _maker(x)
+    if maker is state:
+        return True
+    if maker is not None:
+        raise RuntimeError(
+            f"fused_res: the fused stem's {type(module).__name__} was given the output of "
+            "another stem's fused conv (another converted model's, or a copy: model_b.conv1 "
+            "= model_a.conv1?), which applied its own BatchNorm and ReLU already; this "
+            "model's cannot follow it. Assign a plain conv over the same weights instead "
+            "(model_b.conv1 = model_a.conv1.as_conv()), or revert() the models and convert() "
+            "them again")
+    _fused(module)  # (its warning where conv1 was replaced)
+    return False
+
+
 def _fused(module: nn.Module) -> bool:
     """Whether the stem's BatchNorm or ReLU is applied by its conv: the stem's last call ran
     fused, and its model (where known) still holds the fused conv1. A conv1 replaced after
@@ -128,7 +171,7 @@ class AppliedBatchNorm2d(NotScriptable, nn.BatchNorm2d):
         state = self.__dict__.get("_state")
         if state is not None and state.awaiting_bn:
             state.awaiting_bn = False
-        return x if _fused(self) else super().forward(x)
+        return x if _applied(self, x) else super().forward(x)
 
     def as_batchnorm(self) -> nn.BatchNorm2d:
         """A plain nn.BatchNorm2d over the same parameters, buffers and hooks (revert)."""
@@ -147,7 +190,7 @@ class AppliedReLU(NotScriptable, nn.Module):
         self.__dict__["_state"] = state
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if _fused(self) else F.relu(x, inplace=self.inplace)
+        return x if _applied(self, x) else F.relu(x, inplace=self.inplace)
 
     def as_relu(self) -> nn.ReLU:
         """A plain nn.ReLU with this module's hooks (revert)."""
@@ -273,6 +316,8 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
             # it.
             state.awaiting_bn = _RECOMPUTED if recompute else True
         y, _ = run_unit(x, None, self, self.__dict__["_norm"], "relu", self.backend)
+        if state is not None and not torch.compiler.is_compiling():
+            _record_output(y, state)
         return y
 
 
