@@ -529,6 +529,52 @@ def test_a_stem_moved_beside_a_new_conv_or_called_directly_normalizes(train):
         assert rel_err(fused(x), base(x)) < 1e-12
 
 
+@pytest.mark.parametrize("how", ["checkpoint", "checkpoint_reentrant", "checkpoint_offloaded",
+                                 "global_hook_copy", "conv_compiled"])
+def test_the_stems_output_under_another_tensor_object_is_still_passed_through(how):
+    """bn1 and the ReLU get the fused conv's values as a new tensor object: a checkpointed
+    segment from bn1 (its recompute's detached input; save_on_cpu's unpacked copy), a global
+    forward hook that returns a copy, conv1 compiled in place (which records nothing). They
+    pass it through as before: values, gradients and running statistics are those of the
+    plain model run plainly (a review of the identity rule found the recompute normalizing
+    twice; eager checkpointing bn1 would update its statistics twice, the fused conv once)."""
+    import contextlib
+
+    from torch.nn.modules.module import register_module_forward_hook
+    from torch.utils.checkpoint import checkpoint
+
+    base = _f64_resnet18().train()
+    fused = fused_res.convert(copy.deepcopy(base), backend="reference").train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    if how == "conv_compiled":
+        fused.conv1.compile(backend="eager")
+    outs = []
+    for m in (fused, base):
+        handle = register_module_forward_hook(
+            lambda mod, i, o, c=m.conv1: o.clone() if mod is c else None) \
+            if how == "global_hook_copy" and m is fused else None
+        ctx = (torch.autograd.graph.save_on_cpu() if how == "checkpoint_offloaded"
+               and m is fused else contextlib.nullcontext())
+        with ctx:
+            h = m.conv1(x)
+            if how.startswith("checkpoint") and m is fused:
+                h = checkpoint(nn.Sequential(m.bn1, m.relu), h,
+                               use_reentrant=how == "checkpoint_reentrant")
+            else:
+                h = m.relu(m.bn1(h))
+            for name in ("maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
+                h = getattr(m, name)(h)
+            out = m.fc(h.flatten(1))
+            out.square().mean().backward()
+        if handle is not None:
+            handle.remove()
+        outs.append(out)
+    assert rel_err(*outs) < 1e-10
+    for get in (lambda m: m.conv1.weight.grad, lambda m: m.bn1.weight.grad,
+                lambda m: m.bn1.running_var):
+        assert rel_err(get(fused), get(base)) < 1e-9
+
+
 def test_a_fused_stem_conv_put_in_another_converted_model_is_refused_by_name():
     """model_b.conv1 = model_a.conv1 between two converted models: the conv applies model a's
     bn1 and ReLU, so model b's could only normalize again. It said nothing and ran 0.18 off

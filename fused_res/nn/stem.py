@@ -34,16 +34,16 @@ class StemState:
     with them, and it makes no reference cycle). parent: the model, as the stem's ParentRef
     (set by the model's StemLink), for the BatchNorm and ReLU to see conv1 replaced."""
 
-    __slots__ = ("fused", "awaiting_bn", "parent")
+    __slots__ = ("fused", "awaiting_bn", "awaiting_act", "parent")
 
     def __init__(self) -> None:
-        self.fused, self.awaiting_bn, self.parent = True, False, None
+        self.fused, self.awaiting_bn, self.awaiting_act, self.parent = True, False, False, None
 
     def __getstate__(self):
         return self.fused, self.awaiting_bn
 
     def __setstate__(self, state) -> None:
-        (self.fused, self.awaiting_bn), self.parent = state, None
+        (self.fused, self.awaiting_bn), self.awaiting_act, self.parent = state, False, None
 
 
 class ParentRef:
@@ -109,15 +109,21 @@ def _maker(x: Tensor) -> StemState | None:
     return entry[1] if entry is not None and entry[0]() is x else None
 
 
-def _applied(module: nn.Module, x: Tensor) -> bool:
+def _applied(module: nn.Module, x: Tensor, pending: bool) -> bool:
     """Whether module (the stem's AppliedBatchNorm2d or AppliedReLU) may pass x through as
-    applied: x is what its own fused conv returned. In eager code that is known exactly; a
-    conv1 replaced, wrapped, moved into another container beside a new conv, or a direct call
-    of bn1 then gives a tensor the module computes on (each passed through unnormalized
-    before, the first with a warning, the others silently). Under torch.compile, where the
-    conv records nothing, the stem's flags decide as before."""
+    applied; pending: whether its fused conv ran (in eager code) since the module's last call.
+
+    The tensor its own fused conv returned passes; another stem's fused conv's output raises.
+    Any other tensor is computed on, as the plain module would (a conv1 replaced, wrapped, or
+    swapped in a Sequential of the model's children; a direct call: each passed through
+    unnormalized before, the first with a warning, the others silently) -- unless the conv
+    did run fused since and x holds its values under another tensor object (a hook's or a
+    device wrapper's return, a checkpoint's detached or save_on_cpu's unpacked copy), or the
+    conv runs where it records nothing (Module.compile(), a forward replaced on the instance:
+    make_graphed_callables): there, and under torch.compile and in a backward's recompute
+    (which must do what the forward did), the stem's flags decide, as before."""
     state = module.__dict__.get("_state")
-    if state is None or torch.compiler.is_compiling():
+    if state is None or torch.compiler.is_compiling() or _in_backward():
         return _fused(module)
     maker = _maker(x)
     if maker is state:
@@ -130,8 +136,20 @@ def _applied(module: nn.Module, x: Tensor) -> bool:
             "model's cannot follow it. Assign a plain conv over the same weights instead "
             "(model_b.conv1 = model_a.conv1.as_conv()), or revert() the models and convert() "
             "them again")
+    if pending or _conv_unseen(state):
+        return _fused(module)
     _fused(module)  # (its warning where conv1 was replaced)
     return False
+
+
+def _conv_unseen(state: StemState) -> bool:
+    """Whether the model's fused conv1 runs through something that skips its eager forward
+    (compiled in place by Module.compile(); a forward set on the instance, as
+    torch.cuda.make_graphed_callables does), which then records nothing."""
+    parent = state.parent() if state.parent is not None else None
+    conv = parent._modules.get("conv1") if parent is not None else None
+    return isinstance(conv, FusedStemConv) and (
+        conv.__dict__.get("_compiled_call_impl") is not None or "forward" in conv.__dict__)
 
 
 def _fused(module: nn.Module) -> bool:
@@ -169,9 +187,10 @@ class AppliedBatchNorm2d(NotScriptable, nn.BatchNorm2d):
 
     def forward(self, x: Tensor) -> Tensor:
         state = self.__dict__.get("_state")
-        if state is not None and state.awaiting_bn:
+        pending = state is not None and bool(state.awaiting_bn)
+        if pending:
             state.awaiting_bn = False
-        return x if _applied(self, x) else super().forward(x)
+        return x if _applied(self, x, pending) else super().forward(x)
 
     def as_batchnorm(self) -> nn.BatchNorm2d:
         """A plain nn.BatchNorm2d over the same parameters, buffers and hooks (revert)."""
@@ -190,7 +209,11 @@ class AppliedReLU(NotScriptable, nn.Module):
         self.__dict__["_state"] = state
 
     def forward(self, x: Tensor) -> Tensor:
-        return x if _applied(self, x) else F.relu(x, inplace=self.inplace)
+        state = self.__dict__.get("_state")
+        pending = state is not None and state.awaiting_act
+        if pending:
+            state.awaiting_act = False
+        return x if _applied(self, x, pending) else F.relu(x, inplace=self.inplace)
 
     def as_relu(self) -> nn.ReLU:
         """A plain nn.ReLU with this module's hooks (revert)."""
@@ -315,6 +338,7 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
             # bn1 (which saves nothing) even inside the segment, and no replacement explains
             # it.
             state.awaiting_bn = _RECOMPUTED if recompute else True
+            state.awaiting_act = True
         y, _ = run_unit(x, None, self, self.__dict__["_norm"], "relu", self.backend)
         if state is not None and not torch.compiler.is_compiling():
             _record_output(y, state)
