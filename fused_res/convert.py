@@ -28,6 +28,7 @@ from .nn.plan import (
     BlockPlan,
     ShortcutPlan,
     conv_reason,
+    is_frozen,
     norm_reason,
     padding_reason,
     relu_reason,
@@ -227,7 +228,8 @@ def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
     if act_name is None or isinstance(getattr(model, "conv1", None), FusedStemConv):
         return False
     conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
-    if (conv_reason(conv) or norm_reason(bn, "none") or relu_reason(act)
+    # (A frozen bn1 stays: AppliedBatchNorm2d is a BatchNorm2d's stand-in.)
+    if (conv_reason(conv) or norm_reason(bn, "none") or is_frozen(bn) or relu_reason(act)
             or any(has_hooks(m) for m in (conv, bn, act))):
         return False
     state = StemState()

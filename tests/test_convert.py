@@ -999,6 +999,59 @@ class _LoRAConv2d(nn.Conv2d):
         return super().forward(x) + self.up(self.down(x))
 
 
+def _frozen_model(source: str) -> nn.Module:
+    """A ResNet whose BatchNorms are frozen ones with random buffers, float64."""
+    torch.manual_seed(0)
+    if source == "torchvision":  # (a detection backbone's norm layer)
+        model = torchvision.models.resnet18(
+            num_classes=10, norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
+    else:  # timm's freeze(): BatchNorm2d -> FrozenBatchNorm2d, BatchNormAct2d (ResNetV2's,
+        # pre-activation) -> FrozenBatchNormAct2d
+        model = timm.layers.freeze_batch_norm_2d(timm.create_model(
+            "resnet18" if source == "timm" else "resnetv2_18", num_classes=10))
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.double()
+
+
+@pytest.mark.parametrize("source", ["torchvision", "timm", "timm_v2"])
+def test_frozen_batchnorms_are_fused_as_the_eval_batchnorms_they_are(source):
+    """torchvision's FrozenBatchNorm2d (its detection backbones) and timm's freeze() left
+    every block unfused. A frozen BatchNorm normalizes with its buffers in training too: the
+    blocks are fused with it applied as an eval-mode BatchNorm (folded, or in the conv's
+    epilogue), values and gradients those of the model, its buffers never updated. The stem
+    with a frozen bn1 stays as it was (its fused form stands in for a BatchNorm2d)."""
+    model = _frozen_model(source)
+    fused = fused_res.convert(copy.deepcopy(model), backend="reference")
+    assert fused_res.format_report(fused).endswith("8/8 residual blocks fused")
+    assert not any(type(m).__name__ == "FusedStemConv" for m in fused.modules())
+    frozen = {type(m).__name__ for m in fused.modules() if "Frozen" in type(m).__name__}
+    assert frozen == {"FrozenBatchNormAct2d" if source == "timm_v2" else "FrozenBatchNorm2d"}
+    buffers = [b.clone() for b in fused.buffers()]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        fused.train(train)
+        xa, xb = (x.clone().requires_grad_() for _ in range(2))
+        want, y = model(xa), fused(xb)
+        assert rel_err(y, want) < 1e-12
+        want.square().mean().backward()
+        y.square().mean().backward()
+        assert rel_err(xb.grad, xa.grad) < 1e-12
+        errs = _param_errors(model, fused, "grad")
+        assert max(errs.values()) < 1e-10, max(errs, key=errs.get)
+        model.zero_grad()
+        fused.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(buffers, fused.buffers(), strict=True))
+    with torch.no_grad():  # (inference: the fold)
+        assert rel_err(fused.eval()(x), model.eval()(x)) < 1e-12
+
+
 def _reflect(conv: nn.Conv2d) -> nn.Conv2d:
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, bias=False, padding_mode="reflect")

@@ -10,12 +10,15 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..backends.reference import update_running_stats
+from .plan import is_frozen
 
 
 def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     """nn.BatchNorm2d normalizes with batch statistics in training, or always when it keeps
-    no running statistics."""
-    return bn.training or bn.running_mean is None or bn.running_var is None
+    no running statistics; a frozen one (plan.is_frozen) never."""
+    if bn.training:
+        return not is_frozen(bn)
+    return bn.running_mean is None or bn.running_var is None
 
 
 def _acc(bn: nn.BatchNorm2d, like: Tensor) -> torch.dtype:
@@ -47,7 +50,8 @@ class ChannelAffine:
 def check_norm(bn: nn.Module) -> None:
     """Fused blocks compute BatchNorm statistics locally; a SyncBatchNorm (or any other norm)
     put into one after conversion would be silently wrong, so refuse it."""
-    if isinstance(bn, nn.SyncBatchNorm) or not isinstance(bn, nn.BatchNorm2d):
+    if isinstance(bn, nn.SyncBatchNorm) or not (isinstance(bn, nn.BatchNorm2d)
+                                                or is_frozen(bn)):
         raise TypeError(f"a fused block holds {type(bn).__name__}; accepted: nn.BatchNorm2d "
                         "(revert() the model and convert() it again: SyncBatchNorm blocks are "
                         "left unfused)")

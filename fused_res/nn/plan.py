@@ -101,20 +101,37 @@ def shortcut_plan(block: nn.Module, name: str = "downsample",
     return ShortcutPlan("module", module=name, reads_preact=reads_preact)
 
 
+# (class name, module) of the frozen BatchNorms: eval-mode BatchNorms whatever their training
+# flag, weight and bias kept as buffers (torchvision's detection backbones, timm's freeze());
+# the last two carry timm's activation as BatchNormAct2d does.
+_FROZEN = {("FrozenBatchNorm2d", "torchvision.ops.misc"),
+           ("FrozenBatchNorm2d", "timm.layers.norm_act"),
+           ("FrozenBatchNormAct2d", "timm.layers.norm_act")}
+
+
+def is_frozen(m: nn.Module | None) -> bool:
+    """Whether m is one of the frozen BatchNorms (the class itself, not a subclass):
+    y = (x - running_mean) * weight * rsqrt(running_var + eps) + bias, in training too."""
+    t = type(m)
+    return (t.__name__, t.__module__) in _FROZEN
+
+
 def norm_reason(m: nn.Module | None, act: str) -> str | None:
     """None if `m` is a BatchNorm2d the ops can run (followed by `act`, when the norm layer
-    carries its own activation as timm's BatchNormAct2d does); else why not."""
+    carries its own activation as timm's BatchNormAct2d does), or a frozen one (is_frozen);
+    else why not."""
     if m is None:
         return "missing norm layer"
     if isinstance(m, nn.SyncBatchNorm):
         return ("SyncBatchNorm is left unfused: its statistics are all-reduced across ranks, "
                 "which the fused ops do not do")
-    if type(m) is nn.BatchNorm2d:
+    name = type(m).__name__
+    if type(m) is nn.BatchNorm2d or (is_frozen(m) and not name.endswith("Act2d")):
         return None if act == "none" else f"expected a BatchNorm with {act}, got a bare one"
-    if type(m).__name__ == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d):
+    if (name == "BatchNormAct2d" and isinstance(m, nn.BatchNorm2d)) or is_frozen(m):
         drop = getattr(m, "drop", None)
         if drop is not None and not isinstance(drop, nn.Identity):
-            return "BatchNormAct2d with dropout"
+            return f"{name} with dropout"
         a = getattr(m, "act", None)
         kind = "relu" if type(a) is nn.ReLU else "none" if (a is None or
                                                                isinstance(a, nn.Identity)) \
