@@ -1005,6 +1005,9 @@ def _frozen_model(source: str) -> nn.Module:
     if source == "torchvision":  # (a detection backbone's norm layer)
         model = torchvision.models.resnet18(
             num_classes=10, norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
+    elif source == "cifar_preact":  # (pre-activation: the block's first norm on its input)
+        model = models.CifarResNet(14, variant="full_preact", shortcut="B",
+                                   norm_layer=torchvision.ops.misc.FrozenBatchNorm2d)
     else:  # timm's freeze(): BatchNorm2d -> FrozenBatchNorm2d, BatchNormAct2d (ResNetV2's,
         # pre-activation) -> FrozenBatchNormAct2d
         model = timm.layers.freeze_batch_norm_2d(timm.create_model(
@@ -1019,7 +1022,7 @@ def _frozen_model(source: str) -> nn.Module:
     return model.double()
 
 
-@pytest.mark.parametrize("source", ["torchvision", "timm", "timm_v2"])
+@pytest.mark.parametrize("source", ["torchvision", "timm", "timm_v2", "cifar_preact"])
 def test_frozen_batchnorms_are_fused_as_the_eval_batchnorms_they_are(source):
     """torchvision's FrozenBatchNorm2d (its detection backbones) and timm's freeze() left
     every block unfused. A frozen BatchNorm normalizes with its buffers in training too: the
@@ -1028,12 +1031,13 @@ def test_frozen_batchnorms_are_fused_as_the_eval_batchnorms_they_are(source):
     with a frozen bn1 stays as it was (its fused form stands in for a BatchNorm2d)."""
     model = _frozen_model(source)
     fused = fused_res.convert(copy.deepcopy(model), backend="reference")
-    assert fused_res.format_report(fused).endswith("8/8 residual blocks fused")
+    n = 6 if source == "cifar_preact" else 8
+    assert fused_res.format_report(fused).endswith(f"{n}/{n} residual blocks fused")
     assert not any(type(m).__name__ == "FusedStemConv" for m in fused.modules())
     frozen = {type(m).__name__ for m in fused.modules() if "Frozen" in type(m).__name__}
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert frozen == {"FrozenBatchNormAct2d" if source == "timm_v2" else "FrozenBatchNorm2d"}
     buffers = [b.clone() for b in fused.buffers()]
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for train in (True, False):
         model.train(train)
         fused.train(train)
@@ -1050,6 +1054,26 @@ def test_frozen_batchnorms_are_fused_as_the_eval_batchnorms_they_are(source):
     assert all(torch.equal(a, b) for a, b in zip(buffers, fused.buffers(), strict=True))
     with torch.no_grad():  # (inference: the fold)
         assert rel_err(fused.eval()(x), model.eval()(x)) < 1e-12
+
+
+def test_a_frozen_batchnorms_block_under_autocast_returns_what_the_original_does():
+    """Under autocast torchvision's FrozenBatchNorm2d returns float32 (its float32 buffers
+    promote the conv's bf16 output), so the original blocks do; the fused ones now return
+    float32 too (they returned bf16: a float32 layer after them outside autocast failed),
+    within bf16's tolerance of the original."""
+    model = _frozen_model("torchvision").float().eval()
+    fused = fused_res.convert(copy.deepcopy(model), backend="reference").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for name in ("layer1", "layer2"):
+            h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+            want, got = model.layer1(h), fused.layer1(h)
+            if name == "layer2":
+                want, got = model.layer2(want), fused.layer2(want)
+            assert got.dtype == want.dtype == torch.float32
+            assert rel_err(got, want) < 2e-2
+        assert fused(x).dtype == model(x).dtype
+        assert rel_err(fused(x), model(x)) < 3e-2
 
 
 def _reflect(conv: nn.Conv2d) -> nn.Conv2d:

@@ -21,6 +21,23 @@ def uses_batch_stats(bn: nn.BatchNorm2d) -> bool:
     return bn.running_mean is None or bn.running_var is None
 
 
+def num_channels(bn: nn.Module) -> int:
+    """The channels bn normalizes (torchvision's FrozenBatchNorm2d has no num_features)."""
+    n = getattr(bn, "num_features", None)
+    return n if n is not None else bn.running_mean.shape[0]
+
+
+def frozen_promoted(y: Tensor, bn: nn.Module | None) -> Tensor:
+    """y, the fused value of a unit or block whose output a frozen BatchNorm (plan.is_frozen)
+    makes, in the dtype the original returns: under autocast the frozen one's float32
+    buffers promote the conv's output to float32 (a plain BatchNorm keeps its input's dtype).
+    Rounded to the autocast dtype first: within that dtype's tolerance of the original."""
+    if (y.dtype in (torch.float16, torch.bfloat16) and bn is not None and is_frozen(bn)
+            and ops.functional._autocast_dtype(y) is not None):
+        return y.float()
+    return y
+
+
 def _acc(bn: nn.BatchNorm2d, like: Tensor) -> torch.dtype:
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 
@@ -53,8 +70,8 @@ def check_norm(bn: nn.Module) -> None:
     if isinstance(bn, nn.SyncBatchNorm) or not (isinstance(bn, nn.BatchNorm2d)
                                                 or is_frozen(bn)):
         raise TypeError(f"a fused block holds {type(bn).__name__}; accepted: nn.BatchNorm2d "
-                        "(revert() the model and convert() it again: SyncBatchNorm blocks are "
-                        "left unfused)")
+                        "or a frozen one (torchvision's, timm's) (revert() the model and "
+                        "convert() it again: SyncBatchNorm blocks are left unfused)")
 
 
 def affine_from_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> ChannelAffine:

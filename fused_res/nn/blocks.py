@@ -25,7 +25,14 @@ from .. import ops
 from ..models import imagenet
 from ..models.lesion import shortcut_only_fn
 from . import eval_fold
-from .batchnorm import batch_affine, input_affine, running_affine, uses_batch_stats
+from .batchnorm import (
+    batch_affine,
+    frozen_promoted,
+    input_affine,
+    num_channels,
+    running_affine,
+    uses_batch_stats,
+)
 from .hooks import hooked_child, share_hooks, warn_once
 from .layout import Layout, misfit, named, walk
 from .plan import (
@@ -146,7 +153,7 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             why = None if name is None else built_norm_reason(self._get(name))
             if why is not None:
                 raise ValueError(f"norm_layer built {name} as {type(self._get(name)).__name__}: "
-                                 f"{why}; accepted: nn.BatchNorm2d")
+                                 f"{why}; accepted: nn.BatchNorm2d or a frozen one")
 
     def _check_slots(self) -> None:
         """A block built directly, at its first call: each conv, BatchNorm and ReLU slot holds
@@ -398,10 +405,10 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         pending: Pending | None = None
         if plan.pre_norm is not None:
             pre_norm = self._get(plan.pre_norm)
-            if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != pre_norm.num_features:
+            if isinstance(x, Tensor) and x.dim() == 4 and x.shape[1] != num_channels(pre_norm):
                 # (else the BN's weight was named as the one of the wrong length)
                 raise ValueError(f"x has shape {tuple(x.shape)}; accepted: "
-                                 f"{pre_norm.num_features} channels, the block's input")
+                                 f"{num_channels(pre_norm)} channels, the block's input")
             # (Inference: the BN's affine kept per state of its statistics, eval_fold.affine.)
             pending = Pending(eval_fold.affine(pre_norm, x)
                               if not uses_batch_stats(pre_norm) and eval_fold.applies(x)
@@ -429,7 +436,8 @@ class FusedResidualBlock(NotScriptable, nn.Module):
                                   defer=fuse)
         if pair is not None:
             if pending is None:  # (what inference leaves: every BN folded, nothing deferred)
-                return self._run_pair(h, x, pair)
+                return frozen_promoted(self._run_pair(h, x, pair),
+                                       self._get(plan.last_norm))
             r = self._shortcut(x, None)
 
         tail = {}
@@ -441,13 +449,13 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         if plan.attention is None and plan.post_norm is None:
             tail["act_out"] = "relu" if plan.act_out else "none"
             y, _ = run_unit(h, pending, convs[-1], last_norm, act_mid, backend, tail=tail)
-            return y
+            return frozen_promoted(y, last_norm)
         u, _ = run_unit(h, pending, convs[-1], last_norm, act_mid, backend)
         if plan.attention is not None:
             u = self._get(plan.attention)(u)
         if plan.post_norm is None:
-            return ops.epilogue(u, act_out="relu" if plan.act_out else "none", backend=backend,
-                                **tail)
+            return frozen_promoted(ops.epilogue(u, act_out="relu" if plan.act_out else "none",
+                                                backend=backend, **tail), last_norm)
         w = ops.epilogue(u, backend=backend, **tail) if tail else u
         pn = self._get(plan.post_norm)
         if uses_batch_stats(pn):
@@ -455,8 +463,9 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             aff = batch_affine(pn, mean, var, w.shape, backend)
         else:
             aff = eval_fold.affine(pn, w) if eval_fold.applies(w) else running_affine(pn, w)
-        return ops.epilogue(w, aff.scale, aff.shift, center=aff.center,
-                            act_mid="relu" if plan.act_out else "none", backend=backend)
+        return frozen_promoted(ops.epilogue(w, aff.scale, aff.shift, center=aff.center,
+                                            act_mid="relu" if plan.act_out else "none",
+                                            backend=backend), pn)
 
     def forward_shortcut_only(self, x: Tensor) -> Tensor:
         """The block with its residual branch removed (Veit et al. 2016 lesion); eager ops."""
