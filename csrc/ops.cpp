@@ -48,8 +48,8 @@ TORCH_LIBRARY(fused_res_C, m) {
   m.def("bn_scale(Tensor var, Tensor? weight, float eps) -> Tensor");
   m.def("bn_scale_backward(Tensor grad, Tensor var, Tensor? weight, float eps, bool need_var, "
         "bool need_weight) -> (Tensor grad_var, Tensor grad_weight)");
-  // A training conv unit's pairs in one launch where the CUDA kernels can (the CPU kernels
-  // run the pair): channel_stats then bn_finalize with a momentum, returning (mean, var,
+  // A training conv unit's pairs, the second op in the first's reduction finalize launch on
+  // CUDA (one launch fewer each; the CPU kernels run the pair): channel_stats then bn_finalize with a momentum, returning (mean, var,
   // scale); epilogue_backward (need_sums) where scale = bn_scale(bn_var, bn_weight, bn_eps),
   // then bn_scale_backward on dL/dscale, returning (dL/dz, dL/dresidual, Σ dL/du,
   // dL/dcenter, dL/dbn_var, dL/dbn_weight).

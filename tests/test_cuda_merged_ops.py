@@ -1,7 +1,8 @@
 """The extension's merged ops of a training conv unit (csrc/ops.cpp): channel_stats_bn, the
 statistics with the BatchNorm's finalize, and bn_epilogue_backward, the apply backward with
 the gradient of the BatchNorm's scale. Each gives what the two ops it stands for give, bit
-for bit (the CPU kernels run the two; the CUDA ones merge them into one launch, `-m gpu`);
+for bit (the CPU kernels run the two; the CUDA ones do the second in the first's reduction
+finalize launch, `-m gpu`);
 the cuda backend's training node takes them; opcheck; bad arguments named."""
 
 import copy

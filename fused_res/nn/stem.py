@@ -5,8 +5,9 @@ The model still calls conv1, bn1 and relu in turn. After fusion conv1 is a `Fuse
 that computes relu(bn1(conv1(x))) through the conv-unit ops (eval: BN folded into the conv,
 one pass; train: the statistics in the conv's pass, BN + ReLU in one more), bn1 is an
 `AppliedBatchNorm2d` (the same parameters and buffers under the same names; it passes the
-tensor its fused conv returned through, being already applied, and normalizes anything else
-as the plain module would) and relu an `AppliedReLU` (the same). While any of the
+tensor its fused conv returned through, being already applied, and in eager code normalizes
+a tensor that is not that output as the plain module would: _applied says when) and relu an
+`AppliedReLU` (the same). While any of the
 three has hooks (added after convert()), conv1 computes the plain conv and the other two
 their own BatchNorm and ReLU, so that the hooks see what they would see unfused. The stem's
 BatchNorm + ReLU were two or three eager passes over the network's largest activation.

@@ -4,10 +4,10 @@ running-statistics update; epilogue) run as the same backend calls in the same o
 one set of argument checks, one backend resolution and one autograd.Function instead of three
 of each. Values, gradients and running statistics are those of the three ops, bit for bit
 (tests/test_train_unit.py: the Triton kernels in the interpreter, the cuda backend's CPU
-kernels). The Triton and cuda backends merge two pairs of those calls into one launch each
-(Backend.conv_bn_train_forward, bn_epilogue_backward), with the same float32 expressions; on a
-GPU, where a compiler may contract them differently, tests/test_triton_gpu.py and
-tests/test_cuda_merged_ops.py check them against the pairs.
+kernels). The Triton and cuda backends merge two pairs of those calls (their overrides of
+ReferenceBackend.conv_bn_train_forward and bn_epilogue_backward), one launch fewer each, with
+the same float32 expressions; on a GPU, where a compiler may contract them differently,
+tests/test_triton_gpu.py and tests/test_cuda_merged_ops.py check them against the pairs.
 
 Why: without CUDA graphs a training step is host-bound. On H100 run 7 the ResNet-50 train
 step at batch 128 took 55.6 ms launched against 27.9 ms as a graph replay with the Triton
