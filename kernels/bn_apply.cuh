@@ -161,27 +161,31 @@ struct EpilogueBackwardOp {
   }
 };
 
+// Where the epilogue's scale = weight * rsqrt(var + eps) is a train-mode BatchNorm's
+// (bn_epilogue_backward): that function's gradient, taken in the apply backward's finalize
+// from dL/dscale = Σ dL/du·(z - center), as bn_scale_backward computes it.
+struct BnScaleGrad {
+  const float* var;
+  const float* weight;  // may be null (affine=False)
+  float eps;
+  float* grad_var;      // null when not wanted (both null: no BatchNorm)
+  float* grad_weight;   // null when not wanted
+};
+
 struct SumsFinalize {
   float* __restrict__ sum_gu;           // (C,)
   float* __restrict__ sum_gu_centered;  // (C,)
   const float* __restrict__ scale;      // (C,) or null (1)
   float* __restrict__ grad_center;      // (C,) -scale * Σ dL/du, or null (not wanted)
-  // Where scale = bn_weight * rsqrt(bn_var + bn_eps) is a train-mode BatchNorm's
-  // (bn_epilogue_backward): that function's gradient, from dL/dscale = Σ dL/du·(z - center),
-  // as bn_scale_backward computes it (both outputs null: not wanted).
-  const float* __restrict__ bn_var;
-  const float* __restrict__ bn_weight;  // may be null (affine=False)
-  float bn_eps;
-  float* __restrict__ grad_bn_var;
-  float* __restrict__ grad_bn_weight;
+  BnScaleGrad bn;
   __device__ __forceinline__ void operator()(int64_t c, double a, double b) const {
     const float s = static_cast<float>(a);
     const float t = static_cast<float>(b);
     sum_gu[c] = s;
     sum_gu_centered[c] = t;
     if (grad_center) grad_center[c] = -(scale ? scale[c] : 1.f) * s;
-    if (grad_bn_var || grad_bn_weight) {
-      bn_scale_grads(t, bn_var[c], bn_weight, bn_eps, c, grad_bn_var, grad_bn_weight);
+    if (bn.grad_var || bn.grad_weight) {
+      bn_scale_grads(t, bn.var[c], bn.weight, bn.eps, c, bn.grad_var, bn.grad_weight);
     }
   }
 };

@@ -289,3 +289,20 @@ def fresh_triton_backend():
         yield
     finally:
         registry.register_backend("triton", old)
+
+
+def logging_backend(cls: type, ran: list) -> type:
+    """A subclass of backend class cls whose bn_scale_and_update and bn_scale_backward append
+    "update" / "scale_backward" to ran before running cls's: the methods a backend's merged
+    launches must not skip when a subclass overrides them."""
+
+    class Logged(cls):
+        def bn_scale_and_update(self, *args):
+            ran.append("update")
+            return super().bn_scale_and_update(*args)
+
+        def bn_scale_backward(self, *args):
+            ran.append("scale_backward")
+            return super().bn_scale_backward(*args)
+
+    return Logged

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from helpers import logging_backend
 
 from fused_res import _ext
 from fused_res import nn as fnn
@@ -224,17 +225,7 @@ def test_the_cuda_backends_training_node_takes_the_merged_ops(C, device, monkeyp
         assert torch.equal(a, b)
 
     ran = []
-
-    class Logged(CudaBackend):
-        def bn_scale_and_update(self, *args):
-            ran.append("update")
-            return super().bn_scale_and_update(*args)
-
-        def bn_scale_backward(self, *args):
-            ran.append("scale_backward")
-            return super().bn_scale_backward(*args)
-
-    register_backend("cuda", Logged)
+    register_backend("cuda", logging_backend(CudaBackend, ran))
     try:
         counting = _Counting(C)
         monkeypatch.setattr(cuda_backend, "_ops", lambda: counting)

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import fresh_triton_backend, randomize_bn, run_cases_interpreted
+from helpers import fresh_triton_backend, logging_backend, randomize_bn, run_cases_interpreted
 from torch import nn
 
 import fused_res
@@ -354,17 +354,7 @@ else:
         from fused_res.backends.triton_backend import TritonBackend
 
         ran = []
-
-        class Logged(TritonBackend):
-            def bn_scale_and_update(self, *args):
-                ran.append("update")
-                return super().bn_scale_and_update(*args)
-
-            def bn_scale_backward(self, *args):
-                ran.append("scale_backward")
-                return super().bn_scale_backward(*args)
-
-        registry.register_backend("triton", Logged)
+        registry.register_backend("triton", logging_backend(TritonBackend, ran))
         base = _model("conv_bias", "triton")
         got = _steps(copy.deepcopy(base), torch.float32, torch.channels_last, steps=1)
         assert nodes[0] == 1 and ran == ["update", "scale_backward"]

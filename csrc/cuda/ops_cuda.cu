@@ -140,22 +140,13 @@ at::Tensor epilogue_cuda(const at::Tensor& z_in, const OptTensor& center,
 
 namespace {
 
-// bn_epilogue_backward's BatchNorm: its scale's gradient, written by the pass's finalize.
-struct BnScaleGrad {
-  const float* var;
-  const float* weight;
-  float eps;
-  float* grad_var;     // null when not wanted
-  float* grad_weight;  // null when not wanted
-};
-
 using BackwardOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // epilogue_backward on checked inputs (the stream's device set); with bn, the finalize also
 // writes the BatchNorm's scale gradient (numel > 0 only: the caller handles empty inputs).
 BackwardOut run_epilogue_backward(const BackwardInputs& in, double res_scale, bool relu_mid,
                                   bool relu_out, bool need_gz, bool need_gr, bool need_sums,
-                                  bool need_center_grad, const BnScaleGrad* bn) {
+                                  bool need_center_grad, const frk::BnScaleGrad* bn) {
   const Layout& L = in.layout;
   const auto fmt = L.format();
   const auto fopt = in.gy.options().dtype(at::kFloat);
@@ -185,13 +176,7 @@ BackwardOut run_epilogue_backward(const BackwardInputs& in, double res_scale, bo
           p};
       frk::SumsFinalize fin{s1.data_ptr<float>(), s2.data_ptr<float>(), fptr(in.scale),
                             need_center_grad ? gc.data_ptr<float>() : nullptr};
-      if (bn) {
-        fin.bn_var = bn->var;
-        fin.bn_weight = bn->weight;
-        fin.bn_eps = bn->eps;
-        fin.grad_bn_var = bn->grad_var;
-        fin.grad_bn_weight = bn->grad_weight;
-      }
+      if (bn) fin.bn = *bn;
       const auto plan = frk::plan_epilogue_backward(op, s, cfg.num_sms);
       at::Tensor ws = at::empty({2 * plan.splits * L.c}, fopt.dtype(at::kDouble));
       check_launch(frk::launch_epilogue_backward(op, fin, s, plan, ws.data_ptr<double>(), cfg),
@@ -243,10 +228,10 @@ bn_epilogue_backward_cuda(const at::Tensor& gy_in, const at::Tensor& z, const Op
   need_bn_weight = need_bn_weight && bn_weight.has_value();
   at::Tensor gv = need_bn_var ? at::empty({C}, bn_in.var.options()) : empty_vec(bn_in.var);
   at::Tensor gw = need_bn_weight ? at::empty({C}, bn_in.var.options()) : empty_vec(bn_in.var);
-  const BnScaleGrad bn{bn_in.var.data_ptr<float>(), fptr(bn_in.weight),
-                       static_cast<float>(bn_eps),
-                       need_bn_var ? gv.data_ptr<float>() : nullptr,
-                       need_bn_weight ? gw.data_ptr<float>() : nullptr};
+  const frk::BnScaleGrad bn{bn_in.var.data_ptr<float>(), fptr(bn_in.weight),
+                            static_cast<float>(bn_eps),
+                            need_bn_var ? gv.data_ptr<float>() : nullptr,
+                            need_bn_weight ? gw.data_ptr<float>() : nullptr};
   auto [gz, gr, s1, s2, gc] = run_epilogue_backward(in, res_scale, relu_mid, relu_out, need_gz,
                                                     need_gr, true, need_center_grad, &bn);
   if (need_bn_weight) gw = gw.to(bn_weight->scalar_type());

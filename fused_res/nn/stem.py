@@ -137,10 +137,8 @@ def _applied(module: nn.Module, x: Tensor, pending: bool) -> bool:
             "model's cannot follow it. Assign a plain conv over the same weights instead "
             "(model_b.conv1 = model_a.conv1.as_conv()), or revert() the models and convert() "
             "them again")
-    if pending or _conv_unseen(state):
-        return _fused(module)
-    _fused(module)  # (its warning where conv1 was replaced)
-    return False
+    fused = _fused(module)  # (called either way: its warning where conv1 was replaced)
+    return fused and (pending or _conv_unseen(state))
 
 
 def _conv_unseen(state: StemState) -> bool:
@@ -317,7 +315,8 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
         if why is not None:
             warn_once(why)
             return super().forward(x)
-        if state is not None and not torch.compiler.is_compiling():
+        eager = state is not None and not torch.compiler.is_compiling()
+        if eager:
             recompute = _in_backward()
             # Its AppliedBatchNorm2d not called since the last fused call, where no model is
             # known to look in (a stem copied alone): bn1 was replaced and normalizes the
@@ -341,7 +340,7 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
             state.awaiting_bn = _RECOMPUTED if recompute else True
             state.awaiting_act = True
         y, _ = run_unit(x, None, self, self.__dict__["_norm"], "relu", self.backend)
-        if state is not None and not torch.compiler.is_compiling():
+        if eager:
             _record_output(y, state)
         return y
 
