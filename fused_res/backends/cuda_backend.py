@@ -34,8 +34,10 @@ from .reference import (
     ReferenceBackend,
     _conv_backward,
     _fold,
+    affine_apart,
     fold_backward,
     memory_format_of,
+    needs_pre_act,
 )
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -200,14 +202,26 @@ class CudaBackend(ReferenceBackend):
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
                           res_scale, branch_scale, act_out):
-        if _cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, residual,
-                        branch_scale, act_out):
+        if (_cudnn_fused(x, in_center, in_scale, in_shift, act_in, act_mid, residual,
+                         branch_scale, act_out)
+                and _CUDNN.folds(x, bias, out_scale, out_shift)):
             return _CUDNN.conv_unit_forward(x, weight, bias, stride, padding, dilation, groups,
                                             in_center, in_scale, in_shift, act_in, out_scale,
                                             out_shift, act_mid, residual, res_scale,
                                             branch_scale, act_out)
         fmt = memory_format_of(x)
         p = self._prologue(x, in_center, in_scale, in_shift, act_in)
+        if affine_apart(x.dtype, out_scale, out_shift):
+            # float16: the affine in float32 in the epilogue pass, after the unfolded conv
+            z = F.conv2d(p, weight, bias, stride, padding, dilation, groups)
+            if not needs_pre_act(act_mid, residual, branch_scale, act_out):
+                y = _ops().epilogue(z, None, out_scale, out_shift, _relu(act_mid), residual,
+                                    float(res_scale), branch_scale, _relu(act_out))
+                return y.contiguous(memory_format=fmt), y  # (u unread: library.py)
+            u = _ops().epilogue(z, None, out_scale, out_shift, False, None, 1.0, None, False)
+            y = _ops().epilogue(u, None, None, None, True, residual, float(res_scale),
+                                branch_scale, _relu(act_out))
+            return y.contiguous(memory_format=fmt), u
         w, b = _fold(weight, bias, out_scale, out_shift)
         u = F.conv2d(p, w, b, stride, padding, dilation, groups)
         if not (_relu(act_mid) or residual is not None or branch_scale is not None

@@ -18,7 +18,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .base import BackendStatus
 from .constants import is_constant
-from .reference import ReferenceBackend, _fold, memory_format_of
+from .reference import ReferenceBackend, _fold, affine_apart, memory_format_of
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CASTS = WeakIdKeyDictionary()
@@ -89,11 +89,23 @@ class CudnnBackend(ReferenceBackend):
                 and cls.fused_form(in_center, in_scale, in_shift, act_in, act_mid, residual,
                                    branch_scale, act_out))
 
+    @staticmethod
+    def folds(x, bias, out_scale, out_shift) -> bool:
+        """Whether the fast path may fold the unit's affine into cuDNN's weight and bias: in
+        float16 (reference.affine_apart) only an eval fold's bias (fused_res's constant,
+        whose range nn/eval_fold.py checked when it made it) on a weight that holds the
+        scale already, without gradients."""
+        if not affine_apart(x.dtype, out_scale, out_shift):
+            return True
+        return (bias is None and out_scale is None and is_constant(out_shift)
+                and not torch.is_grad_enabled())
+
     def conv_unit_forward(self, x, weight, bias, stride, padding, dilation, groups, in_center,
                           in_scale, in_shift, act_in, out_scale, out_shift, act_mid, residual,
                           res_scale, branch_scale, act_out):
-        if not self.fast_path_applies(x, in_center, in_scale, in_shift, act_in, act_mid,
-                                      residual, branch_scale, act_out):
+        if not (self.fast_path_applies(x, in_center, in_scale, in_shift, act_in, act_mid,
+                                       residual, branch_scale, act_out)
+                and self.folds(x, bias, out_scale, out_shift)):
             return super().conv_unit_forward(x, weight, bias, stride, padding, dilation, groups,
                                              in_center, in_scale, in_shift, act_in, out_scale,
                                              out_shift, act_mid, residual, res_scale,

@@ -174,6 +174,17 @@ def fold_backward(gw_eff, gb_eff, weight, bias, out_scale, out_shift, needs) -> 
     return grads
 
 
+def affine_apart(dtype: torch.dtype, out_scale, out_shift) -> bool:
+    """Whether a conv unit in `dtype` applies its output affine (out_scale, out_shift) after
+    the conv in float32 instead of folding it into the conv's weight and bias (_fold): in
+    float16, whose range ends at 65504. A folded BatchNorm's bias -mean * scale and the
+    conv's scaled output can pass that where eager's conv output and BatchNorm output do not
+    (a channel whose mean is large against its spread: mean 100, std 10, weight 1e4 folds to
+    a bias of -1e5), and would turn the unit's output into inf or 0. Backends whose kernels
+    add the affine in float32 to a float32 accumulator (Triton's) fold safely."""
+    return dtype == torch.float16 and (out_scale is not None or out_shift is not None)
+
+
 def _fold(weight, bias, out_scale, out_shift):
     """(W', b') with conv(p, W') + b' == (conv(p, W) + bias) * out_scale + out_shift."""
     if out_scale is None:
@@ -221,6 +232,11 @@ class ReferenceBackend(Backend):
         needs_pre_act)."""
         fmt = memory_format_of(x)
         p = prologue(x, in_center, in_scale, in_shift, act_in)
+        if affine_apart(x.dtype, out_scale, out_shift):
+            u = _affine(_conv(p, weight, bias, stride, padding, dilation, groups), None,
+                        out_scale, out_shift)
+            y = _tail(u, act_mid, residual, res_scale, branch_scale, act_out)
+            return y.to(x.dtype).contiguous(memory_format=fmt), u.to(x.dtype)
         w, b = _fold(weight, bias, out_scale, out_shift)
         u = _conv(p, w, b, stride, padding, dilation, groups)
         y = _tail(u.to(acc_dtype(x.dtype)), act_mid, residual, res_scale, branch_scale, act_out)

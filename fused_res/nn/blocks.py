@@ -280,12 +280,17 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             return None
         return conv, norm
 
-    def _run_pair(self, h: Tensor, x: Tensor, pair: tuple[nn.Conv2d, nn.BatchNorm2d]) -> Tensor:
-        """The last unit and the projection shortcut in one op, both BNs folded."""
+    def _run_pair(self, h: Tensor, x: Tensor, pair: tuple[nn.Conv2d, nn.BatchNorm2d]
+                  ) -> Tensor | None:
+        """The last unit and the projection shortcut in one op, both BNs folded; None where
+        either cannot be folded (eval_fold.folded_conv: float16's range)."""
         plan = self.plan
         last = self._get(plan.convs[-1])
-        w, b = eval_fold.folded_conv(last, self._get(plan.last_norm), h)
-        w2, b2 = eval_fold.folded_conv(pair[0], pair[1], x)
+        fold = eval_fold.folded_conv(last, self._get(plan.last_norm), h)
+        fold2 = eval_fold.folded_conv(pair[0], pair[1], x)
+        if fold is None or fold2 is None:
+            return None
+        (w, b), (w2, b2) = fold, fold2
         kw = {"stride": list(last.stride), "padding": list(explicit_padding(last)),
               "stride2": list(pair[0].stride), "act_out": "relu" if plan.act_out else "none",
               "backend": self.backend}
@@ -435,9 +440,10 @@ class FusedResidualBlock(NotScriptable, nn.Module):
             h, pending = run_unit(h, pending, conv, self._get(norm), "relu", backend,
                                   defer=fuse)
         if pair is not None:
-            if pending is None:  # (what inference leaves: every BN folded, nothing deferred)
-                return frozen_promoted(self._run_pair(h, x, pair),
-                                       self._get(plan.last_norm))
+            # (pending None is what inference leaves: every BN folded, nothing deferred)
+            y = self._run_pair(h, x, pair) if pending is None else None
+            if y is not None:
+                return frozen_promoted(y, self._get(plan.last_norm))
             r = self._shortcut(x, None)
 
         tail = {}

@@ -133,8 +133,21 @@ def _key(tensors: tuple) -> tuple | None:
     return tuple(key)
 
 
+# In float16, a fold whose bias reaches this far (or whose weight overflows) is not made: the
+# conv output a backend materializes in float16 before adding the float32 bias is about
+# y - b', and must stay below 65504 wherever eager's BatchNorm output y does.
+_HALF_BIAS_LIMIT = 2.0 ** 14
+
+
+def _in_half_range(w: Tensor, b: Tensor) -> bool:
+    """Whether a float16 fold (w float16, b float32) can be used as safely as eager's separate
+    conv and BatchNorm (reference.affine_apart says why). One host sync, once per fold."""
+    return bool(torch.isfinite(w).all()) and (b.numel() == 0
+                                              or float(b.abs().max()) < _HALF_BIAS_LIMIT)
+
+
 def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
-          fmt: torch.memory_format) -> tuple[Tensor, Tensor]:
+          fmt: torch.memory_format) -> tuple[Tensor, Tensor] | None:
     # The conv's weight and bias as _inputs read them: read again, a parametrized weight is
     # computed again (spectral_norm's power iteration ran twice per forward).
     weight, bias = tensors[0], tensors[1]
@@ -145,17 +158,21 @@ def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
     scale, shift = running_affine(bn, h).folded()
     w = (weight.detach().float() * scale.view(-1, 1, 1, 1)).to(dtype)
     b = shift if bias is None else shift + bias.detach().float() * scale
+    if dtype == torch.float16 and not _in_half_range(w, b):
+        return None
     # Fresh tensors no one else holds: the backends may cache what they derive from them.
     return (mark_constant(w.contiguous(memory_format=fmt)),
             mark_constant(b.detach().float().contiguous()))
 
 
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, h: Tensor
-                ) -> tuple[Tensor, Tensor | None]:
+                ) -> tuple[Tensor, Tensor | None] | None:
     """(W', b') with conv(h, W') + b' == bn(conv(h)) for eval-mode bn. W' (C_out, C_in, KH,
     KW) in the dtype the conv computes in (the autocast dtype under autocast), in h's memory
     format; b' (C_out,) float32. bn None (a conv without a BN, a pre-activation block's
-    last): the conv's own weight and bias, so kept (b' None where it has no bias)."""
+    last): the conv's own weight and bias, so kept (b' None where it has no bias). None
+    where a float16 fold would leave float16's range (_in_half_range): the caller runs the
+    conv and the BatchNorm's affine unfolded."""
     tensors = _inputs(conv, bn)
     dtype = _compute_dtype(h, tensors[0])
     fmt = memory_format_of(h)

@@ -85,11 +85,11 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
             return z, Pending(aff, act_mid)
         return ops.epilogue(z, aff.scale, aff.shift, center=aff.center, act_mid=act_mid,
                             backend=backend, **tail), None
-    if eval_fold.applies(h):
+    fold = eval_fold.folded_conv(conv, bn, h) if eval_fold.applies(h) else None
+    if fold is not None:
         # Inference: BN folded into the weight once (eval_fold.py); the shift stays a float32
         # per-channel vector so that backends applying it in their epilogue keep its precision.
-        w, shift = eval_fold.folded_conv(conv, bn, h)
-        return _planned(conv, h, w, shift, kw, prologue, act_mid, backend, tail), None
+        return _planned(conv, h, *fold, kw, prologue, act_mid, backend, tail), None
     scale, shift = running_affine(bn, h).folded()
     y = ops.conv_unit(h, conv.weight, conv.bias, **kw, **prologue, out_scale=scale,
                       out_shift=shift, act_mid=act_mid, backend=backend, **tail)

@@ -441,8 +441,10 @@ def bn_scale(mean: Tensor, var: Tensor, weight: Tensor | None = None, *,
     if momentum is not None and (isinstance(momentum, bool)
                                  or not isinstance(momentum, (int, float))):
         raise TypeError(f"momentum={momentum!r}; accepted: a float or None (cumulative average)")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:  # NaN
-        raise ValueError(f"eps={eps!r}; accepted: a float >= 0")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:  # NaN
+        # (nn.BatchNorm2d refuses it too: a channel of equal values would divide by zero)
+        raise ValueError(f"eps={eps!r}; accepted: a float > 0 (a BatchNorm normalizing with "
+                         "batch statistics)")
     momentum = None if momentum is None else float(momentum)
 
     def run(name):

@@ -56,7 +56,7 @@ def _bn_ok(c: int, device, bn_weight, bn_bias, running_mean, running_var,
     nbt = num_batches_tracked
     if nbt is not None and (nbt.dim() != 0 or nbt.dtype != torch.long or nbt.device != device):
         return False
-    return (count != 1 and type(eps) in (float, int) and eps >= 0
+    return (count != 1 and type(eps) in (float, int) and eps > 0
             and (momentum is None or type(momentum) in (float, int)))
 
 
