@@ -109,3 +109,39 @@ def test_captured_train_step_matches_launched_steps(backend, prologue, dtype, mo
     initial = _initial_state()
     assert any(not torch.equal(launched[k], initial[k]) for k in initial
                if k.endswith("conv1.weight")), "no weight moved: the steps did not train"
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda", "cudnn"])
+def test_float16_eval_captured_before_any_fold_runs_unfolded(backend, monkeypatch):
+    """A float16 fold's range check reads values on the host (nn/eval_fold.py), which capture
+    forbids: captured with no fold made yet (cleared after the warm-up), the forward runs
+    unfolded, raises nothing, and replays eager's answer."""
+    from fused_res.nn import eval_fold
+
+    torch.manual_seed(0)
+    model = models.resnet20().cuda().half().eval().to(memory_format=torch.channels_last)
+    fused = fused_res.convert(model, backend=backend).eval()
+    x = torch.randn(8, 3, 32, 32, device="cuda").half().contiguous(
+        memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fused(x)  # (kernels compiled and tuned, cuDNN plans made) ...
+            eval_fold.clear()
+            with monkeypatch.context() as m:  # ... for the unfolded path too
+                m.setattr(eval_fold, "_capturing", lambda h: True)
+                fused(x)
+        torch.cuda.current_stream().wait_stream(side)
+        eval_fold.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fused(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, want) <= 5e-3
+        block = fused.layer1[0]
+        h = torch.empty(8, 16, 32, 32, device="cuda").half().contiguous(
+            memory_format=torch.channels_last)
+        assert eval_fold.folded_conv(block.conv1, block.bn1, h) is not None  # (after it)

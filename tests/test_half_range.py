@@ -156,3 +156,22 @@ def test_batch_statistics_refuse_eps_zero_as_batchnorm_does(backend):
     with pytest.raises(ValueError, match="eps"):
         nn.Sequential(u.conv, u.bn)(x)
     u.eval()(x)  # (running statistics: eps 0 is eager's too)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_float16_fold_is_not_made_while_a_graph_captures(backend, monkeypatch):
+    """(The range check's host read is what capture forbids: tests/test_graph_capture_gpu.py
+    captures for real.) No fold made then, nothing kept: the next call makes it."""
+    _need(backend)
+    torch.manual_seed(0)
+    u = ConvBNAct2d(4, 4, 3, backend=backend).half().eval()
+    x = torch.randn(2, 4, 5, 5).half()
+    with torch.no_grad():
+        want = u(x)
+        eval_fold.clear()
+        with monkeypatch.context() as m:
+            m.setattr(eval_fold, "_capturing", lambda h: True)
+            assert eval_fold.folded_conv(u.conv, u.bn, x) is None
+            got = u(x)
+        assert rel_err(got, want) <= TOL
+        assert eval_fold.folded_conv(u.conv, u.bn, x) is not None

@@ -165,6 +165,11 @@ def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
             mark_constant(b.detach().float().contiguous()))
 
 
+def _capturing(h: Tensor) -> bool:
+    """Whether h's device stream is being captured into a CUDA graph."""
+    return h.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, h: Tensor
                 ) -> tuple[Tensor, Tensor | None] | None:
     """(W', b') with conv(h, W') + b' == bn(conv(h)) for eval-mode bn. W' (C_out, C_in, KH,
@@ -177,21 +182,27 @@ def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None, h: Tensor
     dtype = _compute_dtype(h, tensors[0])
     fmt = memory_format_of(h)
     state = _key(tensors)
+    # A float16 fold's range check reads its values on the host, which a CUDA graph capture
+    # forbids: a fold not made before the capture is not made during it (unfolded then).
+    now = not (bn is not None and dtype == torch.float16 and _capturing(h))
     if state is None:
-        return _fold(tensors, bn, h, dtype, fmt)
+        return _fold(tensors, bn, h, dtype, fmt) if now else None
     key = (dtype, h.device, fmt, None if bn is None else bn.eps, _generation, state)
-    return _kept(_CACHE, conv, key, tensors, lambda: _fold(tensors, bn, h, dtype, fmt))
+    return _kept(_CACHE, conv, key, tensors, lambda: _fold(tensors, bn, h, dtype, fmt), now)
 
 
-def _kept(store, owner, key: tuple, tensors: tuple, compute):
+def _kept(store, owner, key: tuple, tensors: tuple, compute, now: bool = True):
     """store[owner]'s value where it was computed for this key from these very tensors,
-    else compute() kept there in its place. Computed as ordinary tensors even under
-    inference_mode: an inference tensor has no version counter, so the caches downstream
-    (the Triton weight matrix, the cuDNN bias cast) could not key on it, and raised reading
-    it. (inference_mode(False) also turns grad mode back on: no_grad keeps it a leaf.)"""
+    else compute() kept there in its place (now=False: None, nothing kept). Computed as
+    ordinary tensors even under inference_mode: an inference tensor has no version counter,
+    so the caches downstream (the Triton weight matrix, the cuDNN bias cast) could not key
+    on it, and raised reading it. (inference_mode(False) also turns grad mode back on:
+    no_grad keeps it a leaf.)"""
     hit = store.get(owner)
     if hit is not None and hit[0] == key and _same(hit[1], tensors):
         return hit[2]
+    if not now:
+        return None
     with torch.inference_mode(False), torch.no_grad():
         value = compute()
     store[owner] = (key, _refs(tensors), value)
