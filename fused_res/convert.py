@@ -23,7 +23,7 @@ from . import models
 from .backends import NAMES as BACKEND_NAMES
 from .nn import blocks as fblocks
 from .nn.conv_bn_act import ConvBNAct2d
-from .nn.hooks import has_hooks, hooked_child
+from .nn.hooks import calls_more, describe, hooked_child
 from .nn.plan import (
     BlockPlan,
     ShortcutPlan,
@@ -202,8 +202,8 @@ def recognize(module: nn.Module) -> Recognized | str | None:
                 "differ: only the recognised classes themselves are fused")
     hooked = hooked_child(module)
     if hooked is not None:
-        return (f"hooks on {hooked}: left unfused (a fused block runs its original "
-                "forward while a child has hooks)")
+        return (f"{describe(hooked)}: left unfused (a fused block runs its original forward "
+                "while they are there)")
     return fn(module)
 
 
@@ -230,7 +230,7 @@ def _fuse_stem(model: nn.Module, backend: str | None) -> bool:
     conv, bn, act = (getattr(model, n, None) for n in ("conv1", "bn1", act_name))
     # (A frozen bn1 stays: AppliedBatchNorm2d is a BatchNorm2d's stand-in.)
     if (conv_reason(conv) or norm_reason(bn, "none") or is_frozen(bn) or relu_reason(act)
-            or any(has_hooks(m) for m in (conv, bn, act))):
+            or any(calls_more(m) for m in (conv, bn, act))):
         return False
     state = StemState()
     applied = AppliedBatchNorm2d.from_batchnorm(bn, state)
@@ -380,7 +380,7 @@ def _describe(module: fblocks.FusedResidualBlock) -> tuple[str, bool]:
         built = module.__dict__.get("_original") is None
         parts.append(f"{'cannot run' if built else 'running unfused'}: {replaced}")
     elif hooked is not None:
-        parts.append(f"running unfused while {hooked} has hooks")
+        parts.append(f"running unfused while {describe(hooked)} are there")
     return ", ".join(parts), replaced is not None or hooked is not None
 
 

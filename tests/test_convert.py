@@ -275,7 +275,8 @@ def test_hooks_added_to_a_child_after_convert_fire_and_prune_trains_alike():
         fused.eval()(x)
         fused(x)
     assert len(seen) == 2 and seen[0] == (2, 64, 8, 8)
-    assert sum("hooks on conv2 of a fused BasicBlock" in str(w.message) for w in caught) == 1
+    assert sum("hooks on conv2 (or an instance forward) in a fused BasicBlock"
+               in str(w.message) for w in caught) == 1
     handle.remove()
     for m in (base, fused):
         prune.l1_unstructured(m.layer2[0].conv1, "weight", amount=0.5)
@@ -294,7 +295,7 @@ def test_hooks_added_to_a_child_after_convert_fire_and_prune_trains_alike():
     entries = {e.name: e for e in fused_res.report(fused)}
     assert entries["layer1.0"].fused and "unfused" not in entries["layer1.0"].detail
     assert entries["layer2.0"].fused
-    assert "running unfused while conv1 has hooks" in entries["layer2.0"].detail
+    assert "running unfused while hooks on conv1" in entries["layer2.0"].detail
 
 
 def test_a_fused_block_built_directly_says_its_childrens_hooks_do_not_fire():
@@ -533,9 +534,10 @@ def test_a_stem_moved_beside_a_new_conv_or_called_directly_normalizes(train):
                                  "global_hook_copy", "conv_compiled"])
 def test_the_stems_output_under_another_tensor_object_is_still_passed_through(how):
     """bn1 and the ReLU get the fused conv's values as a new tensor object: a checkpointed
-    segment from bn1 (its recompute's detached input; save_on_cpu's unpacked copy), a global
-    forward hook that returns a copy, conv1 compiled in place (which records nothing). They
-    pass it through as before: values, gradients and running statistics are those of the
+    segment from bn1 (its recompute's detached input; save_on_cpu's unpacked copy), conv1
+    compiled in place (which records nothing). They pass it through as before (a global
+    forward hook returning a copy now runs the stem unfused, with the same result): values,
+    gradients and running statistics are those of the
     plain model run plainly (a review of the identity rule found the recompute normalizing
     twice; eager checkpointing bn1 would update its statistics twice, the fused conv once)."""
     import contextlib
@@ -1416,3 +1418,85 @@ def test_lesion_of_a_block_changed_after_convert_uses_the_original(surgery):
     with fused_res.lesion(fused, drop=drop), pytest.warns(UserWarning):
         got = fused(x)
     assert rel_err(got, want) <= 1e-10
+
+
+def test_global_module_hooks_fire_in_a_fused_model_as_in_the_original():
+    """Hooks registered for every module (register_module_forward_hook: fake quantization,
+    a tracker) fired only on the modules a fused model calls: a conv-scaling one changed its
+    output silently. While they are registered, the blocks and the stem run their original
+    modules (one warning); removed, the model runs fused again."""
+    base = _f64_resnet18().eval()
+    fused = fused_res.convert(copy.deepcopy(base), backend="reference").eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def scale_convs(mod, inp, out):
+        return out * 1.5 if isinstance(mod, nn.Conv2d) else None
+
+    calls = {}
+
+    def count(mod, inp, out):
+        calls[id(mod)] = calls.get(id(mod), 0) + 1
+
+    hooks._WARNED.clear()
+    with torch.no_grad():
+        plain = base(x)
+        assert rel_err(fused(x), plain) < 1e-12
+        handle = nn.modules.module.register_module_forward_hook(scale_convs)
+        try:
+            with pytest.warns(UserWarning, match="global module hooks in a fused"):
+                got = fused(x)
+            want = base(x)
+        finally:
+            handle.remove()
+        assert rel_err(want, plain) > 0.1  # (the hook matters)
+        assert rel_err(got, want) < 1e-12
+        handle = nn.modules.module.register_module_forward_hook(count)
+        try:
+            base(x)
+            n_base = sum(calls.values())
+            calls.clear()
+            fused(x)
+            n_fused = sum(calls.values())
+        finally:
+            handle.remove()
+        assert n_fused == n_base
+        assert rel_err(fused(x), plain) < 1e-12
+    assert fused_res.report(fused)[0].fused
+
+
+@pytest.mark.parametrize("where", ["layer1.0.conv2", "layer2.0.downsample.1", "conv1", "bn1",
+                                   "relu"])
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_forward_set_on_a_child_instance_runs(where, when):
+    """A forward set on a module instance (accelerate's add_hook_to_module, a monkeypatch):
+    a fused block never called it (its output changed silently), and convert() copied a
+    stem module's, bound to the module it replaced (bn1 normalized twice). Before convert()
+    the block or stem stays unfused; on a block's child afterwards the block runs its
+    original modules. (On the fused stem's conv1 afterwards it is taken to run the fused
+    conv: the README says so; this one scales its input instead.)"""
+    import types
+
+    def scaled(self, inp):
+        return type(self).forward(self, inp * 2.0)
+
+    base = _f64_resnet18().eval()
+    if when == "before":
+        mod = base.get_submodule(where)
+        mod.forward = types.MethodType(scaled, mod)
+    fused = fused_res.convert(copy.deepcopy(base), backend="reference").eval()
+    if when == "after":
+        for m in (base, fused):
+            mod = m.get_submodule(where)
+            mod.forward = types.MethodType(scaled, mod)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            assert rel_err(fused(x), base(x)) < 1e-12
+    if when == "before":
+        entries = {e.name: e for e in fused_res.report(fused)}
+        block = where.split(".conv")[0].split(".bn")[0].split(".downsample")[0]
+        if block in entries:
+            assert not entries[block].fused and "instance" in entries[block].detail
+        else:
+            assert not isinstance(fused.conv1, fused_res.nn.stem.FusedStemConv)

@@ -33,7 +33,7 @@ from .batchnorm import (
     running_affine,
     uses_batch_stats,
 )
-from .hooks import hooked_child, share_hooks, warn_once
+from .hooks import describe, hooked_child, share_hooks, warn_once
 from .layout import Layout, misfit, named, walk
 from .plan import (
     BlockPlan,
@@ -307,11 +307,11 @@ class FusedResidualBlock(NotScriptable, nn.Module):
         name = hooked_child(self)
         orig = self.original()
         if orig is None:
-            warn_once(f"hooks on {name} of a {type(self).__name__} built as a fused_res "
-                       "block do not fire: it never calls its children's forward")
+            warn_once(f"{describe(name)} in a {type(self).__name__} built as a fused_res "
+                      "block do not fire: it never calls its children's forward")
             return None
-        warn_once(f"hooks on {name} of a fused {type(orig).__name__}: the block runs its "
-                   "original modules, unfused, while a child has hooks")
+        warn_once(f"{describe(name)} in a fused {type(orig).__name__}: the block runs its "
+                  "original modules, unfused, while they are there")
         return orig.forward(x)
 
     def _skipped_slots(self) -> frozenset:

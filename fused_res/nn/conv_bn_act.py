@@ -7,7 +7,7 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 
 from ..ops import ACTS, prepare_backend
-from .hooks import has_hooks, warn_once
+from .hooks import calls_more, warn_once
 from .plan import built_conv_reason, built_norm_reason
 from .scripting import NotScriptable
 from .unit import run_unit
@@ -114,11 +114,11 @@ class ConvBNAct2d(NotScriptable, nn.Module):
                       "BatchNorm and activation run unfused while it is there")
             return self._unfused(x)
         for name, child in (("conv", conv), ("bn", bn)):
-            if has_hooks(child):
+            if calls_more(child):
                 # A hook (torch.nn.utils.prune's weight recompute, a feature hook) fires only
                 # when the child's own forward runs: the unit runs unfused while it is there.
-                warn_once(f"hooks on the {name} of a ConvBNAct2d: its conv, BatchNorm and "
-                          "activation run unfused while they are there")
+                warn_once(f"hooks on the {name} (or an instance forward) of a ConvBNAct2d: "
+                          "its conv, BatchNorm and activation run unfused while they are there")
                 return self._unfused(x)
         y, _ = run_unit(x, None, conv, bn, self.act, self.backend)
         return y

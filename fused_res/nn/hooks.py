@@ -1,7 +1,9 @@
 """Which modules carry hooks. A fused block or stem computes its children's work itself and
-never calls their forward, so hooks on them would not fire: convert() leaves a block whose
-children have hooks alone, and a fused block or stem that finds hooks added later runs its
-original modules instead."""
+never calls their forward, so hooks on them would not fire, nor would a forward set on a
+child instance: convert() leaves a block whose children have hooks alone, and a fused block
+or stem that finds hooks added later runs its original modules instead. Hooks registered
+for every module (torch.nn.modules.module.register_module_forward_hook and its kin) count
+as hooks on each."""
 
 from __future__ import annotations
 
@@ -9,36 +11,48 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+GLOBAL = "every module (global module hooks)"  # what hooked_child names then
+
+
+def global_hooks() -> bool:
+    """Whether hooks registered for every module are present (the torch.nn.modules.module
+    register_module_* functions; torch.utils.module_tracker's, FlopCounterMode's among
+    them)."""
+    return any(getattr(_nn_module, n, None) for n in _GLOBAL_HOOKS)
 
 
 def has_hooks(m: nn.Module) -> bool:
-    """Whether m has forward, forward-pre, backward or backward-pre hooks of its own."""
+    """Whether m has forward, forward-pre, backward or backward-pre hooks, of its own or
+    global ones."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
+                or getattr(m, "_backward_pre_hooks", None)) or global_hooks()
+
+
+def calls_more(m: nn.Module) -> bool:
+    """Whether calling m does more than its class's forward: hooks (has_hooks), or a forward
+    set on the instance (accelerate's add_hook_to_module, a monkeypatch), which a fused
+    block's child never runs and a fused stem would copy with the module's attributes."""
+    return has_hooks(m) or "forward" in m.__dict__
+
+
+def describe(name: str) -> str:
+    """What a hooked_child answer means, for a message."""
+    return "global module hooks" if name == GLOBAL else f"hooks on {name} (or an instance forward)"
 
 
 def hooked_child(module: nn.Module) -> str | None:
-    """The name of the first descendant of module (not module itself) with hooks, or None."""
+    """The name of the first descendant of module (not module itself) that calls_more, or
+    None (GLOBAL where global hooks are registered)."""
+    if global_hooks() and module._modules:
+        return GLOBAL
     for name, m in module.named_modules():
-        if name and has_hooks(m):
+        if name and calls_more(m):
             return name
     return None
-
-
-def any_child_hooked(module: nn.Module) -> bool:
-    """hooked_child(module) is not None, without building names: it runs on every call of a
-    fused block (about 3 us for a Bottleneck on the CPU here, against 10 through
-    named_modules)."""
-    stack = list(module._modules.values())
-    while stack:
-        m = stack.pop()
-        if m is None:
-            continue
-        if has_hooks(m):
-            return True
-        if m._modules:
-            stack.extend(m._modules.values())
-    return False
 
 
 def share_hooks(src: nn.Module, dst: nn.Module) -> None:

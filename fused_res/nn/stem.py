@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..ops import prepare_backend
-from .hooks import has_hooks, share_hooks, warn_once
+from .hooks import calls_more, global_hooks, has_hooks, share_hooks, warn_once
 from .plan import padding_reason
 from .scripting import NotScriptable
 from .unit import run_unit
@@ -258,11 +258,16 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
         return new
 
     def hooked(self) -> str | None:
-        """Which of the stem's modules has hooks, or None."""
+        """Which of the stem's modules has hooks (or, the BatchNorm or ReLU, a forward set on
+        the instance), or None. A forward set on conv1 after convert() is taken to run the
+        fused conv (torch.cuda.make_graphed_callables captures it fused; accelerate's device
+        hooks call it): _conv_unseen."""
         d = self.__dict__
         (bn_name, act_name), _ = d["_stem"]
-        for name, m in (("conv1", self), (bn_name, d["_norm"]), (act_name, d.get("_act"))):
-            if m is not None and has_hooks(m):
+        if has_hooks(self):
+            return "conv1"
+        for name, m in ((bn_name, d["_norm"]), (act_name, d.get("_act"))):
+            if m is not None and calls_more(m):
                 return name
         return None
 
@@ -293,8 +298,9 @@ class FusedStemConv(NotScriptable, nn.Conv2d):
                     "plain conv and the stem's BatchNorm and ReLU as themselves")
         hooked = self.hooked()
         if hooked is not None:
-            return (f"hooks on the fused stem's {hooked}: conv1, bn1 and the ReLU run unfused "
-                    "while they are there")
+            what = ("global module hooks" if global_hooks() else
+                    f"hooks on the fused stem's {hooked} (or an instance forward)")
+            return f"{what}: conv1, bn1 and the ReLU run unfused while they are there"
         replaced = self.replaced()
         if replaced == "conv1":
             return ("the fused stem's conv1 is no longer its model's conv1 (wrapped after "
