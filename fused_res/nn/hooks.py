@@ -13,8 +13,6 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
-                 "_global_backward_hooks", "_global_backward_pre_hooks")
 GLOBAL = "every module (global module hooks)"  # what hooked_child names then
 
 
@@ -22,21 +20,32 @@ def global_hooks() -> bool:
     """Whether hooks registered for every module are present (the torch.nn.modules.module
     register_module_* functions; torch.utils.module_tracker's, FlopCounterMode's among
     them)."""
-    return any(getattr(_nn_module, n, None) for n in _GLOBAL_HOOKS)
+    m = _nn_module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or getattr(m, "_global_backward_pre_hooks", None))
+
+
+def own_hooks(m: nn.Module) -> bool:
+    """Whether m has forward, forward-pre, backward or backward-pre hooks of its own."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m.__dict__.get("_backward_pre_hooks"))
 
 
 def has_hooks(m: nn.Module) -> bool:
-    """Whether m has forward, forward-pre, backward or backward-pre hooks, of its own or
-    global ones."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None)) or global_hooks()
+    """Whether hooks run when m is called: its own or global ones."""
+    return own_hooks(m) or global_hooks()
+
+
+def own_forward(m: nn.Module) -> bool:
+    """Whether m has hooks of its own or a forward set on the instance (accelerate's
+    add_hook_to_module, a monkeypatch), which a fused block's child never runs and a fused
+    stem would copy with the module's attributes."""
+    return own_hooks(m) or "forward" in m.__dict__
 
 
 def calls_more(m: nn.Module) -> bool:
-    """Whether calling m does more than its class's forward: hooks (has_hooks), or a forward
-    set on the instance (accelerate's add_hook_to_module, a monkeypatch), which a fused
-    block's child never runs and a fused stem would copy with the module's attributes."""
-    return has_hooks(m) or "forward" in m.__dict__
+    """Whether calling m does more than its class's forward: own_forward, or global hooks."""
+    return own_forward(m) or global_hooks()
 
 
 def describe(name: str) -> str:

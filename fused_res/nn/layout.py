@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .hooks import calls_more
+from .hooks import global_hooks, own_forward
 from .plan import padding_reason
 
 Layout = tuple
@@ -53,7 +53,7 @@ def walk(module: nn.Module, skip: frozenset = frozenset()) -> tuple[Layout, bool
     """module's descendants (None where a child slot holds None), depth first, with HELD
     for a top-level slot named in `skip` that holds a module (nothing under it), and whether
     any of the rest has hooks or a forward of its own (hooks.calls_more)."""
-    out, hooked = [], False
+    out, hooked = [], global_hooks()
     if skip:
         stack = [(m if k not in skip else None if m is None else HELD)
                  for k, m in reversed(_children(module))]
@@ -64,7 +64,7 @@ def walk(module: nn.Module, skip: frozenset = frozenset()) -> tuple[Layout, bool
         out.append(m)
         if m is None or m is HELD:
             continue
-        if not hooked and calls_more(m):
+        if not hooked and own_forward(m):
             hooked = True
         if m._modules:
             stack.extend(_child_modules(m))
