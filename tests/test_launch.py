@@ -274,3 +274,53 @@ def test_bind_is_none_where_the_direct_path_does_not_launch(jit_kernel, monkeypa
     assert fast.bind(kernel, lambda meta: (1,), (x, 16, 0.5), {"FLAG": True}) is None
     monkeypatch.setitem(fast._STATE, "compatible", False)
     assert fast.bind(kernel, (1,), (x, 16, 0.5), {"FLAG": True}) is None
+
+
+class _OnDevice1(torch.Tensor):
+    """A CPU tensor that says it lives on CUDA device 1."""
+
+    def get_device(self):
+        return 1
+
+
+def test_a_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current device whatever its tensors' device: a model on cuda:1
+    while cuda:0 is current ran its kernels on GPU 0 (found by review). launch() and the
+    autotuned launch sites switch to the tensors' device first (one GPU here: the device
+    calls are stubbed)."""
+    from fused_res.triton import launch as fast
+
+    current = [0]
+    entered = []
+
+    class _Device:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", _Device)
+    seen = []
+
+    class _Kernel:  # (not a JITFunction: launch() hands it to kernel[grid] as Triton would)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(current[0])
+
+    t = torch.zeros(4).as_subclass(_OnDevice1)
+    fast.launch(_Kernel(), (1,), 3, t, flag=True)
+    assert seen == [1] and entered == [1] and current[0] == 0
+    current[0] = 1
+    fast.launch(_Kernel(), (1,), t)
+    assert seen == [1, 1] and entered == [1]  # (already current: no switch)
+    current[0] = 0
+    fast.launch(_Kernel(), (1,), torch.zeros(4))  # a CPU tensor: nothing to switch to
+    assert seen == [1, 1, 0]
+    with fast.on_device((t,)):
+        assert current[0] == 1
+    assert entered == [1, 1] and fast.foreign_device((2.0, torch.zeros(1))) is None

@@ -570,3 +570,29 @@ def test_train_unit_matches_the_three_ops_on_gpu(backend, monkeypatch):
     if worst:
         warnings.warn(f"{backend}: the train unit as one node is not bit for bit the three ops "
                       f"on this GPU (largest relative difference {worst:.2e})", stacklevel=1)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_on_the_second_gpu_runs_there_while_the_first_is_current():
+    """Triton launches on the current device: fused_res switches to the tensors' own first
+    (triton.launch.on_device), in eval and a train step."""
+    import copy
+
+    import fused_res
+    from fused_res import models
+
+    torch.manual_seed(0)
+    base = models.resnet20().to("cuda:1", memory_format=torch.channels_last)
+    fused = fused_res.convert(copy.deepcopy(base), backend="triton")
+    x = torch.randn(4, 3, 32, 32, device="cuda:1").contiguous(memory_format=torch.channels_last)
+    torch.cuda.set_device(0)
+    for train in (False, True):
+        base.train(train), fused.train(train)
+        with torch.set_grad_enabled(train):
+            want, got = base(x), fused(x)
+        assert rel_err(got, want) <= TOLERANCES["tf32"]  # (eager's cuDNN may take tf32)
+        if train:
+            want.square().mean().backward()
+            got.square().mean().backward()
+            assert rel_err(fused.conv1.weight.grad, base.conv1.weight.grad) <= 1e-2
+    torch.cuda.synchronize(1)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from . import configs
 from .common import channel_affine, relu, unit_tail
-from .launch import bind, launch
+from .launch import bind, launch, on_device
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -687,7 +687,8 @@ def conv_launch(x, weight, bias, stride, padding, in_center, in_scale, in_shift,
             grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) *
                                  cdiv(c_out, meta["BLOCK_N"]),)
             kernel = _autotuned_kernel_tma_b() if flags["B_TMA"] else _autotuned_kernel()
-            kernel[grid](*args, **flags)
+            with on_device((x,)):  # (launch() sees to it on the other paths)
+                kernel[grid](*args, **flags)
             if tuned_key is not None:
                 TUNED.remember(tuned_key, kernel, configs.conv_configs_for(
                     x.element_size(), kh * kw, c_in, c_out, flat))

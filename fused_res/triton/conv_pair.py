@@ -34,7 +34,7 @@ from .conv import (
     weight_matrix,
     weight_matrix_cached,
 )
-from .launch import launch
+from .launch import launch, on_device
 
 
 @triton.jit
@@ -143,7 +143,8 @@ def conv_pair_launch(x, weight, bias, stride, padding, x2, weight2, bias2, strid
     else:
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
         kernel = _autotuned_kernel()
-        kernel[grid](*args, **flags)
+        with on_device((x,)):
+            kernel[grid](*args, **flags)
         TUNED.remember(tuned_key, kernel, configs.conv_configs_for(  # (as _prune keeps them)
             x.element_size(), kh * kw, c_in, c_out, False))
     return y

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from . import configs
 from .conv import _conv_epilogue, _tile_coords, autotune_over_conv_configs, cdiv
+from .launch import on_device
 
 try:  # host-side tensor descriptors: Triton 3.3 and later
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -186,10 +187,11 @@ def launch(x: torch.Tensor, w_mat: torch.Tensor, ptrs: tuple, y: torch.Tensor,
             *ptrs,
             m, c_in, c_out, h, w, *y.stride(), *r.stride(), float(res_scale))
     kept = {k: flags[k] for k in _FLAGS}
-    if cfg is not None:
-        grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
-        conv1x1_tma_kernel[grid](*args, **kept, **cfg.meta, GROUP_M=8,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
-        _autotuned_kernel()[grid](*args, **kept)
+    with on_device((x,)):
+        if cfg is not None:
+            grid = (cdiv(m, cfg.block_m) * cdiv(c_out, cfg.block_n),)
+            conv1x1_tma_kernel[grid](*args, **kept, **cfg.meta, GROUP_M=8,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        else:
+            grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(c_out, meta["BLOCK_N"]),)
+            _autotuned_kernel()[grid](*args, **kept)

@@ -35,6 +35,7 @@ Correctness rests on two things:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 
@@ -187,10 +188,33 @@ def _entry(key: tuple | None):
         return False
 
 
+def foreign_device(args) -> int | None:
+    """The CUDA device of a launch's first tensor argument where it is not the current
+    device, else None. Triton launches on the current device and its stream, whatever the
+    tensors' device: a model on cuda:1 while cuda:0 is current (model parallelism, no
+    set_device) would run its kernels on the wrong GPU."""
+    for a in args:
+        if isinstance(a, _TENSOR):
+            index = a.get_device()
+            return index if index >= 0 and index != torch.cuda.current_device() else None
+    return None
+
+
+def on_device(args):
+    """A context in which a launch with these arguments runs on their tensors' device (see
+    foreign_device); for the launches made through Triton's JIT or autotuner directly."""
+    index = foreign_device(args)
+    return torch.cuda.device(index) if index is not None else contextlib.nullcontext()
+
+
 def launch(kernel, grid, *args, **kwargs):
     """kernel[grid](*args, **kwargs): a Triton kernel launch, with the JIT's binding skipped
     once the kernel has been compiled for this key. `grid` is a tuple of 1-3 ints. Returns
-    what the JIT returns (the compiled kernel)."""
+    what the JIT returns (the compiled kernel). It runs on its tensors' device."""
+    index = foreign_device(args)
+    if index is not None:
+        with torch.cuda.device(index):
+            return launch(kernel, grid, *args, **kwargs)
     if not _direct(kernel, grid):
         return kernel[grid](*args, **kwargs)
     runtime = triton.knobs.runtime
