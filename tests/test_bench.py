@@ -562,14 +562,47 @@ def test_graph_rows_flush_l2_after_copying_the_input_in(monkeypatch):
     events = []
 
     def fake_capture(step, example):
-        return (lambda x: events.append("copy")), (lambda x: events.append("replay"))
+        return (lambda x: events.append("copy")), (lambda x: events.append("replay") or x)
 
     case = runner.Case.__new__(runner.Case)
     case.config = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1,
                               repeats=2)
     monkeypatch.setattr(runner, "capture_graph", fake_capture)
-    runner._time(case, None, [torch.ones(1)], lambda x: events.append("flush"), True)
-    assert events == ["copy", "flush", "replay"] * 3
+    runner._time(case, None, [torch.ones(1)], lambda x: events.append("flush"), True,
+                 torch.zeros(1))
+    # (then one more replay, untimed, whose output the gate checks again)
+    assert events == ["copy", "flush", "replay"] * 3 + ["copy", "replay"]
+
+
+def test_an_eval_contender_whose_later_calls_go_wrong_is_wrong_not_timed(monkeypatch):
+    """A probe: the gate checked the first call only, so a contender returning its first
+    output on every later call (what a stale cache or a wrongly replayed inference plan
+    would do) was timed and reported a 99,419x speedup. A call after the timed ones is held
+    to the same tolerance."""
+    real = C.build
+
+    def stale(name, module, workload, config):
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            fwd, first = built.forward, []
+
+            def forward(x):
+                if not first:
+                    first.append(fwd(x))
+                return first[0]
+            built.forward = forward
+        return built
+
+    monkeypatch.setattr(C, "build", stale)
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1, repeats=2,
+                      contenders=("eager-cl", "fused-reference"), quick=True)
+    doc = run_bench(cfg)
+    assert validate(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert rows["eager-cl"]["status"] == "ok"
+    wrong = rows["fused-reference"]
+    assert wrong["status"] == "wrong" and wrong["time_s"] is None, wrong
+    assert "a call after the timed ones" in wrong["reason"]
 
 
 def test_the_run_records_the_fused_res_switches_it_ran_under(monkeypatch):

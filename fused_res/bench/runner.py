@@ -199,10 +199,21 @@ class Case:
         # never updated passed (a probe).
         self.stats_before = _running_stats(self.model)
         x0 = self.inputs[torch.contiguous_format][0]
+        ref_dtype = next(ref_model.parameters()).dtype
         with math_mode("fp32"):
             self.ref_out, self.ref_grads, self.ref_stats = _gate_outputs(
-                ref_model, ref_model, x0.to(next(ref_model.parameters()).dtype), config.mode,
-                "fp32", dev)
+                ref_model, ref_model, x0.to(ref_dtype), config.mode, "fp32", dev)
+        # Eval: one more input, none of the timed ones, for a call after the timed calls
+        # (check_later), with its reference output.
+        self.later_inputs, self.ref_later = {}, None
+        if config.mode == "eval":
+            x = torch.randn(shape, device=dev).to(in_dtype)
+            self.later_inputs = {torch.contiguous_format: x,
+                                 torch.channels_last: x.contiguous(
+                                     memory_format=torch.channels_last)}
+            with math_mode("fp32"):
+                self.ref_later = _gate_outputs(ref_model, ref_model, x.to(ref_dtype), "eval",
+                                               "fp32", dev)[0]
         del ref_model
         self.baseline_out: float | None = None
         self.baseline_grad: float | None = None
@@ -289,6 +300,26 @@ class Case:
             extra = {"rel_err_stats": err_stats, "tolerance_stats": _finite(tol_stats)}
         return {**self._verdict(err, err_out, err_grad, tol, tol_grad, gated, problems),
                 **extra}
+
+    def check_later(self, name: str, out: torch.Tensor) -> str | None:
+        """Why the output of an eval call made after the timed ones (on later_inputs, none of
+        the timed inputs) fails the tolerance the first call was held to (eager-cl: only
+        finite), or None: the timed calls may take
+        another path than the gated first one (Triton's inference plans replay their first
+        launch; a graph replays its capture), and a stale output would pass the first
+        gate."""
+        ref = self.ref_later
+        err = rel_err(out, ref) if out.shape == ref.shape else math.inf
+        if name == C.BASELINE:
+            tol = math.inf
+        else:
+            dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
+                                   else TORCH_DTYPE[self.config.dtype]]
+            tol = _loosened(dtype_tol, 2, self.baseline_out)
+        if err <= tol:  # (NaN never passes)
+            return None
+        return (f"a call after the timed ones: output relative error {err:.3e} > tolerance "
+                f"{tol:.1e} (its first call passed)")
 
     @staticmethod
     def _verdict(err, err_out, err_grad, tol, tol_grad, gated, problems) -> dict:
@@ -377,8 +408,13 @@ def _row(case: Case, name: str, graph: bool, **kw) -> dict:
     return row
 
 
-def _time(case: Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict, int | None]:
-    """Timing stats of `step` (captured first when `graph`) and the peak bytes allocated."""
+def _time(case: Case, step, inputs, flush: L2Flush, graph: bool,
+          later_input: torch.Tensor | None = None
+          ) -> tuple[dict, int | None, torch.Tensor | None]:
+    """Timing stats of `step` (captured first when `graph`), the peak bytes allocated, and
+    the output of one more call on later_input after the timed ones where one is given (a
+    contender may take another path once warm: Triton's inference plans, a graph
+    replay)."""
     cfg, dev = case.config, case.config.device
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -395,7 +431,12 @@ def _time(case: Case, step, inputs, flush: L2Flush, graph: bool) -> tuple[dict, 
     samples = time_loop(step, inputs, device=dev, warmup=cfg.warmup, repeats=cfg.repeats,
                         before=before)
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    return summarize(samples), peak
+    later = None
+    if later_input is not None:
+        if graph:
+            put(later_input)
+        later = step(later_input).detach().clone()
+    return summarize(samples), peak, later
 
 
 def build_and_gate(case: Case, name: str) -> tuple[C.Built, Callable, dict]:
@@ -441,9 +482,16 @@ def _measure(case: Case, name: str, flush: L2Flush) -> list[dict]:
             step = make_step(fwd, built.module, cfg.mode, cfg.dtype, dev)
             for graph in variants:
                 try:
-                    stats, peak = _time(case, step, inputs, flush, graph)
+                    stats, peak, later = _time(case, step, inputs, flush, graph,
+                                               case.later_inputs.get(built.memory_format))
                     if peak is not None:  # beyond what was allocated before it was built
                         peak -= mem0
+                    why = None if later is None else case.check_later(name, later)
+                    if why is not None:  # (wrong: not timed, as a first call gated wrong)
+                        rows.append(_row(case, name, graph, memory_format=mf,
+                                         note=built.note, build_s=build_s,
+                                         **{**gate, "status": "wrong", "reason": why}))
+                        continue
                     rows.append(_row(case, name, graph, memory_format=mf, note=built.note,
                                      build_s=build_s, time_s=stats,
                                      images_per_s=case.batch / stats["median"],
