@@ -52,6 +52,18 @@ def read_runs(steps_dir: pathlib.Path) -> tuple[dict[str, dict], dict[str, dict]
     return runs, extras
 
 
+def problems(steps: list[dict], rows: list[list[str]], runs: dict[str, dict]) -> list[str]:
+    """What went wrong in a run: steps that did not end ok (or skipped), summary rows with
+    wrong or crashed contenders, and step files that could not be read (a crash inside a
+    step that still exited 0, or a truncated JSON, read as "none" until 2026-11-29)."""
+    bad = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]
+    wrong, failed = HEADER.index("wrong"), HEADER.index("failed")
+    bad += [f"{r[0]}:{r[1]} wrong={r[wrong]}" for r in rows if r[wrong] != "0"]
+    bad += [f"{r[0]}:{r[1]} failed={r[failed]}" for r in rows if r[failed] not in ("0", "-")]
+    bad += [f"{name}: {run['error']}" for name, run in runs.items() if "error" in run]
+    return bad
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -128,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
 
     step_rows = [[s["step"], s["status"], s["rc"], s["seconds"]] for s in steps]
     rows = summary_rows(runs)
+    bad = problems(steps, rows, runs)
     env = next((r.get("environment") for r in runs.values() if r.get("environment")), {})
     device = env.get("device_label", "unknown device")
     md = [f"# fused_res gpu_check: {device}", "",
           f"torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
           f"driver {env.get('driver')}, commit {env.get('git_commit')}"
           f"{' (dirty)' if env.get('git_dirty') else ''}", "", "## Steps", "",
-          md_table(["step", "status", "rc", "seconds"], step_rows), "", "## Summary", "",
+          md_table(["step", "status", "rc", "seconds"], step_rows), "",
+          *(["## Problems", "", *(f"- {b}" for b in bad), ""] if bad else []),
+          "## Summary", "",
           md_table(HEADER, rows), "", "## Targets", "",
           "The issues' performance targets (benchmarks/targets.py): met only where CUDA-graph "
           "replays and launched calls both meet them, over every shape named, none wrong.", "",
@@ -174,10 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(t['met'] is v for t in met)} {word}"
         for v, word in ((True, "met"), (False, "not met"), (None, "unmeasured")))
         + " (summary.md lists them)")
-    bad = [s["step"] for s in steps if s["status"] not in ("ok", "skipped")]
-    wrong = HEADER.index("wrong")
-    bad += [f"{r[0]}:{r[1]} wrong={r[wrong]}" for r in rows if r[wrong] != "0"]
-    print(f"\nfiles: {args.outdir}; problems: {', '.join(bad) if bad else 'none'}")
+    if bad:
+        print(f"\nproblems: {', '.join(bad)}")
+    print(f"\nfiles: {args.outdir}; problems: {len(bad) if bad else 'none'}")
     return 1 if bad else 0
 
 

@@ -48,3 +48,22 @@ def test_a_chart_of_merged_runs_names_each_bar_mode_and_dtype():
     assert labels == ["resnet50 b256 eval bf16 fused-x", "resnet50 b256 train bf16 fused-x"]
     one_title, one = plot_labels(result, rows[:1])
     assert one == ["resnet50 b256 fused-x"] and "eval bf16" in one_title
+
+
+def test_problems_name_crashed_contenders_and_unreadable_step_files(tmp_path):
+    """A probe: a contender that crashed inside a step that exited 0, and a truncated step
+    JSON, left "problems: none" (exit 0) and nothing in summary.md."""
+    import json
+
+    steps_dir = tmp_path / "steps"
+    steps_dir.mkdir()
+    (steps_dir / "steps.tsv").write_text("step\tstatus\trc\tseconds\tlimit\tcommand\n"
+                                         "a\tok\t0\t1\t1\t\nb\tok\t0\t1\t1\t\n")
+    crashed = {**_r("fused-x", None, None, status="skipped"), "reason": "failed: boom"}
+    run = {"schema": "fused_res.bench/1", "config": {"mode": "eval", "dtype": "bf16"},
+           "results": [_r("eager-cl", 100.0, 1.0), crashed]}
+    (steps_dir / "a.json").write_text(json.dumps(run))
+    (steps_dir / "b.json").write_text('{"schema": "fused_res.bench/1", "resu')
+    assert S.main([str(tmp_path)]) == 1
+    md = (tmp_path / "summary.md").read_text()
+    assert "## Problems" in md and "failed=1" in md and "b: unreadable" in md
