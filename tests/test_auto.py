@@ -175,3 +175,20 @@ def test_recording_uses_sees_only_the_signatures_a_run_looks_up(fresh_cache):
         ops.conv_unit(x, w, padding=0, backend="reference")  # not through 'auto'
     assert len(used) == 1 and "another model's signature" not in used
     assert len(auto.cached()) == 1  # (looking up does not record a winner)
+
+
+def test_a_winner_verified_under_other_versions_is_not_used(fresh_cache, monkeypatch):
+    """The key holds the fused_res, torch and Triton versions: after an upgrade a recorded
+    winner (verified against the reference with the old kernels) is not trusted; the call
+    runs the reference until autotune() measures it again."""
+    import json
+
+    x = torch.randn(2, 4, 5, 5)
+    key = auto.signature("epilogue", {"z": x}, ())
+    assert f"torch {torch.__version__}" in key.split("|")[0]
+    old = key.replace(f"torch {torch.__version__}", "torch 0.0.1")
+    fresh_cache.write_text(json.dumps({old: {"backend": "reference-twin"}}))
+    auto.reset()
+    assert auto.signature("epilogue", {"z": x}, ()) == key
+    assert key not in auto.cached() and old in auto.cached()
+    assert auto.lookup(key) == "reference"

@@ -6,7 +6,8 @@ reference when there is none (so an unmeasured backend is never chosen silently)
 `fused_res.autotune()`, every available backend runs each new call signature: outputs are
 compared with the reference (DESIGN.md §4 tolerance for the dtype), the verified ones are
 timed, and the fastest is recorded. The cache is the JSON file $FUSED_RES_AUTO_CACHE (default
-~/.cache/fused_res/auto.json), keyed by device name, op, dtype, layout, shapes and flags.
+~/.cache/fused_res/auto.json), keyed by device name (with the fused_res, torch and Triton
+versions the winner was verified under), op, dtype, layout, shapes and flags.
 """
 
 from __future__ import annotations
@@ -83,10 +84,22 @@ def reset() -> None:
 
 
 def _device_name(t: torch.Tensor) -> str:
+    """The device's name and the versions of what a recorded winner was verified with: a
+    winner verified under another fused_res, torch or Triton (kernels, tolerances, aten's
+    convs all change between releases) is not one here, and the call runs the reference
+    until autotune() measures it again."""
     key = str(t.device)
     if key not in _device_names:
-        _device_names[key] = (torch.cuda.get_device_name(t.device) if t.device.type == "cuda"
-                              else t.device.type)
+        from .. import __version__
+        name = (torch.cuda.get_device_name(t.device) if t.device.type == "cuda"
+                else t.device.type)
+        try:
+            import triton
+            tv = triton.__version__
+        except ImportError:
+            tv = "none"
+        _device_names[key] = (f"{name} (fused_res {__version__}, torch {torch.__version__}, "
+                              f"triton {tv})")
     return _device_names[key]
 
 
