@@ -163,6 +163,9 @@ def test_constructor_validation():
         fnn.DropPath("0.1")
     with pytest.raises(TypeError, match="shortcut_scale"):
         fnn.BasicBlock(8, 8, shortcut_scale="1")
+    for bad in (float("nan"), float("inf")):  # (the reference CIFAR block refuses them too)
+        with pytest.raises(ValueError, match="accepted: a finite float"):
+            fnn.Bottleneck(8, 2, shortcut_scale=bad)
 
 
 def test_what_a_unit_or_block_cannot_compute_exactly_is_refused_when_built():

@@ -16,6 +16,7 @@ its original forward instead, so that they fire):
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor, nn
@@ -509,6 +510,8 @@ def _post_act_plan(block: nn.Module, n_convs: int, variant: str = "original") ->
 def _check_scale_and_drop(shortcut_scale: float, drop_path: float) -> None:
     if isinstance(shortcut_scale, bool) or not isinstance(shortcut_scale, (int, float)):
         raise TypeError(f"shortcut_scale={shortcut_scale!r}; accepted: a float (λ)")
+    if not math.isfinite(shortcut_scale):  # (as the reference CIFAR block refuses it)
+        raise ValueError(f"shortcut_scale={shortcut_scale!r}; accepted: a finite float (λ)")
     if (isinstance(drop_path, bool) or not isinstance(drop_path, (int, float))
             or not 0.0 <= drop_path < 1.0):
         raise ValueError(f"drop_path={drop_path!r}; accepted: a float rate, "
