@@ -200,11 +200,9 @@ def _rn50_eval(doc: dict) -> tuple[bool | None, str]:
     if not ours:
         return met, text
     # Against torch.compile within one bench run, its rows and ours side by side: a run with
-    # compile-max-autotune (the bar) first, then CUDA-graph replays over launches
-    # (max-autotune's own CUDA graphs may refuse the bench's capture, leaving only launches).
-    # The run to compare in: one with compile-max-autotune (the bar) first; in it,
-    # each variant that both measured (max-autotune's own CUDA graphs may refuse the
-    # bench's capture, leaving only launches), every one of them at least level.
+    # compile-max-autotune (the bar) first; in it, each variant that both measured
+    # (max-autotune's own CUDA graphs may refuse the bench's capture, leaving only
+    # launches), every one of them at least level.
     chosen = None
     for run in doc.get("runs", {}).values():
         if not _as_targeted(run):

@@ -221,25 +221,32 @@ def test_cudnn_folding_matches_eager(name):
         torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
 
 
-def test_gate_reports_wrong_and_failed_contenders_without_timing(monkeypatch):
+def _eval_rows(monkeypatch, wrap, contenders, explode: str | None = None) -> dict:
+    """cifar-l1 eval rows (validated) by contender, fused-reference's forward replaced by
+    wrap(its forward), and contender `explode`'s build raising."""
     real = C.build
 
     def sabotaged(name, module, workload, config):
-        if name == "fused-auto":
+        if name == explode:
             raise RuntimeError("kernel exploded")
         built = real(name, module, workload, config)
         if name == "fused-reference":
-            fwd = built.forward
-            built.forward = lambda x: fwd(x) * 1.01
+            built.forward = wrap(built.forward)
         return built
 
     monkeypatch.setattr(C, "build", sabotaged)
     cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1, repeats=2,
-                      contenders=("eager", "fused"), quick=True)
+                      contenders=contenders, quick=True)
     doc = run_bench(cfg)
     assert validate(doc) == []
     rows = {r["contender"]: r for r in doc["results"]}
     assert rows["eager-cl"]["status"] == "ok"
+    return rows
+
+
+def test_gate_reports_wrong_and_failed_contenders_without_timing(monkeypatch):
+    rows = _eval_rows(monkeypatch, lambda fwd: lambda x: fwd(x) * 1.01, ("eager", "fused"),
+                      explode="fused-auto")
     wrong = rows["fused-reference"]
     assert wrong["status"] == "wrong" and wrong["time_s"] is None
     assert "tolerance" in wrong["reason"] and wrong["rel_err"] > 1e-3
@@ -579,28 +586,16 @@ def test_an_eval_contender_whose_later_calls_go_wrong_is_wrong_not_timed(monkeyp
     output on every later call (what a stale cache or a wrongly replayed inference plan
     would do) was timed and reported a 99,419x speedup. A call after the timed ones is held
     to the same tolerance."""
-    real = C.build
+    def stale(fwd):
+        first = []
 
-    def stale(name, module, workload, config):
-        built = real(name, module, workload, config)
-        if name == "fused-reference":
-            fwd, first = built.forward, []
+        def forward(x):
+            if not first:
+                first.append(fwd(x))
+            return first[0]
+        return forward
 
-            def forward(x):
-                if not first:
-                    first.append(fwd(x))
-                return first[0]
-            built.forward = forward
-        return built
-
-    monkeypatch.setattr(C, "build", stale)
-    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", warmup=1, repeats=2,
-                      contenders=("eager-cl", "fused-reference"), quick=True)
-    doc = run_bench(cfg)
-    assert validate(doc) == []
-    rows = {r["contender"]: r for r in doc["results"]}
-    assert rows["eager-cl"]["status"] == "ok"
-    wrong = rows["fused-reference"]
+    wrong = _eval_rows(monkeypatch, stale, ("eager-cl", "fused-reference"))["fused-reference"]
     assert wrong["status"] == "wrong" and wrong["time_s"] is None, wrong
     assert "a call after the timed ones" in wrong["reason"]
 

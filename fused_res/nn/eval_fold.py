@@ -142,8 +142,10 @@ _HALF_BIAS_LIMIT = 2.0 ** 14
 def _in_half_range(w: Tensor, b: Tensor) -> bool:
     """Whether a float16 fold (w float16, b float32) can be used as safely as eager's separate
     conv and BatchNorm (reference.affine_apart says why). One host sync, once per fold."""
-    return bool(torch.isfinite(w).all()) and (b.numel() == 0
-                                              or float(b.abs().max()) < _HALF_BIAS_LIMIT)
+    ok = torch.isfinite(w).all()
+    if b.numel():
+        ok = ok & (b.abs().amax() < _HALF_BIAS_LIMIT)
+    return bool(ok)
 
 
 def _fold(tensors: tuple, bn: nn.BatchNorm2d, h: Tensor, dtype: torch.dtype,
