@@ -175,3 +175,22 @@ def test_a_float16_fold_is_not_made_while_a_graph_captures(backend, monkeypatch)
             got = u(x)
         assert rel_err(got, want) <= TOL
         assert eval_fold.folded_conv(u.conv, u.bn, x) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(CHILD or not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "cudnn", "triton"])
+@pytest.mark.parametrize("act", ["relu", "none"])
+def test_on_the_gpu_an_unfoldable_batchnorm_gives_eagers_answer(backend, act):
+    """The same unit on CUDA, where cuDNN's conv and fused path and the extension's
+    epilogue run (gpu_check's pytest-gpu step)."""
+    _need(backend)
+    torch.manual_seed(0)
+    u, x = _extreme_unit(backend, act)
+    plain = nn.Sequential(u.conv, u.bn, nn.ReLU() if act == "relu" else nn.Identity())
+    want = copy.deepcopy(plain).double()(x.double())
+    u, xh = u.cuda().half(), x.cuda().half()
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            got = u(xh.clone().requires_grad_(grad))
+        assert torch.isfinite(got).all() and rel_err(got.cpu(), want) <= TOL, grad
