@@ -529,6 +529,77 @@ def test_train_gate_catches_wrong_running_statistics_end_to_end(monkeypatch):
     assert wrong["status"] == "wrong" and "running_var" in wrong["reason"], wrong["reason"]
 
 
+def _wrong_after_the_first_step(build, what: str):
+    """C.build, but from its second call on fused-reference's first parameter gradient is
+    1.1x (what="grad") or its first running_var is scaled by 1.05 before the step
+    (what="stats"); its gated first step is right."""
+    def sabotaged(name, module, workload, config):
+        built = build(name, module, workload, config)
+        if name == "fused-reference":
+            fwd, calls = built.forward, []
+            first = next(p for _, p in sorted(built.module.named_parameters()))
+            var = next(v for k, v in sorted(built.module.state_dict().items())
+                       if k.endswith("running_var"))
+            if what == "grad":
+                first.register_hook(lambda g: g * 1.1 if len(calls) > 1 else g)
+
+            def forward(x):
+                calls.append(1)
+                if what == "stats" and len(calls) > 1:
+                    with torch.no_grad():
+                        var.mul_(1.05)
+                return fwd(x)
+            built.forward = forward
+        return built
+    return sabotaged
+
+
+@pytest.mark.parametrize("what,named", [("grad", "gradient of "), ("stats", "running_var")])
+def test_a_train_contender_whose_later_steps_go_wrong_is_wrong_not_timed(monkeypatch, what,
+                                                                        named):
+    """A probe: in train mode only the first step was gated, so a contender whose timed
+    steps take another path than its first (a graph replays its capture) and go wrong there
+    was timed and reported. A step after the timed ones is held to the gate's budgets,
+    against the reference model's step from the state the contender had reached."""
+    monkeypatch.setattr(C, "build", _wrong_after_the_first_step(C.build, what))
+    rows = _cifar_train_rows()
+    assert rows["eager-cl"]["status"] == "ok" and rows["eager-cl"]["time_s"] is not None
+    wrong = rows["fused-reference"]
+    assert wrong["status"] == "wrong" and wrong["time_s"] is None, wrong
+    assert "a step after the timed ones" in wrong["reason"] and named in wrong["reason"], \
+        wrong["reason"]
+
+
+def test_a_later_train_step_is_judged_against_the_reference_from_the_same_state():
+    """Right steps after the timed ones pass (eager's and fused-reference's), in float32
+    where the budgets are tight: the reference step starts from the contender's own state,
+    not the gate's (the timed SGD steps moved it)."""
+    cfg = BenchConfig(models=("cifar-l1",), batches=(2,), device="cpu", mode="train",
+                      dtype="fp32", warmup=2, repeats=3,
+                      contenders=("eager-cl", "fused-reference"), quick=True)
+    from fused_res.bench import runner
+
+    seen = []
+    real = runner.Case.check_later_step
+
+    def spy(self, name, later):
+        why = real(self, name, later)
+        seen.append((name, why, later, self.model.state_dict()))
+        return why
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner.Case, "check_later_step", spy)
+        doc = run_bench(cfg)
+    assert validate(doc) == []
+    assert {r["contender"]: r["status"] for r in doc["results"]} == {
+        "eager-cl": "ok", "fused-reference": "ok"}
+    assert [(n, why) for n, why, _, _ in seen] == [("eager-cl", None), ("fused-reference", None)]
+    for _, _, later, initial in seen:
+        assert later.loss.dim() == 0 and later.grads and later.stats
+        # (the state it started from is not the gate's: the timed steps trained it)
+        assert any(not torch.equal(later.before[k], v) for k, v in initial.items()
+                   if v.is_floating_point())
+
+
 def test_speedups_compare_graph_rows_with_the_baseline_graph_row():
     from fused_res.bench.runner import set_speedups
 

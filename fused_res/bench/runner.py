@@ -10,6 +10,7 @@ import gc
 import math
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -191,29 +192,28 @@ class Case:
                                             for x in self.inputs[torch.contiguous_format]]
         # Reference: float64 where affordable, else fp32 with TF32 off (math_mode("fp32")).
         self.reference = "float64" if self.flops <= FP64_BUDGET[dev] else "float32"
-        ref_model = copy.deepcopy(self.model).to(TORCH_DTYPE["fp32"] if self.reference ==
-                                                 "float32" else torch.float64)
+        self.ref_dtype = TORCH_DTYPE["fp32"] if self.reference == "float32" else torch.float64
+        ref_model = copy.deepcopy(self.model).to(self.ref_dtype)
         # The gate compares each running statistic's update (after - before) with the
         # reference's: one momentum-0.1 update moves a statistic by a tenth of its distance
         # to the batch's, far inside a bf16 tolerance on the statistic itself, so a BN that
         # never updated passed (a probe).
         self.stats_before = _running_stats(self.model)
         x0 = self.inputs[torch.contiguous_format][0]
-        ref_dtype = next(ref_model.parameters()).dtype
         with math_mode("fp32"):
             self.ref_out, self.ref_grads, self.ref_stats = _gate_outputs(
-                ref_model, ref_model, x0.to(ref_dtype), config.mode, "fp32", dev)
-        # Eval: one more input, none of the timed ones, for a call after the timed calls
-        # (check_later), with its reference output.
-        self.later_inputs, self.ref_later = {}, None
+                ref_model, ref_model, x0.to(self.ref_dtype), config.mode, "fp32", dev)
+        # One more input, none of the timed ones, for a call after the timed calls
+        # (check_later). Eval: with its reference output. Train: its reference is a step of
+        # the reference model from the state the contender has reached by then.
+        x = torch.randn(shape, device=dev).to(in_dtype)
+        self.later_inputs = {torch.contiguous_format: x,
+                             torch.channels_last: x.contiguous(memory_format=torch.channels_last)}
+        self.ref_later = None
         if config.mode == "eval":
-            x = torch.randn(shape, device=dev).to(in_dtype)
-            self.later_inputs = {torch.contiguous_format: x,
-                                 torch.channels_last: x.contiguous(
-                                     memory_format=torch.channels_last)}
             with math_mode("fp32"):
-                self.ref_later = _gate_outputs(ref_model, ref_model, x.to(ref_dtype), "eval",
-                                               "fp32", dev)[0]
+                self.ref_later = _gate_outputs(ref_model, ref_model, x.to(self.ref_dtype),
+                                               "eval", "fp32", dev)[0]
         del ref_model
         self.baseline_out: float | None = None
         self.baseline_grad: float | None = None
@@ -235,62 +235,81 @@ class Case:
         gradients and the BatchNorm running statistics after its step, by name): the fields of
         its result row. eager-cl, checked first, only has to be finite; its errors set the
         others' budgets."""
-        shapes = _shape_problems(out, self.ref_out, grads, self.ref_grads, stats,
-                                 getattr(self, "ref_stats", None))
+        verdict, errs = self._judge(
+            name, (out, grads, stats),
+            (self.ref_out, self.ref_grads, getattr(self, "ref_stats", None)),
+            getattr(self, "stats_before", {}), self._baseline())
+        if name == C.BASELINE:
+            (self.baseline_out, self.baseline_grad, self.baseline_params,
+             self.baseline_stats, self.baseline_stat_errs) = errs
+        return verdict
+
+    def _baseline(self) -> tuple:
+        """eager-cl's errors at the gate: (output, gradients, per parameter, running
+        statistics, per statistic); None and {} before it ran."""
+        return (self.baseline_out, self.baseline_grad, getattr(self, "baseline_params", {}),
+                getattr(self, "baseline_stats", None), getattr(self, "baseline_stat_errs", {}))
+
+    def _judge(self, name: str, got: tuple, ref: tuple, before: dict[str, torch.Tensor],
+               base: tuple, out_label: str = "output") -> tuple[dict, tuple]:
+        """(verdict fields, errors as _baseline() orders them) of got = (out, grads, stats)
+        against ref = (ref_out, ref_grads, ref_stats), the running statistics' updates taken
+        from `before`, each budget from the baseline errors `base`."""
+        out, grads, stats = got
+        ref_out, ref_grads, ref_stats = ref
+        base_out, base_grad, base_params, base_stats, base_stat_errs = base
+        shapes = _shape_problems(out, ref_out, grads, ref_grads, stats, ref_stats)
         if shapes:
             # A wrong shape or a renamed parameter (which would break checkpoints) is a
             # failure, not a crash of the gate or a comparison of unrelated tensors.
-            return self._verdict(math.inf, math.inf, None, math.inf, None, None, shapes)
-        err_out = rel_err(out, self.ref_out)
+            return (self._verdict(math.inf, math.inf, None, math.inf, None, None, shapes),
+                    (math.inf, None, {}, None, {}))
+        err_out = rel_err(out, ref_out)
         err_grad, params = None, {}
         if grads is not None:
-            err_grad = rel_err(_cat(grads), _cat(self.ref_grads))
+            err_grad = rel_err(_cat(grads), _cat(ref_grads))
             # A parameter whose reference gradient is exactly zero (unused, behind a zero
             # gamma) has no relative error to hold (rel_err is then an absolute norm): it is
             # held only by the total.
-            params = {n: rel_err(g, self.ref_grads[n]) for n, g in grads.items()
-                      if bool(self.ref_grads[n].any())}
+            params = {n: rel_err(g, ref_grads[n]) for n, g in grads.items()
+                      if bool(ref_grads[n].any())}
         err_stats, stat_errs, counts = None, {}, []
-        if stats is not None and self.ref_stats:
+        if stats is not None and ref_stats:
             floats = [n for n in sorted(stats) if not n.endswith("num_batches_tracked")]
-            before = getattr(self, "stats_before", {})
-            got = {n: stats[n] - before[n] if n in before else stats[n] for n in floats}
-            want = {n: self.ref_stats[n] - before[n] if n in before else self.ref_stats[n]
+            got_d = {n: stats[n] - before[n] if n in before else stats[n] for n in floats}
+            want = {n: ref_stats[n] - before[n] if n in before else ref_stats[n]
                     for n in floats}
-            err_stats = rel_err(_cat(got), _cat(want))
-            stat_errs = {n: rel_err(got[n], want[n]) for n in floats if bool(want[n].any())}
+            err_stats = rel_err(_cat(got_d), _cat(want))
+            stat_errs = {n: rel_err(got_d[n], want[n]) for n in floats if bool(want[n].any())}
             counts = [n for n in sorted(stats) if n.endswith("num_batches_tracked")
-                      and not torch.equal(stats[n], self.ref_stats[n])]
+                      and not torch.equal(stats[n], ref_stats[n])]
         err = max([err_out] + [e for e in (err_grad, err_stats) if e is not None])
         gated = None
         extra = {}
         if name == C.BASELINE:
-            self.baseline_out, self.baseline_grad = err_out, err_grad
-            self.baseline_params = params
-            self.baseline_stats, self.baseline_stat_errs = err_stats, stat_errs
             tol = tol_grad = tol_stats = math.inf  # NaN still fails: NaN <= inf is False
             problems = [] if math.isfinite(err) else [f"relative error {err:.3e} is not finite"]
         else:
             dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
                                    else TORCH_DTYPE[self.config.dtype]]
             tol, tol_grad, tol_stats = (_loosened(dtype_tol, 2, b) for b in (
-                self.baseline_out, self.baseline_grad, getattr(self, "baseline_stats", None)))
+                base_out, base_grad, base_stats))
             problems = [] if err_out <= tol else [
-                f"output: relative error {err_out:.3e} > tolerance {tol:.1e}"]
+                f"{out_label}: relative error {err_out:.3e} > tolerance {tol:.1e}"]
             if err_grad is not None and not err_grad <= tol_grad:
                 problems.append(f"gradients: relative error {err_grad:.3e} > tolerance "
                                 f"{tol_grad:.1e}")
             if params:
-                problems += _per_tensor("gradient", params, self.baseline_params, dtype_tol)
-                budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, self.baseline_params.get(n))
+                problems += _per_tensor("gradient", params, base_params, dtype_tol)
+                budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, base_params.get(n))
                            for n in params}
                 gated = f"{sum(b < 1 for b in budgets.values())}/{len(budgets)}"
             if err_stats is not None and not err_stats <= tol_stats:
                 problems.append(f"running statistics: relative error {err_stats:.3e} > "
                                 f"tolerance {tol_stats:.1e}")
             if stat_errs:
-                problems += _per_tensor("running statistic", stat_errs,
-                                        getattr(self, "baseline_stat_errs", {}), dtype_tol)
+                problems += _per_tensor("running statistic", stat_errs, base_stat_errs,
+                                        dtype_tol)
             if not math.isfinite(err):
                 problems.append(f"relative error {err:.3e} is not finite")
         if counts:
@@ -298,18 +317,21 @@ class Case:
                             f"({len(counts)} BatchNorms)")
         if err_stats is not None:
             extra = {"rel_err_stats": err_stats, "tolerance_stats": _finite(tol_stats)}
-        return {**self._verdict(err, err_out, err_grad, tol, tol_grad, gated, problems),
-                **extra}
+        verdict = {**self._verdict(err, err_out, err_grad, tol, tol_grad, gated, problems),
+                   **extra}
+        return verdict, (err_out, err_grad, params, err_stats, stat_errs)
 
-    def check_later(self, name: str, out: torch.Tensor) -> str | None:
-        """Why the output of an eval call made after the timed ones (on later_inputs, none of
-        the timed inputs) fails the tolerance the first call was held to (eager-cl: only
-        finite), or None: the timed calls may take
-        another path than the gated first one (Triton's inference plans replay their first
-        launch; a graph replays its capture), and a stale output would pass the first
-        gate."""
+    def check_later(self, name: str, later) -> str | None:
+        """Why a call made after the timed ones (on later_inputs, none of the timed inputs)
+        fails the tolerance the first call was held to (eager-cl: only finite), or None: the
+        timed calls may take another path than the gated first one (Triton's inference plans
+        replay their first launch; a graph replays its capture), and a stale output would
+        pass the first gate. Eval: `later` is that call's output. Train: a LaterStep, judged
+        against the reference model's step from the same state (check_later_step)."""
+        if isinstance(later, LaterStep):
+            return self.check_later_step(name, later)
         ref = self.ref_later
-        err = rel_err(out, ref) if out.shape == ref.shape else math.inf
+        err = rel_err(later, ref) if later.shape == ref.shape else math.inf
         if name == C.BASELINE:
             tol = math.inf
         else:
@@ -320,6 +342,33 @@ class Case:
             return None
         return (f"a call after the timed ones: output relative error {err:.3e} > tolerance "
                 f"{tol:.1e} (its first call passed)")
+
+    def check_later_step(self, name: str, later: LaterStep) -> str | None:
+        """A train step after the timed ones: its loss, parameter gradients and running-
+        statistics update against the reference model's step from the state the contender
+        had just before it (its parameters and buffers, loaded by name: names survive
+        conversion). The budgets are the gate's, loosened to eager-cl's own errors on its
+        later step where those are larger (the state has moved by the timed steps)."""
+        model = copy.deepcopy(self.model).to(self.ref_dtype)
+        model.load_state_dict(later.before)
+        x = self.later_inputs[torch.contiguous_format].to(self.ref_dtype)
+        with math_mode("fp32"):
+            ref_out, ref_grads, ref_stats = _gate_outputs(model, model, x, "train", "fp32",
+                                                          self.config.device)
+        del model
+        before = {k: v.detach().double().flatten().cpu() for k, v in later.before.items()
+                  if k.rsplit(".", 1)[-1] in _STAT_NAMES}
+        base = self._baseline()
+        if name != C.BASELINE:
+            base = _larger(base, getattr(self, "baseline_later", None))
+        verdict, errs = self._judge(name, (later.loss, later.grads, later.stats),
+                                    (loss_of(ref_out).detach(), ref_grads, ref_stats), before,
+                                    base, out_label="loss")
+        if name == C.BASELINE:
+            self.baseline_later = _larger(errs, getattr(self, "baseline_later", None))
+        if verdict["status"] == "ok":
+            return None
+        return f"a step after the timed ones: {verdict['reason']} (its first step passed)"
 
     @staticmethod
     def _verdict(err, err_out, err_grad, tol, tol_grad, gated, problems) -> dict:
@@ -346,6 +395,35 @@ class Case:
             notes.append(f"{tight}/{len(params)} parameter gradients gated (eager-cl is "
                          f"{1 / PARAM_FACTOR:.2g}+ off on the rest)")
         return "; ".join(notes)
+
+
+class LaterStep(NamedTuple):
+    """A train step made after the timed ones (check_later_step): the contender's state
+    (state_dict) just before it, its loss, then its parameter gradients and running
+    statistics (as _grads and _running_stats give them)."""
+
+    before: dict
+    loss: torch.Tensor
+    grads: dict
+    stats: dict
+
+
+def _larger(a: tuple, b: tuple | None) -> tuple:
+    """Baseline errors (Case._baseline()'s order) item by item the larger finite one of a
+    and b (per name in the dicts): a budget loosened by a second measurement, never switched
+    off by an inf or NaN in it."""
+    if b is None:
+        return a
+
+    def pick(x, y):
+        xs = [v for v in (x, y) if v is not None and math.isfinite(v)]
+        return max(xs) if xs else x
+
+    def merge(x: dict, y: dict) -> dict:
+        return {n: pick(x.get(n), y.get(n)) for n in x.keys() | y.keys()}
+
+    return tuple(merge(x, y) if isinstance(x, dict) else pick(x, y)
+                 for x, y in zip(a, b, strict=True))
 
 
 def _finite(v: float | None) -> float | None:
@@ -409,12 +487,12 @@ def _row(case: Case, name: str, graph: bool, **kw) -> dict:
 
 
 def _time(case: Case, step, inputs, flush: L2Flush, graph: bool,
-          later_input: torch.Tensor | None = None
-          ) -> tuple[dict, int | None, torch.Tensor | None]:
+          later_input: torch.Tensor | None = None, module: nn.Module | None = None
+          ) -> tuple[dict, int | None, torch.Tensor | LaterStep | None]:
     """Timing stats of `step` (captured first when `graph`), the peak bytes allocated, and
-    the output of one more call on later_input after the timed ones where one is given (a
-    contender may take another path once warm: Triton's inference plans, a graph
-    replay)."""
+    one more call on later_input after the timed ones where one is given (a contender may
+    take another path once warm: Triton's inference plans, a graph replay): its output, or
+    with `module` (train: the module step trains) a LaterStep."""
     cfg, dev = case.config, case.config.device
     if dev == "cuda":
         torch.cuda.synchronize()
@@ -435,7 +513,14 @@ def _time(case: Case, step, inputs, flush: L2Flush, graph: bool,
     if later_input is not None:
         if graph:
             put(later_input)
-        later = step(later_input).detach().clone()
+        if module is None:
+            later = step(later_input).detach().clone()
+        else:
+            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            # (a replayed graph leaves its gradients in the tensors its capture allocated,
+            # which the parameters hold since)
+            loss = step(later_input).detach().clone()
+            later = LaterStep(state, loss, _grads(module), _running_stats(module))
     return summarize(samples), peak, later
 
 
@@ -482,8 +567,10 @@ def _measure(case: Case, name: str, flush: L2Flush) -> list[dict]:
             step = make_step(fwd, built.module, cfg.mode, cfg.dtype, dev)
             for graph in variants:
                 try:
-                    stats, peak, later = _time(case, step, inputs, flush, graph,
-                                               case.later_inputs.get(built.memory_format))
+                    stats, peak, later = _time(
+                        case, step, inputs, flush, graph,
+                        case.later_inputs.get(built.memory_format),
+                        built.module if cfg.mode == "train" else None)
                     if peak is not None:  # beyond what was allocated before it was built
                         peak -= mem0
                     why = None if later is None else case.check_later(name, later)
