@@ -389,6 +389,18 @@ def test_train_gate_holds_each_parameter_to_its_own_eager_error():
         got = case.check("fused-x", out, {"deep": noisy(ref["deep"], 1.2), "fc": bad})
         assert got["status"] == "wrong" and "gradient of fc" in got["reason"], got
         assert got["rel_err_grad"] <= got["tolerance_grad"]
+    # Where the budget admits a zero or flipped gradient (eager 1.2 off: a budget of 4.8),
+    # the gradient must point the reference's way (a probe: a zeroed conv1.weight gradient
+    # passed the bf16 ResNet-50 gate).
+    for bad in (torch.zeros_like(ref["deep"]), -ref["deep"],
+                torch.randn(ref["deep"].shape, generator=g, dtype=torch.float64)):
+        got = case.check("fused-x", out, {"deep": bad, "fc": noisy(ref["fc"], 0.01)})
+        assert got["status"] == "wrong" and "gradient of deep does not point" in got["reason"]
+        assert got["rel_err_grad"] <= got["tolerance_grad"]
+    # Noise 1.5 times eager's still points the reference's way.
+    got = case.check("fused-x", out, {"deep": noisy(ref["deep"], 1.8),
+                                      "fc": noisy(ref["fc"], 0.01)})
+    assert got["status"] == "ok", got["reason"]
     # The output is held to eager's output error, not to the (far larger) gradient error.
     assert case.check("fused-x", torch.full((4,), 1.5),
                       {"deep": noisy(ref["deep"], 1.2), "fc": noisy(ref["fc"], 0.01)}

@@ -220,6 +220,7 @@ class Case:
         self.baseline_params: dict[str, float] = {}
         self.baseline_stats: float | None = None
         self.baseline_stat_errs: dict[str, float] = {}
+        self.baseline_cos: dict[str, float] = {}
 
     def common(self) -> dict:
         w, c = self.workload, self.config
@@ -241,14 +242,16 @@ class Case:
             getattr(self, "stats_before", {}), self._baseline())
         if name == C.BASELINE:
             (self.baseline_out, self.baseline_grad, self.baseline_params,
-             self.baseline_stats, self.baseline_stat_errs) = errs
+             self.baseline_stats, self.baseline_stat_errs, self.baseline_cos) = errs
         return verdict
 
     def _baseline(self) -> tuple:
         """eager-cl's errors at the gate: (output, gradients, per parameter, running
-        statistics, per statistic); None and {} before it ran."""
+        statistics, per statistic, each parameter gradient's cosine with the reference's);
+        None and {} before it ran."""
         return (self.baseline_out, self.baseline_grad, getattr(self, "baseline_params", {}),
-                getattr(self, "baseline_stats", None), getattr(self, "baseline_stat_errs", {}))
+                getattr(self, "baseline_stats", None), getattr(self, "baseline_stat_errs", {}),
+                getattr(self, "baseline_cos", {}))
 
     def _judge(self, name: str, got: tuple, ref: tuple, before: dict[str, torch.Tensor],
                base: tuple, out_label: str = "output") -> tuple[dict, tuple]:
@@ -257,15 +260,15 @@ class Case:
         from `before`, each budget from the baseline errors `base`."""
         out, grads, stats = got
         ref_out, ref_grads, ref_stats = ref
-        base_out, base_grad, base_params, base_stats, base_stat_errs = base
+        base_out, base_grad, base_params, base_stats, base_stat_errs, base_cos = base
         shapes = _shape_problems(out, ref_out, grads, ref_grads, stats, ref_stats)
         if shapes:
             # A wrong shape or a renamed parameter (which would break checkpoints) is a
             # failure, not a crash of the gate or a comparison of unrelated tensors.
             return (self._verdict(math.inf, math.inf, None, math.inf, None, None, shapes),
-                    (math.inf, None, {}, None, {}))
+                    (math.inf, None, {}, None, {}, {}))
         err_out = rel_err(out, ref_out)
-        err_grad, params = None, {}
+        err_grad, params, cos = None, {}, {}
         if grads is not None:
             err_grad = rel_err(_cat(grads), _cat(ref_grads))
             # A parameter whose reference gradient is exactly zero (unused, behind a zero
@@ -273,6 +276,7 @@ class Case:
             # held only by the total.
             params = {n: rel_err(g, ref_grads[n]) for n, g in grads.items()
                       if bool(ref_grads[n].any())}
+            cos = {n: _cosine(grads[n], ref_grads[n]) for n in params}
         err_stats, stat_errs, counts = None, {}, []
         if stats is not None and ref_stats:
             floats = [n for n in sorted(stats) if not n.endswith("num_batches_tracked")]
@@ -304,6 +308,7 @@ class Case:
                 budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, base_params.get(n))
                            for n in params}
                 gated = f"{sum(b < 1 for b in budgets.values())}/{len(budgets)}"
+                problems += _pointing_away(cos, base_cos, budgets)
             if err_stats is not None and not err_stats <= tol_stats:
                 problems.append(f"running statistics: relative error {err_stats:.3e} > "
                                 f"tolerance {tol_stats:.1e}")
@@ -319,7 +324,7 @@ class Case:
             extra = {"rel_err_stats": err_stats, "tolerance_stats": _finite(tol_stats)}
         verdict = {**self._verdict(err, err_out, err_grad, tol, tol_grad, gated, problems),
                    **extra}
-        return verdict, (err_out, err_grad, params, err_stats, stat_errs)
+        return verdict, (err_out, err_grad, params, err_stats, stat_errs, cos)
 
     def check_later(self, name: str, later) -> str | None:
         """Why a call made after the timed ones (on later_inputs, none of the timed inputs)
@@ -393,7 +398,7 @@ class Case:
         tight = sum(PARAM_FACTOR * v < 1 for v in params.values())
         if tight < len(params):
             notes.append(f"{tight}/{len(params)} parameter gradients gated (eager-cl is "
-                         f"{1 / PARAM_FACTOR:.2g}+ off on the rest)")
+                         f"{1 / PARAM_FACTOR:.2g}+ off on the rest: held to their direction)")
         return "; ".join(notes)
 
 
@@ -410,20 +415,46 @@ class LaterStep(NamedTuple):
 
 def _larger(a: tuple, b: tuple | None) -> tuple:
     """Baseline errors (Case._baseline()'s order) item by item the larger finite one of a
-    and b (per name in the dicts): a budget loosened by a second measurement, never switched
-    off by an inf or NaN in it."""
+    and b (per name in the dicts), the cosines the smaller: a budget loosened by a second
+    measurement, never switched off by an inf or NaN in it."""
     if b is None:
         return a
 
-    def pick(x, y):
+    def pick(x, y, best):
         xs = [v for v in (x, y) if v is not None and math.isfinite(v)]
-        return max(xs) if xs else x
+        return best(xs) if xs else x
 
-    def merge(x: dict, y: dict) -> dict:
-        return {n: pick(x.get(n), y.get(n)) for n in x.keys() | y.keys()}
+    def merge(x, y, best):
+        if isinstance(x, dict):
+            return {n: pick(x.get(n), y.get(n), best) for n in x.keys() | y.keys()}
+        return pick(x, y, best)
 
-    return tuple(merge(x, y) if isinstance(x, dict) else pick(x, y)
-                 for x, y in zip(a, b, strict=True))
+    *errors, cos = zip(a, b, strict=True)
+    return (*(merge(x, y, max) for x, y in errors), merge(*cos, min))
+
+
+def _cosine(g: torch.Tensor, ref: torch.Tensor) -> float:
+    """cos(g, ref) of two flat float64 gradients; 0 for a zero g (it points nowhere)."""
+    norm = float(g.norm() * ref.norm())
+    return float(g @ ref) / norm if norm > 0 else 0.0
+
+
+def _pointing_away(cos: dict[str, float], base_cos: dict[str, float],
+                   budgets: dict[str, float]) -> list[str]:
+    """Where a parameter's error budget is 1 or more (eager-cl itself a quarter or more off:
+    an ill-conditioned early layer in bf16), an error within it may be a zero or sign-flipped
+    gradient; there the gradient must also point the reference's way, its cosine with the
+    reference's at least a quarter of eager-cl's. Noise within the budget always passes
+    (|g - r| <= 4e|r| with eager's noise e gives cos >= 1/sqrt(1 + 16e^2) >=
+    1/(4 sqrt(1 + e^2))); a missing or flipped gradient does not."""
+    over = sorted((cos[n], n) for n, b in budgets.items()
+                  if b >= 1 and base_cos.get(n, 0.0) > 0
+                  and not cos[n] >= base_cos[n] / PARAM_FACTOR)
+    if not over:
+        return []
+    c, n = over[0]
+    return [f"gradient of {n} does not point the reference's way: cosine {c:.3f} < "
+            f"{base_cos[n] / PARAM_FACTOR:.3f} (a quarter of eager-cl's; {len(over)} such)"]
 
 
 def _finite(v: float | None) -> float | None:
