@@ -2,11 +2,14 @@
 // gradient (backward), and the finalize step (coefficients + running statistics).
 //
 // Statistics are shifted sums: every element of channel c is taken relative to K_c, the
-// channel's first element, and the two-level reduction adds Σ(x-K) and Σ(x-K)². With the
-// shift, Σ(x-K)²/m - (Σ(x-K)/m)² does not cancel catastrophically when |mean| >> std (the
-// failure of plain Σx, Σx²), and unlike per-element Welford it costs no division. What is
-// left cancels in proportion to ((K - mean) / std)²: the sums past each thread are in double
-// (channel_reduce.cuh) for a first element far out in the tail.
+// median of three of the channel's elements (its first, middle and last by (n, h, w)), and
+// the two-level reduction adds Σ(x-K) and Σ(x-K)². With the shift, Σ(x-K)²/m - (Σ(x-K)/m)²
+// does not cancel catastrophically when |mean| >> std (the failure of plain Σx, Σx²), and
+// unlike per-element Welford it costs no division. What is left cancels in proportion to
+// ((K - mean) / std)²: the sums past each thread are in double (channel_reduce.cuh), and K is
+// a median so that one element far out in the tail is not the shift (with the first element
+// alone as K, one element 300 std out there cost the variance 5e-5 of its 1e-5 budget; as
+// one of three, 5e-8: kernels/emulate_stats_order.py, (8, 4, 64, 64) NHWC).
 #pragma once
 
 #include "bn_coeffs.cuh"
@@ -18,13 +21,36 @@ namespace frk {
 // shift would make every difference NaN, and the mean NaN where x.mean() is inf).
 __device__ __forceinline__ float stats_shift(float v) { return isfinite(v) ? v : 0.f; }
 
+// Where channel c's three shift samples lie: x[c * step], x[c * step + mid] and
+// x[c * step + last] (channel 0's element (N/2, HW/2) and (N-1, HW-1); all in bounds for a
+// non-empty x).
+struct ShiftAt {
+  int64_t step, mid, last;
+};
+
+inline ShiftAt shift_at(const Shape& s) {
+  const int64_t n2 = s.n / 2, hw2 = s.hw / 2;
+  if (s.nhwc) return {1, (n2 * s.hw + hw2) * s.c, (s.n * s.hw - 1) * s.c};
+  return {s.hw, n2 * s.c * s.hw + hw2, (s.n - 1) * s.c * s.hw + s.hw - 1};
+}
+
+template <typename T>
+__device__ __forceinline__ float channel_shift(const T* __restrict__ x, int64_t c,
+                                               const ShiftAt& at) {
+  const int64_t base = c * at.step;
+  const float a = stats_shift(to_f(x[base]));
+  const float b = stats_shift(to_f(x[base + at.mid]));
+  const float e = stats_shift(to_f(x[base + at.last]));
+  return fmaxf(fminf(a, b), fminf(fmaxf(a, b), e));  // the median
+}
+
 template <typename T>
 struct StatsOp {
   static constexpr int kConsts = 1;
   static constexpr int kUnroll = 4;     // 4 x 16 bytes in flight per thread
   static constexpr int kMinBlocks = 4;  // <= 64 registers: 1024 threads, 64 KiB loads per SM
   const T* __restrict__ x;
-  int64_t first_stride;  // channel c's first element is x[c * first_stride]
+  ShiftAt at;
 
   template <int VEC>
   struct Frag {
@@ -32,7 +58,7 @@ struct StatsOp {
   };
 
   __device__ __forceinline__ void lane_consts(int64_t c, float* k) const {
-    k[0] = stats_shift(to_f(x[c * first_stride]));
+    k[0] = channel_shift(x, c, at);
   }
   template <int VEC, typename index_t>
   __device__ __forceinline__ void load(index_t i, Frag<VEC>& f) const {
@@ -57,7 +83,7 @@ struct StatsOp {
 template <typename T>
 struct StatsFinalize {
   const T* __restrict__ x;
-  int64_t first_stride;
+  ShiftAt at;
   double inv_count;
   float* __restrict__ mean;
   float* __restrict__ var;
@@ -67,7 +93,7 @@ struct StatsFinalize {
   bool has_bn;
   __device__ __forceinline__ void operator()(int64_t c, double sum, double sumsq) const {
     const double d = sum * inv_count;
-    const float m = static_cast<float>(stats_shift(to_f(x[c * first_stride])) + d);
+    const float m = static_cast<float>(channel_shift(x, c, at) + d);
     const double v = sumsq * inv_count - d * d;
     // Clamps rounding below 0; a NaN stays NaN, as in torch.var.
     const float vf = static_cast<float>(v < 0.0 ? 0.0 : v);
@@ -98,9 +124,9 @@ template <typename T>
 cudaError_t launch_channel_stats(const ChannelStatsArgs<T>& a, const Shape& s,
                                  const ReducePlan& p, double* workspace,
                                  const LaunchConfig& cfg, const FinalizeArgs* bn = nullptr) {
-  const int64_t first_stride = s.nhwc ? 1 : s.hw;
-  StatsOp<T> op{a.x, first_stride};
-  StatsFinalize<T> fin{a.x, first_stride, 1.0 / static_cast<double>(s.n * s.hw), a.mean,
+  const ShiftAt at = shift_at(s);
+  StatsOp<T> op{a.x, at};
+  StatsFinalize<T> fin{a.x, at, 1.0 / static_cast<double>(s.n * s.hw), a.mean,
                        a.var, bn ? *bn : FinalizeArgs{}, bn != nullptr};
   return launch_channel_reduce<StatsOp<T>, StatsFinalize<T>, vec_width<T>()>(op, fin, s, p,
                                                                             workspace, cfg);

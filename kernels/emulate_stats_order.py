@@ -6,8 +6,9 @@ in numpy on the CPU: what fp32 running sums cost against sums in double past eac
 The kernels cannot run without a GPU; their order can. Each thread adds its own rows in
 fp32 (the hot loop), then the block adds its threads' sums, the splits are written as
 partials and the finalize adds them: in fp32 before, in double now. Prints the relative error
-of mean and biased variance against float64 for a typical channel, one whose first element
-(the shift) sits 30 std out, and zero-mean channels.
+of mean and biased variance against float64 for a typical channel, ones whose first element
+sits 30 and 300 std out, and zero-mean channels, with the shift each channel's first element
+(before) and the median of its first, middle and last elements (bn_stats.cuh: ShiftAt).
 """
 
 from __future__ import annotations
@@ -33,12 +34,25 @@ def plan(rows: int, c: int, vec_width: int = 8, num_sms: int = 132, min_blocks: 
     return chunk, ty, -(-rows // chunk)
 
 
-def stats(x_rows: np.ndarray, cross_thread: type) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and biased variance per channel of x_rows (rows, C) float32, shifted by row 0,
-    per-thread sums in fp32 and everything after them in `cross_thread`."""
+def shift(x_rows: np.ndarray, n: int, median: bool = True) -> np.ndarray:
+    """The per-channel shift of x_rows (rows = n * HW, C): the median of rows 0,
+    (n/2)*HW + HW/2 and rows-1 (bn_stats.cuh's ShiftAt), or row 0 alone."""
+    rows = x_rows.shape[0]
+    if not median:
+        return x_rows[0]
+    hw = rows // n
+    picks = x_rows[[0, (n // 2) * hw + hw // 2, rows - 1]]
+    return np.median(picks, axis=0).astype(np.float32)
+
+
+def stats(x_rows: np.ndarray, cross_thread: type, n: int = 1,
+          median: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and biased variance per channel of x_rows (rows = n * HW, C) float32, shifted by
+    shift(x_rows, n, median), per-thread sums in fp32 and everything after them in
+    `cross_thread`."""
     rows, c = x_rows.shape
     chunk, ty, splits = plan(rows, c)
-    k = x_rows[0]
+    k = shift(x_rows, n, median)
     d = (x_rows - k).astype(np.float32)
     parts_a = np.zeros((splits, c), cross_thread)
     parts_b = np.zeros((splits, c), cross_thread)
@@ -81,17 +95,21 @@ def main() -> None:
     cases = {}
     x = rng.standard_normal((8, 4, 64, 64))
     cases["typical first element, (8, 4, 64, 64)"] = x.copy()
-    x[0, :, 0, 0] = 30.0
-    cases["first element 30 std out, (8, 4, 64, 64)"] = x
+    for far in (30.0, 300.0):
+        y = x.copy()
+        y[0, :, 0, 0] = far
+        cases[f"first element {far:g} std out, (8, 4, 64, 64)"] = y
     cases["zero mean, (64, 2, 64, 64)"] = rng.standard_normal((64, 2, 64, 64))
     for name, x in cases.items():
         rows = x.transpose(0, 2, 3, 1).reshape(-1, x.shape[1]).astype(np.float32)
         ref_mean = rows.astype(np.float64).mean(0)
         ref_var = rows.astype(np.float64).var(0)
-        for label, kind in (("fp32", np.float32), ("double", np.float64)):
-            mean, var = stats(rows, kind)
-            print(f"{name}: cross-thread sums in {label}: mean {rel(mean, ref_mean):.1e}, "
-                  f"var {rel(var, ref_var):.1e}")
+        for median in (False, True):
+            for label, kind in (("fp32", np.float32), ("double", np.float64)):
+                mean, var = stats(rows, kind, x.shape[0], median)
+                print(f"{name}: shift {'median of 3' if median else 'first element'}, "
+                      f"cross-thread sums in {label}: mean {rel(mean, ref_mean):.1e}, "
+                      f"var {rel(var, ref_var):.1e}")
 
 
 if __name__ == "__main__":
