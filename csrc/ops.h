@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace fused_res {
 
@@ -204,10 +205,12 @@ inline FinalizeInputs prepare_finalize(const at::Tensor& mean, const at::Tensor&
   in.weight = vec_f32(weight, c, mean, "weight", "channel");
   in.bias = vec_f32(bias, c, mean, "bias", "channel");
   if (running_mean.has_value()) {
-    for (const auto* rs : {&*running_mean, &*running_var}) {
+    const std::pair<const char*, const at::Tensor*> buffers[] = {
+        {"running_mean", &*running_mean}, {"running_var", &*running_var}};
+    for (const auto& [name, rs] : buffers) {
       TORCH_CHECK(rs->dim() == 1 && rs->size(0) == c && rs->scalar_type() == at::kFloat &&
                       rs->is_contiguous() && rs->device() == mean.device(),
-                  "fused_res_C: running statistics have shape ", rs->sizes(), ", dtype ",
+                  "fused_res_C: ", name, " has shape ", rs->sizes(), ", dtype ",
                   rs->scalar_type(), ", device ", rs->device(), "; accepted: contiguous "
                   "float32 (", c, ",) on ", mean.device(), " (updated in place)");
     }
@@ -241,13 +244,13 @@ struct ScaleInputs {
 };
 
 inline ScaleInputs prepare_scale(const at::Tensor& var, const OptTensor& weight,
-                                 const OptTensor& grad) {
+                                 const OptTensor& grad, const char* weight_name = "weight") {
   TORCH_CHECK(var.dim() == 1 && var.scalar_type() == at::kFloat, "fused_res_C: var has shape ",
               var.sizes(), " and dtype ", var.scalar_type(), "; accepted: a float32 vector (C,)");
   const int64_t c = var.size(0);
   ScaleInputs in;
   in.var = var.contiguous();
-  in.weight = vec_f32(weight, c, var, "weight", "channel");
+  in.weight = vec_f32(weight, c, var, weight_name, "channel");
   in.grad = vec_f32(grad, c, var, "grad", "channel");
   return in;
 }
@@ -262,7 +265,7 @@ inline ScaleInputs prepare_bn_grad(const at::Tensor& var, const OptTensor& weigh
               "; accepted: a float32 vector (", c, ",), one value per channel");
   TORCH_CHECK(var.device() == primary.device(), "fused_res_C: bn_var is on ", var.device(),
               "; accepted: the main input's device ", primary.device());
-  return prepare_scale(var, weight, std::nullopt);
+  return prepare_scale(var, weight, std::nullopt, "bn_weight");
 }
 
 }  // namespace fused_res

@@ -359,6 +359,14 @@ def test_bad_arguments_name_the_argument_and_what_is_accepted(C):
     with pytest.raises(RuntimeError, match="relu_mid=True needs z"):
         C.epilogue_backward(z, None, None, None, None, None, True, 1.0, None, False, True,
                             False, False)
+    # The buffer or vector at fault by its schema name (both were once "running
+    # statistics" and "weight", names no argument of these ops has).
+    ones = torch.ones(4)
+    with pytest.raises(RuntimeError, match="running_var has shape .*accepted: contiguous"):
+        C.bn_finalize(ones, ones, None, None, torch.zeros(4), ones.half(), None, 0.1, 1e-5, 10)
+    with pytest.raises(RuntimeError, match="bn_weight has shape .*accepted: \\(4,\\)"):
+        C.bn_epilogue_backward(z, z, None, ones, ones, None, False, 1.0, None, False, True,
+                               False, False, ones, ones[:2], 1e-5, True, True)
 
 
 # ---- opcheck and compile ------------------------------------------------------------------

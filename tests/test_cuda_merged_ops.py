@@ -83,7 +83,7 @@ def test_channel_stats_bn_of_an_empty_batch_and_its_errors(C, device):
     with pytest.raises(RuntimeError, match="count=1; BatchNorm in training needs more"):
         C.channel_stats_bn(torch.randn(1, 4, 1, 1, device=device), None, rm, rv, nbt, 0.1,
                            1e-5)
-    with pytest.raises(RuntimeError, match="running statistics have shape .*accepted"):
+    with pytest.raises(RuntimeError, match="running_mean has shape .*accepted"):
         C.channel_stats_bn(torch.randn(2, 4, 3, 3, device=device), None, rm[:3], rv[:3], nbt,
                            0.1, 1e-5)
     with pytest.raises(RuntimeError, match="x has dtype Double.*accepted: float32"):
