@@ -1394,6 +1394,13 @@ def test_fx_symbolic_tracing_of_a_converted_model_says_what_to_use_instead():
     model, fused = _pair("resnet18")
     with pytest.raises(TypeError, match="torch.fx symbolic tracing.*revert"):
         create_feature_extractor(fused, {"layer2": "f"})
+    # In eval too (it failed there with fx's generic "symbolically traced variables cannot
+    # be used as inputs to control flow", in the BatchNorm's coefficients), with and without
+    # the stem fused.
+    for m in (fused.eval(), fused_res.convert(model, backend="reference", stem=False).eval()):
+        with pytest.raises(TypeError, match="torch.fx symbolic tracing.*revert"):
+            torch.fx.symbolic_trace(m)
+    fused.train()
     x = torch.randn(2, 3, 32, 32)
     got = create_feature_extractor(fused_res.revert(fused).eval(), {"layer2": "f"})(x)["f"]
     want = create_feature_extractor(model.eval(), {"layer2": "f"})(x)["f"]

@@ -57,6 +57,10 @@ def run_unit(h: Tensor, pending: Pending | None, conv: nn.Conv2d, bn: nn.BatchNo
     normalizes with batch statistics, the BN + act are returned pending (for the next conv's
     prologue); otherwise the value is materialized and pending' is None.
     """
+    if not isinstance(h, Tensor):
+        # (a torch.fx Proxy: refused by name, as the ops refuse it, before the eval fold or
+        # the BatchNorm's coefficients branch on it)
+        ops.functional._check_feature_map("x", h)
     tail = tail or {}
     prologue = pending.as_prologue() if pending is not None else {}
     kw = conv_kwargs(conv)
