@@ -251,6 +251,11 @@ def main(argv=None) -> int:
     dev = a.device
     if a.narrow < 1:
         p.error(f"--narrow {a.narrow}: accepted: an integer >= 1")
+    if a.narrow > 1 and not isinstance(getattr(models, a.model)(), models.imagenet.ResNet):
+        # (a CIFAR ResNet's option-A shortcut pads a fixed count of channels, which a
+        # narrowed model's blocks no longer match)
+        p.error(f"--narrow {a.narrow} --model {a.model}: accepted: --narrow only with an "
+                "ImageNet ResNet of fused_res.models (resnet18 .. resnet152, ...)")
     model = narrowed(getattr(models, a.model)(), a.narrow) if a.narrow > 1 else \
         getattr(models, a.model)()
     model = model.to(dev, memory_format=torch.channels_last)

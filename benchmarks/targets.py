@@ -429,6 +429,9 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print(__doc__.strip())
+        return 0
     if len(args) != 1:
         print(__doc__.split("\n\n")[1].strip(), file=sys.stderr)
         return 2

@@ -87,3 +87,12 @@ def test_cuda_backend_train_step_counts_six_extension_kernels_per_unit():
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = re.search(r"fused-cuda (\d+) \((\d+) aten, 0 Triton, (\d+) extension\)", proc.stdout)
     assert m and int(m[3]) == 6 * 53, proc.stdout
+
+
+def test_narrowing_a_cifar_resnet_is_refused_by_name():
+    """--narrow only keeps an ImageNet ResNet's blocks consistent (a CIFAR ResNet's option-A
+    shortcut pads a fixed count of channels): it was a traceback from the residual's shape."""
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", "resnet20", "--narrow", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--narrow 4 --model resnet20: accepted" in proc.stderr, \
+        proc.stderr[-2000:]

@@ -372,6 +372,7 @@ def test_old_layouts_are_read_as_what_they_hold(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert T.main([str(empty)]) == 2
+    assert T.main(["--help"]) == 0  # (it was taken for a file name)
 
 
 def test_autotuned_runs_are_judged_apart_from_the_untuned_matrix():
