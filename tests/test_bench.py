@@ -102,6 +102,16 @@ def test_an_output_path_that_cannot_be_written_is_a_usage_error_before_the_run(
             main(["bench", "--model", "cifar-l1", "--device", "cpu", option, str(bad)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and option in err and "accepted" in err, err
+    # A folder os.access calls writable where no file can be made (root in /proc): the run
+    # ended in a traceback from the report's temporary file.
+    def no_files(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr("tempfile.mkstemp", no_files)
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--model", "cifar-l1", "--device", "cpu", option,
+              str(tmp_path / "out.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no file can be made there" in err, err
     assert not ran
 
 

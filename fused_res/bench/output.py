@@ -125,6 +125,16 @@ def output_path_problem(option: str, path: str | os.PathLike) -> str | None:
                "accepted: a path in a writable folder"
     if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
         return f"{option} {str(path)!r}: not writable; accepted: a path in a writable folder"
+    if not (p.is_symlink() or p.exists() and not p.is_file()):
+        # The file _atomic_write makes beside it, made once now: os.access says yes to root
+        # in folders no file can be made in (/proc, /sys), where the run ended in a traceback.
+        try:
+            fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
+        except OSError as e:
+            return f"{option} {str(path)!r}: no file can be made there ({e.strerror}); " \
+                   "accepted: a path in a writable folder"
+        os.close(fd)
+        pathlib.Path(tmp).unlink(missing_ok=True)
     return None
 
 
