@@ -402,11 +402,24 @@ def test_train_gate_holds_each_parameter_to_its_own_eager_error():
     # Where the budget admits a zero or flipped gradient (eager 1.2 off: a budget of 4.8),
     # the gradient must point the reference's way (a probe: a zeroed conv1.weight gradient
     # passed the bf16 ResNet-50 gate).
-    for bad in (torch.zeros_like(ref["deep"]), -ref["deep"],
-                torch.randn(ref["deep"].shape, generator=g, dtype=torch.float64)):
+    for bad, why in ((torch.zeros_like(ref["deep"]), "gradient of deep "),
+                     (-ref["deep"], "gradient of deep does not point"),
+                     (torch.randn(ref["deep"].shape, generator=g, dtype=torch.float64),
+                      "gradient of deep does not point")):
         got = case.check("fused-x", out, {"deep": bad, "fc": noisy(ref["fc"], 0.01)})
-        assert got["status"] == "wrong" and "gradient of deep does not point" in got["reason"]
+        assert got["status"] == "wrong" and why in got["reason"], got["reason"]
         assert got["rel_err_grad"] <= got["tolerance_grad"]
+    # A small parameter (8 elements) whose budget admits zeros: zeroed and flipped gradients
+    # fail, noise of eager's size in a random direction passes (its cosine scatters by
+    # 1/sqrt(8) about the mean).
+    small = _train_case({"bn": torch.randn(8, generator=g, dtype=torch.float64)})
+    r = small.ref_grads["bn"]
+    small.check("eager-cl", out, {"bn": noisy(r, 1.2)})
+    assert small.check("fused-x", out, {"bn": torch.zeros_like(r)})["reason"].startswith(
+        "gradient of bn is zero")
+    assert "does not point" in small.check("fused-x", out, {"bn": -r})["reason"]
+    for _ in range(20):
+        assert small.check("fused-x", out, {"bn": noisy(r, 1.2)})["status"] == "ok"
     # Noise 1.5 times eager's still points the reference's way.
     got = case.check("fused-x", out, {"deep": noisy(ref["deep"], 1.8),
                                       "fc": noisy(ref["fc"], 0.01)})

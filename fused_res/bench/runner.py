@@ -308,7 +308,8 @@ class Case:
                 budgets = {n: _loosened(dtype_tol, PARAM_FACTOR, base_params.get(n))
                            for n in params}
                 gated = f"{sum(b < 1 for b in budgets.values())}/{len(budgets)}"
-                problems += _pointing_away(cos, base_cos, budgets)
+                problems += _pointing_away(cos, base_cos, budgets,
+                                           {n: grads[n].numel() for n in params})
             if err_stats is not None and not err_stats <= tol_stats:
                 problems.append(f"running statistics: relative error {err_stats:.3e} > "
                                 f"tolerance {tol_stats:.1e}")
@@ -440,21 +441,29 @@ def _cosine(g: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _pointing_away(cos: dict[str, float], base_cos: dict[str, float],
-                   budgets: dict[str, float]) -> list[str]:
+                   budgets: dict[str, float], sizes: dict[str, int]) -> list[str]:
     """Where a parameter's error budget is 1 or more (eager-cl itself a quarter or more off:
     an ill-conditioned early layer in bf16), an error within it may be a zero or sign-flipped
-    gradient; there the gradient must also point the reference's way, its cosine with the
-    reference's at least a quarter of eager-cl's. Noise within the budget always passes
-    (|g - r| <= 4e|r| with eager's noise e gives cos >= 1/sqrt(1 + 16e^2) >=
-    1/(4 sqrt(1 + e^2))); a missing or flipped gradient does not."""
-    over = sorted((cos[n], n) for n, b in budgets.items()
-                  if b >= 1 and base_cos.get(n, 0.0) > 0
-                  and not cos[n] >= base_cos[n] / PARAM_FACTOR)
+    gradient; there the gradient must also point the reference's way: not zero, and its
+    cosine with the reference's at least a quarter of eager-cl's less 3/sqrt(elements).
+    Noise within the budget passes: |g - r| <= 4e|r| with eager's noise e gives a mean cosine
+    1/sqrt(1 + 16e^2) >= 1/(4 sqrt(1 + e^2)), about which a random direction moves it by
+    at most 1/sqrt(elements) per standard deviation; a flipped gradient does not (nor, where
+    the parameter has elements enough, an unrelated one)."""
+    over = []
+    for n, b in budgets.items():
+        if b < 1 or not base_cos.get(n, 0.0) > 0:
+            continue
+        floor = base_cos[n] / PARAM_FACTOR - 3 / math.sqrt(sizes[n])
+        if cos[n] == 0.0 or not cos[n] >= floor:  # (exactly 0: a zero gradient)
+            over.append((cos[n], floor, n))
     if not over:
         return []
-    c, n = over[0]
-    return [f"gradient of {n} does not point the reference's way: cosine {c:.3f} < "
-            f"{base_cos[n] / PARAM_FACTOR:.3f} (a quarter of eager-cl's; {len(over)} such)"]
+    c, floor, n = min(over)
+    why = ("is zero (the reference's is not)" if c == 0.0 and floor <= 0 else
+           f"does not point the reference's way: cosine {c:.3f} < {floor:.3f} (a quarter of "
+           "eager-cl's, less 3/sqrt(elements))")
+    return [f"gradient of {n} {why}; {len(over)} such"]
 
 
 def _finite(v: float | None) -> float | None:
