@@ -605,6 +605,38 @@ def test_a_train_contender_whose_later_steps_go_wrong_is_wrong_not_timed(monkeyp
         wrong["reason"]
 
 
+
+@pytest.mark.parametrize("what", ["running_var", "weight"])
+def test_a_train_contender_that_corrupts_its_state_once_is_wrong_not_timed(monkeypatch, what):
+    """A probe (review): the later step is judged from the contender's own state, so a fault
+    that struck once during the timed steps (a running statistic or a weight overwritten)
+    passed. The state reached is held to eager-cl's after as many steps."""
+    real = C.build
+
+    def sabotaged(name, module, workload, config):
+        built = real(name, module, workload, config)
+        if name == "fused-reference":
+            fwd, calls = built.forward, []
+            t = next(v for k, v in sorted(built.module.state_dict().items())
+                     if k.endswith(what))
+
+            def forward(x):
+                calls.append(1)
+                if len(calls) == 3:  # (the gate's call, the warm-up, then a timed step)
+                    with torch.no_grad():
+                        t.mul_(50.0 if what == "running_var" else -3.0)
+                return fwd(x)
+            built.forward = forward
+        return built
+
+    monkeypatch.setattr(C, "build", sabotaged)
+    rows = _cifar_train_rows()
+    assert rows["eager-cl"]["status"] == "ok"
+    wrong = rows["fused-reference"]
+    assert wrong["status"] == "wrong" and wrong["time_s"] is None, wrong
+    assert "its state after the timed steps" in wrong["reason"] and what in wrong["reason"], \
+        wrong["reason"]
+
 def test_a_later_train_step_is_judged_against_the_reference_from_the_same_state():
     """Right steps after the timed ones pass (eager's and fused-reference's), in float32
     where the budgets are tight: the reference step starts from the contender's own state,

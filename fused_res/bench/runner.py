@@ -210,6 +210,11 @@ class Case:
         self.later_inputs = {torch.contiguous_format: x,
                              torch.channels_last: x.contiguous(memory_format=torch.channels_last)}
         self.ref_later = None
+        # Train: the state every contender starts from, for the state each has reached by
+        # its later step (check_later_step: held to eager-cl's after as many steps).
+        self.initial_state = ({k: v.detach().to("cpu", copy=True)
+                               for k, v in self.model.state_dict().items()}
+                              if config.mode == "train" else {})
         if config.mode == "eval":
             with math_mode("fp32"):
                 self.ref_later = _gate_outputs(ref_model, ref_model, x.to(self.ref_dtype),
@@ -370,11 +375,19 @@ class Case:
         verdict, errs = self._judge(name, (later.loss, later.grads, later.stats),
                                     (loss_of(ref_out).detach(), ref_grads, ref_stats), before,
                                     base, out_label="loss")
+        eager_states = self.__dict__.setdefault("baseline_states", {})
+        problems = [] if verdict["status"] == "ok" else [verdict["reason"]]
         if name == C.BASELINE:
             self.baseline_later = _larger(errs, getattr(self, "baseline_later", None))
-        if verdict["status"] == "ok":
+            eager_states[later.graph] = later.before
+        elif later.graph in eager_states:
+            dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
+                                   else TORCH_DTYPE[self.config.dtype]]
+            problems += _drifted(later.before, eager_states[later.graph],
+                                 self.initial_state, dtype_tol)
+        if not problems:
             return None
-        return f"a step after the timed ones: {verdict['reason']} (its first step passed)"
+        return f"a step after the timed ones: {'; '.join(problems)} (its first step passed)"
 
     @staticmethod
     def _verdict(err, err_out, err_grad, tol, tol_grad, gated, problems) -> dict:
@@ -405,13 +418,15 @@ class Case:
 
 class LaterStep(NamedTuple):
     """A train step made after the timed ones (check_later_step): the contender's state
-    (state_dict) just before it, its loss, then its parameter gradients and running
-    statistics (as _grads and _running_stats give them)."""
+    (state_dict, on the CPU) just before it, its loss, then its parameter gradients and
+    running statistics (as _grads and _running_stats give them); graph: whether the timed
+    steps were CUDA-graph replays."""
 
     before: dict
     loss: torch.Tensor
     grads: dict
     stats: dict
+    graph: bool = False
 
 
 def _larger(a: tuple, b: tuple | None) -> tuple:
@@ -432,6 +447,41 @@ def _larger(a: tuple, b: tuple | None) -> tuple:
 
     *errors, cos = zip(a, b, strict=True)
     return (*(merge(x, y, max) for x, y in errors), merge(*cos, min))
+
+
+def _drifted(state: dict, eager: dict, initial: dict, dtype_tol: float) -> list[str]:
+    """What is wrong with the state a contender reached after its timed steps, against the
+    state eager-cl reached after as many steps on the same inputs (both from `initial`): a
+    tensor that moved more than 4x as far as eager-cl's (at least the dtype's tolerance of
+    its size), or a count that differs. The later step is judged from the contender's own
+    state, so a fault that struck once during the timed steps (a weight or running statistic
+    overwritten) would otherwise pass."""
+    over, counts = [], []
+    for k, start in initial.items():
+        got, want = state.get(k), eager.get(k)
+        if got is None or want is None or got.shape != start.shape:
+            counts.append(k)
+            continue
+        if not start.is_floating_point():
+            if not torch.equal(got, want):
+                counts.append(k)
+            continue
+        start64 = start.double()
+        moved = float((got.double() - start64).norm())
+        bound = max(PARAM_FACTOR * float((want.double() - start64).norm()),
+                    dtype_tol * float(start64.norm()), dtype_tol * float(want.double().norm()))
+        if bound > 0 and not moved <= bound:  # (NaN never passes)
+            over.append((moved / bound if math.isfinite(moved) else math.inf, k, moved, bound))
+    problems = []
+    if counts:
+        problems.append(f"its state after the timed steps differs from eager-cl's at {counts[0]} "
+                        f"({len(counts)} such)")
+    if over:
+        _, k, moved, bound = max(over)
+        problems.append(f"its state after the timed steps: {k} moved {moved:.3e}, over "
+                        f"{bound:.3e} (4x eager-cl's move, at least the dtype's tolerance of its "
+                        f"size; {len(over)} such)")
+    return problems
 
 
 def _cosine(g: torch.Tensor, ref: torch.Tensor) -> float:
@@ -556,11 +606,12 @@ def _time(case: Case, step, inputs, flush: L2Flush, graph: bool,
         if module is None:
             later = step(later_input).detach().clone()
         else:
-            state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            # (on the CPU: on the device it would count in the next variant's peak memory)
+            state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
             # (a replayed graph leaves its gradients in the tensors its capture allocated,
             # which the parameters hold since)
             loss = step(later_input).detach().clone()
-            later = LaterStep(state, loss, _grads(module), _running_stats(module))
+            later = LaterStep(state, loss, _grads(module), _running_stats(module), graph)
     return summarize(samples), peak, later
 
 
@@ -614,6 +665,7 @@ def _measure(case: Case, name: str, flush: L2Flush) -> list[dict]:
                     if peak is not None:  # beyond what was allocated before it was built
                         peak -= mem0
                     why = None if later is None else case.check_later(name, later)
+                    del later
                     if why is not None:  # (wrong: not timed, as a first call gated wrong)
                         rows.append(_row(case, name, graph, memory_format=mf,
                                          note=built.note, build_s=build_s,
