@@ -538,22 +538,32 @@ def test_a_wrong_shaped_output_is_wrong_not_a_crash_of_the_gate():
     assert got["status"] == "wrong" and "parameter w has 5 elements" in got["reason"], got
 
 
-def _scaling_a_running_var(build):
-    """C.build, but fused-reference scales its first running_var by 1.05 on every call."""
+def _sabotaged_reference(build, mischief):
+    """C.build, but before each call of fused-reference's forward, mischief(module, n) runs
+    under no_grad (n = 1 for the gate's call, then the warm-up, timed and later ones)."""
     def sabotaged(name, module, workload, config):
         built = build(name, module, workload, config)
         if name == "fused-reference":
-            fwd = built.forward
-            var = next(v for k, v in sorted(built.module.state_dict().items())
-                       if k.endswith("running_var"))
+            fwd, calls = built.forward, []
 
             def forward(x):
+                calls.append(1)
                 with torch.no_grad():
-                    var.mul_(1.05)
+                    mischief(built.module, len(calls))
                 return fwd(x)
             built.forward = forward
         return built
     return sabotaged
+
+
+def _tensor(module, suffix: str):
+    """The first of module's state_dict entries (by name) whose name ends with suffix."""
+    return next(v for k, v in sorted(module.state_dict().items()) if k.endswith(suffix))
+
+
+def _scaling_a_running_var(build):
+    """C.build, but fused-reference scales its first running_var by 1.05 on every call."""
+    return _sabotaged_reference(build, lambda m, n: _tensor(m, "running_var").mul_(1.05))
 
 
 def test_train_gate_catches_wrong_running_statistics_end_to_end(monkeypatch):
@@ -568,25 +578,13 @@ def _wrong_after_the_first_step(build, what: str):
     """C.build, but from its second call on fused-reference's first parameter gradient is
     1.1x (what="grad") or its first running_var is scaled by 1.05 before the step
     (what="stats"); its gated first step is right."""
-    def sabotaged(name, module, workload, config):
-        built = build(name, module, workload, config)
-        if name == "fused-reference":
-            fwd, calls = built.forward, []
-            first = next(p for _, p in sorted(built.module.named_parameters()))
-            var = next(v for k, v in sorted(built.module.state_dict().items())
-                       if k.endswith("running_var"))
-            if what == "grad":
-                first.register_hook(lambda g: g * 1.1 if len(calls) > 1 else g)
-
-            def forward(x):
-                calls.append(1)
-                if what == "stats" and len(calls) > 1:
-                    with torch.no_grad():
-                        var.mul_(1.05)
-                return fwd(x)
-            built.forward = forward
-        return built
-    return sabotaged
+    def mischief(module, n):
+        if what == "grad" and n == 2:
+            first = next(p for _, p in sorted(module.named_parameters()))
+            first.register_hook(lambda g: g * 1.1)
+        if what == "stats" and n > 1:
+            _tensor(module, "running_var").mul_(1.05)
+    return _sabotaged_reference(build, mischief)
 
 
 @pytest.mark.parametrize("what,named", [("grad", "gradient of "), ("stats", "running_var")])
@@ -611,31 +609,18 @@ def test_a_train_contender_that_corrupts_its_state_once_is_wrong_not_timed(monke
     """A probe (review): the later step is judged from the contender's own state, so a fault
     that struck once during the timed steps (a running statistic or a weight overwritten)
     passed. The state reached is held to eager-cl's after as many steps."""
-    real = C.build
+    def once(module, n):
+        if n == 3:  # (the gate's call, the warm-up, then a timed step)
+            _tensor(module, what).mul_(50.0 if what == "running_var" else -3.0)
 
-    def sabotaged(name, module, workload, config):
-        built = real(name, module, workload, config)
-        if name == "fused-reference":
-            fwd, calls = built.forward, []
-            t = next(v for k, v in sorted(built.module.state_dict().items())
-                     if k.endswith(what))
-
-            def forward(x):
-                calls.append(1)
-                if len(calls) == 3:  # (the gate's call, the warm-up, then a timed step)
-                    with torch.no_grad():
-                        t.mul_(50.0 if what == "running_var" else -3.0)
-                return fwd(x)
-            built.forward = forward
-        return built
-
-    monkeypatch.setattr(C, "build", sabotaged)
+    monkeypatch.setattr(C, "build", _sabotaged_reference(C.build, once))
     rows = _cifar_train_rows()
     assert rows["eager-cl"]["status"] == "ok"
     wrong = rows["fused-reference"]
     assert wrong["status"] == "wrong" and wrong["time_s"] is None, wrong
     assert "its state after the timed steps" in wrong["reason"] and what in wrong["reason"], \
         wrong["reason"]
+
 
 def test_a_later_train_step_is_judged_against_the_reference_from_the_same_state():
     """Right steps after the timed ones pass (eager's and fused-reference's), in float32
