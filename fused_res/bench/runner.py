@@ -83,10 +83,11 @@ def _cat(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 _STAT_NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def _running_stats(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every BatchNorm running statistic, flattened float64 on the CPU, by state-dict name
-    (names survive conversion, as checkpoints do)."""
-    return {k: v.detach().double().flatten().cpu() for k, v in module.state_dict().items()
+def _running_stats(module: nn.Module | dict) -> dict[str, torch.Tensor]:
+    """Every BatchNorm running statistic of a module (or of a state_dict), flattened float64
+    on the CPU, by state-dict name (names survive conversion, as checkpoints do)."""
+    state = module if isinstance(module, dict) else module.state_dict()
+    return {k: v.detach().double().flatten().cpu() for k, v in state.items()
             if k.rsplit(".", 1)[-1] in _STAT_NAMES}
 
 
@@ -226,6 +227,10 @@ class Case:
         self.baseline_stats: float | None = None
         self.baseline_stat_errs: dict[str, float] = {}
         self.baseline_cos: dict[str, float] = {}
+        # Train: eager-cl's errors on its later steps (check_later_step) and the state it had
+        # reached before each, by whether the timed steps were graph replays.
+        self.baseline_later: tuple | None = None
+        self.baseline_states: dict[bool, dict] = {}
 
     def common(self) -> dict:
         w, c = self.workload, self.config
@@ -249,6 +254,11 @@ class Case:
             (self.baseline_out, self.baseline_grad, self.baseline_params,
              self.baseline_stats, self.baseline_stat_errs, self.baseline_cos) = errs
         return verdict
+
+    def _dtype_tol(self) -> float:
+        """The DESIGN.md §4 tolerance of the run's dtype."""
+        return TOLERANCES["tf32" if self.config.dtype == "tf32"
+                          else TORCH_DTYPE[self.config.dtype]]
 
     def _baseline(self) -> tuple:
         """eager-cl's errors at the gate: (output, gradients, per parameter, running
@@ -299,8 +309,7 @@ class Case:
             tol = tol_grad = tol_stats = math.inf  # NaN still fails: NaN <= inf is False
             problems = [] if math.isfinite(err) else [f"relative error {err:.3e} is not finite"]
         else:
-            dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
-                                   else TORCH_DTYPE[self.config.dtype]]
+            dtype_tol = self._dtype_tol()
             tol, tol_grad, tol_stats = (_loosened(dtype_tol, 2, b) for b in (
                 base_out, base_grad, base_stats))
             problems = [] if err_out <= tol else [
@@ -346,9 +355,7 @@ class Case:
         if name == C.BASELINE:
             tol = math.inf
         else:
-            dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
-                                   else TORCH_DTYPE[self.config.dtype]]
-            tol = _loosened(dtype_tol, 2, self.baseline_out)
+            tol = _loosened(self._dtype_tol(), 2, self.baseline_out)
         if err <= tol:  # (NaN never passes)
             return None
         return (f"a call after the timed ones: output relative error {err:.3e} > tolerance "
@@ -367,24 +374,20 @@ class Case:
             ref_out, ref_grads, ref_stats = _gate_outputs(model, model, x, "train", "fp32",
                                                           self.config.device)
         del model
-        before = {k: v.detach().double().flatten().cpu() for k, v in later.before.items()
-                  if k.rsplit(".", 1)[-1] in _STAT_NAMES}
+        before = _running_stats(later.before)
         base = self._baseline()
         if name != C.BASELINE:
-            base = _larger(base, getattr(self, "baseline_later", None))
+            base = _larger(base, self.baseline_later)
         verdict, errs = self._judge(name, (later.loss, later.grads, later.stats),
                                     (loss_of(ref_out).detach(), ref_grads, ref_stats), before,
                                     base, out_label="loss")
-        eager_states = self.__dict__.setdefault("baseline_states", {})
         problems = [] if verdict["status"] == "ok" else [verdict["reason"]]
         if name == C.BASELINE:
-            self.baseline_later = _larger(errs, getattr(self, "baseline_later", None))
-            eager_states[later.graph] = later.before
-        elif later.graph in eager_states:
-            dtype_tol = TOLERANCES["tf32" if self.config.dtype == "tf32"
-                                   else TORCH_DTYPE[self.config.dtype]]
-            problems += _drifted(later.before, eager_states[later.graph],
-                                 self.initial_state, dtype_tol)
+            self.baseline_later = _larger(errs, self.baseline_later)
+            self.baseline_states[later.graph] = later.before
+        elif later.graph in self.baseline_states:
+            problems += _drifted(later.before, self.baseline_states[later.graph],
+                                 self.initial_state, self._dtype_tol())
         if not problems:
             return None
         return f"a step after the timed ones: {'; '.join(problems)} (its first step passed)"
