@@ -206,12 +206,18 @@ def _up(v):
     return v
 
 
+# The kernels' rows in chunks: one short chunk, and (667 = 512 + 155 pixels of a channel,
+# NCHW) two, the last not a whole number of the sums' lanes.
+EPILOGUE_SHAPES = {"small": None, "two_chunks": (2, 8, 23, 29)}
+
+
 @pytest.mark.parametrize("cfg", EPILOGUES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_epilogue_forward_matches_reference(C, cfg, dtype, fmt):
+@pytest.mark.parametrize("size", EPILOGUE_SHAPES)
+def test_epilogue_forward_matches_reference(C, cfg, dtype, fmt, size):
     g = torch.Generator().manual_seed(4)
-    a = _epilogue_args((3, 8, 5, 7), dtype, fmt, cfg, g)
+    a = _epilogue_args(EPILOGUE_SHAPES[size] or (3, 8, 5, 7), dtype, fmt, cfg, g)
     y = C.epilogue(a["z"], a["center"], a["scale"], a["shift"], a["act_mid"] == "relu",
                    a["residual"], a["res_scale"], a["branch_scale"], a["act_out"] == "relu")
     ref = REF.epilogue_forward(*(_up(a[k]) for k in (
@@ -224,11 +230,12 @@ def test_epilogue_forward_matches_reference(C, cfg, dtype, fmt):
 @pytest.mark.parametrize("cfg", EPILOGUES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_epilogue_backward_through_ops(C, cfg, dtype, fmt):
+@pytest.mark.parametrize("size", EPILOGUE_SHAPES)
+def test_epilogue_backward_through_ops(C, cfg, dtype, fmt, size):
     """fused_res.ops.epilogue on backend 'cuda' (the CPU kernels), forward and every gradient,
     against the float64 reference backend on the same inputs."""
     g = torch.Generator().manual_seed(5)
-    shape = (3, 8, 5, 7) if fmt == "nchw" else (2, 16, 3, 5)
+    shape = EPILOGUE_SHAPES[size] or ((3, 8, 5, 7) if fmt == "nchw" else (2, 16, 3, 5))
     a = _epilogue_args(shape, dtype, fmt, cfg, g)
     for k in ("z", "center", "scale", "shift", "residual"):
         if a[k] is not None:
@@ -244,7 +251,9 @@ def test_epilogue_backward_through_ops(C, cfg, dtype, fmt):
     y, ref = run(a, "cuda"), run(b, "reference")
     tol = TOLERANCES[dtype]
     _check(y, ref, tol, "y")
-    gy = torch.randn(shape, dtype=D, generator=g)
+    # (in z's layout: the kernels take the backward in gy's, so an NCHW gy would run the
+    # NCHW kernel on a channels_last z)
+    gy = torch.randn(shape, dtype=D, generator=g).contiguous(memory_format=FORMATS[fmt])
     names = [k for k in ("z", "center", "scale", "shift", "residual") if a[k] is not None]
     got = torch.autograd.grad(y, [a[k] for k in names], gy.to(dtype))
     want = torch.autograd.grad(ref, [b[k] for k in names], gy.to(dtype).double())
