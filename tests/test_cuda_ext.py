@@ -733,3 +733,20 @@ def test_gpus_older_than_sm80_are_declined_with_a_reason(monkeypatch):
         assert (reason is not None) == declined, (cap, reason)
         if declined:
             assert f"compute capability {cap[0]}.{cap[1]}" in reason and "sm_80" in reason
+
+
+def test_cpu_ops_benchmark_checks_and_times_every_row(C, capsys):
+    """benchmarks/cpu_ops.py on a tiny activation: every dtype and layout is checked against
+    the reference and timed (no WRONG row), each op named in its row."""
+    import importlib.util as iu
+    spec = iu.spec_from_file_location("cpu_ops", ROOT / "benchmarks" / "cpu_ops.py")
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--shape", "2,8,5,7", "--dtype", "fp32,fp16,bf16", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "WRONG" not in out
+    rows = [line for line in out.splitlines() if line.startswith(("fp32", "fp16", "bf16"))]
+    assert len(rows) == 6, out
+    for line in rows:
+        for op in ("aten bn+add+relu", "ours tail", "ours tail bwd", "ours stats"):
+            assert op in line, line
