@@ -750,3 +750,31 @@ def test_cpu_ops_benchmark_checks_and_times_every_row(C, capsys):
     for line in rows:
         for op in ("aten bn+add+relu", "ours tail", "ours tail bwd", "ours stats"):
             assert op in line, line
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float16_conversions_are_exact(C, fmt):
+    """The CPU kernels' float16 loads and stores (F16C where the CPU has it, else c10's): every
+    one of the 65,536 values comes back through an identity apply pass bit for bit (NaN as
+    NaN; -0 as +0, which the pass's +0 shift makes of it), and rounding a float32 result,
+    ties and overflow included, is torch's .half()."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    z = bits.view(torch.float16).reshape(1, 256, 16, 16).contiguous(
+        memory_format=FORMATS[fmt])
+    y = C.epilogue(z, None, None, None, False, None, 1.0, None, False)
+    zb, yb = z.view(torch.int16), y.view(torch.int16)
+    nan = torch.isnan(z)
+    assert torch.equal(torch.isnan(y), nan)
+    negative_zero = zb == -32768
+    assert torch.equal(yb[~nan & ~negative_zero], zb[~nan & ~negative_zero])
+    assert (yb[negative_zero] == 0).all()
+    g = torch.Generator().manual_seed(6)
+    z = (torch.randn(2, 8, 9, 11, generator=g) * 10).half().contiguous(
+        memory_format=FORMATS[fmt])
+    # (2049 and 2051 are ties between float16 neighbours; 3e4 overflows some products)
+    for scale, shift in ((torch.rand(8, generator=g), None), (None, torch.full((8,), 2049.0)),
+                         (None, torch.full((8,), 2051.0)), (torch.full((8,), 3e4), None)):
+        y = C.epilogue(z, None, scale, shift, False, None, 1.0, None, False)
+        ref = z.float() * (1 if scale is None else scale.view(1, 8, 1, 1)) + (
+            0 if shift is None else shift.view(1, 8, 1, 1))
+        assert torch.equal(y, ref.half())

@@ -96,6 +96,17 @@ def check_float16_overflow_inside_the_backward(kind: str, backend: str) -> None:
         assert _nonfinite(fused) == _nonfinite(eager), scale
 
 
+def _scaled_step(net, opt, scaler, x, target) -> float:
+    """One float16-autocast SGD step through the scaler; the scale it leaves."""
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(net(x), target)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return scaler.get_scale()
+
+
 def check_grad_scaler_skips_and_takes_steps_as_eager(backend: str) -> None:
     """torch.amp.GradScaler under float16 autocast: a scale that overflows skips the step
     (parameters untouched) and halves the scale for the fused model as for eager; at a scale
@@ -109,33 +120,21 @@ def check_grad_scaler_skips_and_takes_steps_as_eager(backend: str) -> None:
     g = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 8, 8, generator=g)
     target = torch.randint(0, 5, (4,), generator=g)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
     after = {}
     for name, net in (("eager", copy.deepcopy(base)),
                       ("fused", fused_res.convert(copy.deepcopy(base), backend=backend))):
         net.train()
-        before = {n: p.detach().clone() for n, p in net.named_parameters()}
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
-        scales = []
-        for _ in range(2):  # 2**60 overflows float16; 2**59 too
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = nn.functional.cross_entropy(net(x), target)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            scales.append(scaler.get_scale())
+        # 2**60 overflows float16; 2**59 too
+        scales = [_scaled_step(net, opt, scaler, x, target) for _ in range(2)]
         assert scales == [2.0 ** 59, 2.0 ** 58], (name, scales)
         for n, p in net.named_parameters():
             assert torch.equal(p.detach(), before[n]), (name, n)
         scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
-        opt.zero_grad()
-        with torch.autocast("cpu", dtype=torch.float16):
-            loss = nn.functional.cross_entropy(net(x), target)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        assert scaler.get_scale() == 8.0, name  # (no overflow: the scale stays)
+        # (no overflow: the scale stays)
+        assert _scaled_step(net, opt, scaler, x, target) == 8.0, name
         after[name] = {n: p.detach().clone() for n, p in net.named_parameters()}
     for n, p in after["eager"].items():
         step = p - before[n]
