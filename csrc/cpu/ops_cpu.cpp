@@ -64,11 +64,19 @@ __attribute__((target("avx,f16c"))) void float_to_half_f16c(const float* src, c1
   for (; j < len; ++j) dst[j] = static_cast<c10::Half>(src[j]);
 }
 
-const bool kHaveF16C = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+// Asked once, on first use (not at load: __builtin_cpu_supports is only reliable in a static
+// initializer after __builtin_cpu_init, and GCC's checks for avx include the OS's support).
+bool have_f16c() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  }();
+  return yes;
+}
 
 template <>
 inline void to_float<c10::Half>(const c10::Half* src, float* dst, int64_t len) {
-  if (kHaveF16C) {
+  if (have_f16c()) {
     half_to_float_f16c(src, dst, len);
     return;
   }
@@ -77,7 +85,7 @@ inline void to_float<c10::Half>(const c10::Half* src, float* dst, int64_t len) {
 
 template <>
 inline void from_float<c10::Half>(const float* src, c10::Half* dst, int64_t len) {
-  if (kHaveF16C) {
+  if (have_f16c()) {
     float_to_half_f16c(src, dst, len);
     return;
   }
