@@ -40,9 +40,10 @@ inline void from_float(const float* src, T* dst, int64_t len) {
 
 // float16 <-> float32: c10::Half's conversions are bit manipulations the compiler does not
 // vectorize for the generic x86-64 target, which made every float16 pass ~5x a bfloat16 one
-// (benchmarks/cpu_ops.py). Where the CPU has F16C (every x86-64 CPU since 2012-13), its
-// conversions run 8 at a time: exact, round-to-nearest-even as c10's, in functions compiled
-// for F16C alone and chosen at run time, so the extension still runs on a CPU without it.
+// (benchmarks/cpu_ops.py). Where the CPU has F16C (most x86-64 CPUs since 2012, though not
+// every low-end part), its conversions run 8 at a time: exact, round-to-nearest-even as c10's,
+// in functions compiled for F16C alone and chosen at run time, so the extension still runs on
+// a CPU without it.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 __attribute__((target("avx,f16c"))) void half_to_float_f16c(const c10::Half* src, float* dst,
                                                              int64_t len) {
